@@ -1,0 +1,44 @@
+"""Errors raised by normfold.
+
+Every error the library raises on purpose is a :class:`NormfoldError`; the CLI maps each
+subclass to one exit code (see ``EXIT_CODE``), so a pipeline can tell a bad file from a
+failed parity check without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class NormfoldError(Exception):
+    """Base class of every error normfold raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(NormfoldError):
+    """The caller asked for something inconsistent (bad option, bad shape, bad path)."""
+
+    exit_code = 2
+
+
+class LoadError(NormfoldError):
+    """A model or input file could not be loaded, or loading it would be unsafe."""
+
+    exit_code = 3
+
+
+class TraceError(NormfoldError):
+    """The model could not be traced or run, so no norm could be analysed."""
+
+    exit_code = 4
+
+
+class ParityError(NormfoldError):
+    """The transformed model's outputs differ from the original beyond tolerance."""
+
+    exit_code = 5
+
+
+class ExportError(NormfoldError):
+    """Export (ONNX or torch.export) failed, or the exported file failed its checks."""
+
+    exit_code = 6
