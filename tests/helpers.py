@@ -1,0 +1,42 @@
+"""Shared test helpers: realistic BatchNorm statistics and byte-level state comparison."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm in ``module`` non-trivial statistics and affine parameters.
+
+    Parity tests must never run on the default mean 0 / var 1 / gamma 1 / beta 0, which would
+    hide a fold that forgets one of them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if not isinstance(m, _BatchNorm):
+                continue
+            c = m.num_features
+            if m.running_mean is not None:
+                dtype = m.running_mean.dtype
+                m.running_mean.copy_((torch.randn(c, generator=gen) + 0.5).to(dtype))
+                m.running_var.copy_((torch.rand(c, generator=gen) * 2.8 + 0.2).to(dtype))
+            if m.affine:
+                dtype = m.weight.dtype
+                m.weight.copy_((torch.rand(c, generator=gen) + 0.5).to(dtype))
+                m.bias.copy_((torch.randn(c, generator=gen) * 0.5).to(dtype))
+    return module.eval()
+
+
+def state_bytes(module: nn.Module) -> dict[str, bytes]:
+    """Raw bytes of every state_dict entry (bf16 included), for byte-identity checks."""
+    return {
+        k: v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() + str(v.dtype).encode()
+        for k, v in module.state_dict().items()
+    }
+
+
+def count_bn(module: nn.Module) -> int:
+    return sum(isinstance(m, _BatchNorm) for m in module.modules())
