@@ -26,20 +26,43 @@ from normfold.errors import (
 
 # public name -> submodule that defines it
 _LAZY = {
-    "fold": "normfold.fold",
-    "FoldResult": "normfold.fold",
-    "Folded": "normfold.fold",
-    "Skipped": "normfold.fold",
-    "verify": "normfold.verify",
-    "ParityReport": "normfold.verify",
-    "OutputParity": "normfold.verify",
-    "Tolerance": "normfold.verify",
-    "DEFAULT_TOLERANCES": "normfold.verify",
+    "fold": "normfold.folding",
+    "FoldResult": "normfold.folding",
+    "Folded": "normfold.folding",
+    "Skipped": "normfold.folding",
+    "verify": "normfold.parity",
+    "ParityReport": "normfold.parity",
+    "OutputParity": "normfold.parity",
+    "Tolerance": "normfold.parity",
+    "DEFAULT_TOLERANCES": "normfold.parity",
+    "compare": "normfold.parity",
+    "run_model": "normfold.parity",
+    "load_model": "normfold.load",
+    "load_inputs": "normfold.load",
+    "LoadedModel": "normfold.load",
+    "export_model": "normfold.export",
+    "export_onnx": "normfold.export",
+    "ExportResult": "normfold.export",
+    "fold_and_export": "normfold.pipeline",
+    "inspect": "normfold.pipeline",
+    "FoldRun": "normfold.pipeline",
+    "InputSpec": "normfold.pipeline",
 }
 
 if TYPE_CHECKING:
-    from normfold.fold import Folded, FoldResult, Skipped, fold
-    from normfold.verify import DEFAULT_TOLERANCES, OutputParity, ParityReport, Tolerance, verify
+    from normfold.export import ExportResult, export_model, export_onnx
+    from normfold.folding import Folded, FoldResult, Skipped, fold
+    from normfold.load import LoadedModel, load_inputs, load_model
+    from normfold.parity import (
+        DEFAULT_TOLERANCES,
+        OutputParity,
+        ParityReport,
+        Tolerance,
+        compare,
+        run_model,
+        verify,
+    )
+    from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
 
 
 def __getattr__(name: str) -> Any:
@@ -58,9 +81,13 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_TOLERANCES",
     "ExportError",
+    "ExportResult",
     "FoldResult",
+    "FoldRun",
     "Folded",
+    "InputSpec",
     "LoadError",
+    "LoadedModel",
     "NormfoldError",
     "OutputParity",
     "ParityError",
@@ -70,6 +97,14 @@ __all__ = [
     "TraceError",
     "UsageError",
     "__version__",
+    "compare",
+    "export_model",
+    "export_onnx",
     "fold",
+    "fold_and_export",
+    "inspect",
+    "load_inputs",
+    "load_model",
+    "run_model",
     "verify",
 ]

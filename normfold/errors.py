@@ -42,3 +42,9 @@ class ExportError(NormfoldError):
     """Export (ONNX or torch.export) failed, or the exported file failed its checks."""
 
     exit_code = 6
+
+
+def first_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``, to wrap a third-party error in one readable line."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"

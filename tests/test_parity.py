@@ -18,15 +18,13 @@ from torch import nn
 
 import normfold
 from normfold.errors import TraceError, UsageError
-
-# `normfold.verify` must be the first name read from the submodule: importing normfold/verify.py
-# (directly, or lazily through another name such as normfold.Tolerance) rebinds the package
-# attribute `verify` to the submodule, and test_fold.py calls `normfold.verify(...)`.
-verify = normfold.verify
-DEFAULT_TOLERANCES = normfold.DEFAULT_TOLERANCES
-OutputParity = normfold.OutputParity
-ParityReport = normfold.ParityReport
-Tolerance = normfold.Tolerance
+from normfold.parity import (
+    DEFAULT_TOLERANCES,
+    OutputParity,
+    ParityReport,
+    Tolerance,
+    verify,
+)
 
 FP32 = DEFAULT_TOLERANCES[torch.float32]
 
@@ -474,11 +472,11 @@ def test_to_dict_is_json() -> None:
 
 
 def test_never_prints(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="normfold.verify"):
+    with caplog.at_level(logging.DEBUG, logger="normfold.parity"):
         verify(_mlp(), _mlp(), torch.ones(1, 8))
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-    assert any(r.name == "normfold.verify" for r in caplog.records)
+    assert any(r.name == "normfold.parity" for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- property

@@ -61,7 +61,15 @@ from normfold.errors import TraceError, UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TOLERANCES", "OutputParity", "ParityReport", "Tolerance", "verify"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "OutputParity",
+    "ParityReport",
+    "Tolerance",
+    "compare",
+    "run_model",
+    "verify",
+]
 
 
 @dataclass(frozen=True)
@@ -268,32 +276,57 @@ def verify(
         raise UsageError(f"seed must be an int, got {seed!r}")
     table = _resolve_tolerances(tolerances, rtol, atol)
     args = _build_inputs(reference, inputs, input_shapes, input_dtype, seed)
-    described = _describe_inputs(args)
-    logger.debug("verify: %d input(s) %s", len(args), described)
+    logger.debug("verify: %d input(s) %s", len(args), _describe_inputs(args))
+    ref_out = run_model(reference, args, role="reference")
+    cand_out = run_model(candidate, args, role="candidate")
+    return _compare(ref_out, cand_out, table)
 
-    flags = {m: m.training for model in (reference, candidate) for m in model.modules()}
+
+def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "model") -> Any:
+    """Run ``model`` once in eval mode under ``torch.no_grad()``, restoring its training flags.
+
+    Each input is cloned, so an in-place op inside the model cannot change the caller's tensors.
+    Raises :class:`TraceError` (naming ``role`` and the input shapes) when the forward raises.
+    """
+    flags = {m: m.training for m in model.modules()}
     try:
-        reference.eval()
-        candidate.eval()
+        model.eval()
         with torch.no_grad():
-            ref_out = _run("reference", reference, args, described)
-            cand_out = _run("candidate", candidate, args, described)
+            return model(*(t.clone() for t in inputs))
+    except Exception as e:
+        raise TraceError(
+            f"the {role} model ({type(model).__name__}) raised {type(e).__name__} during forward "
+            f"on inputs of shape {_describe_inputs(tuple(inputs))}: {e}"
+        ) from e
     finally:
         for module, training in flags.items():
             module.training = training
 
+
+def compare(
+    reference_outputs: Any,
+    candidate_outputs: Any,
+    *,
+    tolerances: Mapping[torch.dtype, Tolerance] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> ParityReport:
+    """Compare two output trees (tensors in nested tuples/lists/dicts) as :func:`verify` does.
+
+    Use it to check outputs that came from elsewhere (onnxruntime, a loaded program) against a
+    reference computed once with :func:`run_model`.
+    """
+    return _compare(reference_outputs, candidate_outputs, _resolve_tolerances(tolerances, rtol, atol))
+
+
+def _compare(ref_out: Any, cand_out: Any, table: _Table) -> ParityReport:
     outputs: list[OutputParity] = []
     problems: list[str] = []
     _compare_tree("output", ref_out, cand_out, table, outputs, problems)
     if not outputs:
         problems.append("no outputs were compared: the reference returned no tensors")
     report = ParityReport(outputs=tuple(outputs), problems=tuple(problems))
-    logger.debug(
-        "verify: %d output(s), passed=%s, max rel error %.3e",
-        len(outputs),
-        report.passed,
-        report.max_rel_error,
-    )
+    logger.debug("compare: %d output(s), passed=%s", len(outputs), report.passed)
     return report
 
 
@@ -341,7 +374,7 @@ def _resolve_tolerances(
             if not isinstance(dtype, torch.dtype):
                 raise UsageError(f"tolerances keys must be torch.dtype, got {dtype!r}")
             if not isinstance(tol, Tolerance):
-                raise UsageError(f"tolerances[{dtype}] must be a normfold.verify.Tolerance, got {tol!r}")
+                raise UsageError(f"tolerances[{dtype}] must be a normfold.Tolerance, got {tol!r}")
             entries[dtype] = tol
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is None:
@@ -438,17 +471,6 @@ def _check_shapes(input_shapes: Any) -> list[tuple[int, ...]]:
 
 def _describe_inputs(args: tuple[torch.Tensor, ...]) -> str:
     return "[" + ", ".join(f"{tuple(t.shape)} {_dtype_name(t.dtype)}" for t in args) + "]"
-
-
-def _run(role: str, model: nn.Module, args: tuple[torch.Tensor, ...], described: str) -> Any:
-    # Every call gets its own clone: an in-place op in one model must not reach the other's input.
-    try:
-        return model(*(t.clone() for t in args))
-    except Exception as e:
-        raise TraceError(
-            f"the {role} model ({type(model).__name__}) raised {type(e).__name__} during forward "
-            f"on inputs of shape {described}: {e}"
-        ) from e
 
 
 # --------------------------------------------------------------------------- output trees

@@ -1,0 +1,272 @@
+"""The ``normfold`` command line: parse options, make one library call, render the result.
+
+torch, onnx and onnxruntime are imported inside the commands, never at module level, so
+``normfold --help`` and ``normfold --version`` stay instant. Library errors become exit codes in
+one place (:func:`_guard`); the codes are listed in the README and in ``normfold --help``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normfold import __version__
+from normfold.errors import NormfoldError, UsageError
+
+if TYPE_CHECKING:
+    from normfold.pipeline import FoldRun
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success, 1 internal error, 2 usage error, 3 load error, "
+    "4 trace error (model cannot be traced or run), 5 parity failure, 6 export failure."
+)
+
+app = typer.Typer(
+    help="Fold eval-mode BatchNorm into Conv/ConvTranspose/Linear layers, prove parity, export ONNX.\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"normfold {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """normfold: fold BatchNorm, check parity, export ONNX."""
+
+
+# Options shared by both commands -----------------------------------------------------------------
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A factory spec package.module:callable (e.g. normfold.models:resnet), a state_dict file "
+        "(.pt/.pth/.bin/.safetensors, needs --model), or a pickled nn.Module (needs --trust).",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Factory spec that builds the architecture for a weights file."),
+]
+ArgsOpt = Annotated[
+    str | None, typer.Option("--model-args", help="JSON object of factory keyword arguments.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust", help="Allow unpickling a whole nn.Module: this runs code from the file."),
+]
+ShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--input-shape", help="Input shape like 1,3,224,224; repeat for several inputs."),
+]
+DtypeOpt = Annotated[str | None, typer.Option("--input-dtype", help=f"Input dtype: {', '.join(_DTYPES)}.")]
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option("--inputs", help="torch.save file with a tensor or tuple of tensors (weights_only load)."),
+]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write a JSON report to this path.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+@app.command("fold")
+def fold_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .onnx or .pt2.")],
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    static_batch: Annotated[bool, typer.Option("--static-batch", help="Export a fixed batch size.")] = False,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: exporter's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Override the relative tolerance.")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Override the absolute tolerance.")] = None,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
+    with _guard():
+        from normfold import pipeline
+
+        run = pipeline.fold_and_export(
+            model,
+            out,
+            model=arch,
+            model_args=_model_args(model_args),
+            trust=trust,
+            inputs=_input_spec(input_shape, input_dtype, inputs),
+            static_batch=static_batch,
+            opset=opset,
+            force=force,
+            rtol=rtol,
+            atol=atol,
+            on_step=None if quiet else _spinner,
+        )
+        _write_report(report, run)
+        if not quiet:
+            _render_layers(run)
+            _render_parity(run)
+            _render_summary(run)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Dry run: show every norm layer, what it would fold into or why it stays. Writes no model."""
+    with _guard():
+        from normfold import pipeline
+
+        run = pipeline.inspect(
+            model,
+            model=arch,
+            model_args=_model_args(model_args),
+            trust=trust,
+            inputs=_input_spec(input_shape, input_dtype, inputs),
+            on_step=None if quiet else _spinner,
+        )
+        _write_report(report, run)
+        if not quiet:
+            _render_layers(run)
+            f = run.fold
+            out_console.print(
+                f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm layers would fold; "
+                f"parameters {f.params_before:,} -> {f.params_after:,}"
+            )
+
+
+# Helpers -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """The one place where library errors become exit codes and one-line messages."""
+    try:
+        yield
+    except NormfoldError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from e
+
+
+def _spinner(step: str) -> contextlib.AbstractContextManager[Any]:
+    return err_console.status(f"{step}...")
+
+
+def _model_args(text: str | None) -> dict[str, Any]:
+    from normfold.load import parse_model_args
+
+    return parse_model_args(text)
+
+
+def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) -> Any:
+    import torch
+
+    from normfold.pipeline import InputSpec
+
+    if file is not None and shapes:
+        raise UsageError("pass either --inputs or --input-shape, not both")
+    parsed = []
+    for text in shapes or []:
+        try:
+            parsed.append(tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip()))
+        except ValueError as e:
+            raise UsageError(
+                f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
+            ) from e
+    if dtype is not None and dtype not in _DTYPES:
+        raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)
+
+
+def _write_report(path: Path | None, run: FoldRun) -> None:
+    if path is not None:
+        from normfold.report import write_json
+
+        write_json(path, run.to_dict())
+
+
+def _render_layers(run: FoldRun) -> None:
+    table = Table(title=f"Norm layers of {run.source}", title_justify="left")
+    table.add_column("norm", overflow="fold")
+    table.add_column("type")
+    table.add_column("action")
+    table.add_column("into / reason", overflow="fold", ratio=1)
+    table.add_column("params", justify="right", no_wrap=True)
+    for r in run.layers:
+        action = "[green]fold[/]" if r.action == "fold" else "[yellow]keep[/]"
+        detail = f"{r.into} ({r.pattern})" if r.action == "fold" else (r.reason or "")
+        table.add_row(r.norm, r.norm_type, action, detail, f"{r.params_before:,} -> {r.params_after:,}")
+    out_console.print(table)
+
+
+def _render_parity(run: FoldRun) -> None:
+    table = Table(title="Parity with the original model", title_justify="left")
+    table.add_column("runtime", overflow="fold")
+    table.add_column("output", overflow="fold")
+    for col in ("max abs", "max rel", "mean abs", "allowed", "result"):
+        table.add_column(col, no_wrap=True)
+    reports = {"pytorch": run.parity} if run.parity is not None else {}
+    if run.export is not None:
+        reports.update(run.export.parity)
+    for runtime, rep in reports.items():
+        for o in rep.outputs:
+            table.add_row(
+                runtime,
+                o.name,
+                f"{o.max_abs_error:.2e}",
+                f"{o.max_rel_error:.2e}",
+                f"{o.mean_abs_error:.2e}",
+                f"{o.allowed_error:.2e}",
+                "[green]pass[/]" if o.passed else "[red]FAIL[/]",
+            )
+    out_console.print(table)
+
+
+def _render_summary(run: FoldRun) -> None:
+    f = run.fold
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items())
+    out_console.print(
+        f"folded {len(f.folded)} of {len(f.folded) + len(f.skipped)} norm layers; "
+        f"parameters {f.params_before:,} -> {f.params_after:,}"
+    )
+    if run.export is not None:
+        e = run.export
+        extra = ""
+        if e.format == "onnx":
+            extra = f", {e.batchnorm_nodes} BatchNormalization nodes, opset {e.opset}"
+        out_console.print(f"wrote {e.path} ({e.format}{extra})", highlight=False)
+    out_console.print(f"timings: {timings}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

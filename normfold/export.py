@@ -1,0 +1,275 @@
+"""Export a (folded) model to ONNX or a ``torch.export`` program, check the file, write it atomically.
+
+* ``.onnx``: ``torch.onnx.export(dynamo=True)``; the written file is checked with
+  ``onnx.checker.check_model(path, full_check=True)`` and run in onnxruntime (CPU, and CUDA when
+  available) **with graph optimizations disabled**: onnxruntime's ConvBNFusion runs at its basic
+  level and would refold an unfolded BatchNorm, hiding a wrong fold. Models over 2 GB keep their
+  weights in a sibling ``<name>.data`` file (ONNX external data).
+* ``.pt2``: ``torch.export.save``; the file is loaded back and run.
+
+Either way the outputs are compared with the *reference* outputs (the original model's), and any
+failed check raises before anything is written: files are produced in a temporary folder next to
+the destination and moved into place (``os.replace``) only after every check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from normfold.errors import ExportError, UsageError, first_line
+from normfold.parity import ParityReport, Tolerance, compare, run_model
+from normfold.report import StepTimer
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+_ONNX_MAX_PROTO = 2 * 1024**3  # protobuf's 2 GB limit: above it weights go to external data
+
+
+@dataclass
+class ExportResult:
+    """What was written and how it compared with the reference outputs."""
+
+    path: Path
+    format: str
+    parity: dict[str, ParityReport] = field(default_factory=dict)  # runtime -> report
+    files: list[Path] = field(default_factory=list)
+    opset: int | None = None
+    batchnorm_nodes: int | None = None  # BatchNormalization nodes left in the ONNX graph
+    dynamic_batch: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "files": [str(f) for f in self.files],
+            "size_bytes": sum(f.stat().st_size for f in self.files if f.exists()),
+            "opset": self.opset,
+            "batchnorm_nodes": self.batchnorm_nodes,
+            "dynamic_batch": self.dynamic_batch,
+            "parity": {k: v.to_dict() for k, v in self.parity.items()},
+        }
+
+
+def check_destination(out: str | Path, *, force: bool = False) -> Path:
+    """Validate an output path before any work is done."""
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise UsageError(f"--out {out}: unknown format {out.suffix or '(none)'}; use .onnx or .pt2")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def export_model(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    out: str | Path,
+    *,
+    reference_outputs: Any = None,
+    parity_inputs: Sequence[torch.Tensor] | None = None,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    force: bool = False,
+    tolerances: Mapping[torch.dtype, Tolerance] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    steps: StepTimer | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``out`` (``.onnx`` or ``.pt2``), check it, then move it into place.
+
+    The exported program must reproduce ``reference_outputs`` (the original model's outputs on
+    ``parity_inputs``, which default to ``example_inputs``) within the tolerances; without
+    ``reference_outputs`` it is checked against ``model`` itself. Raises :class:`ExportError`
+    and writes nothing when any step or check fails. ``steps`` times the export and the check.
+    """
+    steps = steps or StepTimer()
+    out = check_destination(out, force=force)
+    example_inputs = tuple(example_inputs)
+    parity_inputs = example_inputs if parity_inputs is None else tuple(parity_inputs)
+    if reference_outputs is None:
+        reference_outputs = run_model(model, parity_inputs)
+    tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
+    with _staging(out) as stage:
+        staged = stage / out.name
+        if FORMATS[out.suffix] == "onnx":
+            with steps("export (onnx)"):
+                result = _export_onnx(model, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset)
+            with steps("check (onnxruntime)"):
+                result.parity = _check_onnx(staged, parity_inputs, reference_outputs, tol)
+        else:
+            with steps("export (torch.export)"):
+                result = _export_pt2(model, example_inputs, staged, dynamic_batch=dynamic_batch)
+            with steps("check (torch.export.load)"):
+                result.parity = _check_pt2(staged, parity_inputs, reference_outputs, tol)
+        for runtime, report in result.parity.items():
+            if not report.passed:
+                raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
+        # Weights files first, the model file last: a reader never sees a model without its data.
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == out.name):
+            os.replace(f, out.parent / f.name)
+            result.files.append(out.parent / f.name)
+        result.path = out
+    return result
+
+
+def export_onnx(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], out: str | Path, **kwargs: Any
+) -> ExportResult:
+    """:func:`export_model` for an ``.onnx`` destination (checked in onnxruntime)."""
+    if Path(out).suffix != ".onnx":
+        raise UsageError(f"export_onnx writes .onnx files, got {out}")
+    return export_model(model, example_inputs, out, **kwargs)
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` (same filesystem, so ``os.replace`` is atomic), always removed."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[Any, ...] | None:
+    if not dynamic_batch:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    return tuple({0: batch} if t.dim() > 0 else None for t in inputs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters log and warn about things users cannot act on (missing torchvision ops,
+    deprecations inside torch); keep them out of the user's terminal."""
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _export_program(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
+) -> torch.export.ExportedProgram:
+    try:
+        with _quiet_exporter():
+            return torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
+    except Exception as e:
+        hint = " (try --static-batch)" if dynamic_batch else ""
+        raise ExportError(f"torch.export failed for {type(model).__name__}{hint}: {first_line(e)}") from e
+
+
+def _export_onnx(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, *, dynamic_batch: bool, opset: int | None
+) -> ExportResult:
+    import onnx
+
+    program = _export_program(model, inputs, dynamic_batch)
+    try:
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(program, inputs, dynamo=True, opset_version=opset, verbose=False)
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            onnx_program.save(path, external_data=size >= _ONNX_MAX_PROTO)
+    except Exception as e:
+        raise ExportError(f"ONNX export failed for {type(model).__name__}: {first_line(e)}") from e
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"exported ONNX file fails onnx.checker: {first_line(e)}") from e
+    proto = onnx.load(str(path), load_external_data=False)
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    bn_nodes = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    return ExportResult(path, "onnx", opset=opset_used, batchnorm_nodes=bn_nodes, dynamic_batch=dynamic_batch)
+
+
+def onnx_providers() -> list[str]:
+    """CPU always; CUDA too when this onnxruntime build can use it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return ["CPUExecutionProvider"] + [p for p in ("CUDAExecutionProvider",) if p in available]
+
+
+def run_onnx(path: str | Path, inputs: tuple[torch.Tensor, ...], provider: str) -> list[torch.Tensor]:
+    """Run an ONNX file in onnxruntime with graph optimizations disabled; outputs as CPU tensors."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[provider])
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ExportError(f"ONNX graph takes {len(names)} inputs, {len(inputs)} given")
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+        return [torch.from_numpy(a) for a in session.run(None, feed)]
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"onnxruntime ({provider}) failed to run {path}: {first_line(e)}") from e
+
+
+def _check_onnx(
+    path: Path, inputs: tuple[torch.Tensor, ...], reference_outputs: Any, tol: dict[str, Any]
+) -> dict[str, ParityReport]:
+    leaves, spec = pytree.tree_flatten(reference_outputs)
+    reports = {}
+    for provider in onnx_providers():
+        flat = run_onnx(path, inputs, provider)
+        if len(flat) != len(leaves):
+            raise ExportError(f"ONNX graph has {len(flat)} outputs, the model returns {len(leaves)}")
+        name = "onnxruntime-" + provider.removesuffix("ExecutionProvider").lower()
+        reports[name] = compare(reference_outputs, pytree.tree_unflatten(flat, spec), **tol)
+    return reports
+
+
+def _export_pt2(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, *, dynamic_batch: bool
+) -> ExportResult:
+    program = _export_program(model, inputs, dynamic_batch)
+    try:
+        torch.export.save(program, path)
+    except Exception as e:
+        raise ExportError(f"torch.export.save failed: {first_line(e)}") from e
+    return ExportResult(path, "pt2", dynamic_batch=dynamic_batch)
+
+
+def _check_pt2(
+    path: Path, inputs: tuple[torch.Tensor, ...], reference_outputs: Any, tol: dict[str, Any]
+) -> dict[str, ParityReport]:
+    try:
+        # Our own file, written a moment ago into a private temporary folder: not a user's file.
+        with _quiet_exporter():
+            loaded = torch.export.load(path).module()
+        with torch.no_grad():
+            got = loaded(*inputs)
+    except Exception as e:
+        raise ExportError(f"the written .pt2 does not load and run: {first_line(e)}") from e
+    return {"torch.export": compare(reference_outputs, got, **tol)}

@@ -1,0 +1,225 @@
+"""The main job as one call: load -> fold -> verify in PyTorch -> export -> verify the export -> write.
+
+Each CLI command makes exactly one call here and renders what comes back; nothing in this module
+prints. ``on_step`` lets a caller show progress: it is called with a step name and must return a
+context manager that wraps that step (the CLI shows a spinner). Each step's wall time lands in
+``timings``.
+
+Parity inputs: the batch is at least 2 (a batch of 1 can hide a wrong per-sample broadcast), so a
+batch-1 input shape is widened to 2, and a batch-1 inputs file gets a second, seeded random sample
+appended. With ``static_batch`` the exported graph is fixed to the given batch, and every check
+runs on exactly that batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normfold.errors import ParityError, UsageError
+from normfold.export import ExportResult, check_destination, export_model
+from normfold.folding import FoldResult, fold
+from normfold.load import LoadedModel, load_inputs, load_model
+from normfold.parity import ParityReport, Tolerance, compare, run_model
+from normfold.report import StepHook, StepTimer, versions
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class InputSpec:
+    """Where the example inputs come from (first given wins: file, shapes, the zoo's default)."""
+
+    shapes: Sequence[Sequence[int]] | None = None
+    dtype: torch.dtype | None = None
+    file: str | Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class LayerRow:
+    """One norm layer as ``inspect`` shows it."""
+
+    norm: str
+    norm_type: str
+    action: str  # "fold" or "keep"
+    into: str | None
+    pattern: str | None
+    reason: str | None
+    params_before: int  # the norm's and (when folded) its producer's parameters
+    params_after: int
+
+
+@dataclass
+class FoldRun:
+    """Everything the ``fold`` and ``inspect`` commands report."""
+
+    source: str
+    input_shapes: list[tuple[int, ...]]
+    fold: FoldResult
+    layers: list[LayerRow]
+    parity: ParityReport | None = None  # folded vs original, in PyTorch
+    export: ExportResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            **self.fold.to_dict(),
+            "layers": [vars(r) for r in self.layers],
+            "parity": {
+                "pytorch": self.parity.to_dict() if self.parity is not None else None,
+                **(
+                    {k: v.to_dict() for k, v in self.export.parity.items()}
+                    if self.export is not None
+                    else {}
+                ),
+            },
+            "export": self.export.to_dict() if self.export is not None else None,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "versions": versions(),
+        }
+
+
+def inspect(
+    source: str | Path,
+    *,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    inputs: InputSpec | None = None,
+    on_step: StepHook | None = None,
+) -> FoldRun:
+    """Dry run: what :func:`fold` would do to each norm layer of ``source``. Writes nothing."""
+    steps = StepTimer(on_step)
+    with steps("load"):
+        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+        example = _example_inputs(loaded, inputs or InputSpec(), optional=True)
+    with steps("trace and fold"):
+        result = fold(loaded.model, example)
+    shapes = [tuple(t.shape) for t in example] if example is not None else []
+    return FoldRun(loaded.source, shapes, result, _layers(loaded.model, result), timings=steps.timings)
+
+
+def fold_and_export(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    inputs: InputSpec | None = None,
+    static_batch: bool = False,
+    opset: int | None = None,
+    force: bool = False,
+    tolerances: Mapping[torch.dtype, Tolerance] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    on_step: StepHook | None = None,
+) -> FoldRun:
+    """Load ``source``, fold it, prove parity in PyTorch, export to ``out`` and prove parity there.
+
+    ``tolerances``/``rtol``/``atol`` adjust the parity tolerances as in :func:`normfold.verify`.
+    Raises :class:`~normfold.errors.ParityError` (nothing written) when the folded model differs
+    from the original, :class:`~normfold.errors.ExportError` when export or its check fails.
+    """
+    if out is not None:
+        out = check_destination(out, force=force)
+        if Path(source).exists() and Path(source).resolve() == out.resolve():
+            raise UsageError(f"--out {out} is the input file; choose another path")
+    steps = StepTimer(on_step)
+    with steps("load"):
+        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
+        parity_inputs = example if static_batch else _widen_batch(example, (inputs or InputSpec()).seed)
+    with steps("trace and fold"):
+        result = fold(loaded.model, example)
+    run = FoldRun(
+        loaded.source, [tuple(t.shape) for t in example], result, _layers(loaded.model, result)
+    )
+    with steps("verify (pytorch)"):
+        reference = run_model(loaded.model, parity_inputs, role="original")
+        tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
+        run.parity = compare(reference, run_model(result.model, parity_inputs, role="folded"), **tol)
+    if not run.parity.passed:
+        raise ParityError(f"folded model differs from the original: {run.parity.failures()[0]}")
+    if out is not None:
+        run.export = export_model(
+            result.model,
+            example,
+            out,
+            reference_outputs=reference,
+            parity_inputs=parity_inputs,
+            dynamic_batch=not static_batch,
+            opset=opset,
+            force=force,
+            steps=steps,
+            **tol,
+        )
+    run.timings = steps.timings
+    return run
+
+
+def _example_inputs(
+    loaded: LoadedModel, spec: InputSpec, *, optional: bool
+) -> tuple[torch.Tensor, ...] | None:
+    if spec.file is not None:
+        return load_inputs(spec.file)
+    shapes = spec.shapes or loaded.input_shapes
+    if not shapes:
+        if optional:
+            return None
+        raise UsageError(
+            f"no input shape known for {loaded.source}: "
+            "pass --input-shape (e.g. 1,3,224,224) or --inputs file.pt"
+        )
+    dtype = spec.dtype or _param_dtype(loaded.model)
+    gen = torch.Generator().manual_seed(spec.seed)
+    out = []
+    for shape in shapes:
+        if not shape or any(int(d) <= 0 for d in shape):
+            raise UsageError(f"input shape {tuple(shape)} must have positive dimensions")
+        if dtype.is_floating_point:
+            out.append(torch.randn(tuple(shape), generator=gen).to(dtype))
+        else:
+            out.append(torch.randint(0, 2, tuple(shape), generator=gen).to(dtype))
+    return tuple(out)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _widen_batch(inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    """A batch of at least 2 for parity: append a seeded random sample to batch-1 inputs."""
+    if not inputs or any(t.dim() == 0 or t.shape[0] != 1 for t in inputs):
+        return inputs
+    gen = torch.Generator().manual_seed(seed + 1)
+    widened = []
+    for t in inputs:
+        extra = torch.randn(t.shape, generator=gen).to(t.dtype) if t.is_floating_point() else t.clone()
+        widened.append(torch.cat([t, extra]))
+    return tuple(widened)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _layers(original: nn.Module, result: FoldResult) -> list[LayerRow]:
+    rows = []
+    for f in result.folded:
+        before = _numel(original.get_submodule(f.norm)) + _numel(original.get_submodule(f.into))
+        after = _numel(result.model.get_submodule(f.into))
+        rows.append(LayerRow(f.norm, f.norm_type, "fold", f.into, f.pattern, None, before, after))
+    for s in result.skipped:
+        n = _numel(original.get_submodule(s.norm))
+        rows.append(LayerRow(s.norm, s.norm_type, "keep", None, None, s.reason, n, n))
+    order = {name: i for i, (name, _) in enumerate(original.named_modules())}
+    return sorted(rows, key=lambda r: order.get(r.norm, len(order)))

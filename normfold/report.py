@@ -1,0 +1,75 @@
+"""Report helpers: library versions and atomic JSON writing for ``--report``.
+
+The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict`; this module times
+the steps, stamps versions and puts the file on disk without ever leaving a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from normfold.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+_PACKAGES = ("normfold", "torch", "onnx", "onnxruntime", "onnxscript")
+
+#: Called with a step name; returns a context manager wrapping that step (the CLI's spinner).
+StepHook = Callable[[str], AbstractContextManager[Any]]
+
+
+class StepTimer:
+    """Times named steps into :attr:`timings` and wraps each in the caller's progress hook."""
+
+    def __init__(self, on_step: StepHook | None = None) -> None:
+        self.on_step = on_step
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        hook = self.on_step(name) if self.on_step is not None else contextlib.nullcontext()
+        start = time.perf_counter()
+        with hook:
+            yield
+        self.timings[name] = time.perf_counter() - start
+        logger.info("%s took %.3f s", name, self.timings[name])
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages whose behaviour a report depends on."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON: a temporary file in the same folder, then an atomic rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"--report {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is an ordinary file
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
