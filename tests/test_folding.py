@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import count_bn, randomize_bn, state_bytes
+from normfold.models import ZOO, example_inputs
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
 from normfold.errors import TraceError, UsageError
@@ -476,3 +478,49 @@ def test_non_module_raises_usage_error(bad):
 def test_bad_example_inputs_raise_usage_error():
     with pytest.raises(UsageError, match="example_inputs must be a tensor or a tuple of tensors, got dict"):
         normfold.fold(nn.Conv2d(1, 1, 1), {"x": torch.zeros(1)})
+
+
+# --- the reference zoo ----------------------------------------------------------------------------
+
+MIXED_SKIPS = {
+    "bn_shared": "shared is called at 2 places (shared weights); "
+    "folding bn_shared into it would change the other call sites",
+    "bn_nostats": "bn_nostats has no running statistics (track_running_stats=False): "
+    "it normalizes with batch statistics even in eval mode",
+    "bn_after_relu": "input of bn_after_relu comes from relu (ReLU), not a Conv/ConvTranspose/Linear",
+    "bn_two_users": "conv_two_users output has 2 users",
+    "bn_seq": "bn_seq normalizes axis 1 of the (2, 16, 16) output of fc_seq, "
+    "but fc_seq's features are on its last axis",
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_zoo_model_folds_with_parity(name):
+    model = ZOO[name].factory()
+    x = example_inputs(name)
+    result = normfold.fold(model, x)
+    expected_skips = MIXED_SKIPS if name == "mixed" else {}
+    assert {s.norm: s.reason for s in result.skipped} == expected_skips
+    assert len(result.folded) == count_bn(model) - len(expected_skips) > 0
+    # no foldable BN left: the BatchNorms still in the model are exactly the skipped ones
+    left = {n for n, m in result.model.named_modules() if isinstance(m, _BatchNorm)}
+    assert left == set(expected_skips)
+    assert type(result.model) is type(model)
+    assert [n for n, _ in result.model.named_modules()] == [n for n, _ in model.named_modules()]
+    report = normfold.verify(model, result.model, x)
+    assert report.passed, report.failures()
+    assert report.max_rel_error <= 1e-5
+
+
+def test_mixed_shared_conv_second_call_site_is_untouched():
+    model = ZOO["mixed"].factory()
+    result = normfold.fold(model, example_inputs("mixed"))
+    assert torch.equal(result.model.shared.weight, model.shared.weight)
+    assert torch.equal(result.model.shared.bias, model.shared.bias)
+
+
+def test_package_functions_stay_callable_after_submodule_imports():
+    import normfold.folding
+    import normfold.parity
+
+    assert callable(normfold.fold) and callable(normfold.verify)
