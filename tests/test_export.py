@@ -1,0 +1,111 @@
+"""Export: checked files written atomically; any failed check leaves the folder as it was."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import normfold
+import normfold.export as export_mod
+from normfold.errors import ExportError, UsageError
+from normfold.export import export_model, export_onnx, run_onnx
+from normfold.models import ZOO, example_inputs
+
+
+@pytest.fixture(scope="module")
+def folded_resnet():
+    model = ZOO["resnet"].factory()
+    x = example_inputs("resnet")
+    return model, normfold.fold(model, x).model, x
+
+
+def _batch_dim(path) -> int | str:
+    dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+
+
+def test_onnx_export_is_checked_against_the_original(folded_resnet, tmp_path):
+    model, folded, x = folded_resnet
+    out = tmp_path / "m.onnx"
+    result = export_onnx(folded, x, out, reference_outputs=normfold.run_model(model, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert result.files == [out] and result.batchnorm_nodes == 0
+    assert result.opset is not None and result.opset >= 17
+    report = result.parity["onnxruntime-cpu"]
+    assert report.passed and report.max_rel_error <= 1e-5
+    assert isinstance(_batch_dim(out), str)  # dynamic batch by default
+    # the written file runs on another batch size and still matches the original
+    x3 = (torch.randn(3, *x[0].shape[1:]),)
+    [got] = run_onnx(out, x3, "CPUExecutionProvider")
+    want = normfold.run_model(model, x3)
+    assert (got - want).abs().max() <= 1e-6 + 1e-5 * want.abs().max()
+
+
+def test_static_batch_fixes_the_batch_dim(folded_resnet, tmp_path):
+    _, folded, x = folded_resnet
+    out = tmp_path / "s.onnx"
+    export_model(folded, x, out, dynamic_batch=False)
+    assert _batch_dim(out) == x[0].shape[0]
+
+
+def test_pt2_export_round_trips(folded_resnet, tmp_path):
+    model, folded, x = folded_resnet
+    result = export_model(folded, x, tmp_path / "m.pt2", reference_outputs=normfold.run_model(model, x))
+    assert result.format == "pt2" and result.parity["torch.export"].passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+
+def test_wrong_export_raises_and_writes_nothing(folded_resnet, tmp_path):
+    model, folded, x = folded_resnet
+    wrong = normfold.run_model(model, x) + 0.5  # a reference the export cannot match
+    with pytest.raises(ExportError, match=r"^onnxruntime-cpu output differs from the original model: output: "):
+        export_onnx(folded, x, tmp_path / "m.onnx", reference_outputs=wrong)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept_without_force(folded_resnet, tmp_path):
+    _, folded, x = folded_resnet
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="already exists; pass --force to replace it"):
+        export_onnx(folded, x, out)
+    assert out.read_bytes() == b"keep me"
+    export_onnx(folded, x, out, force=True)
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("m.txt", "unknown format .txt; use .onnx or .pt2"), ("missing/m.onnx", "does not exist")],
+)
+def test_bad_destination_is_a_usage_error(tmp_path, name, message):
+    with pytest.raises(UsageError, match=message):
+        export_model(nn.Linear(2, 2), (torch.zeros(2, 2),), tmp_path / name)
+
+
+def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
+    # The 2 GB protobuf limit, lowered so a small model takes the same path.
+    monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)
+    model, folded, x = folded_resnet
+    out = tmp_path / "big.onnx"
+    result = export_onnx(folded, x, out, reference_outputs=normfold.run_model(model, x))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["big.onnx", "big.onnx.data"], names
+    assert result.files[-1] == out  # the model file lands last, after its data
+    assert result.parity["onnxruntime-cpu"].passed
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+class DataDependentReshape(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1)  # hard-codes the batch: a dynamic batch cannot export
+
+
+def test_export_failure_names_the_fix_and_writes_nothing(tmp_path):
+    with pytest.raises(ExportError, match=r"torch.export failed for DataDependentReshape \(try --static-batch\)"):
+        export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx", dynamic_batch=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
