@@ -5,13 +5,13 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from normfold.models import ZOO, example_inputs
 from torch import nn
 
 import normfold
 import normfold.export as export_mod
 from normfold.errors import ExportError, UsageError
 from normfold.export import export_model, export_onnx, run_onnx
-from normfold.models import ZOO, example_inputs
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_pt2_export_round_trips(folded_resnet, tmp_path):
 def test_wrong_export_raises_and_writes_nothing(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
     wrong = normfold.run_model(model, x) + 0.5  # a reference the export cannot match
-    with pytest.raises(ExportError, match=r"^onnxruntime-cpu output differs from the original model: output: "):
+    message = r"^onnxruntime-cpu output differs from the original model: output: "
+    with pytest.raises(ExportError, match=message):
         export_onnx(folded, x, tmp_path / "m.onnx", reference_outputs=wrong)
     assert list(tmp_path.iterdir()) == []
 
@@ -104,7 +105,8 @@ class DataDependentReshape(nn.Module):
 
 
 def test_export_failure_names_the_fix_and_writes_nothing(tmp_path):
-    with pytest.raises(ExportError, match=r"torch.export failed for DataDependentReshape \(try --static-batch\)"):
+    message = r"torch.export failed for DataDependentReshape \(try --static-batch\)"
+    with pytest.raises(ExportError, match=message):
         export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
     export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx", dynamic_batch=False)
