@@ -17,7 +17,8 @@ from normfold.pipeline import fold_and_export
 
 
 def main() -> None:
-    header = f"{'model':<10} {'BN':>3} {'fold':>4} {'keep':>4} {'pytorch rel':>12} {'ort-cpu rel':>12}  steps (s)"
+    header = f"{'model':<10} {'BN':>3} {'fold':>4} {'keep':>4} {'pytorch rel':>12} {'ort-cpu rel':>12}"
+    header += "  steps (s)"
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,6 +69,8 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise LoadError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from e
+    except Exception as e:  # the module itself raised (SyntaxError, an error in its top-level code)
+        raise LoadError(f"importing {module_name!r} for factory {spec!r} failed: {first_line(e)}") from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -176,6 +178,11 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _looks_like_torch_save(path):
+            # weights_only reports any non-pickle bytes (text, ONNX, ...) as an UnpicklingError too
+            raise LoadError(
+                f"{path} is not a readable torch.save file (truncated or corrupt?): {first_line(e)}"
+            ) from e
         if not trust:
             raise LoadError(
                 f"{path} holds pickled Python objects beyond tensors (a whole nn.Module?); unpickling "
@@ -191,6 +198,13 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         raise LoadError(
             f"{path} is not a readable torch.save file (truncated or corrupt?): {first_line(e)}"
         ) from e
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """A torch.save file is a zip archive (the default since torch 1.6) or a pickle (protocol >= 2)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
