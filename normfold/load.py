@@ -181,7 +181,8 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         if not _looks_like_torch_save(path):
             # weights_only reports any non-pickle bytes (text, ONNX, ...) as an UnpicklingError too
             raise LoadError(
-                f"{path} is not a readable torch.save file (truncated or corrupt?): {first_line(e)}"
+                f"{path} is not a readable torch.save file (truncated or corrupt?): "
+                "it is neither a zip archive nor a pickle"
             ) from e
         if not trust:
             raise LoadError(
@@ -193,7 +194,7 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
             # Reached only with the explicit trust opt-in.
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise LoadError(f"{path}: trusted load failed: {type(e2).__name__}: {e2}") from e2
+            raise LoadError(f"{path}: trusted load failed: {first_line(e2)}") from e2
     except Exception as e:
         raise LoadError(
             f"{path} is not a readable torch.save file (truncated or corrupt?): {first_line(e)}"

@@ -67,6 +67,7 @@ __all__ = [
     "ParityReport",
     "Tolerance",
     "compare",
+    "random_inputs",
     "run_model",
     "verify",
 ]
@@ -433,20 +434,34 @@ def _build_inputs(
             out.append(t)
         return tuple(out)
 
+    first = _first_tensor(reference)
+    return random_inputs(
+        input_shapes,
+        dtype=input_dtype if input_dtype is not None else _default_dtype(reference),
+        seed=seed,
+        device=first.device if first is not None else None,
+    )
+
+
+def random_inputs(
+    input_shapes: Sequence[Sequence[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal inputs, one per shape, drawn on the CPU in float64 so the same seed
+    gives the same values on every device, then cast to ``dtype`` and moved to ``device``."""
     shapes = _check_shapes(input_shapes)
-    dtype = input_dtype if input_dtype is not None else _default_dtype(reference)
     if not (dtype.is_floating_point or dtype.is_complex):
         raise UsageError(
-            f"random inputs need a floating input_dtype, got {dtype}; "
-            "pass integer inputs explicitly via `inputs`"
+            f"random inputs need a floating input dtype, got {dtype}; pass integer inputs explicitly"
         )
-    first = _first_tensor(reference)
-    device = first.device if first is not None else torch.device("cpu")
-    # Drawn on the CPU in a wide dtype so the same seed gives the same values on every device.
     draw_dtype = torch.complex128 if dtype.is_complex else torch.float64
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return tuple(
-        torch.randn(shape, generator=gen, dtype=draw_dtype).to(device=device, dtype=dtype) for shape in shapes
+        torch.randn(shape, generator=gen, dtype=draw_dtype).to(device=device or "cpu", dtype=dtype)
+        for shape in shapes
     )
 
 

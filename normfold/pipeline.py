@@ -26,7 +26,7 @@ from normfold.errors import ParityError, UsageError
 from normfold.export import ExportResult, check_destination, export_model
 from normfold.folding import FoldResult, fold
 from normfold.load import LoadedModel, load_inputs, load_model
-from normfold.parity import ParityReport, Tolerance, compare, run_model
+from normfold.parity import ParityReport, Tolerance, compare, random_inputs, run_model
 from normfold.report import StepHook, StepTimer, versions
 
 logger = logging.getLogger(__name__)
@@ -179,17 +179,10 @@ def _example_inputs(
             f"no input shape known for {loaded.source}: "
             "pass --input-shape (e.g. 1,3,224,224) or --inputs file.pt"
         )
-    dtype = spec.dtype or _param_dtype(loaded.model)
-    gen = torch.Generator().manual_seed(spec.seed)
-    out = []
     for shape in shapes:
         if not shape or any(int(d) <= 0 for d in shape):
             raise UsageError(f"input shape {tuple(shape)} must have positive dimensions")
-        if dtype.is_floating_point:
-            out.append(torch.randn(tuple(shape), generator=gen).to(dtype))
-        else:
-            out.append(torch.randint(0, 2, tuple(shape), generator=gen).to(dtype))
-    return tuple(out)
+    return random_inputs(shapes, dtype=spec.dtype or _param_dtype(loaded.model), seed=spec.seed)
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
