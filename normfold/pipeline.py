@@ -152,10 +152,10 @@ def fold_and_export(
     if out is not None:
         run.export = export_model(
             result.model,
-            example,
+            # torch.export specializes size-1 dims, so a dynamic batch is traced at batch >= 2
+            parity_inputs,
             out,
             reference_outputs=reference,
-            parity_inputs=parity_inputs,
             dynamic_batch=not static_batch,
             opset=opset,
             force=force,

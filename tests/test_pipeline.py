@@ -1,0 +1,78 @@
+"""The one-call pipeline behind the CLI: inputs, batch widening, parity gate, step timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normfold.errors import ParityError, UsageError
+from normfold.pipeline import InputSpec, fold_and_export, inspect
+
+
+def test_batch_one_shape_exports_a_dynamic_batch_and_checks_parity_on_two(tmp_path):
+    run = fold_and_export(
+        "normfold.models:resnet", tmp_path / "m.onnx", inputs=InputSpec(shapes=[(1, 3, 32, 32)])
+    )
+    assert run.input_shapes == [(1, 3, 32, 32)]
+    assert run.parity.outputs[0].shape[0] == 2  # widened for parity
+    assert run.export.parity["onnxruntime-cpu"].outputs[0].shape[0] == 2
+    assert list(run.timings) == [
+        "load",
+        "trace and fold",
+        "verify (pytorch)",
+        "export (onnx)",
+        "check (onnxruntime)",
+    ]
+    assert all(t >= 0 for t in run.timings.values())
+
+
+def test_static_batch_keeps_the_given_batch(tmp_path):
+    run = fold_and_export(
+        "normfold.models:audio_cnn",
+        tmp_path / "m.onnx",
+        inputs=InputSpec(shapes=[(1, 1, 400)]),
+        static_batch=True,
+    )
+    assert run.parity.outputs[0].shape[0] == 1
+    assert run.export.dynamic_batch is False
+
+
+def test_inputs_file_with_batch_one_is_widened(tmp_path):
+    torch.save(torch.randn(1, 64), tmp_path / "x.pt")
+    run = fold_and_export("normfold.models:mlp", None, inputs=InputSpec(file=tmp_path / "x.pt"))
+    assert run.export is None and run.parity.passed
+    assert run.parity.outputs[0].shape == (2, 10)
+
+
+def test_parity_failure_raises_before_anything_is_written(tmp_path):
+    with pytest.raises(ParityError, match=r"^folded model differs from the original: output: max abs error"):
+        fold_and_export("normfold.models:resnet", tmp_path / "m.onnx", rtol=0.0, atol=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_equal_to_input_is_refused(tmp_path):
+    same = tmp_path / "m.onnx"
+    same.write_bytes(b"x")
+    with pytest.raises(UsageError, match="is the input file"):
+        fold_and_export(str(same), same, force=True)
+    assert same.read_bytes() == b"x"
+
+
+def test_unknown_shapes_for_a_non_zoo_factory_are_a_usage_error(tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(3, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="no input shape known for factory mynet:build: pass --input-shape"):
+        fold_and_export("mynet:build", tmp_path / "m.onnx")
+
+
+def test_inspect_reports_every_norm_with_param_counts():
+    run = inspect("normfold.models:mixed")
+    rows = {r.norm: r for r in run.layers}
+    assert len(rows) == 6
+    assert rows["bn_a"].action == "fold" and rows["bn_a"].into == "conv_a"
+    assert rows["bn_a"].params_before - rows["bn_a"].params_after == 2 * 8  # gamma and beta, 8 channels
+    assert rows["bn_shared"].action == "keep" and "shared is called at 2 places" in rows["bn_shared"].reason
+    assert rows["bn_shared"].params_before == rows["bn_shared"].params_after
+    assert run.parity is None and run.export is None
