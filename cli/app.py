@@ -109,6 +109,7 @@ def fold_cmd(
 ) -> None:
     """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
     with _guard():
+        _check_report(report)  # before OUT is written: a bad --report must not leave a model behind
         from normfold import pipeline
 
         run = pipeline.fold_and_export(
@@ -146,6 +147,7 @@ def inspect_cmd(
 ) -> None:
     """Dry run: show every norm layer, what it would fold into or why it stays. Writes no model."""
     with _guard():
+        _check_report(report)
         from normfold import pipeline
 
         run = pipeline.inspect(
@@ -205,6 +207,13 @@ def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) 
     if dtype is not None and dtype not in _DTYPES:
         raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)
+
+
+def _check_report(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise UsageError(f"--report {path}: folder {path.parent} does not exist")
+    if path is not None and path.is_dir():
+        raise UsageError(f"--report {path} is a directory")
 
 
 def _write_report(path: Path | None, run: FoldRun) -> None:

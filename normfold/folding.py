@@ -27,7 +27,9 @@ norm normalizes (or whose shapes are unknown).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -41,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.utils import parametrize
 
 from normfold.affine import bn_affine, fold_affine
-from normfold.errors import TraceError, UsageError
+from normfold.errors import TraceError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as e:
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
+            f"torch.fx could not trace {type(model).__name__}: {first_line(e)}. "
             "normfold needs a forward without data-dependent Python control flow."
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -197,12 +199,13 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 def _record_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, tuple[int, ...]]:
     try:
-        with torch.no_grad():
+        # fx prints the generated code's traceback to stderr on failure; the message says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*inputs)
     except Exception as e:
-        shapes = [tuple(t.shape) for t in inputs]
+        described = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
         raise TraceError(
-            f"{gm.__class__.__name__} failed on example inputs of shapes {shapes}: {type(e).__name__}: {e}"
+            f"{gm.__class__.__name__} failed on example inputs [{described}]: {first_line(e.__cause__ or e)}"
         ) from e
     out: dict[fx.Node, tuple[int, ...]] = {}
     for node in gm.graph.nodes:

@@ -254,8 +254,14 @@ def _with_architecture(
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         detail = f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        if not (missing or unexpected):
-            detail = first_line(e)  # same keys, so a shape mismatch
+        if not (missing or unexpected):  # same keys, so a shape mismatch: name the tensors
+            own = module.state_dict()
+            mismatched = [
+                f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                for k, v in state.items()
+                if tuple(v.shape) != tuple(own[k].shape)
+            ]
+            detail = f"size mismatch: {'; '.join(mismatched[:5])}" if mismatched else first_line(e)
         raise LoadError(f"{path} does not fit {spec}: {detail}") from e
     return LoadedModel(module, f"{what} {path} into {spec}", shapes)
 

@@ -465,7 +465,8 @@ def test_untraceable_model_raises_trace_error():
 
 def test_wrong_example_input_shape_raises_trace_error():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    with pytest.raises(TraceError, match=r"Pair failed on example inputs of shapes \[\(2, 5, 6, 6\)\]"):
+    message = r"Pair failed on example inputs \[\(2, 5, 6, 6\) float32\]: RuntimeError: "
+    with pytest.raises(TraceError, match=message):
         normfold.fold(model, _input((2, 5, 6, 6)))
 
 

@@ -1,0 +1,551 @@
+"""Tests for the normfold command line (normfold.cli.app): every zoo model end to end, every input
+format, every error exit code, and that nothing (not even a temporary file) is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from normfold.cli.app import app
+from normfold.models import ZOO, example_inputs, mlp, resnet
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from typer.testing import CliRunner, Result
+
+import normfold
+
+NAMES = sorted(ZOO)
+RESNET = "normfold.models:resnet"
+ENV = {"COLUMNS": "250"}  # wide enough that rich never wraps a table cell or a path
+HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+
+
+def ok(*args: str | Path) -> Result:
+    result = invoke(*args)
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def assert_fp32_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """normfold's fp32 criterion: max|got - ref| <= 1e-6 + 1e-5 * max|ref|."""
+    assert got.shape == ref.shape
+    err = (got.double() - ref.double()).abs().max().item()
+    allowed = 1e-6 + 1e-5 * ref.double().abs().max().item()
+    assert err <= allowed, f"max abs error {err:.3e} > allowed {allowed:.3e}"
+
+
+def run_ort(path: Path, x: torch.Tensor) -> torch.Tensor:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no refolding in ORT
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    (out,) = session.run(None, {name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+def batch_dim(path: Path) -> onnx.TensorShapeProto.Dimension:
+    return onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+
+
+def bn_nodes(path: Path) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+
+
+def count_bn(model: nn.Module) -> int:
+    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def error_line(result: Result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# version, help and import cost
+
+
+def test_version() -> None:
+    result = ok("--version")
+    assert result.stdout == f"normfold {normfold.__version__}\n"
+    assert normfold.__version__ == version("normfold")
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    result = ok("--help")
+    assert "fold" in result.stdout and "inspect" in result.stdout
+    assert "5 parity failure" in result.stdout
+
+
+def test_cli_import_and_help_do_not_import_torch() -> None:
+    code = f"""
+import sys
+import normfold.cli.app as cli
+heavy = {HEAVY!r}
+assert not [m for m in heavy if m in sys.modules], ("import", [m for m in heavy if m in sys.modules])
+from typer.testing import CliRunner
+for args in (["--help"], ["--version"], ["fold", "--help"], ["inspect", "--help"]):
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, (args, r.output)
+    loaded = [m for m in heavy if m in sys.modules]
+    assert not loaded, (args, loaded)
+print("light")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "light"
+
+
+def test_entry_point_help_importtime_has_no_heavy_modules() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "from normfold.cli.app import main; main()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "typer" in imported  # the importtime listing was parsed
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert heavy == []
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).parent / "normfold"
+    found = str(script) if script.exists() else shutil.which("normfold")
+    assert found, "the normfold console script is not installed"
+    return found
+
+
+def test_console_script_version_and_exit_code(tmp_path: Path) -> None:
+    script = _console_script()
+    proc = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"normfold {normfold.__version__}"
+
+    proc = subprocess.run(
+        [script, "fold", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "o.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "no such file" in proc.stderr
+    assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# every zoo model, end to end
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fold_zoo_model_to_onnx(tmp_path: Path, name: str) -> None:
+    out, report = tmp_path / f"{name}.onnx", tmp_path / "report.json"
+    result = ok("fold", f"normfold.models:{name}", "--out", out, "--report", report)
+    assert listing(tmp_path) == sorted([out.name, report.name])  # no temporary leftovers
+    assert f"wrote {out}" in result.stdout
+
+    original = ZOO[name].factory()
+    n_bn = count_bn(original)
+    onnx_bn = bn_nodes(out)
+    if name == "mixed":
+        assert 1 <= onnx_bn <= n_bn - 1  # bn_a folded away, the five unfoldable norms stay
+    else:
+        assert onnx_bn == 0
+    assert batch_dim(out).dim_param and not batch_dim(out).HasField("dim_value")  # dynamic batch
+
+    for batch in (None, 3):  # the zoo's batch, and another one through the dynamic batch dim
+        (x,) = example_inputs(name, batch=batch)
+        assert_fp32_close(run_ort(out, x), reference(original, x))
+
+    data = json.loads(report.read_text())
+    assert data["source"] == f"factory normfold.models:{name}"
+    assert data["input_shapes"] == [list(ZOO[name].input_shape)]
+    if name == "mixed":
+        assert len(data["folded"]) == 1 and len(data["skipped"]) == n_bn - 1
+        assert all(s["reason"] for s in data["skipped"])
+    else:
+        assert len(data["folded"]) == n_bn and data["skipped"] == []
+    assert len(data["layers"]) == n_bn
+    assert set(data["parity"]) >= {"pytorch", "onnxruntime-cpu"}
+    for runtime, rep in data["parity"].items():
+        assert rep["passed"] is True, runtime
+        assert rep["max_abs_error"] <= 1e-6 + 1e-5 * rep["outputs"][0]["max_abs_reference"]
+    assert data["export"]["batchnorm_nodes"] == onnx_bn
+    assert data["export"]["dynamic_batch"] is True
+    assert data["export"]["path"] == str(out)
+    timings = data["timings_s"]
+    assert {"load", "trace and fold", "export (onnx)", "check (onnxruntime)"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    for package in ("torch", "onnx", "onnxruntime"):
+        assert data["versions"][package] == version(package)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fold_zoo_model_to_pt2(tmp_path: Path, name: str) -> None:
+    out = tmp_path / f"{name}.pt2"
+    ok("fold", f"normfold.models:{name}", "--out", out)
+    assert listing(tmp_path) == [out.name]
+    program = torch.export.load(out).module()
+    original = ZOO[name].factory()
+    for batch in (None, 3):
+        (x,) = example_inputs(name, batch=batch)
+        with torch.no_grad():
+            got = program(x)
+        assert_fp32_close(got, reference(original, x))
+
+
+def test_static_batch(tmp_path: Path) -> None:
+    out, report = tmp_path / "static.onnx", tmp_path / "r.json"
+    ok("fold", RESNET, "--out", out, "--static-batch", "--report", report)
+    dim = batch_dim(out)
+    assert dim.HasField("dim_value") and dim.dim_value == ZOO["resnet"].input_shape[0]
+    assert not dim.dim_param
+    assert json.loads(report.read_text())["export"]["dynamic_batch"] is False
+    (x,) = example_inputs("resnet")
+    assert_fp32_close(run_ort(out, x), reference(resnet(), x))
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        run_ort(out, example_inputs("resnet", batch=3)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# input formats
+
+
+def test_state_dict_with_model(tmp_path: Path) -> None:
+    trained = resnet(seed=1)
+    weights = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), weights)
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    ok("fold", weights, "--model", RESNET, "--out", out, "--report", report)
+    assert json.loads(report.read_text())["source"] == f"state_dict {weights} into {RESNET}"
+    (x,) = example_inputs("resnet")
+    got = run_ort(out, x)
+    assert_fp32_close(got, reference(trained, x))
+    assert not torch.allclose(got, reference(resnet(seed=0), x), atol=1e-3)  # not the factory's weights
+
+
+def test_safetensors_with_model_and_model_args(tmp_path: Path) -> None:
+    trained = resnet(seed=2, num_classes=4)
+    weights = tmp_path / "weights.safetensors"
+    save_file(trained.state_dict(), str(weights))
+    out = tmp_path / "o.pt2"
+    ok("fold", weights, "--model", RESNET, "--model-args", '{"num_classes": 4}', "--out", out)
+    (x,) = example_inputs("resnet")
+    with torch.no_grad():
+        got = torch.export.load(out).module()(x)
+    assert got.shape == (2, 4)
+    assert_fp32_close(got, reference(trained, x))
+
+
+def test_checkpoint_dict_with_model(tmp_path: Path) -> None:
+    trained = mlp(seed=3)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 7, "model": trained.state_dict()}, ckpt)
+    out = tmp_path / "o.pt2"
+    ok("fold", ckpt, "--model", "normfold.models:mlp", "--out", out)
+    (x,) = example_inputs("mlp")
+    with torch.no_grad():
+        got = torch.export.load(out).module()(x)
+    assert_fp32_close(got, reference(trained, x))
+
+
+def test_pickled_module_with_trust(tmp_path: Path) -> None:
+    trained = mlp(seed=4)
+    whole = tmp_path / "whole.pt"
+    torch.save(trained, whole)
+    out = tmp_path / "o.pt2"
+    ok("fold", whole, "--trust", "--input-shape", "4,64", "--out", out)
+    (x,) = example_inputs("mlp")
+    with torch.no_grad():
+        got = torch.export.load(out).module()(x)
+    assert_fp32_close(got, reference(trained, x))
+
+
+def test_inputs_file(tmp_path: Path) -> None:
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    inputs, out, report = tmp_path / "x.pt", tmp_path / "o.onnx", tmp_path / "r.json"
+    torch.save(x, inputs)
+    ok("fold", RESNET, "--inputs", inputs, "--out", out, "--report", report)
+    data = json.loads(report.read_text())
+    assert data["input_shapes"] == [[3, 3, 32, 32]]
+    assert data["parity"]["pytorch"]["outputs"][0]["shape"] == [3, 10]
+    assert_fp32_close(run_ort(out, x), reference(resnet(), x))
+
+
+def test_input_shape_and_dtype(tmp_path: Path) -> None:
+    out, report = tmp_path / "o.pt2", tmp_path / "r.json"
+    ok(
+        "fold", "normfold.models:mlp", "--input-shape", "1x64", "--input-dtype", "float32",
+        "--out", out, "--report", report,
+    )  # fmt: skip
+    data = json.loads(report.read_text())
+    assert data["input_shapes"] == [[1, 64]]
+    assert data["parity"]["pytorch"]["outputs"][0]["shape"] == [2, 10]  # batch 1 widened to 2 for parity
+    assert data["parity"]["pytorch"]["outputs"][0]["dtype"] == "float32"
+    # the dtype reaches the example inputs: float64 inputs cannot run through a float32 Linear
+    result = invoke("fold", "normfold.models:mlp", "--input-shape", "1,64", "--input-dtype", "float64",
+                    "--out", tmp_path / "f64.pt2")  # fmt: skip
+    assert result.exit_code == 4, result.output
+    assert not (tmp_path / "f64.pt2").exists()
+
+
+@pytest.fixture
+def local_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A factory spec for a module in tmp_path, importable because tmp_path is the cwd."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"nf_cli_factory_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build(channels=4):\n"
+        "    model = nn.Sequential(nn.Conv2d(3, channels, 3), nn.BatchNorm2d(channels), nn.ReLU())\n"
+        "    with torch.no_grad():\n"
+        "        model[1].running_mean.uniform_(-1, 1)\n"
+        "        model[1].running_var.uniform_(0.5, 2)\n"
+        "    return model.eval()\n"
+    )
+    yield f"{name}:build"
+    sys.modules.pop(name, None)
+
+
+def test_local_factory_needs_an_input_shape(tmp_path: Path, local_factory: str) -> None:
+    before = listing(tmp_path)
+    result = invoke("fold", local_factory, "--out", "o.pt2")
+    assert result.exit_code == 2
+    assert "no input shape known" in error_line(result)
+    assert listing(tmp_path) == before
+
+    ok("fold", local_factory, "--model-args", '{"channels": 6}', "--input-shape", "2,3,8,8", "--out", "o.pt2")
+    with torch.no_grad():
+        assert torch.export.load(tmp_path / "o.pt2").module()(torch.randn(2, 3, 8, 8)).shape == (2, 6, 6, 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: exit code, one-line message, nothing written
+
+
+def _tiny_onnx(path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def _truncated(path: Path) -> None:
+    full = path.with_name("full.pt")
+    torch.save(resnet().state_dict(), full)
+    path.write_bytes(full.read_bytes()[:300])
+
+
+def _weights(path: Path) -> None:
+    torch.save(resnet().state_dict(), path)
+
+
+ErrorCase = tuple[str, Callable[[Path], None] | None, list[str], int, str]
+
+ERROR_CASES: list[ErrorCase] = [
+    # id, setup(tmp_path), args, exit code, text in the error line
+    ("pickled-no-trust", lambda d: torch.save(resnet(), d / "whole.pt"),
+     ["fold", "whole.pt", "--out", "o.onnx"], 3, "refused without --trust"),
+    ("missing-file", None,
+     ["fold", "absent.pt", "--model", RESNET, "--out", "o.onnx"], 3, "absent.pt: no such file"),
+    ("truncated", lambda d: _truncated(d / "w.pt"),
+     ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx"], 3, "truncated or corrupt"),
+    ("onnx-as-input", lambda d: _tiny_onnx(d / "model.onnx"),
+     ["fold", "model.onnx", "--model", RESNET, "--out", "o.onnx"], 3, "not a readable torch.save file"),
+    ("text-as-input", lambda d: (d / "notes.pt").write_text("hello\n"),
+     ["fold", "notes.pt", "--model", RESNET, "--out", "o.onnx"], 3, "not a readable torch.save file"),
+    ("torchscript", lambda d: torch.jit.save(torch.jit.script(mlp()), str(d / "ts.pt")),
+     ["fold", "ts.pt", "--out", "o.onnx"], 3, "TorchScript archive"),
+    ("wrong-architecture", lambda d: torch.save(mlp().state_dict(), d / "mlp.pt"),
+     ["fold", "mlp.pt", "--model", RESNET, "--out", "o.onnx"], 3, "missing keys"),
+    ("unknown-factory", None,
+     ["fold", "normfold.models:nope", "--out", "o.onnx"], 3, "has no attribute 'nope'"),
+    ("malformed-shape", None,
+     ["fold", RESNET, "--input-shape", "a,b", "--out", "o.onnx"], 2, "--input-shape 'a,b'"),
+    ("bad-dtype", None,
+     ["fold", RESNET, "--input-dtype", "float8", "--out", "o.onnx"], 2, "--input-dtype 'float8'"),
+    ("inputs-and-shape", lambda d: torch.save(torch.ones(2, 3, 32, 32), d / "x.pt"),
+     ["fold", RESNET, "--inputs", "x.pt", "--input-shape", "2,3,32,32", "--out", "o.onnx"], 2,
+     "either --inputs or --input-shape"),
+    ("bad-model-args", None,
+     ["fold", RESNET, "--model-args", "{seed: 1}", "--out", "o.onnx"], 2, "--model-args is not valid JSON"),
+    ("existing-out", lambda d: (d / "o.onnx").write_bytes(b"precious"),
+     ["fold", RESNET, "--out", "o.onnx"], 2, "already exists; pass --force"),
+    ("out-is-input", lambda d: _weights(d / "w.pt2"),
+     ["fold", "w.pt2", "--model", RESNET, "--out", "w.pt2", "--force"], 2, "is the input file"),
+    ("out-is-input-no-force", lambda d: _weights(d / "w.pt2"),
+     ["fold", "w.pt2", "--model", RESNET, "--out", "w.pt2"], 2, "already exists"),
+    ("unknown-extension", None,
+     ["fold", RESNET, "--out", "o.txt"], 2, "unknown format .txt"),
+    ("out-folder-missing", None,
+     ["fold", RESNET, "--out", "nowhere/o.onnx"], 2, "does not exist"),
+    ("weights-without-model", lambda d: _weights(d / "w.pt"),
+     ["fold", "w.pt", "--out", "o.onnx"], 2, "pass the architecture with --model"),
+    ("safetensors-without-model", lambda d: save_file(resnet().state_dict(), str(d / "w.safetensors")),
+     ["fold", "w.safetensors", "--out", "o.onnx"], 2, "pass the architecture with --model"),
+    ("report-folder-missing", None,
+     ["fold", "normfold.models:mlp", "--out", "o.pt2", "--report", "nowhere/r.json"], 2,
+     "--report nowhere/r.json: folder nowhere does not exist"),
+    ("report-is-directory", lambda d: (d / "reports").mkdir(),
+     ["fold", "normfold.models:mlp", "--out", "o.pt2", "--report", "reports"], 2, "is a directory"),
+    ("inspect-report-folder-missing", None,
+     ["inspect", "normfold.models:mlp", "--report", "nowhere/r.json"], 2, "folder nowhere does not exist"),
+    ("parity-failure", None,
+     ["fold", RESNET, "--rtol", "0", "--atol", "0", "--out", "o.onnx"], 5,
+     "folded model differs from the original"),
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize(("setup", "args", "code", "text"), [c[1:] for c in ERROR_CASES],
+                         ids=[c[0] for c in ERROR_CASES])  # fmt: skip
+def test_error_exit_codes_and_nothing_written(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setup: Callable[[Path], None] | None,
+    args: list[str],
+    code: int,
+    text: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if setup is not None:
+        setup(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = invoke(*args)
+    assert result.exit_code == code, result.output
+    assert text in error_line(result)
+    assert result.stderr.strip() == error_line(result)  # the whole message is that one line
+    assert result.stdout == ""
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # no new file, no temporary file, nothing overwritten
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_parity_failure_premise() -> None:
+    """``--rtol 0 --atol 0`` fails only because folding really changes float rounding in resnet."""
+    model = resnet()
+    folded = normfold.fold(model, example_inputs("resnet")).model
+    (x,) = example_inputs("resnet")
+    err = (reference(folded, x) - reference(model, x)).abs().max().item()
+    assert 0 < err < 1e-5
+
+
+def test_wrong_input_shape_is_a_trace_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fold", RESNET, "--input-shape", "1,5,32,32", "--out", "o.onnx")
+    assert result.exit_code == 4, result.output
+    assert "failed on example inputs [(1, 5, 32, 32) float32]" in error_line(result)
+    assert result.stdout == ""
+    assert listing(tmp_path) == []
+
+
+def test_wrong_input_shape_message_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fold", RESNET, "--input-shape", "1,5,32,32", "--out", "o.onnx")
+    assert result.exit_code == 4
+    assert result.stderr.strip() == error_line(result)
+    assert "3 channels" in error_line(result)  # the actual cause: the model wants 3 channels, got 5
+
+
+def test_force_replaces_existing_output(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"old contents")
+    ok("fold", "normfold.models:mlp", "--out", out, "--force")
+    assert listing(tmp_path) == ["o.onnx"]
+    assert out.read_bytes() != b"old contents"
+    (x,) = example_inputs("mlp")
+    assert_fp32_close(run_ort(out, x), reference(mlp(), x))
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect and --quiet
+
+MIXED_REASONS = {
+    "bn_a": "conv_a (conv-bn)",
+    "bn_shared": "shared is called at 2 places",
+    "bn_nostats": "track_running_stats=False",
+    "bn_after_relu": "comes from relu (ReLU)",
+    "bn_two_users": "conv_two_users output has 2 users",
+    "bn_seq": "normalizes axis 1",
+}
+
+
+def test_inspect_mixed_lists_every_norm_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = ok("inspect", "normfold.models:mixed")
+    rows = {
+        norm: next((ln for ln in result.stdout.splitlines() if f" {norm} " in ln), "")
+        for norm in MIXED_REASONS
+    }
+    for norm, reason in MIXED_REASONS.items():
+        assert reason in rows[norm], (norm, rows[norm])
+    assert " fold " in rows["bn_a"]
+    assert all(" keep " in rows[n] for n in MIXED_REASONS if n != "bn_a")
+    assert "1 of 6 norm layers would fold" in result.stdout
+    assert listing(tmp_path) == []
+
+
+def test_inspect_report(tmp_path: Path) -> None:
+    report = tmp_path / "inspect.json"
+    ok("inspect", "normfold.models:mixed", "--report", report, "--quiet")
+    assert listing(tmp_path) == ["inspect.json"]
+    data = json.loads(report.read_text())
+    assert [f["norm"] for f in data["folded"]] == ["bn_a"]
+    assert {s["norm"] for s in data["skipped"]} == set(MIXED_REASONS) - {"bn_a"}
+    assert {row["norm"]: row["action"] for row in data["layers"]} == {
+        n: "fold" if n == "bn_a" else "keep" for n in MIXED_REASONS
+    }
+    assert data["parity"] == {"pytorch": None}
+    assert data["export"] is None
+    assert data["input_shapes"] == [list(ZOO["mixed"].input_shape)]
+
+
+def test_quiet_prints_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o.pt2"
+    result = ok("fold", "normfold.models:mlp", "--out", out, "--quiet")
+    assert result.output == ""
+    assert out.is_file()
+
+
+def test_not_quiet_prints_layers_parity_and_summary(tmp_path: Path) -> None:
+    result = ok("fold", "normfold.models:mlp", "--out", tmp_path / "o.pt2")
+    assert "Norm layers of factory normfold.models:mlp" in result.stdout
+    assert "folded 2 of 2 norm layers" in result.stdout
+    assert "torch.export" in result.stdout and "pass" in result.stdout

@@ -1,0 +1,395 @@
+"""Tests for normfold.load: factory specs, weights files, refused formats and unsafe pickles."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import state_bytes
+from normfold.models import ZOO, ResNet, example_inputs, mlp, resnet
+from safetensors.torch import save_file
+from torch import nn
+
+from normfold.errors import LoadError, UsageError
+from normfold.load import LoadedModel, load_inputs, load_model, parse_model_args
+
+RESNET = "normfold.models:resnet"
+SAFE_ALTERNATIVE = "torch.save(model.state_dict()"
+
+
+class _TouchOnUnpickle:
+    """Unpickling an instance calls ``Path.touch(marker)``: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[object, ...]]:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
+    """Write a uniquely named module into tmp_path (the cwd) and return its import name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader may add the cwd: undo it afterwards
+    names: list[str] = []
+
+    def make(source: str) -> str:
+        name = f"nf_test_{uuid.uuid4().hex[:12]}"
+        (tmp_path / f"{name}.py").write_text(source)
+        importlib.invalidate_caches()
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    return state_bytes(a) == state_bytes(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# factory specs
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_factory_spec_loads_zoo_model_with_default_input_shape(name: str) -> None:
+    loaded = load_model(f"normfold.models:{name}")
+    assert isinstance(loaded, LoadedModel)
+    assert isinstance(loaded.model, nn.Module)
+    assert type(loaded.model) is type(ZOO[name].factory())
+    assert loaded.input_shapes == [ZOO[name].input_shape]
+    assert loaded.source == f"factory normfold.models:{name}"
+    assert _same_state(loaded.model, ZOO[name].factory())
+
+
+def test_factory_spec_with_model_args() -> None:
+    loaded = load_model(RESNET, model_args=parse_model_args('{"num_classes": 3, "seed": 7}'))
+    assert loaded.model.fc.out_features == 3
+    assert _same_state(loaded.model, resnet(seed=7, num_classes=3))
+    assert not _same_state(loaded.model, resnet(seed=0, num_classes=3))
+
+
+def test_parse_model_args_valid_and_empty() -> None:
+    assert parse_model_args('{"seed": 1, "num_classes": 4}') == {"seed": 1, "num_classes": 4}
+    assert parse_model_args(None) == {}
+    assert parse_model_args("") == {}
+
+
+def test_parse_model_args_invalid_json() -> None:
+    with pytest.raises(UsageError, match="--model-args is not valid JSON") as exc:
+        parse_model_args("{seed: 1}")
+    assert "{seed: 1}" in str(exc.value)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"seed"', "3", "null"])
+def test_parse_model_args_not_an_object(text: str) -> None:
+    with pytest.raises(UsageError, match="must be a JSON object"):
+        parse_model_args(text)
+
+
+def test_unknown_module_is_a_load_error() -> None:
+    with pytest.raises(LoadError, match=r"cannot import 'no_such_pkg_nf\.sub'"):
+        load_model("no_such_pkg_nf.sub:factory")
+
+
+def test_missing_attribute_is_a_load_error() -> None:
+    with pytest.raises(LoadError, match="has no attribute 'no_such_factory'"):
+        load_model("normfold.models:no_such_factory")
+
+
+def test_non_callable_attribute_is_a_load_error() -> None:
+    with pytest.raises(LoadError, match="is a dict, not a callable"):
+        load_model("normfold.models:ZOO")
+
+
+def test_factory_returning_non_module(make_module: Callable[[str], str]) -> None:
+    name = make_module("def build():\n    return [1, 2, 3]\n")
+    with pytest.raises(LoadError, match=r"returned list, not a torch\.nn\.Module"):
+        load_model(f"{name}:build")
+
+
+def test_factory_from_the_current_directory(make_module: Callable[[str], str]) -> None:
+    name = make_module("from torch import nn\n\ndef build(width=4):\n    return nn.Linear(width, 2)\n")
+    loaded = load_model(f"{name}:build", model_args={"width": 6})
+    assert isinstance(loaded.model, nn.Linear)
+    assert loaded.model.in_features == 6
+    assert loaded.input_shapes is None  # not a zoo factory: no default input shape
+
+
+def test_factory_that_raises_is_a_load_error(make_module: Callable[[str], str]) -> None:
+    name = make_module("def build(**kw):\n    raise ValueError('bad config')\n")
+    with pytest.raises(LoadError, match=r"failed with arguments .*bad config"):
+        load_model(f"{name}:build")
+    with pytest.raises(LoadError, match="unexpected keyword argument 'bogus'"):
+        load_model(RESNET, model_args={"bogus": 1})
+
+
+def test_module_failing_at_import_is_a_load_error(make_module: Callable[[str], str]) -> None:
+    broken = make_module("raise RuntimeError('boom at import')\n")
+    with pytest.raises(LoadError, match="boom at import"):
+        load_model(f"{broken}:build")
+    syntax = make_module("def build(:\n")
+    with pytest.raises(LoadError, match="SyntaxError"):
+        load_model(f"{syntax}:build")
+
+
+def test_model_option_with_a_factory_spec_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="already a factory spec"):
+        load_model(RESNET, model=RESNET)
+
+
+# ------------------------------------------------------------------------------------------------
+# weights files
+
+
+def test_state_dict_loads_into_factory_architecture(tmp_path: Path) -> None:
+    original = resnet(seed=0)
+    other = resnet(seed=1)
+    assert not _same_state(original, other)  # the test would be vacuous otherwise
+    path = tmp_path / "weights.pt"
+    torch.save(original.state_dict(), path)
+
+    loaded = load_model(path, model=RESNET, model_args={"seed": 1})
+    assert _same_state(loaded.model, original)
+    assert not _same_state(loaded.model, other)
+    assert loaded.input_shapes == [ZOO["resnet"].input_shape]
+    assert "state_dict" in loaded.source and str(path) in loaded.source
+    (x,) = example_inputs("resnet")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), original(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model", "model_state_dict"])
+def test_checkpoint_dict(tmp_path: Path, key: str) -> None:
+    original = resnet(seed=0)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({key: original.state_dict(), "epoch": 12, "best_acc": 0.91}, path)
+    loaded = load_model(path, model=RESNET, model_args={"seed": 3})
+    assert _same_state(loaded.model, original)
+
+
+def test_data_parallel_prefix_is_stripped(tmp_path: Path) -> None:
+    original = resnet(seed=0)
+    path = tmp_path / "ddp.pt"
+    torch.save({"module." + k: v for k, v in original.state_dict().items()}, path)
+    loaded = load_model(path, model=RESNET, model_args={"seed": 2})
+    assert _same_state(loaded.model, original)
+
+
+def test_safetensors_loads(tmp_path: Path) -> None:
+    original = resnet(seed=0)
+    path = tmp_path / "weights.safetensors"
+    save_file(original.state_dict(), str(path))
+    loaded = load_model(path, model=RESNET, model_args={"seed": 5})
+    assert _same_state(loaded.model, original)
+    assert loaded.source.startswith("safetensors ")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_without_model_is_a_usage_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save(resnet().state_dict(), path)
+    else:
+        save_file(resnet().state_dict(), str(path))
+    with pytest.raises(UsageError, match="--model"):
+        load_model(path)
+
+
+def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.pt"
+    torch.save(mlp().state_dict(), path)
+    with pytest.raises(LoadError) as exc:
+        load_model(path, model=RESNET)
+    msg = str(exc.value)
+    assert f"does not fit {RESNET}" in msg
+    assert "missing keys ['conv1.weight'" in msg  # resnet's keys, sorted, that mlp lacks
+    assert "unexpected keys ['bn2.bias'" in msg  # mlp's keys that resnet lacks
+
+
+def test_same_keys_wrong_shapes_is_a_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "ten_classes.pt"
+    torch.save(resnet(num_classes=10).state_dict(), path)
+    with pytest.raises(
+        LoadError,
+        match=r"does not fit .*size mismatch: fc\.weight \(10, 32\) in the file, \(3, 32\) in the model",
+    ):
+        load_model(path, model=RESNET, model_args={"num_classes": 3})
+
+
+def test_empty_or_non_tensor_mapping_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(LoadError, match="not a state_dict"):
+        load_model(path, model=RESNET)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole pickled modules and code execution
+
+
+def test_pickled_module_refused_without_trust(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(resnet(), path)
+    with pytest.raises(LoadError) as exc:
+        load_model(path)
+    msg = str(exc.value)
+    assert "arbitrary code" in msg
+    assert "--trust" in msg
+    assert SAFE_ALTERNATIVE in msg and "--model" in msg
+
+
+def test_pickled_module_loads_with_trust(tmp_path: Path) -> None:
+    original = resnet(seed=4)
+    path = tmp_path / "whole.pt"
+    torch.save(original, path)
+    loaded = load_model(path, trust=True)
+    assert isinstance(loaded.model, nn.Module)
+    assert type(loaded.model) is ResNet
+    assert _same_state(loaded.model, original)
+    assert loaded.source == f"pickled module {path} (trusted)"
+    with pytest.raises(UsageError, match="whole module"):
+        load_model(path, trust=True, model=RESNET)
+
+
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["zip", "legacy"])
+def test_no_code_runs_without_trust(tmp_path: Path, zipfile_format: bool) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "payload.pt"
+    torch.save(
+        {"weight": torch.ones(2), "x": _TouchOnUnpickle(marker)},
+        path,
+        _use_new_zipfile_serialization=zipfile_format,
+    )
+
+    with pytest.raises(LoadError, match="arbitrary code"):
+        load_model(path)
+    with pytest.raises(LoadError, match="arbitrary code"):
+        load_model(path, model=RESNET)
+    with pytest.raises(LoadError):
+        load_inputs(path)
+    assert not marker.exists()
+
+    # control: the payload is live, so the check above means something
+    with pytest.raises(LoadError):  # the unpickled dict is not a state_dict
+        load_model(path, trust=True, model=RESNET)
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("trust", [False, True])
+def test_torchscript_archive_is_refused(tmp_path: Path, trust: bool) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(mlp()), str(path))
+    with pytest.raises(LoadError, match="TorchScript") as exc:
+        load_model(path, trust=trust, model=RESNET if not trust else None)
+    assert SAFE_ALTERNATIVE in str(exc.value)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_exported_program_is_refused(tmp_path: Path, trust: bool) -> None:
+    path = tmp_path / "program.pt2"
+    torch.export.save(torch.export.export(mlp(), example_inputs("mlp")), path)
+    with pytest.raises(LoadError, match=r"torch\.export") as exc:
+        load_model(path, trust=trust)
+    assert SAFE_ALTERNATIVE in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# unreadable files
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_truncated_pt(tmp_path: Path, trust: bool) -> None:
+    full = tmp_path / "full.pt"
+    torch.save(resnet().state_dict(), full)
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(full.read_bytes()[:300])
+    with pytest.raises(LoadError, match="truncated or corrupt"):
+        load_model(path, model=RESNET, trust=trust)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"just some notes\n", b'{"weights": [1, 2]}\n', b"\x08\x07\x12\x04onnx", b""],
+    ids=["text", "json", "protobuf", "empty"],
+)
+def test_non_torch_file_is_not_mistaken_for_a_pickle(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(LoadError, match="truncated or corrupt") as exc:
+        load_model(path, model=RESNET)
+    assert "--trust" not in str(exc.value)  # no advice to unpickle a file that is not a pickle
+
+
+@pytest.mark.parametrize("cut", [0, 5, 300, "half"])
+def test_truncated_safetensors(tmp_path: Path, cut: int | str) -> None:
+    full = tmp_path / "full.safetensors"
+    save_file(resnet().state_dict(), str(full))
+    data = full.read_bytes()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
+    with pytest.raises(LoadError, match="not a readable safetensors file"):
+        load_model(path, model=RESNET)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="no such file"):
+        load_model(tmp_path / "absent.pt", model=RESNET)
+
+
+def test_directory_is_not_a_file(tmp_path: Path) -> None:
+    folder = tmp_path / "weights.pt"
+    folder.mkdir()
+    with pytest.raises(LoadError, match="not a file"):
+        load_model(folder, model=RESNET)
+
+
+# ------------------------------------------------------------------------------------------------
+# load_inputs
+
+
+def test_load_inputs_tensor(tmp_path: Path) -> None:
+    x = torch.randn(3, 3, 32, 32)
+    path = tmp_path / "x.pt"
+    torch.save(x, path)
+    (got,) = load_inputs(path)
+    assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_load_inputs_sequence(tmp_path: Path, container: type) -> None:
+    xs = container([torch.randn(2, 4), torch.arange(6).reshape(2, 3)])
+    path = tmp_path / "xs.pt"
+    torch.save(xs, path)
+    got = load_inputs(path)
+    assert isinstance(got, tuple) and len(got) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, xs, strict=True))
+
+
+@pytest.mark.parametrize(
+    "obj", [{"x": torch.ones(2)}, (), (torch.ones(2), 3)], ids=["dict", "empty", "mixed"]
+)
+def test_load_inputs_rejects_non_tensors(tmp_path: Path, obj: object) -> None:
+    path = tmp_path / "bad.pt"
+    torch.save(obj, path)
+    with pytest.raises(LoadError, match="expected a tensor or a tuple of tensors"):
+        load_inputs(path)
+
+
+def test_load_inputs_missing_and_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="no such inputs file"):
+        load_inputs(tmp_path / "absent.pt")
+    text = tmp_path / "inputs.pt"
+    text.write_text("1, 2, 3\n")
+    with pytest.raises(LoadError, match="not a readable tensor file"):
+        load_inputs(text)
