@@ -115,16 +115,12 @@ def fold_cmd(
         run = pipeline.fold_and_export(
             model,
             out,
-            model=arch,
-            model_args=_model_args(model_args),
-            trust=trust,
-            inputs=_input_spec(input_shape, input_dtype, inputs),
             static_batch=static_batch,
             opset=opset,
             force=force,
             rtol=rtol,
             atol=atol,
-            on_step=None if quiet else _spinner,
+            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )
         _write_report(report, run)
         if not quiet:
@@ -151,12 +147,7 @@ def inspect_cmd(
         from normfold import pipeline
 
         run = pipeline.inspect(
-            model,
-            model=arch,
-            model_args=_model_args(model_args),
-            trust=trust,
-            inputs=_input_spec(input_shape, input_dtype, inputs),
-            on_step=None if quiet else _spinner,
+            model, **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
         )
         _write_report(report, run)
         if not quiet:
@@ -183,10 +174,25 @@ def _spinner(step: str) -> contextlib.AbstractContextManager[Any]:
     return err_console.status(f"{step}...")
 
 
-def _model_args(text: str | None) -> dict[str, Any]:
+def _source_options(
+    arch: str | None,
+    model_args: str | None,
+    trust: bool,
+    shapes: list[str] | None,
+    dtype: str | None,
+    file: Path | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """The options both commands pass to the pipeline: what to load, its inputs, progress."""
     from normfold.load import parse_model_args
 
-    return parse_model_args(text)
+    return {
+        "model": arch,
+        "model_args": parse_model_args(model_args),
+        "trust": trust,
+        "inputs": _input_spec(shapes, dtype, file),
+        "on_step": None if quiet else _spinner,
+    }
 
 
 def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) -> Any:
