@@ -153,9 +153,10 @@ def inspect_cmd(
         if not quiet:
             _render_layers(run)
             f = run.fold
+            export_only = len(f.export_only)
             out_console.print(
-                f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm layers would fold; "
-                f"parameters {f.params_before:,} -> {f.params_after:,}"
+                f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops would fold"
+                + (f" ({export_only} in the export only)" if export_only else "")
             )
 
 
@@ -235,11 +236,13 @@ def _render_layers(run: FoldRun) -> None:
     table.add_column("type")
     table.add_column("action")
     table.add_column("into / reason", overflow="fold", ratio=1)
-    table.add_column("params", justify="right", no_wrap=True)
     for r in run.layers:
-        action = "[green]fold[/]" if r.action == "fold" else "[yellow]keep[/]"
-        detail = f"{r.into} ({r.pattern})" if r.action == "fold" else (r.reason or "")
-        table.add_row(r.norm, r.norm_type, action, detail, f"{r.params_before:,} -> {r.params_after:,}")
+        if r.action == "keep":
+            action, detail = "[yellow]keep[/]", f"{r.code}: {r.reason}"
+        else:
+            action = "[green]fold[/]" if r.action == "fold" else "[cyan]fold (export)[/]"
+            detail = f"{r.into} ({r.pattern})" + (f"; {r.reason}" if r.reason else "")
+        table.add_row(r.norm, r.norm_type, action, detail)
     out_console.print(table)
 
 
@@ -270,7 +273,7 @@ def _render_summary(run: FoldRun) -> None:
     f = run.fold
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items())
     out_console.print(
-        f"folded {len(f.folded)} of {len(f.folded) + len(f.skipped)} norm layers; "
+        f"folded {len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops; "
         f"parameters {f.params_before:,} -> {f.params_after:,}"
     )
     if run.export is not None:

@@ -13,13 +13,17 @@ Factories are keyword-only, seeded and side-effect free: the same ``seed`` gives
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -268,6 +272,449 @@ class Mixed(nn.Module):
         return self.head(seq.mean(dim=1))
 
 
+class LinearNorm(nn.Module):
+    """LeViT's ``Linear_BN``: bias-free Linear on tokens ``(N, L, C_in)``, BatchNorm1d over ``C_out``.
+
+    The BatchNorm sees ``(N * L, C_out)``: ``flatten(0, 1)`` merges batch and tokens, so its channel
+    axis *is* the Linear's output-feature axis, and ``reshape_as`` restores ``(N, L, C_out)``. Unlike
+    :class:`Mixed`'s ``fc_seq -> bn_seq``, this BN is foldable backwards into ``linear`` (through
+    the two reshapes), which has no bias: a fold must create one.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTAttention(nn.Module):
+    """LeViT attention: ``qkv`` and ``proj`` are :class:`LinearNorm`; Hardswish before ``proj``."""
+
+    def __init__(self, dim: int, heads: int = 2, key_dim: int = 8, value_dim: int = 16) -> None:
+        super().__init__()
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.scale = key_dim**-0.5
+        self.qkv = LinearNorm(dim, heads * (2 * key_dim + value_dim))
+        self.act = nn.Hardswish()
+        self.proj = LinearNorm(heads * value_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).view(n, length, self.heads, -1)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (N, heads, L, d)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(n, length, self.heads * self.value_dim)
+        return self.proj(self.act(out))
+
+
+class LeViTMlp(nn.Module):
+    """LeViT MLP: ``LinearNorm(C, 2C) -> Hardswish -> LinearNorm(2C, C)``."""
+
+    def __init__(self, dim: int, ratio: int = 2) -> None:
+        super().__init__()
+        self.fc1 = LinearNorm(dim, dim * ratio)
+        self.act = nn.Hardswish()
+        self.fc2 = LinearNorm(dim * ratio, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LeViT(nn.Module):
+    """LeViT-style token model for ``(N, 3, 32, 32)`` images; every BatchNorm is foldable.
+
+    * ``patch_embed.1``, ``patch_embed.4``: Conv2d -> BatchNorm2d, backward into the convs.
+    * ``attn.qkv.bn``, ``attn.proj.bn``, ``mlp.fc1.bn``, ``mlp.fc2.bn``: bias-free Linear on
+      ``(N, L=64, C)`` -> ``flatten(0, 1)`` -> BatchNorm1d -> ``reshape_as``, backward into the
+      Linear through the reshapes (see :class:`LinearNorm`). ``attn.qkv``'s output is split into
+      q, k and v afterwards; the fold is per output feature, so that does not matter.
+    * ``head_bn``: LeViT's ``BN_Linear`` head, ``BatchNorm1d(C) -> Linear`` on the token mean.
+      Its input is a residual sum, so only a *forward* fold into ``head`` is possible.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        dim = 32
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.Hardswish(),
+            nn.Conv2d(16, dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(dim),
+        )
+        self.attn = LeViTAttention(dim)
+        self.mlp = LeViTMlp(dim)
+        self.head_bn = nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, 64 tokens, 32)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(self.head_bn(x.mean(dim=1)))
+
+
+class InceptionDWConv2d(nn.Module):
+    """InceptionNeXt token mixer: an identity slice plus square, 1xk and kx1 depthwise convs.
+
+    The channels are split ``(identity, gc, gc, gc)``; the three depthwise convs see one slice each
+    and the four outputs are concatenated back in order.
+    """
+
+    def __init__(self, dim: int, square_kernel: int = 3, band_kernel: int = 7, branch_ratio: float = 0.125):
+        super().__init__()
+        gc = int(dim * branch_ratio)
+        self.dwconv_hw = nn.Conv2d(gc, gc, square_kernel, padding=square_kernel // 2, groups=gc)
+        self.dwconv_w = nn.Conv2d(gc, gc, (1, band_kernel), padding=(0, band_kernel // 2), groups=gc)
+        self.dwconv_h = nn.Conv2d(gc, gc, (band_kernel, 1), padding=(band_kernel // 2, 0), groups=gc)
+        self.split_sizes = (dim - 3 * gc, gc, gc, gc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_id, x_hw, x_w, x_h = torch.split(x, self.split_sizes, dim=1)
+        return torch.cat((x_id, self.dwconv_hw(x_hw), self.dwconv_w(x_w), self.dwconv_h(x_h)), dim=1)
+
+
+class MetaNeXtBlock(nn.Module):
+    """InceptionNeXt block: mixer -> BatchNorm2d -> 1x1 conv -> GELU -> 1x1 conv -> scale -> + x.
+
+    ``norm`` sits *before* ``fc1`` (a 1x1 conv with bias and padding 0), so it can fold forward
+    into ``fc1``. It cannot fold backwards: its input is a concatenation whose first slice is the
+    untouched block input. The layer scale ``gamma`` is ``U(0.5, 1.5)``, not timm's 1e-6, so the
+    block is far from the identity and a broken fold shows.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.token_mixer = InceptionDWConv2d(dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.fc1 = nn.Conv2d(dim, dim * mlp_ratio, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(dim * mlp_ratio, dim, 1)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(self.act(self.fc1(self.norm(self.token_mixer(x)))))
+        return out * self.gamma.reshape(1, -1, 1, 1) + x
+
+
+class InceptionNeXt(nn.Module):
+    """InceptionNeXt-style CNN for ``(N, 3, 32, 32)`` images.
+
+    * ``stem_norm``: 4x4 stride-4 patchify conv -> BatchNorm2d, backward into ``stem``.
+    * ``blocks.{0,1}.norm``: BatchNorm2d -> 1x1 conv, forward only (see :class:`MetaNeXtBlock`).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        dim = 32
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.stem_norm = nn.BatchNorm2d(dim)
+        self.blocks = nn.Sequential(MetaNeXtBlock(dim), MetaNeXtBlock(dim))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem_norm(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class BNHead(nn.Module):
+    """Conv-BN-ReLU features, then a head that normalizes *before* pooling.
+
+    * ``features.1``, ``features.4``: Conv2d -> BatchNorm2d, backward into the convs.
+    * ``head_norm``: ``ReLU -> BatchNorm2d -> AdaptiveAvgPool2d(1) -> Flatten -> Linear``. Not
+      foldable backwards (the ReLU); foldable forward into ``fc`` because a per-channel affine
+      map commutes with average pooling and the flatten keeps channel ``c`` at feature ``c``.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.head_norm = nn.BatchNorm2d(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.head_norm(self.features(x)))))
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame``: TensorFlow ``SAME`` padding computed from the input's shape at run time.
+
+    ``forward`` reads ``x.shape[-2:]``, does ``math.ceil``/``max`` arithmetic and branches on the
+    result, so ``torch.fx.symbolic_trace`` cannot trace it (a Proxy is not a number);
+    ``torch.export`` sees concrete spatial sizes and records just ``pad`` + ``conv2d``. The padding
+    can be asymmetric (the extra row/column goes bottom/right).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, **kwargs: object) -> None:
+        super().__init__(cin, cout, kernel_size, stride=stride, padding=0, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        pad_h = _same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = _same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class SamePad(nn.Module):
+    """EfficientNet-TF-style CNN built from :class:`Conv2dSame`; not fx-traceable, exportable.
+
+    Every BatchNorm follows a ``Conv2dSame`` (a Conv2d subclass whose forward uses its own
+    ``weight``/``bias``) and folds backwards into it:
+
+    * ``stem -> bn_stem``: 3x3 stride 2, no bias; 32x32 pads (0, 1) per axis (asymmetric).
+    * ``depthwise -> bn_depthwise``: 5x5 stride 2, groups=16; 16x16 pads (1, 2).
+    * ``project -> bn_project``: 1x1 with bias; no padding, the ``F.pad`` branch is skipped.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = Conv2dSame(3, 16, 3, stride=2, bias=False)
+        self.bn_stem = nn.BatchNorm2d(16)
+        self.depthwise = Conv2dSame(16, 16, 5, stride=2, groups=16, bias=False)
+        self.bn_depthwise = nn.BatchNorm2d(16)
+        self.project = Conv2dSame(16, 32, 1, bias=True)
+        self.bn_project = nn.BatchNorm2d(32)
+        self.act = nn.SiLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn_stem(self.stem(x)))  # 32x32 -> 16x16
+        x = self.act(self.bn_depthwise(self.depthwise(x)))  # 16x16 -> 8x8
+        x = self.act(self.bn_project(self.project(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Functional(nn.Module):
+    """Modules hold the parameters, but ``forward`` only makes functional calls.
+
+    No submodule is ever *called*: convs run as ``F.conv2d(x, self.conv1.weight, ...)``, norms as
+    ``F.batch_norm(x, self.bn1.running_mean, ..., False, 0.0, self.bn1.eps)`` (eval statistics
+    always, whatever the mode), linears as ``F.linear``. Every pair is foldable backwards:
+
+    * ``conv1 -> bn1`` (conv without bias), ``conv2 -> bn2`` (conv with bias, stride 2).
+    * ``fc -> bn_fc``: ``F.linear`` (no bias) -> ``F.batch_norm`` on ``(N, 64)``.
+
+    Because ``training=False`` is hard-coded, train-mode passes cannot measure the statistics;
+    the factory measures them with :func:`_measure_functional_batch_norms`.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 64, bias=False)
+        self.bn_fc = nn.BatchNorm1d(64)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv1, self.bn1
+        x = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        x = F.relu(x)
+        conv, bn = self.conv2, self.bn2
+        x = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        x = F.relu(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        fc, bn = self.fc, self.bn_fc
+        x = F.linear(x, fc.weight, fc.bias)
+        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return F.linear(F.relu(x), self.head.weight, self.head.bias)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm2d subclass whose forward also applies drop and act.
+
+    ``forward`` re-implements ``_BatchNorm.forward`` with ``F.batch_norm`` (as timm does); in eval
+    mode that is ``F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)``
+    followed by ``self.drop`` and ``self.act``. It *is* a ``_BatchNorm``, so a fold that replaces
+    it with ``nn.Identity`` silently drops the activation: the affine part folds, ``drop`` and
+    ``act`` must stay.
+    """
+
+    def __init__(self, num_features: int, act: nn.Module | None = None, drop: float = 0.0) -> None:
+        super().__init__(num_features)
+        self.drop: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.act: nn.Module = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as in _BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class BNAct(nn.Module):
+    """Small CNN whose norms are all :class:`BatchNormAct2d`; each folds backwards into its conv.
+
+    * ``stem -> bn_stem``: act ReLU.
+    * ``depthwise -> bn_depthwise``: act SiLU, with an (eval no-op) ``Dropout(0.1)``.
+    * ``project -> bn_project``: act Identity (timm's ``apply_act=False``), then the residual add.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn_stem = BatchNormAct2d(16, act=nn.ReLU())
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn_depthwise = BatchNormAct2d(16, act=nn.SiLU(), drop=0.1)
+        self.project = nn.Conv2d(16, 16, 1, bias=True)
+        self.bn_project = BatchNormAct2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn_stem(self.stem(x))
+        x = x + self.bn_project(self.project(self.bn_depthwise(self.depthwise(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class CustomNorm2d(nn.Module):
+    """A hand-written eval BatchNorm that is *not* a ``_BatchNorm``: buffers ``mean``/``var``,
+    parameters ``gain``/``bias``, attribute ``eps``; ``(x - mean) / sqrt(var + eps) * gain + bias``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = torch.sqrt(self.var[:, None, None] + self.eps)
+        return (x - self.mean[:, None, None]) / std * self.gain[:, None, None] + self.bias[:, None, None]
+
+
+class CustomBN(nn.Module):
+    """Norms written by hand rather than with ``nn.BatchNorm*``; all three fold backwards.
+
+    * ``conv1 -> bn1``: an ordinary BatchNorm2d (a control, upstream of the custom norms).
+    * ``conv2 -> norm2``: :class:`CustomNorm2d`, a module with its own buffer/parameter names.
+    * ``conv3 -> inline``: the tutorials' BatchNorm written in ``forward``,
+      ``bn_gain * (h - bn_mean) / bn_std + bn_bias``. ``bn_gain``/``bn_bias`` are parameters
+      stored as ``(1, C, 1, 1)``; ``bn_mean``/``bn_std`` are ``(C,)`` buffers reshaped in forward.
+      ``conv3`` has a bias.
+
+    Neither custom norm is a ``_BatchNorm``, so :func:`calibrate` does not see them; the factory
+    sets their gains/biases and measures their statistics (:func:`_calibrate_custom_norms`).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.norm2 = CustomNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.bn_gain = nn.Parameter(torch.ones(1, 32, 1, 1))
+        self.bn_bias = nn.Parameter(torch.zeros(1, 32, 1, 1))
+        self.register_buffer("bn_mean", torch.zeros(32))
+        self.register_buffer("bn_std", torch.ones(32))
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.norm2(self.conv2(x)))
+        h = self.conv3(x)
+        mean, std = self.bn_mean.reshape(1, -1, 1, 1), self.bn_std.reshape(1, -1, 1, 1)
+        h = self.bn_gain * (h - mean) / std + self.bn_bias
+        return self.fc(torch.flatten(self.pool(self.relu(h)), 1))
+
+
+def _split_channels(channels: int, groups: int) -> list[int]:
+    """timm's MixNet split: equal parts, the remainder goes to the first group."""
+    split = [channels // groups] * groups
+    split[0] += channels - sum(split)
+    return split
+
+
+class MixConv(nn.Module):
+    """MixNet's mixed depthwise conv: channel groups ``[12, 10, 10]`` get 3x3, 5x5 and 7x7 kernels."""
+
+    def __init__(self, channels: int, kernels: tuple[int, ...] = (3, 5, 7)) -> None:
+        super().__init__()
+        self.splits = _split_channels(channels, len(kernels))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False)
+            for c, k in zip(self.splits, kernels, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = torch.split(x, self.splits, dim=1)
+        return torch.cat([conv(xs[i]) for i, conv in enumerate(self.convs)], dim=1)
+
+
+class MixedKernel(nn.Module):
+    """Concatenations normalized by one BatchNorm: each folds into the convs slice by slice.
+
+    * ``stem -> bn_stem``, ``expand -> bn_expand``, ``project -> bn_project``: plain conv-BN.
+    * ``mix -> bn_mix``: :class:`MixConv` on ``split`` slices of one tensor, ``cat``, then one
+      ``BatchNorm2d(32)``. Channels ``0:12`` fold into ``mix.convs.0``, ``12:22`` into
+      ``mix.convs.1``, ``22:32`` into ``mix.convs.2``.
+    * ``branch{1,3,5} -> bn_branches``: three convs (1x1, 3x3 with bias, 5x5) on the *same* input,
+      ``cat`` to 8 + 12 + 12 channels, one ``BatchNorm2d(32)``; folds slice by slice likewise.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn_stem = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn_expand = nn.BatchNorm2d(32)
+        self.mix = MixConv(32)
+        self.bn_mix = nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 16, 1, bias=False)
+        self.bn_project = nn.BatchNorm2d(16)
+        self.branch1 = nn.Conv2d(16, 8, 1, bias=False)
+        self.branch3 = nn.Conv2d(16, 12, 3, padding=1, bias=True)
+        self.branch5 = nn.Conv2d(16, 12, 5, padding=2, bias=False)
+        self.bn_branches = nn.BatchNorm2d(32)
+        self.act = nn.SiLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn_stem(self.stem(x)))
+        out = self.act(self.bn_expand(self.expand(x)))
+        out = self.act(self.bn_mix(self.mix(out)))
+        x = x + self.bn_project(self.project(out))
+        x = torch.cat([self.branch1(x), self.branch3(x), self.branch5(x)], dim=1)
+        x = self.act(self.bn_branches(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 # --------------------------------------------------------------------------------------------
 # building and calibration
 
@@ -310,12 +757,107 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...], generator: torch.G
     model.eval()
 
 
-def _build(name: str, seed: int, make: Callable[[], M]) -> M:
-    """Construct with the global RNG forked and seeded, calibrate with a private generator."""
+def _affine_(gain: torch.Tensor, bias: torch.Tensor, generator: torch.Generator) -> None:
+    """The affine parameters :func:`calibrate` gives a BatchNorm: ``U(0.5, 1.5)``, ``N(0, 0.2)``."""
+    gain.copy_(torch.rand(gain.shape, generator=generator) + 0.5)
+    bias.copy_(torch.randn(bias.shape, generator=generator) * 0.2)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (axis 1) mean and unbiased variance, as a train-mode BatchNorm measures them."""
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.mean(dims), x.var(dims)
+
+
+class _MeasureBatchNorm(TorchFunctionMode):
+    """Set the statistics of every eval-mode ``F.batch_norm`` call from the input it receives."""
+
+    _signature = inspect.signature(F.batch_norm)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = self._signature.bind(*args, **kwargs).arguments
+            if not call.get("training", False) and call.get("running_mean") is not None:
+                mean, var = _channel_stats(call["input"])
+                call["running_mean"].copy_(mean)
+                call["running_var"].copy_(var)
+        return func(*args, **kwargs)
+
+
+def _calibration_batch(input_shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One eval-mode batch as large as all of :func:`calibrate`'s train-mode batches together."""
+    return _random_input((CALIBRATION_BATCH * CALIBRATION_PASSES, *input_shape[1:]), generator)
+
+
+def _measure_functional_batch_norms(
+    model: nn.Module, input_shape: tuple[int, ...], generator: torch.Generator
+) -> None:
+    """Statistics for norms computed with ``F.batch_norm(..., training=False, ...)`` in any mode.
+
+    Such calls never update their running statistics, so :func:`calibrate`'s train-mode passes
+    leave them at ``0``/``1``. One eval-mode pass measures them in call order instead: each call
+    gets the batch statistics of its actual input before it runs, so later norms see normalized
+    inputs. (``calibrate`` has already set the affine parameters.)
+    """
+    with torch.no_grad(), _MeasureBatchNorm():
+        model(_calibration_batch(input_shape, generator))
+
+
+def _calibrate_custom_norms(
+    model: CustomBN, input_shape: tuple[int, ...], generator: torch.Generator
+) -> None:
+    """Affine parameters and measured statistics for :class:`CustomBN`'s hand-written norms.
+
+    Same distributions as :func:`calibrate`; statistics are measured in one eval-mode pass (after
+    ``calibrate``, so the upstream ``bn1`` is final) by hooks that set each norm's buffers from its
+    input just before it is used.
+    """
+    customs = [m for m in model.modules() if isinstance(m, CustomNorm2d)]
+
+    def measure_custom(norm: CustomNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+        mean, var = _channel_stats(args[0])
+        norm.mean.copy_(mean)
+        norm.var.copy_(var)
+
+    def measure_inline(conv: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        mean, var = _channel_stats(out)
+        model.bn_mean.copy_(mean)
+        model.bn_std.copy_(torch.sqrt(var + 1e-5))
+
+    with torch.no_grad():
+        for norm in customs:
+            _affine_(norm.gain, norm.bias, generator)
+        _affine_(model.bn_gain, model.bn_bias, generator)
+        handles = [norm.register_forward_pre_hook(measure_custom) for norm in customs]
+        handles.append(model.conv3.register_forward_hook(measure_inline))
+        try:
+            model(_calibration_batch(input_shape, generator))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _build(
+    name: str,
+    seed: int,
+    make: Callable[[], M],
+    post: Callable[[M, tuple[int, ...], torch.Generator], None] | None = None,
+) -> M:
+    """Construct and calibrate with the global RNG forked and seeded; inputs from a private generator.
+
+    Calibration runs under the forked RNG too: train-mode layers such as Dropout draw from the
+    global RNG, which must neither make the result depend on the caller's RNG nor advance it.
+    ``post`` (same generator, after :func:`calibrate`, model in eval mode) sets up norms that
+    ``calibrate`` cannot: ones that are no ``_BatchNorm`` or never update their statistics.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make()
-    calibrate(model, ZOO[name].input_shape, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        calibrate(model, ZOO[name].input_shape, generator)
+        if post is not None:
+            post(model, ZOO[name].input_shape, generator)
     return model
 
 
@@ -358,6 +900,46 @@ def mixed(*, seed: int = 0, num_classes: int = 10) -> Mixed:
     return _build("mixed", seed, lambda: Mixed(num_classes))
 
 
+def levit(*, seed: int = 0, num_classes: int = 10) -> LeViT:
+    """LeViT-style token model for ``(N, 3, 32, 32)`` images (see :class:`LeViT`)."""
+    return _build("levit", seed, lambda: LeViT(num_classes))
+
+
+def inception_next(*, seed: int = 0, num_classes: int = 10) -> InceptionNeXt:
+    """InceptionNeXt-style CNN for ``(N, 3, 32, 32)`` images (see :class:`InceptionNeXt`)."""
+    return _build("inception_next", seed, lambda: InceptionNeXt(num_classes))
+
+
+def bn_head(*, seed: int = 0, num_classes: int = 10) -> BNHead:
+    """CNN with a BatchNorm before pooling and the Linear head (see :class:`BNHead`)."""
+    return _build("bn_head", seed, lambda: BNHead(num_classes))
+
+
+def same_pad(*, seed: int = 0, num_classes: int = 10) -> SamePad:
+    """Run-time ``SAME`` padding convs, not fx-traceable (see :class:`SamePad`)."""
+    return _build("same_pad", seed, lambda: SamePad(num_classes))
+
+
+def functional(*, seed: int = 0, num_classes: int = 10) -> Functional:
+    """Conv/BN/Linear written as functional calls on module parameters (see :class:`Functional`)."""
+    return _build("functional", seed, lambda: Functional(num_classes), post=_measure_functional_batch_norms)
+
+
+def bn_act(*, seed: int = 0, num_classes: int = 10) -> BNAct:
+    """CNN whose norms are timm-style ``BatchNormAct2d`` (see :class:`BNAct`)."""
+    return _build("bn_act", seed, lambda: BNAct(num_classes))
+
+
+def custom_bn(*, seed: int = 0, num_classes: int = 10) -> CustomBN:
+    """Hand-written norms: a non-``_BatchNorm`` module and an inline one (see :class:`CustomBN`)."""
+    return _build("custom_bn", seed, lambda: CustomBN(num_classes), post=_calibrate_custom_norms)
+
+
+def mixed_kernel(*, seed: int = 0, num_classes: int = 10) -> MixedKernel:
+    """MixConv and multi-branch concatenations under one BatchNorm (see :class:`MixedKernel`)."""
+    return _build("mixed_kernel", seed, lambda: MixedKernel(num_classes))
+
+
 # --------------------------------------------------------------------------------------------
 # registry
 
@@ -394,6 +976,51 @@ ZOO: dict[str, ZooModel] = {
             "ConvTranspose2d upsampler: output_padding, grouped, depthwise, dilated",
         ),
         ZooModel("mixed", mixed, (2, 8, 8, 8), "foldable and non-foldable norms side by side"),
+        ZooModel(
+            "levit",
+            levit,
+            (2, 3, 32, 32),
+            "LeViT-style tokens: Linear-BatchNorm1d through flatten/reshape, BatchNorm1d-Linear head",
+        ),
+        ZooModel(
+            "inception_next",
+            inception_next,
+            (2, 3, 32, 32),
+            "InceptionNeXt-style: BatchNorm2d before a 1x1 conv after a split/concat token mixer",
+        ),
+        ZooModel(
+            "bn_head", bn_head, (2, 3, 32, 32), "BatchNorm2d before pooling, flatten and the Linear head"
+        ),
+        ZooModel(
+            "same_pad",
+            same_pad,
+            (2, 3, 32, 32),
+            "timm Conv2dSame: shape-dependent padding in forward, not fx-traceable",
+        ),
+        ZooModel(
+            "functional",
+            functional,
+            (2, 3, 32, 32),
+            "F.conv2d / F.batch_norm / F.linear on module parameters, no module calls",
+        ),
+        ZooModel(
+            "bn_act",
+            bn_act,
+            (2, 3, 32, 32),
+            "timm BatchNormAct2d: a BatchNorm2d subclass with built-in dropout and activation",
+        ),
+        ZooModel(
+            "custom_bn",
+            custom_bn,
+            (2, 3, 32, 32),
+            "hand-written norms: a non-_BatchNorm module and an inline gain*(h-mean)/std+bias",
+        ),
+        ZooModel(
+            "mixed_kernel",
+            mixed_kernel,
+            (2, 3, 32, 32),
+            "MixConv split/concat and multi-branch concat, each under one BatchNorm2d",
+        ),
     )
 }
 

@@ -74,3 +74,36 @@ def fold_affine(
         w = w * scale.reshape(-1, 1, *ones)  # (C_out, C_in/G, *k) or (out, in)
     new_bias = b * scale + shift
     return w.to(dtype), new_bias.to(dtype)
+
+
+def scale_output(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, transpose: bool, groups: int
+) -> tuple[Tensor, Tensor]:
+    """float64 ``(W', b')`` with ``layer'(x) = scale * layer(x) + shift`` per output channel."""
+    w, b = fold_affine(
+        weight.to(torch.float64), None if bias is None else bias.to(torch.float64),
+        scale, shift, transpose=transpose, groups=groups,
+    )  # fmt: skip
+    return w, b
+
+
+def scale_input(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, groups: int
+) -> tuple[Tensor, Tensor]:
+    """float64 ``(W', b')`` with ``layer'(x) = layer(scale * x + shift)`` (the forward fold).
+
+    ``scale``/``shift`` run over the layer's input channels. A Conv weight ``(C_out, C_in/G, *k)``
+    (a Linear weight is the case ``G = 1``, no ``k``) sees input channel ``g * C_in/G + i`` in
+    group ``g`` only, so ``W'[o, i] = W[o, i] * scale[g*C_in/G + i]`` for ``o`` in group ``g``, and
+    the shift becomes ``b'[o] = b[o] + sum_{i,k} W[o, i, k] * shift[g*C_in/G + i]``. That constant
+    reaches every output position only when no zero padding is added (the caller checks).
+    """
+    w = weight.detach().to(torch.float64)
+    c_out, c_in_g, *kernel = w.shape
+    ones = [1] * len(kernel)
+    wg = w.reshape(groups, c_out // groups, c_in_g, *kernel)  # (G, C_out/G, C_in/G, *k)
+    s = scale.to(torch.float64).reshape(groups, 1, c_in_g, *ones)
+    t = shift.to(torch.float64).reshape(groups, 1, c_in_g)
+    b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = b + (wg.reshape(groups, c_out // groups, c_in_g, -1).sum(-1) * t).sum(-1).reshape(c_out)
+    return (wg * s).reshape(w.shape), b

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from normfold.errors import ExportError, UsageError, first_line
+from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
 from normfold.parity import ParityReport, Tolerance, compare, run_model
 from normfold.report import StepTimer
 
@@ -85,6 +85,7 @@ def export_model(
     *,
     reference_outputs: Any = None,
     parity_inputs: Sequence[torch.Tensor] | None = None,
+    program: torch.export.ExportedProgram | None = None,
     dynamic_batch: bool = True,
     opset: int | None = None,
     force: bool = False,
@@ -97,7 +98,9 @@ def export_model(
 
     The exported program must reproduce ``reference_outputs`` (the original model's outputs on
     ``parity_inputs``, which default to ``example_inputs``) within the tolerances; without
-    ``reference_outputs`` it is checked against ``model`` itself. Raises :class:`ExportError`
+    ``reference_outputs`` it is checked against ``model`` itself. ``program``, when given, is the
+    already captured (and folded) program of ``model`` (see :attr:`normfold.FoldResult.program`):
+    it is written as is, without a second capture. Raises :class:`ExportError`
     and writes nothing when any step or check fails. ``steps`` times the export and the check.
     """
     steps = steps or StepTimer()
@@ -111,12 +114,16 @@ def export_model(
         staged = stage / out.name
         if FORMATS[out.suffix] == "onnx":
             with steps("export (onnx)"):
-                result = _export_onnx(model, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset)
+                program = program or _export_program(model, example_inputs, dynamic_batch)
+                result = _export_onnx(
+                    program, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset
+                )
             with steps("check (onnxruntime)"):
                 result.parity = _check_onnx(staged, parity_inputs, reference_outputs, tol)
         else:
             with steps("export (torch.export)"):
-                result = _export_pt2(model, example_inputs, staged, dynamic_batch=dynamic_batch)
+                program = program or _export_program(model, example_inputs, dynamic_batch)
+                result = _export_pt2(program, staged, dynamic_batch=dynamic_batch)
             with steps("check (torch.export.load)"):
                 result.parity = _check_pt2(staged, parity_inputs, reference_outputs, tol)
         for runtime, report in result.parity.items():
@@ -149,55 +156,35 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tuple[Any, ...] | None:
-    if not dynamic_batch:
-        return None
-    batch = torch.export.Dim("batch", min=1, max=2**20)
-    return tuple({0: batch} if t.dim() > 0 else None for t in inputs)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporters log and warn about things users cannot act on (missing torchvision ops,
-    deprecations inside torch); keep them out of the user's terminal."""
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo")
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
 def _export_program(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
 ) -> torch.export.ExportedProgram:
     try:
-        with _quiet_exporter():
-            return torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
+        with quiet_exporter():
+            options = CaptureOptions(dynamic_batch=dynamic_batch)
+            return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(inputs, options))
     except Exception as e:
         hint = " (try --static-batch)" if dynamic_batch else ""
         raise ExportError(f"torch.export failed for {type(model).__name__}{hint}: {first_line(e)}") from e
 
 
 def _export_onnx(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, *, dynamic_batch: bool, opset: int | None
+    program: torch.export.ExportedProgram,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
 ) -> ExportResult:
     import onnx
 
-    program = _export_program(model, inputs, dynamic_batch)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             onnx_program = torch.onnx.export(program, inputs, dynamo=True, opset_version=opset, verbose=False)
-            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
             onnx_program.save(path, external_data=size >= _ONNX_MAX_PROTO)
     except Exception as e:
-        raise ExportError(f"ONNX export failed for {type(model).__name__}: {first_line(e)}") from e
+        raise ExportError(f"ONNX export failed: {first_line(e)}") from e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
@@ -250,10 +237,7 @@ def _check_onnx(
     return reports
 
 
-def _export_pt2(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, *, dynamic_batch: bool
-) -> ExportResult:
-    program = _export_program(model, inputs, dynamic_batch)
+def _export_pt2(program: torch.export.ExportedProgram, path: Path, *, dynamic_batch: bool) -> ExportResult:
     try:
         torch.export.save(program, path)
     except Exception as e:
@@ -266,7 +250,7 @@ def _check_pt2(
 ) -> dict[str, ParityReport]:
     try:
         # Our own file, written a moment ago into a private temporary folder: not a user's file.
-        with _quiet_exporter():
+        with quiet_exporter():
             loaded = torch.export.load(path).module()
         with torch.no_grad():
             got = loaded(*inputs)

@@ -24,12 +24,14 @@ from torch import nn
 
 from normfold.errors import ParityError, UsageError
 from normfold.export import ExportResult, check_destination, export_model
-from normfold.folding import FoldResult, fold
+from normfold.folding import FoldResult, analyse, fold
+from normfold.graph import CaptureOptions
 from normfold.load import LoadedModel, load_inputs, load_model
 from normfold.parity import ParityReport, Tolerance, compare, random_inputs, run_model
 from normfold.report import StepHook, StepTimer, versions
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class InputSpec:
@@ -43,16 +45,15 @@ class InputSpec:
 
 @dataclass
 class LayerRow:
-    """One norm layer as ``inspect`` shows it."""
+    """One norm op as ``inspect`` and ``fold`` show it."""
 
     norm: str
     norm_type: str
-    action: str  # "fold" or "keep"
+    action: str  # "fold" (eager module and export), "fold (export)" or "keep"
     into: str | None
     pattern: str | None
-    reason: str | None
-    params_before: int  # the norm's and (when folded) its producer's parameters
-    params_after: int
+    code: str | None
+    reason: str | None  # why kept, or why folded in the export only
 
 
 @dataclass
@@ -76,9 +77,7 @@ class FoldRun:
             "parity": {
                 "pytorch": self.parity.to_dict() if self.parity is not None else None,
                 **(
-                    {k: v.to_dict() for k, v in self.export.parity.items()}
-                    if self.export is not None
-                    else {}
+                    {k: v.to_dict() for k, v in self.export.parity.items()} if self.export is not None else {}
                 ),
             },
             "export": self.export.to_dict() if self.export is not None else None,
@@ -96,15 +95,15 @@ def inspect(
     inputs: InputSpec | None = None,
     on_step: StepHook | None = None,
 ) -> FoldRun:
-    """Dry run: what :func:`fold` would do to each norm layer of ``source``. Writes nothing."""
+    """Dry run: what :func:`fold` would do to each norm op of ``source``. Changes and writes nothing."""
     steps = StepTimer(on_step)
     with steps("load"):
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
-        example = _example_inputs(loaded, inputs or InputSpec(), optional=True)
-    with steps("trace and fold"):
-        result = fold(loaded.model, example)
-    shapes = [tuple(t.shape) for t in example] if example is not None else []
-    return FoldRun(loaded.source, shapes, result, _layers(loaded.model, result), timings=steps.timings)
+        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
+    with steps("capture and plan"):
+        result = analyse(loaded.model, example, CaptureOptions(dynamic_batch=False)).result
+    shapes = [tuple(t.shape) for t in example]
+    return FoldRun(loaded.source, shapes, result, _layers(result), timings=steps.timings)
 
 
 def fold_and_export(
@@ -138,11 +137,10 @@ def fold_and_export(
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
         example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
         parity_inputs = example if static_batch else _widen_batch(example, (inputs or InputSpec()).seed)
-    with steps("trace and fold"):
-        result = fold(loaded.model, example)
-    run = FoldRun(
-        loaded.source, [tuple(t.shape) for t in example], result, _layers(loaded.model, result)
-    )
+    with steps("capture and fold"):
+        # captured at the parity batch: torch.export specializes a batch of 1
+        result = fold(loaded.model, parity_inputs, dynamic_batch=not static_batch)
+    run = FoldRun(loaded.source, [tuple(t.shape) for t in example], result, _layers(result))
     with steps("verify (pytorch)"):
         reference = run_model(loaded.model, parity_inputs, role="original")
         tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
@@ -152,9 +150,9 @@ def fold_and_export(
     if out is not None:
         run.export = export_model(
             result.model,
-            # torch.export specializes size-1 dims, so a dynamic batch is traced at batch >= 2
             parity_inputs,
             out,
+            program=result.program,  # the folded capture itself: no second torch.export
             reference_outputs=reference,
             dynamic_batch=not static_batch,
             opset=opset,
@@ -201,18 +199,11 @@ def _widen_batch(inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Ten
     return tuple(widened)
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _layers(original: nn.Module, result: FoldResult) -> list[LayerRow]:
-    rows = []
-    for f in result.folded:
-        before = _numel(original.get_submodule(f.norm)) + _numel(original.get_submodule(f.into))
-        after = _numel(result.model.get_submodule(f.into))
-        rows.append(LayerRow(f.norm, f.norm_type, "fold", f.into, f.pattern, None, before, after))
-    for s in result.skipped:
-        n = _numel(original.get_submodule(s.norm))
-        rows.append(LayerRow(s.norm, s.norm_type, "keep", None, None, s.reason, n, n))
-    order = {name: i for i, (name, _) in enumerate(original.named_modules())}
-    return sorted(rows, key=lambda r: order.get(r.norm, len(order)))
+def _layers(result: FoldResult) -> list[LayerRow]:
+    rows = [
+        LayerRow(f.norm, f.norm_type, "fold" if f.where == "both" else "fold (export)", f.into, f.pattern,
+                 None, f.note)
+        for f in result.folded
+    ]  # fmt: skip
+    rows += [LayerRow(s.norm, s.norm_type, "keep", None, None, s.code, s.reason) for s in result.skipped]
+    return rows

@@ -40,3 +40,26 @@ def state_bytes(module: nn.Module) -> dict[str, bytes]:
 
 def count_bn(module: nn.Module) -> int:
     return sum(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def bn_ops(program: torch.export.ExportedProgram) -> int:
+    """batch_norm ops left in an exported program."""
+    return sum(n.target is torch.ops.aten.batch_norm.default for n in program.graph.nodes)
+
+
+class _Program(nn.Module):
+    """An exported program as a module ``verify`` can run (it has no train/eval switch)."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.program = program.module()
+
+    def forward(self, *args):
+        return self.program(*args)
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return self
+
+
+def exported(program: torch.export.ExportedProgram) -> nn.Module:
+    return _Program(program)

@@ -206,7 +206,7 @@ def test_fold_zoo_model_to_onnx(tmp_path: Path, name: str) -> None:
     assert data["export"]["dynamic_batch"] is True
     assert data["export"]["path"] == str(out)
     timings = data["timings_s"]
-    assert {"load", "trace and fold", "export (onnx)", "check (onnxruntime)"} <= set(timings)
+    assert {"load", "capture and fold", "export (onnx)", "check (onnxruntime)"} <= set(timings)
     assert all(v >= 0 for v in timings.values())
     for package in ("torch", "onnx", "onnxruntime"):
         assert data["versions"][package] == version(package)

@@ -1,4 +1,8 @@
-"""The fold pass: every foldable pattern folds exactly; every unsafe case is skipped with its reason."""
+"""fold(): the guarantees of the fold (structure, parity, input untouched, exact skips) on the export engine.
+
+Pattern-by-pattern tests of the planner live in test_plan.py; what lands in the eager module versus
+the export only is in test_apply.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import count_bn, randomize_bn, state_bytes
+from helpers import bn_ops, count_bn, exported, randomize_bn, state_bytes
 from normfold.models import ZOO, example_inputs
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -47,13 +51,16 @@ def _check_folded(model, x, pattern, *, into="producer", norm="norm"):
     assert [(f.norm, f.into, f.pattern) for f in result.folded] == [(norm, into, pattern)]
     assert result.skipped == []
     assert type(result.model) is type(model)
-    assert not result.graph_module
+    assert [f.where for f in result.folded] == ["both"]
     assert isinstance(result.model.get_submodule(norm), nn.Identity)
     assert count_bn(result.model) == 0
-    report = normfold.verify(model, result.model, x)
-    assert report.passed, report.failures()
-    if x.dtype == torch.float32:
-        assert report.max_rel_error <= 1e-5
+    assert result.replan_folds == 0
+    assert bn_ops(result.program) == 0
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+        if x.dtype == torch.float32:
+            assert report.max_rel_error <= 1e-5
     return result
 
 
@@ -120,20 +127,22 @@ def test_bn_subclass_with_plain_forward_folds():
     assert result.folded[0].norm_type == "PlainSubclassBN"
 
 
-def test_bn_subclass_with_extra_behaviour_is_skipped_not_broken():
+def test_bn_subclass_with_activation_folds_and_keeps_the_activation():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), BNAct(4)))
-    x = _input((2, 3, 6, 6))
+    x = _input((2, 3, 6, 6)) * 3
     result = normfold.fold(model, x)
-    assert result.folded == []
-    [skip] = result.skipped
-    assert skip.norm == "norm"
-    assert skip.norm_type == "BNAct"
-    assert re.fullmatch(
-        r"norm \(BNAct\) forward does more than the BatchNorm formula \(max abs difference [0-9.e+-]+ "
-        r"on a probe input\); left in place to keep that behaviour",
-        skip.reason,
-    ), skip.reason
-    assert torch.equal(result.model(x), model(x))
+    [f] = result.folded
+    assert (f.norm, f.norm_type, f.into, f.pattern, f.where) == ("norm", "BNAct", "producer", "conv-bn", "both")
+    assert result.skipped == [] and result.replan_folds == 0
+    bn = result.model.norm
+    assert type(bn) is BNAct  # its activation stays; its norm part is exactly the identity
+    assert bn.eps == 0.0 and torch.equal(bn.running_var, torch.ones(4)) and torch.equal(bn.weight, torch.ones(4))
+    probe = torch.randn(5, 4, 3, 3) * 100
+    assert torch.equal(bn(probe), torch.relu(probe))
+    assert bn_ops(result.program) == 0
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed and report.max_rel_error <= 1e-5
 
 
 def test_bn_after_folded_bn_folds_through_it():
@@ -157,14 +166,15 @@ def test_aliased_bn_is_replaced_under_every_name():
 
 def test_missing_conv_bias_becomes_a_parameter_and_state_dict_round_trips():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
-    folded = normfold.fold(model).model
+    folded = normfold.fold(model, _input((2, 3, 6, 6))).model
     assert isinstance(folded.producer.bias, nn.Parameter)
     buf = io.BytesIO()
     torch.save(folded.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     assert set(state) == {"producer.weight", "producer.bias"}
-    fresh = normfold.fold(randomize_bn(Pair(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), seed=9)).model
+    fresh = randomize_bn(Pair(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), seed=9)
+    fresh = normfold.fold(fresh, _input((2, 3, 6, 6))).model
     fresh.load_state_dict(state)
     x = _input((2, 3, 6, 6))
     assert torch.equal(fresh(x), folded(x))
@@ -181,13 +191,13 @@ def test_inplace_false_leaves_input_byte_identical_and_in_train_mode():
 
 def test_inplace_true_folds_the_given_model():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    result = normfold.fold(model, inplace=True)
+    result = normfold.fold(model, _input((2, 3, 6, 6)), inplace=True)
     assert result.model is model and isinstance(model.norm, nn.Identity)
 
 
 def test_param_counts_are_reported():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
-    result = normfold.fold(model)
+    result = normfold.fold(model, _input((2, 3, 6, 6)))
     assert result.params_before == 3 * 4 * 9 + 8
     assert result.params_after == 3 * 4 * 9 + 4
     assert result.to_dict()["folded"][0] == {
@@ -196,19 +206,25 @@ def test_param_counts_are_reported():
         "pattern": "conv-bn",
         "norm_type": "BatchNorm2d",
         "into_type": "Conv2d",
+        "where": "both",
+        "node": "batch_norm",
+        "through": (),
+        "note": None,
     }
 
 
 # --- negative cases: exact reason, outputs unchanged -------------------------------------------
 
 
-def _check_skipped(model, x, norm, reason):
+def _check_skipped(model, x, norm, code, reason):
     result = normfold.fold(model, x)
-    skipped = {s.norm: s.reason for s in result.skipped}
-    assert skipped[norm] == reason
+    skipped = {s.norm: (s.code, s.reason) for s in result.skipped}
+    assert skipped[norm] == (code, reason)
     assert norm not in {f.norm for f in result.folded}
-    if x is not None:  # nothing else in these models folds: outputs are bit-identical
-        got, want = result.model(x), model(x)
+    assert result.replan_folds == 0
+    # nothing else in these models folds: outputs are bit-identical, eager and exported
+    for candidate in (result.model, exported(result.program)):
+        got, want = candidate(x), model(x)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     return result
@@ -216,13 +232,8 @@ def _check_skipped(model, x, norm, reason):
 
 def test_bn_without_running_stats_is_skipped():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
-    _check_skipped(
-        model,
-        _input((2, 3, 6, 6)),
-        "norm",
-        "norm has no running statistics (track_running_stats=False): "
-        "it normalizes with batch statistics even in eval mode",
-    )
+    reason = "norm runs without running statistics: it normalizes with batch statistics"
+    _check_skipped(model, _input((2, 3, 6, 6)), "norm", "batch_statistics", reason)
 
 
 class TwoUsers(nn.Module):
@@ -238,9 +249,8 @@ class TwoUsers(nn.Module):
 
 def test_producer_with_two_users_is_skipped():
     model = randomize_bn(TwoUsers())
-    x = _input((2, 3, 6, 6))
-    result = _check_skipped(model, x, "bn", "conv output has 2 users")
-    assert torch.equal(result.model(x), model(x))
+    reason = "conv (conv2d) output has 2 users"
+    _check_skipped(model, _input((2, 3, 6, 6)), "bn", "multiple_users", reason)
 
 
 class SharedConv(nn.Module):
@@ -255,19 +265,18 @@ class SharedConv(nn.Module):
         return a, b
 
 
+SHARED = (
+    "conv (conv2d) weight conv.weight is used by 2 ops (a module called at several places, or a tied or "
+    "directly read weight); folding bn into it would change the others"
+)
+
+
 def test_shared_conv_is_skipped_and_other_call_site_unchanged():
     model = randomize_bn(SharedConv())
-    x = _input((2, 3, 6, 6))
-    result = _check_skipped(
-        model,
-        x,
-        "bn",
-        "conv is called at 2 places (shared weights); folding bn into it would change the other call sites",
-    )
-    a, b = result.model(x)
-    a0, b0 = model(x)
-    assert torch.equal(b, b0) and torch.equal(a, a0)
-    # The peer torch.fx.experimental.optimization.fuse corrupts exactly this second output.
+    reason = SHARED
+    result = _check_skipped(model, _input((2, 3, 6, 6)), "bn", "shared_producer", reason)
+    assert torch.equal(result.model.conv.weight, model.conv.weight)
+    # The peer torch.fx.experimental.optimization.fuse corrupts exactly the second output.
 
 
 class SharedBN(nn.Module):
@@ -280,13 +289,34 @@ class SharedBN(nn.Module):
         return self.bn(self.c1(x)) + self.bn(self.c2(x))
 
 
-def test_bn_called_twice_is_skipped():
-    _check_skipped(
-        randomize_bn(SharedBN()),
-        _input((2, 3, 6, 6)),
-        "bn",
-        "bn is called at 2 places; removing it would change all of them",
-    )
+def test_bn_called_twice_folds_into_both_producers():
+    model = randomize_bn(SharedBN())
+    x = _input((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert [(f.norm, f.into, f.node, f.where) for f in result.folded] == [
+        ("bn", "c1", "batch_norm", "both"),
+        ("bn", "c2", "batch_norm_1", "both"),
+    ]
+    assert isinstance(result.model.bn, nn.Identity)
+    assert normfold.verify(model, result.model, x).max_rel_error <= 1e-5
+
+
+class SharedBNHalf(SharedBN):
+    def forward(self, x):
+        return self.bn(self.c1(x)) + self.bn(torch.relu(self.c2(x)))
+
+
+def test_bn_called_twice_with_one_call_unfoldable_stays_in_the_eager_model():
+    model = randomize_bn(SharedBNHalf())
+    x = _input((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    [f] = result.folded
+    assert (f.norm, f.into, f.where) == ("bn", "c1", "export")
+    assert f.note == "folded in the export only: bn is also called where it stays"
+    assert [(s.norm, s.code) for s in result.skipped] == [("bn", "after_activation")]
+    assert torch.equal(result.model(x), model(x))  # eager: untouched, conv c1 included
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
+    assert bn_ops(result.program) == 1
 
 
 @pytest.mark.parametrize(
@@ -294,22 +324,22 @@ def test_bn_called_twice_is_skipped():
     [
         (float("nan"), "norm.running_var has 1 non-finite value(s)"),
         (float("inf"), "norm.running_var has 1 non-finite value(s)"),
-        (-0.5, "norm.running_var + eps is not positive (min running_var -0.5)"),
+        (-0.5, "norm.running_var + eps is not positive (min -0.5)"),
     ],
 )
 def test_bad_running_var_is_skipped(value, reason):
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     model.norm.running_var[2] = value
-    result = normfold.fold(model)
-    assert [s.reason for s in result.skipped] == [reason]
+    result = normfold.fold(model, _input((2, 3, 6, 6)))
+    assert [(s.code, s.reason) for s in result.skipped] == [("bad_statistics", reason)]
     assert isinstance(result.model.norm, nn.BatchNorm2d)
+    assert torch.equal(result.model.producer.weight, model.producer.weight)
 
 
-def test_channel_mismatch_is_skipped():
+def test_channel_mismatch_cannot_be_captured():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5)))
-    result = normfold.fold(model)  # the model cannot even run; the pass must still not touch it
-    assert [s.reason for s in result.skipped] == ["norm has 5 features but producer produces 4 channels"]
-    assert isinstance(result.model.norm, nn.BatchNorm2d)
+    with pytest.raises(TraceError, match=r"^torch.export could not capture Pair on example inputs"):
+        normfold.fold(model, _input((2, 3, 6, 6)))
 
 
 class Tokens(nn.Module):
@@ -325,35 +355,19 @@ class Tokens(nn.Module):
 
 
 def test_linear_bn_on_sequence_axis_is_skipped():
-    model = randomize_bn(Tokens())
-    x = _input((2, 16, 8))
-    result = _check_skipped(
-        model,
-        x,
-        "bn",
-        "bn normalizes axis 1 of the (2, 16, 16) output of fc, but fc's features are on its last axis",
+    reason = (
+        "bn normalizes axis 1 of the (2, 16, 16) output of fc (linear), whose channels are on axis 2"
     )
-    assert torch.equal(result.model(x), model(x))
-
-
-def test_linear_bn_without_shapes_is_not_guessed():
-    model = randomize_bn(Pair(nn.Linear(7, 5), nn.BatchNorm1d(5)))
-    result = _check_skipped(
-        model,
-        None,
-        "norm",
-        "cannot tell which axis norm normalizes without activation shapes "
-        "(producer acts on the last axis, BatchNorm on axis 1): pass example_inputs",
-    )
-    assert isinstance(result.model.norm, nn.BatchNorm1d)
+    _check_skipped(randomize_bn(Tokens()), _input((2, 16, 8)), "bn", "wrong_axis", reason)
 
 
 def test_unbatched_conv_output_is_skipped():
     model = randomize_bn(Pair(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)))
     x = _input((3, 6))  # unbatched: conv output (4, 4), BatchNorm1d would see N=4, C=4
-    _check_skipped(
-        model, x, "norm", "producer output (4, 4) is unbatched, so its channels are not on norm's axis 1"
+    reason = (
+        "norm normalizes axis 1 of the (4, 4) output of producer (conv1d), whose channels are on axis 0"
     )
+    _check_skipped(model, x, "norm", "wrong_axis", reason)
 
 
 class BNAfterReLU(nn.Module):
@@ -367,18 +381,19 @@ class BNAfterReLU(nn.Module):
 
 
 def test_bn_after_relu_is_skipped():
-    _check_skipped(
-        randomize_bn(BNAfterReLU()),
-        _input((2, 3, 6, 6)),
-        "bn",
-        "input of bn is relu (call function), not a Conv/ConvTranspose/Linear",
+    reason = (
+        "input of bn comes from relu (forward), not a Conv/ConvTranspose/Linear"
     )
+    _check_skipped(randomize_bn(BNAfterReLU()), _input((2, 3, 6, 6)), "bn", "after_activation", reason)
 
 
-def test_bn_on_model_input_is_skipped():
-    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)))
-    reason = "input of 0 is a model input, not a Conv/ConvTranspose/Linear"
-    _check_skipped(model, _input((2, 3, 6, 6)), "0", reason)
+def test_bn_on_model_input_before_padded_conv_is_skipped():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)))
+    reason = (
+        "input of 0 is model input input, not a Conv/ConvTranspose/Linear output; as a forward fold: "
+        "0 feeds 1 (conv2d), whose zero padding would see 0 instead of the norm's shift at the borders"
+    )
+    _check_skipped(model, _input((2, 3, 6, 6)), "0", "zero_padding_forward", reason)
 
 
 class StdConv(nn.Conv2d):
@@ -391,13 +406,13 @@ class StdConv(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
-def test_conv_subclass_overriding_forward_is_skipped():
-    _check_skipped(
-        randomize_bn(Pair(StdConv(3, 4, 3), nn.BatchNorm2d(4))),
-        _input((2, 3, 6, 6)),
-        "norm",
-        "producer (StdConv) overrides forward; its output may not be linear in its weight",
+def test_conv_subclass_computing_its_weight_is_skipped():
+    reason = (
+        "producer (conv2d) weight is computed in forward (producer (div)), not a parameter; "
+        "its output may not be linear in it"
     )
+    model = randomize_bn(Pair(StdConv(3, 4, 3), nn.BatchNorm2d(4)))
+    _check_skipped(model, _input((2, 3, 6, 6)), "norm", "weight_not_parameter", reason)
 
 
 class ReadsWeight(nn.Module):
@@ -411,18 +426,22 @@ class ReadsWeight(nn.Module):
 
 
 def test_producer_weight_read_directly_is_skipped():
-    _check_skipped(
-        randomize_bn(ReadsWeight()),
-        _input((2, 3, 6, 6)),
-        "bn",
-        "forward reads conv.weight directly, outside the module call",
-    )
+    model = randomize_bn(ReadsWeight())
+    reason = SHARED.replace("3, 3, 3", "3")
+    _check_skipped(model, _input((2, 3, 6, 6)), "bn", "shared_producer", reason)
 
 
-def test_bn_with_forward_hook_is_skipped():
+def test_bn_with_forward_hook_folds_in_the_export_only():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     model.norm.register_forward_hook(lambda m, i, o: o * 2)
-    _check_skipped(model, _input((2, 3, 6, 6)), "norm", "norm has forward hooks that would be lost")
+    x = _input((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert {(f.norm, f.where, f.note) for f in result.folded} == {
+        ("norm", "export", "folded in the export only: norm has forward hooks that would be lost"),
+        ("norm:mul", "export", "folded in the export only: norm has forward hooks that would be lost"),
+    }
+    assert torch.equal(result.model(x), model(x))  # the eager model keeps norm, hook and conv
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
 
 
 class Unused(nn.Module):
@@ -441,10 +460,30 @@ def test_unused_and_non_batch_norms_are_reported():
     model = randomize_bn(Unused())
     result = normfold.fold(model, _input((2, 3, 6, 6)))
     assert [f.norm for f in result.folded] == ["bn"]
-    assert {s.norm: s.reason for s in result.skipped} == {
-        "gn": "GroupNorm normalizes with per-sample statistics",
-        "spare": "never called in forward (not in the traced graph)",
+    assert {s.norm: (s.code, s.reason) for s in result.skipped} == {
+        "gn": ("per_sample_statistics", "GroupNorm normalizes with per-sample statistics"),
+        "spare": ("unused", "never called in forward (not in the captured graph)"),
     }
+
+
+class ShapeDependent(nn.Module):
+    """Python on input shapes in forward: torch.fx symbolic_trace fails, torch.export does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        pad = 1 if x.shape[-1] % 2 else 0  # Python control flow on a shape
+        return self.bn(self.conv(F.pad(x, (pad, pad, pad, pad))))
+
+
+def test_shape_dependent_forward_folds():
+    model = randomize_bn(ShapeDependent())
+    with pytest.raises(torch.fx.proxy.TraceError):  # what the old fx engine failed on
+        torch.fx.symbolic_trace(model)
+    _check_folded(model, _input((2, 3, 7, 7)), "conv-bn", into="conv", norm="bn")
 
 
 class Untraceable(nn.Module):
@@ -458,14 +497,14 @@ class Untraceable(nn.Module):
         return x
 
 
-def test_untraceable_model_raises_trace_error():
-    with pytest.raises(TraceError, match=r"^torch.fx could not trace Untraceable: TraceError: "):
-        normfold.fold(Untraceable())
+def test_data_dependent_model_raises_trace_error():
+    with pytest.raises(TraceError, match=r"^torch.export could not capture Untraceable on example inputs"):
+        normfold.fold(Untraceable(), _input((2, 3, 6, 6)))
 
 
 def test_wrong_example_input_shape_raises_trace_error():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    message = r"Pair failed on example inputs \[\(2, 5, 6, 6\) float32\]: RuntimeError: "
+    message = r"could not capture Pair on example inputs \[\(2, 5, 6, 6\) float32\]: RuntimeError: "
     with pytest.raises(TraceError, match=message):
         normfold.fold(model, _input((2, 5, 6, 6)))
 
@@ -473,7 +512,12 @@ def test_wrong_example_input_shape_raises_trace_error():
 @pytest.mark.parametrize("bad", ["model.pt", None, 3])
 def test_non_module_raises_usage_error(bad):
     with pytest.raises(UsageError, match=r"fold\(\) expects a torch.nn.Module"):
-        normfold.fold(bad)
+        normfold.fold(bad, _input((2, 3)))
+
+
+def test_missing_example_inputs_raise_usage_error():
+    with pytest.raises(UsageError, match="fold\\(\\) needs example_inputs"):
+        normfold.fold(nn.Conv2d(1, 1, 1), None)
 
 
 def test_bad_example_inputs_raise_usage_error():
@@ -483,16 +527,37 @@ def test_bad_example_inputs_raise_usage_error():
 
 # --- the reference zoo ----------------------------------------------------------------------------
 
-MIXED_SKIPS = {
-    "bn_shared": "shared is called at 2 places (shared weights); "
-    "folding bn_shared into it would change the other call sites",
-    "bn_nostats": "bn_nostats has no running statistics (track_running_stats=False): "
-    "it normalizes with batch statistics even in eval mode",
-    "bn_after_relu": "input of bn_after_relu comes from relu (ReLU), not a Conv/ConvTranspose/Linear",
-    "bn_two_users": "conv_two_users output has 2 users",
-    "bn_seq": "bn_seq normalizes axis 1 of the (2, 16, 16) output of fc_seq, "
-    "but fc_seq's features are on its last axis",
+#: zoo model -> {kept norm: code}; every other norm op folds
+ZOO_KEPT = {
+    "mixed": {
+        "bn_shared": "shared_producer",
+        "bn_nostats": "batch_statistics",
+        "bn_after_relu": "zero_padding_forward",
+        "bn_two_users": "multiple_users",
+        "bn_seq": "wrong_axis",
+    },
 }
+#: zoo model -> norms folded in the export only (written in a forward, not a removable module)
+ZOO_EXPORT_ONLY = {
+    "functional": {"bn1", "bn2", "bn_fc"},
+    "custom_bn": {"forward:sub_1"},
+    "inception_next": {"blocks.0:mul", "blocks.1:mul_1"},  # layer scale in the block's forward
+}
+#: zoo model -> (norm, pattern, through) folds that show one pattern each
+ZOO_SHOWS = {
+    "levit": [("attn.qkv.bn", "linear-bn", ("flatten_1",)), ("head_bn", "bn-linear", ())],
+    "inception_next": [("blocks.0.norm", "bn-conv", ())],
+    "bn_head": [("head_norm", "bn-linear", ("adaptive_avg_pool2d", "flatten"))],
+    "mixed_kernel": [("bn_mix", "concat-bn", ("cat",))],
+    "custom_bn": [("norm2:sub", "conv-affine", ()), ("forward:sub_1", "conv-affine", ())],
+    "bn_act": [("bn_stem", "conv-bn", ())],
+    "same_pad": [("bn_stem", "conv-bn", ())],
+    "functional": [("bn_fc", "linear-bn", ())],
+}
+
+
+def _neutral(bn: nn.Module) -> bool:
+    return bn.eps == 0 and bool((bn.running_var == 1).all() and (bn.running_mean == 0).all())
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -500,23 +565,32 @@ def test_every_zoo_model_folds_with_parity(name):
     model = ZOO[name].factory()
     x = example_inputs(name)
     result = normfold.fold(model, x)
-    expected_skips = MIXED_SKIPS if name == "mixed" else {}
-    assert {s.norm: s.reason for s in result.skipped} == expected_skips
-    assert len(result.folded) == count_bn(model) - len(expected_skips) > 0
-    # no foldable BN left: the BatchNorms still in the model are exactly the skipped ones
-    left = {n for n, m in result.model.named_modules() if isinstance(m, _BatchNorm)}
-    assert left == set(expected_skips)
+    kept = ZOO_KEPT.get(name, {})
+    assert {s.norm: s.code for s in result.skipped} == kept
+    assert {f.norm for f in result.folded if f.where == "export"} == ZOO_EXPORT_ONLY.get(name, set())
+    folded = {(f.norm, f.pattern, f.through) for f in result.folded}
+    assert set(ZOO_SHOWS.get(name, [])) <= folded
+    assert result.replan_folds == 0
+    assert bn_ops(result.program) == len(kept)
+    # BatchNorm modules left in the eager model: kept, folded in the export only, or exactly the identity
+    left = {n for n, m in result.model.named_modules() if isinstance(m, _BatchNorm) and not _neutral(m)}
+    assert left == set(kept) | (ZOO_EXPORT_ONLY.get(name, set()) & {n for n, _ in model.named_modules()})
     assert type(result.model) is type(model)
-    assert [n for n, _ in result.model.named_modules()] == [n for n, _ in model.named_modules()]
-    report = normfold.verify(model, result.model, x)
-    assert report.passed, report.failures()
-    assert report.max_rel_error <= 1e-5
+    names, before = [n for n, _ in result.model.named_modules()], [n for n, _ in model.named_modules()]
+    assert names == [n for n in before if n in names]  # module names kept, in order
+    norms = {f.norm for f in result.folded}
+    assert all(n.rpartition(".")[0] in norms for n in set(before) - set(names))  # children of removed norms
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+        assert report.max_rel_error <= 2e-6
 
 
 def test_mixed_shared_conv_second_call_site_is_untouched():
     model = ZOO["mixed"].factory()
     result = normfold.fold(model, example_inputs("mixed"))
     assert torch.equal(result.model.shared.weight, model.shared.weight)
+    assert torch.equal(result.program.state_dict["shared.weight"], model.shared.weight)
     assert torch.equal(result.model.shared.bias, model.shared.bias)
 
 

@@ -18,7 +18,7 @@ def test_batch_one_shape_exports_a_dynamic_batch_and_checks_parity_on_two(tmp_pa
     assert run.export.parity["onnxruntime-cpu"].outputs[0].shape[0] == 2
     assert list(run.timings) == [
         "load",
-        "trace and fold",
+        "capture and fold",
         "verify (pytorch)",
         "export (onnx)",
         "check (onnxruntime)",

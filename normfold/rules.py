@@ -1,0 +1,222 @@
+"""The pattern tables: which ATen ops are layers, norms, and ops a per-channel affine map commutes with.
+
+Everything here is a plain table read by :mod:`normfold.plan`; a rule reads its op's arguments by
+schema name (:func:`normfold.graph.bind`) and a check returns the reason it does not hold, never a
+bare ``False``.
+
+Why each "through" op is exact for ``y = s * x + t`` (``s``, ``t`` per channel ``c``):
+
+* layout ops (view, reshape, flatten, permute, transpose, (un)squeeze, slice, select, expand,
+  clone, contiguous, dtype-preserving casts, eval-mode dropout, non-zero padding modes,
+  nearest upsampling) only move or copy elements, so ``op(s*x+t) = s'*op(x)+t'`` with ``s'``,
+  ``t'`` the same values at the moved channel positions; the planner tracks where the channel
+  axis goes by running the op on a tensor of channel ids.
+* averages (avg pooling without counted zero padding, adaptive avg pooling, mean over
+  non-channel axes) average ``n`` values of one channel: ``sum(s*x_i+t)/n = s*mean(x)+t``.
+  Zero padding counted in the divisor would give ``s*mean+t*n_real/n``: refused.
+* maxima (max pooling, ``amax``) commute only with increasing maps: ``max(s*x+t) = s*max(x)+t``
+  needs ``s > 0`` on every channel (checked per fold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from normfold.graph import bind, tensor_meta
+
+aten = torch.ops.aten
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Conv/ConvTranspose/Linear op as the planner sees it."""
+
+    node: fx.Node
+    kind: str  # "conv", "conv_transpose" or "linear"
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    groups: int
+    kernel_dims: int  # spatial dims of the kernel (0 for linear)
+    zero_padding: bool  # padding with zeros on some side (forward folds are inexact then)
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the input/output channels, counted from the end (batched or not)."""
+        return -(self.kernel_dims + 1)
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind == "conv_transpose"
+
+
+def _padded(padding: Any, weight: fx.Node) -> bool:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return False
+        kernel = tuple(tensor_meta(weight).shape[2:])  # "same": zero padding unless the kernel is 1
+        return any(k != 1 for k in kernel)
+    return any(int(p) != 0 for p in padding)
+
+
+def _read_conv(node: fx.Node, kind: str) -> Layer | None:
+    args = bind(node)
+    if kind == "convolution" and args["transposed"]:
+        kind = "conv_transpose"
+    elif kind == "convolution":
+        kind = "conv"
+    weight, bias = args["weight"], args["bias"]
+    if not isinstance(weight, fx.Node) or not isinstance(args["input"], fx.Node):
+        return None
+    meta = tensor_meta(weight)
+    if meta is None:
+        return None
+    padded = _padded(args["padding"], weight) if kind == "conv" else True
+    return Layer(node, kind, args["input"], weight, bias, int(args["groups"]), meta.dim() - 2, padded)
+
+
+def _read_linear(node: fx.Node) -> Layer | None:
+    args = bind(node)
+    weight = args["weight"]
+    if not isinstance(weight, fx.Node) or not isinstance(args["input"], fx.Node):
+        return None
+    return Layer(node, "linear", args["input"], weight, args["bias"], 1, 0, False)
+
+
+LAYERS: dict[Any, Callable[[fx.Node], Layer | None]] = {
+    aten.conv1d.default: lambda n: _read_conv(n, "conv"),
+    aten.conv2d.default: lambda n: _read_conv(n, "conv"),
+    aten.conv3d.default: lambda n: _read_conv(n, "conv"),
+    aten.conv1d.padding: lambda n: _read_conv(n, "conv"),
+    aten.conv2d.padding: lambda n: _read_conv(n, "conv"),
+    aten.conv3d.padding: lambda n: _read_conv(n, "conv"),
+    aten.conv_transpose1d.default: lambda n: _read_conv(n, "conv_transpose"),
+    aten.conv_transpose2d.input: lambda n: _read_conv(n, "conv_transpose"),
+    aten.conv_transpose3d.input: lambda n: _read_conv(n, "conv_transpose"),
+    aten.convolution.default: lambda n: _read_conv(n, "convolution"),
+    aten.linear.default: _read_linear,
+}
+
+
+def read_layer(node: fx.Node) -> Layer | None:
+    reader = LAYERS.get(node.target) if node.op == "call_function" else None
+    return reader(node) if reader is not None else None
+
+
+# --- ops a per-channel affine map passes through -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Through:
+    """An op that commutes with a per-channel affine map. ``kind``: layout, mean or max."""
+
+    name: str
+    kind: str
+    check: Callable[[dict[str, Any]], str | None] = lambda args: None
+
+
+def _eval_dropout(args: dict[str, Any]) -> str | None:
+    return None if not args.get("train") else "dropout runs in training mode"
+
+
+def _avg_pool(args: dict[str, Any]) -> str | None:
+    if args.get("divisor_override") is not None:
+        return "avg pooling with divisor_override does not average"
+    if any(int(p) != 0 for p in args.get("padding") or ()) and args.get("count_include_pad", True):
+        return "avg pooling counts zero padding in its divisor, which scales the norm's shift at borders"
+    return None
+
+
+def _pad(args: dict[str, Any]) -> str | None:
+    mode = args.get("mode", "constant")
+    return "constant padding inserts values the norm never saw" if mode == "constant" else None
+
+
+_LAYOUT = [
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.permute.default, aten.transpose.int, aten.t.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.expand.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+    aten.type_as.default, aten.movedim.int, aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec,
+    aten.upsample_nearest3d.vec, aten.pixel_shuffle.default, aten.channel_shuffle.default,
+    aten.reshape_as.default, aten.view_as.default, aten.expand_as.default,
+]  # fmt: skip
+_MEAN = [
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
+    aten.mean.dim,
+]  # fmt: skip
+_MAX = [
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default, aten.amax.default,
+]  # fmt: skip
+
+THROUGH: dict[Any, Through] = {
+    **{op: Through(str(op.overloadpacket.__name__), "layout") for op in _LAYOUT},
+    **{op: Through(str(op.overloadpacket.__name__), "mean") for op in _MEAN},
+    **{op: Through(str(op.overloadpacket.__name__), "max") for op in _MAX},
+    aten.dropout.default: Through("dropout", "layout", _eval_dropout),
+    aten.feature_dropout.default: Through("feature_dropout", "layout", _eval_dropout),
+    aten.alpha_dropout.default: Through("alpha_dropout", "layout", _eval_dropout),
+    aten.avg_pool1d.default: Through("avg_pool1d", "mean", _avg_pool),
+    aten.avg_pool2d.default: Through("avg_pool2d", "mean", _avg_pool),
+    aten.avg_pool3d.default: Through("avg_pool3d", "mean", _avg_pool),
+    aten.pad.default: Through("pad", "layout", _pad),
+}
+
+#: ops that read only the shape of an argument (by argument name): such a use does not count as a user
+SHAPE_ONLY: dict[Any, tuple[str, ...]] = {
+    aten.reshape_as.default: ("other",),
+    aten.view_as.default: ("other",),
+    aten.expand_as.default: ("other",),
+    aten.sym_size.int: ("self",),
+    aten.sym_numel.default: ("self",),
+    aten.sym_stride.int: ("self",),
+    aten.sym_storage_offset.default: ("self",),
+}
+
+#: reductions: exact only when every reduced element belongs to one channel (checked on channel ids)
+REDUCTIONS = {aten.mean.dim, aten.amax.default}
+
+#: merges of several producer outputs: a norm after them splits (cat) or scales all (add)
+MERGES = {aten.cat.default: "concat", aten.add.Tensor: "add"}
+
+
+def through_input(node: fx.Node) -> fx.Node | None:
+    """The tensor an op from :data:`THROUGH` passes the map along (its first argument)."""
+    first = node.args[0] if node.args else None
+    return first if isinstance(first, fx.Node) else None
+
+
+# --- norms and the ops around them ----------------------------------------------------------------
+
+BATCH_NORMS = {aten.batch_norm.default}
+
+#: elementwise ops with a constant operand: ``x*c``, ``x/c``, ``x+c``, ``x-c``, ``c-x``
+AFFINE_OPS = {
+    aten.mul.Tensor: "mul",
+    aten.mul.Scalar: "mul",
+    aten.div.Tensor: "div",
+    aten.div.Scalar: "div",
+    aten.add.Tensor: "add",
+    aten.add.Scalar: "add",
+    aten.sub.Tensor: "sub",
+    aten.sub.Scalar: "sub",
+    aten.rsub.Scalar: "rsub",
+    aten.rsub.Tensor: "rsub",
+}
+
+#: ops that make a fold "after an activation" (the reason users see most)
+ACTIVATIONS = {
+    "relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu",
+    "elu", "selu", "celu", "tanh", "mish", "softplus", "clamp", "clamp_min", "clamp_max", "prelu",
+    "relu_", "silu_", "hardswish_", "softmax", "_softmax", "log_softmax", "abs", "square", "pow",
+}  # fmt: skip
