@@ -41,7 +41,16 @@ from torch.export.graph_signature import (
 )
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfold.graph import Capture, Constants, bind, module_calls, set_arg, shape, tensor_meta
+from normfold.graph import (
+    Capture,
+    Constants,
+    bind,
+    module_calls,
+    quiet_exporter,
+    set_arg,
+    shape,
+    tensor_meta,
+)
 from normfold.plan import Fold, Plan, input_arg, new_bias_name
 
 logger = logging.getLogger(__name__)
@@ -255,7 +264,8 @@ def apply_program(capture: Capture, plan: Plan, values: dict[str, torch.Tensor])
     specs = _prune(graph, specs, state, constants, program.graph_signature)
     gm.recompile()
     signature = ExportGraphSignature(input_specs=specs, output_specs=_outputs(graph, program.graph_signature))
-    return program._update(gm, signature, state_dict=state, constants=constants)
+    with quiet_exporter():  # torch warns about its own pytree internals while copying the program
+        return program._update(gm, signature, state_dict=state, constants=constants)
 
 
 def _add_bias(

@@ -83,7 +83,7 @@ class FoldResult:
     folded: list[Folded] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     params_before: int = 0
-    params_after: int = 0
+    params_after: int | None = None  # None until the plan is applied
     replan_folds: int = 0  # folds found when planning the folded program again (0 expected)
 
     @property

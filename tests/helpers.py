@@ -63,3 +63,32 @@ class _Program(nn.Module):
 
 def exported(program: torch.export.ExportedProgram) -> nn.Module:
     return _Program(program)
+
+
+#: zoo model -> {kept norm: code}; every other norm op folds
+ZOO_KEPT = {
+    "mixed": {
+        "bn_shared": "shared_producer",
+        "bn_nostats": "batch_statistics",
+        "bn_after_relu": "zero_padding_forward",
+        "bn_two_users": "multiple_users",
+        "bn_seq": "wrong_axis",
+    },
+}
+#: zoo model -> norms folded in the export only (written in a forward, not a removable module)
+ZOO_EXPORT_ONLY = {
+    "functional": {"bn1", "bn2", "bn_fc"},
+    "custom_bn": {"forward:sub_1"},
+    "inception_next": {"blocks.0:mul", "blocks.1:mul_1"},  # layer scale in the block's forward
+}
+#: zoo model -> (norm, pattern, through) folds that show one pattern each
+ZOO_SHOWS = {
+    "levit": [("attn.qkv.bn", "linear-bn", ("flatten_1",)), ("head_bn", "bn-linear", ())],
+    "inception_next": [("blocks.0.norm", "bn-conv", ())],
+    "bn_head": [("head_norm", "bn-linear", ("adaptive_avg_pool2d", "flatten"))],
+    "mixed_kernel": [("bn_mix", "concat-bn", ("cat",))],
+    "custom_bn": [("norm2:sub", "conv-affine", ()), ("forward:sub_1", "conv-affine", ())],
+    "bn_act": [("bn_stem", "conv-bn", ())],
+    "same_pad": [("bn_stem", "conv-bn", ())],
+    "functional": [("bn_fc", "linear-bn", ())],
+}

@@ -7,12 +7,20 @@ the export only is in test_apply.py.
 from __future__ import annotations
 
 import io
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bn_ops, count_bn, exported, randomize_bn, state_bytes
+from helpers import (
+    ZOO_EXPORT_ONLY,
+    ZOO_KEPT,
+    ZOO_SHOWS,
+    bn_ops,
+    count_bn,
+    exported,
+    randomize_bn,
+    state_bytes,
+)
 from normfold.models import ZOO, example_inputs
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -132,11 +140,19 @@ def test_bn_subclass_with_activation_folds_and_keeps_the_activation():
     x = _input((2, 3, 6, 6)) * 3
     result = normfold.fold(model, x)
     [f] = result.folded
-    assert (f.norm, f.norm_type, f.into, f.pattern, f.where) == ("norm", "BNAct", "producer", "conv-bn", "both")
+    assert (f.norm, f.norm_type, f.into, f.pattern, f.where) == (
+        "norm",
+        "BNAct",
+        "producer",
+        "conv-bn",
+        "both",
+    )
     assert result.skipped == [] and result.replan_folds == 0
     bn = result.model.norm
     assert type(bn) is BNAct  # its activation stays; its norm part is exactly the identity
-    assert bn.eps == 0.0 and torch.equal(bn.running_var, torch.ones(4)) and torch.equal(bn.weight, torch.ones(4))
+    assert (
+        bn.eps == 0.0 and torch.equal(bn.running_var, torch.ones(4)) and torch.equal(bn.weight, torch.ones(4))
+    )
     probe = torch.randn(5, 4, 3, 3) * 100
     assert torch.equal(bn(probe), torch.relu(probe))
     assert bn_ops(result.program) == 0
@@ -355,18 +371,14 @@ class Tokens(nn.Module):
 
 
 def test_linear_bn_on_sequence_axis_is_skipped():
-    reason = (
-        "bn normalizes axis 1 of the (2, 16, 16) output of fc (linear), whose channels are on axis 2"
-    )
+    reason = "bn normalizes axis 1 of the (2, 16, 16) output of fc (linear), whose channels are on axis 2"
     _check_skipped(randomize_bn(Tokens()), _input((2, 16, 8)), "bn", "wrong_axis", reason)
 
 
 def test_unbatched_conv_output_is_skipped():
     model = randomize_bn(Pair(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)))
     x = _input((3, 6))  # unbatched: conv output (4, 4), BatchNorm1d would see N=4, C=4
-    reason = (
-        "norm normalizes axis 1 of the (4, 4) output of producer (conv1d), whose channels are on axis 0"
-    )
+    reason = "norm normalizes axis 1 of the (4, 4) output of producer (conv1d), whose channels are on axis 0"
     _check_skipped(model, x, "norm", "wrong_axis", reason)
 
 
@@ -381,9 +393,7 @@ class BNAfterReLU(nn.Module):
 
 
 def test_bn_after_relu_is_skipped():
-    reason = (
-        "input of bn comes from relu (forward), not a Conv/ConvTranspose/Linear"
-    )
+    reason = "input of bn comes from relu (forward), not a Conv/ConvTranspose/Linear"
     _check_skipped(randomize_bn(BNAfterReLU()), _input((2, 3, 6, 6)), "bn", "after_activation", reason)
 
 
@@ -526,34 +536,6 @@ def test_bad_example_inputs_raise_usage_error():
 
 
 # --- the reference zoo ----------------------------------------------------------------------------
-
-#: zoo model -> {kept norm: code}; every other norm op folds
-ZOO_KEPT = {
-    "mixed": {
-        "bn_shared": "shared_producer",
-        "bn_nostats": "batch_statistics",
-        "bn_after_relu": "zero_padding_forward",
-        "bn_two_users": "multiple_users",
-        "bn_seq": "wrong_axis",
-    },
-}
-#: zoo model -> norms folded in the export only (written in a forward, not a removable module)
-ZOO_EXPORT_ONLY = {
-    "functional": {"bn1", "bn2", "bn_fc"},
-    "custom_bn": {"forward:sub_1"},
-    "inception_next": {"blocks.0:mul", "blocks.1:mul_1"},  # layer scale in the block's forward
-}
-#: zoo model -> (norm, pattern, through) folds that show one pattern each
-ZOO_SHOWS = {
-    "levit": [("attn.qkv.bn", "linear-bn", ("flatten_1",)), ("head_bn", "bn-linear", ())],
-    "inception_next": [("blocks.0.norm", "bn-conv", ())],
-    "bn_head": [("head_norm", "bn-linear", ("adaptive_avg_pool2d", "flatten"))],
-    "mixed_kernel": [("bn_mix", "concat-bn", ("cat",))],
-    "custom_bn": [("norm2:sub", "conv-affine", ()), ("forward:sub_1", "conv-affine", ())],
-    "bn_act": [("bn_stem", "conv-bn", ())],
-    "same_pad": [("bn_stem", "conv-bn", ())],
-    "functional": [("bn_fc", "linear-bn", ())],
-}
 
 
 def _neutral(bn: nn.Module) -> bool:

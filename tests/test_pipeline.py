@@ -67,12 +67,13 @@ def test_unknown_shapes_for_a_non_zoo_factory_are_a_usage_error(tmp_path, monkey
         fold_and_export("mynet:build", tmp_path / "m.onnx")
 
 
-def test_inspect_reports_every_norm_with_param_counts():
+def test_inspect_reports_every_norm_with_code_and_changes_nothing():
     run = inspect("normfold.models:mixed")
     rows = {r.norm: r for r in run.layers}
     assert len(rows) == 6
-    assert rows["bn_a"].action == "fold" and rows["bn_a"].into == "conv_a"
-    assert rows["bn_a"].params_before - rows["bn_a"].params_after == 2 * 8  # gamma and beta, 8 channels
-    assert rows["bn_shared"].action == "keep" and "shared is called at 2 places" in rows["bn_shared"].reason
-    assert rows["bn_shared"].params_before == rows["bn_shared"].params_after
+    assert (rows["bn_a"].action, rows["bn_a"].into, rows["bn_a"].pattern) == ("fold", "conv_a", "conv-bn")
+    assert rows["bn_shared"].action == "keep" and rows["bn_shared"].code == "shared_producer"
+    assert "shared.weight is used by 2 ops" in rows["bn_shared"].reason
     assert run.parity is None and run.export is None
+    assert run.fold.program is None  # planned only
+    assert run.fold.params_after is None
