@@ -360,6 +360,8 @@ class _Planner:
         """The layers whose outputs reach ``user`` (as ``node``) through commuting ops."""
         while node in self.removed:
             node = self.removed[node]
+        if node.op == "placeholder":
+            raise _stop(node, role)
         users = self._users(node)
         if users != [user] or sum(self._resolve(a) is node for a in _flat_args(user)) > 1:
             raise _Fail("multiple_users", f"{_describe(node)} output has {len(users)} users")

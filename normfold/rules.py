@@ -181,6 +181,7 @@ SHAPE_ONLY: dict[Any, tuple[str, ...]] = {
     aten.sym_numel.default: ("self",),
     aten.sym_stride.int: ("self",),
     aten.sym_storage_offset.default: ("self",),
+    aten._assert_tensor_metadata.default: ("a",),  # export's dtype/device check on .to()
 }
 
 #: reductions: exact only when every reduced element belongs to one channel (checked on channel ids)
