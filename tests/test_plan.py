@@ -58,25 +58,25 @@ class Seq(nn.Module):
 # --- ops in between ------------------------------------------------------------------------------
 
 BETWEEN = {
-    "dropout": (nn.Dropout(0.3), (2, 6, 5, 5)),
-    "clone_contiguous": (lambda t: t.clone().contiguous(), (2, 6, 5, 5)),
-    "to_same_dtype": (lambda t: t.to(t.dtype), (2, 6, 5, 5)),
-    "avg_pool": (nn.AvgPool2d(2), (2, 6, 5, 5)),
-    "avg_pool_padding_not_counted": (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), (2, 6, 5, 5)),
-    "adaptive_avg_pool": (nn.AdaptiveAvgPool2d(2), (2, 6, 5, 5)),
-    "max_pool": (nn.MaxPool2d(2), (2, 6, 5, 5)),
-    "upsample": (nn.Upsample(scale_factor=2), (2, 6, 5, 5)),
-    "permute_twice": (lambda t: t.permute(0, 2, 3, 1).permute(0, 3, 1, 2), (2, 6, 5, 5)),
-    "mean_spatial_keepdim": (lambda t: t.mean((2, 3), keepdim=True), (2, 6, 5, 5)),
-    "reflect_pad": (lambda t: F.pad(t, (1, 1, 1, 1), mode="reflect"), (2, 6, 5, 5)),
+    "dropout": nn.Dropout(0.3),
+    "clone_contiguous": lambda t: t.clone().contiguous(),
+    "to_same_dtype": lambda t: t.to(t.dtype),
+    "avg_pool": nn.AvgPool2d(2),
+    "avg_pool_padding_not_counted": nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+    "adaptive_avg_pool": nn.AdaptiveAvgPool2d(2),
+    "max_pool": nn.MaxPool2d(2),
+    "upsample": nn.Upsample(scale_factor=2),
+    "permute_twice": lambda t: t.permute(0, 2, 3, 1).permute(0, 3, 1, 2),
+    "mean_spatial_keepdim": lambda t: t.mean((2, 3), keepdim=True),
+    "reflect_pad": lambda t: F.pad(t, (1, 1, 1, 1), mode="reflect"),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("between", list(BETWEEN))
 def test_conv_bn_folds_through_commuting_ops(between, dtype):
-    op, shape = BETWEEN[between]
-    model = randomize_bn(Seq(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.BatchNorm2d(6), op)).to(dtype)
+    model = randomize_bn(Seq(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.BatchNorm2d(6), BETWEEN[between]))
+    model = model.to(dtype)
     _folds(model, _x((2, 3, 5, 5), dtype), [("norm", "conv-bn", "layer", "both")])
 
 
@@ -185,7 +185,8 @@ def test_bn_before_transposed_conv_is_kept():
     model = randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 2)))
     reason = (
         "input of 1 comes from 0 (relu), not a Conv/ConvTranspose/Linear; as a forward fold: 1 feeds 2 "
-        "(conv_transpose2d), a transposed conv: a shift would reach border outputs a different number of times"
+        "(conv_transpose2d), a transposed conv: a shift would reach border outputs a different number "
+        "of times"
     )
     _kept(model, _x((2, 4, 3, 3)), "1", "transposed_consumer", reason)
 
