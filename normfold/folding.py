@@ -12,6 +12,10 @@
 4. **Post-condition**: planning the folded program again finds nothing to fold
    (:attr:`FoldResult.replan_folds` is 0).
 
+A model ``torch.export`` cannot capture as a whole is folded in parts (:mod:`normfold.parts`):
+the largest submodules that capture, with every module that did not listed in
+:attr:`FoldResult.uncaptured`.
+
 :func:`analyse` stops after step 2 (``inspect``): it changes nothing.
 """
 
@@ -29,8 +33,9 @@ from torch.export import ExportedProgram
 from torch.nn.modules.batchnorm import _NormBase
 
 from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan
-from normfold.errors import UsageError
+from normfold.errors import TraceError, UsageError
 from normfold.graph import Capture, CaptureOptions, capture, owner
+from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,9 @@ class FoldResult:
     params_before: int = 0
     params_after: int | None = None  # None until the plan is applied
     replan_folds: int = 0  # folds found when planning the folded program again (0 expected)
+    #: modules torch.export could not capture (the model itself first); empty when it could.
+    #: Then ``program`` is None and only the captured parts were folded (see normfold.parts).
+    uncaptured: list[Uncaptured] = field(default_factory=list)
 
     @property
     def export_only(self) -> list[Folded]:
@@ -98,6 +106,7 @@ class FoldResult:
             "folded": [asdict(f) for f in self.folded],
             "skipped": [asdict(s) for s in self.skipped],
             "replan_folds": self.replan_folds,
+            "uncaptured": [asdict(u) for u in self.uncaptured],
         }
 
 
@@ -154,7 +163,11 @@ def fold(
             raise UsageError(
                 f"could not copy {type(model).__name__} (pass inplace=True to fold it in place): {e}"
             ) from e
-    analysis = analyse(model, example_inputs, CaptureOptions(dynamic_batch=dynamic_batch))
+    inputs, options = _as_tuple(example_inputs), CaptureOptions(dynamic_batch=dynamic_batch)
+    try:
+        analysis = analyse(model, inputs, options)
+    except TraceError as e:
+        return fold_parts(model.eval(), inputs, e, options)
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
     apply_module(model, eager, the_plan.values(cap, eager.folds))
     result.program = apply_program(cap, the_plan, the_plan.values(cap))

@@ -496,20 +496,48 @@ def test_shape_dependent_forward_folds():
     _check_folded(model, _input((2, 3, 7, 7)), "conv-bn", into="conv", norm="bn")
 
 
+class Gate(nn.Module):
+    """A block whose forward branches on data: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.inner(x) if x.mean() > -100 else x
+
+
 class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.gate = Gate()
+        self.reused = nn.Conv2d(4, 4, 1)
+        self.block = nn.Sequential(self.reused, nn.BatchNorm2d(4))  # conv also called outside block
 
     def forward(self, x):
+        x = self.gate(self.stem(x))
         if x.sum() > 0:  # data-dependent control flow
-            return self.conv(x)
-        return x
+            x = x * 2
+        return self.block(x) + self.reused(x)
 
 
-def test_data_dependent_model_raises_trace_error():
-    with pytest.raises(TraceError, match=r"^torch.export could not capture Untraceable on example inputs"):
-        normfold.fold(Untraceable(), _input((2, 3, 6, 6)))
+def test_model_that_cannot_be_captured_is_folded_in_its_largest_captured_parts():
+    model = randomize_bn(Untraceable())
+    x = _input((2, 3, 8, 8))
+    result = normfold.fold(model, x)
+    assert result.program is None
+    assert [u.module for u in result.uncaptured] == ["Untraceable", "gate", "block"]
+    assert result.uncaptured[0].reason.startswith("torch.export could not capture Untraceable")
+    assert result.uncaptured[2].reason == "block.0 is also called from outside block"
+    assert [(f.norm, f.into, f.pattern) for f in result.folded] == [
+        ("stem.1", "stem.0", "conv-bn"),
+        ("gate.inner.1", "gate.inner.0", "conv-bn"),
+    ]
+    assert isinstance(result.model.block[1], nn.BatchNorm2d)  # the shared conv is left alone
+    assert torch.equal(result.model.reused.weight, model.reused.weight)
+    report = normfold.verify(model, result.model, x)
+    assert report.passed and report.max_rel_error <= 1e-5
 
 
 def test_wrong_example_input_shape_raises_trace_error():
