@@ -1,0 +1,108 @@
+"""Applying a plan: the exported program (new bias placeholders, pruned norm inputs, renamed outputs)
+and the eager module (Identity, identity-map BN subclasses, export-only folds, new parameters)."""
+
+from __future__ import annotations
+
+import torch
+from helpers import bn_ops, exported, randomize_bn
+from torch import nn
+from torch.export.graph_signature import InputKind
+
+import normfold
+from normfold.apply import eager_plan
+from normfold.graph import CaptureOptions, capture
+from normfold.plan import plan
+
+
+def _x(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
+
+
+def test_program_gets_a_bias_parameter_and_loses_the_norm_inputs():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    x = _x((2, 3, 6, 6))
+    program = normfold.fold(model, x).program
+    params = {s.target for s in program.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    buffers = {s.target for s in program.graph_signature.input_specs if s.kind == InputKind.BUFFER}
+    assert params == {"0.weight", "0.bias"} and buffers == set()
+    assert set(program.state_dict) == {"0.weight", "0.bias"}
+    [conv] = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert conv.args[2].name == "p_0_bias"
+    # the output now returns the conv: the signature names it
+    assert [s.arg.name for s in program.graph_signature.output_specs] == [conv.name]
+    assert normfold.verify(model, exported(program), x).max_rel_error <= 1e-5
+
+
+def test_program_parameters_are_new_tensors_the_model_keeps_its_own():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    before = model[0].weight.detach().clone()
+    result = normfold.fold(model, _x((2, 3, 6, 6)), inplace=True)
+    assert result.program.state_dict["0.weight"] is not before
+    assert torch.equal(result.program.state_dict["0.weight"], result.model[0].weight)
+    assert not torch.equal(result.model[0].weight, before)
+
+
+class Functional(nn.Module):
+    """F.batch_norm on a module's buffers, in the parent's forward: foldable in the export only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        bn = self.bn
+        return torch.nn.functional.batch_norm(
+            self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+
+
+def test_eager_plan_is_pure_and_names_why_a_fold_is_export_only():
+    model = randomize_bn(Functional())
+    x = _x((2, 3, 6, 6))
+    cap = capture(model, (x,), CaptureOptions())
+    the_plan = plan(cap)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = eager_plan(the_plan, cap, model)
+    assert eager.folds == [] and eager.identity == set() and eager.neutral == set()
+    assert list(eager.export_only.values()) == [
+        "the norm is a functional call in forward code, not a norm module"
+    ]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_only_fold_leaves_the_eager_model_exact_and_the_export_folded():
+    model = randomize_bn(Functional())
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    [f] = result.folded
+    assert (f.norm, f.into, f.where) == ("bn", "conv", "export")
+    assert torch.equal(result.model(x), model(x))
+    assert bn_ops(result.program) == 0
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
+
+
+class NoBiasSubclass(nn.Conv2d):
+    """A conv subclass with its own forward that still adds ``self.bias`` (as timm's Conv2dSame)."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+class IgnoresBias(nn.Conv2d):
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight)
+
+
+def test_bias_is_added_to_a_subclass_only_when_its_forward_uses_it():
+    for cls, where in ((NoBiasSubclass, "both"), (IgnoresBias, "export")):
+        model = randomize_bn(nn.Sequential(cls(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+        x = _x((2, 3, 6, 6))
+        result = normfold.fold(model, x)
+        assert [f.where for f in result.folded] == [where], cls
+        if where == "export":
+            assert (
+                result.folded[0].note
+                == "folded in the export only: 0 has no bias parameter to receive the norm's shift"
+            )
+        for candidate in (result.model, exported(result.program)):
+            assert normfold.verify(model, candidate, x).max_rel_error <= 1e-5
