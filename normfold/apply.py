@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -282,7 +283,7 @@ def _add_bias(
     last_param = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
     anchor = next(n for n in graph.nodes if n.op == "placeholder" and n.name == specs[last_param].arg.name)
     with graph.inserting_after(anchor):
-        node = graph.placeholder("p_" + fqn.replace(".", "_"))
+        node = graph.placeholder("p_" + re.sub(r"\W", "_", fqn))  # a Python identifier ("block1-0" too)
     fake = weight_node.meta["val"]
     node.meta["val"] = fake.fake_mode.from_tensor(values[fqn], static_shapes=True)
     specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn))

@@ -106,3 +106,14 @@ def test_bias_is_added_to_a_subclass_only_when_its_forward_uses_it():
             )
         for candidate in (result.model, exported(result.program)):
             assert normfold.verify(model, candidate, x).max_rel_error <= 1e-5
+
+
+def test_new_bias_of_a_module_whose_name_is_not_an_identifier():
+    model = nn.Sequential()
+    model.add_module("block1-0", nn.Conv2d(3, 4, 3, bias=False))  # torchvision RegNet names its blocks so
+    model.add_module("bn", nn.BatchNorm2d(4))
+    model = randomize_bn(model)
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert "block1-0.bias" in result.program.state_dict
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
