@@ -181,7 +181,7 @@ def fold(
 
 def _folded(fold: Fold, eager: EagerPlan) -> Folded:
     unit = fold.unit
-    modules = [u.weight.rpartition(".")[0] or "forward" for u in fold.updates]  # the weights' module
+    modules = [u.weight.rpartition(".")[0] or u.weight for u in fold.updates]  # the weights' module
     types = [u.module_type or u.kind for u in fold.updates]
     note = eager.export_only.get(unit.nodes[0])
     return Folded(

@@ -82,6 +82,7 @@ class LayerUpdate:
     weight: str  # FQN
     bias: str | None  # FQN, None when the layer has no bias yet
     groups: int
+    in_out: bool  # a matmul weight (in, out) rather than (out, in)
     side: str  # "output" (backward fold) or "input" (forward fold)
     scale: torch.Tensor  # float64, one per output (input) channel
     shift: torch.Tensor
@@ -129,10 +130,12 @@ class Plan:
                 if b is None and u.bias is not None:
                     b = capture.value(u.bias).detach().to(torch.float64)
                 s, t = u.scale.to(w.device), u.shift.to(w.device)
+                w = w.t() if u.in_out else w  # (out, in) for the fold math
                 if u.side == "output":
                     w, b = scale_output(w, b, s, t, transpose=u.kind == "conv_transpose", groups=u.groups)
                 else:
                     w, b = scale_input(w, b, s, t, groups=u.groups)
+                w = w.t() if u.in_out else w
                 current[u.weight], current[bias_name] = w, b
                 dtypes[u.weight] = dtypes[bias_name] = weight.dtype
         return {k: v.to(dtypes[k]) for k, v in current.items()}
@@ -242,7 +245,7 @@ class _Planner:
             if node.target in rules.BATCH_NORMS:
                 close()
                 units.append((self._unit("batch_norm", [node]), [node]))
-            elif _affine_operand(node, self.consts) is not None:
+            elif _affine_operand(node, self.consts) is not None and rules.read_layer(node) is None:
                 x = _chain_input(node, self.consts)
                 if not (chain and x is chain[-1] and len(x.users) == 1):
                     close()
@@ -425,7 +428,7 @@ class _Planner:
     def _sinks(self, node: fx.Node, path: list[fx.Node], unit: Unit) -> list[tuple[Layer, list[fx.Node]]]:
         found = []
         for user in self._users(node):
-            layer = rules.read_layer(user)
+            layer = rules.layer_reading(user)
             if layer is not None and self._resolve(layer.input) is node:
                 found.append((layer, path))
                 continue
@@ -476,7 +479,8 @@ class _Planner:
                     f"{what} {role} is computed in forward "
                     f"({_describe(arg)}), not a parameter; its output may not be linear in it",
                 )
-            if len(arg.users) > 1:
+            via = layer.via if role == "weight" else None
+            if len(arg.users) > 1 or (via is not None and len(via.users) > 1):
                 raise _Fail(
                     "shared_producer",
                     f"{what} {role} {fqn} is used by {len(arg.users)} ops "
@@ -535,6 +539,7 @@ class _Planner:
             weight=self.capture.fqn[layer.weight.name],
             bias=self.capture.fqn[layer.bias.name] if layer.bias is not None else None,
             groups=layer.groups,
+            in_out=layer.in_out,
             side=side,
             scale=scale,
             shift=shift,

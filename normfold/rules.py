@@ -47,6 +47,10 @@ class Layer:
     groups: int
     kernel_dims: int  # spatial dims of the kernel (0 for linear)
     zero_padding: bool  # padding with zeros on some side (forward folds are inexact then)
+    #: matmul weights are ``(in, out)``, read directly or through ``t(W)`` (``via``)
+    in_out: bool = False
+    via: fx.Node | None = None
+    inner: fx.Node | None = None  # the matmul of a ``matmul + bias`` layer
 
     @property
     def channel_axis(self) -> int:
@@ -91,7 +95,59 @@ def _read_linear(node: fx.Node) -> Layer | None:
     return Layer(node, "linear", args["input"], weight, args["bias"], 1, 0, False)
 
 
+def _matrix(node: Any) -> tuple[fx.Node, bool, fx.Node | None] | None:
+    """``(weight placeholder, in_out, via)`` for a matmul's right operand ``W`` or ``t(W)``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        return node, True, None
+    source = node.args[0] if node.args else None
+    flips = (
+        node.target is aten.t.default
+        or (node.target is aten.permute.default and list(node.args[1]) == [1, 0])
+        or (node.target is aten.transpose.int and sorted(int(a) % 2 for a in node.args[1:]) == [0, 1])
+    )
+    if (
+        flips
+        and isinstance(source, fx.Node)
+        and source.op == "placeholder"
+        and tensor_meta(source).dim() == 2
+    ):
+        return source, False, node
+    return None
+
+
+def _read_addmm(node: fx.Node) -> Layer | None:
+    args = bind(node)
+    found = _matrix(args["mat2"])
+    if found is None or not isinstance(args["mat1"], fx.Node) or args["beta"] != 1 or args["alpha"] != 1:
+        return None
+    weight, in_out, via = found
+    return Layer(node, "linear", args["mat1"], weight, args["self"], 1, 0, False, in_out, via)
+
+
+def _read_matmul_add(node: fx.Node) -> Layer | None:
+    """``x @ W + b``: the add is the layer's output, ``b`` a 1-d bias parameter."""
+    args = bind(node)
+    mm, bias = args["self"], args["other"]
+    if isinstance(bias, fx.Node) and isinstance(mm, fx.Node) and mm.target not in _MATMULS:
+        mm, bias = bias, mm
+    if not isinstance(mm, fx.Node) or mm.target not in _MATMULS or args["alpha"] != 1:
+        return None
+    if not isinstance(bias, fx.Node) or bias.op != "placeholder" or tensor_meta(bias).dim() != 1:
+        return None
+    x, found = mm.args[0], _matrix(mm.args[1])
+    if found is None or not isinstance(x, fx.Node) or len(mm.users) != 1:
+        return None
+    weight, in_out, via = found
+    return Layer(node, "linear", x, weight, bias, 1, 0, False, in_out, via, mm)
+
+
+_MATMULS = {aten.matmul.default, aten.mm.default}
+
 LAYERS: dict[Any, Callable[[fx.Node], Layer | None]] = {
+    aten.addmm.default: _read_addmm,
+    aten.add.Tensor: _read_matmul_add,
     aten.conv1d.default: lambda n: _read_conv(n, "conv"),
     aten.conv2d.default: lambda n: _read_conv(n, "conv"),
     aten.conv3d.default: lambda n: _read_conv(n, "conv"),
@@ -109,6 +165,14 @@ LAYERS: dict[Any, Callable[[fx.Node], Layer | None]] = {
 def read_layer(node: fx.Node) -> Layer | None:
     reader = LAYERS.get(node.target) if node.op == "call_function" else None
     return reader(node) if reader is not None else None
+
+
+def layer_reading(node: fx.Node) -> Layer | None:
+    """The layer whose data input ``node`` is the first op of (a matmul inside ``x @ W + b`` too)."""
+    if node.op == "call_function" and node.target in _MATMULS and len(node.users) == 1:
+        layer = read_layer(next(iter(node.users)))
+        return layer if layer is not None and layer.inner is node else None
+    return read_layer(node)
 
 
 # --- ops a per-channel affine map passes through -------------------------------------------------

@@ -282,3 +282,39 @@ def test_inline_constants_varying_off_the_channel_axis_are_kept():
     assert (kept.norm, kept.code) == ("forward:sub", "not_per_channel")
     assert kept.reason == "forward:sub constants vary along axes [1, 3], not one channel axis"
     assert torch.equal(exported(result.program)(_x((2, 3, 6, 6))), model(_x((2, 3, 6, 6))))
+
+
+# --- matmul layers ----------------------------------------------------------------------------------
+
+
+class MatmulLayer(nn.Module):
+    """A Linear written as arithmetic: ``x @ W.t() + b`` (``addmm`` or ``matmul + add``)."""
+
+    def __init__(self, how, norm_first=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.how, self.norm_first = how, norm_first
+        shape = (6, 5) if how == "in_out" else (5, 6)  # (in, out) or (out, in)
+        self.w = nn.Parameter(torch.randn(shape, generator=g) * 0.4)
+        self.b = nn.Parameter(torch.randn(5, generator=g))
+        self.bn = nn.BatchNorm1d(6 if norm_first else 5)
+
+    def layer(self, x):
+        if self.how == "addmm":
+            return torch.addmm(self.b, x, self.w.t())
+        return x @ (self.w if self.how == "in_out" else self.w.t()) + self.b
+
+    def forward(self, x):
+        if self.norm_first:
+            return self.layer(self.bn(torch.relu(x)))
+        return self.bn(self.layer(x))
+
+
+@pytest.mark.parametrize("how", ["addmm", "matmul_t", "in_out"])
+def test_matmul_layers_fold_both_ways(how):
+    x = _x((4, 6))
+    model = randomize_bn(MatmulLayer(how))
+    result = _folds(model, x, [("bn", "linear-bn", "w", "both")])
+    assert result.program.state_dict["w"].shape == model.w.shape
+    model = randomize_bn(MatmulLayer(how, norm_first=True))
+    _folds(model, x, [("bn", "bn-linear", "w", "both")])
