@@ -169,8 +169,12 @@ def fold(
     except TraceError as e:
         return fold_parts(model.eval(), inputs, e, options)
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
-    apply_module(model, eager, the_plan.values(cap, eager.folds))
-    result.program = apply_program(cap, the_plan, the_plan.values(cap))
+    values = the_plan.values(cap)
+    # the eager module gets the same values unless some folds land in the export only
+    apply_module(
+        model, eager, values if len(eager.folds) == len(the_plan.folds) else the_plan.values(cap, eager.folds)
+    )
+    result.program = apply_program(cap, the_plan, values)
     result.replan_folds = len(plan(Capture.of(result.program)).folds)
     if result.replan_folds:
         logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)

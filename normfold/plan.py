@@ -344,7 +344,7 @@ class _Planner:
         for k, branch in enumerate(branches):
             self._check_layer(branch.layer, unit, "output")
             ids = _propagate_ids(
-                _channel_ids(shape(branch.layer.node), branch.layer.channel_axis),
+                lambda b=branch: _channel_ids(shape(b.layer.node), b.layer.channel_axis),
                 branch.path,
                 branch.layer.node,
                 self._resolve,
@@ -418,7 +418,7 @@ class _Planner:
                     "padding would see 0 instead of the norm's shift at the borders",
                 )
             _check_positive(unit, path, m.s)
-            ids = _propagate_ids(_channel_ids(x_shape, m.axis), path, out, self._resolve)
+            ids = _propagate_ids(lambda: _channel_ids(x_shape, m.axis), path, out, self._resolve)
             scale, shift = _consumer_map(unit, m, x_shape, ids, layer)
             updates.append(self._update(layer, "input", scale, shift))
         pattern = f"{'bn' if unit.kind == 'batch_norm' else 'affine'}-{updates[0].kind}"
@@ -498,7 +498,7 @@ class _Planner:
         unit: Unit,
         m: _Map,
         x_shape: tuple[int, ...],
-        ids: torch.Tensor,
+        ids: torch.Tensor | None,
         layer: Layer,
         path: list[fx.Node],
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,7 +516,10 @@ class _Planner:
                 f"{unit.name} normalizes axis {m.axis} of the {shape(layer.node)} output of "
                 f"{_describe(layer.node)}, whose channels are on axis {out_axis}",
             )
-        rows = _axis_ids(ids, m.axis, unit, allow_missing=True)  # norm channel -> layer channel or -1
+        if ids is None:  # the norm reads the layer output itself, channel axis checked above
+            rows = torch.arange(channels)
+        else:
+            rows = _axis_ids(ids, m.axis, unit, allow_missing=True)  # norm channel -> layer channel or -1
         s, t = m.s.reshape(-1).expand(x_shape[m.axis]), m.t.reshape(-1).expand(x_shape[m.axis])
         hit = rows >= 0
         targets = rows[hit]
@@ -571,9 +574,13 @@ def _channel_ids(full_shape: tuple[int, ...], axis: int | None) -> torch.Tensor:
 
 
 def _propagate_ids(
-    ids: torch.Tensor, path: list[fx.Node], start: fx.Node, resolve: Callable[[Any], Any]
-) -> torch.Tensor:
-    """Run ``path`` on channel ids (``-1``: no channel of ours) starting from node ``start``."""
+    ids: Callable[[], torch.Tensor], path: list[fx.Node], start: fx.Node, resolve: Callable[[Any], Any]
+) -> torch.Tensor | None:
+    """Run ``path`` on channel ids (``-1``: no channel of ours) starting from node ``start``; None
+    for an empty path (the channel axis is where it started: no tensor needed)."""
+    if not path:
+        return None
+    ids = ids()
     prev = start
     for node in path:
         ids = _step(node, prev, ids, resolve)
@@ -635,14 +642,21 @@ def _axis_ids(ids: torch.Tensor, axis: int, unit: Unit, *, allow_missing: bool) 
 
 
 def _consumer_map(
-    unit: Unit, m: _Map, x_shape: tuple[int, ...], ids: torch.Tensor, layer: Layer
+    unit: Unit, m: _Map, x_shape: tuple[int, ...], ids: torch.Tensor | None, layer: Layer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per consumer-input-channel (scale, shift) of the unit's map pushed forward to the layer."""
-    channels = ids.shape[layer.channel_axis]
+    channels = x_shape[layer.channel_axis] if ids is None else ids.shape[layer.channel_axis]
     if m.axis is None:
         return (torch.full((channels,), m.s.item(), dtype=torch.float64),
                 torch.full((channels,), m.t.item(), dtype=torch.float64))  # fmt: skip
-    idx = _axis_ids(ids, layer.channel_axis % ids.dim(), unit, allow_missing=False)
+    if ids is None:  # the layer reads the norm output itself
+        in_axis = layer.channel_axis % len(x_shape)
+        if in_axis != m.axis:
+            raise _Fail("wrong_axis", f"{unit.name} normalizes axis {m.axis} of the input of "
+                        f"{_describe(layer.node)}, whose channels are on axis {in_axis}")  # fmt: skip
+        idx = torch.arange(channels)
+    else:
+        idx = _axis_ids(ids, layer.channel_axis % ids.dim(), unit, allow_missing=False)
     n = x_shape[m.axis]
     return m.s.reshape(-1).expand(n)[idx], m.t.reshape(-1).expand(n)[idx]
 
