@@ -371,7 +371,7 @@ class _Planner:
         layer = rules.read_layer(node)
         if layer is not None:
             return [_Branch(layer, [])]
-        through = rules.THROUGH.get(node.target) if node.op == "call_function" else None
+        through = rules.through_of(node)
         if through is not None and _same_dtype(node):
             reason = through.check(bind(node))
             if reason is not None:
@@ -432,7 +432,7 @@ class _Planner:
             if layer is not None and self._resolve(layer.input) is node:
                 found.append((layer, path))
                 continue
-            through = rules.THROUGH.get(user.target) if user.op == "call_function" else None
+            through = rules.through_of(user)
             if (
                 through is None
                 or self._resolve(rules.through_input(user)) is not node
@@ -551,7 +551,7 @@ class _Planner:
 
 def _check_positive(unit: Unit, path: list[fx.Node], scale: torch.Tensor) -> None:
     """``max(s*x + t) = s*max(x) + t`` only for ``s > 0``."""
-    maxima = [n for n in path if n.target in rules.THROUGH and rules.THROUGH[n.target].kind == "max"]
+    maxima = [n for n in path if (t := rules.through_of(n)) is not None and t.kind == "max"]
     if maxima and not bool((scale > 0).all()):
         raise _Fail(
             "negative_scale",

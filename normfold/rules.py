@@ -255,9 +255,23 @@ REDUCTIONS = {aten.mean.dim, aten.amax.default}
 MERGES = {aten.cat.default: "concat", aten.add.Tensor: "add"}
 
 
+_COPY = Through("cat", "layout")
+
+
+def through_of(node: fx.Node) -> Through | None:
+    """The :data:`THROUGH` rule of ``node``; a concat of a single tensor is a copy."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.cat.default and len(node.args[0]) == 1:
+        return _COPY
+    return THROUGH.get(node.target)
+
+
 def through_input(node: fx.Node) -> fx.Node | None:
-    """The tensor an op from :data:`THROUGH` passes the map along (its first argument)."""
+    """The tensor an op from :data:`THROUGH` passes the map along (its first tensor argument)."""
     first = node.args[0] if node.args else None
+    if isinstance(first, (list, tuple)) and len(first) == 1:
+        first = first[0]
     return first if isinstance(first, fx.Node) else None
 
 

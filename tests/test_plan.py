@@ -318,3 +318,9 @@ def test_matmul_layers_fold_both_ways(how):
     assert result.program.state_dict["w"].shape == model.w.shape
     model = randomize_bn(MatmulLayer(how, norm_first=True))
     _folds(model, x, [("bn", "bn-linear", "w", "both")])
+
+
+def test_concat_of_one_tensor_is_a_copy():  # torchvision's DenseNet concatenates a single input
+    model = randomize_bn(Seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), lambda t: torch.cat([t], 1)))
+    result = _folds(model, _x((2, 3, 4, 4)), [("norm", "conv-bn", "layer", "both")])
+    assert result.folded[0].through == ("cat",)
