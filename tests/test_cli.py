@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ZOO_EXPORT_ONLY, ZOO_KEPT
+from helpers import ZOO_EXPORT_ONLY, ZOO_KEPT, ZOO_SHOWS
 from normfold.cli.app import app
 from normfold.models import ZOO, example_inputs, mlp, resnet
 from safetensors.torch import save_file
@@ -546,3 +546,11 @@ def test_not_quiet_prints_layers_parity_and_summary(tmp_path: Path) -> None:
     assert "Norm layers of factory normfold.models:mlp" in result.stdout
     assert "folded 2 of 2 norm ops" in result.stdout
     assert "torch.export" in result.stdout and "pass" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_SHOWS))
+def test_inspect_shows_each_zoo_pattern(name: str) -> None:
+    result = ok("inspect", f"normfold.models:{name}")
+    for norm, pattern, _ in ZOO_SHOWS[name]:
+        row = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"│ {norm} "))
+        assert f"({pattern})" in row, row
