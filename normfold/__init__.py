@@ -1,5 +1,9 @@
 """normfold: fold eval-mode BatchNorm into neighbouring Conv/ConvTranspose/Linear layers.
 
+One engine on the ``torch.export`` graph: capture (:mod:`normfold.graph`), plan
+(:mod:`normfold.plan`, patterns in :mod:`normfold.rules`), apply to the module and the exported
+program (:mod:`normfold.apply`); :func:`fold` runs the three.
+
 The public API is imported lazily (PEP 562) so that ``import normfold`` and the CLI's
 ``--help``/``--version`` never pay for importing torch.
 """
@@ -30,6 +34,7 @@ _LAZY = {
     "FoldResult": "normfold.folding",
     "Folded": "normfold.folding",
     "Skipped": "normfold.folding",
+    "Uncaptured": "normfold.parts",
     "verify": "normfold.parity",
     "ParityReport": "normfold.parity",
     "OutputParity": "normfold.parity",
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
         run_model,
         verify,
     )
+    from normfold.parts import Uncaptured
     from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
 
 
@@ -95,6 +101,7 @@ __all__ = [
     "Skipped",
     "Tolerance",
     "TraceError",
+    "Uncaptured",
     "UsageError",
     "__version__",
     "compare",
