@@ -197,7 +197,8 @@ class _Planner:
             try:
                 m = self._map(unit, nodes)
             except _Fail as fail:
-                self._keep(unit, fail)
+                if unit.kind == "batch_norm":  # arithmetic that is no per-channel map is no norm
+                    self._keep(unit, fail)
                 continue
             try:
                 self._commit(unit, nodes, self._backward(unit, nodes, m))
@@ -207,8 +208,8 @@ class _Planner:
             try:
                 self._commit(unit, nodes, self._forward(unit, nodes, m))
             except _Fail as fwd:
-                if unit.kind == "affine" and m.axis is None:
-                    continue  # a scalar op that did not fold is not a norm: nothing to report
+                if unit.kind == "affine" and not _norm_like(m):
+                    continue  # a scalar op or a layer scale that stays is not a norm: not reported
                 # the forward attempt's code only when it names what blocks a fold that could exist
                 self._keep(unit, back if fwd.code in _GENERIC_FORWARD else fwd, back)
         order = {n.name: i for i, n in enumerate(self.capture.graph.nodes)}
@@ -547,6 +548,11 @@ class _Planner:
             scale=scale,
             shift=shift,
         )
+
+
+def _norm_like(m: _Map) -> bool:
+    """A hand-written map worth reporting when it stays: per-channel scale *and* shift, like a BN."""
+    return m.axis is not None and bool((m.s != 1).any()) and bool((m.t != 0).any())
 
 
 def _check_positive(unit: Unit, path: list[fx.Node], scale: torch.Tensor) -> None:
