@@ -1,0 +1,528 @@
+"""Fold BatchNorm in ~50 popular torchvision/timm classifiers; compare with fx fusion and the ONNX exporter.
+
+Not part of CI: torchvision and timm are never test dependencies. Install them in a separate
+environment next to an editable normfold, with the CUDA build of torch from PyPI (it runs on CPU)::
+
+    python -m venv /work/rmvenv
+    /work/rmvenv/bin/pip install torch==2.13.0 torchvision==0.28.0 timm \\
+        onnx onnxruntime onnxscript typer rich safetensors
+    /work/rmvenv/bin/pip install --no-deps -e .
+
+(Where a pip config or ``PIP_FIND_LINKS`` points pip at a local folder holding a ``+cpu`` torch
+wheel, prefix both installs with ``env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null``: torchvision
+from PyPI needs PyPI's torch, or ``torchvision::nms`` is missing.)
+
+Run it (5-40 s a model, about 11 minutes for the whole list on 2 CPU cores)::
+
+    /work/rmvenv/bin/python benchmarks/real_models.py --json benchmarks/real_models_latest.json
+    /work/rmvenv/bin/python benchmarks/real_models.py --models resnet18,timm/levit_128s --skip-onnx
+
+Models are built with random weights (``weights=None`` / ``pretrained=False``). Every
+``_BatchNorm`` then gets seeded random statistics and affine parameters (running_mean ~ N(0, 0.5),
+running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2)), so that no fold is trivially
+exact and timm's zero-initialised last norm of a residual branch does not hide an error. The
+input is a seeded batch of 2 at 3x160x160, or at the size a model requires (``--size`` changes
+the default; models with a fixed input size keep theirs). A name in ``--models`` may carry a
+``tv/`` or ``timm/`` prefix; without one, torchvision is tried first.
+
+Columns of the table (batch-norm ops are ATen nodes ``batch_norm`` or
+``_native_batch_norm_legit_no_training`` of a ``torch.export.export(strict=False)`` graph):
+
+* ``BN before``: batch-norm ops in the export of the original model.
+* ``normfold left``: batch-norm ops left in ``normfold.fold(model, (x,)).program``.
+* ``fx fuse left``: batch-norm ops in the export of ``torch.fx.experimental.optimization.fuse``'s
+  output; ``fail`` when fuse (symbolic tracing) raises.
+* ``ONNX left``: ``BatchNormalization`` nodes in ``torch.onnx.export(model, dynamo=True)`` of the
+  original model, i.e. what the exporter's own optimizer leaves.
+* ``ONNX after nf``: the same count for the ONNX export of normfold's folded program.
+* ``ratio``: ``max(err_fold, err_fold_export) / err_orig``, where each error is the max abs
+  difference from a float64 run of the original model: ``err_fold`` of ``result.model``,
+  ``err_fold_export`` of ``result.program.module()`` and ``err_orig`` of the float32 original.
+  At most 2 means folding costs at most twice the float32 model's own rounding error.
+* ``fold s``, ``export s``, ``fx s``: wall time of one ``normfold.fold`` call, of
+  ``torch.export.export`` alone and of ``fuse`` alone, measured back to back on each model.
+* ``failure``: the exception ``normfold.fold`` raised (type and first line).
+
+After the table come the norms normfold keeps for each model (grouped by skip code, with a
+sample reason) and the cases worth a look: ONNX after normfold keeping more than normfold,
+ratios above 2, failures. ``--json`` writes every number, error text and traceback; it is
+rewritten after each model, so a long run that stops still leaves its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import timm
+import torch
+import torchvision
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import normfold
+
+SEED = 0
+BATCH = 2
+DEFAULT_SIZE = 160
+
+#: torchvision models and their constructor options (every one has BatchNorm)
+TORCHVISION: dict[str, dict[str, Any]] = {
+    "resnet18": {},
+    "resnet50": {},
+    "resnext50_32x4d": {},
+    "wide_resnet50_2": {},
+    "densenet121": {},
+    "mobilenet_v2": {},
+    "mobilenet_v3_small": {},
+    "mobilenet_v3_large": {},
+    "efficientnet_b0": {},
+    "efficientnet_v2_s": {},
+    "regnet_y_400mf": {},
+    "regnet_x_400mf": {},
+    "shufflenet_v2_x1_0": {},
+    "mnasnet1_0": {},
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+    "vgg11_bn": {},
+}
+
+#: input sizes torchvision models need (timm models say so in their pretrained_cfg)
+TORCHVISION_SIZE = {"inception_v3": 299}
+
+#: timm models with BatchNorm, one or two of each family
+TIMM = [
+    "resnet26d",
+    "seresnext26d_32x4d",
+    "resnetv2_50",
+    "resnest14d",
+    "res2net50_14w_8s",
+    "skresnet18",
+    "tresnet_m",
+    "cspdarknet53",
+    "cspresnet50",
+    "dla34",
+    "dpn68",
+    "hrnet_w18_small",
+    "selecsls42b",
+    "ese_vovnet19b_dw",
+    "gernet_s",
+    "regnety_002",
+    "rexnet_100",
+    "lcnet_100",
+    "mobilenetv3_large_100",
+    "tf_mobilenetv3_small_100",
+    "mobilenetv4_conv_small",
+    "efficientnet_b0",
+    "tf_efficientnet_b0",
+    "mixnet_s",
+    "mixnet_m",
+    "hardcorenas_a",
+    "fbnetc_100",
+    "spnasnet_100",
+    "ghostnet_100",
+    "repvgg_a0",
+    "mobileone_s0",
+    "fastvit_t8",
+    "inception_next_tiny",
+    "levit_128s",
+    "mobilevit_xs",
+    "efficientvit_b0",
+    "efficientvit_m0",
+]
+
+DEFAULT_MODELS = [f"tv/{n}" for n in TORCHVISION] + [f"timm/{n}" for n in TIMM]
+
+BN_OPS = {
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+}
+
+#: skip codes that are not kept BatchNorm ops (norms never called, per-sample norms)
+NOT_KEPT = ("unused", "per_sample_statistics")
+
+COLUMNS = [
+    "model",
+    "BN before",
+    "normfold left",
+    "fx fuse left",
+    "ONNX left",
+    "ONNX after nf",
+    "ratio",
+    "fold s",
+    "export s",
+    "fx s",
+    "failure",
+]
+
+
+# --- models and inputs -----------------------------------------------------------------------------
+
+
+def resolve(name: str) -> str:
+    """``tv/NAME`` or ``timm/NAME``; a bare name is torchvision's when it has one."""
+    if name.startswith(("tv/", "timm/")):
+        return name
+    return f"tv/{name}" if name in torchvision.models.list_models() else f"timm/{name}"
+
+
+def build(name: str, size: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model (random init) and the input shape it runs on."""
+    source, _, arch = name.partition("/")
+    if source == "tv":
+        model = torchvision.models.get_model(arch, weights=None, **TORCHVISION.get(arch, {}))
+        side = TORCHVISION_SIZE.get(arch, size)
+        return model, (3, side, side)
+    model = timm.create_model(arch, pretrained=False)
+    cfg = model.pretrained_cfg
+    if cfg.get("fixed_input_size"):
+        return model, tuple(cfg["input_size"])
+    side = max(size, *cfg.get("min_input_size", (3, 0, 0))[1:])
+    return model, (3, side, side)
+
+
+def randomize_batch_norms(model: nn.Module, generator: torch.Generator) -> int:
+    """Give every ``_BatchNorm`` random statistics and affine parameters; return how many there are."""
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+            count += 1
+            n = module.num_features
+            if module.running_mean is not None:
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            if module.weight is not None:
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+    return count
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# --- counting -----------------------------------------------------------------------------------
+
+
+def count_bn(program: torch.export.ExportedProgram) -> int:
+    """Batch-norm ops in an exported program, nested graphs included."""
+    return sum(
+        node.op == "call_function" and node.target in BN_OPS
+        for module in program.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+    )
+
+
+def export(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    return torch.export.export(model, (x,), strict=False)
+
+
+def count_onnx_bn(model: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> int:
+    """``BatchNormalization`` nodes in the dynamo ONNX export (graph, subgraphs and functions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+        proto = onnx.load(str(path), load_external_data=False)
+
+    def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    yield from nodes(sub)
+
+    all_nodes = [*nodes(proto.graph), *(n for f in proto.functions for n in f.node)]
+    return sum(n.op_type == "BatchNormalization" for n in all_nodes)
+
+
+# --- parity ---------------------------------------------------------------------------------------
+
+
+def tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def max_error(output: Any, reference: list[torch.Tensor]) -> float:
+    got = tensors(output)
+    if len(got) != len(reference):
+        raise ValueError(f"{len(got)} output tensor(s), the reference has {len(reference)}")
+    return max((g.double() - r).abs().max().item() for g, r in zip(got, reference, strict=True))
+
+
+# --- one model ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep the exporters' warnings and logs out of the table."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "normfold")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def describe(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - start
+
+
+def measure(name: str, size: int, skip_onnx: bool) -> dict[str, Any]:
+    """Every number of one row; a step that raises is recorded and the others still run."""
+    generator = seed_everything(SEED)
+    model, shape = build(name, size)
+    row: dict[str, Any] = {"model": name, "input": [BATCH, *shape], "errors": {}}
+    row["bn_modules"] = randomize_batch_norms(model, generator)
+    model.eval()
+    x = torch.randn(BATCH, *shape, generator=generator)
+
+    def step(key: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:
+            row["errors"][key] = describe(e)
+            if key == "fold":
+                row["failure"] = describe(e)
+                row["traceback"] = traceback.format_exc()
+            return None
+
+    # timings, back to back on the same model
+    program, row["export_s"] = timed(export, model, x)
+    row["bn_before"] = count_bn(program)
+    del program
+    timing = step("fold", timed, normfold.fold, model, (x,))
+    result = None
+    if timing is not None:
+        result, row["fold_s"] = timing
+        row["left"] = count_bn(result.program)
+        row["folded"] = len(result.folded)
+        row["export_only"] = len(result.export_only)
+        row["replan_folds"] = result.replan_folds
+        row["kept"] = [{"norm": s.norm, "type": s.norm_type, "code": s.code, "reason": s.reason}
+                       for s in result.skipped if s.code not in NOT_KEPT]  # fmt: skip
+    fused_timing = step("fx", timed, fuse, copy.deepcopy(model))
+    if fused_timing is not None:
+        fused, row["fx_s"] = fused_timing
+        row["fx_left"] = step("fx_export", lambda: count_bn(export(fused, x)))
+        del fused
+    if row.get("fx_left") is None:
+        row["fx_left"] = "fail"
+
+    if not skip_onnx:
+        row["onnx_left"] = step("onnx", count_onnx_bn, model, x)
+        if result is not None:
+            row["onnx_nf_left"] = step("onnx_nf", count_onnx_bn, result.program, x)
+
+    step("parity", parity, row, model, result, x)
+    return row
+
+
+def parity(row: dict[str, Any], model: nn.Module, result: Any, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        reference = [t.double() for t in tensors(copy.deepcopy(model).double()(x.double()))]
+        scale = max(r.abs().max().item() for r in reference)
+        errors = {"err_orig": max_error(model(x), reference)}
+        if result is not None:
+            errors["err_fold"] = max_error(result.model(x), reference)
+            errors["err_fold_export"] = max_error(result.program.module()(x), reference)
+    row.update(errors)
+    row["ref_max"] = scale
+    for key, value in errors.items():
+        row[f"{key}_rel"] = value / scale if scale else math.nan
+    if result is not None:
+        worst = max(errors["err_fold"], errors["err_fold_export"])
+        row["ratio"] = worst / errors["err_orig"] if errors["err_orig"] else math.inf * (worst > 0)
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
+    for r in rows:
+        values = [r["model"], r.get("bn_before"), r.get("left"), r.get("fx_left"), r.get("onnx_left"),
+                  r.get("onnx_nf_left"), r.get("ratio"), r.get("fold_s"), r.get("export_s"),
+                  r.get("fx_s"), r.get("failure", "")]  # fmt: skip
+        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+    lines.append("| " + " | ".join(cell(v) for v in totals(rows).values()) + " |")
+    return "\n".join(lines)
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def total(key: str) -> str | float | None:
+        values = [r.get(key) for r in rows]
+        numbers = [v for v in values if isinstance(v, (int, float))]
+        if not numbers:
+            return None
+        missing = len(values) - len(numbers)
+        return f"{cell(sum(numbers))} ({missing} n/a)" if missing else sum(numbers)
+
+    ratios = [r["ratio"] for r in rows if isinstance(r.get("ratio"), float)]
+    failures = sum("failure" in r for r in rows)
+    return {
+        "model": f"**total ({len(rows)} models)**",
+        "bn_before": total("bn_before"),
+        "left": total("left"),
+        "fx_left": total("fx_left"),
+        "onnx_left": total("onnx_left"),
+        "onnx_nf_left": total("onnx_nf_left"),
+        "ratio": max(ratios, default=None),
+        "fold_s": total("fold_s"),
+        "export_s": total("export_s"),
+        "fx_s": total("fx_s"),
+        "failure": f"{failures} failure(s)",
+    }
+
+
+def kept_section(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Norms normfold keeps, by code", ""]
+    for r in rows:
+        kept = r.get("kept")
+        if kept is None:
+            lines.append(f"- {r['model']}: (fold failed)")
+            continue
+        if not kept:
+            lines.append(f"- {r['model']}: none")
+            continue
+        codes = Counter(k["code"] for k in kept)
+        lines.append(f"- {r['model']}: " + ", ".join(f"{code} x{n}" for code, n in codes.most_common()))
+        for code in codes:
+            k = next(k for k in kept if k["code"] == code)
+            lines.append(f"    - {code}: e.g. `{k['norm']}` ({k['type']}): {k['reason']}")
+    return "\n".join(lines)
+
+
+def checks_section(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Worth a look", ""]
+    for r in rows:
+        nf, left = r.get("onnx_nf_left"), r.get("left")
+        if isinstance(nf, int) and isinstance(left, int) and nf > left:
+            lines.append(f"- {r['model']}: {nf} BatchNormalization in ONNX after normfold, {left} before")
+        ratio = r.get("ratio")
+        if isinstance(ratio, float) and not ratio <= 2:
+            lines.append(
+                f"- {r['model']}: ratio {ratio:.2f} (err_orig {r['err_orig']:.3g}, "
+                f"err_fold {r['err_fold']:.3g}, err_fold_export {r['err_fold_export']:.3g}, "
+                f"max|ref| {r['ref_max']:.3g})"
+            )
+        if r.get("bn_before") == 0:
+            lines.append(f"- {r['model']}: has no batch-norm op")
+        for key, message in r["errors"].items():
+            if not key.startswith("fx"):
+                lines.append(f"- {r['model']}: {key} failed: {message}")
+    if len(lines) == 2:
+        lines.append("- nothing")
+    fx = [f"- {r['model']}: {r['errors'].get('fx') or r['errors']['fx_export']}"
+          for r in rows if r.get("fx_left") == "fail"]  # fmt: skip
+    return "\n".join([*lines, "", "## fx fuse failures", "", *(fx or ["- none"])])
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """The first export in a process pays one-off costs; pay them before anything is timed."""
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    export(small, x)
+    normfold.fold(small, (x,))
+    fuse(small)
+
+
+def engine_version() -> str:
+    """The commit of the normfold checkout, ``-dirty`` when it has uncommitted changes."""
+    root = Path(normfold.__file__).parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return normfold.__version__
+    return out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated names (tv/NAME, timm/NAME or NAME)")
+    parser.add_argument("--json", type=Path, help="write every row here (rewritten after each model)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input side for resizable models")
+    parser.add_argument("--skip-onnx", action="store_true", help="leave out the two ONNX exports")
+    args = parser.parse_args(argv)
+    names = [resolve(n.strip()) for n in args.models.split(",")] if args.models else DEFAULT_MODELS
+
+    with quiet():
+        warm_up()
+    meta = {"normfold": engine_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "seed": SEED, "size": args.size}  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(names, 1):
+        start = time.perf_counter()
+        try:
+            with quiet():
+                row = measure(name, args.size, args.skip_onnx)
+        except Exception as e:  # the model could not be built or exported at all
+            row = {"model": name, "errors": {"build": describe(e)}, "traceback": traceback.format_exc()}
+        row["total_s"] = time.perf_counter() - start
+        rows.append(row)
+        gc.collect()
+        status = row.get("failure") or ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "ok"
+        print(f"[{i}/{len(names)}] {name} {row['total_s']:.0f}s {status}", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+    print(table(rows), kept_section(rows), checks_section(rows), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()
