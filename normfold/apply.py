@@ -115,9 +115,9 @@ class _Eager:
         return result
 
     def _why_not(self, fold: Fold, removed: set[str]) -> str | None:
-        for unit_node in fold.after:
-            if unit_node not in removed:
-                return f"it passes through {unit_node}, which stays in the eager model"
+        for node in fold.after:
+            if node not in removed:
+                return f"it passes through {node}, which stays in the eager model"
         path, how = self._removal(fold, removed)
         if path is None:
             return how

@@ -94,7 +94,7 @@ class Fold:
     pattern: str  # e.g. conv-bn, linear-bn, bn-conv, concat-bn, add-bn, conv-affine
     updates: tuple[LayerUpdate, ...]
     through: tuple[str, ...]  # names of ops between the layer(s) and the norm
-    after: tuple[str, ...]  # units (first node name) this fold passes through
+    after: tuple[str, ...]  # folded ops (node names) this fold passes through
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,7 @@ class _Planner:
         self.capture = capture
         self.consts = Constants(capture)
         self.removed: dict[fx.Node, fx.Node] = {}  # folded op -> its input on the chain
+        self._passed: list[fx.Node] = []  # folded ops the current walk went through
         self.result = Plan()
 
     # --- driver ---------------------------------------------------------------------------------
@@ -337,6 +338,7 @@ class _Planner:
         first = nodes[0]
         x = _chain_input(first, self.consts)
         merge: list[fx.Node] = []
+        self._passed = []
         branches = self._sources(x, first, merge, f"input of {unit.name}")
         if len({id(b.layer.node) for b in branches}) != len(branches):
             raise _Fail("repeated_branch", f"the same layer output reaches {unit.name} twice")
@@ -357,12 +359,12 @@ class _Planner:
         kind = branches[0].layer.kind if len(branches) == 1 else rules.MERGES[merge[0].target]
         norm = "bn" if unit.kind == "batch_norm" else "affine"
         through = tuple(dict.fromkeys(n.name for b in branches for n in b.path))
-        after = tuple(self._units_on(b.path) for b in branches)
-        return Fold(unit, f"{kind}-{norm}", tuple(updates), through, tuple(u for a in after for u in a))
+        return Fold(unit, f"{kind}-{norm}", tuple(updates), through, self._after())
 
     def _sources(self, node: fx.Node, user: fx.Node, merge: list[fx.Node], role: str) -> list[_Branch]:
         """The layers whose outputs reach ``user`` (as ``node``) through commuting ops."""
         while node in self.removed:
+            self._passed.append(node)
             node = self.removed[node]
         if node.op == "placeholder":
             raise _stop(node, role)
@@ -400,6 +402,7 @@ class _Planner:
     def _forward(self, unit: Unit, nodes: list[fx.Node], m: _Map) -> Fold:
         out = nodes[-1]
         x_shape = shape(_chain_input(nodes[0], self.consts))
+        self._passed = []
         sinks = self._sinks(out, [], unit)
         if not sinks:
             raise _Fail("unused", f"{unit.name} output is never used")
@@ -424,7 +427,7 @@ class _Planner:
             updates.append(self._update(layer, "input", scale, shift))
         pattern = f"{'bn' if unit.kind == 'batch_norm' else 'affine'}-{updates[0].kind}"
         through = tuple(dict.fromkeys(n.name for _, p in sinks for n in p))
-        return Fold(unit, pattern, tuple(updates), through, ())
+        return Fold(unit, pattern, tuple(updates), through, self._after())
 
     def _sinks(self, node: fx.Node, path: list[fx.Node], unit: Unit) -> list[tuple[Layer, list[fx.Node]]]:
         found = []
@@ -460,13 +463,15 @@ class _Planner:
         out: list[fx.Node] = []
         for u in node.users:
             if u in self.removed:
+                self._passed.append(u)
                 out.extend(self._users(u))
             elif not _shape_only(u, node):
                 out.append(u)
         return out
 
-    def _units_on(self, path: list[fx.Node]) -> tuple[str, ...]:
-        return tuple(n.name for n in path if n in self.removed)
+    def _after(self) -> tuple[str, ...]:
+        """The folded ops the last walk passed through: the fold is exact only where they are gone."""
+        return tuple(dict.fromkeys(n.name for n in self._passed))
 
     def _check_layer(self, layer: Layer, unit: Unit, side: str) -> None:
         what = _describe(layer.node)

@@ -117,3 +117,37 @@ def test_new_bias_of_a_module_whose_name_is_not_an_identifier():
     result = normfold.fold(model, x)
     assert "block1-0.bias" in result.program.state_dict
     assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
+
+
+class FunctionalThenModule(nn.Module):
+    """conv -> F.batch_norm in forward (export only) -> a BatchNorm module folding through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.inner, self.outer = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        i = self.inner
+        y = torch.nn.functional.batch_norm(self.conv(x), i.running_mean, i.running_var, i.weight, i.bias)
+        return self.outer(y)
+
+
+def test_a_fold_through_an_export_only_fold_is_export_only_too():
+    model = randomize_bn(FunctionalThenModule())
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert [(f.norm, f.where, f.note) for f in result.folded] == [
+        (
+            "inner",
+            "export",
+            "folded in the export only: the norm is a functional call in forward code, not a norm module",
+        ),
+        (
+            "outer",
+            "export",
+            "folded in the export only: it passes through batch_norm, which stays in the eager model",
+        ),
+    ]
+    assert torch.equal(result.model(x), model(x))  # the eager model is untouched, conv included
+    assert bn_ops(result.program) == 0
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
