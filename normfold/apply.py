@@ -80,13 +80,19 @@ class _Eager:
         self.plan, self.capture, self.model = plan, capture, model
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.by_name = {n.name: n for n in capture.graph.nodes}
-        consts = Constants(capture)
+        self.consts = consts = Constants(capture)
         # module path -> names of the ops it owns (any call, nested modules included)
         self.owned: dict[str, set[str]] = {}
         for node in capture.graph.nodes:
             if node.op == "call_function" and tensor_meta(node) is not None and not consts.is_const[node]:
                 for _, path in module_calls(node):
                     self.owned.setdefault(capture.canonical(path), set()).add(node.name)
+        # module path -> placeholders of its own parameters and buffers
+        self.state: dict[str, list[fx.Node]] = {}
+        for node in capture.graph.nodes:
+            fqn = capture.state_of(node)
+            if fqn is not None:
+                self.state.setdefault(capture.canonical(fqn.rpartition(".")[0]), []).append(node)
         # BatchNorm stats FQN -> every batch_norm op reading it (folded or not)
         self.stat_users: dict[str, set[str]] = {}
         for unit in [f.unit for f in plan.folds] + [k.unit for k in plan.kept]:
@@ -172,11 +178,28 @@ class _Eager:
             return None, "the norm is written in forward code, not a module that can be removed"
         if module._forward_hooks or module._forward_pre_hooks:
             return None, f"{path} has forward hooks that would be lost"
+        reader = self._outside_reader(path, removed)
+        if reader is not None:
+            return None, f"{reader} reads {path}'s state outside the norm"
         if self.owned.get(path, set()) <= removed:
             return path, "identity"
         if unit.kind == "batch_norm" and self._neutralizable(module, path, unit.nodes[0]):
             return path, "neutral"
         return None, f"{path} ({type(module).__name__}) runs other ops that must stay"
+
+    def _outside_reader(self, path: str, removed: set[str]) -> str | None:
+        """An op that still reads a parameter or buffer of ``path`` once ``removed`` are gone."""
+        for node in self.state.get(path, ()):
+            for user in node.users:
+                if not self._dead(user, removed):
+                    return user.name
+        return None
+
+    def _dead(self, node: fx.Node, removed: set[str]) -> bool:
+        """Removed, or a constant feeding only removed ops (a view of a folded norm's buffer)."""
+        if node.name in removed:
+            return True
+        return self.consts.is_const.get(node, False) and all(self._dead(u, removed) for u in node.users)
 
     def _neutralizable(self, module: nn.Module, path: str, node_name: str) -> bool:
         if not isinstance(module, _BatchNorm) or module.running_mean is None:

@@ -151,3 +151,22 @@ def test_a_fold_through_an_export_only_fold_is_export_only_too():
     assert torch.equal(result.model(x), model(x))  # the eager model is untouched, conv included
     assert bn_ops(result.program) == 0
     assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
+
+
+class ReadsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.running_var.mean()  # reads the norm's state directly
+
+
+def test_a_norm_whose_state_is_read_elsewhere_stays_in_the_eager_model():
+    model = randomize_bn(ReadsBuffer())
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    [f] = [f for f in result.folded if f.norm == "bn"]
+    assert f.where == "export" and f.note == "folded in the export only: mean reads bn's state outside the norm"
+    assert torch.equal(result.model(x), model(x))
+    assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
