@@ -77,7 +77,7 @@ def eager_plan(plan: Plan, capture: Capture, model: nn.Module) -> EagerPlan:
 
 class _Eager:
     def __init__(self, plan: Plan, capture: Capture, model: nn.Module) -> None:
-        self.plan, self.capture, self.model = plan, capture, model
+        self.plan, self.capture = plan, capture
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.by_name = {n.name: n for n in capture.graph.nodes}
         self.consts = consts = Constants(capture)

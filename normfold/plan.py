@@ -345,7 +345,7 @@ class _Planner:
         x_shape = shape(x)
         updates = []
         for k, branch in enumerate(branches):
-            self._check_layer(branch.layer, unit, "output")
+            self._check_layer(branch.layer, unit)
             ids = _propagate_ids(
                 lambda b=branch: _channel_ids(shape(b.layer.node), b.layer.channel_axis),
                 branch.path,
@@ -408,7 +408,7 @@ class _Planner:
             raise _Fail("unused", f"{unit.name} output is never used")
         updates = []
         for layer, path in sinks:
-            self._check_layer(layer, unit, "input")
+            self._check_layer(layer, unit)
             if layer.transposed:
                 raise _Fail(
                     "transposed_consumer",
@@ -473,7 +473,7 @@ class _Planner:
         """The folded ops the last walk passed through: the fold is exact only where they are gone."""
         return tuple(dict.fromkeys(n.name for n in self._passed))
 
-    def _check_layer(self, layer: Layer, unit: Unit, side: str) -> None:
+    def _check_layer(self, layer: Layer, unit: Unit) -> None:
         what = _describe(layer.node)
         for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
             if arg is None:
