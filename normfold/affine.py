@@ -104,6 +104,8 @@ def scale_input(
     wg = w.reshape(groups, c_out // groups, c_in_g, *kernel)  # (G, C_out/G, C_in/G, *k)
     s = scale.to(torch.float64).reshape(groups, 1, c_in_g, *ones)
     t = shift.to(torch.float64).reshape(groups, 1, c_in_g)
-    b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    b = torch.zeros(c_out, dtype=torch.float64, device=w.device)
+    if bias is not None:
+        b = bias.detach().to(torch.float64)
     b = b + (wg.reshape(groups, c_out // groups, c_in_g, -1).sum(-1) * t).sum(-1).reshape(c_out)
     return (wg * s).reshape(w.shape), b

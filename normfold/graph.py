@@ -256,7 +256,8 @@ class Constants:
     def _evaluate(self, node: fx.Node) -> torch.Tensor | None:
         if node.op == "placeholder":
             t = self.capture.value(self.capture.fqn[node.name]).detach()
-            return t.to(torch.float64) if t.is_floating_point() else t
+            # on the CPU whatever the model's device: plans are small per-channel vectors
+            return t.to("cpu", torch.float64) if t.is_floating_point() else t.cpu()
 
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
