@@ -104,6 +104,10 @@ def fold_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     rtol: Annotated[float | None, typer.Option("--rtol", help="Override the relative tolerance.")] = None,
     atol: Annotated[float | None, typer.Option("--atol", help="Override the absolute tolerance.")] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option("--calibrate", help="Recalibrate BatchNorm statistics on these batches first (.pt)."),
+    ] = None,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -120,6 +124,7 @@ def fold_cmd(
             force=force,
             rtol=rtol,
             atol=atol,
+            calibrate=calibrate,
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )
         _write_report(report, run)
@@ -157,6 +162,48 @@ def inspect_cmd(
             out_console.print(
                 f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops would fold"
                 + (f" ({export_only} in the export only)" if export_only else "")
+            )
+
+
+@app.command("recalibrate")
+def recalibrate_cmd(
+    model: ModelArg,
+    data: Annotated[
+        Path, typer.Option("--data", help="torch.save'd list of batches (tensors or tuples of tensors).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output state dict: .pt, .pth or .safetensors.")],
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Replace BatchNorm running statistics by the exact eval-mode statistics on --data; write OUT."""
+    with _guard():
+        _check_report(report)
+        from normfold import pipeline
+        from normfold.load import parse_model_args
+
+        run = pipeline.recalibrate_and_write(
+            model, data, out, model=arch, model_args=parse_model_args(model_args), trust=trust,
+            force=force, on_step=None if quiet else _spinner,
+        )  # fmt: skip
+        _write_report(report, run)
+        if not quiet:
+            table = Table(title=f"Recalibrated norms of {run.source}", title_justify="left")
+            for col in ("norm", "level", "values", "mean drift (std)", "std drift"):
+                table.add_column(col, no_wrap=col != "norm")
+            for r in run.result.norms:
+                table.add_row(
+                    r.norm, str(r.level), f"{r.values:,}", f"{r.mean_drift:.3g}", f"{r.std_drift:.3g}"
+                )
+            out_console.print(table)
+            for norm, reason in run.result.skipped.items():
+                out_console.print(f"kept {norm}: {reason}", highlight=False)
+            out_console.print(
+                f"recalibrated {len(run.result.norms)} norms in {run.result.passes} passes; wrote {run.out}",
+                highlight=False,
             )
 
 
@@ -223,7 +270,7 @@ def _check_report(path: Path | None) -> None:
         raise UsageError(f"--report {path} is a directory")
 
 
-def _write_report(path: Path | None, run: FoldRun) -> None:
+def _write_report(path: Path | None, run: Any) -> None:
     if path is not None:
         from normfold.report import write_json
 

@@ -49,12 +49,15 @@ _LAZY = {
     "export_onnx": "normfold.export",
     "ExportResult": "normfold.export",
     "fold_and_export": "normfold.pipeline",
+    "recalibrate": "normfold.calibration",
+    "RecalibrateResult": "normfold.calibration",
     "inspect": "normfold.pipeline",
     "FoldRun": "normfold.pipeline",
     "InputSpec": "normfold.pipeline",
 }
 
 if TYPE_CHECKING:
+    from normfold.calibration import RecalibrateResult, recalibrate
     from normfold.export import ExportResult, export_model, export_onnx
     from normfold.folding import Folded, FoldResult, Skipped, fold
     from normfold.load import LoadedModel, load_inputs, load_model
@@ -98,6 +101,7 @@ __all__ = [
     "OutputParity",
     "ParityError",
     "ParityReport",
+    "RecalibrateResult",
     "Skipped",
     "Tolerance",
     "TraceError",
@@ -112,6 +116,7 @@ __all__ = [
     "inspect",
     "load_inputs",
     "load_model",
+    "recalibrate",
     "run_model",
     "verify",
 ]

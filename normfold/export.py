@@ -64,11 +64,16 @@ class ExportResult:
         }
 
 
-def check_destination(out: str | Path, *, force: bool = False) -> Path:
-    """Validate an output path before any work is done."""
+STATE_FORMATS = (".pt", ".pth", ".safetensors")
+
+
+def check_destination(
+    out: str | Path, *, force: bool = False, formats: Sequence[str] = tuple(FORMATS)
+) -> Path:
+    """Validate an output path (one of ``formats``) before any work is done."""
     out = Path(out)
-    if out.suffix not in FORMATS:
-        raise UsageError(f"--out {out}: unknown format {out.suffix or '(none)'}; use .onnx or .pt2")
+    if out.suffix not in formats:
+        raise UsageError(f"--out {out}: unknown format {out.suffix or '(none)'}; use {' or '.join(formats)}")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory")
     if out.exists() and not force:
@@ -135,6 +140,25 @@ def export_model(
             result.files.append(out.parent / f.name)
         result.path = out
     return result
+
+
+def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:
+    """Write ``model.state_dict()`` to ``out`` (``.pt``/``.pth`` or ``.safetensors``) atomically."""
+    out = check_destination(out, force=force, formats=STATE_FORMATS)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with _staging(out) as stage:
+        staged = stage / out.name
+        try:
+            if out.suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file({k: v.clone() for k, v in state.items()}, str(staged))  # no shared storage
+            else:
+                torch.save(state, staged)
+        except Exception as e:
+            raise ExportError(f"writing {out} failed: {first_line(e)}") from e
+        os.replace(staged, out)
+    return out
 
 
 def export_onnx(

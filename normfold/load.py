@@ -280,3 +280,31 @@ def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return tuple(obj)
     raise LoadError(f"{path} holds a {type(obj).__name__}; expected a tensor or a tuple of tensors")
+
+
+def load_batches(path: str | Path) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration batches saved with ``torch.save``, read safely: a list of batches, each a tensor
+    or a tuple of tensors (one per model input); a single tensor is one batch."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such data file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoadError(f"{path} is not a readable tensor file (weights_only load): {first_line(e)}") from e
+    items = [obj] if isinstance(obj, torch.Tensor) else obj
+    if not isinstance(items, (list, tuple)) or not items:
+        raise LoadError(f"{path} holds a {type(obj).__name__}; expected a list of batches")
+    batches = []
+    for i, item in enumerate(items):
+        batch = (item,) if isinstance(item, torch.Tensor) else item
+        if (
+            not isinstance(batch, (list, tuple))
+            or not batch
+            or not all(isinstance(t, torch.Tensor) for t in batch)
+        ):
+            raise LoadError(
+                f"{path}: batch {i} is a {type(item).__name__}, not a tensor or a tuple of tensors"
+            )
+        batches.append(tuple(batch))
+    return batches

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from normfold.calibration import RecalibrateResult, recalibrate
 from normfold.errors import ParityError, UsageError
-from normfold.export import ExportResult, check_destination, export_model
+from normfold.export import STATE_FORMATS, ExportResult, check_destination, export_model, write_state_dict
 from normfold.folding import FoldResult, analyse, fold
 from normfold.graph import CaptureOptions
-from normfold.load import LoadedModel, load_inputs, load_model
+from normfold.load import LoadedModel, load_batches, load_inputs, load_model
 from normfold.parity import ParityReport, Tolerance, compare, random_inputs, run_model
 from normfold.report import StepHook, StepTimer, versions
 
@@ -67,10 +68,12 @@ class FoldRun:
     parity: ParityReport | None = None  # folded vs original, in PyTorch
     export: ExportResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    recalibration: RecalibrateResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "recalibration": self.recalibration.to_dict() if self.recalibration is not None else None,
             "input_shapes": [list(s) for s in self.input_shapes],
             **self.fold.to_dict(),
             "layers": [vars(r) for r in self.layers],
@@ -120,10 +123,14 @@ def fold_and_export(
     tolerances: Mapping[torch.dtype, Tolerance] | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    calibrate: str | Path | None = None,
     on_step: StepHook | None = None,
 ) -> FoldRun:
     """Load ``source``, fold it, prove parity in PyTorch, export to ``out`` and prove parity there.
 
+    ``calibrate``: a file of batches (see :func:`normfold.load.load_batches`); the BatchNorm
+    statistics are recalibrated on it first (:func:`normfold.recalibrate`), and parity is then
+    judged against the recalibrated model.
     ``tolerances``/``rtol``/``atol`` adjust the parity tolerances as in :func:`normfold.verify`.
     Raises :class:`~normfold.errors.ParityError` (nothing written) when the folded model differs
     from the original, :class:`~normfold.errors.ExportError` when export or its check fails.
@@ -137,10 +144,15 @@ def fold_and_export(
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
         example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
         parity_inputs = example if static_batch else _widen_batch(example, (inputs or InputSpec()).seed)
+    recalibration = None
+    if calibrate is not None:
+        with steps("recalibrate"):
+            recalibration = recalibrate(loaded.model, load_batches(calibrate), inplace=True)
     with steps("capture and fold"):
         # captured at the parity batch: torch.export specializes a batch of 1
         result = fold(loaded.model, parity_inputs, dynamic_batch=not static_batch)
     run = FoldRun(loaded.source, [tuple(t.shape) for t in example], result, _layers(result))
+    run.recalibration = recalibration
     with steps("verify (pytorch)"):
         reference = run_model(loaded.model, parity_inputs, role="original")
         tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
@@ -162,6 +174,52 @@ def fold_and_export(
         )
     run.timings = steps.timings
     return run
+
+
+@dataclass
+class RecalibrateRun:
+    """What the ``recalibrate`` command reports."""
+
+    source: str
+    result: RecalibrateResult
+    out: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "out": str(self.out),
+            **self.result.to_dict(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "versions": versions(),
+        }
+
+
+def recalibrate_and_write(
+    source: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    force: bool = False,
+    on_step: StepHook | None = None,
+) -> RecalibrateRun:
+    """Load ``source``, recalibrate its BatchNorm statistics on ``data``, write the state dict to
+    ``out`` (``.pt``/``.pth``/``.safetensors``; it loads into the same architecture)."""
+    out = check_destination(out, force=force, formats=STATE_FORMATS)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the input file; choose another path")
+    steps = StepTimer(on_step)
+    with steps("load"):
+        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+        batches = load_batches(data)
+    with steps("recalibrate"):
+        result = recalibrate(loaded.model, batches, inplace=True)
+    with steps("write"):
+        write_state_dict(result.model, out, force=force)
+    return RecalibrateRun(loaded.source, result, out, steps.timings)
 
 
 def _example_inputs(

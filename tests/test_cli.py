@@ -554,3 +554,62 @@ def test_inspect_shows_each_zoo_pattern(name: str) -> None:
     for norm, pattern, _ in ZOO_SHOWS[name]:
         row = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"│ {norm} "))
         assert f"({pattern})" in row, row
+
+
+# ------------------------------------------------------------------------------------------------
+# recalibrate
+
+
+def _calibration_batches(path: Path, n: int = 3) -> Path:
+    g = torch.Generator().manual_seed(11)
+    torch.save([torch.randn(4, 3, 32, 32, generator=g) * 1.5 + 0.2 for _ in range(n)], path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_recalibrate_writes_a_state_dict_that_loads_into_the_architecture(
+    tmp_path: Path, suffix: str
+) -> None:
+    data, out, report = (
+        _calibration_batches(tmp_path / "batches.pt"),
+        tmp_path / f"r{suffix}",
+        tmp_path / "r.json",
+    )
+    result = ok("recalibrate", RESNET, "--data", data, "--out", out, "--report", report)
+    assert "recalibrated 8 norms in" in result.stdout
+    assert listing(tmp_path) == sorted(["batches.pt", out.name, "r.json"])
+    expected = normfold.recalibrate(resnet(), torch.load(data)).model.state_dict()
+    fresh = resnet(seed=5)
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        fresh.load_state_dict(load_file(str(out)))
+    else:
+        fresh.load_state_dict(torch.load(out, weights_only=True))
+    for key, value in expected.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    data_json = json.loads(report.read_text())
+    assert (
+        data_json["passes"] == len({n["level"] for n in data_json["norms"]}) and len(data_json["norms"]) == 8
+    )
+
+
+def test_recalibrate_refuses_an_unknown_format_and_a_bad_data_file(tmp_path: Path) -> None:
+    bad = invoke("recalibrate", RESNET, "--data", tmp_path / "none.pt", "--out", tmp_path / "o.onnx")
+    assert bad.exit_code == 2 and "use .pt or .pth or .safetensors" in bad.output
+    (tmp_path / "dict.pt").write_bytes(b"")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "dict.pt")
+    bad = invoke("recalibrate", RESNET, "--data", tmp_path / "dict.pt", "--out", tmp_path / "o.pt")
+    assert bad.exit_code == 3 and "expected a list of batches" in bad.output
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_fold_with_calibrate_recalibrates_then_folds(tmp_path: Path) -> None:
+    data, out, report = _calibration_batches(tmp_path / "b.pt"), tmp_path / "o.onnx", tmp_path / "r.json"
+    ok("fold", RESNET, "--calibrate", data, "--out", out, "--report", report)
+    recalibrated = normfold.recalibrate(resnet(), torch.load(data)).model
+    (x,) = example_inputs("resnet")
+    assert_fp32_close(run_ort(out, x), reference(recalibrated, x))
+    assert not torch.allclose(run_ort(out, x), reference(resnet(), x), atol=1e-3)  # statistics changed
+    data_json = json.loads(report.read_text())
+    assert len(data_json["recalibration"]["norms"]) == 8 and "recalibrate" in data_json["timings_s"]

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normfold.errors import UsageError
-from normfold.recalibrate import recalibrate
+from normfold.calibration import recalibrate
 
 
 def _batches(n=4, shape=(8, 3, 6, 6), seed=0):
