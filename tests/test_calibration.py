@@ -8,8 +8,8 @@ from helpers import randomize_bn, state_bytes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normfold.errors import UsageError
 from normfold.calibration import recalibrate
+from normfold.errors import UsageError
 
 
 def _batches(n=4, shape=(8, 3, 6, 6), seed=0):

@@ -609,3 +609,9 @@ def test_package_functions_stay_callable_after_submodule_imports():
     import normfold.parity
 
     assert callable(normfold.fold) and callable(normfold.verify)
+
+
+def test_recalibrate_stays_callable_after_its_submodule_import():
+    import normfold.calibration
+
+    assert callable(normfold.recalibrate)
