@@ -50,6 +50,8 @@ _LAZY = {
     "ExportResult": "normfold.export",
     "fold_and_export": "normfold.pipeline",
     "recalibrate": "normfold.calibration",
+    "drop_redundant_biases": "normfold.bias",
+    "BiasResult": "normfold.bias",
     "RecalibrateResult": "normfold.calibration",
     "inspect": "normfold.pipeline",
     "FoldRun": "normfold.pipeline",
@@ -57,6 +59,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from normfold.bias import BiasResult, drop_redundant_biases
     from normfold.calibration import RecalibrateResult, recalibrate
     from normfold.export import ExportResult, export_model, export_onnx
     from normfold.folding import Folded, FoldResult, Skipped, fold
@@ -89,6 +92,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "BiasResult",
     "ExportError",
     "ExportResult",
     "FoldResult",
@@ -109,6 +113,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "compare",
+    "drop_redundant_biases",
     "export_model",
     "export_onnx",
     "fold",

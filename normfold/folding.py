@@ -126,7 +126,7 @@ def analyse(
     """Capture ``model`` (put in eval mode) and plan its folds; nothing is changed."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     model.eval()
     cap = capture(model, inputs, options or CaptureOptions())
     the_plan = plan(cap)
@@ -163,7 +163,7 @@ def fold(
             raise UsageError(
                 f"could not copy {type(model).__name__} (pass inplace=True to fold it in place): {e}"
             ) from e
-    inputs, options = _as_tuple(example_inputs), CaptureOptions(dynamic_batch=dynamic_batch)
+    inputs, options = as_inputs(example_inputs), CaptureOptions(dynamic_batch=dynamic_batch)
     try:
         analysis = analyse(model, inputs, options)
     except TraceError as e:
@@ -220,9 +220,10 @@ def _other_norms(model: nn.Module, cap: Capture, the_plan: Plan) -> list[Skipped
     return out
 
 
-def _as_tuple(example_inputs: ExampleInputs | None) -> tuple[torch.Tensor, ...]:
+def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors, or a UsageError naming ``caller``."""
     if example_inputs is None:
-        raise UsageError("fold() needs example_inputs: torch.export runs the model on them once")
+        raise UsageError(f"{caller}() needs example_inputs: torch.export runs the model on them once")
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):

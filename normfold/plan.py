@@ -219,7 +219,7 @@ class _Planner:
 
     def _keep(self, unit: Unit, fail: _Fail, backward: _Fail | None = None) -> None:
         reason = fail.reason
-        if backward is not None and backward is not fail:
+        if backward is not None and backward.reason != fail.reason:
             reason = f"{backward.reason}; as a forward fold: {fail.reason}"
         logger.debug("keep %s: %s", unit.name, reason)
         self.result.kept.append(Keep(unit, fail.code, reason))
@@ -370,7 +370,7 @@ class _Planner:
             raise _stop(node, role)
         users = self._users(node)
         if users != [user] or sum(self._resolve(a) is node for a in _flat_args(user)) > 1:
-            raise _Fail("multiple_users", f"{_describe(node)} output has {len(users)} users")
+            raise _Fail("multiple_users", f"{describe(node)} output has {len(users)} users")
         layer = rules.read_layer(node)
         if layer is not None:
             return [_Branch(layer, [])]
@@ -378,7 +378,7 @@ class _Planner:
         if through is not None and _same_dtype(node):
             reason = through.check(bind(node))
             if reason is not None:
-                raise _Fail("not_commuting", f"{_describe(node)}: {reason}")
+                raise _Fail("not_commuting", f"{describe(node)}: {reason}")
             branches = self._sources(rules.through_input(node), node, merge, role)
         elif node.target in rules.MERGES and not merge and self._is_merge(node):
             merge.append(node)
@@ -412,13 +412,13 @@ class _Planner:
             if layer.transposed:
                 raise _Fail(
                     "transposed_consumer",
-                    f"{unit.name} feeds {_describe(layer.node)}, a transposed "
+                    f"{unit.name} feeds {describe(layer.node)}, a transposed "
                     "conv: a shift would reach border outputs a different number of times",
                 )
             if layer.zero_padding:
                 raise _Fail(
                     "zero_padding_forward",
-                    f"{unit.name} feeds {_describe(layer.node)}, whose zero "
+                    f"{unit.name} feeds {describe(layer.node)}, whose zero "
                     "padding would see 0 instead of the norm's shift at the borders",
                 )
             _check_positive(unit, path, m.s)
@@ -445,7 +445,7 @@ class _Planner:
                 raise _stop(user, unit.name, forward=True)
             reason = through.check(bind(user))
             if reason is not None:
-                raise _Fail("not_commuting", f"{_describe(user)}: {reason}")
+                raise _Fail("not_commuting", f"{describe(user)}: {reason}")
             found.extend(self._sinks(user, [*path, user], unit))
         return found
 
@@ -474,7 +474,7 @@ class _Planner:
         return tuple(dict.fromkeys(n.name for n in self._passed))
 
     def _check_layer(self, layer: Layer, unit: Unit) -> None:
-        what = _describe(layer.node)
+        what = describe(layer.node)
         for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
             if arg is None:
                 continue
@@ -483,7 +483,7 @@ class _Planner:
                 raise _Fail(
                     "weight_not_parameter",
                     f"{what} {role} is computed in forward "
-                    f"({_describe(arg)}), not a parameter; its output may not be linear in it",
+                    f"({describe(arg)}), not a parameter; its output may not be linear in it",
                 )
             via = layer.via if role == "weight" else None
             if len(arg.users) > 1 or (via is not None and len(via.users) > 1):
@@ -520,7 +520,7 @@ class _Planner:
             raise _Fail(
                 "wrong_axis",
                 f"{unit.name} normalizes axis {m.axis} of the {shape(layer.node)} output of "
-                f"{_describe(layer.node)}, whose channels are on axis {out_axis}",
+                f"{describe(layer.node)}, whose channels are on axis {out_axis}",
             )
         if ids is None:  # the norm reads the layer output itself, channel axis checked above
             rows = torch.arange(channels)
@@ -532,7 +532,7 @@ class _Planner:
         if targets.unique().numel() != targets.numel():
             raise _Fail(
                 "channel_mixing",
-                f"one channel of {_describe(layer.node)} reaches several channels of {unit.name}",
+                f"one channel of {describe(layer.node)} reaches several channels of {unit.name}",
             )
         _check_positive(unit, path, s[hit])
         scale[targets], shift[targets] = s[hit], t[hit]
@@ -567,7 +567,7 @@ def _check_positive(unit: Unit, path: list[fx.Node], scale: torch.Tensor) -> Non
         raise _Fail(
             "negative_scale",
             f"{unit.name} has {int((scale <= 0).sum())} non-positive scale(s), "
-            f"which {_describe(maxima[0])} does not commute with",
+            f"which {describe(maxima[0])} does not commute with",
         )
 
 
@@ -618,7 +618,7 @@ def _step(node: fx.Node, prev: fx.Node, ids: torch.Tensor, resolve: Callable[[An
         dims = bind(node)["dim"]
         for d in [dims] if isinstance(dims, int) else (dims or range(ids.dim())):
             if not bool((ids == ids.narrow(int(d), 0, 1)).all()):
-                raise _Fail("channel_mixing", f"{_describe(node)} reduces over the channel axis")
+                raise _Fail("channel_mixing", f"{describe(node)} reduces over the channel axis")
     if node.target in (
         torch.ops.aten._to_copy.default,
         torch.ops.aten.to.dtype,
@@ -664,7 +664,7 @@ def _consumer_map(
         in_axis = layer.channel_axis % len(x_shape)
         if in_axis != m.axis:
             raise _Fail("wrong_axis", f"{unit.name} normalizes axis {m.axis} of the input of "
-                        f"{_describe(layer.node)}, whose channels are on axis {in_axis}")  # fmt: skip
+                        f"{describe(layer.node)}, whose channels are on axis {in_axis}")  # fmt: skip
         idx = torch.arange(channels)
     else:
         idx = _axis_ids(ids, layer.channel_axis % ids.dim(), unit, allow_missing=False)
@@ -744,7 +744,7 @@ def _same_dtype(node: fx.Node) -> bool:
     return a is not None and b is not None and a.dtype == b.dtype
 
 
-def _describe(node: Any) -> str:
+def describe(node: Any) -> str:
     if not isinstance(node, fx.Node):
         return repr(node)
     if node.op == "placeholder":
@@ -757,7 +757,7 @@ def _describe(node: Any) -> str:
 
 def _stop(node: fx.Node, role: str, *, forward: bool = False) -> _Fail:
     """Why the walk stops at ``node``: the codes users see most."""
-    what = _describe(node)
+    what = describe(node)
     if node.op == "placeholder":
         return _Fail("after_input", f"{role} is {what}, not a Conv/ConvTranspose/Linear output")
     if node.op == "output":
