@@ -207,6 +207,106 @@ def recalibrate_cmd(
             )
 
 
+StateOutOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Output: .pt/.pth/.safetensors state dict, or .pt2/.onnx.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+
+
+@app.command("drop-bias")
+def drop_bias_cmd(
+    model: ModelArg,
+    out: StateOutOpt,
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    force: ForceOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Remove Conv/Linear biases a BatchNorm makes redundant (outputs unchanged); write OUT."""
+    with _guard():
+        _check_report(report)
+        from normfold import pipeline
+        from normfold.bias import drop_redundant_biases
+
+        run = pipeline.transform_and_write(
+            model, out, lambda m, x: drop_redundant_biases(m, x, inplace=True), force=force,
+            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
+        )  # fmt: skip
+        _write_report(report, run)
+        if not quiet:
+            r = run.result
+            for d in r.dropped:
+                out_console.print(
+                    f"dropped {d.layer}.bias ({d.params:,} params) into {d.norm}", highlight=False
+                )
+            for k in r.kept:
+                out_console.print(f"kept {k.layer or '-'} -> {k.norm}: {k.code}: {k.reason}", highlight=False)
+            out_console.print(
+                f"dropped {len(r.dropped)} biases, {r.params_saved:,} parameters; wrote {run.out}",
+                highlight=False,
+            )
+
+
+@app.command("swap")
+def swap_cmd(
+    model: ModelArg,
+    out: StateOutOpt,
+    to: Annotated[
+        str, typer.Option("--to", help="group, layer, frozen or batch (SyncBatchNorm -> BatchNorm).")
+    ],
+    num_groups: Annotated[int | None, typer.Option("--num-groups", help="GroupNorm groups.")] = None,
+    group_size: Annotated[
+        int | None, typer.Option("--group-size", help="GroupNorm channels per group.")
+    ] = None,
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    force: ForceOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Swap BatchNorm for GroupNorm / LayerNorm / frozen BN, or SyncBatchNorm for BatchNorm; write OUT."""
+    with _guard():
+        _check_report(report)
+        from normfold import pipeline
+        from normfold.swap import swap_norms
+
+        def transform(m: Any, x: Any) -> Any:
+            return swap_norms(
+                m, to, num_groups=num_groups, group_size=group_size, example_inputs=x, inplace=True
+            )
+
+        run = pipeline.transform_and_write(
+            model, out, transform, force=force,
+            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
+        )  # fmt: skip
+        _write_report(report, run)
+        if not quiet:
+            r = run.result
+            for s in r.swapped:
+                groups = f" ({s.num_groups} groups)" if s.num_groups else ""
+                out_console.print(
+                    f"swapped {s.module}: {s.from_type} -> {s.to_type}{groups}", highlight=False
+                )
+            for k in r.skipped:
+                out_console.print(f"kept {k.module}: {k.code}: {k.reason}", highlight=False)
+            if r.drift is not None:
+                out_console.print(
+                    f"output drift (by design): max rel error {r.drift.max_rel_error:.3g}, "
+                    f"cosine {r.drift.cosine_similarity:.4f}",
+                    highlight=False,
+                )
+            out_console.print(f"swapped {len(r.swapped)} norms to {to}; wrote {run.out}", highlight=False)
+
+
 # Helpers -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:

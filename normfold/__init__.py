@@ -51,6 +51,9 @@ _LAZY = {
     "fold_and_export": "normfold.pipeline",
     "recalibrate": "normfold.calibration",
     "drop_redundant_biases": "normfold.bias",
+    "swap_norms": "normfold.swap",
+    "SwapResult": "normfold.swap",
+    "FrozenBatchNorm": "normfold.swap",
     "BiasResult": "normfold.bias",
     "RecalibrateResult": "normfold.calibration",
     "inspect": "normfold.pipeline",
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
     )
     from normfold.parts import Uncaptured
     from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
+    from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
 
 
 def __getattr__(name: str) -> Any:
@@ -98,6 +102,7 @@ __all__ = [
     "FoldResult",
     "FoldRun",
     "Folded",
+    "FrozenBatchNorm",
     "InputSpec",
     "LoadError",
     "LoadedModel",
@@ -107,6 +112,7 @@ __all__ = [
     "ParityReport",
     "RecalibrateResult",
     "Skipped",
+    "SwapResult",
     "Tolerance",
     "TraceError",
     "Uncaptured",
@@ -123,5 +129,6 @@ __all__ = [
     "load_model",
     "recalibrate",
     "run_model",
+    "swap_norms",
     "verify",
 ]

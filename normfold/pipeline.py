@@ -14,7 +14,7 @@ runs on exactly that batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,14 @@ from torch import nn
 
 from normfold.calibration import RecalibrateResult, recalibrate
 from normfold.errors import ParityError, UsageError
-from normfold.export import STATE_FORMATS, ExportResult, check_destination, export_model, write_state_dict
+from normfold.export import (
+    FORMATS,
+    STATE_FORMATS,
+    ExportResult,
+    check_destination,
+    export_model,
+    write_state_dict,
+)
 from normfold.folding import FoldResult, analyse, fold
 from normfold.graph import CaptureOptions
 from normfold.load import LoadedModel, load_batches, load_inputs, load_model
@@ -136,9 +143,7 @@ def fold_and_export(
     from the original, :class:`~normfold.errors.ExportError` when export or its check fails.
     """
     if out is not None:
-        out = check_destination(out, force=force)
-        if Path(source).exists() and Path(source).resolve() == out.resolve():
-            raise UsageError(f"--out {out} is the input file; choose another path")
+        out = _check_out(source, out, force, tuple(FORMATS))
     steps = StepTimer(on_step)
     with steps("load"):
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
@@ -177,11 +182,12 @@ def fold_and_export(
 
 
 @dataclass
-class RecalibrateRun:
-    """What the ``recalibrate`` command reports."""
+class WriteRun:
+    """What the ``recalibrate``, ``drop-bias`` and ``swap`` commands report: a transformed model
+    written to ``out``."""
 
     source: str
-    result: RecalibrateResult
+    result: Any  # RecalibrateResult, BiasResult or SwapResult (each has to_dict)
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -195,6 +201,9 @@ class RecalibrateRun:
         }
 
 
+_WRITE_FORMATS = (*STATE_FORMATS, ".pt2", ".onnx")
+
+
 def recalibrate_and_write(
     source: str | Path,
     data: str | Path,
@@ -205,12 +214,10 @@ def recalibrate_and_write(
     trust: bool = False,
     force: bool = False,
     on_step: StepHook | None = None,
-) -> RecalibrateRun:
+) -> WriteRun:
     """Load ``source``, recalibrate its BatchNorm statistics on ``data``, write the state dict to
     ``out`` (``.pt``/``.pth``/``.safetensors``; it loads into the same architecture)."""
-    out = check_destination(out, force=force, formats=STATE_FORMATS)
-    if Path(source).exists() and Path(source).resolve() == out.resolve():
-        raise UsageError(f"--out {out} is the input file; choose another path")
+    out = _check_out(source, out, force, STATE_FORMATS)
     steps = StepTimer(on_step)
     with steps("load"):
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
@@ -219,7 +226,44 @@ def recalibrate_and_write(
         result = recalibrate(loaded.model, batches, inplace=True)
     with steps("write"):
         write_state_dict(result.model, out, force=force)
-    return RecalibrateRun(loaded.source, result, out, steps.timings)
+    return WriteRun(loaded.source, result, out, steps.timings)
+
+
+def transform_and_write(
+    source: str | Path,
+    out: str | Path,
+    transform: Callable[[nn.Module, tuple[torch.Tensor, ...]], Any],
+    *,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    inputs: InputSpec | None = None,
+    force: bool = False,
+    on_step: StepHook | None = None,
+) -> WriteRun:
+    """Load ``source``, apply ``transform(model, example_inputs)`` (returning a result with
+    ``.model``), write the model to ``out``: a state dict (``.pt``/``.pth``/``.safetensors``) that
+    loads into the transformed architecture, or a ``.pt2``/``.onnx`` export checked against it."""
+    out = _check_out(source, out, force, _WRITE_FORMATS)
+    steps = StepTimer(on_step)
+    with steps("load"):
+        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
+    with steps("transform"):
+        result = transform(loaded.model, example)
+    if out.suffix in STATE_FORMATS:
+        with steps("write"):
+            write_state_dict(result.model, out, force=force)
+    else:
+        export_model(result.model, example, out, force=force, steps=steps)
+    return WriteRun(loaded.source, result, out, steps.timings)
+
+
+def _check_out(source: str | Path, out: str | Path, force: bool, formats: Sequence[str]) -> Path:
+    out = check_destination(out, force=force, formats=formats)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the input file; choose another path")
+    return out
 
 
 def _example_inputs(

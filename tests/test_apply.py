@@ -167,6 +167,8 @@ def test_a_norm_whose_state_is_read_elsewhere_stays_in_the_eager_model():
     x = _x((2, 3, 6, 6))
     result = normfold.fold(model, x)
     [f] = [f for f in result.folded if f.norm == "bn"]
-    assert f.where == "export" and f.note == "folded in the export only: mean reads bn's state outside the norm"
+    assert (
+        f.where == "export" and f.note == "folded in the export only: mean reads bn's state outside the norm"
+    )
     assert torch.equal(result.model(x), model(x))
     assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5

@@ -613,3 +613,55 @@ def test_fold_with_calibrate_recalibrates_then_folds(tmp_path: Path) -> None:
     assert not torch.allclose(run_ort(out, x), reference(resnet(), x), atol=1e-3)  # statistics changed
     data_json = json.loads(report.read_text())
     assert len(data_json["recalibration"]["norms"]) == 8 and "recalibrate" in data_json["timings_s"]
+
+
+# ------------------------------------------------------------------------------------------------
+# drop-bias
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt2"])
+def test_drop_bias_writes_a_model_without_redundant_biases(tmp_path: Path, suffix: str) -> None:
+    out, report = tmp_path / f"o{suffix}", tmp_path / "r.json"
+    result = ok("drop-bias", "normfold.models:mlp", "--out", out, "--report", report)
+    assert "dropped 1 biases, 64 parameters" in result.stdout  # fc2 (64 outputs) -> bn2; fc1 has none
+    data = json.loads(report.read_text())
+    assert [(d["layer"], d["norm"]) for d in data["dropped"]] == [("fc2", "bn2")]
+    assert [(k["layer"], k["code"]) for k in data["kept"]] == [("fc1", "no_bias")]
+    (x,) = example_inputs("mlp")
+    if suffix == ".pt2":
+        with torch.no_grad():
+            got = torch.export.load(out).module()(x)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(out))
+        assert "fc2.bias" not in state and "fc2.weight" in state
+        rebuilt = normfold.drop_redundant_biases(mlp(), (x,)).model
+        rebuilt.load_state_dict(state)
+        got = reference(rebuilt, x)
+    assert_fp32_close(got, reference(mlp(), x))
+
+
+# ------------------------------------------------------------------------------------------------
+# swap
+
+
+@pytest.mark.parametrize("to", ["group", "layer", "frozen"])
+def test_swap_writes_a_state_dict_that_loads_into_the_swapped_architecture(tmp_path: Path, to: str) -> None:
+    out, report = tmp_path / "o.pt", tmp_path / "r.json"
+    result = ok("swap", RESNET, "--to", to, "--out", out, "--report", report)
+    assert f"swapped 8 norms to {to}" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["to"] == to and len(data["swapped"]) == 8
+    (x,) = example_inputs("resnet")
+    expected = normfold.swap_norms(resnet(), to, example_inputs=(x,)).model
+    rebuilt = normfold.swap_norms(resnet(seed=7), to).model
+    rebuilt.load_state_dict(torch.load(out, weights_only=True))
+    assert torch.equal(reference(rebuilt, x), reference(expected, x))
+
+
+def test_swap_with_an_impossible_group_count_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("swap", RESNET, "--to", "group", "--num-groups", "5", "--out", tmp_path / "o.pt")
+    assert result.exit_code == 2, result.output
+    assert "bn1" in error_line(result) and "16" in error_line(result)
+    assert listing(tmp_path) == []
