@@ -56,7 +56,7 @@ from normfold.plan import Fold, Plan, input_arg, new_bias_name
 
 logger = logging.getLogger(__name__)
 
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Linear)  # fmt: skip
 
 
@@ -138,12 +138,12 @@ class _Eager:
     def _can_add_bias(self, layer: nn.Module | None, path: str, weight_fqn: str, node_name: str) -> bool:
         """A Conv/Linear module with ``bias=None`` whose forward adds ``self.bias`` once set."""
         if not (
-            isinstance(layer, _LAYER_MODULES)
+            isinstance(layer, LAYER_MODULES)
             and weight_fqn == (f"{path}.weight" if path else "weight")
             and layer._parameters.get("bias", 0) is None
         ):
             return False
-        base = next(t for t in _LAYER_MODULES if isinstance(layer, t))
+        base = next(t for t in LAYER_MODULES if isinstance(layer, t))
         if type(layer).forward is base.forward:
             return True
         # a subclass with its own forward (timm's Conv2dSame, say): probe that it uses self.bias

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,25 +83,12 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold import rules
-from normfold.apply import EagerPlan, eager_plan
-from normfold.errors import UsageError
-from normfold.folding import as_inputs
+from normfold.apply import LAYER_MODULES, EagerPlan, eager_plan
+from normfold.folding import ExampleInputs, as_inputs, working_copy
 from normfold.graph import Capture, CaptureOptions, bind, capture, owner, shape
 from normfold.plan import Fold, Plan, Unit, describe, plan
 
 logger = logging.getLogger(__name__)
-
-ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
-
-_LAYERS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-)
 
 
 @dataclass(frozen=True)
@@ -161,16 +147,8 @@ def drop_redundant_biases(
     left untouched unless ``inplace=True``. Raises :class:`~normfold.errors.TraceError` when the
     model cannot be captured.
     """
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"drop_redundant_biases() expects a torch.nn.Module, got {type(model).__name__}")
+    model = working_copy(model, "drop_redundant_biases", inplace=inplace)
     inputs = as_inputs(example_inputs, "drop_redundant_biases")
-    if not inplace:
-        try:
-            model = copy.deepcopy(model)
-        except Exception as e:
-            raise UsageError(
-                f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
-            ) from e
     modes = [(m, m.training) for m in model.modules()]
     try:
         cap = capture(model.eval(), inputs, CaptureOptions(dynamic_batch=False))
@@ -281,7 +259,7 @@ class _Decide:
         module = self._module(update.module)
         prefix, _, attr = update.bias.rpartition(".")
         if (
-            not isinstance(module, _LAYERS)
+            not isinstance(module, LAYER_MODULES)
             or attr != "bias"
             or self._module(prefix) is not module
             or module._parameters.get("bias") is None
@@ -372,7 +350,7 @@ class _Decide:
 def _runs_without_bias(layer: nn.Module, input_shape: tuple[int, ...]) -> bool:
     """A layer whose forward is the torch class's runs with ``bias=None``; a subclass with its own
     forward is probed on a copy: with a zero bias and with none, the same output."""
-    base = next(t for t in _LAYERS if isinstance(layer, t))
+    base = next(t for t in LAYER_MODULES if isinstance(layer, t))
     if type(layer).forward is base.forward:
         return True
     try:

@@ -154,15 +154,7 @@ def fold(
     ``nn.Identity``). ``FoldResult.program`` is the folded exported program (dynamic batch axis
     when ``dynamic_batch`` and the batch is at least 2), which ONNX/``.pt2`` export writes.
     """
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
-    if not inplace:
-        try:
-            model = copy.deepcopy(model)
-        except Exception as e:
-            raise UsageError(
-                f"could not copy {type(model).__name__} (pass inplace=True to fold it in place): {e}"
-            ) from e
+    model = working_copy(model, "fold", inplace=inplace)
     inputs, options = as_inputs(example_inputs), CaptureOptions(dynamic_batch=dynamic_batch)
     try:
         analysis = analyse(model, inputs, options)
@@ -218,6 +210,20 @@ def _other_norms(model: nn.Module, cap: Capture, the_plan: Plan) -> list[Skipped
         elif name not in called:
             out.append(Skipped(name, cls, "unused", "never called in forward (not in the captured graph)"))
     return out
+
+
+def working_copy(model: nn.Module, caller: str, *, inplace: bool) -> nn.Module:
+    """The module a transform changes: ``model`` itself with ``inplace=True``, else a deep copy."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise UsageError(
+            f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
+        ) from e
 
 
 def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:

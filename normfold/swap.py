@@ -51,7 +51,6 @@ ones); :attr:`SwapResult.drift` says by how much on ``example_inputs`` (eval mod
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -65,6 +64,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normfold.errors import UsageError
+from normfold.folding import as_inputs, working_copy
 from normfold.parity import compare, run_model
 
 logger = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ def swap_norms(
     :class:`~normfold.errors.TraceError` when the model fails on ``example_inputs``.
     """
     request = _request(model, to, num_groups, group_size, trainable_affine, example_inputs is not None)
-    inputs = None if example_inputs is None else _as_tuple(example_inputs)
-    model = model if inplace else _copy(model)
+    inputs = None if example_inputs is None else as_inputs(example_inputs, "swap_norms")
+    model = working_copy(model, "swap_norms", inplace=inplace)
     ranks, reference = _observe(model, inputs) if inputs is not None else ({}, None)
     replacements, swapped, skipped = _plan(model, request, ranks)
     model = _replace(model, replacements)
@@ -343,25 +343,6 @@ def _check_group_option(name: str, value: Any, to: str) -> None:
         raise UsageError(f"swap_norms(): {name} applies to to='group' only, got to={to!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"swap_norms(): {name} must be a positive int, got {value!r}")
-
-
-def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise UsageError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    try:
-        return copy.deepcopy(model)
-    except Exception as e:
-        raise UsageError(
-            f"could not copy {type(model).__name__} (pass inplace=True to swap its norms in place): {e}"
-        ) from e
 
 
 def _observe(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[int, set[int]], Any]:

@@ -441,7 +441,7 @@ def test_uncopyable_model_asks_for_inplace() -> None:
     model, _ = _model("bn2d")
     model.lock = threading.Lock()
     with pytest.raises(
-        UsageError, match=r"^could not copy Net \(pass inplace=True to swap its norms in place\): "
+        UsageError, match=r"^could not copy Net \(pass inplace=True to change it in place\): "
     ):
         swap_norms(model, "frozen")
     assert type(swap_norms(model, "frozen", inplace=True).model.norm) is FrozenBatchNorm
