@@ -266,15 +266,20 @@ def _with_architecture(
     return LoadedModel(module, f"{what} {path} into {spec}", shapes)
 
 
-def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
-    """Example inputs saved with ``torch.save`` (a tensor or a tuple/list of tensors), read safely."""
+def _load_tensors(path: str | Path, what: str) -> tuple[Path, Any]:
+    """Whatever a ``torch.save`` file holds, read with ``weights_only=True`` (no code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise LoadError(f"{path}: no such inputs file")
+        raise LoadError(f"{path}: no such {what} file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return path, torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise LoadError(f"{path} is not a readable tensor file (weights_only load): {first_line(e)}") from e
+
+
+def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
+    """Example inputs saved with ``torch.save`` (a tensor or a tuple/list of tensors), read safely."""
+    path, obj = _load_tensors(path, "inputs")
     if isinstance(obj, torch.Tensor):
         return (obj,)
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
@@ -285,13 +290,7 @@ def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
 def load_batches(path: str | Path) -> list[tuple[torch.Tensor, ...]]:
     """Calibration batches saved with ``torch.save``, read safely: a list of batches, each a tensor
     or a tuple of tensors (one per model input); a single tensor is one batch."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such data file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoadError(f"{path} is not a readable tensor file (weights_only load): {first_line(e)}") from e
+    path, obj = _load_tensors(path, "data")
     items = [obj] if isinstance(obj, torch.Tensor) else obj
     if not isinstance(items, (list, tuple)) or not items:
         raise LoadError(f"{path} holds a {type(obj).__name__}; expected a list of batches")
