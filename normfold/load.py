@@ -63,14 +63,21 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     if not _SPEC.match(spec):
         raise UsageError(f"{spec!r} is not a factory spec of the form package.module:callable")
     module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    cwd = str(Path.cwd())
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise LoadError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from e
     except Exception as e:  # the module itself raised (SyntaxError, an error in its top-level code)
         raise LoadError(f"importing {module_name!r} for factory {spec!r} failed: {first_line(e)}") from e
+    finally:
+        # only for this import: left in place, a file in the user's folder could shadow every later
+        # lazy import (onnx, onnxruntime, sympy, ...)
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

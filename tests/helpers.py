@@ -92,3 +92,15 @@ ZOO_SHOWS = {
     "same_pad": [("bn_stem", "conv-bn", ())],
     "functional": [("bn_fc", "linear-bn", ())],
 }
+
+
+class Pair(nn.Module):
+    """A user's own class: producer -> norm -> activation."""
+
+    def __init__(self, producer: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.producer = producer
+        self.norm = norm
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.producer(x)))

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn, state_bytes
+from helpers import Pair, randomize_bn, state_bytes
 from torch import nn
 
 from normfold.bias import BiasResult, DroppedBias, KeptBias, drop_redundant_biases
@@ -20,18 +20,6 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SPATIAL = {1: (9,), 2: (6, 5), 3: (4, 4, 3)}
-
-
-class Pair(nn.Module):
-    """A user's own class: producer -> norm -> activation."""
-
-    def __init__(self, producer: nn.Module, norm: nn.Module) -> None:
-        super().__init__()
-        self.producer = producer
-        self.norm = norm
-
-    def forward(self, x):
-        return torch.relu(self.norm(self.producer(x)))
 
 
 def _input(shape, seed=0):

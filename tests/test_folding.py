@@ -15,6 +15,7 @@ from helpers import (
     ZOO_EXPORT_ONLY,
     ZOO_KEPT,
     ZOO_SHOWS,
+    Pair,
     bn_ops,
     count_bn,
     exported,
@@ -33,18 +34,6 @@ CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SPATIAL = {1: (11,), 2: (7, 6), 3: (5, 4, 4)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-class Pair(nn.Module):
-    """A user's own class: producer -> norm -> activation."""
-
-    def __init__(self, producer: nn.Module, norm: nn.Module) -> None:
-        super().__init__()
-        self.producer = producer
-        self.norm = norm
-
-    def forward(self, x):
-        return torch.relu(self.norm(self.producer(x)))
 
 
 def _input(shape, dtype=torch.float32, seed=0):

@@ -393,3 +393,16 @@ def test_load_inputs_missing_and_unreadable(tmp_path: Path) -> None:
     text.write_text("1, 2, 3\n")
     with pytest.raises(LoadError, match="not a readable tensor file"):
         load_inputs(text)
+
+
+def test_factory_import_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    import sys
+
+    from normfold.load import resolve_factory
+
+    (tmp_path / "nf_pathcheck_factory.py").write_text("def build():\n    return 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert resolve_factory("nf_pathcheck_factory:build")() == 1
+    assert sys.path == before  # the working directory is importable for that import only
