@@ -104,6 +104,17 @@ def fold_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     rtol: Annotated[float | None, typer.Option("--rtol", help="Override the relative tolerance.")] = None,
     atol: Annotated[float | None, typer.Option("--atol", help="Override the absolute tolerance.")] = None,
+    noise_factor: Annotated[
+        float,
+        typer.Option(
+            "--noise-factor",
+            help="Allowed fold error, in multiples of the model's own rounding error (vs float64).",
+        ),
+    ] = 4.0,
+    value_range: Annotated[
+        str | None,
+        typer.Option("--value-range", help="Range of the uniform parity inputs, like 0,255 or -1,1."),
+    ] = None,
     calibrate: Annotated[
         Path | None,
         typer.Option("--calibrate", help="Recalibrate BatchNorm statistics on these batches first (.pt)."),
@@ -122,8 +133,7 @@ def fold_cmd(
             static_batch=static_batch,
             opset=opset,
             force=force,
-            rtol=rtol,
-            atol=atol,
+            rule=_parity_rule(rtol, atol, noise_factor, value_range),
             calibrate=calibrate,
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )
@@ -363,6 +373,22 @@ def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) 
     return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)
 
 
+def _parity_rule(rtol: float | None, atol: float | None, noise_factor: float, value_range: str | None) -> Any:
+    from normfold.parity import ParityRule
+
+    low_high: tuple[float, float] = (0.0, 255.0)
+    if value_range is not None:
+        try:
+            low, high = (float(v) for v in value_range.split(","))
+        except ValueError as e:
+            raise UsageError(f"--value-range {value_range!r}: expected two numbers like 0,255") from e
+        low_high = (low, high)
+    try:
+        return ParityRule(rtol=rtol, atol=atol, noise_factor=noise_factor, value_range=low_high)
+    except UsageError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from e
+
+
 def _check_report(path: Path | None) -> None:
     if path is not None and not path.parent.is_dir():
         raise UsageError(f"--report {path}: folder {path.parent} does not exist")
@@ -397,7 +423,8 @@ def _render_parity(run: FoldRun) -> None:
     table = Table(title="Parity with the original model", title_justify="left")
     table.add_column("runtime", overflow="fold")
     table.add_column("output", overflow="fold")
-    for col in ("max abs", "max rel", "mean abs", "allowed", "result"):
+    table.add_column("inputs", overflow="fold")
+    for col in ("vs original", "own error", "vs float64", "allowed", "result"):
         table.add_column(col, no_wrap=True)
     reports = {"pytorch": run.parity} if run.parity is not None else {}
     if run.export is not None:
@@ -407,13 +434,17 @@ def _render_parity(run: FoldRun) -> None:
             table.add_row(
                 runtime,
                 o.name,
+                o.inputs,
                 f"{o.max_abs_error:.2e}",
-                f"{o.max_rel_error:.2e}",
-                f"{o.mean_abs_error:.2e}",
+                f"{o.noise:.2e}",
+                f"{o.exact_error:.2e}",
                 f"{o.allowed_error:.2e}",
                 "[green]pass[/]" if o.passed else "[red]FAIL[/]",
             )
     out_console.print(table)
+    notes = run.parity.notes if run.parity is not None else ()
+    for note in notes:
+        out_console.print(f"note: {note}", highlight=False)
 
 
 def _render_summary(run: FoldRun) -> None:

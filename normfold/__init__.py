@@ -35,13 +35,14 @@ _LAZY = {
     "Folded": "normfold.folding",
     "Skipped": "normfold.folding",
     "Uncaptured": "normfold.parts",
-    "verify": "normfold.parity",
+    "verify": "normfold.reference",
+    "ParityRule": "normfold.parity",
     "ParityReport": "normfold.parity",
     "OutputParity": "normfold.parity",
     "Tolerance": "normfold.parity",
     "DEFAULT_TOLERANCES": "normfold.parity",
     "compare": "normfold.parity",
-    "run_model": "normfold.parity",
+    "run_model": "normfold.reference",
     "load_model": "normfold.load",
     "load_inputs": "normfold.load",
     "LoadedModel": "normfold.load",
@@ -71,13 +72,13 @@ if TYPE_CHECKING:
         DEFAULT_TOLERANCES,
         OutputParity,
         ParityReport,
+        ParityRule,
         Tolerance,
         compare,
-        run_model,
-        verify,
     )
     from normfold.parts import Uncaptured
     from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
+    from normfold.reference import run_model, verify
     from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
 
 
@@ -110,6 +111,7 @@ __all__ = [
     "OutputParity",
     "ParityError",
     "ParityReport",
+    "ParityRule",
     "RecalibrateResult",
     "Skipped",
     "SwapResult",

@@ -30,7 +30,8 @@ from torch.utils import _pytree as pytree
 
 from normfold.errors import ExportError, UsageError, first_line
 from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
-from normfold.parity import ParityReport, Tolerance, compare, run_model
+from normfold.parity import ParityReport, ParityRule, Tolerance
+from normfold.reference import Reference, check, make_reference, parity_sets
 from normfold.report import StepTimer
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,12 @@ def export_model(
     example_inputs: Sequence[torch.Tensor],
     out: str | Path,
     *,
-    reference_outputs: Any = None,
-    parity_inputs: Sequence[torch.Tensor] | None = None,
+    reference: Reference | None = None,
     program: torch.export.ExportedProgram | None = None,
     dynamic_batch: bool = True,
     opset: int | None = None,
     force: bool = False,
+    rule: ParityRule | None = None,
     tolerances: Mapping[torch.dtype, Tolerance] | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -101,20 +102,20 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` to ``out`` (``.onnx`` or ``.pt2``), check it, then move it into place.
 
-    The exported program must reproduce ``reference_outputs`` (the original model's outputs on
-    ``parity_inputs``, which default to ``example_inputs``) within the tolerances; without
-    ``reference_outputs`` it is checked against ``model`` itself. ``program``, when given, is the
+    The exported program must match ``reference`` (the original model's outputs, see
+    :func:`normfold.reference.make_reference`) by the parity rule (``rule`` with
+    ``tolerances``/``rtol``/``atol`` applied); without ``reference`` it is checked against
+    ``model`` itself on the input sets of ``example_inputs``. ``program``, when given, is the
     already captured (and folded) program of ``model`` (see :attr:`normfold.FoldResult.program`):
-    it is written as is, without a second capture. Raises :class:`ExportError`
-    and writes nothing when any step or check fails. ``steps`` times the export and the check.
+    it is written as is, without a second capture. Raises :class:`ExportError` and writes nothing
+    when any step or check fails. ``steps`` times the export and the check.
     """
     steps = steps or StepTimer()
     out = check_destination(out, force=force)
     example_inputs = tuple(example_inputs)
-    parity_inputs = example_inputs if parity_inputs is None else tuple(parity_inputs)
-    if reference_outputs is None:
-        reference_outputs = run_model(model, parity_inputs)
-    tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
+    rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
+    if reference is None:
+        reference = make_reference(model, parity_sets(example_inputs, rule), rule)
     with _staging(out) as stage:
         staged = stage / out.name
         if FORMATS[out.suffix] == "onnx":
@@ -124,13 +125,13 @@ def export_model(
                     program, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset
                 )
             with steps("check (onnxruntime)"):
-                result.parity = _check_onnx(staged, parity_inputs, reference_outputs, tol)
+                result.parity = _check_onnx(staged, reference, rule)
         else:
             with steps("export (torch.export)"):
                 program = program or _export_program(model, example_inputs, dynamic_batch)
                 result = _export_pt2(program, staged, dynamic_batch=dynamic_batch)
             with steps("check (torch.export.load)"):
-                result.parity = _check_pt2(staged, parity_inputs, reference_outputs, tol)
+                result.parity = _check_pt2(staged, reference, rule)
         for runtime, report in result.parity.items():
             if not report.passed:
                 raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
@@ -247,17 +248,20 @@ def run_onnx(path: str | Path, inputs: tuple[torch.Tensor, ...], provider: str) 
         raise ExportError(f"onnxruntime ({provider}) failed to run {path}: {first_line(e)}") from e
 
 
-def _check_onnx(
-    path: Path, inputs: tuple[torch.Tensor, ...], reference_outputs: Any, tol: dict[str, Any]
-) -> dict[str, ParityReport]:
-    leaves, spec = pytree.tree_flatten(reference_outputs)
+def _check_onnx(path: Path, reference: Reference, rule: ParityRule) -> dict[str, ParityReport]:
+    _, spec = pytree.tree_flatten(reference.outputs[0])
+    n_outputs = spec.num_leaves
     reports = {}
     for provider in onnx_providers():
-        flat = run_onnx(path, inputs, provider)
-        if len(flat) != len(leaves):
-            raise ExportError(f"ONNX graph has {len(flat)} outputs, the model returns {len(leaves)}")
+
+        def run(inputs: tuple[torch.Tensor, ...], provider: str = provider) -> Any:
+            flat = run_onnx(path, inputs, provider)
+            if len(flat) != n_outputs:
+                raise ExportError(f"ONNX graph has {len(flat)} outputs, the model returns {n_outputs}")
+            return pytree.tree_unflatten(flat, spec)
+
         name = "onnxruntime-" + provider.removesuffix("ExecutionProvider").lower()
-        reports[name] = compare(reference_outputs, pytree.tree_unflatten(flat, spec), **tol)
+        reports[name] = check(reference, run, rule)
     return reports
 
 
@@ -269,15 +273,19 @@ def _export_pt2(program: torch.export.ExportedProgram, path: Path, *, dynamic_ba
     return ExportResult(path, "pt2", dynamic_batch=dynamic_batch)
 
 
-def _check_pt2(
-    path: Path, inputs: tuple[torch.Tensor, ...], reference_outputs: Any, tol: dict[str, Any]
-) -> dict[str, ParityReport]:
+def _check_pt2(path: Path, reference: Reference, rule: ParityRule) -> dict[str, ParityReport]:
     try:
         # Our own file, written a moment ago into a private temporary folder: not a user's file.
         with quiet_exporter():
             loaded = torch.export.load(path).module()
-        with torch.no_grad():
-            got = loaded(*inputs)
     except Exception as e:
-        raise ExportError(f"the written .pt2 does not load and run: {first_line(e)}") from e
-    return {"torch.export": compare(reference_outputs, got, **tol)}
+        raise ExportError(f"the written .pt2 does not load: {first_line(e)}") from e
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> Any:
+        try:
+            with torch.no_grad():
+                return loaded(*inputs)
+        except Exception as e:
+            raise ExportError(f"the written .pt2 does not run: {first_line(e)}") from e
+
+    return {"torch.export": check(reference, run, rule)}

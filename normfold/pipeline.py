@@ -35,7 +35,8 @@ from normfold.export import (
 from normfold.folding import FoldResult, analyse, fold
 from normfold.graph import CaptureOptions
 from normfold.load import LoadedModel, load_batches, load_inputs, load_model
-from normfold.parity import ParityReport, Tolerance, compare, random_inputs, run_model
+from normfold.parity import ParityReport, ParityRule, Tolerance
+from normfold.reference import check, make_reference, parity_sets, random_inputs, run_model
 from normfold.report import StepHook, StepTimer, versions
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def fold_and_export(
     static_batch: bool = False,
     opset: int | None = None,
     force: bool = False,
+    rule: ParityRule | None = None,
     tolerances: Mapping[torch.dtype, Tolerance] | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -138,44 +140,48 @@ def fold_and_export(
     ``calibrate``: a file of batches (see :func:`normfold.load.load_batches`); the BatchNorm
     statistics are recalibrated on it first (:func:`normfold.recalibrate`), and parity is then
     judged against the recalibrated model.
-    ``tolerances``/``rtol``/``atol`` adjust the parity tolerances as in :func:`normfold.verify`.
+    Parity (PyTorch, then the written file) is judged by ``rule`` (default
+    :class:`~normfold.ParityRule`, with ``tolerances``/``rtol``/``atol`` applied) on the input
+    sets of :func:`normfold.reference.parity_sets`, against a float64 run of the original.
     Raises :class:`~normfold.errors.ParityError` (nothing written) when the folded model differs
     from the original, :class:`~normfold.errors.ExportError` when export or its check fails.
     """
     if out is not None:
         out = _check_out(source, out, force, tuple(FORMATS))
+    rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
+    spec = inputs or InputSpec()
     steps = StepTimer(on_step)
     with steps("load"):
         loaded = load_model(source, model=model, model_args=model_args, trust=trust)
-        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
-        parity_inputs = example if static_batch else _widen_batch(example, (inputs or InputSpec()).seed)
+        example = _example_inputs(loaded, spec, optional=False)
+        # captured at the parity batch: torch.export specializes a batch of 1
+        primary = example if static_batch else _widen_batch(example, spec.seed)
+        sets = parity_sets(primary, rule, seed=spec.seed, given=spec.file is not None)
     recalibration = None
     if calibrate is not None:
         with steps("recalibrate"):
             recalibration = recalibrate(loaded.model, load_batches(calibrate), inplace=True)
     with steps("capture and fold"):
-        # captured at the parity batch: torch.export specializes a batch of 1
-        result = fold(loaded.model, parity_inputs, dynamic_batch=not static_batch)
+        result = fold(loaded.model, primary, dynamic_batch=not static_batch)
     run = FoldRun(loaded.source, [tuple(t.shape) for t in example], result, _layers(result))
     run.recalibration = recalibration
     with steps("verify (pytorch)"):
-        reference = run_model(loaded.model, parity_inputs, role="original")
-        tol = {"tolerances": tolerances, "rtol": rtol, "atol": atol}
-        run.parity = compare(reference, run_model(result.model, parity_inputs, role="folded"), **tol)
+        reference = make_reference(loaded.model, sets, rule)
+        run.parity = check(reference, lambda x: run_model(result.model, x, role="folded"), rule)
     if not run.parity.passed:
         raise ParityError(f"folded model differs from the original: {run.parity.failures()[0]}")
     if out is not None:
         run.export = export_model(
             result.model,
-            parity_inputs,
+            primary,
             out,
             program=result.program,  # the folded capture itself: no second torch.export
-            reference_outputs=reference,
+            reference=reference,
             dynamic_batch=not static_batch,
             opset=opset,
             force=force,
+            rule=rule,
             steps=steps,
-            **tol,
         )
     run.timings = steps.timings
     return run

@@ -197,7 +197,10 @@ def test_fold_zoo_model_to_onnx(tmp_path: Path, name: str) -> None:
     assert set(data["parity"]) >= {"pytorch", "onnxruntime-cpu"}
     for runtime, rep in data["parity"].items():
         assert rep["passed"] is True, runtime
-        assert rep["max_abs_error"] <= 1e-6 + 1e-5 * rep["outputs"][0]["max_abs_reference"]
+        assert {o["inputs"] for o in rep["outputs"]} == {"normal", "uniform[0,255]"}
+        for o in rep["outputs"]:  # judged against the float64 run, within the model's own noise
+            assert 0 <= o["exact_error"] <= o["allowed_error"], (runtime, o)
+            assert o["allowed_error"] <= 1e-6 + 1e-5 * o["max_abs_reference"] + 4 * o["noise"] + 1e-9
     assert data["export"]["batchnorm_nodes"] == onnx_bn
     assert data["export"]["dynamic_batch"] is True
     assert data["export"]["path"] == str(out)
@@ -422,7 +425,7 @@ ERROR_CASES: list[ErrorCase] = [
     ("inspect-report-folder-missing", None,
      ["inspect", "normfold.models:mlp", "--report", "nowhere/r.json"], 2, "folder nowhere does not exist"),
     ("parity-failure", None,
-     ["fold", RESNET, "--rtol", "0", "--atol", "0", "--out", "o.onnx"], 5,
+     ["fold", RESNET, "--rtol", "0", "--atol", "0", "--noise-factor", "0", "--out", "o.onnx"], 5,
      "folded model differs from the original"),
 ]  # fmt: skip
 

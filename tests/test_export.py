@@ -12,6 +12,15 @@ import normfold
 import normfold.export as export_mod
 from normfold.errors import ExportError, UsageError
 from normfold.export import export_model, export_onnx, run_onnx
+from normfold.parity import ParityRule
+from normfold.reference import Reference, make_reference, parity_sets
+
+RULE = ParityRule()
+
+
+def _reference(model: nn.Module, x: tuple[torch.Tensor, ...]) -> Reference:
+    """The original model's outputs on the parity input sets of ``x``, and its float64 run."""
+    return make_reference(model, parity_sets(x, RULE), RULE)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +38,12 @@ def _batch_dim(path) -> int | str:
 def test_onnx_export_is_checked_against_the_original(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
     out = tmp_path / "m.onnx"
-    result = export_onnx(folded, x, out, reference_outputs=normfold.run_model(model, x))
+    result = export_onnx(folded, x, out, reference=_reference(model, x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert result.files == [out] and result.batchnorm_nodes == 0
     assert result.opset is not None and result.opset >= 17
     report = result.parity["onnxruntime-cpu"]
-    assert report.passed and report.max_rel_error <= 1e-5
+    assert report.passed and {o.inputs for o in report.outputs} == {"given", "normal", "uniform[0,255]"}
     assert isinstance(_batch_dim(out), str)  # dynamic batch by default
     # the written file runs on another batch size and still matches the original
     x3 = (torch.randn(3, *x[0].shape[1:]),)
@@ -52,17 +61,19 @@ def test_static_batch_fixes_the_batch_dim(folded_resnet, tmp_path):
 
 def test_pt2_export_round_trips(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
-    result = export_model(folded, x, tmp_path / "m.pt2", reference_outputs=normfold.run_model(model, x))
+    result = export_model(folded, x, tmp_path / "m.pt2", reference=_reference(model, x))
     assert result.format == "pt2" and result.parity["torch.export"].passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
 
 
 def test_wrong_export_raises_and_writes_nothing(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
-    wrong = normfold.run_model(model, x) + 0.5  # a reference the export cannot match
-    message = r"^onnxruntime-cpu output differs from the original model: output: "
+    right = _reference(model, x)
+    shifted = [o + 0.5 for o in right.outputs]  # a reference the export cannot match
+    wrong = Reference(right.sets, shifted, shifted)
+    message = r"^onnxruntime-cpu output differs from the original model: output on given inputs: "
     with pytest.raises(ExportError, match=message):
-        export_onnx(folded, x, tmp_path / "m.onnx", reference_outputs=wrong)
+        export_onnx(folded, x, tmp_path / "m.onnx", reference=wrong)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -91,7 +102,7 @@ def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)
     model, folded, x = folded_resnet
     out = tmp_path / "big.onnx"
-    result = export_onnx(folded, x, out, reference_outputs=normfold.run_model(model, x))
+    result = export_onnx(folded, x, out, reference=_reference(model, x))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["big.onnx", "big.onnx.data"], names
     assert result.files[-1] == out  # the model file lands last, after its data

@@ -23,8 +23,8 @@ from normfold.parity import (
     OutputParity,
     ParityReport,
     Tolerance,
-    verify,
 )
+from normfold.reference import verify
 
 FP32 = DEFAULT_TOLERANCES[torch.float32]
 
@@ -45,6 +45,11 @@ class Fn(nn.Module):
 def _mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def _given(report: ParityReport) -> list[OutputParity]:
+    """The comparisons on the caller's own inputs (verify also runs generated input sets)."""
+    return [o for o in report.outputs if o.inputs == "given"]
 
 
 def _x(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -74,7 +79,8 @@ def test_identical_models_pass_with_zero_error() -> None:
     assert report.passed
     assert report.failures() == []
     assert report.max_abs_error == 0.0 and report.max_rel_error == 0.0
-    (out,) = report.outputs
+    assert [o.inputs for o in report.outputs] == ["given", "normal", "uniform[0,255]"]
+    (out,) = _given(report)
     assert out.name == "output" and out.shape == (5, 4) and out.dtype == "float32"
     assert out.passed and out.problem is None and out.mean_abs_error == 0.0
     assert out.tolerance == FP32
@@ -89,10 +95,11 @@ def test_weight_perturbed_by_1e3_fails_and_names_output() -> None:
     report = verify(model, other, _x(5, 8))
     assert not report.passed
     assert report.max_abs_error > 1e-5
-    (line,) = report.failures()
-    assert line.startswith("output: max abs error ")
+    line = report.failures()[0]
+    assert line.startswith("output on given inputs: error vs the float64 reference ")
     assert "> allowed" in line and "rtol 1e-05" in line and "atol 1e-06" in line
-    assert report.worst is report.outputs[0]
+    assert "the model's own error" in line
+    assert not any(o.passed for o in report.outputs)  # every input set sees the change
 
 
 def test_tiny_relative_perturbation_passes_fp32() -> None:
@@ -110,10 +117,11 @@ def test_failure_line_names_indexed_output() -> None:
     ref = Fn(lambda x: (x, x * 2))
     cand = Fn(lambda x: (x, x * 2 + 3.2e-3))
     report = verify(ref, cand, torch.ones(3))
-    assert [o.passed for o in report.outputs] == [True, False]
-    (line,) = report.failures()
+    assert [o.passed for o in _given(report)] == [True, False]
+    line = report.failures()[0]
     assert line == (
-        "output[1]: max abs error 3.2e-03 > allowed 2.1e-05 (rtol 1e-05 x max|ref| 2.0e+00 + atol 1e-06)"
+        "output[1] on given inputs: error vs the float64 reference 3.2e-03 > allowed 2.1e-05 "
+        "(floor: rtol 1e-05 x max|ref| 2.0e+00 + atol 1e-06; the model's own error 0.0e+00)"
     )
 
 
@@ -125,7 +133,7 @@ def test_nested_output_names() -> None:
         return ({"a": [x, x + 1], "b": x * 2}, [{"c": x - 1}], 7, None)
 
     report = verify(Fn(fn), Fn(fn), torch.ones(2))
-    assert [o.name for o in report.outputs] == [
+    assert [o.name for o in _given(report)] == [
         "output[0]['a'][0]",
         "output[0]['a'][1]",
         "output[0]['b']",
@@ -137,7 +145,7 @@ def test_nested_output_names() -> None:
 def test_namedtuple_output_fields() -> None:
     Out = namedtuple("Out", ["logits", "aux"])
     report = verify(Fn(lambda x: Out(x, x + 1)), Fn(lambda x: Out(x, x + 1)), torch.ones(2))
-    assert [o.name for o in report.outputs] == ["output.logits", "output.aux"]
+    assert [o.name for o in _given(report)] == ["output.logits", "output.aux"]
     assert report.passed
 
 
@@ -146,8 +154,8 @@ def test_dict_key_mismatch_is_a_problem() -> None:
     cand = Fn(lambda x: {"a": x, "c": x})
     report = verify(ref, cand, torch.ones(2))
     assert not report.passed
-    assert [o.name for o in report.outputs] == ["output['a']"]  # the matchable part is still compared
-    assert report.outputs[0].passed
+    assert [o.name for o in _given(report)] == ["output['a']"]  # the matchable part is still compared
+    assert all(o.passed for o in report.outputs)
     (problem,) = report.problems
     assert "keys differ" in problem and "'b'" in problem and "'c'" in problem
     assert report.failures() == [problem]
@@ -197,7 +205,7 @@ def test_multiple_inputs() -> None:
 
     report = verify(Fn(fn), Fn(fn), [torch.ones(2, 3), torch.ones(3, 4)])
     assert report.passed and report.outputs[0].shape == (2, 4)
-    assert seen == [(torch.Size([2, 3]), torch.Size([3, 4]))] * 2
+    assert seen == [(torch.Size([2, 3]), torch.Size([3, 4]))] * 3 * 3  # 3 sets: original, float64, candidate
 
     bad = Fn(lambda x, y: x @ y + (x.sum() > 1000).float() + 1e-3 * y[0, 0])
     report = verify(Fn(fn), bad, (torch.ones(2, 3), torch.ones(3, 4)))
@@ -224,13 +232,13 @@ def test_generated_inputs_follow_model_dtype_and_input_dtype() -> None:
         return x + y
 
     verify(Fn(fn, param_dtype=torch.float64), Fn(fn), input_shapes=[(2, 3), (2, 3)])
-    assert seen == [torch.float64] * 4
+    assert seen == [torch.float64] * 8  # 2 sets (normal, uniform), original and candidate
     seen.clear()
     verify(Fn(fn), Fn(fn), input_shapes=[(2, 3), (3,)], input_dtype=torch.bfloat16)
-    assert seen == [torch.bfloat16] * 4
+    assert seen == [torch.bfloat16] * 4 + [torch.float64] * 4 + [torch.bfloat16] * 4  # float64: exact run
     seen.clear()
     verify(Fn(fn), Fn(fn), input_shapes=[(2,), (2,)])  # no parameters: float32
-    assert seen == [torch.float32] * 4
+    assert seen == [torch.float32] * 4 + [torch.float64] * 4 + [torch.float32] * 4
 
 
 def test_integer_inputs_pass_through_untouched() -> None:
@@ -381,7 +389,7 @@ def test_tolerances_mapping_merges_over_defaults() -> None:
     cand = Fn(lambda x, y: (x + 1e-4, y + 1e-4))
     inputs = [torch.ones(4), torch.ones(4, dtype=torch.float64)]
     report = verify(ref, cand, inputs, tolerances={torch.float32: Tolerance(rtol=1e-3, atol=0.0)})
-    fp32, fp64 = report.outputs
+    fp32, fp64 = _given(report)
     assert fp32.passed and fp32.tolerance == Tolerance(rtol=1e-3, atol=0.0)
     assert not fp64.passed and fp64.tolerance == DEFAULT_TOLERANCES[torch.float64]
     # rtol/atol win over the mapping
@@ -434,7 +442,7 @@ def test_nan_in_candidate_only_fails() -> None:
     out = report.outputs[0]
     assert out.problem == "non-finite values differ (1 positions)"
     assert out.max_abs_error == 0.0  # finite part matches
-    assert report.failures() == ["output: non-finite values differ (1 positions)"]
+    assert report.failures()[0] == "output on given inputs: non-finite values differ (1 positions)"
 
 
 def test_inf_sign_must_match() -> None:
@@ -466,7 +474,11 @@ def test_to_dict_is_json() -> None:
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["passed"] is False
     assert data["worst"] == "output['a']"
-    assert [o["name"] for o in data["outputs"]] == ["output['a']", "output['b'][0]"]
+    assert [(o["name"], o["inputs"]) for o in data["outputs"][:2]] == [
+        ("output['a']", "given"),
+        ("output['b'][0]", "given"),
+    ]
+    assert {"noise", "exact_error", "allowed_error"} <= set(data["outputs"][0])
     assert data["outputs"][0]["tolerance"] == {"rtol": FP32.rtol, "atol": FP32.atol}
     assert data["failures"] == report.failures()
 

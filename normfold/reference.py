@@ -1,0 +1,365 @@
+"""The original model as the reference of every parity check: its outputs on several input sets,
+in its own dtype and in float64, and :func:`check`/:func:`verify` judging a candidate by the one
+rule of :mod:`normfold.parity`.
+
+**Input sets** (:func:`parity_sets`). Standard-normal inputs alone hide changes that only show at
+other scales (a clamp inside a BN subclass never triggers on N(0, 1)), so every check runs on:
+
+* ``given``: the caller's own inputs, when given (real data);
+* ``normal``: seeded standard-normal inputs of the same shapes and dtypes;
+* ``uniform[lo,hi]``: seeded uniform inputs over the rule's ``value_range`` (default 0..255, the
+  range of raw image bytes), as polygraphy's ``--val-range``.
+
+Only floating inputs are generated; integer and bool inputs are used as given in every set. A
+generated set on which the *original* model's output is not finite (it overflows, e.g. fp16 on
+0..255) tests nothing but the overflow and is dropped, with a note.
+
+**Exact reference** (:func:`make_reference`). A float64 copy of the original runs on each set
+(floating inputs cast to float64). The copy is made only when its size is at most the rule's
+``exact_limit_bytes`` (default 4 GiB, i.e. fp32 models up to 2 GiB of parameters and buffers),
+and it is freed as soon as its outputs are computed. When it is too large, or the model cannot run
+in float64 (it casts internally, or an op lacks a float64 kernel), the report's notes say so and
+the fixed floor alone applies. A model that already computes in float64 is its own exact
+reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from normfold.errors import TraceError, UsageError, first_line
+from normfold.parity import OutputParity, ParityReport, ParityRule, Tolerance, compare_outputs, report_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "InputSet",
+    "Reference",
+    "check",
+    "make_reference",
+    "parity_sets",
+    "random_inputs",
+    "run_model",
+    "verify",
+]
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+#: Largest total number of input elements generated or accepted (1 GiB of float32): a typo such as
+#: ``1,3,100000,100000`` is refused before anything is allocated.
+MAX_INPUT_ELEMENTS = 2**28
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """One batch of positional inputs the models are compared on, and its name in reports."""
+
+    name: str
+    inputs: tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on each input set: in its own dtype, and in float64 (``exact``,
+    one tree per set, or None when there is no exact reference; ``notes`` say why)."""
+
+    sets: list[InputSet]
+    outputs: list[Any]
+    exact: list[Any] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "model") -> Any:
+    """Run ``model`` once in eval mode under ``torch.no_grad()``, restoring its training flags.
+
+    Each input is cloned, so an in-place op inside the model cannot change the caller's tensors.
+    Raises :class:`TraceError` (naming ``role`` and the input shapes) when the forward raises.
+    """
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(*(t.clone() for t in inputs))
+    except Exception as e:
+        raise TraceError(
+            f"the {role} model ({type(model).__name__}) raised {type(e).__name__} during forward "
+            f"on inputs of shape {describe_inputs(tuple(inputs))}: {first_line(e)}"
+        ) from e
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def parity_sets(
+    inputs: Sequence[torch.Tensor], rule: ParityRule, *, seed: int = 0, given: bool = True
+) -> list[InputSet]:
+    """The input sets of a check (module docstring). ``given=False`` says ``inputs`` are themselves
+    the seeded standard-normal set (generated from shapes), so they are not repeated."""
+    inputs = tuple(inputs)
+    shapes = [tuple(t.shape) for t in inputs]
+    check_size(shapes)
+    sets = [InputSet("given" if given else "normal", inputs)]
+    if not any(t.is_floating_point() for t in inputs):
+        return sets
+    gen = torch.Generator().manual_seed(seed + 7919)
+    if given:
+        sets.append(
+            InputSet("normal", _like(inputs, lambda s: torch.randn(s, generator=gen, dtype=torch.float64)))
+        )
+    low, high = rule.value_range
+    sets.append(
+        InputSet(
+            f"uniform[{low:g},{high:g}]",
+            _like(inputs, lambda s: torch.rand(s, generator=gen, dtype=torch.float64) * (high - low) + low),
+        )
+    )
+    return sets
+
+
+def _like(
+    inputs: tuple[torch.Tensor, ...], draw: Callable[[tuple[int, ...]], torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """New values for the floating inputs (same shape, dtype, device); the others as they are."""
+    return tuple(
+        draw(tuple(t.shape)).to(device=t.device, dtype=t.dtype) if t.is_floating_point() else t
+        for t in inputs
+    )
+
+
+def make_reference(
+    model: nn.Module, sets: Sequence[InputSet], rule: ParityRule, *, role: str = "original"
+) -> Reference:
+    """Run the original ``model`` on every set, and its float64 copy where the rule allows."""
+    sets, outputs, notes = list(sets), [], []
+    for s in list(sets):
+        out = run_model(model, s.inputs, role=role)
+        if s is not sets[0] and not _all_finite(out):
+            notes.append(f"input set {s.name} dropped: the original model's output is not finite on it")
+            sets.remove(s)
+            continue
+        outputs.append(out)
+    exact = _exact_outputs(model, sets, rule, notes)
+    for note in notes:
+        logger.info("parity: %s", note)
+    return Reference(sets, outputs, exact, notes)
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in pytree.tree_leaves(tree)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
+
+
+def _exact_outputs(
+    model: nn.Module, sets: list[InputSet], rule: ParityRule, notes: list[str]
+) -> list[Any] | None:
+    tensors = [*model.parameters(), *model.buffers()]
+    floating = [t for t in tensors if t.is_floating_point()]
+    if floating and all(t.dtype == torch.float64 for t in floating):
+        return None  # already float64: the original's outputs are the exact reference
+    size = sum(t.numel() for t in floating) * 8
+    if size > rule.exact_limit_bytes:
+        notes.append(
+            f"no float64 reference: a float64 copy of the model needs {size / 2**30:.1f} GiB, over the "
+            f"limit of {rule.exact_limit_bytes / 2**30:.1f} GiB; judged by the fixed tolerance alone"
+        )
+        return None
+    try:
+        wide = copy.deepcopy(model).to(torch.float64)
+        return [run_model(wide, _as_float64(s.inputs), role="float64 copy of the original") for s in sets]
+    except Exception as e:  # a model that casts internally, or an op without a float64 kernel
+        notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
+        return None
+
+
+def _as_float64(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
+
+
+def check(
+    reference: Reference, run: Callable[[tuple[torch.Tensor, ...]], Any], rule: ParityRule
+) -> ParityReport:
+    """Run a candidate (``run(inputs) -> outputs``) on every input set of ``reference`` and judge it."""
+    outputs: list[OutputParity] = []
+    problems: list[str] = []
+    for i, s in enumerate(reference.sets):
+        exact = reference.exact[i] if reference.exact is not None else None
+        compared, found = compare_outputs(reference.outputs[i], run(s.inputs), exact, rule, s.name)
+        outputs.extend(compared)
+        problems.extend(p for p in found if p not in problems)  # structural: the same on every set
+    return report_of(outputs, problems, tuple(reference.notes))
+
+
+def verify(
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Inputs | None = None,
+    *,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    rule: ParityRule | None = None,
+    tolerances: Mapping[torch.dtype, Tolerance] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> ParityReport:
+    """Run ``reference`` and ``candidate`` on the same input sets and judge every output by the
+    parity rule (:mod:`normfold.parity`): against a float64 run of ``reference``, allowing the
+    fixed floor plus ``noise_factor`` times ``reference``'s own rounding error.
+
+    ``inputs`` is one tensor (one positional argument) or a sequence of tensors (one argument
+    each). Without ``inputs``, ``input_shapes`` (one shape per argument) builds seeded standard
+    normal inputs: drawn on the CPU from a ``torch.Generator`` seeded with ``seed`` (so the same
+    seed gives the same inputs on every device), in ``input_dtype``, then moved to the device of
+    the reference's first parameter or buffer (CPU if it has none). ``input_dtype`` defaults to
+    the dtype of the reference's first floating parameter, else float32; passed explicitly, it
+    also casts user-given floating inputs (integer and bool inputs are never touched). Either way
+    the check also runs on the generated sets of :func:`parity_sets`.
+
+    ``rule`` (default :class:`ParityRule`) with ``tolerances``/``rtol``/``atol`` applied as in
+    :meth:`ParityRule.of`. Both models run in eval mode under ``torch.no_grad()``; each
+    submodule's ``training`` flag is restored afterwards.
+
+    Raises :class:`UsageError` for inconsistent arguments and :class:`TraceError` when either
+    model raises during its forward. A parity failure is not an exception: check
+    :attr:`ParityReport.passed`.
+    """
+    for role, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, nn.Module):
+            raise UsageError(
+                f"verify() expects the {role} to be a torch.nn.Module, got {type(model).__name__}"
+            )
+    if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
+        raise UsageError(f"input_dtype must be a torch.dtype, got {input_dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an int, got {seed!r}")
+    rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
+    args = _build_inputs(reference, inputs, input_shapes, input_dtype, seed)
+    logger.debug("verify: %d input(s) %s", len(args), describe_inputs(args))
+    sets = parity_sets(args, rule, seed=seed, given=inputs is not None)
+    ref = make_reference(reference, sets, rule, role="reference")
+    return check(ref, lambda x: run_model(candidate, x, role="candidate"), rule)
+
+
+def _first_tensor(model: nn.Module) -> torch.Tensor | None:
+    for t in model.parameters():
+        return t
+    for t in model.buffers():
+        return t
+    return None
+
+
+def _default_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _build_inputs(
+    reference: nn.Module,
+    inputs: Inputs | None,
+    input_shapes: Sequence[Sequence[int]] | None,
+    input_dtype: torch.dtype | None,
+    seed: int,
+) -> tuple[torch.Tensor, ...]:
+    if inputs is not None and input_shapes is not None:
+        raise UsageError("pass either inputs or input_shapes to verify(), not both")
+    if inputs is None and input_shapes is None:
+        raise UsageError(
+            "verify() needs inputs to run the models on: pass `inputs` (a tensor or a sequence of "
+            "tensors, one per forward argument) or `input_shapes` (e.g. input_shapes=[(1, 3, 224, 224)]) "
+            "to generate seeded random inputs"
+        )
+    if inputs is not None:
+        args = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise UsageError(f"inputs must be a tensor or a sequence of tensors, got {type(inputs).__name__}")
+        out: list[torch.Tensor] = []
+        for i, t in enumerate(args):
+            if not isinstance(t, torch.Tensor):
+                raise UsageError(f"inputs[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if input_dtype is not None and (t.is_floating_point() or t.is_complex()):
+                t = t.to(input_dtype)
+            out.append(t)
+        return tuple(out)
+
+    first = _first_tensor(reference)
+    return random_inputs(
+        input_shapes,
+        dtype=input_dtype if input_dtype is not None else _default_dtype(reference),
+        seed=seed,
+        device=first.device if first is not None else None,
+    )
+
+
+def random_inputs(
+    input_shapes: Sequence[Sequence[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Seeded standard-normal inputs, one per shape, drawn on the CPU in float64 so the same seed
+    gives the same values on every device, then cast to ``dtype`` and moved to ``device``."""
+    shapes = _check_shapes(input_shapes)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise UsageError(
+            f"random inputs need a floating input dtype, got {dtype}; pass integer inputs explicitly"
+        )
+    draw_dtype = torch.complex128 if dtype.is_complex else torch.float64
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return tuple(
+        torch.randn(shape, generator=gen, dtype=draw_dtype).to(device=device or "cpu", dtype=dtype)
+        for shape in shapes
+    )
+
+
+def check_size(shapes: Sequence[tuple[int, ...]]) -> None:
+    """Refuse inputs over :data:`MAX_INPUT_ELEMENTS` in total, before anything is allocated."""
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    if total > MAX_INPUT_ELEMENTS:
+        shown = ", ".join(str(tuple(s)) for s in shapes)
+        raise UsageError(
+            f"inputs of shape {shown} have {total:,} elements in total, over the limit of "
+            f"{MAX_INPUT_ELEMENTS:,} (a typo in a shape?)"
+        )
+
+
+def _check_shapes(input_shapes: Any) -> list[tuple[int, ...]]:
+    if isinstance(input_shapes, (str, bytes)) or not isinstance(input_shapes, Sequence):
+        raise UsageError(f"input_shapes must be a sequence of shapes, got {type(input_shapes).__name__}")
+    if input_shapes and all(isinstance(d, int) for d in input_shapes):
+        raise UsageError(
+            f"input_shapes is a sequence of shapes, one per input: wrap a single shape, e.g. "
+            f"input_shapes=[{tuple(input_shapes)}]"
+        )
+    shapes: list[tuple[int, ...]] = []
+    for i, shape in enumerate(input_shapes):
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise UsageError(f"input_shapes[{i}] must be a sequence of ints, got {shape!r}")
+        dims = tuple(shape)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise UsageError(f"input_shapes[{i}] must contain non-negative ints, got {dims!r}")
+        shapes.append(dims)
+    check_size(shapes)
+    return shapes
+
+
+def describe_inputs(args: tuple[torch.Tensor, ...]) -> str:
+    return "[" + ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in args) + "]"
