@@ -1,0 +1,208 @@
+"""The parity rule end to end: an exact fold of a model whose own fp32 rounding is far above the
+fixed tolerance passes; every real change fails; nothing passes with nothing compared."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+import normfold
+from normfold.errors import UsageError
+from normfold.parity import ParityRule, compare
+from normfold.reference import MAX_INPUT_ELEMENTS, make_reference, parity_sets, random_inputs, verify
+
+X = (torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(0)),)
+
+
+class ClampBN(nn.BatchNorm2d):
+    """A BN subclass that clamps after normalizing: never triggers on N(0, 1) inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).clamp(-20, 20)
+
+
+def noisy_net(bn: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> nn.Module:
+    """Conv -> BN whose statistics cancel a large conv bias: in fp32 the original loses ~1e-4 of
+    its output scale to rounding (conv(x) + 1000 - 1000), the float64 fold computes it exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        conv, norm = model[0], model[1]
+        conv.bias.fill_(1000.0)
+        norm.running_mean.copy_(1000.0 + torch.randn(8) * 0.5)
+        norm.running_var.copy_(torch.rand(8) * 0.02 + 0.01)
+        norm.weight.copy_(torch.rand(8) + 0.5)
+        norm.bias.copy_(torch.randn(8))
+    return model.eval()
+
+
+def _own_error(model: nn.Module, x: tuple[torch.Tensor, ...]) -> float:
+    """The model's own fp32 rounding error relative to its output scale (vs a float64 run)."""
+    exact = copy.deepcopy(model).double()(*(t.double() for t in x))
+    return float((model(*x).double() - exact).abs().max() / exact.abs().max())
+
+
+def test_exact_fold_of_a_noisy_model_passes_where_the_fixed_tolerance_refuses() -> None:
+    model = noisy_net()
+    assert _own_error(model, X) > 1e-5  # the model's own fp32 error is over the fixed floor
+    folded = normfold.fold(model, X).model
+    # the fixed rule (the fp32 original as the reference, 1e-5 of the output scale) refuses it
+    assert not compare(normfold.run_model(model, X), normfold.run_model(folded, X)).passed
+    report = verify(model, folded, X)
+    assert report.passed, report.failures()
+    for o in report.outputs:
+        assert o.noise > 0 and o.exact_error <= o.allowed_error
+        assert o.exact_error < o.noise  # the fold is closer to the exact result than the original
+    given = next(o for o in report.outputs if o.inputs == "given")
+    assert given.max_abs_error > 1e-5 * given.max_abs_reference  # and differs from the fp32 original
+
+
+def _shift_one_channel(model: nn.Module) -> None:
+    bn = model[1]
+    bn.running_mean[2] += 0.1 * bn.running_var[2].sqrt()  # a tenth of that channel's std
+
+
+def _wrong_axis(model: nn.Module) -> None:
+    bn = model[1]
+    bn.weight.copy_(bn.weight.roll(1))  # the scale applied to the neighbouring channel
+    bn.bias.copy_(bn.bias.roll(1))
+
+
+def _dropped_bias(model: nn.Module) -> None:
+    model[1].bias.zero_()  # a fold that forgot the BN's beta
+
+
+@pytest.mark.parametrize("change", [_shift_one_channel, _wrong_axis, _dropped_bias])
+def test_real_changes_fail(change) -> None:
+    model = noisy_net()
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        change(changed)
+    report = verify(model, changed, X)
+    assert not report.passed
+    assert all(not o.passed for o in report.outputs if o.inputs == "given"), report.failures()
+    assert "error vs the float64 reference" in report.failures()[0]
+
+
+def clamp_net(bn: type[nn.BatchNorm2d]) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn(8), nn.Conv2d(8, 4, 1))
+    return randomize_bn(model)
+
+
+def test_a_dropped_clamp_fails_on_the_wide_range_inputs_only() -> None:
+    model = clamp_net(ClampBN)
+    plain = clamp_net(nn.BatchNorm2d)  # the clamp dropped: a fold that took ClampBN for plain BN
+    report = verify(model, plain, input_shapes=[(2, 3, 10, 10)])
+    assert not report.passed
+    by_set = {o.inputs: o.passed for o in report.outputs}
+    assert by_set == {"normal": True, "uniform[0,255]": False}  # N(0, 1) never reaches the clamp
+    # the real fold keeps the clamp and passes
+    folded = normfold.fold(model, X).model
+    assert verify(model, folded, X).passed
+
+
+def test_value_range_sets_the_uniform_inputs() -> None:
+    rule = ParityRule(value_range=(-1, 1))
+    sets = parity_sets(X, rule, seed=0)
+    assert [s.name for s in sets] == ["given", "normal", "uniform[-1,1]"]
+    wide = sets[2].inputs[0]
+    assert wide.dtype == X[0].dtype and wide.shape == X[0].shape
+    assert -1 <= float(wide.min()) and float(wide.max()) <= 1 and float(wide.max() - wide.min()) > 1.5
+    # generated from shapes: the first set is the normal one, not repeated
+    assert [s.name for s in parity_sets(random_inputs([(2, 3)]), rule, given=False)] == [
+        "normal",
+        "uniform[-1,1]",
+    ]
+
+
+def test_integer_inputs_are_kept_in_every_set() -> None:
+    tokens = torch.tensor([[1, 2, 3]])
+    assert [s.inputs[0] is tokens for s in parity_sets((tokens,), ParityRule())] == [True]
+    x = torch.randn(1, 3)
+    sets = parity_sets((tokens, x), ParityRule())
+    assert all(s.inputs[0] is tokens for s in sets) and len(sets) == 3
+
+
+def test_set_where_the_original_overflows_is_dropped_with_a_note() -> None:
+    model = nn.Sequential(nn.Linear(4, 4)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)  # 0..255 inputs overflow fp16 (max 65504)
+    x = (torch.randn(2, 4).half(),)
+    ref = make_reference(model, parity_sets(x, ParityRule()), ParityRule())
+    assert [s.name for s in ref.sets] == ["given", "normal"]
+    assert ref.notes == ["input set uniform[0,255] dropped: the original model's output is not finite on it"]
+
+
+def test_no_float64_reference_above_the_limit_says_so() -> None:
+    model = noisy_net()
+    rule = ParityRule(exact_limit_bytes=100)
+    report = verify(model, copy.deepcopy(model), X, rule=rule)
+    assert report.passed and all(math.isnan(o.noise) for o in report.outputs)
+    (note,) = report.notes
+    assert note.startswith("no float64 reference: a float64 copy of the model needs 0.0 GiB, over the limit")
+
+
+class CastsToFloat32(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) @ torch.eye(3)  # a float32 constant: no float64 run
+
+
+def test_model_that_cannot_run_in_float64_falls_back_to_the_floor_with_a_note() -> None:
+    model = CastsToFloat32()
+    report = verify(model, copy.deepcopy(model), torch.randn(2, 3))
+    assert report.passed
+    assert report.notes and report.notes[0].startswith("no float64 reference (")
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        (
+            lambda x: torch.full_like(x, math.nan),
+            "the original's output has no finite value: nothing to compare",
+        ),
+        (lambda x: x[:0], "empty output (0 elements): nothing to compare"),
+    ],
+)
+def test_outputs_with_nothing_finite_fail(output, problem) -> None:
+    class Fn(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return output(x)
+
+    report = verify(Fn(), Fn(), torch.randn(2, 3))
+    assert not report.passed
+    assert all(o.problem is not None and problem in o.problem for o in report.outputs)
+
+
+def test_all_zero_outputs_compare_nothing() -> None:
+    report = compare(torch.zeros(3), torch.zeros(3))
+    assert not report.passed
+    assert report.problems[0].startswith("nothing was compared: every output of the original is all zeros")
+    assert compare((torch.zeros(3), torch.ones(3)), (torch.zeros(3), torch.ones(3))).passed
+
+
+def test_huge_shapes_are_refused_before_allocating() -> None:
+    with pytest.raises(UsageError, match=r"over the limit of 268,435,456 \(a typo in a shape\?\)"):
+        random_inputs([(1, 3, 100000, 100000)])
+    with pytest.raises(UsageError, match="over the limit"):
+        random_inputs([(10**19, 1)])
+    assert MAX_INPUT_ELEMENTS == 2**28
+
+
+def test_rule_arguments_are_validated() -> None:
+    with pytest.raises(UsageError, match="noise_factor must be finite and >= 0"):
+        ParityRule(noise_factor=-1)
+    with pytest.raises(UsageError, match="value_range must be finite with low < high"):
+        ParityRule(value_range=(5, 1))
+    with pytest.raises(UsageError, match="value_range must be two numbers"):
+        ParityRule(value_range="wide")  # type: ignore[arg-type]
