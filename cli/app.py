@@ -85,7 +85,10 @@ InputsOpt = Annotated[
     Path | None,
     typer.Option("--inputs", help="torch.save file with a tensor or tuple of tensors (weights_only load)."),
 ]
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write a JSON report to this path.")]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", help="Write a JSON report to this path (with the output, as one set)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
@@ -124,7 +127,6 @@ def fold_cmd(
 ) -> None:
     """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
     with _guard():
-        _check_report(report)  # before OUT is written: a bad --report must not leave a model behind
         from normfold import pipeline
 
         run = pipeline.fold_and_export(
@@ -133,11 +135,11 @@ def fold_cmd(
             static_batch=static_batch,
             opset=opset,
             force=force,
+            report=report,
             rule=_parity_rule(rtol, atol, noise_factor, value_range),
             calibrate=calibrate,
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )
-        _write_report(report, run)
         if not quiet:
             _render_layers(run)
             _render_parity(run)
@@ -154,17 +156,17 @@ def inspect_cmd(
     input_dtype: DtypeOpt = None,
     inputs: InputsOpt = None,
     report: ReportOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing report file.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Dry run: show every norm layer, what it would fold into or why it stays. Writes no model."""
     with _guard():
-        _check_report(report)
         from normfold import pipeline
 
         run = pipeline.inspect(
-            model, **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
-        )
-        _write_report(report, run)
+            model, report=report, force=force,
+            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
+        )  # fmt: skip
         if not quiet:
             _render_layers(run)
             f = run.fold
@@ -191,15 +193,13 @@ def recalibrate_cmd(
 ) -> None:
     """Replace BatchNorm running statistics by the exact eval-mode statistics on --data; write OUT."""
     with _guard():
-        _check_report(report)
         from normfold import pipeline
         from normfold.load import parse_model_args
 
         run = pipeline.recalibrate_and_write(
             model, data, out, model=arch, model_args=parse_model_args(model_args), trust=trust,
-            force=force, on_step=None if quiet else _spinner,
+            force=force, report=report, on_step=None if quiet else _spinner,
         )  # fmt: skip
-        _write_report(report, run)
         if not quiet:
             table = Table(title=f"Recalibrated norms of {run.source}", title_justify="left")
             for col in ("norm", "level", "values", "mean drift (std)", "std drift"):
@@ -239,15 +239,13 @@ def drop_bias_cmd(
 ) -> None:
     """Remove Conv/Linear biases a BatchNorm makes redundant (outputs unchanged); write OUT."""
     with _guard():
-        _check_report(report)
         from normfold import pipeline
         from normfold.bias import drop_redundant_biases
 
         run = pipeline.transform_and_write(
-            model, out, lambda m, x: drop_redundant_biases(m, x, inplace=True), force=force,
+            model, out, lambda m, x: drop_redundant_biases(m, x, inplace=True), force=force, report=report,
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )  # fmt: skip
-        _write_report(report, run)
         if not quiet:
             r = run.result
             for d in r.dropped:
@@ -285,7 +283,6 @@ def swap_cmd(
 ) -> None:
     """Swap BatchNorm for GroupNorm / LayerNorm / frozen BN, or SyncBatchNorm for BatchNorm; write OUT."""
     with _guard():
-        _check_report(report)
         from normfold import pipeline
         from normfold.swap import swap_norms
 
@@ -295,10 +292,9 @@ def swap_cmd(
             )
 
         run = pipeline.transform_and_write(
-            model, out, transform, force=force,
+            model, out, transform, force=force, report=report,
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )  # fmt: skip
-        _write_report(report, run)
         if not quiet:
             r = run.result
             for s in r.swapped:
@@ -387,20 +383,6 @@ def _parity_rule(rtol: float | None, atol: float | None, noise_factor: float, va
         return ParityRule(rtol=rtol, atol=atol, noise_factor=noise_factor, value_range=low_high)
     except UsageError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from e
-
-
-def _check_report(path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
-        raise UsageError(f"--report {path}: folder {path.parent} does not exist")
-    if path is not None and path.is_dir():
-        raise UsageError(f"--report {path} is a directory")
-
-
-def _write_report(path: Path | None, run: Any) -> None:
-    if path is not None:
-        from normfold.report import write_json
-
-        write_json(path, run.to_dict())
 
 
 def _render_layers(run: FoldRun) -> None:

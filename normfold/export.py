@@ -7,19 +7,22 @@
   weights in a sibling ``<name>.data`` file (ONNX external data).
 * ``.pt2``: ``torch.export.save``; the file is loaded back and run.
 
-Either way the outputs are compared with the *reference* outputs (the original model's), and any
-failed check raises before anything is written: files are produced in a temporary folder next to
-the destination and moved into place (``os.replace``) only after every check passed.
+Either way the outputs are compared with the *reference* (the original model's outputs, by the
+parity rule of :mod:`normfold.parity`), and any failed check raises before anything is written:
+files follow the one rule of :mod:`normfold.files` (staged beside the destination, committed as a
+set after every check passed, never overwritten without ``force``).
+
+External data is named after its content, ``<name>.<hash>.data``, so a new ``.onnx`` never lands
+beside an old data file of the same name: the data is committed first under its new name, then the
+model; the data files the replaced model used and the new one does not are removed afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from normfold.errors import ExportError, UsageError, first_line
+from normfold.files import OutputSet
 from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
 from normfold.parity import ParityReport, ParityRule, Tolerance
 from normfold.reference import Reference, check, make_reference, parity_sets
@@ -51,13 +55,14 @@ class ExportResult:
     opset: int | None = None
     batchnorm_nodes: int | None = None  # BatchNormalization nodes left in the ONNX graph
     dynamic_batch: bool = True
+    size_bytes: int = 0  # of every file written (model and external data)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "format": self.format,
             "files": [str(f) for f in self.files],
-            "size_bytes": sum(f.stat().st_size for f in self.files if f.exists()),
+            "size_bytes": self.size_bytes,
             "opset": self.opset,
             "batchnorm_nodes": self.batchnorm_nodes,
             "dynamic_batch": self.dynamic_batch,
@@ -68,20 +73,18 @@ class ExportResult:
 STATE_FORMATS = (".pt", ".pth", ".safetensors")
 
 
-def check_destination(
-    out: str | Path, *, force: bool = False, formats: Sequence[str] = tuple(FORMATS)
-) -> Path:
-    """Validate an output path (one of ``formats``) before any work is done."""
-    out = Path(out)
-    if out.suffix not in formats:
-        raise UsageError(f"--out {out}: unknown format {out.suffix or '(none)'}; use {' or '.join(formats)}")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory")
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    return out
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter cannot give exactly, before any work is done."""
+    if opset is None:
+        return
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise UsageError(f"opset {opset!r} is not supported: choose {MIN_OPSET} to {top}")
+
+
+MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opsets; older ones go through a converter
 
 
 def export_model(
@@ -110,56 +113,115 @@ def export_model(
     it is written as is, without a second capture. Raises :class:`ExportError` and writes nothing
     when any step or check fails. ``steps`` times the export and the check.
     """
+    check_opset(opset)
+    with OutputSet({"--out": out}, force=force, formats={"--out": tuple(FORMATS)}) as files:
+        result = stage_export(
+            model, example_inputs, files, reference=reference, program=program,
+            dynamic_batch=dynamic_batch, opset=opset,
+            rule=ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol), steps=steps,
+        )  # fmt: skip
+        commit_export(files, result)
+    return result
+
+
+def stage_export(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    files: OutputSet,
+    *,
+    reference: Reference | None = None,
+    program: torch.export.ExportedProgram | None = None,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    rule: ParityRule | None = None,
+    steps: StepTimer | None = None,
+) -> ExportResult:
+    """Write ``files``' ``--out`` into its staging folder and check it (:func:`export_model`
+    without the commit, for a run that commits several files as one set)."""
     steps = steps or StepTimer()
-    out = check_destination(out, force=force)
+    rule = rule or ParityRule()
     example_inputs = tuple(example_inputs)
-    rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
     if reference is None:
         reference = make_reference(model, parity_sets(example_inputs, rule), rule)
-    with _staging(out) as stage:
-        staged = stage / out.name
-        if FORMATS[out.suffix] == "onnx":
-            with steps("export (onnx)"):
-                program = program or _export_program(model, example_inputs, dynamic_batch)
-                result = _export_onnx(
-                    program, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset
-                )
-            with steps("check (onnxruntime)"):
-                result.parity = _check_onnx(staged, reference, rule)
-        else:
-            with steps("export (torch.export)"):
-                program = program or _export_program(model, example_inputs, dynamic_batch)
-                result = _export_pt2(program, staged, dynamic_batch=dynamic_batch)
-            with steps("check (torch.export.load)"):
-                result.parity = _check_pt2(staged, reference, rule)
-        for runtime, report in result.parity.items():
-            if not report.passed:
-                raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
-        # Weights files first, the model file last: a reader never sees a model without its data.
-        for f in sorted(stage.iterdir(), key=lambda p: p.name == out.name):
-            os.replace(f, out.parent / f.name)
-            result.files.append(out.parent / f.name)
-        result.path = out
+    out = files.paths["--out"]
+    staged = files.staged("--out")
+    if FORMATS[out.suffix] == "onnx":
+        with steps("export (onnx)"):
+            program = program or _export_program(model, example_inputs, dynamic_batch)
+            result = _export_onnx(program, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset)
+        with steps("check (onnxruntime)"):
+            result.parity = _check_onnx(staged, reference, rule)
+    else:
+        with steps("export (torch.export)"):
+            program = program or _export_program(model, example_inputs, dynamic_batch)
+            result = _export_pt2(program, staged, dynamic_batch=dynamic_batch)
+        with steps("check (torch.export.load)"):
+            result.parity = _check_pt2(staged, reference, rule)
+    for runtime, report in result.parity.items():
+        if not report.passed:
+            raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
+    result.path = out
+    owned = [f for f in staged.parent.iterdir() if f == staged or _is_data_of(f.name, out.name)]
+    result.files = [out.parent / f.name for f in sorted(owned, key=lambda f: f == staged)]
+    result.size_bytes = sum(f.stat().st_size for f in owned)
     return result
+
+
+def _is_data_of(name: str, model_name: str) -> bool:
+    return name.startswith(model_name + ".") and name.endswith(".data")
+
+
+def commit_export(files: OutputSet, result: ExportResult) -> None:
+    """Commit ``files`` (the export and whatever else the run staged); then remove the external
+    data files the replaced ``.onnx`` used that the new one does not."""
+    out = files.paths["--out"]
+    old = _external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
+    written = files.commit()
+    for stale in old - set(written):
+        stale.unlink(missing_ok=True)
+        logger.info("removed %s: the replaced %s used it, the new one does not", stale, out)
+
+
+def _external_files(path: Path) -> set[Path]:
+    """The external data files an ``.onnx`` file refers to, in its own folder."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge: an unreadable old file simply has no data to clean
+        return set()
+    names = {
+        entry.value
+        for t in _get_all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return {path.parent / n for n in names if n == Path(n).name}
 
 
 def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:
     """Write ``model.state_dict()`` to ``out`` (``.pt``/``.pth`` or ``.safetensors``) atomically."""
-    out = check_destination(out, force=force, formats=STATE_FORMATS)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with _staging(out) as stage:
-        staged = stage / out.name
-        try:
-            if out.suffix == ".safetensors":
-                from safetensors.torch import save_file
+    with OutputSet({"--out": out}, force=force, formats={"--out": STATE_FORMATS}) as files:
+        stage_state_dict(model, files)
+        files.commit()
+    return Path(out)
 
-                save_file({k: v.clone() for k, v in state.items()}, str(staged))  # no shared storage
-            else:
-                torch.save(state, staged)
-        except Exception as e:
-            raise ExportError(f"writing {out} failed: {first_line(e)}") from e
-        os.replace(staged, out)
-    return out
+
+def stage_state_dict(model: nn.Module, files: OutputSet) -> None:
+    """Write ``model.state_dict()`` into ``files``' staged ``--out``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    staged = files.staged("--out")
+    try:
+        if staged.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.clone() for k, v in state.items()}, str(staged))  # no shared storage
+        else:
+            torch.save(state, staged)
+    except Exception as e:
+        raise ExportError(f"writing {files.paths['--out']} failed: {first_line(e)}") from e
 
 
 def export_onnx(
@@ -169,16 +231,6 @@ def export_onnx(
     if Path(out).suffix != ".onnx":
         raise UsageError(f"export_onnx writes .onnx files, got {out}")
     return export_model(model, example_inputs, out, **kwargs)
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` (same filesystem, so ``os.replace`` is atomic), always removed."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _export_program(
@@ -210,6 +262,7 @@ def _export_onnx(
             onnx_program.save(path, external_data=size >= _ONNX_MAX_PROTO)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {first_line(e)}") from e
+    _name_data_by_content(path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
@@ -218,6 +271,28 @@ def _export_onnx(
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     bn_nodes = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
     return ExportResult(path, "onnx", opset=opset_used, batchnorm_nodes=bn_nodes, dynamic_batch=dynamic_batch)
+
+
+def _name_data_by_content(path: Path) -> None:
+    """Rename the exporter's ``<name>.data`` to ``<name>.<hash>.data`` and point the model at it."""
+    data = path.with_name(path.name + ".data")
+    if not data.exists():
+        return
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    digest = hashlib.blake2b(digest_size=6)
+    with open(data, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    named = path.with_name(f"{path.name}.{digest.hexdigest()}.data")
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in _get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data.name:
+                entry.value = named.name
+    os.replace(data, named)
+    onnx.save(proto, str(path))
 
 
 def onnx_providers() -> list[str]:

@@ -93,6 +93,7 @@ class FoldResult:
     #: modules torch.export could not capture (the model itself first); empty when it could.
     #: Then ``program`` is None and only the captured parts were folded (see normfold.parts).
     uncaptured: list[Uncaptured] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. switched to eval)
 
     @property
     def export_only(self) -> list[Folded]:
@@ -107,6 +108,7 @@ class FoldResult:
             "skipped": [asdict(s) for s in self.skipped],
             "replan_folds": self.replan_folds,
             "uncaptured": [asdict(u) for u in self.uncaptured],
+            "notes": list(self.notes),
         }
 
 
@@ -127,6 +129,8 @@ def analyse(
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
+    check_materialized(model)
+    was_training = model.training
     model.eval()
     cap = capture(model, inputs, options or CaptureOptions())
     the_plan = plan(cap)
@@ -136,7 +140,27 @@ def analyse(
     result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
                       for k in the_plan.kept]  # fmt: skip
     result.skipped += _other_norms(model, cap, the_plan)
+    if was_training:
+        result.notes.append(
+            "the model was in training mode: it was folded as in eval mode (BatchNorm with its running "
+            "statistics); the returned model is in eval mode"
+        )
     return Analysis(cap, the_plan, eager, result)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights have no values yet: meta tensors or lazy modules."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise UsageError(
+                f"{name} is not initialized yet (a lazy module): run the model once on a real input "
+                "before folding it"
+            )
+        if t.is_meta:
+            raise UsageError(
+                f"{name} is on the meta device (it has no values to fold): load the weights first, "
+                "e.g. model.to_empty(device='cpu') and load_state_dict"
+            )
 
 
 def fold(
@@ -230,10 +254,11 @@ def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tup
     """``example_inputs`` as a tuple of tensors, or a UsageError naming ``caller``."""
     if example_inputs is None:
         raise UsageError(f"{caller}() needs example_inputs: torch.export runs the model on them once")
+    # copies: a forward that changes its input in place must not change the caller's tensors
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs.clone(),)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
+        return tuple(t.clone() for t in example_inputs)
     raise UsageError(
         f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
     )

@@ -26,7 +26,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class LoadedModel:
     model: nn.Module
     source: str  # what was loaded, e.g. "factory normfold.models:resnet"
     input_shapes: list[tuple[int, ...]] | None = None  # default example input shapes, if known
+    notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. a dtype kept)
 
 
 def is_factory_spec(text: str) -> bool:

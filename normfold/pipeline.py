@@ -28,16 +28,18 @@ from normfold.export import (
     FORMATS,
     STATE_FORMATS,
     ExportResult,
-    check_destination,
-    export_model,
-    write_state_dict,
+    check_opset,
+    commit_export,
+    stage_export,
+    stage_state_dict,
 )
+from normfold.files import OutputSet
 from normfold.folding import FoldResult, analyse, fold
 from normfold.graph import CaptureOptions
 from normfold.load import LoadedModel, load_batches, load_inputs, load_model
 from normfold.parity import ParityReport, ParityRule, Tolerance
-from normfold.reference import check, make_reference, parity_sets, random_inputs, run_model
-from normfold.report import StepHook, StepTimer, versions
+from normfold.reference import Reference, check, make_reference, parity_sets, random_inputs, run_model
+from normfold.report import StepHook, StepTimer, versions, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class FoldRun:
     export: ExportResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     recalibration: RecalibrateResult | None = None
+    notes: list[str] = field(default_factory=list)  # how the model was taken (dtype, eval mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +87,7 @@ class FoldRun:
             "recalibration": self.recalibration.to_dict() if self.recalibration is not None else None,
             "input_shapes": [list(s) for s in self.input_shapes],
             **self.fold.to_dict(),
+            "notes": self.notes,
             "layers": [vars(r) for r in self.layers],
             "parity": {
                 "pytorch": self.parity.to_dict() if self.parity is not None else None,
@@ -104,17 +108,25 @@ def inspect(
     model_args: Mapping[str, Any] | None = None,
     trust: bool = False,
     inputs: InputSpec | None = None,
+    report: str | Path | None = None,
+    force: bool = False,
     on_step: StepHook | None = None,
 ) -> FoldRun:
-    """Dry run: what :func:`fold` would do to each norm op of ``source``. Changes and writes nothing."""
-    steps = StepTimer(on_step)
-    with steps("load"):
-        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
-        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
-    with steps("capture and plan"):
-        result = analyse(loaded.model, example, CaptureOptions(dynamic_batch=False)).result
-    shapes = [tuple(t.shape) for t in example]
-    return FoldRun(loaded.source, shapes, result, _layers(result), timings=steps.timings)
+    """Dry run: what :func:`fold` would do to each norm op of ``source``. Changes nothing and
+    writes nothing but the ``report`` (JSON) when one is asked for."""
+    spec = inputs or InputSpec()
+    with OutputSet({"--report": report}, inputs=[source, spec.file], force=force) as files:
+        steps = StepTimer(on_step)
+        with steps("load"):
+            loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+            example = _example_inputs(loaded, spec, optional=False)
+        with steps("capture and plan"):
+            result = analyse(loaded.model, example, CaptureOptions(dynamic_batch=False)).result
+        shapes = [tuple(t.shape) for t in example]
+        run = FoldRun(loaded.source, shapes, result, _layers(result), timings=steps.timings)
+        run.notes = [*loaded.notes, *result.notes]
+        _commit(files, run)
+    return run
 
 
 def fold_and_export(
@@ -133,6 +145,7 @@ def fold_and_export(
     rtol: float | None = None,
     atol: float | None = None,
     calibrate: str | Path | None = None,
+    report: str | Path | None = None,
     on_step: StepHook | None = None,
 ) -> FoldRun:
     """Load ``source``, fold it, prove parity in PyTorch, export to ``out`` and prove parity there.
@@ -143,16 +156,52 @@ def fold_and_export(
     Parity (PyTorch, then the written file) is judged by ``rule`` (default
     :class:`~normfold.ParityRule`, with ``tolerances``/``rtol``/``atol`` applied) on the input
     sets of :func:`normfold.reference.parity_sets`, against a float64 run of the original.
-    Raises :class:`~normfold.errors.ParityError` (nothing written) when the folded model differs
-    from the original, :class:`~normfold.errors.ExportError` when export or its check fails.
+    ``out`` and ``report`` follow the rule of :mod:`normfold.files`: checked before any work,
+    committed together at the end. Raises :class:`~normfold.errors.ParityError` (nothing written)
+    when the folded model differs from the original, :class:`~normfold.errors.ExportError` when
+    export or its check fails.
     """
-    if out is not None:
-        out = _check_out(source, out, force, tuple(FORMATS))
+    check_opset(opset)
     rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
     spec = inputs or InputSpec()
-    steps = StepTimer(on_step)
+    outputs = {"--out": out, "--report": report}
+    formats = {"--out": tuple(FORMATS)}
+    with OutputSet(outputs, inputs=[source, spec.file, calibrate], force=force, formats=formats) as files:
+        steps = StepTimer(on_step)
+        run, reference, primary = _fold_and_verify(
+            source, spec, rule, steps, model=model, model_args=model_args, trust=trust,
+            static_batch=static_batch, calibrate=calibrate,
+        )  # fmt: skip
+        if out is not None:
+            run.export = stage_export(
+                run.fold.model,
+                primary,
+                files,
+                program=run.fold.program,  # the folded capture itself: no second torch.export
+                reference=reference,
+                dynamic_batch=not static_batch,
+                opset=opset,
+                rule=rule,
+                steps=steps,
+            )
+        run.timings = steps.timings
+        _commit(files, run)
+    return run
+
+
+def _fold_and_verify(
+    source: str | Path,
+    spec: InputSpec,
+    rule: ParityRule,
+    steps: StepTimer,
+    *,
+    static_batch: bool,
+    calibrate: str | Path | None,
+    **load: Any,
+) -> tuple[FoldRun, Reference, tuple[torch.Tensor, ...]]:
+    """Load, recalibrate if asked, fold, and prove parity in PyTorch (raises ParityError)."""
     with steps("load"):
-        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+        loaded = load_model(source, **load)
         example = _example_inputs(loaded, spec, optional=False)
         # captured at the parity batch: torch.export specializes a batch of 1
         primary = example if static_batch else _widen_batch(example, spec.seed)
@@ -165,26 +214,24 @@ def fold_and_export(
         result = fold(loaded.model, primary, dynamic_batch=not static_batch)
     run = FoldRun(loaded.source, [tuple(t.shape) for t in example], result, _layers(result))
     run.recalibration = recalibration
+    run.notes = [*loaded.notes, *result.notes]
     with steps("verify (pytorch)"):
         reference = make_reference(loaded.model, sets, rule)
         run.parity = check(reference, lambda x: run_model(result.model, x, role="folded"), rule)
     if not run.parity.passed:
         raise ParityError(f"folded model differs from the original: {run.parity.failures()[0]}")
-    if out is not None:
-        run.export = export_model(
-            result.model,
-            primary,
-            out,
-            program=result.program,  # the folded capture itself: no second torch.export
-            reference=reference,
-            dynamic_batch=not static_batch,
-            opset=opset,
-            force=force,
-            rule=rule,
-            steps=steps,
-        )
-    run.timings = steps.timings
-    return run
+    return run, reference, primary
+
+
+def _commit(files: OutputSet, run: FoldRun | WriteRun) -> None:
+    """Write the report (if asked) into the set, then commit the set: data, report, model."""
+    if "--report" in files.paths:
+        write_json(files.staged("--report"), run.to_dict())
+    export = getattr(run, "export", None)
+    if export is not None:
+        commit_export(files, export)
+    else:
+        files.commit()
 
 
 @dataclass
@@ -196,12 +243,14 @@ class WriteRun:
     result: Any  # RecalibrateResult, BiasResult or SwapResult (each has to_dict)
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
+    export: ExportResult | None = None  # for a .pt2/.onnx out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "out": str(self.out),
             **self.result.to_dict(),
+            "export": self.export.to_dict() if self.export is not None else None,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "versions": versions(),
         }
@@ -219,20 +268,24 @@ def recalibrate_and_write(
     model_args: Mapping[str, Any] | None = None,
     trust: bool = False,
     force: bool = False,
+    report: str | Path | None = None,
     on_step: StepHook | None = None,
 ) -> WriteRun:
     """Load ``source``, recalibrate its BatchNorm statistics on ``data``, write the state dict to
     ``out`` (``.pt``/``.pth``/``.safetensors``; it loads into the same architecture)."""
-    out = _check_out(source, out, force, STATE_FORMATS)
-    steps = StepTimer(on_step)
-    with steps("load"):
-        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
-        batches = load_batches(data)
-    with steps("recalibrate"):
-        result = recalibrate(loaded.model, batches, inplace=True)
-    with steps("write"):
-        write_state_dict(result.model, out, force=force)
-    return WriteRun(loaded.source, result, out, steps.timings)
+    outputs, formats = {"--out": out, "--report": report}, {"--out": STATE_FORMATS}
+    with OutputSet(outputs, inputs=[source, data], force=force, formats=formats) as files:
+        steps = StepTimer(on_step)
+        with steps("load"):
+            loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+            batches = load_batches(data)
+        with steps("recalibrate"):
+            result = recalibrate(loaded.model, batches, inplace=True)
+        with steps("write"):
+            stage_state_dict(result.model, files)
+        run = WriteRun(loaded.source, result, Path(out), steps.timings)
+        _commit(files, run)
+    return run
 
 
 def transform_and_write(
@@ -245,31 +298,29 @@ def transform_and_write(
     trust: bool = False,
     inputs: InputSpec | None = None,
     force: bool = False,
+    report: str | Path | None = None,
     on_step: StepHook | None = None,
 ) -> WriteRun:
     """Load ``source``, apply ``transform(model, example_inputs)`` (returning a result with
     ``.model``), write the model to ``out``: a state dict (``.pt``/``.pth``/``.safetensors``) that
     loads into the transformed architecture, or a ``.pt2``/``.onnx`` export checked against it."""
-    out = _check_out(source, out, force, _WRITE_FORMATS)
-    steps = StepTimer(on_step)
-    with steps("load"):
-        loaded = load_model(source, model=model, model_args=model_args, trust=trust)
-        example = _example_inputs(loaded, inputs or InputSpec(), optional=False)
-    with steps("transform"):
-        result = transform(loaded.model, example)
-    if out.suffix in STATE_FORMATS:
-        with steps("write"):
-            write_state_dict(result.model, out, force=force)
-    else:
-        export_model(result.model, example, out, force=force, steps=steps)
-    return WriteRun(loaded.source, result, out, steps.timings)
-
-
-def _check_out(source: str | Path, out: str | Path, force: bool, formats: Sequence[str]) -> Path:
-    out = check_destination(out, force=force, formats=formats)
-    if Path(source).exists() and Path(source).resolve() == out.resolve():
-        raise UsageError(f"--out {out} is the input file; choose another path")
-    return out
+    spec = inputs or InputSpec()
+    outputs, formats = {"--out": out, "--report": report}, {"--out": _WRITE_FORMATS}
+    with OutputSet(outputs, inputs=[source, spec.file], force=force, formats=formats) as files:
+        steps = StepTimer(on_step)
+        with steps("load"):
+            loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+            example = _example_inputs(loaded, spec, optional=False)
+        with steps("transform"):
+            result = transform(loaded.model, example)
+        run = WriteRun(loaded.source, result, Path(out), steps.timings)
+        if Path(out).suffix in STATE_FORMATS:
+            with steps("write"):
+                stage_state_dict(result.model, files)
+        else:
+            run.export = stage_export(result.model, example, files, steps=steps)
+        _commit(files, run)
+    return run
 
 
 def _example_inputs(

@@ -225,10 +225,23 @@ class _Planner:
         self.result.kept.append(Keep(unit, fail.code, reason))
 
     def _commit(self, unit: Unit, nodes: list[fx.Node], fold: Fold) -> None:
+        self._check_range(fold)
         for node in nodes:
             self.removed[node] = _chain_input(node, self.consts)
         self.result.folds.append(fold)
         logger.debug("fold %s -> %s (%s)", unit.name, [u.layer for u in fold.updates], fold.pattern)
+
+    def _check_range(self, fold: Fold) -> None:
+        """A fold whose new values overflow the parameter dtype (fp16: |x| > 65504) is no fold."""
+        weights = {u.weight for u in fold.updates}
+        related = [f for f in self.result.folds if weights & {u.weight for u in f.updates}]
+        for name, value in self.result.values(self.capture, [*related, fold]).items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise _Fail(
+                    "overflow",
+                    f"the folded {name} does not fit in {str(value.dtype).removeprefix('torch.')} "
+                    f"(largest finite {torch.finfo(value.dtype).max:.4g}): the fold would make it inf",
+                )
 
     # --- units ----------------------------------------------------------------------------------
 

@@ -406,7 +406,7 @@ ERROR_CASES: list[ErrorCase] = [
     ("existing-out", lambda d: (d / "o.onnx").write_bytes(b"precious"),
      ["fold", RESNET, "--out", "o.onnx"], 2, "already exists; pass --force"),
     ("out-is-input", lambda d: _weights(d / "w.pt2"),
-     ["fold", "w.pt2", "--model", RESNET, "--out", "w.pt2", "--force"], 2, "is the input file"),
+     ["fold", "w.pt2", "--model", RESNET, "--out", "w.pt2", "--force"], 2, "is an input of this run"),
     ("out-is-input-no-force", lambda d: _weights(d / "w.pt2"),
      ["fold", "w.pt2", "--model", RESNET, "--out", "w.pt2"], 2, "already exists"),
     ("unknown-extension", None,

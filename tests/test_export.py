@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import onnx
 import pytest
 import torch
@@ -104,9 +107,25 @@ def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
     out = tmp_path / "big.onnx"
     result = export_onnx(folded, x, out, reference=_reference(model, x))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["big.onnx", "big.onnx.data"], names
-    assert result.files[-1] == out  # the model file lands last, after its data
+    assert len(names) == 2 and names[0] == "big.onnx", names
+    assert re.fullmatch(r"big\.onnx\.[0-9a-f]{12}\.data", names[1]), names  # named by its content
+    assert result.files == [tmp_path / names[1], out]  # the model file lands last, after its data
     assert result.parity["onnxruntime-cpu"].passed
+    onnx.checker.check_model(str(out), full_check=True)
+
+    # Without force neither the model nor its data is replaced.
+    with pytest.raises(UsageError, match="already exists; pass --force"):
+        export_onnx(folded, x, out, reference=_reference(model, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+    # A re-export of other weights: new data beside the new model, the replaced model's data removed.
+    model, folded = copy.deepcopy(model), copy.deepcopy(folded)  # the fixture is shared
+    with torch.no_grad():
+        folded.fc.weight.mul_(1.5)  # large enough to live in the external data
+        model.fc.weight.mul_(1.5)
+    export_onnx(folded, x, out, reference=_reference(model, x), force=True)
+    again = sorted(p.name for p in tmp_path.iterdir())
+    assert len(again) == 2 and again[0] == "big.onnx" and again[1] != names[1], again
     onnx.checker.check_model(str(out), full_check=True)
 
 

@@ -582,7 +582,7 @@ def test_every_zoo_model_folds_with_parity(name):
     for candidate in (result.model, exported(result.program)):
         report = normfold.verify(model, candidate, x)
         assert report.passed, report.failures()
-        assert report.max_rel_error <= 2e-6
+        assert report.max_rel_error <= 5e-6  # far inside the rule (0..255 inputs included)
 
 
 def test_mixed_shared_conv_second_call_site_is_untouched():

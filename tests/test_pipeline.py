@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normfold.parity import ParityRule
 from normfold.errors import ParityError, UsageError
+from normfold.parity import ParityRule
 from normfold.pipeline import InputSpec, fold_and_export, inspect
 
 
@@ -57,7 +57,7 @@ def test_parity_failure_raises_before_anything_is_written(tmp_path):
 def test_out_equal_to_input_is_refused(tmp_path):
     same = tmp_path / "m.onnx"
     same.write_bytes(b"x")
-    with pytest.raises(UsageError, match="is the input file"):
+    with pytest.raises(UsageError, match="is an input of this run"):
         fold_and_export(str(same), same, force=True)
     assert same.read_bytes() == b"x"
 

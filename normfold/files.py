@@ -1,0 +1,197 @@
+"""Every file normfold writes (``out``, its ONNX external data, ``report``) follows one rule.
+
+1. **Checked before any work**: a destination must have a known format, its folder must exist
+   and be writable (a private staging folder is created there at once, which proves it), and it
+   must not be a directory, a special file (FIFO, device, socket) or a symbolic link (normfold
+   never writes through a link it did not create, even with ``force``).
+2. **Never an input or another output**: a destination may not be the same file (path or inode)
+   as any input of the run or any other destination.
+3. **No overwrite without force**, checked at the start *and* at the final rename: without
+   ``force`` a file is committed with ``os.link`` (which fails if the name appeared meanwhile, so
+   two concurrent runs cannot both win), with ``force`` with ``os.replace``.
+4. **Atomic as a set**: everything is written into the staging folder first, and committed only
+   after every check of the run passed, extra files (external data) first, then the report, the
+   main output last, so a reader never sees a model without its data or a report about a model
+   that is not there.
+5. **No stray files**: staging folders are named ``.normfold-<pid>-<random>.tmp``; they are
+   removed when the run ends, however it ends (the CLI turns SIGTERM and SIGHUP into an ordinary
+   exit so this cleanup runs); one left by a killed run (its pid no longer alive) is removed by
+   the next run that writes into that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from normfold.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+_STAGE = re.compile(r"^\.normfold-(\d+)-\w+\.tmp$")
+
+
+class OutputSet:
+    """The files one run writes, keyed by role (the option that names them, e.g. ``--out``).
+
+    Use as a context manager: destinations are checked on construction, :meth:`staged` gives the
+    path to write each one to, :meth:`commit` moves the set into place, and leaving the context
+    removes the staging folders whatever happened.
+    """
+
+    def __init__(
+        self,
+        outputs: Mapping[str, str | Path | None],
+        *,
+        inputs: Iterable[str | Path | None] = (),
+        force: bool = False,
+        formats: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.force = force
+        self.paths = {role: Path(p) for role, p in outputs.items() if p is not None}
+        self._stages: dict[Path, Path] = {}
+        inputs = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+        seen: dict[str, str] = {}
+        for role, path in self.paths.items():
+            _check_one(role, path, force, (formats or {}).get(role))
+            for other in inputs:
+                if _same_file(path, other):
+                    raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
+            key = os.path.realpath(path)
+            if key in seen:
+                raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
+            seen[key] = role
+        try:
+            for path in self.paths.values():
+                self._stage_for(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def staged(self, role: str) -> Path:
+        """Where to write ``role``'s file: a private staging folder beside its destination."""
+        path = self.paths[role]
+        return self._stage_for(path) / path.name
+
+    def extra(self, role: str, name: str) -> Path:
+        """Where to write a file that goes beside ``role``'s (e.g. its external data)."""
+        return self._stage_for(self.paths[role]) / name
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into place: extra files, then the others, ``--out`` last."""
+        mains = {self._stage_for(p) / p.name: p for p in self.paths.values()}
+        extras = [
+            (f, dest.parent / f.name)
+            for stage, dest in {self._stage_for(p): p for p in self.paths.values()}.items()
+            for f in sorted(stage.iterdir())
+            if f not in mains
+        ]
+        ordered = sorted(mains.items(), key=lambda item: item[1] == self.paths.get("--out"))
+        written = []
+        for staged, dest in [*extras, *[(s, d) for s, d in ordered if s.exists()]]:
+            role = next((r for r, p in self.paths.items() if p == dest), "--out")
+            _check_one(role, dest, self.force, None)  # again: it may have appeared meanwhile
+            _move(staged, dest, self.force)
+            written.append(dest)
+        return written
+
+    def close(self) -> None:
+        for stage in self._stages.values():
+            shutil.rmtree(stage, ignore_errors=True)
+        self._stages.clear()
+
+    def _stage_for(self, path: Path) -> Path:
+        folder = path.parent
+        if folder not in self._stages:
+            clean_stale(folder)
+            try:
+                self._stages[folder] = Path(
+                    tempfile.mkdtemp(prefix=f".normfold-{os.getpid()}-", suffix=".tmp", dir=folder)
+                )
+            except OSError as e:
+                raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
+        return self._stages[folder]
+
+
+def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:
+    if formats is not None and path.suffix not in formats:
+        suffix = path.suffix or "(none)"
+        raise UsageError(f"{role} {path}: unknown format {suffix}; use {' or '.join(formats)}")
+    if path.is_symlink():
+        raise UsageError(f"{role} {path} is a symbolic link; normfold never writes through a link")
+    if not path.parent.is_dir():
+        raise UsageError(f"{role} {path}: folder {path.parent} does not exist")
+    if not path.exists():
+        return
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{role} {path} is a directory")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{role} {path} is a special file (FIFO, device or socket); choose a regular file")
+    if not force:
+        raise UsageError(f"{path} already exists; pass --force to replace it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    with contextlib.suppress(OSError):
+        return a.exists() and os.path.samefile(a, b)
+    return False
+
+
+def _move(staged: Path, dest: Path, force: bool) -> None:
+    if force:
+        os.replace(staged, dest)
+        return
+    try:
+        os.link(staged, dest)  # fails if dest exists: no-clobber, even against a concurrent run
+    except FileExistsError as e:
+        raise UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)") from e
+    except OSError:  # a filesystem without hard links: exclusive create, then replace
+        with open(dest, "x"):
+            pass
+        os.replace(staged, dest)
+        return
+    staged.unlink()
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove staging folders left in ``folder`` by runs that no longer exist (killed runs)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            match = _STAGE.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+                logger.info("removed %s, left by an interrupted run", entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
