@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import pickle
 import re
 import sys
@@ -60,14 +61,19 @@ def is_factory_spec(text: str) -> bool:
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
-    """Import ``package.module:callable`` (the current directory is importable, as with ``python -m``)."""
+    """Import ``package.module:callable``.
+
+    Installed modules come first; a module found only in the current directory is importable too
+    (as with ``python -m``), but the directory is searched *after* everything installed and only
+    during that one import, so a file there never shadows an installed package (onnx, sympy, ...)
+    then or later.
+    """
     if not _SPEC.match(spec):
         raise UsageError(f"{spec!r} is not a factory spec of the form package.module:callable")
     module_name, _, attr = spec.partition(":")
-    cwd = str(Path.cwd())
-    added = "" not in sys.path and cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
+    saved = list(sys.path)
+    # the script's folder or '' (python -c, -m) would put the working directory first
+    sys.path[:] = [p for p in saved if p not in ("", os.getcwd())] + [os.getcwd()]
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
@@ -75,10 +81,7 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     except Exception as e:  # the module itself raised (SyntaxError, an error in its top-level code)
         raise LoadError(f"importing {module_name!r} for factory {spec!r} failed: {first_line(e)}") from e
     finally:
-        # only for this import: left in place, a file in the user's folder could shadow every later
-        # lazy import (onnx, onnxruntime, sympy, ...)
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
+        sys.path[:] = saved
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
