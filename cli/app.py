@@ -8,6 +8,7 @@ one place (:func:`_guard`); the codes are listed in the README and in ``normfold
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +24,13 @@ from normfold.errors import NormfoldError, UsageError
 if TYPE_CHECKING:
     from normfold.pipeline import FoldRun
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 internal error, 2 usage error, 3 load error, "
-    "4 trace error (model cannot be traced or run), 5 parity failure, 6 export failure."
+    "4 trace error (model cannot be traced or run), 5 parity failure, 6 export failure, "
+    "129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (nothing written)."
 )
+_DEBUG = [False]  # set by --debug
 
 app = typer.Typer(
     help="Fold eval-mode BatchNorm into Conv/ConvTranspose/Linear layers, prove parity, export ONNX.\n\n"
@@ -52,8 +56,12 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of an unexpected error.")
+    ] = False,
 ) -> None:
     """normfold: fold BatchNorm, check parity, export ONNX."""
+    _DEBUG[0] = debug
 
 
 # Options shared by both commands -----------------------------------------------------------------
@@ -316,12 +324,38 @@ def swap_cmd(
 # Helpers -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
-    """The one place where library errors become exit codes and one-line messages."""
+    """The one place where errors become exit codes and one-line messages (tracebacks only with
+    ``--debug``). Leaving by an exception unwinds the library's context managers, which remove
+    their staging folders."""
     try:
         yield
     except NormfoldError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(e.exit_code) from e
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise
+    except _Terminated as e:
+        _error(f"stopped by {e.signal.name}; nothing was written")
+        raise
+    except KeyboardInterrupt as e:
+        _error("interrupted; nothing was written")
+        raise typer.Exit(EXIT_INTERRUPTED) from e
+    except MemoryError as e:
+        if _DEBUG[0]:
+            raise
+        _error("out of memory; nothing was written (try smaller --input-shape)")
+        raise typer.Exit(1) from e
+    except Exception as e:
+        if _DEBUG[0]:
+            raise
+        from normfold.errors import first_line
+
+        _error(f"internal error: {first_line(e)} (a bug: please report it with the output of --debug)")
+        raise typer.Exit(1) from e
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _spinner(step: str) -> contextlib.AbstractContextManager[Any]:
@@ -445,6 +479,21 @@ def _render_summary(run: FoldRun) -> None:
     out_console.print(f"timings: {timings}", highlight=False)
 
 
+class _Terminated(SystemExit):
+    """SIGTERM/SIGHUP as an ordinary exit, so every ``with`` block (staging folders) unwinds."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    # `timeout`, CI cancellation and `docker stop` send SIGTERM; a closed terminal SIGHUP
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     sys.exit(app())

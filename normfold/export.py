@@ -14,15 +14,18 @@ set after every check passed, never overwritten without ``force``).
 
 External data is named after its content, ``<name>.<hash>.data``, so a new ``.onnx`` never lands
 beside an old data file of the same name: the data is committed first under its new name, then the
-model; the data files the replaced model used and the new one does not are removed afterwards.
+model; data files of earlier exports to the same name (the replaced model's, or one a killed run
+committed without its model) are removed afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from normfold.errors import ExportError, UsageError, first_line
+from normfold.errors import ExportError, NormfoldError, UsageError, first_line
 from normfold.files import OutputSet
 from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
 from normfold.parity import ParityReport, ParityRule, Tolerance
@@ -172,33 +175,18 @@ def _is_data_of(name: str, model_name: str) -> bool:
 
 
 def commit_export(files: OutputSet, result: ExportResult) -> None:
-    """Commit ``files`` (the export and whatever else the run staged); then remove the external
-    data files the replaced ``.onnx`` used that the new one does not."""
+    """Commit ``files`` (the export and whatever else the run staged); then remove the data files
+    of earlier exports to the same ``.onnx`` (the replaced model's, or an orphan a killed run
+    committed before its model), recognised by their ``<name>.<hash>.data`` names."""
+    written = set(files.commit())
     out = files.paths["--out"]
-    old = _external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
-    written = files.commit()
-    for stale in old - set(written):
-        stale.unlink(missing_ok=True)
-        logger.info("removed %s: the replaced %s used it, the new one does not", stale, out)
-
-
-def _external_files(path: Path) -> set[Path]:
-    """The external data files an ``.onnx`` file refers to, in its own folder."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ours to judge: an unreadable old file simply has no data to clean
-        return set()
-    names = {
-        entry.value
-        for t in _get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for entry in t.external_data
-        if entry.key == "location"
-    }
-    return {path.parent / n for n in names if n == Path(n).name}
+    if out.suffix != ".onnx":
+        return
+    pattern = re.compile(re.escape(out.name) + r"\.[0-9a-f]{12}\.data")
+    for old in out.parent.iterdir():
+        if pattern.fullmatch(old.name) and old not in written and not old.is_symlink():
+            old.unlink(missing_ok=True)
+            logger.info("removed %s: data of an earlier export to %s", old, out)
 
 
 def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:
@@ -219,7 +207,9 @@ def stage_state_dict(model: nn.Module, files: OutputSet) -> None:
 
             save_file({k: v.clone() for k, v in state.items()}, str(staged))  # no shared storage
         else:
-            torch.save(state, staged)
+            _write_via_memory(staged, lambda f: torch.save(state, f))
+    except NormfoldError:
+        raise
     except Exception as e:
         raise ExportError(f"writing {files.paths['--out']} failed: {first_line(e)}") from e
 
@@ -342,10 +332,23 @@ def _check_onnx(path: Path, reference: Reference, rule: ParityRule) -> dict[str,
 
 def _export_pt2(program: torch.export.ExportedProgram, path: Path, *, dynamic_batch: bool) -> ExportResult:
     try:
-        torch.export.save(program, path)
+        _write_via_memory(path, lambda f: torch.export.save(program, f))
+    except NormfoldError:
+        raise
     except Exception as e:
         raise ExportError(f"torch.export.save failed: {first_line(e)}") from e
     return ExportResult(path, "pt2", dynamic_batch=dynamic_batch)
+
+
+def _write_via_memory(path: Path, save: Callable[[io.BytesIO], None]) -> None:
+    """Serialize in memory, then write with Python's I/O: torch's zip writer aborts the whole
+    process (or fails cryptically) on a full disk; Python raises an OSError we can report."""
+    buffer = io.BytesIO()
+    save(buffer)
+    try:
+        path.write_bytes(buffer.getbuffer())
+    except OSError as e:
+        raise ExportError(f"writing {path.name} failed: {e.strerror or e}") from e
 
 
 def _check_pt2(path: Path, reference: Reference, rule: ParityRule) -> dict[str, ParityReport]:

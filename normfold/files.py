@@ -15,8 +15,9 @@
    that is not there.
 5. **No stray files**: staging folders are named ``.normfold-<pid>-<random>.tmp``; they are
    removed when the run ends, however it ends (the CLI turns SIGTERM and SIGHUP into an ordinary
-   exit so this cleanup runs); one left by a killed run (its pid no longer alive) is removed by
-   the next run that writes into that folder.
+   exit so this cleanup runs, and the commit itself holds those signals until it is done); one
+   left by a killed run (SIGKILL: its pid no longer alive) is removed by the next run that
+   writes into that folder.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -103,12 +105,13 @@ class OutputSet:
             if f not in mains
         ]
         ordered = sorted(mains.items(), key=lambda item: item[1] == self.paths.get("--out"))
-        written = []
-        for staged, dest in [*extras, *[(s, d) for s, d in ordered if s.exists()]]:
-            role = next((r for r, p in self.paths.items() if p == dest), "--out")
-            _check_one(role, dest, self.force, None)  # again: it may have appeared meanwhile
-            _move(staged, dest, self.force)
-            written.append(dest)
+        written: list[Path] = []
+        with _signals_deferred():  # a SIGTERM now would leave half a set
+            for staged, dest in [*extras, *[(s, d) for s, d in ordered if s.exists()]]:
+                role = next((r for r, p in self.paths.items() if p == dest), "--out")
+                _check_one(role, dest, self.force, None)  # again: it may have appeared meanwhile
+                _move(staged, dest, self.force)
+                written.append(dest)
         return written
 
     def close(self) -> None:
@@ -127,6 +130,17 @@ class OutputSet:
             except OSError as e:
                 raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
         return self._stages[folder]
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGHUP/SIGINT until the block is done (they are delivered right after)."""
+    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:

@@ -1,7 +1,7 @@
-"""Report helpers: library versions and atomic JSON writing for ``--report``.
+"""Report helpers: step timings, library versions and JSON writing for ``--report``.
 
 The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict`; this module times
-the steps, stamps versions and puts the file on disk without ever leaving a partial one.
+the steps, stamps versions and writes the JSON (made atomic by :mod:`normfold.files`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -19,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from normfold.errors import UsageError
+from normfold.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +56,12 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON: a temporary file in the same folder, then an atomic rename."""
+    """Write ``data`` as JSON to ``path`` (a staged path of :class:`normfold.files.OutputSet`,
+    which makes it atomic). The text is made first, so invalid data (NaN) writes nothing."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UsageError(f"--report {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is an ordinary file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ExportError(f"writing report {path.name} failed: {e.strerror or e}") from e
     return path

@@ -1,14 +1,15 @@
-"""Report helpers: versions, step timing, atomic JSON."""
+"""Report helpers: versions, step timing, JSON writing."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import stat
+from pathlib import Path
 
 import pytest
 
-from normfold.errors import UsageError
+from normfold.errors import ExportError
 from normfold.report import StepTimer, versions, write_json
 
 
@@ -36,21 +37,22 @@ def test_step_timer_wraps_each_step_in_the_hook():
     assert list(steps.timings) == ["a", "b"] and all(t >= 0 for t in steps.timings.values())
 
 
-def test_write_json_is_atomic_and_readable(tmp_path):
+def test_write_json_is_readable(tmp_path):
     path = write_json(tmp_path / "r.json", {"a": [1, 2.5, "x"]})
     assert json.loads(path.read_text()) == {"a": [1, 2.5, "x"]}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_write_json_failure_leaves_no_file(tmp_path):
-    (tmp_path / "r.json").write_text("old")
+def test_write_json_invalid_data_writes_nothing(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "r.json", {"bad": float("nan")})  # not valid JSON
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
-    assert (tmp_path / "r.json").read_text() == "old"
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_write_json_missing_folder_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
-        write_json(tmp_path / "nope" / "r.json", {})
+def test_write_json_disk_error_is_an_export_error(tmp_path, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(ExportError, match=r"^writing report r.json failed: No space left on device$"):
+        write_json(tmp_path / "r.json", {})
