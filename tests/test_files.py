@@ -1,0 +1,361 @@
+"""The one rule for every file normfold writes (normfold/files.py), in the library and the CLI,
+and a kill loop: the CLI killed with SIGKILL and SIGTERM at random moments never leaves a partial
+output, a stray temporary file or a changed input.
+
+``NORMFOLD_KILL_RUNS`` (default 6) sets how many runs the kill loop makes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from normfold.cli.app import app
+from normfold.models import resnet
+from typer.testing import CliRunner
+
+import normfold.files as files_mod
+from normfold.errors import UsageError
+from normfold.files import OutputSet, clean_stale
+
+RESNET = "normfold.models:resnet"
+KILL_RUNS = int(os.environ.get("NORMFOLD_KILL_RUNS", "6"))
+
+
+def _stages(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".normfold-"))
+
+
+def _write(files: OutputSet, role: str, text: str) -> None:
+    files.staged(role).write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# OutputSet
+
+
+def test_a_set_is_committed_whole_and_leaves_no_staging(tmp_path: Path) -> None:
+    out, report = tmp_path / "m.pt", tmp_path / "sub" / "r.json"
+    report.parent.mkdir()
+    with OutputSet({"--out": out, "--report": report}) as files:
+        assert len(_stages(tmp_path)) == 1 and len(_stages(report.parent)) == 1  # created at once
+        _write(files, "--out", "model")
+        _write(files, "--report", "{}")
+        files.extra("--out", "m.pt.data").write_text("data")
+        assert not out.exists() and not report.exists()  # nothing in place before the commit
+        written = files.commit()
+    assert written == [tmp_path / "m.pt.data", report, out]  # extras first, the model last
+    assert out.read_text() == "model" and report.read_text() == "{}"
+    assert _stages(tmp_path) == [] and _stages(report.parent) == []
+
+
+def test_an_error_before_the_commit_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "m.pt").write_text("old")
+    with pytest.raises(RuntimeError), OutputSet({"--out": tmp_path / "m.pt"}, force=True) as files:
+        _write(files, "--out", "new")
+        raise RuntimeError("a check failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert (tmp_path / "m.pt").read_text() == "old"
+
+
+def _fifo(d: Path) -> Path:
+    os.mkfifo(d / "f.json")
+    return d / "f.json"
+
+
+def _link(d: Path) -> Path:
+    (d / "target.json").write_text("precious")
+    (d / "l.json").symlink_to(d / "target.json")
+    return d / "l.json"
+
+
+def _dangling(d: Path) -> Path:
+    (d / "l.json").symlink_to(d / "nowhere.json")
+    return d / "l.json"
+
+
+def _existing(d: Path) -> Path:
+    (d / "r.json").write_text("precious")
+    return d / "r.json"
+
+
+@pytest.mark.parametrize(
+    ("make", "force", "message"),
+    [
+        (_existing, False, "r.json already exists; pass --force to replace it"),
+        (_fifo, True, "f.json is a special file (FIFO, device or socket); choose a regular file"),
+        (lambda d: Path(os.devnull), True, "is a special file (FIFO, device or socket)"),
+        (_link, True, "l.json is a symbolic link; normfold never writes through a link"),
+        (_dangling, True, "l.json is a symbolic link; normfold never writes through a link"),
+        (lambda d: d, True, "is a directory"),
+        (lambda d: d / "no" / "r.json", True, "r.json: folder "),
+    ],
+    ids=["existing", "fifo", "dev-null", "symlink", "dangling-symlink", "directory", "no-folder"],
+)
+def test_refused_destinations(
+    tmp_path: Path, make: Callable[[Path], Path], force: bool, message: str
+) -> None:
+    path = make(tmp_path)
+    before = {p.name: p.is_file() and p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UsageError) as e:
+        OutputSet({"--report": path}, force=force)
+    assert message in str(e.value)
+    # nothing written through a link, no staging folder left
+    assert {p.name: p.is_file() and p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_destination_may_not_be_an_input_or_another_output(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_text("weights")
+    (tmp_path / "alias.pt").hardlink_to(weights)
+    for path in (weights, tmp_path / "alias.pt", tmp_path / "." / "w.pt"):
+        with pytest.raises(UsageError, match=r"^--report .* is an input of this run \(.*w.pt\)"):
+            OutputSet({"--report": path}, inputs=[weights], force=True)
+    with pytest.raises(UsageError, match=r"^--report .*o.pt is also the --out of this run"):
+        OutputSet({"--out": tmp_path / "o.pt", "--report": tmp_path / "o.pt"})
+    assert weights.read_text() == "weights"
+
+
+def test_no_clobber_at_the_final_rename(tmp_path: Path) -> None:
+    """Two runs to one path: existence is checked again when committing; the first one wins."""
+    out = tmp_path / "m.pt"
+    with OutputSet({"--out": out}) as first, OutputSet({"--out": out}) as second:
+        _write(first, "--out", "first")
+        _write(second, "--out", "second")
+        first.commit()
+        with pytest.raises(UsageError, match=r"m.pt already exists; pass --force"):
+            second.commit()
+    assert out.read_text() == "first"
+    assert _stages(tmp_path) == []
+
+
+def test_no_clobber_against_a_file_that_appears_between_check_and_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.pt"
+    monkeypatch.setattr(files_mod, "_check_one", lambda *a: None)  # the race: the check passes
+    with OutputSet({"--out": out}) as files:
+        _write(files, "--out", "new")
+        out.write_text("appeared")
+        with pytest.raises(UsageError, match="appeared while normfold was running; not replaced"):
+            files.commit()
+    assert out.read_text() == "appeared"
+
+
+def test_an_unwritable_folder_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(**kwargs: object) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # root ignores a read-only folder's mode
+    with pytest.raises(UsageError, match=rf"^cannot write into folder {tmp_path}: Permission denied$"):
+        OutputSet({"--out": tmp_path / "m.pt"})
+
+
+def test_stale_staging_of_dead_runs_is_removed_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".normfold-{dead.stdout.strip()}-abc123.tmp"
+    live = tmp_path / f".normfold-{os.getppid()}-def456.tmp"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "partial.onnx").write_bytes(b"\0" * 100)
+    (tmp_path / ".normfold-notes.tmp").mkdir()  # not ours: no pid in the name
+    assert clean_stale(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, ".normfold-notes.tmp"]
+    )
+    stale.mkdir()
+    with OutputSet({"--out": tmp_path / "m.pt"}):  # a run writing into the folder cleans it
+        assert not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI: --report and --out never destroy a file
+
+
+def _weights(d: Path) -> Path:
+    torch.save(resnet().state_dict(), d / "w.pt")
+    return d / "w.pt"
+
+
+REPORT_CASES = [
+    # id, args (after `normfold`), the error line's message
+    ("report-is-weights",
+     ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx", "--report", "w.pt", "--force"],
+     "--report w.pt is an input of this run"),
+    ("report-is-out",
+     ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx", "--report", "o.onnx"],
+     "--report o.onnx is also the --out of this run"),
+    ("report-is-inputs",
+     ["fold", RESNET, "--inputs", "x.pt", "--out", "o.onnx", "--report", "x.pt", "--force"],
+     "--report x.pt is an input of this run"),
+    ("report-is-fifo",
+     ["fold", RESNET, "--out", "o.onnx", "--report", "fifo", "--force"],
+     "--report fifo is a special file"),
+    ("report-is-dev-null",
+     ["fold", RESNET, "--out", "o.onnx", "--report", os.devnull, "--force"],
+     f"--report {os.devnull} is a special file"),
+    ("report-exists",
+     ["fold", RESNET, "--out", "o.onnx", "--report", "old.json"],
+     "old.json already exists; pass --force"),
+    ("inspect-report-exists",
+     ["inspect", RESNET, "--report", "old.json"],
+     "old.json already exists; pass --force"),
+    ("inspect-report-is-weights",
+     ["inspect", "w.pt", "--model", RESNET, "--report", "w.pt", "--force"],
+     "--report w.pt is an input of this run"),
+    ("inspect-report-is-inputs",
+     ["inspect", RESNET, "--inputs", "x.pt", "--report", "x.pt", "--force"],
+     "--report x.pt is an input of this run"),
+    ("report-is-symlink",
+     ["fold", RESNET, "--out", "o.onnx", "--report", "link.json", "--force"],
+     "--report link.json is a symbolic link"),
+    ("out-is-symlink",
+     ["fold", RESNET, "--out", "link.onnx", "--force"],
+     "--out link.onnx is a symbolic link"),
+    ("recalibrate-report-is-data",
+     ["recalibrate", "w.pt", "--model", RESNET, "--data", "x.pt", "--out", "n.pt", "--report", "x.pt",
+      "--force"],
+     "--report x.pt is an input of this run"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [c[1:] for c in REPORT_CASES], ids=[c[0] for c in REPORT_CASES])
+def test_cli_never_overwrites_an_input_or_a_special_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _weights(tmp_path)
+    torch.save(torch.randn(2, 3, 32, 32), tmp_path / "x.pt")
+    (tmp_path / "old.json").write_text("precious")
+    (tmp_path / "target").write_text("precious")
+    (tmp_path / "link.json").symlink_to("target")
+    (tmp_path / "link.onnx").symlink_to("target")
+    os.mkfifo(tmp_path / "fifo")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "fifo"}
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "fifo"}
+    assert after == before  # nothing written, nothing replaced, no staging folder
+    assert _stages(tmp_path) == []
+
+
+def test_cli_report_failure_writes_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is part of the set: if it cannot be written, the model is not written either."""
+    import normfold.report as report_mod
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(path: Path, data: object) -> Path:
+        raise report_mod.ExportError(f"writing report {Path(path).name} failed: No space left on device")
+
+    monkeypatch.setattr("normfold.pipeline.write_json", full)
+    result = CliRunner().invoke(app, ["fold", "normfold.models:mlp", "--out", "o.onnx", "--report", "r.json"])
+    assert result.exit_code == 6, result.output
+    assert result.stderr.strip() == "error: writing report r.json failed: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_replaces_with_force_and_removes_the_old_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import normfold.export as export_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)  # every export takes the external-data path
+    args = ["fold", "normfold.models:resnet", "--out", "o.onnx", "--report", "r.json"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert len(first) == 3 and first[0] == "o.onnx" and first[1].endswith(".data"), first
+    monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1 << 40)  # now small enough to be inline
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "r.json"]  # no stale .data
+    onnx.checker.check_model("o.onnx", full_check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the kill loop
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _consistent(folder: Path, strict: bool) -> str | None:
+    """None if the outputs in ``folder`` are absent or complete: the model checks with its data,
+    the report is valid. ``strict`` (no SIGKILL): the report lists exactly the files there."""
+    out, report = folder / "o.onnx", folder / "r.json"
+    if not out.exists():
+        return "a report without its model" if report.exists() else None
+    try:
+        onnx.checker.check_model(str(out), full_check=True)  # loads the external data too
+        listed = json.loads(report.read_text())["export"]["files"]
+    except Exception as e:
+        return f"outputs do not check: {e!r}"
+    there = sorted(p.name for p in folder.iterdir() if p.name.startswith("o.onnx"))
+    if strict and sorted(Path(f).name for f in listed) != there:
+        return f"the report lists {listed}, the folder holds {there}"
+    return None
+
+
+def test_kill_loop_leaves_old_or_complete_outputs_and_no_stray_files(tmp_path: Path) -> None:
+    """SIGTERM and SIGKILL, alternately, at random moments of a `fold --force` run that writes a
+    model, its external data and a report over a previous run's."""
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    weights = _weights(work)
+    digest = _sha(weights)
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    # the 2 GB external-data threshold lowered to 1 byte, so the set has three files
+    cli = [sys.executable, "-c", "import normfold.export as e; e._ONNX_MAX_PROTO = 1; "
+           "from normfold.cli.app import main; main()"]  # fmt: skip
+    args = ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx", "--report", "r.json", "--force", "-q"]
+    rng = random.Random(8)
+    start = time.perf_counter()
+    full = subprocess.run([*cli, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    duration = time.perf_counter() - start
+    interrupted = {signal.SIGTERM: 0, signal.SIGKILL: 0}
+    for run in range(KILL_RUNS):
+        sig = (signal.SIGTERM, signal.SIGKILL)[run % 2]
+        proc = subprocess.Popen([*cli, *args], cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.2, duration))
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        interrupted[sig] += proc.returncode != 0
+        if sig == signal.SIGTERM:
+            # -SIGTERM: killed while Python was still importing, before main() took the signal
+            assert proc.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), stderr
+            if proc.returncode == 128 + signal.SIGTERM:
+                assert stderr.strip().endswith("error: stopped by SIGTERM; nothing was written"), stderr
+            # its own staging folder removed on the way out (a SIGKILLed run's waits for the next)
+            assert not any(name.startswith(f".normfold-{proc.pid}-") for name in _stages(work))
+        assert _consistent(work, strict=sig == signal.SIGTERM) is None, _consistent(work, strict=False)
+        assert _sha(weights) == digest
+    assert all(interrupted.values()), interrupted  # the loop really interrupted runs, by both signals
+    final = subprocess.run([*cli, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert _stages(work) == [] and _consistent(work, strict=True) is None  # stale staging cleaned
+    left = sorted(p.name for p in work.iterdir() if not p.name.endswith(".data"))
+    assert left == ["o.onnx", "r.json", "w.pt"]
+    # nothing left in the temporary folder either, but onnxruntime's own session-id file
+    assert [p.name for p in tmp.iterdir() if p.name != ".ses"] == []
+    assert _sha(weights) == digest
