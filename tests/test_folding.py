@@ -604,3 +604,47 @@ def test_recalibrate_stays_callable_after_its_submodule_import():
     import normfold.calibration
 
     assert callable(normfold.recalibrate)
+
+
+class InPlaceInput(nn.Module):
+    """A forward that modifies its input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return self.bn(self.conv(x))
+
+
+def test_fold_never_modifies_the_callers_inputs() -> None:
+    model = randomize_bn(InPlaceInput()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    result = normfold.fold(model, x)
+    assert torch.equal(x, before)
+    assert [f.norm for f in result.folded] == ["bn"]
+
+
+def test_meta_and_lazy_models_are_usage_errors() -> None:
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UsageError, match=r"^0.weight is on the meta device \(it has no values to fold\)"):
+        normfold.fold(meta, torch.randn(1, 3, 8, 8))
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UsageError, match=r"^0.weight is not initialized yet \(a lazy module\)"):
+        normfold.fold(lazy, torch.randn(1, 3, 8, 8))
+
+
+def test_a_model_in_training_mode_is_folded_in_eval_mode_with_a_note() -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    x = torch.randn(2, 3, 8, 8)
+    result = normfold.fold(model, x)
+    assert [f.norm for f in result.folded] == ["1"]
+    assert result.notes == [
+        "the model was in training mode: it was folded as in eval mode (BatchNorm with its running "
+        "statistics); the returned model is in eval mode"
+    ]
+    assert model.training  # the caller's model is not switched
+    assert normfold.verify(model.eval(), result.model, x).passed

@@ -307,3 +307,22 @@ def test_an_inline_norm_that_stays_is_reported():
         ("forward:sub", "after_activation", reason)
     ]
     assert torch.equal(exported(result.program)(x), model(x))
+
+
+def test_a_fold_that_would_overflow_the_parameter_dtype_is_skipped() -> None:
+    """fp16: gamma / sqrt(var + eps) = 1e3 / sqrt(1e-5) ~ 3e5 times a weight of 1 is over 65504."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    randomize_bn(model)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_var.fill_(0.0)  # eps 1e-5: a scale of gamma * 316
+        model[1].weight.fill_(1e3)
+    model = model.half().eval()
+    x = (torch.randn(2, 3, 4, 4).half(),)
+    result = normfold.fold(model, x)
+    (skip,) = result.skipped
+    assert (skip.norm, skip.code) == ("1", "overflow")
+    overflow = "does not fit in float16 (largest finite 6.55e+04): the fold would make it inf"
+    assert skip.reason == f"the folded 0.weight {overflow}; as a forward fold: the folded 2.weight {overflow}"
+    assert [f.norm for f in result.folded] == ["3"]  # the other norm still folds
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())

@@ -26,6 +26,13 @@ class ClampBN(nn.BatchNorm2d):
         return super().forward(x).clamp(-20, 20)
 
 
+class SiLUBN(nn.BatchNorm2d):
+    """A BN subclass with an activation after normalizing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(super().forward(x))
+
+
 def noisy_net(bn: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> nn.Module:
     """Conv -> BN whose statistics cancel a large conv bias: in fp32 the original loses ~1e-4 of
     its output scale to rounding (conv(x) + 1000 - 1000), the float64 fold computes it exactly."""
@@ -207,3 +214,17 @@ def test_rule_arguments_are_validated() -> None:
         ParityRule(value_range=(5, 1))
     with pytest.raises(UsageError, match="value_range must be two numbers"):
         ParityRule(value_range="wide")  # type: ignore[arg-type]
+
+
+def test_a_dropped_activation_inside_a_bn_subclass_fails() -> None:
+    model = noisy_net(SiLUBN)
+    plain = noisy_net(nn.BatchNorm2d)  # the SiLU dropped: a fold that took SiLUBN for plain BN
+    report = verify(model, plain, X)
+    assert not report.passed
+    assert all(not o.passed for o in report.outputs), report.failures()
+    # the real fold keeps the activation and passes, on every input set
+    result = normfold.fold(model, X)
+    assert [f.norm for f in result.folded] == ["1"]
+    report = verify(model, result.model, X)
+    assert report.passed, report.failures()
+    assert {o.inputs for o in report.outputs} == {"given", "normal", "uniform[0,255]"}
