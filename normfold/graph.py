@@ -93,7 +93,13 @@ class Capture:
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """The exporters log and warn about things users cannot act on; keep them quiet."""
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export", "torch._dynamo")
+    names = (
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch.export",
+        "torch._dynamo",
+        "onnxscript",  # its version converter warns when it hands a conversion to onnx's C API
+    )
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)

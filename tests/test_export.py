@@ -8,6 +8,7 @@ import re
 import onnx
 import pytest
 import torch
+from helpers import randomize_bn
 from normfold.models import ZOO, example_inputs
 from torch import nn
 
@@ -141,3 +142,26 @@ def test_export_failure_names_the_fix_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx", dynamic_batch=False)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+TOP_OPSET = onnx.defs.onnx_opset_version()
+
+
+@pytest.mark.parametrize("opset", [1, 17, TOP_OPSET + 1, 99, True, 18.0])
+def test_an_opset_the_exporter_cannot_give_is_refused_before_work(tmp_path, opset):
+    with pytest.raises(UsageError, match=rf"^opset {opset!r} is not supported: choose 18 to {TOP_OPSET}$"):
+        export_onnx(nn.Linear(2, 2), (torch.zeros(2, 2),), tmp_path / "m.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opset", [18, TOP_OPSET])
+def test_the_opset_asked_for_is_the_opset_written(tmp_path, opset, caplog):
+    model = randomize_bn(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()
+    x = (torch.randn(2, 4),)
+    result = export_onnx(normfold.fold(model, x).model, x, tmp_path / "m.onnx", opset=opset,
+                         reference=_reference(model, x))  # fmt: skip
+    assert result.opset == opset
+    assert [(o.domain, o.version) for o in onnx.load(str(tmp_path / "m.onnx")).opset_import
+            if o.domain in ("", "ai.onnx")] == [("", opset)]  # fmt: skip
+    assert result.parity["onnxruntime-cpu"].passed
+    assert not [r for r in caplog.records if "version conversion" in r.getMessage()]  # no converter noise
