@@ -15,7 +15,7 @@ from torch import nn
 import normfold
 import normfold.export as export_mod
 from normfold.errors import ExportError, UsageError
-from normfold.export import export_model, export_onnx, run_onnx
+from normfold.export import export_model, export_onnx, run_onnx, write_state_dict
 from normfold.parity import ParityRule
 from normfold.reference import Reference, make_reference, parity_sets
 
@@ -165,3 +165,22 @@ def test_the_opset_asked_for_is_the_opset_written(tmp_path, opset, caplog):
             if o.domain in ("", "ai.onnx")] == [("", opset)]  # fmt: skip
     assert result.parity["onnxruntime-cpu"].passed
     assert not [r for r in caplog.records if "version conversion" in r.getMessage()]  # no converter noise
+
+
+@pytest.mark.parametrize("name", ["m.pt2", "m.pt"])
+def test_a_full_disk_is_an_export_error_not_an_abort(tmp_path, monkeypatch, name):
+    """torch's zip writer aborts the process on a full disk (exit 134): files are serialized in
+    memory and written by Python, whose OSError becomes an ExportError; nothing is left."""
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    model = randomize_bn(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()
+    with pytest.raises(ExportError, match=rf"^writing {name} failed: No space left on device$"):
+        if name.endswith(".pt2"):
+            export_model(model, (torch.randn(2, 4),), tmp_path / name)
+        else:
+            write_state_dict(model, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
