@@ -606,25 +606,39 @@ def test_recalibrate_stays_callable_after_its_submodule_import():
     assert callable(normfold.recalibrate)
 
 
-class InPlaceInput(nn.Module):
+class InPlaceBlock(nn.Module):
     """A forward that modifies its input in place."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x.mul_(2.0)
+        x.add_(1.0)
         return self.bn(self.conv(x))
 
 
-def test_fold_never_modifies_the_callers_inputs() -> None:
-    model = randomize_bn(InPlaceInput()).eval()
-    x = torch.randn(2, 3, 8, 8)
+class InPlaceUncapturable(nn.Module):
+    """Its data-dependent branch makes torch.export fail, so fold runs the model eagerly to
+    capture its parts: on the caller's own tensor, before the fix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = InPlaceBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+@pytest.mark.parametrize("model_type", [InPlaceBlock, InPlaceUncapturable])
+def test_fold_never_modifies_the_callers_inputs(model_type: type[nn.Module]) -> None:
+    model = randomize_bn(model_type()).eval()
+    x = torch.rand(2, 3, 8, 8)
     before = x.clone()
     result = normfold.fold(model, x)
     assert torch.equal(x, before)
-    assert [f.norm for f in result.folded] == ["bn"]
+    assert [f.norm.rpartition(".")[2] for f in result.folded] == ["bn"]
 
 
 def test_meta_and_lazy_models_are_usage_errors() -> None:
