@@ -1,23 +1,32 @@
-"""Random valid PyTorch models with BatchNorms, for differential fuzzing of ``normfold.fold``.
+"""Random valid PyTorch models with BatchNorms, for differential fuzzing of ``normfold.fold`` and
+``normfold.drop_redundant_biases``.
 
 :func:`model_specs` is a hypothesis strategy for a :class:`ModelSpec`: a readable, frozen
-description of a small model (an input shape, a dtype, a train/eval mode and a chain of blocks).
+description of a small model (a dtype: float32, float64, float16 or bfloat16; an input shape; a
+train/eval/mixed mode; a chain of blocks; the last block's output or every block's as outputs).
 :func:`build` turns a spec into an ``nn.Module`` (``FuzzModel``: ``x = block(x)`` for every block)
 plus what the generator knows about each norm it placed:
 
 * ``Expect("fold")``: certainly foldable (Conv/ConvTranspose/Linear -> BN where the layer output
   has no other user, possibly through eval dropout, avg pooling, max pooling with positive
   scales, nearest upsampling or replicate padding; BN -> Conv/Linear with no zero padding;
-  layers -> cat/add -> BN);
+  layers -> cat/add -> BN); in float16/bfloat16 a skip with code ``overflow`` (a folded value
+  that does not fit the dtype) is allowed too;
 * ``Expect("keep", codes)``: must stay, with one of ``codes`` (batch statistics, a shared conv,
   a second user of the conv output, BN after a ReLU with no layer after, a wrong channel axis,
   a zero-padded or transposed consumer, a max pool with a non-positive scale);
 * ``Expect("any")``: may or may not fold (BN after a ReLU followed by whatever the next block is,
-  a concat with an identity branch).
+  a concat with an identity branch, a fork merge whose branches do not all end in a bare layer,
+  every norm of a block that is called twice).
 
-Blocks (each an ``nn.Module`` under ``blocks.<i>``) cover Conv1d/2d/3d, ConvTranspose1d/2d and
-Linear with bias on/off, groups and depthwise, dilation, stride, every padding mode, residual
-adds, channel concats, a conv called twice, ``F.conv*d`` on registered parameters,
+:attr:`Built.drops` lists the layer biases ``drop_redundant_biases`` must drop (a Conv/Linear
+module with a bias read directly by a torch BatchNorm module with running statistics).
+
+Blocks (each an ``nn.Module`` under ``blocks.<i>``) cover Conv1d/2d/3d, ConvTranspose1d/2d/3d
+and Linear with bias on/off, groups and depthwise, dilation, stride, every padding mode, residual
+adds, channel concats, DAGs (``Fork``: 2-3 branches of 0-2 blocks each, merged by add or cat), a
+conv called twice or two convs with a tied weight, a whole block called again later (``Repeat``),
+every block output also a model output, ``F.conv*d`` on registered parameters,
 ``F.batch_norm`` on registered buffers, and BatchNorm1d/2d/3d as modules, as a plain subclass and
 as a subclass with an activation after ``super().forward()``, with affine on/off and
 ``track_running_stats`` on/off. Statistics: ``running_var`` log-uniform in 1e-6..1e3 (per norm a
@@ -160,11 +169,13 @@ class AddMerge:
 
 @dataclass(frozen=True)
 class Shared:
-    """One conv called twice: ``relu(norm2(conv(relu(norm1(conv(x))))))``: neither norm may fold."""
+    """One conv called twice: ``relu(norm2(conv(relu(norm1(conv(x))))))``: neither norm may fold.
+    ``tied``: the second call is another conv module whose ``weight`` is the first's parameter."""
 
     conv: ConvSpec
     norm1: NormSpec
     norm2: NormSpec
+    tied: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,29 +243,60 @@ class SeqLinear:
     norm: NormSpec
 
 
+@dataclass(frozen=True)
+class Fork:
+    """A DAG: ``relu(norm?(merge([chain(x) for chain in branches])))`` with every branch a chain of
+    size-keeping blocks (ConvNorm, NormConv, Residual, AfterAct; an empty chain is the identity),
+    merged by ``add`` or channel ``cat``. The merge norm folds when every branch ends in a bare
+    layer (add-bn / concat-bn into each branch's last conv)."""
+
+    branches: tuple[tuple[Any, ...], ...]
+    merge: str  # add | cat
+    norm: NormSpec | None
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Block ``index`` (the same module object) called again here, on an input of the same shape:
+    every layer and norm in it runs twice (its norms may or may not fold; parity must hold)."""
+
+    index: int
+    block: Any  # the spec of block ``index`` (for shapes)
+
+    def __repr__(self) -> str:
+        return f"Repeat(block {self.index})"
+
+
 #: every block kind (a ModelSpec's blocks are instances of these)
 BLOCKS = (ConvNorm, NormConv, Residual, Concat, AddMerge, Shared, SharedNorm, NormFanout, TwoUsers, AfterAct,
-          LinearNorm, NormLinear, SeqLinear)  # fmt: skip
+          LinearNorm, NormLinear, SeqLinear, Fork, Repeat)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A whole model: input ``(N, *in_shape)``, dtype, mode of the modules, blocks in order."""
+    """A whole model: input ``(N, *in_shape)``, dtype, mode of the modules, blocks in order, and
+    its outputs (``last``: the last block's; ``all``: a tuple of every block's output, so every
+    block output also has the model output as a user)."""
 
     in_shape: tuple[int, ...]  # (C, *spatial) or (F,)
-    dtype: str  # float32 | float64
+    dtype: str  # float32 | float64 | float16 | bfloat16
     mode: str  # eval | train | mixed (some submodules in train mode: fold must not care)
     seed: int  # module init and statistics
     blocks: tuple[Any, ...] = field(default=())
+    outputs: str = "last"  # last | all
 
     def __repr__(self) -> str:
-        head = f"ModelSpec(in={self.in_shape}, {self.dtype}, mode={self.mode}, seed={self.seed}, blocks=["
+        head = (
+            f"ModelSpec(in={self.in_shape}, {self.dtype}, mode={self.mode}, seed={self.seed}, "
+            f"outputs={self.outputs}, blocks=["
+        )
         return "\n".join([head, *(f"  {i}: {b!r}," for i, b in enumerate(self.blocks)), "])"])
 
 
 @dataclass(frozen=True)
 class Expect:
-    """What the generator knows about one norm: ``fold``, ``keep`` (with allowed codes) or ``any``."""
+    """What the generator knows about one norm: ``fold``, ``keep`` (with allowed codes) or ``any``.
+    For ``fold``, ``codes`` are skip codes that are allowed too (``overflow`` in float16/bfloat16)."""
 
     status: str
     codes: frozenset[str] = frozenset()
@@ -480,10 +522,13 @@ class SharedBlock(nn.Module):
         d = spec.conv.dims
         self.conv = make_conv(spec.conv)
         self.norm1, self.norm2 = Norm(spec.norm1, spec.conv.cout, d), Norm(spec.norm2, spec.conv.cout, d)
+        self.conv2 = make_conv(spec.conv) if spec.tied else self.conv
+        if spec.tied:
+            self.conv2.weight = self.conv.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.norm1(self.conv(x)))
-        return torch.relu(self.norm2(self.conv(y)))
+        return torch.relu(self.norm2(self.conv2(y)))
 
 
 class SharedNormBlock(nn.Module):
@@ -568,17 +613,44 @@ class SeqLinearBlock(nn.Module):
         return torch.relu(self.norm(y)).transpose(1, 2)
 
 
-class FuzzModel(nn.Module):
-    """``x = block(x)`` for every block of a :class:`ModelSpec`."""
-
-    def __init__(self, blocks: list[nn.Module]) -> None:
+class ForkBlock(nn.Module):
+    def __init__(self, spec: Fork, branches: list[list[nn.Module]], channels: int, dims: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(blocks)
+        self.spec = spec
+        self.branches = nn.ModuleList(nn.ModuleList(chain) for chain in branches)
+        self.norm = _norm(spec.norm, channels, dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chain in self.branches:
+            y = x
+            for block in chain:
+                y = block(y)
+            outs.append(y)
+        if self.spec.merge == "add":
+            merged = outs[0]
+            for y in outs[1:]:
+                merged = merged + y
+        else:
+            merged = torch.cat(outs, dim=1)
+        return torch.relu(_call(self.norm, merged))
+
+
+class FuzzModel(nn.Module):
+    """``x = block(x)`` for every block of a :class:`ModelSpec` (a block object may appear twice);
+    returns the last block's output, or with ``all_outputs`` a tuple of every block's output."""
+
+    def __init__(self, blocks: list[nn.Module], all_outputs: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.all_outputs = all_outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = []
         for block in self.blocks:
             x = block(x)
-        return x
+            outs.append(x)
+        return tuple(outs) if self.all_outputs else x
 
 
 # --------------------------------------------------------------------------- build
@@ -591,6 +663,8 @@ class Built:
     model: nn.Module
     expect: dict[str, Expect]
     dtype: torch.dtype
+    #: layer path -> norm path: biases ``drop_redundant_biases`` must drop (float32/float64 only)
+    drops: dict[str, str] = field(default_factory=dict)
 
 
 def _fold() -> Expect:
@@ -636,22 +710,35 @@ def _positive_scale(norm: Norm) -> bool:
     return weight is None or bool((weight > 0).all())
 
 
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
 def build(spec: ModelSpec) -> Built:
     """The ``nn.Module`` of ``spec`` (deterministic in ``spec.seed``) and its norms' expectations."""
-    dtype = torch.float64 if spec.dtype == "float64" else torch.float32
+    dtype = DTYPES[spec.dtype]
     expect: dict[str, Expect] = {}
     blocks: list[nn.Module] = []
     state: tuple[int, ...] = spec.in_shape
+    repeated = {b.index for b in spec.blocks if isinstance(b, Repeat)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         for i, b in enumerate(spec.blocks):
             last = i == len(spec.blocks) - 1
-            module, names = _build_block(b, state, last)
-            blocks.append(module)
-            for rel, e in names.items():
-                expect[f"blocks.{i}" + (f".{rel}" if rel else "")] = e
+            if isinstance(b, Repeat):
+                blocks.append(blocks[b.index])  # the same module object: its own names stay
+            else:
+                module, names = _build_block(b, state, last)
+                blocks.append(module)
+                for rel, e in names.items():
+                    # a block called twice: its layers and norms are shared, folds may or may not exist
+                    expect[f"blocks.{i}" + (f".{rel}" if rel else "")] = Expect("any") if i in repeated else e
             state = block_output(b, state)
-        model = FuzzModel(blocks)
+        model = FuzzModel(blocks, all_outputs=spec.outputs == "all")
         gen = torch.Generator().manual_seed(spec.seed)
         for m in model.modules():
             if isinstance(m, Norm):
@@ -659,18 +746,54 @@ def build(spec: ModelSpec) -> Built:
     model = model.to(dtype)
     # expectations that depend on drawn values (max pooling needs positive scales)
     for i, b in enumerate(spec.blocks):
-        if isinstance(b, ConvNorm) and b.norm is not None and b.through == "maxpool":
+        if isinstance(b, ConvNorm) and b.norm is not None and b.through == "maxpool" and i not in repeated:
             name = _norm_name(i, blocks[i].norm)
             if expect[name].status == "fold" and not _positive_scale(blocks[i].norm):
                 # no backward fold; without the ReLU a forward fold into the next block may exist
                 expect[name] = _keep("negative_scale") if b.act else Expect("any")
+    drops: dict[str, str] = {}
+    if dtype in (torch.float16, torch.bfloat16):
+        # a fold whose new values do not fit the dtype is refused (code overflow), and then
+        # drop_redundant_biases keeps the bias as well
+        expect = {
+            k: Expect("fold", frozenset({"overflow"})) if e.status == "fold" else e for k, e in expect.items()
+        }
+    else:
+        for i, b in enumerate(spec.blocks):
+            if i not in repeated:
+                drops.update({f"blocks.{i}.{layer}": f"blocks.{i}.{norm}" for layer, norm in _droppable(b)})
     model.eval()
     if spec.mode == "train":
         model.train()
     elif spec.mode == "mixed":
         for j, m in enumerate(model.modules()):
             m.training = j % 2 == 1
-    return Built(model, expect, dtype)
+    return Built(model, expect, dtype, drops)
+
+
+def _droppable(b: Any) -> list[tuple[str, str]]:
+    """(layer, norm) paths in block ``b`` where a layer module's bias feeds a torch BatchNorm
+    module with running statistics directly: ``drop_redundant_biases`` must drop it."""
+
+    def ok(norm: NormSpec | None, bias: bool, functional: bool = False) -> bool:
+        return (
+            norm is not None
+            and norm.track
+            and norm.kind in ("module", "subclass")
+            and bias
+            and not functional
+        )
+
+    pairs = []
+    if isinstance(b, ConvNorm) and b.through is None and ok(b.norm, b.conv.bias, b.conv.functional):
+        pairs.append(("conv", "norm.bn"))
+    if isinstance(b, Residual):
+        for k, (conv, norm) in enumerate(((b.conv1, b.norm1), (b.conv2, b.norm2)), 1):
+            if ok(norm, conv.bias, conv.functional):
+                pairs.append((f"conv{k}", f"norm{k}.bn"))
+    if isinstance(b, LinearNorm) and ok(b.norm, b.linear.bias):
+        pairs.append(("linear", "norm.bn"))
+    return pairs
 
 
 def _norm_name(i: int, norm: Norm) -> str:
@@ -735,7 +858,34 @@ def _build_block(b: Any, state: tuple[int, ...], last: bool) -> tuple[nn.Module,
         return NormLinearBlock(b), {_rel("norm", b.norm): _expect(b.norm, wanted)}
     if isinstance(b, SeqLinear):
         return SeqLinearBlock(b, state[1]), {_rel("norm", b.norm): _expect(b.norm, _keep("wrong_axis"))}
+    if isinstance(b, Fork):
+        return _build_fork(b, state)
     raise TypeError(f"unknown block {b!r}")
+
+
+def _build_fork(b: Fork, state: tuple[int, ...]) -> tuple[nn.Module, dict[str, Expect]]:
+    names: dict[str, Expect] = {}
+    chains: list[list[nn.Module]] = []
+    outs = []
+    for j, chain in enumerate(b.branches):
+        modules, s = [], state
+        for k, inner in enumerate(chain):
+            module, inner_names = _build_block(inner, s, last=False)
+            modules.append(module)
+            for rel, e in inner_names.items():
+                names[f"branches.{j}.{k}" + (f".{rel}" if rel else "")] = e
+            s = block_output(inner, s)
+        chains.append(modules)
+        outs.append(s)
+    channels = outs[0][0] if b.merge == "add" else sum(o[0] for o in outs)
+    if b.norm is not None:
+        bare = all(
+            chain and isinstance(chain[-1], ConvNorm) and chain[-1].norm is None
+            and chain[-1].through is None and not chain[-1].act
+            for chain in b.branches
+        )  # fmt: skip
+        names[_rel("norm", b.norm)] = _expect(b.norm, _fold() if bare else Expect("any"))
+    return ForkBlock(b, chains, channels, len(state) - 1), names
 
 
 def _conv_out(c: ConvSpec, size: int) -> int:
@@ -777,6 +927,17 @@ def block_output(b: Any, state: tuple[int, ...]) -> tuple[int, ...]:
         return (b.linear.fout,)
     if isinstance(b, SeqLinear):
         return (b.linear.fout, state[1])
+    if isinstance(b, Repeat):
+        return block_output(b.block, state)
+    if isinstance(b, Fork):
+        outs = []
+        for chain in b.branches:
+            s = state
+            for inner in chain:
+                s = block_output(inner, s)
+            outs.append(s)
+        channels = outs[0][0] if b.merge == "add" else sum(o[0] for o in outs)
+        return (channels, *state[1:])
     raise TypeError(f"unknown block {b!r}")
 
 
@@ -843,7 +1004,8 @@ def conv_specs(
     cin, sizes = state[0], state[1:]
     dims, small = len(sizes), min(state[1:])
     if transposed is None:
-        transposed = not same_size and dims <= 2 and max(sizes) <= 6 and draw(st.sampled_from([False, True]))
+        small_enough = max(sizes) <= (6 if dims <= 2 else 2)
+        transposed = not same_size and small_enough and draw(st.sampled_from([False, True]))
     if cout is None:
         depthwise = cin <= max_cout and draw(st.sampled_from([False] * 3 + [True]))
         cout = cin * draw(st.integers(1, max_cout // cin)) if depthwise else draw(st.integers(1, max_cout))
@@ -879,7 +1041,7 @@ def conv_specs(
 
 
 _SPATIAL_BLOCKS = ("conv_norm", "norm_conv", "residual", "concat", "add", "shared", "shared_norm",
-                   "norm_fanout", "two_users", "after_act", "linear_norm", "seq_linear")  # fmt: skip
+                   "norm_fanout", "two_users", "after_act", "linear_norm", "seq_linear", "fork")  # fmt: skip
 _FLAT_BLOCKS = ("linear_norm", "norm_linear", "after_act")
 
 
@@ -918,7 +1080,9 @@ def block_specs(draw: st.DrawFn, state: tuple[int, ...]) -> Any:
         return Concat(a, b, draw(norm_specs()))
     if kind == "shared":
         conv = draw(conv_specs(state, same_size=True, cout=c))
-        return Shared(conv, draw(norm_specs()), draw(norm_specs()))
+        return Shared(conv, draw(norm_specs()), draw(norm_specs()), draw(st.booleans()))
+    if kind == "fork":
+        return draw(fork_specs(state))
     if kind == "shared_norm":
         a = draw(conv_specs(state))
         b = draw(conv_specs(_conv_shape(a, state), cout=a.cout))
@@ -945,24 +1109,73 @@ def block_specs(draw: st.DrawFn, state: tuple[int, ...]) -> Any:
 
 
 @st.composite
+def branch_block_specs(draw: st.DrawFn, state: tuple[int, ...], cout: int | None, max_cout: int) -> Any:
+    """A block of a :class:`Fork` branch: keeps the spatial size (and with ``cout`` the channels)."""
+    c = state[0]
+    kinds = ["conv_norm", "conv_norm", "norm_conv"]
+    if cout is None or cout == c:
+        kinds += ["residual", "after_act"]
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("conv_norm", "norm_conv"):
+        conv = draw(conv_specs(state, same_size=True, cout=cout, max_cout=max_cout))
+        if kind == "norm_conv":
+            return NormConv(draw(norm_specs()), conv, draw(st.booleans()))
+        through = draw(st.sampled_from([None, None, None, "dropout"]))
+        return ConvNorm(conv, draw(st.one_of(st.none(), norm_specs())), through, draw(st.booleans()))
+    if kind == "residual":
+        conv1 = draw(conv_specs(state, same_size=True, max_cout=max_cout))
+        conv2 = draw(conv_specs(_conv_shape(conv1, state), same_size=True, cout=c))
+        return Residual(conv1, draw(norm_specs()), conv2, draw(norm_specs()))
+    return AfterAct(draw(norm_specs(kinds=NORM_KINDS[:3])), draw(st.booleans()))
+
+
+@st.composite
+def fork_specs(draw: st.DrawFn, state: tuple[int, ...]) -> Fork:
+    """2-3 branches of 0-2 size-keeping blocks each, merged by add (same channels) or cat."""
+    merge = draw(st.sampled_from(["add", "cat"]))
+    n = draw(st.integers(2, 3))
+    cout = state[0] if merge == "add" else None
+    max_cout = max(1, MAX_CHANNELS // n)
+    branches = []
+    for _ in range(n):
+        chain, s = [], state
+        for _ in range(draw(st.sampled_from([0, 1, 1, 2]))):
+            inner = draw(branch_block_specs(s, cout, max_cout))
+            chain.append(inner)
+            s = block_output(inner, s)
+        branches.append(tuple(chain))
+    return Fork(tuple(branches), merge, draw(st.one_of(st.none(), norm_specs(), norm_specs())))
+
+
+@st.composite
 def model_specs(draw: st.DrawFn, *, max_blocks: int = 5) -> ModelSpec:
-    """A whole model: input shape (1-3d images or flat features), dtype (mostly float32), mode,
-    and 1..``max_blocks`` blocks chained on the running shape."""
+    """A whole model: dtype (mostly float32), input shape (1-3d images or flat features), mode,
+    1..``max_blocks`` blocks chained on the running shape (sometimes an earlier block called
+    again), and its outputs (the last block's, or every block's)."""
+    dtype = draw(st.sampled_from(["float32"] * 6 + ["float64", "float16", "bfloat16"]))
     dims = draw(st.sampled_from([0, 1, 1, 2, 2, 2, 3]))
     c = draw(st.integers(1, 4 if dims else MAX_CHANNELS))
     low = 1 if dims == 1 else 2
     sizes = tuple(draw(st.integers(low, _MAX_SPATIAL[dims])) for _ in range(dims)) if dims else ()
     in_shape = (c, *sizes)
-    blocks = []
+    blocks: list[Any] = []
+    inputs: list[tuple[int, ...]] = []  # each block's per-sample input shape
     state = in_shape
     for _ in range(draw(st.integers(1, max_blocks))):
-        b = draw(block_specs(state))
+        again = [i for i, b in enumerate(blocks) if inputs[i] == state and not isinstance(b, Repeat)]
+        if again and draw(st.sampled_from([False] * 5 + [True])):
+            i = draw(st.sampled_from(again))
+            b: Any = Repeat(i, blocks[i])
+        else:
+            b = draw(block_specs(state))
         blocks.append(b)
+        inputs.append(state)
         state = block_output(b, state)
     return ModelSpec(
         in_shape=in_shape,
-        dtype=draw(st.sampled_from(["float32"] * 5 + ["float64"])),
+        dtype=dtype,
         mode=draw(st.sampled_from(["eval", "eval", "train", "mixed"])),
         seed=draw(st.integers(0, 2**16)),
         blocks=tuple(blocks),
+        outputs=draw(st.sampled_from(["last", "last", "last", "all"])),
     )
