@@ -49,6 +49,7 @@ import copy
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -287,10 +288,17 @@ def _fuzz_settings(examples: int) -> Callable[[Callable[..., None]], Callable[..
     return configure
 
 
+def _progress(what: str, count: int) -> None:
+    """Every 500 examples a line with a time stamp (seen with ``-s``), for long runs."""
+    if count % 500 == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {what} fuzz: {count} examples", flush=True)
+
+
 @_fuzz_settings(MAX_EXAMPLES)
 @given(spec=model_specs())
 def _fold_fuzz(spec: ModelSpec) -> None:
     _EXAMPLES[0] += 1
+    _progress("fold", _EXAMPLES[0])
     built = build(spec)
     check_fold(built.model, _inputs_for(spec, built), built.expect, repr(spec))
 
@@ -319,6 +327,7 @@ _DROP_DROPPED = [0]
 @given(spec=model_specs())
 def _drop_fuzz(spec: ModelSpec) -> None:
     _DROP_EXAMPLES[0] += 1
+    _progress("drop", _DROP_EXAMPLES[0])
     built = build(spec)
     input_sets = _inputs_for(spec, built)
     # a quarter of the examples also checks inplace=True (drop and fold) on a deep copy
