@@ -334,9 +334,6 @@ def _guard() -> Iterator[None]:
         raise typer.Exit(e.exit_code) from e
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
-    except _Terminated as e:
-        _error(f"stopped by {e.signal.name}; nothing was written")
-        raise
     except KeyboardInterrupt as e:
         _error("interrupted; nothing was written")
         raise typer.Exit(EXIT_INTERRUPTED) from e
@@ -384,23 +381,53 @@ def _source_options(
 
 
 def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) -> Any:
+    import math
+
     import torch
 
     from normfold.pipeline import InputSpec
+    from normfold.reference import MAX_INPUT_ELEMENTS
 
     if file is not None and shapes:
         raise UsageError("pass either --inputs or --input-shape, not both")
-    parsed = []
-    for text in shapes or []:
-        try:
-            parsed.append(tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip()))
-        except ValueError as e:
-            raise UsageError(
-                f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
-            ) from e
+    parsed = [_parse_shape(text) for text in shapes or []]
+    total = sum(math.prod(shape) for shape in parsed)
+    if total > MAX_INPUT_ELEMENTS:  # before anything is allocated
+        from normfold.load import input_limit_rule
+
+        shown = " ".join(f"--input-shape {_shown(t)}" for t in shapes or [])
+        raise UsageError(f"{shown}: {total:,} input elements in total, {input_limit_rule()}")
     if dtype is not None and dtype not in _DTYPES:
         raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` (or ``1x3x224x224``): positive integers, no empty field."""
+    import re
+
+    dims = []
+    for i, f in enumerate((f.strip() for f in text.replace("x", ",").split(",")), 1):
+        problem = None
+        if not f:
+            problem = "is empty"
+        elif not re.fullmatch(r"[+-]?[0-9]+", f):
+            problem = f"({_shown(f, 20)!r}) is not an integer"
+        elif len(f) > 30:  # int() of a long digit string is slow; the size limit refuses it anyway
+            problem = f"has {len(f):,} digits"
+        elif int(f) <= 0:
+            problem = f"is {int(f)}; dimensions must be positive"
+        if problem is not None:
+            raise UsageError(
+                f"--input-shape {_shown(text)!r}: dimension {i} {problem} "
+                "(expected comma-separated positive integers like 1,3,224,224)"
+            )
+        dims.append(int(f))
+    return tuple(dims)
 
 
 def _parity_rule(rtol: float | None, atol: float | None, noise_factor: float, value_range: str | None) -> Any:
@@ -433,6 +460,8 @@ def _render_layers(run: FoldRun) -> None:
             detail = f"{r.into} ({r.pattern})" + (f"; {r.reason}" if r.reason else "")
         table.add_row(r.norm, r.norm_type, action, detail)
     out_console.print(table)
+    for note in run.notes:  # how the model was taken: switched to eval mode, a dtype kept
+        out_console.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 def _render_parity(run: FoldRun) -> None:
@@ -496,4 +525,8 @@ def main() -> None:
     # `timeout`, CI cancellation and `docker stop` send SIGTERM; a closed terminal SIGHUP
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except _Terminated as e:
+        _error(f"stopped by {e.signal.name}; nothing was written")
+        raise

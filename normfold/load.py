@@ -14,19 +14,35 @@ Accepted sources, tried in this order:
   either can run code from the file.
 
 Nothing here ever falls back to an unsafe load silently.
+
+Limits, checked before anything is allocated (a file or option over one is refused with one line):
+
+* a model or tensor file must be a regular file (not a FIFO, device, directory or dangling link);
+* a zip checkpoint's members may declare at most ``max(16 x file size, 64 MiB)`` uncompressed
+  bytes in total (torch.save stores them uncompressed: a higher ratio is a decompression bomb);
+* a safetensors header may be at most 100 MiB and must fit in the file (safetensors then checks
+  every offset, dtype and shape against the byte ranges);
+* example inputs hold at most :data:`~normfold.reference.MAX_INPUT_ELEMENTS` (2**28) elements in
+  total, counted from their shapes (an expanded, stride-0 tensor counts every element it shows);
+  each calibration batch the same, and a data file may not show more elements than it stores
+  beyond that limit;
+* ``--model-args`` JSON is at most 65,536 characters, nested at most 32 levels deep.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import logging
 import os
 import pickle
+import pickletools
 import re
+import stat
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +51,21 @@ import torch
 from torch import nn
 
 from normfold.errors import LoadError, UsageError, first_line
+from normfold.reference import MAX_INPUT_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+#: ``--model-args``: longest JSON text and deepest nesting accepted.
+MAX_MODEL_ARGS_CHARS = 65_536
+MAX_MODEL_ARGS_DEPTH = 32
+#: A zip checkpoint's members may declare at most this many times the file's size uncompressed
+#: (at least :data:`ZIP_MIN_ALLOWANCE` bytes) in total.
+ZIP_MAX_RATIO = 16
+ZIP_MIN_ALLOWANCE = 64 * 2**20
+#: The safetensors library's own header limit, checked here before it reads anything.
+SAFETENSORS_MAX_HEADER = 100 * 2**20
 _SAFE_ALTERNATIVE = (
     "save the weights instead with torch.save(model.state_dict(), 'weights.pt') and pass the "
     "architecture with --model package.module:callable"
@@ -54,6 +80,7 @@ class LoadedModel:
     source: str  # what was loaded, e.g. "factory normfold.models:resnet"
     input_shapes: list[tuple[int, ...]] | None = None  # default example input shapes, if known
     notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. a dtype kept)
+    dtype: torch.dtype | None = None  # the weights' floating dtype the architecture was cast to
 
 
 def is_factory_spec(text: str) -> bool:
@@ -112,13 +139,49 @@ def build(
 def parse_model_args(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
+    if len(text) > MAX_MODEL_ARGS_CHARS:
+        raise UsageError(
+            f"--model-args is {len(text):,} characters long, over the limit of {MAX_MODEL_ARGS_CHARS:,}"
+        )
+    depth = _json_depth(text)
+    if depth > MAX_MODEL_ARGS_DEPTH:
+        raise UsageError(
+            f"--model-args nests {depth:,} levels deep, over the limit of {MAX_MODEL_ARGS_DEPTH} "
+            "(factory keyword arguments are a flat JSON object)"
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"--model-args is not valid JSON ({e.msg} at column {e.colno}): {text}") from e
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise UsageError(f"--model-args is not valid JSON ({e.msg} at column {e.colno}): {shown}") from e
+    except RecursionError as e:  # not reached under the depth limit; never a traceback
+        raise UsageError("--model-args nests too deeply") from e
     if not isinstance(value, dict):
-        raise UsageError(f"--model-args must be a JSON object of keyword arguments, got {text}")
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise UsageError(f"--model-args must be a JSON object of keyword arguments, got {shown}")
     return value
+
+
+def _json_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def load_model(
@@ -141,10 +204,7 @@ def load_model(
         return LoadedModel(module, f"factory {text}", shapes)
 
     path = Path(text)
-    if not path.exists():
-        raise LoadError(f"{path}: no such file (and not a factory spec like package.module:callable)")
-    if not path.is_file():
-        raise LoadError(f"{path}: not a file")
+    _check_regular_file(path, "file (and not a factory spec like package.module:callable)")
     kind = _sniff(path)
     if kind == "torchscript":
         raise LoadError(
@@ -156,9 +216,18 @@ def load_model(
             f"{path} is a torch.export program (.pt2): it is already lowered to aten operators with "
             f"no module structure left to fold; {_SAFE_ALTERNATIVE}"
         )
+    if kind == "onnx":
+        raise LoadError(
+            f"{path} is an ONNX model, not a readable torch.save file: an exported graph has no "
+            f"PyTorch module left to fold; {_SAFE_ALTERNATIVE}"
+        )
     if path.suffix == ".safetensors":
         return _with_architecture(_load_safetensors(path), path, model, model_args, "safetensors")
 
+    if model is not None and trust:
+        # --model takes weights: decide from the pickle's opcodes (nothing is run) before any
+        # trusted load, so a whole pickled module given with --model is never unpickled
+        _refuse_pickled_object_for_model(path)
     obj = _torch_load(path, trust=trust)
     if isinstance(obj, nn.Module):
         if model is not None:
@@ -168,15 +237,54 @@ def load_model(
     return _with_architecture(state, path, model, model_args, "state_dict")
 
 
-def _sniff(path: Path) -> str:
-    """Tell TorchScript and torch.export archives from plain torch.save zips by their entries."""
-    if not zipfile.is_zipfile(path):
-        return "other"
+_FILE_KINDS = {
+    stat.S_ISDIR: "a directory",
+    stat.S_ISFIFO: "a FIFO (named pipe)",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def _check_regular_file(path: Path, what: str) -> None:
+    """Refuse anything but a regular file, from ``os.stat`` alone: opening a FIFO blocks, and a
+    device like /dev/zero never ends."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise LoadError(f"{path}: a symbolic link to {target!r}, which does not exist") from None
+        raise LoadError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read ({e.strerror})") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS.items() if test(st.st_mode)), "a special file")
+        raise LoadError(f"{path}: not a file but {kind}; pass a regular file")
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read ({e.strerror})") from e
+
+
+# field 1 (ir_version, a varint) first, then a length-delimited or varint ModelProto field
+_ONNX_SECOND_FIELD = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}
+
+
+def _sniff(path: Path) -> str:
+    """Tell TorchScript and torch.export archives from plain torch.save zips by their entries, and
+    an ONNX protobuf by its first fields. A zip is checked for decompression bombs first."""
+    head = _head(path)
+    onnx = len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_SECOND_FIELD
+    if onnx and head[8:9] != b"{":  # a safetensors header length can start with the same bytes
+        return "onnx"
+    if not head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         return "other"
+    names = _check_zip(path)
     tails = {n.split("/", 1)[1] if "/" in n else n for n in names}
     if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
         return "torchscript"
@@ -185,7 +293,90 @@ def _sniff(path: Path) -> str:
     return "other"
 
 
+def _check_zip(path: Path) -> list[str]:
+    """The member names of a zip archive, once its declared sizes passed the bomb check.
+
+    torch.save stores members uncompressed, and torch's reader allocates each member's declared
+    uncompressed size before inflating it: a few MB of deflated zeros could claim gigabytes. The
+    members together may declare ``max(ZIP_MAX_RATIO x file size, ZIP_MIN_ALLOWANCE)`` bytes.
+    """
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise LoadError(
+            f"{path} is not a readable zip archive (truncated or corrupt?): {first_line(e)}"
+        ) from e
+    allowed = max(ZIP_MAX_RATIO * size, ZIP_MIN_ALLOWANCE)
+    total = sum(i.file_size for i in infos)
+    if total > allowed:
+        big = max(infos, key=lambda i: i.file_size)
+        raise LoadError(
+            f"{path}: zip member {big.filename!r} declares {big.file_size:,} bytes uncompressed from "
+            f"{big.compress_size:,} compressed; the members declare {total:,} bytes in total, over the "
+            f"limit of {allowed:,} ({ZIP_MAX_RATIO}x the file's {size:,} bytes, at least "
+            f"{ZIP_MIN_ALLOWANCE // 2**20} MiB): a decompression bomb? refused before reading it"
+        )
+    return [i.filename for i in infos]
+
+
+def _refuse_pickled_object_for_model(path: Path) -> None:
+    """With ``--model``, a file is a weights file: a trusted load is only for a pickled mapping (a
+    checkpoint dict with non-tensor extras). Anything else (a whole module) is a usage error, told
+    from the pickle's first opcodes without running any of it."""
+    top = _pickled_top_level(path)
+    if top in ("dict", "collections.OrderedDict"):
+        return
+    what = f"a pickled {top}" if top else "a pickled object that is not a dict"
+    raise UsageError(
+        f"{path} holds {what} (a whole module?), not a state_dict; --model is only for weights "
+        "files: drop --model to load a whole module with --trust (it was not unpickled)"
+    )
+
+
+def _pickled_top_level(path: Path) -> str | None:
+    """The class of the object a torch.save file pickles (``"dict"``, ``"pkg.mod.Class"``), read
+    from its opcodes without unpickling; None when it cannot be told."""
+    try:
+        if _head(path, 4) == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:  # sizes already checked by _sniff
+                names = z.namelist()  # torch reads <the first member's folder>/data.pkl
+                name = f"{names[0].split('/', 1)[0]}/data.pkl" if names else None
+                if name not in names:
+                    return None
+                with z.open(name) as f:
+                    stream = io.BytesIO(f.read(1 << 16))
+            skip = 0
+        else:  # legacy format: magic number, protocol version and sys info pickles come first
+            with open(path, "rb") as f:
+                stream = io.BytesIO(f.read(1 << 16))
+            skip = 3
+        for _ in range(skip):  # genops stops after one pickle's STOP
+            for _op in pickletools.genops(stream):
+                pass
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("PROTO", "FRAME", "MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                continue
+            if isinstance(arg, str) and op.name.endswith("UNICODE"):
+                strings.append(arg)
+                continue
+            if op.name == "EMPTY_DICT":
+                return "dict"
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                return arg.replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return ".".join(strings[-2:])
+            return None
+    except Exception:  # a malformed pickle: unknown, and so refused for --model
+        return None
+    return None
+
+
 def _torch_load(path: Path, *, trust: bool) -> Any:
+    if path.stat().st_size == 0:
+        raise LoadError(f"{path} is not a readable torch.save file (truncated or corrupt?): it is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -223,6 +414,15 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    head, size = _head(path, 8), path.stat().st_size
+    header = int.from_bytes(head, "little") if len(head) == 8 else None
+    if header is None or header > min(size - 8, SAFETENSORS_MAX_HEADER):
+        why = (
+            f"only {size} bytes long" if header is None
+            else f"declares a header of {header:,} bytes in a file of {size:,} bytes (at most "
+            f"{SAFETENSORS_MAX_HEADER // 2**20} MiB and within the file)"
+        )  # fmt: skip
+        raise LoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): it {why}")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -259,9 +459,10 @@ def _with_architecture(
     # checkpoints saved from DataParallel/DDP prefix every key with "module."
     if not (set(state) & expected) and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    notes, dtype = _keep_weights_dtype(module, state, path, spec)
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except Exception as e:
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         detail = f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
@@ -274,14 +475,39 @@ def _with_architecture(
             ]
             detail = f"size mismatch: {'; '.join(mismatched[:5])}" if mismatched else first_line(e)
         raise LoadError(f"{path} does not fit {spec}: {detail}") from e
-    return LoadedModel(module, f"{what} {path} into {spec}", shapes)
+    return LoadedModel(module, f"{what} {path} into {spec}", shapes, notes, dtype)
+
+
+def _keep_weights_dtype(
+    module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, spec: str
+) -> tuple[list[str], torch.dtype | None]:
+    """Cast the built architecture to the weights' floating dtype when they all share one, so an
+    fp16 checkpoint is folded and exported in fp16, not silently in the factory's fp32."""
+    file_dtypes = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    own = {v.dtype for v in module.state_dict().values() if v.is_floating_point()}
+    if not file_dtypes or file_dtypes == own:
+        return [], None
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in file_dtypes))
+    own_names = ", ".join(sorted(str(d).removeprefix("torch.") for d in own)) or "no floating tensors"
+    if len(file_dtypes) > 1:
+        return [
+            f"the weights in {path} mix floating dtypes ({names}); each was converted to the dtype "
+            f"of its tensor in {spec} ({own_names})"
+        ], None
+    (dtype,) = file_dtypes
+    module.to(dtype)
+    note = f"the weights in {path} are {names}: {spec} ({own_names}) was cast to {names} to keep them"
+    return [note], dtype
 
 
 def _load_tensors(path: str | Path, what: str) -> tuple[Path, Any]:
     """Whatever a ``torch.save`` file holds, read with ``weights_only=True`` (no code runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such {what} file")
+    _check_regular_file(path, f"{what} file")
+    if _sniff(path) != "other":  # also checks a zip for decompression bombs
+        raise LoadError(f"{path} is not a readable tensor file: it is a model, not torch.save'd tensors")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{path} is not a readable tensor file: it is empty")
     try:
         return path, torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -292,10 +518,39 @@ def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
     """Example inputs saved with ``torch.save`` (a tensor or a tuple/list of tensors), read safely."""
     path, obj = _load_tensors(path, "inputs")
     if isinstance(obj, torch.Tensor):
-        return (obj,)
-    if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        return tuple(obj)
-    raise LoadError(f"{path} holds a {type(obj).__name__}; expected a tensor or a tuple of tensors")
+        inputs: tuple[torch.Tensor, ...] = (obj,)
+    elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        inputs = tuple(obj)
+    else:
+        raise LoadError(f"{path} holds a {type(obj).__name__}; expected a tensor or a tuple of tensors")
+    total = _check_tensors(inputs, path)
+    if total > MAX_INPUT_ELEMENTS:
+        raise LoadError(
+            f"{path}: its inputs have {total:,} elements in total (shapes "
+            f"{', '.join(str(tuple(t.shape)) for t in inputs)}), {input_limit_rule()}"
+        )
+    return inputs
+
+
+def input_limit_rule() -> str:
+    """The rule on input sizes, as every message that enforces it states it."""
+    return (
+        f"over the limit of {MAX_INPUT_ELEMENTS:,} (2**28) input elements per run, summed over all "
+        "inputs and counted from their shapes"
+    )
+
+
+def _check_tensors(tensors: Sequence[torch.Tensor], path: Path) -> int:
+    """Plain dense CPU tensors only; their total element count, from shapes (nothing is read)."""
+    total = 0
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+            raise LoadError(
+                f"{path}: tensor {i} is a {t.layout} {t.dtype} tensor on {t.device}; "
+                "expected a dense (strided) CPU tensor"
+            )
+        total += t.numel()
+    return total
 
 
 def load_batches(path: str | Path) -> list[tuple[torch.Tensor, ...]]:
@@ -306,6 +561,7 @@ def load_batches(path: str | Path) -> list[tuple[torch.Tensor, ...]]:
     if not isinstance(items, (list, tuple)) or not items:
         raise LoadError(f"{path} holds a {type(obj).__name__}; expected a list of batches")
     batches = []
+    shown = 0
     for i, item in enumerate(items):
         batch = (item,) if isinstance(item, torch.Tensor) else item
         if (
@@ -317,4 +573,25 @@ def load_batches(path: str | Path) -> list[tuple[torch.Tensor, ...]]:
                 f"{path}: batch {i} is a {type(item).__name__}, not a tensor or a tuple of tensors"
             )
         batches.append(tuple(batch))
+        elements = _check_tensors(batch, path)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise LoadError(f"{path}: batch {i} has {elements:,} elements, {input_limit_rule()}")
+        shown += elements
+    stored = sum(_storage_elements(batches).values())
+    if shown > max(MAX_INPUT_ELEMENTS, stored):
+        raise LoadError(
+            f"{path}: its batches show {shown:,} elements in total but the file stores only {stored:,} "
+            f"(tensors expanded from a smaller storage, stride 0?); beyond {MAX_INPUT_ELEMENTS:,} (2**28) "
+            "elements, a data file may not show more elements than it stores"
+        )
     return batches
+
+
+def _storage_elements(batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[int, int]:
+    """Elements each distinct storage of ``batches`` holds, keyed by its data pointer."""
+    stored: dict[int, int] = {}
+    for batch in batches:
+        for t in batch:
+            storage = t.untyped_storage()
+            stored[storage.data_ptr()] = max(1, storage.nbytes() // max(1, t.element_size()))
+    return stored

@@ -14,6 +14,8 @@ runs on exactly that batch.
 from __future__ import annotations
 
 import logging
+import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +38,17 @@ from normfold.export import (
 from normfold.files import OutputSet
 from normfold.folding import FoldResult, analyse, fold
 from normfold.graph import CaptureOptions
-from normfold.load import LoadedModel, load_batches, load_inputs, load_model
+from normfold.load import LoadedModel, input_limit_rule, load_batches, load_inputs, load_model
 from normfold.parity import ParityReport, ParityRule, Tolerance
-from normfold.reference import Reference, check, make_reference, parity_sets, random_inputs, run_model
+from normfold.reference import (
+    MAX_INPUT_ELEMENTS,
+    Reference,
+    check,
+    make_reference,
+    parity_sets,
+    random_inputs,
+    run_model,
+)
 from normfold.report import StepHook, StepTimer, versions, write_json
 
 logger = logging.getLogger(__name__)
@@ -327,7 +337,7 @@ def _example_inputs(
     loaded: LoadedModel, spec: InputSpec, *, optional: bool
 ) -> tuple[torch.Tensor, ...] | None:
     if spec.file is not None:
-        return load_inputs(spec.file)
+        return _follow_model_dtype(load_inputs(spec.file), loaded, spec.file)
     shapes = spec.shapes or loaded.input_shapes
     if not shapes:
         if optional:
@@ -336,10 +346,34 @@ def _example_inputs(
             f"no input shape known for {loaded.source}: "
             "pass --input-shape (e.g. 1,3,224,224) or --inputs file.pt"
         )
+    total = 0
     for shape in shapes:
-        if not shape or any(int(d) <= 0 for d in shape):
-            raise UsageError(f"input shape {tuple(shape)} must have positive dimensions")
+        try:
+            dims = [operator.index(d) for d in shape if not isinstance(d, bool)]
+        except TypeError:
+            dims = []
+        if not shape or len(dims) != len(shape) or min(dims) <= 0:
+            raise UsageError(f"input shape {tuple(shape)} must have positive integer dimensions")
+        total += math.prod(dims)
+    if total > MAX_INPUT_ELEMENTS:  # refused before anything is allocated
+        shown = ", ".join(str(tuple(s)) for s in shapes)
+        raise UsageError(f"input shapes {shown} have {total:,} elements in total, {input_limit_rule()}")
     return random_inputs(shapes, dtype=spec.dtype or _param_dtype(loaded.model), seed=spec.seed)
+
+
+def _follow_model_dtype(
+    inputs: tuple[torch.Tensor, ...], loaded: LoadedModel, file: str | Path
+) -> tuple[torch.Tensor, ...]:
+    """Given floating inputs follow a model the loader cast to its weights' dtype (noted)."""
+    dtype = loaded.dtype
+    if dtype is None or all(not t.is_floating_point() or t.dtype == dtype for t in inputs):
+        return inputs
+    was = sorted({str(t.dtype).removeprefix("torch.") for t in inputs if t.is_floating_point()})
+    loaded.notes.append(
+        f"the floating inputs in {file} ({', '.join(was)}) were cast to "
+        f"{str(dtype).removeprefix('torch.')}, the dtype of the weights"
+    )
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:

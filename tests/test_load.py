@@ -326,7 +326,8 @@ def test_truncated_pt(tmp_path: Path, trust: bool) -> None:
 def test_non_torch_file_is_not_mistaken_for_a_pickle(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "model.pt"
     path.write_bytes(content)
-    with pytest.raises(LoadError, match="truncated or corrupt") as exc:
+    expected = "is an ONNX model" if content.startswith(b"\x08") else "truncated or corrupt"
+    with pytest.raises(LoadError, match=expected) as exc:
         load_model(path, model=RESNET)
     assert "--trust" not in str(exc.value)  # no advice to unpickle a file that is not a pickle
 
@@ -406,3 +407,102 @@ def test_factory_import_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
     before = list(sys.path)
     assert resolve_factory("nf_pathcheck_factory:build")() == 1
     assert sys.path == before  # the working directory is importable for that import only
+
+
+# ------------------------------------------------------------------------------------------------
+# the weights' dtype is kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("fmt", [".pt", ".safetensors"])
+def test_weights_dtype_is_kept(tmp_path: Path, dtype: torch.dtype, fmt: str) -> None:
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in resnet(seed=2).state_dict().items()}
+    path = tmp_path / f"w{fmt}"
+    if fmt == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_model(path, model=RESNET)
+    name = str(dtype).removeprefix("torch.")
+    assert {v.dtype for v in loaded.model.state_dict().values() if v.is_floating_point()} == {dtype}
+    assert loaded.dtype == dtype
+    assert loaded.notes == [
+        f"the weights in {path} are {name}: {RESNET} (float32) was cast to {name} to keep them"
+    ]
+    own = loaded.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())  # bit for bit, no round trip via fp32
+
+
+def test_mixed_weight_dtypes_are_noted(tmp_path: Path) -> None:
+    state = resnet().state_dict()
+    state["conv1.weight"] = state["conv1.weight"].half()
+    torch.save(state, tmp_path / "mixed.pt")
+    loaded = load_model(tmp_path / "mixed.pt", model=RESNET)
+    assert loaded.dtype is None
+    assert loaded.model.conv1.weight.dtype == torch.float32
+    assert loaded.notes == [
+        f"the weights in {tmp_path / 'mixed.pt'} mix floating dtypes (float16, float32); each was "
+        f"converted to the dtype of its tensor in {RESNET} (float32)"
+    ]
+
+
+def test_same_dtype_weights_add_no_note(tmp_path: Path) -> None:
+    torch.save(resnet().state_dict(), tmp_path / "w.pt")
+    loaded = load_model(tmp_path / "w.pt", model=RESNET)
+    assert loaded.notes == [] and loaded.dtype is None
+
+
+def test_fp16_weights_are_inspected_in_fp16_with_the_note(tmp_path: Path) -> None:
+    """The pipeline's notes carry the loader's; example inputs, random or from a file, follow."""
+    from normfold import pipeline
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in resnet().state_dict().items()}
+    torch.save(state, tmp_path / "w16.pt")
+    run = pipeline.inspect(tmp_path / "w16.pt", model=RESNET)  # fp32 inputs would fail to trace
+    assert run.notes[0].startswith(f"the weights in {tmp_path / 'w16.pt'} are float16")
+    torch.save(torch.randn(2, 3, 32, 32), tmp_path / "x.pt")
+    run = pipeline.inspect(
+        tmp_path / "w16.pt", model=RESNET, inputs=pipeline.InputSpec(file=tmp_path / "x.pt")
+    )
+    assert f"the floating inputs in {tmp_path / 'x.pt'} (float32) were cast to float16" in " ".join(run.notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# sniffing and the trusted-load gate
+
+
+def test_safetensors_header_length_that_looks_like_onnx_is_not_onnx(tmp_path: Path) -> None:
+    from normfold.load import _sniff
+
+    onnx_like = tmp_path / "w.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    header += b" " * (0x3A0108 - len(header))  # length bytes 08 01 3a: ir_version 1, graph field
+    onnx_like.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    assert _sniff(onnx_like) == "other"
+    with pytest.raises(LoadError, match="does not fit"):  # read as safetensors, not named ONNX
+        load_model(onnx_like, model="normfold.models:mlp")
+
+
+def test_pickled_top_level_is_read_without_unpickling(tmp_path: Path) -> None:
+    from normfold.load import _pickled_top_level
+
+    marker = tmp_path / "code_ran"
+    cases: dict[str, object] = {
+        "dict": {"w": torch.ones(1)},
+        "collections.OrderedDict": resnet().state_dict(),
+        "normfold.models.zoo.ResNet": resnet(),
+        "torch._utils._rebuild_tensor_v2": torch.ones(1),
+    }
+    for expected, obj in cases.items():
+        for zip_format in (True, False):
+            torch.save(obj, tmp_path / "f.pt", _use_new_zipfile_serialization=zip_format)
+            got = _pickled_top_level(tmp_path / "f.pt")
+            if zip_format or expected != "normfold.models.zoo.ResNet":
+                assert got == expected, (expected, zip_format)
+            else:
+                assert got is None  # a legacy module pickle starts with its source: unknown, refused
+    torch.save(_TouchOnUnpickle(marker), tmp_path / "p.pt")
+    assert _pickled_top_level(tmp_path / "p.pt") not in (None, "dict")
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    assert _pickled_top_level(tmp_path / "junk.pt") is None
+    assert not marker.exists()
