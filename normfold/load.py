@@ -31,7 +31,10 @@ Limits, checked before anything is allocated (a file or option over one is refus
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import io
 import json
 import logging
@@ -42,7 +45,7 @@ import re
 import stat
 import sys
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,28 +90,53 @@ def is_factory_spec(text: str) -> bool:
     return bool(_SPEC.match(text)) and not Path(text).exists()
 
 
+class _WorkingDirFinder(importlib.abc.MetaPathFinder):
+    """Finds a top-level module in the working directory, consulted only after every other
+    finder failed: unlike a ``sys.path`` entry (even the last one), it cannot take a name an
+    installed package owns, not even a namespace package's (``google.protobuf``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None:  # a submodule: its package's own __path__ finds it
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, [self.folder])
+
+
+@contextlib.contextmanager
+def _working_dir_importable() -> Iterator[None]:
+    """Modules of the working directory importable for the block only, after everything else."""
+    saved = list(sys.path)
+    # the script's folder or '' (python -c, -m) would put the working directory first
+    sys.path[:] = [p for p in saved if p not in ("", os.getcwd())]
+    finder = _WorkingDirFinder(os.getcwd())
+    sys.meta_path.append(finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        sys.path[:] = saved
+
+
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """Import ``package.module:callable``.
 
-    Installed modules come first; a module found only in the current directory is importable too
-    (as with ``python -m``), but the directory is searched *after* everything installed and only
-    during that one import, so a file there never shadows an installed package (onnx, sympy, ...)
-    then or later.
+    Installed modules come first; a module found only in the working directory is importable
+    too (as with ``python -m``) while the factory's module is imported (and, in :func:`build`,
+    while the factory runs), never before anything installed and never afterwards, so a file
+    there cannot shadow an installed package (onnx, sympy, ...) then or later.
     """
     if not _SPEC.match(spec):
         raise UsageError(f"{spec!r} is not a factory spec of the form package.module:callable")
     module_name, _, attr = spec.partition(":")
-    saved = list(sys.path)
-    # the script's folder or '' (python -c, -m) would put the working directory first
-    sys.path[:] = [p for p in saved if p not in ("", os.getcwd())] + [os.getcwd()]
     try:
-        obj: Any = importlib.import_module(module_name)
+        with _working_dir_importable():
+            obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise LoadError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from e
     except Exception as e:  # the module itself raised (SyntaxError, an error in its top-level code)
         raise LoadError(f"importing {module_name!r} for factory {spec!r} failed: {first_line(e)}") from e
-    finally:
-        sys.path[:] = saved
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -125,7 +153,8 @@ def build(
     """Call a factory spec; return the module and the zoo's default input shape if it is a zoo model."""
     factory = resolve_factory(spec)
     try:
-        model = factory(**dict(model_args or {}))
+        with _working_dir_importable():  # a factory may import its siblings lazily
+            model = factory(**dict(model_args or {}))
     except Exception as e:
         raise LoadError(f"factory {spec!r} failed with arguments {dict(model_args or {})}: {e}") from e
     if not isinstance(model, nn.Module):
@@ -399,7 +428,7 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
             raise LoadError(f"{path}: trusted load failed: {first_line(e2)}") from e2
     except Exception as e:
         raise LoadError(
-            f"{path} is not a readable torch.save file (truncated or corrupt?): {first_line(e)}"
+            f"{path} is not a readable torch.save file (truncated or corrupt?): {_reason(e)}"
         ) from e
 
 
@@ -510,8 +539,27 @@ def _load_tensors(path: str | Path, what: str) -> tuple[Path, Any]:
         raise LoadError(f"{path} is not a readable tensor file: it is empty")
     try:
         return path, torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _looks_like_torch_save(path):  # torch's own message advises an unsafe load: not ours
+            raise LoadError(
+                f"{path} is not a readable tensor file: it holds pickled Python objects beyond "
+                f"tensors, which are never unpickled for {what} (that can run arbitrary code from "
+                "the file); save plain tensors"
+            ) from e
+        raise LoadError(
+            f"{path} is not a readable tensor file (truncated or corrupt?): it is neither a zip "
+            "archive nor a pickle"
+        ) from e
     except Exception as e:
-        raise LoadError(f"{path} is not a readable tensor file (weights_only load): {first_line(e)}") from e
+        raise LoadError(f"{path} is not a readable tensor file (weights_only load): {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    """torch's error in one line, without terminal escapes or its advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))
+    if "weights_only" in text.partition(": ")[2]:
+        return f"{type(e).__name__}: the safe (weights_only) loader cannot read it"
+    return text
 
 
 def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
