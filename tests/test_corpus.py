@@ -54,6 +54,7 @@ def fails(result: Result, code: int, text: str) -> str:
     assert result.exit_code == code, f"exit {result.exit_code}: {result.output}{result.exception!r}"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "\x1b" not in lines[0] and "weights_only=False" not in lines[0]  # no escapes, no unsafe advice
     assert text in lines[0], lines[0]
     assert result.stdout == ""
     return lines[0]
@@ -86,9 +87,9 @@ PAYLOAD_RUNS = [
     (["fold", "FILE", "--model", RESNET, "--out", "x.onnx"], 3, "arbitrary code"),
     (["inspect", "FILE"], 3, "arbitrary code"),
     (["inspect", "FILE", "--model", RESNET], 3, "arbitrary code"),
-    (["fold", MLP, "--inputs", "FILE", "--out", "x.onnx"], 3, "not a readable tensor file"),
-    (["fold", MLP, "--calibrate", "FILE", "--out", "x.onnx"], 3, "not a readable tensor file"),
-    (["recalibrate", MLP, "--data", "FILE", "--out", "r.pt"], 3, "not a readable tensor file"),
+    (["fold", MLP, "--inputs", "FILE", "--out", "x.onnx"], 3, "beyond tensors, which are never unpickled"),
+    (["fold", MLP, "--calibrate", "FILE", "--out", "x.onnx"], 3, "beyond tensors, which are never unpickled"),
+    (["recalibrate", MLP, "--data", "FILE", "--out", "r.pt"], 3, "beyond tensors, which are never unpickled"),
 ]
 
 
@@ -428,6 +429,15 @@ def test_truncated_files_are_load_errors(tmp_path: Path, fmt: str) -> None:
         fails(invoke("inspect", cut_file, "--model", RESNET), 3, str(cut_file))
         if fmt != "safetensors":
             fails(invoke("inspect", MLP, "--inputs", cut_file), 3, str(cut_file))
+
+
+def test_torch_advice_to_load_unsafely_is_not_passed_on(tmp_path: Path) -> None:
+    """A file of zeros reads as a legacy tar to torch, whose error says to retry with
+    weights_only=False: the one line says the safe loader cannot read it instead."""
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(bytes(65536))
+    fails(invoke("inspect", zeros, "--model", RESNET), 3, "the safe (weights_only) loader cannot read it")
+    fails(invoke("inspect", MLP, "--inputs", zeros), 3, "the safe (weights_only) loader cannot read it")
 
 
 # ------------------------------------------------------------------------------------------------
