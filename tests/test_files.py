@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,16 @@ def _fifo(d: Path) -> Path:
     return d / "f.json"
 
 
+def _device(d: Path) -> Path:
+    """A character device like /dev/null: made in ``d`` when allowed (root), so that a broken
+    version of normfold run as root replaces a test file, not the machine's /dev/null."""
+    try:
+        os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        return d / "null"
+    except PermissionError:  # not root: /dev/null cannot be replaced either
+        return Path(os.devnull)
+
+
 def _link(d: Path) -> Path:
     (d / "target.json").write_text("precious")
     (d / "l.json").symlink_to(d / "target.json")
@@ -97,13 +108,13 @@ def _existing(d: Path) -> Path:
     [
         (_existing, False, "r.json already exists; pass --force to replace it"),
         (_fifo, True, "f.json is a special file (FIFO, device or socket); choose a regular file"),
-        (lambda d: Path(os.devnull), True, "is a special file (FIFO, device or socket)"),
+        (lambda d: _device(d), True, "is a special file (FIFO, device or socket)"),
         (_link, True, "l.json is a symbolic link; normfold never writes through a link"),
         (_dangling, True, "l.json is a symbolic link; normfold never writes through a link"),
         (lambda d: d, True, "is a directory"),
         (lambda d: d / "no" / "r.json", True, "r.json: folder "),
     ],
-    ids=["existing", "fifo", "dev-null", "symlink", "dangling-symlink", "directory", "no-folder"],
+    ids=["existing", "fifo", "device", "symlink", "dangling-symlink", "directory", "no-folder"],
 )
 def test_refused_destinations(
     tmp_path: Path, make: Callable[[Path], Path], force: bool, message: str
@@ -207,9 +218,9 @@ REPORT_CASES = [
     ("report-is-fifo",
      ["fold", RESNET, "--out", "o.onnx", "--report", "fifo", "--force"],
      "--report fifo is a special file"),
-    ("report-is-dev-null",
-     ["fold", RESNET, "--out", "o.onnx", "--report", os.devnull, "--force"],
-     f"--report {os.devnull} is a special file"),
+    ("report-is-a-device",
+     ["fold", RESNET, "--out", "o.onnx", "--report", "DEVICE", "--force"],
+     "--report DEVICE is a special file"),
     ("report-exists",
      ["fold", RESNET, "--out", "o.onnx", "--report", "old.json"],
      "old.json already exists; pass --force"),
@@ -247,6 +258,8 @@ def test_cli_never_overwrites_an_input_or_a_special_file(
     (tmp_path / "link.json").symlink_to("target")
     (tmp_path / "link.onnx").symlink_to("target")
     os.mkfifo(tmp_path / "fifo")
+    device = str(_device(tmp_path))
+    args, message = [device if a == "DEVICE" else a for a in args], message.replace("DEVICE", device)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "fifo"}
     result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 2, result.output
