@@ -148,6 +148,11 @@ def stage_export(
         reference = make_reference(model, parity_sets(example_inputs, rule), rule)
     out = files.paths["--out"]
     staged = files.staged("--out")
+    if FORMATS[out.suffix] == "onnx" and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise ExportError(
+            f"--out {out}: the model's weights are bfloat16, which ONNX Conv and Gemm do not accept; "
+            "write a .pt2 instead, or cast the weights to float16 or float32"
+        )
     if FORMATS[out.suffix] == "onnx":
         with steps("export (onnx)"):
             program = program or _export_program(model, example_inputs, dynamic_batch)
@@ -310,7 +315,14 @@ def run_onnx(path: str | Path, inputs: tuple[torch.Tensor, ...], provider: str) 
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"onnxruntime ({provider}) failed to run {path}: {first_line(e)}") from e
+        hint = ""
+        if "NOT_IMPLEMENTED" in str(e):
+            hint = (
+                " (onnxruntime has no kernel for that op in the model's dtype: write a .pt2 instead, "
+                "or cast the weights to float32)"
+            )
+        name = Path(path).name
+        raise ExportError(f"onnxruntime ({provider}) failed to run {name}: {first_line(e)}{hint}") from e
 
 
 def _check_onnx(path: Path, reference: Reference, rule: ParityRule) -> dict[str, ParityReport]:

@@ -184,3 +184,19 @@ def test_a_full_disk_is_an_export_error_not_an_abort(tmp_path, monkeypatch, name
         else:
             write_state_dict(model, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_onnx_cannot_hold_or_run_are_refused_with_the_way_out(tmp_path):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    bf16 = normfold.fold(model.bfloat16(), (x.bfloat16(),)).model
+    message = r"weights are bfloat16, which ONNX Conv and Gemm do not accept; write a .pt2 instead"
+    with pytest.raises(ExportError, match=message):
+        export_model(bf16, (x.bfloat16(),), tmp_path / "m.onnx")
+    f64 = normfold.fold(model.double(), (x.double(),)).model
+    message = r"failed to run m.onnx: .*NOT_IMPLEMENTED.* \(onnxruntime has no kernel for that op in the"
+    with pytest.raises(ExportError, match=message + r" model's dtype: write a .pt2 instead"):
+        export_model(f64, (x.double(),), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    export_model(f64, (x.double(),), tmp_path / "m.pt2")  # the way out works
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
