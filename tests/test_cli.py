@@ -668,3 +668,31 @@ def test_swap_with_an_impossible_group_count_is_a_usage_error(tmp_path: Path) ->
     assert result.exit_code == 2, result.output
     assert "bn1" in error_line(result) and "16" in error_line(result)
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (RuntimeError("boom\nsecond line"), 1,
+         "error: internal error: RuntimeError: boom (a bug: please report it with the output of --debug)"),
+        (MemoryError(), 1, "error: out of memory; nothing was written (try smaller --input-shape)"),
+        (KeyboardInterrupt(), 130, "error: interrupted; nothing was written"),
+    ],
+    ids=["internal", "memory", "interrupt"],
+)  # fmt: skip
+def test_unexpected_errors_are_one_line_without_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int, line: str
+) -> None:
+    from normfold import pipeline
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "fold_and_export", fail)
+    result = invoke("fold", RESNET, "--out", "o.onnx")
+    assert (result.exit_code, result.stderr.strip()) == (code, line)
+    if code == 1:
+        debug = invoke("--debug", "fold", RESNET, "--out", "o.onnx")
+        assert debug.exception is error  # --debug lets the traceback through
+    assert list(tmp_path.iterdir()) == []
