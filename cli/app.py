@@ -209,6 +209,7 @@ def recalibrate_cmd(
             force=force, report=report, on_step=None if quiet else _spinner,
         )  # fmt: skip
         if not quiet:
+            _render_notes(run.notes)
             table = Table(title=f"Recalibrated norms of {run.source}", title_justify="left")
             for col in ("norm", "level", "values", "mean drift (std)", "std drift"):
                 table.add_column(col, no_wrap=col != "norm")
@@ -255,6 +256,7 @@ def drop_bias_cmd(
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )  # fmt: skip
         if not quiet:
+            _render_notes(run.notes)
             r = run.result
             for d in r.dropped:
                 out_console.print(
@@ -304,6 +306,7 @@ def swap_cmd(
             **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
         )  # fmt: skip
         if not quiet:
+            _render_notes(run.notes)
             r = run.result
             for s in r.swapped:
                 groups = f" ({s.num_groups} groups)" if s.num_groups else ""
@@ -460,7 +463,11 @@ def _render_layers(run: FoldRun) -> None:
             detail = f"{r.into} ({r.pattern})" + (f"; {r.reason}" if r.reason else "")
         table.add_row(r.norm, r.norm_type, action, detail)
     out_console.print(table)
-    for note in run.notes:  # how the model was taken: switched to eval mode, a dtype kept
+    _render_notes(run.notes)
+
+
+def _render_notes(notes: list[str]) -> None:
+    for note in notes:  # how the model was taken: switched to eval mode, a dtype kept
         out_console.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 

@@ -254,11 +254,13 @@ class WriteRun:
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
     export: ExportResult | None = None  # for a .pt2/.onnx out
+    notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. a dtype kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "out": str(self.out),
+            "notes": self.notes,
             **self.result.to_dict(),
             "export": self.export.to_dict() if self.export is not None else None,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -293,7 +295,7 @@ def recalibrate_and_write(
             result = recalibrate(loaded.model, batches, inplace=True)
         with steps("write"):
             stage_state_dict(result.model, files)
-        run = WriteRun(loaded.source, result, Path(out), steps.timings)
+        run = WriteRun(loaded.source, result, Path(out), steps.timings, notes=loaded.notes)
         _commit(files, run)
     return run
 
@@ -323,7 +325,7 @@ def transform_and_write(
             example = _example_inputs(loaded, spec, optional=False)
         with steps("transform"):
             result = transform(loaded.model, example)
-        run = WriteRun(loaded.source, result, Path(out), steps.timings)
+        run = WriteRun(loaded.source, result, Path(out), steps.timings, notes=loaded.notes)
         if Path(out).suffix in STATE_FORMATS:
             with steps("write"):
                 stage_state_dict(result.model, files)

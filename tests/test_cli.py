@@ -696,3 +696,18 @@ def test_unexpected_errors_are_one_line_without_debug(
         debug = invoke("--debug", "fold", RESNET, "--out", "o.onnx")
         assert debug.exception is error  # --debug lets the traceback through
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["fold", "drop-bias"])
+def test_how_the_model_was_taken_is_shown_and_reported(tmp_path: Path, command: str) -> None:
+    """An fp16 state dict keeps its dtype (fp16 ONNX), and the CLI and the report say so."""
+    weights, out, report = tmp_path / "w16.pt", tmp_path / "o.onnx", tmp_path / "r.json"
+    state = resnet().state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    result = ok(command, weights, "--model", RESNET, "--input-shape", "2,3,32,32", "--out", out,
+                "--report", report)  # fmt: skip
+    note = f"the weights in {weights} are float16: {RESNET} (float32) was cast to float16 to keep them"
+    assert f"note: {note}" in result.stdout
+    assert note in json.loads(report.read_text())["notes"]
+    graph = onnx.load(str(out)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
