@@ -96,22 +96,34 @@ class OutputSet:
         return self._stage_for(self.paths[role]) / name
 
     def commit(self) -> list[Path]:
-        """Move every staged file into place: extra files, then the others, ``--out`` last."""
+        """Move every staged file into place: extra files, then the others, ``--out`` last.
+
+        Every destination is checked again first; if one appears between that check and its
+        no-clobber link (a concurrent run), the files this commit already placed are removed."""
         mains = {self._stage_for(p) / p.name: p for p in self.paths.values()}
-        extras = [
-            (f, dest.parent / f.name)
-            for stage, dest in {self._stage_for(p): p for p in self.paths.values()}.items()
+        moves = [  # extras (files the writers put beside a main file), then mains, --out last
+            (f, f.parent.parent / f.name)
+            for stage in dict.fromkeys(self._stages.values())
             for f in sorted(stage.iterdir())
             if f not in mains
         ]
-        ordered = sorted(mains.items(), key=lambda item: item[1] == self.paths.get("--out"))
+        moves += sorted(
+            ((s, d) for s, d in mains.items() if s.exists()), key=lambda m: m[1] == self.paths.get("--out")
+        )
+        roles = {p: r for r, p in self.paths.items()}
         written: list[Path] = []
         with _signals_deferred():  # a SIGTERM now would leave half a set
-            for staged, dest in [*extras, *[(s, d) for s, d in ordered if s.exists()]]:
-                role = next((r for r, p in self.paths.items() if p == dest), "--out")
-                _check_one(role, dest, self.force, None)  # again: it may have appeared meanwhile
-                _move(staged, dest, self.force)
-                written.append(dest)
+            for _, dest in moves:
+                _check_one(roles.get(dest, "--out"), dest, self.force, None)  # it may have appeared
+            try:
+                for staged, dest in moves:
+                    _move(staged, dest, self.force)
+                    written.append(dest)
+            except BaseException:
+                if not self.force:  # each was created by this commit (no-clobber): take it back
+                    for dest in written:
+                        dest.unlink(missing_ok=True)
+                raise
         return written
 
     def close(self) -> None:

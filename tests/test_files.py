@@ -156,13 +156,18 @@ def test_no_clobber_at_the_final_rename(tmp_path: Path) -> None:
 def test_no_clobber_against_a_file_that_appears_between_check_and_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "m.pt"
-    monkeypatch.setattr(files_mod, "_check_one", lambda *a: None)  # the race: the check passes
-    with OutputSet({"--out": out}) as files:
+    """The model's link fails (a concurrent run won the name): the data and the report this
+    commit had already placed are taken back, the other run's file is untouched."""
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    monkeypatch.setattr(files_mod, "_check_one", lambda *a: None)  # the race: the checks pass
+    with OutputSet({"--out": out, "--report": report}) as files:
         _write(files, "--out", "new")
+        _write(files, "--report", "{}")
+        files.extra("--out", "m.onnx.0123456789ab.data").write_text("data")
         out.write_text("appeared")
         with pytest.raises(UsageError, match="appeared while normfold was running; not replaced"):
             files.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert out.read_text() == "appeared"
 
 
