@@ -254,7 +254,8 @@ class Fork:
     """A DAG: ``relu(norm?(merge([chain(x) for chain in branches])))`` with every branch a chain of
     size-keeping blocks (ConvNorm, NormConv, Residual, AfterAct; an empty chain is the identity),
     merged by ``add`` or channel ``cat``. The merge norm folds when every branch ends in a bare
-    layer (add-bn / concat-bn into each branch's last conv)."""
+    layer (add-bn / concat-bn into each branch's last conv) and, for ``add``, there are two
+    branches (``a + b + c`` is nested adds, beyond the engine's one merge level)."""
 
     branches: tuple[tuple[Any, ...], ...]
     merge: str  # add | cat
@@ -885,7 +886,9 @@ def _build_fork(b: Fork, state: tuple[int, ...]) -> tuple[nn.Module, dict[str, E
         outs.append(s)
     channels = outs[0][0] if b.merge == "add" else sum(o[0] for o in outs)
     if b.norm is not None:
-        bare = all(
+        # three branches summed are two nested adds in the graph: the engine folds one merge level
+        # (add-bn of two layers, concat-bn of any number), so a 3-way sum is "any" (merge_inputs)
+        bare = (b.merge == "cat" or len(b.branches) == 2) and all(
             chain and isinstance(chain[-1], ConvNorm) and chain[-1].norm is None
             and chain[-1].through is None and not chain[-1].act
             for chain in b.branches
