@@ -338,7 +338,7 @@ def _guard() -> Iterator[None]:
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except KeyboardInterrupt as e:
-        _error("interrupted; nothing was written")
+        _error(f"interrupted; {_what_was_written()}")
         raise typer.Exit(EXIT_INTERRUPTED) from e
     except MemoryError as e:
         if _DEBUG[0]:
@@ -352,6 +352,12 @@ def _guard() -> Iterator[None]:
 
         _error(f"internal error: {first_line(e)} (a bug: please report it with the output of --debug)")
         raise typer.Exit(1) from e
+
+
+def _what_was_written() -> str:
+    from normfold.files import committed
+
+    return f"{', '.join(map(str, committed))} had been written" if committed else "nothing was written"
 
 
 def _error(message: str) -> None:
@@ -524,16 +530,23 @@ class _Terminated(SystemExit):
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    from normfold.files import defer_signal
+
+    if defer_signal(signum):  # a commit is moving files into place: it re-raises the signal after
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Terminated(signum)
 
 
 def main() -> None:
     """Console-script entry point."""
-    # `timeout`, CI cancellation and `docker stop` send SIGTERM; a closed terminal SIGHUP
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # `timeout`, CI cancellation and `docker stop` send SIGTERM; a closed terminal SIGHUP; Ctrl-C
+    # SIGINT (the handler only adds the deferral during a commit to its usual KeyboardInterrupt)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _on_signal)
     try:
         sys.exit(app())
     except _Terminated as e:
-        _error(f"stopped by {e.signal.name}; nothing was written")
+        _error(f"stopped by {e.signal.name}; {_what_was_written()}")
         raise

@@ -13,21 +13,24 @@
    after every check of the run passed, extra files (external data) first, then the report, the
    main output last, so a reader never sees a model without its data or a report about a model
    that is not there.
-5. **No stray files**: staging folders are named ``.normfold-<pid>-<random>.tmp``; they are
-   removed when the run ends, however it ends (the CLI turns SIGTERM and SIGHUP into an ordinary
-   exit so this cleanup runs, and the commit itself holds those signals until it is done); one
-   left by a killed run (SIGKILL: its pid no longer alive) is removed by the next run that
-   writes into that folder.
+5. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
+   (``host`` a short hash of the host name); they are removed when the run ends, however it ends
+   (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit so this cleanup runs, and its
+   handler defers them while a commit is in progress: :func:`defer_signal`); one left by a killed
+   run (SIGKILL) of this host whose pid is no longer alive is removed by the next run that writes
+   into that folder (another host's, e.g. over NFS or from another container, is left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,7 +41,33 @@ from normfold.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-_STAGE = re.compile(r"^\.normfold-(\d+)-\w+\.tmp$")
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+_STAGE = re.compile(r"^\.normfold-([0-9a-f]{8})-(\d+)-\w+\.tmp$")
+
+#: every path a commit of this process placed (the CLI names them if a signal stops it later)
+committed: list[Path] = []
+_commit_state: dict[str, int | None] = {"depth": 0, "pending": None}
+
+
+def defer_signal(signum: int) -> bool:
+    """For a signal handler: True (and the signal is delivered again when the commit is done)
+    if a commit is in progress, so that the set is never left half committed."""
+    if not _commit_state["depth"]:
+        return False
+    _commit_state["pending"] = signum
+    return True
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    _commit_state["depth"] = (_commit_state["depth"] or 0) + 1
+    try:
+        yield
+    finally:
+        _commit_state["depth"] = (_commit_state["depth"] or 1) - 1
+        pending, _commit_state["pending"] = _commit_state["pending"], None
+        if pending is not None and not _commit_state["depth"]:
+            signal.raise_signal(pending)  # now the handler ends the run
 
 
 class OutputSet:
@@ -60,7 +89,7 @@ class OutputSet:
         self.force = force
         self.paths = {role: Path(p) for role, p in outputs.items() if p is not None}
         self._stages: dict[Path, Path] = {}
-        inputs = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+        inputs = [Path(p) for p in inputs if p is not None and _exists(Path(p))]
         seen: dict[str, str] = {}
         for role, path in self.paths.items():
             _check_one(role, path, force, (formats or {}).get(role))
@@ -124,6 +153,7 @@ class OutputSet:
                     for dest in written:
                         dest.unlink(missing_ok=True)
                 raise
+            committed.extend(written)
         return written
 
     def close(self) -> None:
@@ -137,25 +167,21 @@ class OutputSet:
             clean_stale(folder)
             try:
                 self._stages[folder] = Path(
-                    tempfile.mkdtemp(prefix=f".normfold-{os.getpid()}-", suffix=".tmp", dir=folder)
+                    tempfile.mkdtemp(prefix=f".normfold-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder)
                 )
             except OSError as e:
                 raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
         return self._stages[folder]
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGHUP/SIGINT until the block is done (they are delivered right after)."""
-    held = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:
+    try:
+        _check_path(role, path, force, formats)
+    except OSError as e:  # e.g. a name too long, a folder that cannot be searched
+        raise UsageError(f"{role} {path}: {e.strerror or e}") from e
+
+
+def _check_path(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:
     if formats is not None and path.suffix not in formats:
         suffix = path.suffix or "(none)"
         raise UsageError(f"{role} {path}: unknown format {suffix}; use {' or '.join(formats)}")
@@ -174,6 +200,13 @@ def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None
         raise UsageError(f"{path} already exists; pass --force to replace it")
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # unreadable: the loader reports it
+        return False
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -189,13 +222,24 @@ def _move(staged: Path, dest: Path, force: bool) -> None:
     try:
         os.link(staged, dest)  # fails if dest exists: no-clobber, even against a concurrent run
     except FileExistsError as e:
-        raise UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)") from e
+        raise _appeared(dest) from e
     except OSError:  # a filesystem without hard links: exclusive create, then replace
-        with open(dest, "x"):
-            pass
-        os.replace(staged, dest)
+        try:
+            with open(dest, "x"):
+                pass
+        except FileExistsError as e:
+            raise _appeared(dest) from e
+        try:
+            os.replace(staged, dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # the placeholder this call created
+            raise
         return
     staged.unlink()
+
+
+def _appeared(dest: Path) -> UsageError:
+    return UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)")
 
 
 def clean_stale(folder: Path) -> list[Path]:
@@ -204,7 +248,9 @@ def clean_stale(folder: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             match = _STAGE.match(entry.name)
-            if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            if not match or match.group(1) != _HOST:  # another host's pid means nothing here
+                continue
+            if entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
                 logger.info("removed %s, left by an interrupted run", entry)
