@@ -114,8 +114,9 @@ def _existing(d: Path) -> Path:
         (_dangling, True, "l.json is a symbolic link; normfold never writes through a link"),
         (lambda d: d, True, "is a directory"),
         (lambda d: d / "no" / "r.json", True, "r.json: folder "),
+        (lambda d: d / ("a" * 300 + ".json"), True, ".json: File name too long"),
     ],
-    ids=["existing", "fifo", "device", "symlink", "dangling-symlink", "directory", "no-folder"],
+    ids=["existing", "fifo", "device", "symlink", "dangling-symlink", "directory", "no-folder", "long-name"],
 )
 def test_refused_destinations(
     tmp_path: Path, make: Callable[[Path], Path], force: bool, message: str
