@@ -14,8 +14,7 @@ set after every check passed, never overwritten without ``force``).
 
 External data is named after its content, ``<name>.<hash>.data``, so a new ``.onnx`` never lands
 beside an old data file of the same name: the data is committed first under its new name, then the
-model; data files of earlier exports to the same name (the replaced model's, or one a killed run
-committed without its model) are removed afterwards.
+model; the data files the replaced model used and the new one does not are removed afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,18 +178,35 @@ def _is_data_of(name: str, model_name: str) -> bool:
 
 
 def commit_export(files: OutputSet, result: ExportResult) -> None:
-    """Commit ``files`` (the export and whatever else the run staged); then remove the data files
-    of earlier exports to the same ``.onnx`` (the replaced model's, or an orphan a killed run
-    committed before its model), recognised by their ``<name>.<hash>.data`` names."""
-    written = set(files.commit())
+    """Commit ``files`` (the export and whatever else the run staged); then remove the external
+    data files the replaced ``.onnx`` used that the new one does not. Only those: another file
+    beside it may belong to a copy of an earlier model."""
     out = files.paths["--out"]
-    if out.suffix != ".onnx":
-        return
-    pattern = re.compile(re.escape(out.name) + r"\.[0-9a-f]{12}\.data")
-    for old in out.parent.iterdir():
-        if pattern.fullmatch(old.name) and old not in written and not old.is_symlink():
-            old.unlink(missing_ok=True)
-            logger.info("removed %s: data of an earlier export to %s", old, out)
+    old = _external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
+    written = set(files.commit())
+    for stale in old - written:
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()
+            logger.info("removed %s: the replaced %s used it, the new one does not", stale, out)
+
+
+def _external_files(path: Path) -> set[Path]:
+    """The external data files an ``.onnx`` file refers to, in its own folder."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge: an unreadable old file simply has no data to clean
+        return set()
+    names = {
+        entry.value
+        for t in _get_all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return {path.parent / n for n in names if n == Path(n).name}  # never outside its folder
 
 
 def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:
@@ -257,7 +272,10 @@ def _export_onnx(
             onnx_program.save(path, external_data=size >= _ONNX_MAX_PROTO)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {first_line(e)}") from e
-    _name_data_by_content(path)
+    try:
+        _name_data_by_content(path)
+    except OSError as e:
+        raise ExportError(f"writing {path.name}'s external data failed: {e.strerror or e}") from e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
