@@ -386,6 +386,13 @@ def _widen_batch(inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Ten
     """A batch of at least 2 for parity: append a seeded random sample to batch-1 inputs."""
     if not inputs or any(t.dim() == 0 or t.shape[0] != 1 for t in inputs):
         return inputs
+    total = 2 * sum(t.numel() for t in inputs)
+    if total > MAX_INPUT_ELEMENTS:  # before the widened copy is allocated
+        shown = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise UsageError(
+            f"inputs of shape {shown} are widened to a batch of 2 for a dynamic batch axis: "
+            f"{total:,} elements, {input_limit_rule()}; pass --static-batch or smaller shapes"
+        )
     gen = torch.Generator().manual_seed(seed + 1)
     widened = []
     for t in inputs:

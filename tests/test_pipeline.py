@@ -81,3 +81,15 @@ def test_inspect_reports_every_norm_with_code_and_changes_nothing():
     assert run.parity is None and run.export is None
     assert run.fold.program is None  # planned only
     assert run.fold.params_after is None
+
+
+def test_a_batch_of_one_widened_over_the_input_limit_is_refused_before_allocating(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 1 becomes a batch of 2 for a dynamic batch axis: that doubling is checked too."""
+    monkeypatch.setattr("normfold.pipeline.MAX_INPUT_ELEMENTS", 1000)  # the rule, at a small scale
+    spec = InputSpec(shapes=[(1, 8, 63)])  # 504 elements: within the limit, doubled it is not
+    message = r"^inputs of shape \(1, 8, 63\) are widened to a batch of 2 for a dynamic batch axis: 1,008 "
+    with pytest.raises(UsageError, match=message + r"elements, .* pass --static-batch or smaller shapes$"):
+        fold_and_export("normfold.models:mlp", tmp_path / "o.onnx", inputs=spec)
+    assert list(tmp_path.iterdir()) == []
