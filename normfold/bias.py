@@ -84,7 +84,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold import rules
 from normfold.apply import LAYER_MODULES, EagerPlan, eager_plan
-from normfold.folding import ExampleInputs, as_inputs, working_copy
+from normfold.folding import ExampleInputs, as_inputs, check_materialized, working_copy
 from normfold.graph import Capture, CaptureOptions, bind, capture, owner, shape
 from normfold.plan import Fold, Plan, Unit, describe, plan
 
@@ -147,6 +147,7 @@ def drop_redundant_biases(
     left untouched unless ``inplace=True``. Raises :class:`~normfold.errors.TraceError` when the
     model cannot be captured.
     """
+    check_materialized(model)  # a meta or lazy model has no values to work on
     model = working_copy(model, "drop_redundant_biases", inplace=inplace)
     inputs = as_inputs(example_inputs, "drop_redundant_biases")
     modes = [(m, m.training) for m in model.modules()]

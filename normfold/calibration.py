@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.errors import NormfoldError, UsageError
-from normfold.folding import working_copy
+from normfold.folding import check_materialized, working_copy
 from normfold.graph import CaptureOptions, bind, capture
 from normfold.rules import BATCH_NORMS
 
@@ -99,6 +99,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Batch], *, inplace: bool = F
     first = next(iter(batches), None)
     if first is None:
         raise UsageError("recalibrate() needs at least one batch")
+    check_materialized(model)  # a meta or lazy model has no values to work on
     model = working_copy(model, "recalibrate", inplace=inplace)
     result = RecalibrateResult(model=model)
     norms = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}

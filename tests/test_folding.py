@@ -662,3 +662,15 @@ def test_a_model_in_training_mode_is_folded_in_eval_mode_with_a_note() -> None:
     ]
     assert model.training  # the caller's model is not switched
     assert normfold.verify(model.eval(), result.model, x).passed
+
+
+@pytest.mark.parametrize("transform", ["recalibrate", "drop_redundant_biases"])
+def test_meta_models_are_usage_errors_for_every_transform(transform: str) -> None:
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UsageError, match=r"^0.weight is on the meta device \(it has no values to fold\)"):
+        if transform == "recalibrate":
+            normfold.recalibrate(meta, [x])
+        else:
+            normfold.drop_redundant_biases(meta, x)
