@@ -330,6 +330,9 @@ def _guard() -> Iterator[None]:
     """The one place where errors become exit codes and one-line messages (tracebacks only with
     ``--debug``). Leaving by an exception unwinds the library's context managers, which remove
     their staging folders."""
+    from normfold.files import committed
+
+    committed.clear()  # this command's writes only (tests run many commands in one process)
     try:
         yield
     except NormfoldError as e:
@@ -390,22 +393,16 @@ def _source_options(
 
 
 def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) -> Any:
-    import math
 
     import torch
 
     from normfold.pipeline import InputSpec
-    from normfold.reference import MAX_INPUT_ELEMENTS
+    from normfold.reference import check_size
 
     if file is not None and shapes:
         raise UsageError("pass either --inputs or --input-shape, not both")
     parsed = [_parse_shape(text) for text in shapes or []]
-    total = sum(math.prod(shape) for shape in parsed)
-    if total > MAX_INPUT_ELEMENTS:  # before anything is allocated
-        from normfold.load import input_limit_rule
-
-        shown = " ".join(f"--input-shape {_shown(t)}" for t in shapes or [])
-        raise UsageError(f"{shown}: {total:,} input elements in total, {input_limit_rule()}")
+    check_size(parsed, " ".join(f"--input-shape {_shown(t)}" for t in shapes or []))  # before loading
     if dtype is not None and dtype not in _DTYPES:
         raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)

@@ -149,7 +149,10 @@ def analyse(
 
 
 def check_materialized(model: nn.Module) -> None:
-    """Refuse a model whose weights have no values yet: meta tensors or lazy modules."""
+    """Refuse a model whose weights have no values yet: meta tensors or lazy modules. (Not a
+    module at all is for :func:`working_copy` to refuse, naming the caller.)"""
+    if not isinstance(model, nn.Module):
+        return
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if isinstance(t, nn.parameter.UninitializedTensorMixin):
             raise UsageError(

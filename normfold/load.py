@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from normfold.errors import LoadError, UsageError, first_line
-from normfold.reference import MAX_INPUT_ELEMENTS
+from normfold.reference import MAX_INPUT_ELEMENTS, input_limit_rule
 
 logger = logging.getLogger(__name__)
 
@@ -578,14 +578,6 @@ def load_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
             f"{', '.join(str(tuple(t.shape)) for t in inputs)}), {input_limit_rule()}"
         )
     return inputs
-
-
-def input_limit_rule() -> str:
-    """The rule on input sizes, as every message that enforces it states it."""
-    return (
-        f"over the limit of {MAX_INPUT_ELEMENTS:,} (2**28) input elements per run, summed over all "
-        "inputs and counted from their shapes"
-    )
 
 
 def _check_tensors(tensors: Sequence[torch.Tensor], path: Path) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -325,20 +326,21 @@ def random_inputs(
     )
 
 
-def check_size(shapes: Sequence[tuple[int, ...]]) -> None:
-    """Refuse inputs over :data:`MAX_INPUT_ELEMENTS` in total, before anything is allocated."""
-    total = 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
+def input_limit_rule() -> str:
+    """The rule on input sizes, as every message that enforces it states it."""
+    return (
+        f"over the limit of {MAX_INPUT_ELEMENTS:,} (2**28) input elements per run, summed over all "
+        "inputs and counted from their shapes"
+    )
+
+
+def check_size(shapes: Sequence[Sequence[int]], label: str | None = None) -> None:
+    """Refuse inputs over :data:`MAX_INPUT_ELEMENTS` in total, from their shapes, before anything
+    is allocated; ``label`` names them in the message (default: the shapes)."""
+    total = sum(math.prod(shape) for shape in shapes)
     if total > MAX_INPUT_ELEMENTS:
-        shown = ", ".join(str(tuple(s)) for s in shapes)
-        raise UsageError(
-            f"inputs of shape {shown} have {total:,} elements in total, over the limit of "
-            f"{MAX_INPUT_ELEMENTS:,} (a typo in a shape?)"
-        )
+        label = label or "inputs of shape " + ", ".join(str(tuple(s)) for s in shapes)
+        raise UsageError(f"{label}: {total:,} input elements in total, {input_limit_rule()}")
 
 
 def _check_shapes(input_shapes: Any) -> list[tuple[int, ...]]:

@@ -222,9 +222,9 @@ def test_library_shapes_are_checked_before_allocating(monkeypatch: pytest.Monkey
     def no_alloc(*args: object, **kwargs: object) -> None:
         raise AssertionError("allocated before the check")
 
-    monkeypatch.setattr("normfold.pipeline.random_inputs", no_alloc)
+    monkeypatch.setattr("normfold.reference.torch.randn", no_alloc)
     with pytest.raises(
-        UsageError, match=r"\(1, 3, 100000, 100000\) have 30,000,000,000 elements in total, over"
+        UsageError, match=r"\(1, 3, 100000, 100000\): 30,000,000,000 input elements in total, over"
     ):
         _example_inputs(loaded, InputSpec(shapes=[(1, 3, 100000, 100000)]), optional=False)
     for bad in [(1, 0), (1, -2), (1, True), (1, 2.5), ()]:
