@@ -30,6 +30,7 @@ Profiles, by environment variable:
   per test on a loaded 2-core machine; 10000 for a release check);
 * ``NORMFOLD_FUZZ_BIAS_EXAMPLES``: examples of ``test_drop_redundant_biases_fuzz`` (default:
   ``NORMFOLD_FUZZ_EXAMPLES``);
+* ``NORMFOLD_FUZZ_DTYPES``: the model dtypes drawn (default ``float32,float64,float16,bfloat16``);
 * ``NORMFOLD_FUZZ_SEED``: an integer seed for hypothesis instead of the default derandomized run
   (the default is the same examples on every run; a seed explores new ones and is reproducible)::
 
