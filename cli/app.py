@@ -346,7 +346,7 @@ def _guard() -> Iterator[None]:
     except MemoryError as e:
         if _DEBUG[0]:
             raise
-        _error("out of memory; nothing was written (try smaller --input-shape)")
+        _error(f"out of memory; {_what_was_written()} (try smaller --input-shape)")
         raise typer.Exit(1) from e
     except Exception as e:
         if _DEBUG[0]:
