@@ -479,7 +479,7 @@ def _render_parity(run: FoldRun) -> None:
     table.add_column("runtime", overflow="fold")
     table.add_column("output", overflow="fold")
     table.add_column("inputs", overflow="fold")
-    for col in ("vs original", "own error", "vs float64", "allowed", "result"):
+    for col in ("vs original", "model noise", "vs float64", "allowed", "result"):
         table.add_column(col, no_wrap=True)
     reports = {"pytorch": run.parity} if run.parity is not None else {}
     if run.export is not None:

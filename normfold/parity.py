@@ -12,7 +12,8 @@ cancellations). So each output is judged against an *exact* reference, a float64
 original on the same inputs (:mod:`normfold.reference` makes it), with ``orig`` the original's
 output in its own dtype and ``cand`` the candidate's::
 
-    noise   = max|orig - exact|            the model's own rounding error
+    noise   = max(max|orig - exact|,       the model's own rounding error, and
+                  max|pert_k - exact|)     its sensitivity to rounding its parameters
     error   = max|cand - exact|            the candidate's error
     allowed = atol + rtol * max|exact|  +  noise_factor * noise
     pass    = error <= allowed
@@ -20,7 +21,14 @@ output in its own dtype and ``cand`` the candidate's::
 The first term is the fixed per-dtype floor (table below, or ``--rtol``/``--atol``); the second
 admits rounding of the same order as the model's own (``noise_factor`` 4: a fold's rounding is of
 the model's own order, measured at most 1.4x on 54 real models; a real change such as one BN
-channel shifted by a tenth of its std is far outside it). Without an exact reference (a float64
+channel shifted by a tenth of its std is far outside it).
+
+``pert_k`` are float64 runs of the original with every floating parameter and buffer multiplied
+by ``1 + d``, ``d`` uniform in ``(-u, u)`` (``u``: the unit roundoff of that tensor's dtype, one
+seeded draw per run; ``perturbations`` runs, default 2). A fold rounds its new parameters once,
+which is exactly such a perturbation; the original's own error alone is one sample of its
+rounding, which on a few output elements after a cancellation can be ten times below its usual
+size (seen in the fuzz tests), so a correct fold would fail by chance. Without an exact reference (a float64
 copy did not fit in memory or could not run; :class:`ParityReport` ``notes`` say so), ``exact`` is
 the original output, ``noise`` is 0 and the floor alone applies. Maxima run over elements finite
 in every tensor involved.
@@ -60,7 +68,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -135,13 +143,16 @@ class ParityRule:
     then override every floating and complex floor. ``value_range`` is the range of the uniform
     input set (:func:`normfold.reference.parity_sets`), as polygraphy's ``--val-range``.
     ``exact_limit_bytes`` caps the float64 copy of the model the exact reference needs; above it
-    the floor alone applies (and the report says so).
+    the floor alone applies (and the report says so). ``perturbations`` is the number of float64
+    runs with rounding-sized parameter perturbations that measure the model's noise (0: its own
+    rounding error alone).
     """
 
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)
     rtol: float | None = None
     atol: float | None = None
     noise_factor: float = 4.0
+    perturbations: int = 2
     value_range: tuple[float, float] = (0.0, 255.0)
     exact_limit_bytes: int = 4 * 1024**3
 
@@ -163,6 +174,12 @@ class ParityRule:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _check_number(name, getattr(self, name)))
         object.__setattr__(self, "noise_factor", _check_number("noise_factor", self.noise_factor))
+        if (
+            isinstance(self.perturbations, bool)
+            or not isinstance(self.perturbations, int)
+            or not (0 <= self.perturbations <= 16)
+        ):
+            raise UsageError(f"perturbations must be an int in 0..16, got {self.perturbations!r}")
         low, high = _value_range(self.value_range)
         object.__setattr__(self, "value_range", (low, high))
 
@@ -226,10 +243,11 @@ class OutputParity:
 
     ``max_abs_error``/``max_rel_error``/``mean_abs_error`` are the candidate's distance from the
     original (relative to ``max_abs_reference``, the largest finite magnitude of the original's
-    output). ``noise`` is the original's own distance from the exact float64 reference and
-    ``exact_error`` the candidate's (both ``nan`` without an exact reference); the pass criterion
-    is ``exact_error`` (else ``max_abs_error``) ``<= allowed_error``. When the shapes differ
-    nothing can be compared and the errors are ``inf``. ``problem`` explains a structural failure.
+    output). ``noise`` is the model's noise (module docstring: the original's own distance from
+    the exact float64 reference, or a perturbed run's if larger) and ``exact_error`` the
+    candidate's (both ``nan`` without an exact reference); the pass criterion is ``exact_error``
+    (else ``max_abs_error``) ``<= allowed_error``. When the shapes differ nothing can be compared
+    and the errors are ``inf``. ``problem`` explains a structural failure.
     """
 
     name: str
@@ -260,7 +278,7 @@ class OutputParity:
                 if math.isnan(self.exact_error)
                 else (self.exact_error, "the float64 reference")
             )
-            own = "" if math.isnan(self.noise) else f"; the model's own error {self.noise:.1e}"
+            own = "" if math.isnan(self.noise) else f"; the model's own noise {self.noise:.1e}"
             parts.append(
                 f"error vs {against} {measured:.1e} > allowed {self.allowed_error:.1e} (floor: rtol "
                 f"{self.tolerance.rtol:.0e} x max|ref| {self.max_abs_reference:.1e} + atol "
@@ -351,6 +369,7 @@ def compare(
     candidate_outputs: Any,
     *,
     exact_outputs: Any = None,
+    perturbed_outputs: Sequence[Any] = (),
     rule: ParityRule | None = None,
     tolerances: Mapping[torch.dtype, Tolerance] | None = None,
     rtol: float | None = None,
@@ -360,20 +379,30 @@ def compare(
     """Compare two output trees (tensors in nested tuples/lists/dicts) by the parity rule.
 
     ``exact_outputs`` is the float64 run of the original on the same inputs (the same tree);
-    without it the floor alone applies. ``tolerances``/``rtol``/``atol`` adjust ``rule`` (see
-    :meth:`ParityRule.of`); ``inputs`` names the input set in the report. Use
+    without it the floor alone applies. ``perturbed_outputs`` are its runs with perturbed
+    parameters (module docstring), which widen the model's measured noise.
+    ``tolerances``/``rtol``/``atol`` adjust ``rule`` (see :meth:`ParityRule.of`); ``inputs`` names
+    the input set in the report. Use
     :func:`normfold.reference.check` to compare over every input set of a run.
     """
     rule = ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol)
-    return report_of(*compare_outputs(reference_outputs, candidate_outputs, exact_outputs, rule, inputs))
+    return report_of(
+        *compare_outputs(reference_outputs, candidate_outputs, exact_outputs, rule, inputs, perturbed_outputs)
+    )
 
 
 def compare_outputs(
-    reference_outputs: Any, candidate_outputs: Any, exact_outputs: Any, rule: ParityRule, inputs: str
+    reference_outputs: Any,
+    candidate_outputs: Any,
+    exact_outputs: Any,
+    rule: ParityRule,
+    inputs: str,
+    perturbed_outputs: Sequence[Any] = (),
 ) -> tuple[list[OutputParity], list[str]]:
     """The comparisons and structural problems of one input set (:func:`report_of` judges them)."""
     ctx = _Ctx(rule, inputs, [], [])
-    _compare_tree("output", reference_outputs, candidate_outputs, exact_outputs, ctx)
+    witnesses = () if exact_outputs is None else (exact_outputs, *perturbed_outputs)
+    _compare_tree("output", reference_outputs, candidate_outputs, witnesses, ctx)
     return ctx.outputs, ctx.problems
 
 
@@ -431,7 +460,8 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _compare_tree(name: str, ref: Any, cand: Any, exact: Any, ctx: _Ctx) -> None:
+def _compare_tree(name: str, ref: Any, cand: Any, exact: tuple[Any, ...], ctx: _Ctx) -> None:
+    """``exact``: the float64 reference tree, then the perturbed runs' trees (or empty)."""
     if isinstance(ref, torch.Tensor) and isinstance(cand, torch.Tensor):
         ctx.outputs.append(_compare_tensors(name, ref, cand, exact, ctx))
         return
@@ -470,16 +500,21 @@ def _compare_tree(name: str, ref: Any, cand: Any, exact: Any, ctx: _Ctx) -> None
             ctx.problems.append(
                 f"{name}: {label} differ: missing from candidate {missing!r}, extra in candidate {extra!r}"
             )
-    exact_children = _children(exact) if exact is not None else None
     for key, suffix in ref_keys:
         if key in cand_key_set:
-            sub_exact = None
-            if exact_children is not None and exact_children[0] == kind:
-                try:
-                    sub_exact = _get(exact, kind, key)
-                except (KeyError, IndexError, AttributeError):
-                    sub_exact = None
+            sub_exact = tuple(_child(w, kind, key) for w in exact)
             _compare_tree(name + suffix, _get(ref, kind, key), _get(cand, kind, key), sub_exact, ctx)
+
+
+def _child(tree: Any, kind: str, key: Any) -> Any:
+    """``tree``'s child at ``key`` when ``tree`` has the same kind of structure, else None."""
+    children = _children(tree)
+    if children is None or children[0] != kind:
+        return None
+    try:
+        return _get(tree, kind, key)
+    except (KeyError, IndexError, AttributeError):
+        return None
 
 
 def _leaves_equal(ref: Any, cand: Any) -> bool:
@@ -509,7 +544,9 @@ def _as_plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _compare_tensors(name: str, ref: torch.Tensor, cand: torch.Tensor, exact: Any, ctx: _Ctx) -> OutputParity:
+def _compare_tensors(
+    name: str, ref: torch.Tensor, cand: torch.Tensor, exact: tuple[Any, ...], ctx: _Ctx
+) -> OutputParity:
     tol = ctx.rule.floor(ref.dtype)
     shape = tuple(ref.shape)
     dtype = _dtype_name(ref.dtype)
@@ -547,12 +584,13 @@ def _compare_tensors(name: str, ref: torch.Tensor, cand: torch.Tensor, exact: An
 
     noise = exact_error = math.nan
     allowed = tol.allowed(max_ref)
-    e = _exact_like(exact, r)
+    e = _exact_like(exact[0], r) if exact else None
     if e is not None and (ref.is_floating_point() or ref.is_complex()):
         # the model's own rounding error and the candidate's, both against the float64 run
         where = both_finite & torch.isfinite(e)
         noise = float((r - e).abs()[where].max()) if bool(where.any()) else 0.0
         exact_error = float((c - e).abs()[where].max()) if bool(where.any()) else 0.0
+        noise = max(noise, _perturbed_noise(exact[1:], e, where))
         e_abs = e.abs()[torch.isfinite(e)]
         max_exact = float(e_abs.max()) if e_abs.numel() else 0.0
         allowed = tol.allowed(max_exact) + ctx.rule.noise_factor * noise
@@ -567,6 +605,17 @@ def _compare_tensors(name: str, ref: torch.Tensor, cand: torch.Tensor, exact: An
         name, shape, dtype, max_abs, max_rel, mean_abs, tol, passed, problem, max_ref,
         inputs=ctx.inputs, noise=noise, exact_error=exact_error, allowed_error=allowed,
     )  # fmt: skip
+
+
+def _perturbed_noise(perturbed: tuple[Any, ...], e: torch.Tensor, where: torch.Tensor) -> float:
+    """Largest distance of a perturbed run from the exact one (elements finite in both)."""
+    noise = 0.0
+    for p in perturbed:
+        p = _exact_like(p, e)
+        if p is not None:
+            ok = where & torch.isfinite(p)
+            noise = max(noise, float((p - e).abs()[ok].max()) if bool(ok.any()) else 0.0)
+    return noise
 
 
 def _exact_like(exact: Any, r: torch.Tensor) -> torch.Tensor | None:

@@ -15,7 +15,10 @@ generated set on which the *original* model's output is not finite (it overflows
 0..255) tests nothing but the overflow and is dropped, with a note.
 
 **Exact reference** (:func:`make_reference`). A float64 copy of the original runs on each set
-(floating inputs cast to float64). The copy is made only when its size is at most the rule's
+(floating inputs cast to float64), then ``rule.perturbations`` more times with its floating
+parameters and buffers perturbed by one rounding of their original dtype (seeded; restored
+exactly from the original afterwards), which measures the model's sensitivity to rounding
+(:mod:`normfold.parity`). The copy is made only when its size is at most the rule's
 ``exact_limit_bytes`` (default 4 GiB, i.e. fp32 models up to 2 GiB of parameters and buffers),
 and it is freed as soon as its outputs are computed. When it is too large, or the model cannot run
 in float64 (it casts internally, or an op lacks a float64 kernel), the report's notes say so and
@@ -70,12 +73,14 @@ class InputSet:
 @dataclass
 class Reference:
     """The original model's outputs on each input set: in its own dtype, and in float64 (``exact``,
-    one tree per set, or None when there is no exact reference; ``notes`` say why)."""
+    one tree per set, or None when there is no exact reference; ``notes`` say why); ``perturbed``
+    holds, per set, the float64 runs with perturbed parameters."""
 
     sets: list[InputSet]
     outputs: list[Any]
     exact: list[Any] | None
     notes: list[str] = field(default_factory=list)
+    perturbed: list[list[Any]] = field(default_factory=list)
 
 
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "model") -> Any:
@@ -147,10 +152,10 @@ def make_reference(
             sets.remove(s)
             continue
         outputs.append(out)
-    exact = _exact_outputs(model, sets, rule, notes)
+    exact, perturbed = _exact_outputs(model, sets, rule, notes)
     for note in notes:
         logger.info("parity: %s", note)
-    return Reference(sets, outputs, exact, notes)
+    return Reference(sets, outputs, exact, notes, perturbed)
 
 
 def _all_finite(tree: Any) -> bool:
@@ -163,24 +168,52 @@ def _all_finite(tree: Any) -> bool:
 
 def _exact_outputs(
     model: nn.Module, sets: list[InputSet], rule: ParityRule, notes: list[str]
-) -> list[Any] | None:
-    tensors = [*model.parameters(), *model.buffers()]
-    floating = [t for t in tensors if t.is_floating_point()]
+) -> tuple[list[Any] | None, list[list[Any]]]:
+    """The float64 copy's outputs per set, and per set its outputs with perturbed parameters."""
+    floating = [t for t in _tensors(model) if t.is_floating_point()]
     if floating and all(t.dtype == torch.float64 for t in floating):
-        return None  # already float64: the original's outputs are the exact reference
+        return None, []  # already float64: the original's outputs are the exact reference
     size = sum(t.numel() for t in floating) * 8
     if size > rule.exact_limit_bytes:
         notes.append(
             f"no float64 reference: a float64 copy of the model needs {size / 2**30:.1f} GiB, over the "
             f"limit of {rule.exact_limit_bytes / 2**30:.1f} GiB; judged by the fixed tolerance alone"
         )
-        return None
+        return None, []
+    role = "float64 copy of the original"
     try:
         wide = copy.deepcopy(model).to(torch.float64)
-        return [run_model(wide, _as_float64(s.inputs), role="float64 copy of the original") for s in sets]
+        exact = [run_model(wide, _as_float64(s.inputs), role=role) for s in sets]
     except Exception as e:  # a model that casts internally, or an op without a float64 kernel
         notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
-        return None
+        return None, []
+    perturbed: list[list[Any]] = [[] for _ in sets]
+    for k in range(rule.perturbations if floating else 0):
+        _perturb(wide, model, seed=k)
+        try:
+            for i, s in enumerate(sets):
+                perturbed[i].append(run_model(wide, _as_float64(s.inputs), role=role))
+        except Exception as e:  # e.g. a buffer used as an exact constant: its own noise alone then
+            notes.append(f"no perturbed float64 run ({first_line(e)}); the model's own error alone")
+            return exact, [[] for _ in sets]
+    return exact, perturbed
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _perturb(wide: nn.Module, model: nn.Module, seed: int) -> None:
+    """Set each floating tensor of ``wide`` (``model``'s float64 copy) to ``model``'s value times
+    ``1 + d``, ``d`` uniform in ``(-u, u)``, ``u`` the unit roundoff of ``model``'s tensor dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w, t in zip(_tensors(wide), _tensors(model), strict=True):
+            if not (w.is_floating_point() and t.is_floating_point()):
+                continue
+            u = torch.finfo(t.dtype).eps / 2
+            d = (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1) * u
+            w.copy_(t.to(torch.float64) * (1 + d.to(w.device)))
 
 
 def _as_float64(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -195,7 +228,8 @@ def check(
     problems: list[str] = []
     for i, s in enumerate(reference.sets):
         exact = reference.exact[i] if reference.exact is not None else None
-        compared, found = compare_outputs(reference.outputs[i], run(s.inputs), exact, rule, s.name)
+        perturbed = reference.perturbed[i] if reference.perturbed else ()
+        compared, found = compare_outputs(reference.outputs[i], run(s.inputs), exact, rule, s.name, perturbed)
         outputs.extend(compared)
         problems.extend(p for p in found if p not in problems)  # structural: the same on every set
     return report_of(outputs, problems, tuple(reference.notes))

@@ -1084,7 +1084,9 @@ def block_specs(draw: st.DrawFn, state: tuple[int, ...], *, low_precision: bool 
     bfloat16, which CPU ``avg_pool3d`` does not implement)."""
     spatial = len(state) > 1
     kinds = list(_SPATIAL_BLOCKS if spatial else _FLAT_BLOCKS)
-    if spatial and len(state) != 2:
+    if spatial and (len(state) != 2 or state[1] == 1):
+        # length 1: torch 2.13 CPU segfaults on a Conv1d (stride 2, padding 1, dilation 2) reading
+        # the block's transposed (non-contiguous) (N, C, 1) output (fuzz seed 1002)
         kinds.remove("seq_linear")
     kind = draw(st.sampled_from(kinds))
     c = state[0]

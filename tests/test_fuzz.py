@@ -47,6 +47,7 @@ shrunk model by hand.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import sys
@@ -56,7 +57,23 @@ from typing import Any
 
 import pytest
 import torch
-from fuzz_models import Built, ConvNorm, Expect, ModelSpec, block_specs, build, make_inputs, model_specs
+from fuzz_models import (
+    Built,
+    ConvNorm,
+    ConvSpec,
+    Expect,
+    LinearNorm,
+    LinearSpec,
+    ModelSpec,
+    NormLinear,
+    NormSpec,
+    SeqLinear,
+    SharedNorm,
+    block_specs,
+    build,
+    make_inputs,
+    model_specs,
+)
 from helpers import exported, state_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
@@ -410,6 +427,43 @@ def test_regression_batch_statistics_two_samples() -> None:
     expect = {"bn1": Expect("keep", frozenset({"after_activation"})), "bn2": Expect("fold"),
               "bn3": Expect("keep", frozenset({"batch_statistics"}))}  # fmt: skip
     check_fold(model.eval(), _sets((7,), torch.float32, 2689), expect, "batch statistics chain")
+
+
+def test_regression_lucky_own_error() -> None:
+    """Fuzz seed 4242 (a parity rule bug): bn-linear folds exactly, and its error (3.9e-6 on an
+    output of scale 6.3e-3 after a ReLU that cancels activations of ~500) is the model's usual
+    rounding; the original's own error on those 4 output elements happened to be 10x smaller
+    (4.2e-7), so the fold failed. The rule now also measures the model's noise by float64 runs with
+    rounding-sized parameter perturbations (5.4e-6 here)."""
+    norm = functools.partial(NormSpec, kind="module", affine=True, track=True, gamma="mixed")
+    conv = functools.partial(ConvSpec, dims=1, stride=1, padding=0, dilation=1, groups=1)
+    spec = ModelSpec(in_shape=(1, 3), dtype="float32", mode="eval", seed=106, outputs="last", blocks=(
+        SharedNorm(a=conv(cin=1, cout=13, kernel=3, stride=2, padding=1, bias=False),
+                   b=conv(cin=13, cout=13, kernel=1, bias=True),
+                   norm=norm(affine=False, eps=1e-5, mean_scale=30.0, log_var=(0.0, 0.0),
+                             gamma="positive", beta_scale=0.0), act_between=False),
+        LinearNorm(linear=LinearSpec(26, 5, False), flatten=True, act=False,
+                   norm=norm(eps=0.1, mean_scale=30.0, log_var=(-5.41, 2.0), beta_scale=5.0)),
+        NormLinear(linear=LinearSpec(5, 2, False), act=True,
+                   norm=norm(eps=0.001, mean_scale=30.0, log_var=(-2.65, -1.7), beta_scale=0.0)),
+        LinearNorm(linear=LinearSpec(2, 1, False), norm=None, flatten=False, act=False),
+    ))  # fmt: skip
+    built = build(spec)
+    sets = _inputs_for(spec, built)
+    folded = normfold.fold(built.model, sets["normal"]).model
+    lucky = normfold.verify(built.model, folded, sets["normal"], rule=normfold.ParityRule(perturbations=0))
+    assert not lucky.passed  # the old rule: the own error alone
+    check_fold(built.model, sets, built.expect, repr(spec))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(block=block_specs((3, 1)))
+def test_regression_no_transposed_length_one_output(block: Any) -> None:
+    """Fuzz seed 1002 (a torch bug, not ours): ``Conv1d(3, 14, 1, stride=2, padding=1, dilation=2)``
+    on ``randn(4, 1, 3).transpose(1, 2)`` segfaults in torch 2.13 on CPU (contiguous input works),
+    which killed the fuzz run. The generator no longer draws the transposing SeqLinear block on
+    length-1 input."""
+    assert not isinstance(block, SeqLinear)
 
 
 def test_regression_drop_fp16_running_mean_rounding() -> None:

@@ -98,7 +98,7 @@ def test_weight_perturbed_by_1e3_fails_and_names_output() -> None:
     line = report.failures()[0]
     assert line.startswith("output on given inputs: error vs the float64 reference ")
     assert "> allowed" in line and "rtol 1e-05" in line and "atol 1e-06" in line
-    assert "the model's own error" in line
+    assert "the model's own noise" in line
     assert not any(o.passed for o in report.outputs)  # every input set sees the change
 
 
@@ -121,7 +121,7 @@ def test_failure_line_names_indexed_output() -> None:
     line = report.failures()[0]
     assert line == (
         "output[1] on given inputs: error vs the float64 reference 3.2e-03 > allowed 2.1e-05 "
-        "(floor: rtol 1e-05 x max|ref| 2.0e+00 + atol 1e-06; the model's own error 0.0e+00)"
+        "(floor: rtol 1e-05 x max|ref| 2.0e+00 + atol 1e-06; the model's own noise 0.0e+00)"
     )
 
 

@@ -208,9 +208,46 @@ def test_huge_shapes_are_refused_before_allocating() -> None:
     assert MAX_INPUT_ELEMENTS == 2**28
 
 
+def test_perturbed_runs_measure_rounding_without_touching_the_model() -> None:
+    """Each perturbed float64 run is one parameter rounding away from the exact run: a nonzero
+    distance of rounding size; the original's tensors are bit-identical afterwards."""
+    model = noisy_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sets = parity_sets(X, ParityRule())
+    ref = make_reference(model, sets, ParityRule())
+    assert [len(p) for p in ref.perturbed] == [2] * len(ref.sets)
+    for exact, runs in zip(ref.exact, ref.perturbed, strict=True):
+        distances = [float((p - exact).abs().max() / exact.abs().max()) for p in runs]
+        assert all(0 < d < 1e-4 for d in distances), distances
+        assert distances[0] != distances[1]  # two different seeded draws
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert make_reference(model, sets, ParityRule(perturbations=0)).perturbed == [[]] * len(ref.sets)
+
+
+def test_perturbed_noise_admits_a_fold_the_lucky_own_error_would_refuse() -> None:
+    """The model's noise is the larger of its own error and the perturbed runs' distance; a
+    candidate within 4x the perturbed noise but not within 4x a lucky-small own error passes."""
+    exact = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    orig = (exact + 1e-9).float()  # a lucky original: almost no rounding error
+    perturbed = exact + torch.tensor([3e-6, 0.0, 0.0], dtype=torch.float64)
+    cand = (exact + 1e-5).float()
+    rule = ParityRule(rtol=0, atol=0)
+    alone = compare(orig, cand, exact_outputs=exact, rule=rule)
+    widened = compare(orig, cand, exact_outputs=exact, perturbed_outputs=[perturbed], rule=rule)
+    assert not alone.passed and widened.passed
+    assert widened.outputs[0].noise == pytest.approx(3e-6, rel=1e-3)
+    real_change = (exact + 1e-3).float()
+    assert not compare(
+        orig, real_change, exact_outputs=exact, perturbed_outputs=[perturbed], rule=rule
+    ).passed
+
+
 def test_rule_arguments_are_validated() -> None:
     with pytest.raises(UsageError, match="noise_factor must be finite and >= 0"):
         ParityRule(noise_factor=-1)
+    for bad in (-1, 17, True, 1.5):
+        with pytest.raises(UsageError, match=r"perturbations must be an int in 0\.\.16"):
+            ParityRule(perturbations=bad)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="value_range must be finite with low < high"):
         ParityRule(value_range=(5, 1))
     with pytest.raises(UsageError, match="value_range must be two numbers"):
