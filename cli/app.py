@@ -1,35 +1,68 @@
 """The ``normfold`` command line: parse options, make one library call, render the result.
 
-torch, onnx and onnxruntime are imported inside the commands, never at module level, so
-``normfold --help`` and ``normfold --version`` stay instant. Library errors become exit codes in
-one place (:func:`_guard`); the codes are listed in the README and in ``normfold --help``.
+Options are checked before torch is imported (shapes, dtypes, numbers, JSON, output paths), so a
+usage error comes back at once; torch, onnx and onnxruntime are imported inside the commands,
+never at module level, so ``normfold --help`` and ``--version`` stay instant. Library errors
+become exit codes in one place (:func:`_guard`), from one table (:data:`EXIT_CODES`) that
+``--help``, this docstring (below) and the README show.
+
+Output: tables on a terminal; piped or redirected (a log, CI) the same rows as plain
+``a | b | c`` lines that never wrap, so no cell is ever split. ``fold`` and ``inspect`` end with
+one line a pipeline can grep: ``normfold: ok folded=8/8 kept=0 ...``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from normfold import __version__
 from normfold.errors import NormfoldError, UsageError
+from normfold.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 
 if TYPE_CHECKING:
     from normfold.pipeline import FoldRun
 
+#: Every exit code: (code, what, details). The README's table is made from it (a test checks).
+EXIT_CODES = (
+    ("0", "success", ""),
+    ("1", "internal error", "a bug: please report it with the output of --debug"),
+    ("2", "usage error", "bad option, existing --out without --force, --out equal to the input"),
+    ("3", "load error", "missing, truncated, unsafe or unrecognised file; architecture mismatch"),
+    ("4", "trace error", "the model fails on the given inputs, or cannot be captured"),
+    ("5", "parity failure", "the folded model differs from the original in PyTorch"),
+    ("6", "export failure", "export, onnx.checker, the exported model differs in its runtime, "
+     "or writing failed, e.g. a full disk"),
+    ("7", "not every norm folded", "with --require-all; each one kept is listed with its reason"),
+    ("129, 130, 143", "stopped by SIGHUP, SIGINT (Ctrl-C) or SIGTERM",
+     "temporary files removed; the message says whether the outputs had already been written"),
+)  # fmt: skip
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success, 1 internal error, 2 usage error, 3 load error, "
-    "4 trace error (model cannot be traced or run), 5 parity failure, 6 export failure, "
-    "129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (nothing written)."
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {what}" for code, what, _ in EXIT_CODES) + "."
+__doc__ += "\nExit codes:\n\n" + "\n".join(
+    f"* {code}: {what}" + (f" ({details})" if details else "") for code, what, details in EXIT_CODES
 )
+
+
+def exit_codes_markdown() -> str:
+    """The README's exit code table."""
+    rows = [
+        f"| {code} | {what}" + (f" ({details})" if details else "") + " |"
+        for code, what, details in EXIT_CODES
+    ]
+    return "\n".join(["| code | meaning |", "|---|---|", *rows])
+
+
 _DEBUG = [False]  # set by --debug
 
 app = typer.Typer(
@@ -38,11 +71,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: no boxes in a log, no type tags on flags, brackets kept
 )
 out_console = Console()
 err_console = Console(stderr=True)
 
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
+#: ``--input-dtype`` choices: generated inputs are floating (integer ones need real values:
+#: token ids below a vocabulary size, class labels... pass them with --inputs)
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _version(value: bool) -> None:
@@ -56,29 +92,31 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show the full traceback of an unexpected error.")
-    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")] = False,
 ) -> None:
     """normfold: fold BatchNorm, check parity, export ONNX."""
     _DEBUG[0] = debug
 
 
-# Options shared by both commands -----------------------------------------------------------------
+# Options shared by the commands --------------------------------------------------------------------
 ModelArg = Annotated[
     str,
     typer.Argument(
         help="A factory spec package.module:callable (e.g. normfold.models:resnet), a state_dict file "
         "(.pt/.pth/.bin/.safetensors, needs --model), or a pickled nn.Module (needs --trust).",
         show_default=False,
+        metavar="MODEL",
     ),
 ]
 ArchOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Factory spec that builds the architecture for a weights file."),
+    typer.Option(
+        "--model", metavar="SPEC", help="Factory spec that builds the architecture for a weights file."
+    ),
 ]
 ArgsOpt = Annotated[
-    str | None, typer.Option("--model-args", help="JSON object of factory keyword arguments.")
+    str | None,
+    typer.Option("--model-args", metavar="JSON", help="JSON object of factory keyword arguments."),
 ]
 TrustOpt = Annotated[
     bool,
@@ -86,75 +124,156 @@ TrustOpt = Annotated[
 ]
 ShapeOpt = Annotated[
     list[str] | None,
-    typer.Option("--input-shape", help="Input shape like 1,3,224,224; repeat for several inputs."),
+    typer.Option(
+        "--input-shape",
+        metavar="[NAME:]SHAPE",
+        help="Input shape like 1,3,224,224, or name:1,3,224,224 with the forward's argument name; "
+        "one per input.",
+    ),
 ]
-DtypeOpt = Annotated[str | None, typer.Option("--input-dtype", help=f"Input dtype: {', '.join(_DTYPES)}.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-dtype",
+        metavar="DTYPE",
+        help=f"Dtype of generated inputs: {', '.join(_DTYPES)} (default: the weights'); integer "
+        "inputs come from --inputs.",
+    ),
+]
 InputsOpt = Annotated[
     Path | None,
-    typer.Option("--inputs", help="torch.save file with a tensor or tuple of tensors (weights_only load)."),
+    typer.Option(
+        "--inputs",
+        metavar="FILE",
+        help="torch.save file with a tensor or tuple of tensors (weights_only load).",
+    ),
 ]
 ReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Write a JSON report to this path (with the output, as one set)."),
+    typer.Option(
+        "--report",
+        metavar="FILE",
+        help="Write a JSON report here, also when the run fails (with the step and the error).",
+    ),
+]
+StaticOpt = Annotated[bool, typer.Option("--static-batch", help="Capture and export a fixed batch size.")]
+DynamicOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dynamic",
+        metavar="[INPUT:]AXIS=NAME,...",
+        help="Keep more axes dynamic in the export, named (e.g. 2=height,3=width, or image:2=height "
+        "for the forward argument image; INPUT defaults to the first); checked at a second size.",
+    ),
+]
+RequireOpt = Annotated[
+    bool,
+    typer.Option("--require-all", help="Exit 7, writing no model, when any norm is not folded."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
+_FOLD_EXAMPLES = """Examples:
 
-@app.command("fold")
+\b
+  normfold fold normfold.models:resnet --out resnet.onnx
+  normfold fold weights.pt --model torchvision.models:resnet50 --input-shape 1,3,224,224 --out r50.onnx
+  normfold fold timm:create_model --model-args '{"model_name": "resnet50"}' \\
+      --input-shape 1,3,224,224 --out r50.onnx --require-all --report r50.json
+  normfold fold normfold.models:two_tower --input-shape image:1,3,24,24 --input-shape features:1,12 \\
+      --dynamic image:2=height,3=width --out two.onnx
+"""
+_INSPECT_EXAMPLES = """Examples:
+
+\b
+  normfold inspect normfold.models:mixed
+  normfold inspect weights.safetensors --model mypkg.nets:build --input-shape image:1,3,64,64 --require-all
+"""
+
+
+@app.command("fold", epilog=_FOLD_EXAMPLES)
 def fold_cmd(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .onnx or .pt2.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Output file: .onnx or .pt2.")],
     arch: ArchOpt = None,
     model_args: ArgsOpt = None,
     trust: TrustOpt = False,
     input_shape: ShapeOpt = None,
     input_dtype: DtypeOpt = None,
     inputs: InputsOpt = None,
-    static_batch: Annotated[bool, typer.Option("--static-batch", help="Export a fixed batch size.")] = False,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: exporter's).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Override the relative tolerance.")] = None,
-    atol: Annotated[float | None, typer.Option("--atol", help="Override the absolute tolerance.")] = None,
+    static_batch: StaticOpt = False,
+    dynamic: DynamicOpt = None,
+    opset: Annotated[
+        int | None, typer.Option("--opset", metavar="N", help="ONNX opset (default: the exporter's).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
+    rtol: Annotated[
+        float | None, typer.Option("--rtol", metavar="X", help="Override the relative tolerance floor.")
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option("--atol", metavar="X", help="Override the absolute tolerance floor.")
+    ] = None,
     noise_factor: Annotated[
         float,
         typer.Option(
             "--noise-factor",
-            help="Allowed fold error, in multiples of the model's own rounding error (vs float64).",
+            metavar="X",
+            help="Allowed fold error, in multiples of the model's own rounding noise (vs float64).",
         ),
     ] = 4.0,
     value_range: Annotated[
         str | None,
-        typer.Option("--value-range", help="Range of the uniform parity inputs, like 0,255 or -1,1."),
+        typer.Option(
+            "--value-range", metavar="LOW,HIGH", help="Range of the uniform parity inputs [default: 0,255]."
+        ),
     ] = None,
     calibrate: Annotated[
         Path | None,
-        typer.Option("--calibrate", help="Recalibrate BatchNorm statistics on these batches first (.pt)."),
+        typer.Option(
+            "--calibrate",
+            metavar="FILE",
+            help="Recalibrate BatchNorm statistics on these batches first (.pt).",
+        ),
     ] = None,
+    require_all: RequireOpt = False,
     report: ReportOpt = None,
+    save_inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-inputs",
+            metavar="FILE",
+            help="Save the parity inputs (.pt, {set: [tensors]}), also when the run fails.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
     with _guard():
+        source = _source_options(model, arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
+        rule = _rule_options(rtol, atol, noise_factor, value_range)
+        axes = _parse_dynamic(dynamic or [])
+        _preflight(
+            {"--out": out, "--report": report, "--save-inputs": save_inputs},
+            [model, inputs, calibrate], force, {"--out": MODEL_FORMATS, "--save-inputs": (".pt",)},
+        )  # fmt: skip
+        if opset is not None:
+            from normfold.export import check_opset
+
+            check_opset(opset)
         from normfold import pipeline
 
         run = pipeline.fold_and_export(
-            model,
-            out,
-            static_batch=static_batch,
-            opset=opset,
-            force=force,
-            report=report,
-            rule=_parity_rule(rtol, atol, noise_factor, value_range),
-            calibrate=calibrate,
-            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
-        )
+            model, out, static_batch=static_batch, opset=opset, force=force, report=report,
+            save_inputs=save_inputs, require_all=require_all, calibrate=calibrate, dynamic_axes=axes,
+            rule=_parity_rule(rule), **_with_inputs(source),
+        )  # fmt: skip
         if not quiet:
             _render_layers(run)
             _render_parity(run)
-            _render_summary(run)
+            _render_written(run)
+            _line(_result_line(run))
 
 
-@app.command("inspect")
+@app.command("inspect", epilog=_INSPECT_EXAMPLES)
 def inspect_cmd(
     model: ModelArg,
     arch: ArchOpt = None,
@@ -163,35 +282,49 @@ def inspect_cmd(
     input_shape: ShapeOpt = None,
     input_dtype: DtypeOpt = None,
     inputs: InputsOpt = None,
+    static_batch: StaticOpt = False,
+    dynamic: DynamicOpt = None,
+    require_all: RequireOpt = False,
     report: ReportOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report file.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Dry run: show every norm layer, what it would fold into or why it stays. Writes no model."""
+    """Dry run: every norm layer, what it would fold into or why it stays (fold's own decisions,
+    on the same inputs). Writes no model."""
     with _guard():
+        source = _source_options(model, arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
+        axes = _parse_dynamic(dynamic or [])
+        _preflight({"--report": report}, [model, inputs], force, {})
         from normfold import pipeline
 
         run = pipeline.inspect(
-            model, report=report, force=force,
-            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
+            model, report=report, force=force, static_batch=static_batch, require_all=require_all,
+            dynamic_axes=axes, **_with_inputs(source),
         )  # fmt: skip
         if not quiet:
             _render_layers(run)
             f = run.fold
             export_only = len(f.export_only)
-            out_console.print(
+            _line(
                 f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops would fold"
                 + (f" ({export_only} in the export only)" if export_only else "")
             )
+            _line(_result_line(run))
 
 
 @app.command("recalibrate")
 def recalibrate_cmd(
     model: ModelArg,
     data: Annotated[
-        Path, typer.Option("--data", help="torch.save'd list of batches (tensors or tuples of tensors).")
+        Path,
+        typer.Option(
+            "--data", metavar="FILE", help="torch.save'd list of batches (tensors or tuples of tensors)."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output state dict: .pt, .pth or .safetensors.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="FILE", help="Output state dict: .pt, .pth or .safetensors."),
+    ],
     arch: ArchOpt = None,
     model_args: ArgsOpt = None,
     trust: TrustOpt = False,
@@ -201,33 +334,33 @@ def recalibrate_cmd(
 ) -> None:
     """Replace BatchNorm running statistics by the exact eval-mode statistics on --data; write OUT."""
     with _guard():
+        source = _source_options(model, arch, model_args, trust, None, None, None, quiet)
+        _preflight({"--out": out, "--report": report}, [model, data], force, {"--out": STATE_FORMATS})
         from normfold import pipeline
-        from normfold.load import parse_model_args
 
-        run = pipeline.recalibrate_and_write(
-            model, data, out, model=arch, model_args=parse_model_args(model_args), trust=trust,
-            force=force, report=report, on_step=None if quiet else _spinner,
-        )  # fmt: skip
+        for key in ("shapes", "dtype", "file"):
+            source.pop(key)
+        run = pipeline.recalibrate_and_write(model, data, out, force=force, report=report, **source)
         if not quiet:
             _render_notes(run.notes)
-            table = Table(title=f"Recalibrated norms of {run.source}", title_justify="left")
-            for col in ("norm", "level", "values", "mean drift (std)", "std drift"):
-                table.add_column(col, no_wrap=col != "norm")
-            for r in run.result.norms:
-                table.add_row(
-                    r.norm, str(r.level), f"{r.values:,}", f"{r.mean_drift:.3g}", f"{r.std_drift:.3g}"
-                )
-            out_console.print(table)
+            rows = [
+                (r.norm, str(r.level), f"{r.values:,}", f"{r.mean_drift:.3g}", f"{r.std_drift:.3g}")
+                for r in run.result.norms
+            ]
+            columns = ("norm", "level", "values", "mean drift (std)", "std drift")
+            _table(f"Recalibrated norms of {run.source}", columns, rows)
             for norm, reason in run.result.skipped.items():
-                out_console.print(f"kept {norm}: {reason}", highlight=False)
-            out_console.print(
-                f"recalibrated {len(run.result.norms)} norms in {run.result.passes} passes; wrote {run.out}",
-                highlight=False,
+                _line(f"kept {norm}: {reason}")
+            _line(
+                f"recalibrated {len(run.result.norms)} norms in {run.result.passes} passes; wrote {run.out}"
             )
 
 
 StateOutOpt = Annotated[
-    Path, typer.Option("--out", "-o", help="Output: .pt/.pth/.safetensors state dict, or .pt2/.onnx.")
+    Path,
+    typer.Option(
+        "--out", "-o", metavar="FILE", help="Output: .pt/.pth/.safetensors state dict, or .pt2/.onnx."
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 
@@ -248,26 +381,23 @@ def drop_bias_cmd(
 ) -> None:
     """Remove Conv/Linear biases a BatchNorm makes redundant (outputs unchanged); write OUT."""
     with _guard():
+        source = _source_options(model, arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
+        _preflight({"--out": out, "--report": report}, [model, inputs], force, {"--out": ANY_FORMATS})
         from normfold import pipeline
         from normfold.bias import drop_redundant_biases
 
         run = pipeline.transform_and_write(
             model, out, lambda m, x: drop_redundant_biases(m, x, inplace=True), force=force, report=report,
-            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
+            command="drop-bias", **_with_inputs(source),
         )  # fmt: skip
         if not quiet:
             _render_notes(run.notes)
             r = run.result
             for d in r.dropped:
-                out_console.print(
-                    f"dropped {d.layer}.bias ({d.params:,} params) into {d.norm}", highlight=False
-                )
+                _line(f"dropped {d.layer}.bias ({d.params:,} params) into {d.norm}")
             for k in r.kept:
-                out_console.print(f"kept {k.layer or '-'} -> {k.norm}: {k.code}: {k.reason}", highlight=False)
-            out_console.print(
-                f"dropped {len(r.dropped)} biases, {r.params_saved:,} parameters; wrote {run.out}",
-                highlight=False,
-            )
+                _line(f"kept {k.layer or '-'} -> {k.norm}: {k.code}: {k.reason}")
+            _line(f"dropped {len(r.dropped)} biases, {r.params_saved:,} parameters; wrote {run.out}")
 
 
 @app.command("swap")
@@ -275,11 +405,16 @@ def swap_cmd(
     model: ModelArg,
     out: StateOutOpt,
     to: Annotated[
-        str, typer.Option("--to", help="group, layer, frozen or batch (SyncBatchNorm -> BatchNorm).")
+        str,
+        typer.Option(
+            "--to", metavar="KIND", help="group, layer, frozen or batch (SyncBatchNorm -> BatchNorm)."
+        ),
     ],
-    num_groups: Annotated[int | None, typer.Option("--num-groups", help="GroupNorm groups.")] = None,
+    num_groups: Annotated[
+        int | None, typer.Option("--num-groups", metavar="N", help="GroupNorm groups.")
+    ] = None,
     group_size: Annotated[
-        int | None, typer.Option("--group-size", help="GroupNorm channels per group.")
+        int | None, typer.Option("--group-size", metavar="N", help="GroupNorm channels per group.")
     ] = None,
     arch: ArchOpt = None,
     model_args: ArgsOpt = None,
@@ -293,6 +428,8 @@ def swap_cmd(
 ) -> None:
     """Swap BatchNorm for GroupNorm / LayerNorm / frozen BN, or SyncBatchNorm for BatchNorm; write OUT."""
     with _guard():
+        source = _source_options(model, arch, model_args, trust, input_shape, input_dtype, inputs, quiet)
+        _preflight({"--out": out, "--report": report}, [model, inputs], force, {"--out": ANY_FORMATS})
         from normfold import pipeline
         from normfold.swap import swap_norms
 
@@ -302,40 +439,37 @@ def swap_cmd(
             )
 
         run = pipeline.transform_and_write(
-            model, out, transform, force=force, report=report,
-            **_source_options(arch, model_args, trust, input_shape, input_dtype, inputs, quiet),
-        )  # fmt: skip
+            model, out, transform, force=force, report=report, command="swap", **_with_inputs(source)
+        )
         if not quiet:
             _render_notes(run.notes)
             r = run.result
-            for s in r.swapped:
-                groups = f" ({s.num_groups} groups)" if s.num_groups else ""
-                out_console.print(
-                    f"swapped {s.module}: {s.from_type} -> {s.to_type}{groups}", highlight=False
-                )
+            for sw in r.swapped:
+                groups = f" ({sw.num_groups} groups)" if sw.num_groups else ""
+                _line(f"swapped {sw.module}: {sw.from_type} -> {sw.to_type}{groups}")
             for k in r.skipped:
-                out_console.print(f"kept {k.module}: {k.code}: {k.reason}", highlight=False)
+                _line(f"kept {k.module}: {k.code}: {k.reason}")
             if r.drift is not None:
-                out_console.print(
+                _line(
                     f"output drift (by design): max rel error {r.drift.max_rel_error:.3g}, "
-                    f"cosine {r.drift.cosine_similarity:.4f}",
-                    highlight=False,
+                    f"cosine {r.drift.cosine_similarity:.4f}"
                 )
-            out_console.print(f"swapped {len(r.swapped)} norms to {to}; wrote {run.out}", highlight=False)
+            _line(f"swapped {len(r.swapped)} norms to {to}; wrote {run.out}")
 
 
-# Helpers -----------------------------------------------------------------------------------------
+# Errors --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
-    """The one place where errors become exit codes and one-line messages (tracebacks only with
-    ``--debug``). Leaving by an exception unwinds the library's context managers, which remove
-    their staging folders."""
+    """The one place where errors become exit codes and one-line messages (the traceback only
+    with ``--debug``). Leaving by an exception unwinds the library's context managers, which
+    remove their staging folders."""
     from normfold.files import committed
 
     committed.clear()  # this command's writes only (tests run many commands in one process)
     try:
         yield
     except NormfoldError as e:
+        _traceback()
         _error(str(e))
         raise typer.Exit(e.exit_code) from e
     except (typer.Exit, typer.Abort, typer.TyperException):
@@ -357,6 +491,13 @@ def _guard() -> Iterator[None]:
         raise typer.Exit(1) from e
 
 
+def _traceback() -> None:
+    if _DEBUG[0]:
+        import traceback
+
+        traceback.print_exc()
+
+
 def _what_was_written() -> str:
     from normfold.files import committed
 
@@ -364,14 +505,16 @@ def _what_was_written() -> str:
 
 
 def _error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
 
 
 def _spinner(step: str) -> contextlib.AbstractContextManager[Any]:
     return err_console.status(f"{step}...")
 
 
+# Options, checked before torch is imported ---------------------------------------------------------
 def _source_options(
+    model: str,
     arch: str | None,
     model_args: str | None,
     trust: bool,
@@ -380,44 +523,89 @@ def _source_options(
     file: Path | None,
     quiet: bool,
 ) -> dict[str, Any]:
-    """The options both commands pass to the pipeline: what to load, its inputs, progress."""
-    from normfold.load import parse_model_args
+    """What to load and its inputs, as the pipeline's keyword arguments (the inputs still as
+    parsed text: :func:`_with_inputs` makes them an InputSpec once torch may be imported)."""
+    from normfold.limits import check_size, parse_model_args
 
+    if file is not None and shapes:
+        raise UsageError("pass either --inputs or --input-shape, not both")
+    parsed = _parse_shapes(shapes or [])
+    check_size([dims for _, dims in parsed], " ".join(f"--input-shape {_shown(t)}" for t in shapes or []))
+    if dtype is not None and dtype not in _DTYPES:
+        hint = ""
+        if re.fullmatch(r"u?int\d*|bool|long|short", dtype):
+            hint = " (integer inputs need real values, e.g. token ids: pass them with --inputs FILE)"
+        raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}{hint}")
     return {
         "model": arch,
         "model_args": parse_model_args(model_args),
         "trust": trust,
-        "inputs": _input_spec(shapes, dtype, file),
+        "shapes": parsed,
+        "dtype": dtype,
+        "file": file,
         "on_step": None if quiet else _spinner,
     }
 
 
-def _input_spec(shapes: list[str] | None, dtype: str | None, file: Path | None) -> Any:
-
+def _with_inputs(source: dict[str, Any]) -> dict[str, Any]:
+    """``source`` with its input options as an :class:`~normfold.pipeline.InputSpec`."""
     import torch
 
     from normfold.pipeline import InputSpec
-    from normfold.reference import check_size
 
-    if file is not None and shapes:
-        raise UsageError("pass either --inputs or --input-shape, not both")
-    parsed = [_parse_shape(text) for text in shapes or []]
-    check_size(parsed, " ".join(f"--input-shape {_shown(t)}" for t in shapes or []))  # before loading
-    if dtype is not None and dtype not in _DTYPES:
-        raise UsageError(f"--input-dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
-    return InputSpec(shapes=parsed or None, dtype=getattr(torch, dtype) if dtype else None, file=file)
+    options = dict(source)
+    shapes, dtype, file = options.pop("shapes"), options.pop("dtype"), options.pop("file")
+    named = {name: dims for name, dims in shapes if name is not None}
+    spec = InputSpec(
+        shapes=named or [dims for _, dims in shapes] or None,
+        dtype=getattr(torch, dtype) if dtype else None,
+        file=file,
+    )
+    return {**options, "inputs": spec}
+
+
+def _preflight(
+    outputs: dict[str, Path | None],
+    inputs: Sequence[str | Path | None],
+    force: bool,
+    formats: dict[str, Sequence[str]],
+) -> None:
+    """The output files' rule (:mod:`normfold.files`), checked before any import of torch (the
+    pipeline checks again when it starts writing)."""
+    from normfold.files import check_outputs
+
+    check_outputs(outputs, inputs=inputs, force=force, formats=formats)
 
 
 def _shown(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    """``1,3,224,224`` (or ``1x3x224x224``): positive integers, no empty field."""
-    import re
+def _parse_shapes(texts: Sequence[str]) -> list[tuple[str | None, tuple[int, ...]]]:
+    """``--input-shape`` values: ``1,3,224,224`` in order, or ``name:1,3,224,224`` by the
+    forward's argument names; all named or none, each name once."""
+    parsed = []
+    for text in texts:
+        name, sep, dims = text.rpartition(":")
+        if sep and not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise UsageError(
+                f"--input-shape {_shown(text)!r}: {_shown(name, 30)!r} is not an argument name "
+                "(expected name:1,3,224,224 or 1,3,224,224)"
+            )
+        parsed.append((name or None, _parse_shape(text, dims)))
+    names = [name for name, _ in parsed if name is not None]
+    if names and len(names) != len(parsed):
+        raise UsageError("--input-shape: name every shape (name:1,3,224,224) or none of them")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--input-shape: {', '.join(repeated)} given more than once")
+    return parsed
 
+
+def _parse_shape(text: str, dims_text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` (or ``1x3x224x224``): positive integers, no empty field."""
     dims = []
-    for i, f in enumerate((f.strip() for f in text.replace("x", ",").split(",")), 1):
+    for i, f in enumerate((f.strip() for f in dims_text.replace("x", ",").split(",")), 1):
         problem = None
         if not f:
             problem = "is empty"
@@ -436,86 +624,180 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _parity_rule(rtol: float | None, atol: float | None, noise_factor: float, value_range: str | None) -> Any:
-    from normfold.parity import ParityRule
+def _parse_dynamic(texts: Sequence[str]) -> dict[int | str, dict[int, str]]:
+    """``--dynamic`` values: ``[INPUT:]AXIS=NAME,...`` (INPUT an argument name or a position,
+    default the first input), as ``{input: {axis: name}}``; each axis and each name once."""
+    out: dict[int | str, dict[int, str]] = {}
+    seen: set[str] = set()
+    for text in texts:
+        found = re.fullmatch(r"(?:(\w+):)?(\d+=[A-Za-z_]\w*(?:,\d+=[A-Za-z_]\w*)*)", text.replace(" ", ""))
+        if found is None:
+            raise UsageError(
+                f"--dynamic {_shown(text)!r}: expected [INPUT:]AXIS=NAME,... like 2=height,3=width "
+                "or image:2=height"
+            )
+        key: int | str = found.group(1) or 0
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        for pair in found.group(2).split(","):
+            axis, name = pair.split("=")
+            if int(axis) in out.get(key, {}) or name in seen:
+                raise UsageError(f"--dynamic {_shown(text)!r}: axis {axis} or name {name} given twice")
+            out.setdefault(key, {})[int(axis)] = name
+            seen.add(name)
+    return out
 
-    low_high: tuple[float, float] = (0.0, 255.0)
+
+def _rule_options(
+    rtol: float | None, atol: float | None, noise_factor: float, value_range: str | None
+) -> tuple[float | None, float | None, float, tuple[float, float]]:
+    """The parity rule's options, checked: finite non-negative numbers, a range LOW < HIGH."""
+    import math
+
+    for name, value in (("--rtol", rtol), ("--atol", atol), ("--noise-factor", noise_factor)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{name} must be finite and >= 0, got {value}")
+    low_high = (0.0, 255.0)
     if value_range is not None:
         try:
             low, high = (float(v) for v in value_range.split(","))
         except ValueError as e:
             raise UsageError(f"--value-range {value_range!r}: expected two numbers like 0,255") from e
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise UsageError(f"--value-range {value_range!r}: expected finite LOW,HIGH with LOW < HIGH")
         low_high = (low, high)
-    try:
-        return ParityRule(rtol=rtol, atol=atol, noise_factor=noise_factor, value_range=low_high)
-    except UsageError as e:
-        raise UsageError(f"--{str(e).replace('_', '-')}") from e
+    return rtol, atol, noise_factor, low_high
+
+
+def _parity_rule(options: tuple[float | None, float | None, float, tuple[float, float]]) -> Any:
+    from normfold.parity import ParityRule
+
+    rtol, atol, noise_factor, value_range = options
+    return ParityRule(rtol=rtol, atol=atol, noise_factor=noise_factor, value_range=value_range)
+
+
+# Rendering -----------------------------------------------------------------------------------------
+Cell = str | Text
+
+
+def _line(text: str | Text) -> None:
+    """One line of output, never wrapped (a pipe or a log keeps it whole)."""
+    out_console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Cell]]) -> None:
+    """A table on a terminal; elsewhere the title, the header and one ``a | b | c`` line per
+    row, so no cell is ever split however narrow the log is."""
+    rows = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    if out_console.is_terminal:
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        out_console.print(table)
+        return
+    _line(title)
+    _line(" | ".join(columns))
+    for row in rows:
+        _line(" | ".join(c.plain for c in row))
 
 
 def _render_layers(run: FoldRun) -> None:
-    table = Table(title=f"Norm layers of {run.source}", title_justify="left")
-    table.add_column("norm", overflow="fold")
-    table.add_column("type")
-    table.add_column("action")
-    table.add_column("into / reason", overflow="fold", ratio=1)
+    rows = []
     for r in run.layers:
         if r.action == "keep":
-            action, detail = "[yellow]keep[/]", f"{r.code}: {r.reason}"
+            action, detail = Text("keep", style="yellow"), f"{r.code}: {r.reason}"
         else:
-            action = "[green]fold[/]" if r.action == "fold" else "[cyan]fold (export)[/]"
+            action = Text(r.action, style="green" if r.action == "fold" else "cyan")
             detail = f"{r.into} ({r.pattern})" + (f"; {r.reason}" if r.reason else "")
-        table.add_row(r.norm, r.norm_type, action, detail)
-    out_console.print(table)
+        rows.append((r.norm, r.norm_type, action, detail))
+    _table(f"Norm layers of {run.source}", ("norm", "type", "action", "into / reason"), rows)
     _render_notes(run.notes)
 
 
 def _render_notes(notes: list[str]) -> None:
     for note in notes:  # how the model was taken: switched to eval mode, a dtype kept
-        out_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        _line(f"note: {note}")
 
 
 def _render_parity(run: FoldRun) -> None:
-    table = Table(title="Parity with the original model", title_justify="left")
-    table.add_column("runtime", overflow="fold")
-    table.add_column("output", overflow="fold")
-    table.add_column("inputs", overflow="fold")
-    for col in ("vs original", "model noise", "vs float64", "allowed", "result"):
-        table.add_column(col, no_wrap=True)
     reports = {"pytorch": run.parity} if run.parity is not None else {}
     if run.export is not None:
         reports.update(run.export.parity)
-    for runtime, rep in reports.items():
-        for o in rep.outputs:
-            table.add_row(
-                runtime,
-                o.name,
-                o.inputs,
-                f"{o.max_abs_error:.2e}",
-                f"{o.noise:.2e}",
-                f"{o.exact_error:.2e}",
-                f"{o.allowed_error:.2e}",
-                "[green]pass[/]" if o.passed else "[red]FAIL[/]",
-            )
-    out_console.print(table)
-    notes = run.parity.notes if run.parity is not None else ()
-    for note in notes:
-        out_console.print(f"note: {note}", highlight=False)
+    rows = [
+        (runtime, o.name, o.inputs, f"{o.max_abs_error:.2e}", f"{o.noise:.2e}", f"{o.exact_error:.2e}",
+         f"{o.allowed_error:.2e}", Text("pass", style="green") if o.passed else Text("FAIL", style="red"))
+        for runtime, rep in reports.items()
+        for o in rep.outputs
+    ]  # fmt: skip
+    columns = ("runtime", "output", "inputs", "vs original", "model noise", "vs float64", "allowed", "result")
+    _table("Parity with the original model", columns, rows)
+    for note in run.parity.notes if run.parity is not None else ():
+        _line(f"note: {note}")
 
 
-def _render_summary(run: FoldRun) -> None:
-    f = run.fold
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items())
-    out_console.print(
-        f"folded {len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops; "
-        f"parameters {f.params_before:,} -> {f.params_after:,}"
-    )
-    if run.export is not None:
-        e = run.export
-        extra = ""
-        if e.format == "onnx":
-            extra = f", {e.batchnorm_nodes} BatchNormalization nodes, opset {e.opset}"
-        out_console.print(f"wrote {e.path} ({e.format}{extra})", highlight=False)
-    out_console.print(f"timings: {timings}", highlight=False)
+#: Ops the before/after table shows (the ones folding changes), when any column has them
+_SHOWN_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div")
+
+
+def _render_written(run: FoldRun) -> None:
+    """onnxsim-style before/after: ops, parameters, the written file, its inputs and outputs,
+    and who did what (normfold's folds, the norms kept, the exporter's own changes)."""
+    summary, e = run.summary(), run.export
+    columns = {"original": summary["ops_original"], "folded": summary["ops_folded"]}
+    if summary["ops_written"] is not None:
+        columns["written (onnx)"] = summary["ops_written"]
+    ops = [op for op in _SHOWN_OPS if any(op in c for c in columns.values())]
+    rows = [(op, *(str(c.get(op, 0)) for c in columns.values())) for op in ops]
+    if rows:
+        _table("Ops before and after (ATen ops counted as the ONNX ops they become)", ("op", *columns), rows)
+    params = f"parameters {summary['params_before']:,} -> {summary['params_after']:,}"
+    if e is not None and e.parameters is not None:
+        params += f" (written file: {e.parameters:,} initializer elements)"
+    _line(params)
+    if e is not None:
+        extra = f", opset {e.opset}" if e.opset is not None else ""
+        _line(f"wrote {e.path} ({e.format}, {_size(e.size_bytes)}{extra})")
+        for role, tensors in (("inputs", e.inputs), ("outputs", e.outputs)):
+            if tensors:
+                _line(
+                    f"{role}: "
+                    + ", ".join(f"{t.name} {t.dtype} [{', '.join(map(str, t.shape))}]" for t in tensors)
+                )
+    folded = f"normfold folded {summary['folded']} of {summary['norms']} norm ops"
+    if summary["folded_in_export_only"]:
+        folded += f" ({summary['folded_in_export_only']} in the export only)"
+    kept = f"{summary['kept']} kept (reasons above)" if summary["kept"] else "none kept"
+    removed = summary["exporter_removed_batchnorms"]
+    exporter = ""
+    if removed is not None:
+        exporter = (
+            f"; the ONNX exporter removed {removed} more BatchNormalization on its own"
+            if removed else "; the ONNX exporter removed no BatchNormalization on its own"
+        )  # fmt: skip
+    _line(f"{folded}; {kept}{exporter}")
+    _line("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items()))
+
+
+def _result_line(run: FoldRun) -> str:
+    """The last line, for pipelines to grep: ``normfold: ok folded=F/N kept=K ...``."""
+    s = run.summary()
+    parts = [f"normfold: ok folded={s['folded']}/{s['norms']}", f"kept={s['kept']}"]
+    if s["exporter_removed_batchnorms"] is not None:
+        parts.append(f"exporter_removed_bn={s['exporter_removed_batchnorms']}")
+    if run.parity is not None:
+        runtimes = ["pytorch", *(run.export.parity if run.export is not None else ())]
+        parts.append(f"parity=pass({','.join(runtimes)})")
+    parts.append(f"out={run.export.path}" if run.export is not None else "out=none")
+    return " ".join(parts)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 class _Terminated(SystemExit):

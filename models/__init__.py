@@ -31,6 +31,7 @@ from normfold.models.zoo import (
     MobileNet,
     ResNet,
     SamePad,
+    TwoTower,
     VideoCNN,
     ZooModel,
     audio_cnn,
@@ -50,6 +51,7 @@ from normfold.models.zoo import (
     resnet,
     same_pad,
     spec_of,
+    two_tower,
     video_cnn,
 )
 
@@ -80,6 +82,7 @@ __all__ = [
     "MobileNet",
     "ResNet",
     "SamePad",
+    "TwoTower",
     "VideoCNN",
     "ZooModel",
     "audio_cnn",
@@ -99,5 +102,6 @@ __all__ = [
     "resnet",
     "same_pad",
     "spec_of",
+    "two_tower",
     "video_cnn",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -451,6 +451,28 @@ class BNHead(nn.Module):
         return self.fc(self.flatten(self.pool(self.head_norm(self.features(x)))))
 
 
+class TwoTower(nn.Module):
+    """Two inputs, ``forward(image, features)``: an image tower (Conv-BN-ReLU twice, global
+    average pool: any height and width) and a feature tower (Linear-BatchNorm1d-ReLU), joined by
+    concatenation into a Linear head."""
+
+    def __init__(self, features: int = 12, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(features, 16)
+        self.bn_fc = nn.BatchNorm1d(16)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(image)))
+        x = F.relu(self.bn2(self.conv2(x))).mean((2, 3))  # (N, 16)
+        y = F.relu(self.bn_fc(self.fc(features)))  # (N, 16)
+        return self.head(torch.cat([x, y], 1))
+
+
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
@@ -728,14 +750,16 @@ def _batchnorms(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
-def calibrate(model: nn.Module, input_shape: tuple[int, ...], generator: torch.Generator) -> None:
+def calibrate(
+    model: nn.Module, input_shapes: Sequence[tuple[int, ...]], generator: torch.Generator
+) -> None:
     """Give every BatchNorm random affine parameters and real statistics, then switch to eval.
 
     Affine weights become ``U(0.5, 1.5)``, biases ``N(0, 0.2)``. They are set *before* measuring
     the statistics: with the default ``weight=1, bias=0`` a train-mode BN outputs exactly
     zero-mean activations, so a later norm fed only through bias-free convs would measure a
     running mean of ~0. Running statistics are the cumulative average (``momentum=None``) over
-    a few train-mode passes on random batches of ``input_shape`` (batch dimension replaced); the
+    a few train-mode passes on random batches of ``input_shapes`` (batch dimension replaced); the
     momentum is restored afterwards. Norms with ``track_running_stats=False`` keep no statistics.
     """
     bns = _batchnorms(model)
@@ -748,10 +772,9 @@ def calibrate(model: nn.Module, input_shape: tuple[int, ...], generator: torch.G
             if bn.track_running_stats:
                 bn.reset_running_stats()
                 bn.momentum = None
-        shape = (CALIBRATION_BATCH, *input_shape[1:])
         model.train()
         for _ in range(CALIBRATION_PASSES):
-            model(_random_input(shape, generator))
+            model(*(_random_input((CALIBRATION_BATCH, *shape[1:]), generator) for shape in input_shapes))
     for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
     model.eval()
@@ -855,7 +878,7 @@ def _build(
         torch.manual_seed(seed)
         model = make()
         generator = torch.Generator().manual_seed(seed)
-        calibrate(model, ZOO[name].input_shape, generator)
+        calibrate(model, ZOO[name].input_shapes, generator)
         if post is not None:
             post(model, ZOO[name].input_shape, generator)
     return model
@@ -915,6 +938,11 @@ def bn_head(*, seed: int = 0, num_classes: int = 10) -> BNHead:
     return _build("bn_head", seed, lambda: BNHead(num_classes))
 
 
+def two_tower(*, seed: int = 0, num_classes: int = 10) -> TwoTower:
+    """Two-input model for ``image (N, 3, 24, 24)`` and ``features (N, 12)``."""
+    return _build("two_tower", seed, lambda: TwoTower(num_classes=num_classes))
+
+
 def same_pad(*, seed: int = 0, num_classes: int = 10) -> SamePad:
     """Run-time ``SAME`` padding convs, not fx-traceable (see :class:`SamePad`)."""
     return _build("same_pad", seed, lambda: SamePad(num_classes))
@@ -952,6 +980,11 @@ class ZooModel:
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     description: str
+    more_inputs: tuple[tuple[int, ...], ...] = ()  # the shapes of further positional inputs
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.input_shape, *self.more_inputs)
 
 
 ZOO: dict[str, ZooModel] = {
@@ -1021,6 +1054,13 @@ ZOO: dict[str, ZooModel] = {
             (2, 3, 32, 32),
             "MixConv split/concat and multi-branch concat, each under one BatchNorm2d",
         ),
+        ZooModel(
+            "two_tower",
+            two_tower,
+            (2, 3, 24, 24),
+            "two inputs (image, features): Conv-BN and Linear-BN1d towers joined by concat",
+            more_inputs=((2, 12),),
+        ),
     )
 }
 
@@ -1031,8 +1071,11 @@ def example_inputs(name: str, *, batch: int | None = None, seed: int = 0) -> tup
         entry = ZOO[name]
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known models: {', '.join(ZOO)}") from None
-    shape = entry.input_shape if batch is None else (batch, *entry.input_shape[1:])
-    return (_random_input(shape, torch.Generator().manual_seed(seed)),)
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(
+        _random_input(shape if batch is None else (batch, *shape[1:]), generator)
+        for shape in entry.input_shapes
+    )
 
 
 def spec_of(factory: Callable[..., nn.Module]) -> ZooModel | None:

@@ -7,6 +7,8 @@ failed parity check without parsing messages.
 
 from __future__ import annotations
 
+import re
+
 
 class NormfoldError(Exception):
     """Base class of every error normfold raises on purpose."""
@@ -44,7 +46,22 @@ class ExportError(NormfoldError):
     exit_code = 6
 
 
+class NotFoldedError(NormfoldError):
+    """Every norm was required to fold (``require_all``) and some stayed; each is named with its
+    skip code and reason."""
+
+    exit_code = 7
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal escape codes (third-party messages color their words)."""
+    return _ANSI.sub("", text)
+
+
 def first_line(e: BaseException) -> str:
     """``TypeName: first line of the message``, to wrap a third-party error in one readable line."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in plain(str(e)).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"

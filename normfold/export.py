@@ -19,10 +19,13 @@ model; the data files the replaced model used and the new one does not are remov
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +35,26 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from normfold.errors import ExportError, NormfoldError, UsageError, first_line
-from normfold.files import OutputSet
-from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
+from normfold.errors import ExportError, NormfoldError, UsageError, first_line, plain
+from normfold.files import STATE_FORMATS, OutputSet
+from normfold.graph import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
 from normfold.parity import ParityReport, ParityRule, Tolerance
-from normfold.reference import Reference, check, make_reference, parity_sets
+from normfold.reference import InputSet, Reference, check, make_reference, parity_sets
 from normfold.report import StepTimer
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 _ONNX_MAX_PROTO = 2 * 1024**3  # protobuf's 2 GB limit: above it weights go to external data
+
+
+@dataclass
+class TensorInfo:
+    """An ONNX graph input or output: name, element type, shape (a named dynamic axis is a str)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
 
 
 @dataclass
@@ -57,8 +69,13 @@ class ExportResult:
     batchnorm_nodes: int | None = None  # BatchNormalization nodes left in the ONNX graph
     dynamic_batch: bool = True
     size_bytes: int = 0  # of every file written (model and external data)
+    op_counts: dict[str, int] = field(default_factory=dict)  # ONNX op type -> nodes (main graph)
+    parameters: int | None = None  # elements of every ONNX initializer
+    inputs: list[TensorInfo] = field(default_factory=list)  # the ONNX graph's inputs
+    outputs: list[TensorInfo] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, parity: bool = True) -> dict[str, Any]:
+        """As JSON; ``parity=False`` leaves the parity reports out (a run's report has them once)."""
         return {
             "path": str(self.path),
             "format": self.format,
@@ -67,11 +84,12 @@ class ExportResult:
             "opset": self.opset,
             "batchnorm_nodes": self.batchnorm_nodes,
             "dynamic_batch": self.dynamic_batch,
-            "parity": {k: v.to_dict() for k, v in self.parity.items()},
+            "op_counts": self.op_counts,
+            "parameters": self.parameters,
+            "inputs": [vars(t) for t in self.inputs],
+            "outputs": [vars(t) for t in self.outputs],
+            **({"parity": {k: v.to_dict() for k, v in self.parity.items()}} if parity else {}),
         }
-
-
-STATE_FORMATS = (".pt", ".pth", ".safetensors")
 
 
 def check_opset(opset: int | None) -> None:
@@ -118,7 +136,7 @@ def export_model(
     with OutputSet({"--out": out}, force=force, formats={"--out": tuple(FORMATS)}) as files:
         result = stage_export(
             model, example_inputs, files, reference=reference, program=program,
-            dynamic_batch=dynamic_batch, opset=opset,
+            capture=CaptureOptions(dynamic_batch=dynamic_batch), opset=opset,
             rule=ParityRule.of(rule, tolerances=tolerances, rtol=rtol, atol=atol), steps=steps,
         )  # fmt: skip
         commit_export(files, result)
@@ -132,13 +150,15 @@ def stage_export(
     *,
     reference: Reference | None = None,
     program: torch.export.ExportedProgram | None = None,
-    dynamic_batch: bool = True,
+    capture: CaptureOptions | None = None,
     opset: int | None = None,
     rule: ParityRule | None = None,
     steps: StepTimer | None = None,
 ) -> ExportResult:
     """Write ``files``' ``--out`` into its staging folder and check it (:func:`export_model`
-    without the commit, for a run that commits several files as one set)."""
+    without the commit, for a run that commits several files as one set). ``capture``: the
+    dynamic axes (default: a dynamic batch); one the program fixed to a size is a UsageError."""
+    options = capture or CaptureOptions()
     steps = steps or StepTimer()
     rule = rule or ParityRule()
     example_inputs = tuple(example_inputs)
@@ -153,14 +173,14 @@ def stage_export(
         )
     if FORMATS[out.suffix] == "onnx":
         with steps("export (onnx)"):
-            program = program or _export_program(model, example_inputs, dynamic_batch)
-            result = _export_onnx(program, example_inputs, staged, dynamic_batch=dynamic_batch, opset=opset)
+            program = _dynamic_program(program or _export_program(model, example_inputs, options), options)
+            result = _export_onnx(program, example_inputs, staged, options=options, opset=opset)
         with steps("check (onnxruntime)"):
             result.parity = _check_onnx(staged, reference, rule)
     else:
         with steps("export (torch.export)"):
-            program = program or _export_program(model, example_inputs, dynamic_batch)
-            result = _export_pt2(program, staged, dynamic_batch=dynamic_batch)
+            program = _dynamic_program(program or _export_program(model, example_inputs, options), options)
+            result = _export_pt2(program, staged, dynamic_batch=options.dynamic_batch)
         with steps("check (torch.export.load)"):
             result.parity = _check_pt2(staged, reference, rule)
     for runtime, report in result.parity.items():
@@ -244,15 +264,25 @@ def export_onnx(
 
 
 def _export_program(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], options: CaptureOptions
 ) -> torch.export.ExportedProgram:
     try:
         with quiet_exporter():
-            options = CaptureOptions(dynamic_batch=dynamic_batch)
             return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(inputs, options))
     except Exception as e:
-        hint = " (try --static-batch)" if dynamic_batch else ""
+        hint = " (try --static-batch)" if options.dynamic_batch else ""
         raise ExportError(f"torch.export failed for {type(model).__name__}{hint}: {first_line(e)}") from e
+
+
+def _dynamic_program(
+    program: torch.export.ExportedProgram, options: CaptureOptions
+) -> torch.export.ExportedProgram:
+    """``program``, refused when it fixed an axis asked to be dynamic to one size."""
+    fixed = static_axes(program, options)
+    if fixed:
+        shown = ", ".join(f"{name} (input {i}, axis {axis}) at {size}" for i, axis, name, size in fixed)
+        raise UsageError(f"--dynamic {shown}: the model fixes it to that size, so it cannot vary")
+    return program
 
 
 def _export_onnx(
@@ -260,7 +290,7 @@ def _export_onnx(
     inputs: tuple[torch.Tensor, ...],
     path: Path,
     *,
-    dynamic_batch: bool,
+    options: CaptureOptions,
     opset: int | None,
 ) -> ExportResult:
     import onnx
@@ -271,8 +301,9 @@ def _export_onnx(
             size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
             onnx_program.save(path, external_data=size >= _ONNX_MAX_PROTO)
     except Exception as e:
-        raise ExportError(f"ONNX export failed: {first_line(e)}") from e
+        raise ExportError(f"ONNX export failed{_exporter_failure(e)}") from e
     try:
+        _name_axes(path, axis_names(inputs, options))
         _name_data_by_content(path)
     except OSError as e:
         raise ExportError(f"writing {path.name}'s external data failed: {e.strerror or e}") from e
@@ -281,9 +312,71 @@ def _export_onnx(
     except Exception as e:
         raise ExportError(f"exported ONNX file fails onnx.checker: {first_line(e)}") from e
     proto = onnx.load(str(path), load_external_data=False)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    bn_nodes = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
-    return ExportResult(path, "onnx", opset=opset_used, batchnorm_nodes=bn_nodes, dynamic_batch=dynamic_batch)
+    return _describe_onnx(ExportResult(path, "onnx", dynamic_batch=options.dynamic_batch), proto)
+
+
+def _exporter_failure(e: Exception) -> str:
+    """`` at <op> (node <name>): <the exporter's own summary line>``, without its escape codes
+    and boilerplate (the torch.onnx message opens with next steps and ends with "see above")."""
+    text = plain(str(e))
+    op = re.search(r"target=torch\.ops\.([\w.]+)", text)
+    if op is None and (m := re.search(r"op='([\w.]+)', overload='(\w+)'", text)):
+        op = m
+        where = f"{m.group(1)}.{m.group(2)}"
+    else:
+        where = op.group(1) if op else None
+    node = re.search(r"translating node %(\w+)", text)
+    summary = text.split("## Exception summary", 1)[-1]
+    lines = [ln.strip() for ln in summary.splitlines() if ln.strip() and not ln.startswith("\u2b06")]
+    detail = re.sub(r"^<class '[\w.]+\.(\w+)'>: ", r"\1: ", lines[0]) if lines else first_line(e)
+    at = f" at {where}" + (f" (node {node.group(1)})" if node else "") if where else ""
+    return f"{at}: {detail}"
+
+
+def _name_axes(path: Path, names: Sequence[Mapping[int, str]]) -> None:
+    """Give the exporter's symbolic sizes (``s77``) the names of the dynamic axes (``batch``),
+    in the graph's inputs, outputs and value infos (derived sizes such as ``2*s77`` too)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    rename: dict[str, str] = {}
+    for v, axes in zip(inputs, names, strict=False):
+        dims = v.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(dims) and dims[axis].HasField("dim_param"):
+                rename[dims[axis].dim_param] = name
+    if not rename:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.dim_param = symbol.sub(lambda m: rename[m.group(1)], d.dim_param)
+    onnx.save(proto, str(path))
+
+
+def _describe_onnx(result: ExportResult, proto: Any) -> ExportResult:
+    """Fill in what the written ONNX graph holds: opset, op counts, parameters, inputs, outputs."""
+    import onnx
+
+    graph = proto.graph
+    result.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    result.op_counts = dict(sorted(collections.Counter(n.op_type for n in graph.node).items()))
+    result.batchnorm_nodes = result.op_counts.get("BatchNormalization", 0)
+    result.parameters = sum(math.prod(t.dims) for t in graph.initializer)
+    initializers = {t.name for t in graph.initializer}
+
+    def info(v: Any) -> TensorInfo:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
+        return TensorInfo(v.name, onnx.TensorProto.DataType.Name(t.elem_type).lower(), dims)
+
+    result.inputs = [info(v) for v in graph.input if v.name not in initializers]
+    result.outputs = [info(v) for v in graph.output]
+    return result
 
 
 def _name_data_by_content(path: Path) -> None:
@@ -368,6 +461,13 @@ def _export_pt2(program: torch.export.ExportedProgram, path: Path, *, dynamic_ba
     except Exception as e:
         raise ExportError(f"torch.export.save failed: {first_line(e)}") from e
     return ExportResult(path, "pt2", dynamic_batch=dynamic_batch)
+
+
+def save_sets(path: Path, sets: Sequence[InputSet]) -> None:
+    """Write parity input sets as ``{set name: [tensors]}`` (``torch.save``, CPU tensors; loads
+    with ``torch.load(path, weights_only=True)``)."""
+    data = {s.name: [t.detach().cpu() for t in s.inputs] for s in sets}
+    _write_via_memory(path, lambda f: torch.save(data, f))
 
 
 def _write_via_memory(path: Path, save: Callable[[io.BytesIO], None]) -> None:

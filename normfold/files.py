@@ -87,19 +87,8 @@ class OutputSet:
         formats: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.force = force
-        self.paths = {role: Path(p) for role, p in outputs.items() if p is not None}
+        self.paths = check_outputs(outputs, inputs=inputs, force=force, formats=formats)
         self._stages: dict[Path, Path] = {}
-        inputs = [Path(p) for p in inputs if p is not None and _exists(Path(p))]
-        seen: dict[str, str] = {}
-        for role, path in self.paths.items():
-            _check_one(role, path, force, (formats or {}).get(role))
-            for other in inputs:
-                if _same_file(path, other):
-                    raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
-            key = os.path.realpath(path)
-            if key in seen:
-                raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
-            seen[key] = role
         try:
             for path in self.paths.values():
                 self._stage_for(path)
@@ -124,17 +113,20 @@ class OutputSet:
         """Where to write a file that goes beside ``role``'s (e.g. its external data)."""
         return self._stage_for(self.paths[role]) / name
 
-    def commit(self) -> list[Path]:
+    def commit(self, roles: Iterable[str] | None = None) -> list[Path]:
         """Move every staged file into place: extra files, then the others, ``--out`` last.
+        With ``roles``, only those roles' files (no extras: a failed run commits its report).
 
         Every destination is checked again first; if one appears between that check and its
         no-clobber link (a concurrent run), the files this commit already placed are removed."""
-        mains = {self._stage_for(p) / p.name: p for p in self.paths.values()}
+        chosen = self.paths if roles is None else {r: self.paths[r] for r in roles if r in self.paths}
+        mains = {self._stage_for(p) / p.name: p for p in chosen.values()}
+        every_main = {self._stage_for(p) / p.name for p in self.paths.values()}
         moves = [  # extras (files the writers put beside a main file), then mains, --out last
             (f, f.parent.parent / f.name)
-            for stage in dict.fromkeys(self._stages.values())
+            for stage in (dict.fromkeys(self._stages.values()) if roles is None else {})
             for f in sorted(stage.iterdir())
-            if f not in mains
+            if f not in every_main
         ]
         moves += sorted(
             ((s, d) for s, d in mains.items() if s.exists()), key=lambda m: m[1] == self.paths.get("--out")
@@ -172,6 +164,37 @@ class OutputSet:
             except OSError as e:
                 raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
         return self._stages[folder]
+
+
+#: What ``--out`` can be: a folded model (``fold``) or a state dict that loads into the
+#: architecture (``recalibrate``; ``drop-bias`` and ``swap`` take either).
+MODEL_FORMATS = (".onnx", ".pt2")
+STATE_FORMATS = (".pt", ".pth", ".safetensors")
+ANY_FORMATS = (*STATE_FORMATS, *MODEL_FORMATS)
+
+
+def check_outputs(
+    outputs: Mapping[str, str | Path | None],
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    force: bool = False,
+    formats: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Path]:
+    """Rules 1-3 for every destination (all but the writable folder, which staging proves), by
+    role; nothing is created. The CLI runs this before it imports torch, then :class:`OutputSet`."""
+    paths = {role: Path(p) for role, p in outputs.items() if p is not None}
+    existing = [Path(p) for p in inputs if p is not None and _exists(Path(p))]
+    seen: dict[str, str] = {}
+    for role, path in paths.items():
+        _check_one(role, path, force, (formats or {}).get(role))
+        for other in existing:
+            if _same_file(path, other):
+                raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
+        seen[key] = role
+    return paths
 
 
 def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:

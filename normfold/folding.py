@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan
 from normfold.errors import TraceError, UsageError
-from normfold.graph import Capture, CaptureOptions, capture, owner
+from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
 
@@ -94,6 +94,10 @@ class FoldResult:
     #: Then ``program`` is None and only the captured parts were folded (see normfold.parts).
     uncaptured: list[Uncaptured] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. switched to eval)
+    #: ops of the captured graph before and after folding, by the ONNX op they become
+    #: (:func:`normfold.graph.op_counts`); empty when the model was not captured whole
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def export_only(self) -> list[Folded]:
@@ -109,6 +113,8 @@ class FoldResult:
             "replan_folds": self.replan_folds,
             "uncaptured": [asdict(u) for u in self.uncaptured],
             "notes": list(self.notes),
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
         }
 
 
@@ -135,7 +141,7 @@ def analyse(
     cap = capture(model, inputs, options or CaptureOptions())
     the_plan = plan(cap)
     eager = eager_plan(the_plan, cap, model)
-    result = FoldResult(model=model, params_before=_count_params(model))
+    result = FoldResult(model=model, params_before=_count_params(model), ops_before=op_counts(cap.graph))
     result.folded = [_folded(f, eager) for f in the_plan.folds]
     result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
                       for k in the_plan.kept]  # fmt: skip
@@ -146,6 +152,29 @@ def analyse(
             "statistics); the returned model is in eval mode"
         )
     return Analysis(cap, the_plan, eager, result)
+
+
+def capture_options(
+    inputs: Sequence[torch.Tensor],
+    dynamic_batch: bool = True,
+    dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
+) -> CaptureOptions:
+    """:class:`CaptureOptions` from the API's arguments, checked against the inputs."""
+    axes = []
+    for index, spec in (dynamic_axes or {}).items():
+        for axis, name in spec.items():
+            valid = isinstance(index, int) and isinstance(axis, int) and 0 <= index < len(inputs)
+            if not (valid and 0 <= axis < inputs[index].dim()):
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                raise UsageError(
+                    f"dynamic axis {name!r}: input {index!r} has no axis {axis!r} (inputs: {shapes})"
+                )
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise UsageError(f"dynamic_axes: the name of input {index} axis {axis} must be an identifier")
+            if name in [n for _, _, n in axes] or (name == "batch" and dynamic_batch):
+                raise UsageError(f"dynamic axis name {name!r} is used twice (the batch axis is 'batch')")
+            axes.append((index, axis, name))
+    return CaptureOptions(dynamic_batch=dynamic_batch, axes=tuple(axes))
 
 
 def check_materialized(model: nn.Module) -> None:
@@ -172,6 +201,7 @@ def fold(
     *,
     inplace: bool = False,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
 ) -> FoldResult:
     """Fold every eval-mode BatchNorm (and hand-written per-channel affine map) that can be folded.
 
@@ -179,10 +209,12 @@ def fold(
     on once. The input model is left untouched unless ``inplace=True``; the returned model is in
     eval mode and keeps the user's class and module names (folded norm modules become
     ``nn.Identity``). ``FoldResult.program`` is the folded exported program (dynamic batch axis
-    when ``dynamic_batch`` and the batch is at least 2), which ONNX/``.pt2`` export writes.
+    when ``dynamic_batch`` and the batch is at least 2, and the ``dynamic_axes``, given as
+    ``{input index: {axis: name}}``), which ONNX/``.pt2`` export writes.
     """
     model = working_copy(model, "fold", inplace=inplace)
-    inputs, options = as_inputs(example_inputs), CaptureOptions(dynamic_batch=dynamic_batch)
+    inputs = as_inputs(example_inputs)
+    options = capture_options(inputs, dynamic_batch, dynamic_axes)
     try:
         analysis = analyse(model, inputs, options)
     except TraceError as e:
@@ -194,6 +226,7 @@ def fold(
         model, eager, values if len(eager.folds) == len(the_plan.folds) else the_plan.values(cap, eager.folds)
     )
     result.program = apply_program(cap, the_plan, values)
+    result.ops_after = op_counts(result.program.graph)
     result.replan_folds = len(plan(Capture.of(result.program)).folds)
     if result.replan_folds:
         logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)

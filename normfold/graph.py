@@ -19,6 +19,7 @@ evaluates it in float64 so that folded values are rounded once, when cast back.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import warnings
@@ -44,9 +45,11 @@ _STATE_KINDS = {
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """How the model is captured: a dynamic batch axis (for export) or static shapes."""
+    """How the model is captured: a dynamic batch axis (for export) or static shapes, and more
+    dynamic axes by name: ``axes`` holds ``(input index, axis, name)`` (e.g. ``(0, 2, "height")``)."""
 
     dynamic_batch: bool = True
+    axes: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass
@@ -116,11 +119,66 @@ def quiet_exporter() -> Iterator[None]:
 
 def dynamic_shapes(inputs: Sequence[torch.Tensor], options: CaptureOptions) -> tuple[Any, ...] | None:
     """A shared dynamic batch axis when asked for and every input has a batch of at least 2
-    (torch.export specializes size-1 dimensions)."""
-    if not options.dynamic_batch or not inputs or any(t.dim() == 0 or t.shape[0] < 2 for t in inputs):
-        return None
-    batch = torch.export.Dim("batch", min=1, max=2**20)
-    return tuple({0: batch} for _ in inputs)
+    (torch.export specializes size-1 dimensions), plus ``options.axes`` (``Dim.AUTO``: export
+    infers their ranges, e.g. a conv's minimum size; :func:`axis_names` names them)."""
+    specs: list[dict[int, Any]] = [{} for _ in inputs]
+    if options.dynamic_batch and inputs and all(t.dim() > 0 and t.shape[0] >= 2 for t in inputs):
+        batch = torch.export.Dim("batch", min=1, max=2**20)
+        for spec in specs:
+            spec[0] = batch
+    for index, axis, _ in options.axes:
+        specs[index][axis] = torch.export.Dim.AUTO
+    return tuple(specs) if any(specs) else None
+
+
+#: ATen ops by the ONNX op they become, for before/after counts a user can put beside the
+#: written ONNX graph's (``linear`` is counted as one Gemm, as the exporter usually writes it)
+_AS_ONNX = {
+    "batch_norm": "BatchNormalization",
+    "_native_batch_norm_legit_no_training": "BatchNormalization",
+    "conv1d": "Conv", "conv2d": "Conv", "conv3d": "Conv",
+    "conv_transpose1d": "ConvTranspose", "conv_transpose2d": "ConvTranspose",
+    "conv_transpose3d": "ConvTranspose",
+    "linear": "Gemm", "addmm": "Gemm", "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul",
+    "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "cat": "Concat",
+}  # fmt: skip
+
+
+def op_counts(graph: fx.Graph) -> dict[str, int]:
+    """Ops of a captured graph counted by the ONNX op they become (others by ATen name)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target._overloadpacket.__name__.rstrip("_")
+        if name == "convolution":
+            counts["ConvTranspose" if bind(node).get("transposed") else "Conv"] += 1
+        else:
+            counts[_AS_ONNX.get(name, f"aten.{name}")] += 1
+    return dict(sorted(counts.items()))
+
+
+def axis_names(inputs: Sequence[torch.Tensor], options: CaptureOptions) -> list[dict[int, str]]:
+    """Per input, its dynamic axes by name (what :func:`dynamic_shapes` makes dynamic)."""
+    dynamic = dynamic_shapes(inputs, options)
+    if dynamic is None:
+        return []
+    names = [{a: "batch" for a in spec if a == 0 and options.dynamic_batch} for spec in dynamic]
+    for index, axis, name in options.axes:
+        names[index][axis] = name
+    return names
+
+
+def static_axes(program: ExportedProgram, options: CaptureOptions) -> list[tuple[int, int, str, int]]:
+    """The ``options.axes`` the capture fixed to one size: ``(input, axis, name, size)`` each."""
+    names = set(program.graph_signature.user_inputs)
+    user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+    fixed = []
+    for index, axis, name in options.axes:
+        size = user[index].meta["val"].shape[axis] if index < len(user) else None
+        if isinstance(size, int):
+            fixed.append((index, axis, name, size))
+    return fixed
 
 
 def capture(model: nn.Module, inputs: Sequence[torch.Tensor], options: CaptureOptions) -> Capture:

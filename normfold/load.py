@@ -22,7 +22,7 @@ Limits, checked before anything is allocated (a file or option over one is refus
   bytes in total (torch.save stores them uncompressed: a higher ratio is a decompression bomb);
 * a safetensors header may be at most 100 MiB and must fit in the file (safetensors then checks
   every offset, dtype and shape against the byte ranges);
-* example inputs hold at most :data:`~normfold.reference.MAX_INPUT_ELEMENTS` (2**28) elements in
+* example inputs hold at most :data:`~normfold.limits.MAX_INPUT_ELEMENTS` (2**28) elements in
   total, counted from their shapes (an expanded, stride-0 tensor counts every element it shows);
   each calibration batch the same, and a data file may not show more elements than it stores
   beyond that limit;
@@ -36,7 +36,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import io
-import json
 import logging
 import os
 import pickle
@@ -54,15 +53,12 @@ import torch
 from torch import nn
 
 from normfold.errors import LoadError, UsageError, first_line
-from normfold.reference import MAX_INPUT_ELEMENTS, input_limit_rule
+from normfold.limits import MAX_INPUT_ELEMENTS, input_limit_rule
 
 logger = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
-#: ``--model-args``: longest JSON text and deepest nesting accepted.
-MAX_MODEL_ARGS_CHARS = 65_536
-MAX_MODEL_ARGS_DEPTH = 32
 #: A zip checkpoint's members may declare at most this many times the file's size uncompressed
 #: (at least :data:`ZIP_MIN_ALLOWANCE` bytes) in total.
 ZIP_MAX_RATIO = 16
@@ -162,55 +158,7 @@ def build(
     from normfold.models import spec_of
 
     entry = spec_of(factory)
-    return model, ([tuple(entry.input_shape)] if entry is not None else None)
-
-
-def parse_model_args(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    if len(text) > MAX_MODEL_ARGS_CHARS:
-        raise UsageError(
-            f"--model-args is {len(text):,} characters long, over the limit of {MAX_MODEL_ARGS_CHARS:,}"
-        )
-    depth = _json_depth(text)
-    if depth > MAX_MODEL_ARGS_DEPTH:
-        raise UsageError(
-            f"--model-args nests {depth:,} levels deep, over the limit of {MAX_MODEL_ARGS_DEPTH} "
-            "(factory keyword arguments are a flat JSON object)"
-        )
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        shown = text if len(text) <= 200 else text[:200] + "..."
-        raise UsageError(f"--model-args is not valid JSON ({e.msg} at column {e.colno}): {shown}") from e
-    except RecursionError as e:  # not reached under the depth limit; never a traceback
-        raise UsageError("--model-args nests too deeply") from e
-    if not isinstance(value, dict):
-        shown = text if len(text) <= 200 else text[:200] + "..."
-        raise UsageError(f"--model-args must be a JSON object of keyword arguments, got {shown}")
-    return value
-
-
-def _json_depth(text: str) -> int:
-    """Deepest ``[``/``{`` nesting of a JSON text (brackets inside strings do not count)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
+    return model, ([tuple(s) for s in entry.input_shapes] if entry is not None else None)
 
 
 def load_model(
@@ -494,7 +442,11 @@ def _with_architecture(
     except Exception as e:
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
-        detail = f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        detail = (
+            f"{len(missing)} of the model's {len(expected)} keys are missing from the file "
+            f"{_first(missing)}, {len(unexpected)} of the file's {len(state)} keys are unexpected "
+            f"{_first(unexpected)}{_prefix_hint(set(state), expected)}"
+        )
         if not (missing or unexpected):  # same keys, so a shape mismatch: name the tensors
             own = module.state_dict()
             mismatched = [
@@ -505,6 +457,29 @@ def _with_architecture(
             detail = f"size mismatch: {'; '.join(mismatched[:5])}" if mismatched else first_line(e)
         raise LoadError(f"{path} does not fit {spec}: {detail}") from e
     return LoadedModel(module, f"{what} {path} into {spec}", shapes, notes, dtype)
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    return "" if not keys else f"({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def _prefix_hint(found: set[str], expected: set[str]) -> str:
+    """The likeliest fix for keys that differ by a prefix (a Lightning ``model.``, a wrapper's
+    ``backbone.``): the one prefix whose removal from, or addition to, the file's keys matches
+    the most model keys."""
+    best: tuple[int, str] = (0, "")
+    for keys, other, verb in ((found, expected, "strip"), (expected, found, "add")):
+        prefixes = {".".join(k.split(".")[:d]) + "." for k in keys for d in (1, 2) if k.count(".") >= d}
+        for p in prefixes:
+            hits = sum(k.startswith(p) and k[len(p) :] in other for k in keys)
+            if hits > best[0]:
+                best = (
+                    hits,
+                    f"{verb} the prefix {p!r} {'from' if verb == 'strip' else 'to'} the file's keys",
+                )
+    if best[0] < max(1, len(expected) / 2, len(found & expected) + 1):  # a fix, not a coincidence
+        return ""
+    return f"; {best[1]} and {best[0]} of the model's {len(expected)} keys match"
 
 
 def _keep_weights_dtype(

@@ -25,10 +25,12 @@ channel shifted by a tenth of its std is far outside it).
 
 ``pert_k`` are float64 runs of the original with every floating parameter and buffer multiplied
 by ``1 + d``, ``d`` uniform in ``(-u, u)`` (``u``: the unit roundoff of that tensor's dtype, one
-seeded draw per run; ``perturbations`` runs, default 2). A fold rounds its new parameters once,
-which is exactly such a perturbation; the original's own error alone is one sample of its
-rounding, which on a few output elements after a cancellation can be ten times below its usual
-size (seen in the fuzz tests), so a correct fold would fail by chance. Without an exact reference (a float64
+seeded draw per run: two up front, up to ``perturbations`` (default 8) when a candidate fails
+against those). A fold rounds its new parameters once, which is exactly such a perturbation; the
+original's own error alone is one sample of its rounding, which on a few output elements after a
+cancellation can be ten times below its usual size, and near ReLU kinks most perturbations change
+nothing while a few change a lot (both seen in the fuzz tests), so a correct fold would fail by
+chance. Without an exact reference (a float64
 copy did not fit in memory or could not run; :class:`ParityReport` ``notes`` say so), ``exact`` is
 the original output, ``noise`` is 0 and the floor alone applies. Maxima run over elements finite
 in every tensor involved.
@@ -143,16 +145,16 @@ class ParityRule:
     then override every floating and complex floor. ``value_range`` is the range of the uniform
     input set (:func:`normfold.reference.parity_sets`), as polygraphy's ``--val-range``.
     ``exact_limit_bytes`` caps the float64 copy of the model the exact reference needs; above it
-    the floor alone applies (and the report says so). ``perturbations`` is the number of float64
-    runs with rounding-sized parameter perturbations that measure the model's noise (0: its own
-    rounding error alone).
+    the floor alone applies (and the report says so). ``perturbations`` is the most float64 runs
+    with rounding-sized parameter perturbations that measure the model's noise (two up front, the
+    rest when a candidate fails against those; 0: its own rounding error alone).
     """
 
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)
     rtol: float | None = None
     atol: float | None = None
     noise_factor: float = 4.0
-    perturbations: int = 2
+    perturbations: int = 8
     value_range: tuple[float, float] = (0.0, 255.0)
     exact_limit_bytes: int = 4 * 1024**3
 
@@ -241,9 +243,10 @@ def _value_range(value: Any) -> tuple[float, float]:
 class OutputParity:
     """Comparison of one output tensor on one input set.
 
-    ``max_abs_error``/``max_rel_error``/``mean_abs_error`` are the candidate's distance from the
-    original (relative to ``max_abs_reference``, the largest finite magnitude of the original's
-    output). ``noise`` is the model's noise (module docstring: the original's own distance from
+    ``max_abs_error``/``max_rel_error``/``mean_abs_error``/``p99_abs_error`` are the candidate's
+    distance from the original (relative to ``max_abs_reference``, the largest finite magnitude of
+    the original's output); ``max_abs_error_at`` is the index of the largest. ``noise`` is the
+    model's noise (module docstring: the original's own distance from
     the exact float64 reference, or a perturbed run's if larger) and ``exact_error`` the
     candidate's (both ``nan`` without an exact reference); the pass criterion is ``exact_error``
     (else ``max_abs_error``) ``<= allowed_error``. When the shapes differ nothing can be compared
@@ -264,6 +267,8 @@ class OutputParity:
     noise: float = math.nan
     exact_error: float = math.nan
     allowed_error: float = math.nan
+    max_abs_error_at: tuple[int, ...] = ()  # the element of the largest difference from the original
+    p99_abs_error: float = math.nan  # 99th percentile of the differences from the original
 
     def failure(self) -> str | None:
         """One-line reason this output failed, naming it and the offending numbers; None if passed."""
@@ -295,6 +300,8 @@ class OutputParity:
             "max_abs_error": _json_float(self.max_abs_error),
             "max_rel_error": _json_float(self.max_rel_error),
             "mean_abs_error": _json_float(self.mean_abs_error),
+            "max_abs_error_at": list(self.max_abs_error_at),
+            "p99_abs_error": _json_float(self.p99_abs_error),
             "max_abs_reference": _json_float(self.max_abs_reference),
             "noise": _json_float(self.noise),
             "exact_error": _json_float(self.exact_error),
@@ -575,10 +582,16 @@ def _compare_tensors(
     elif not bool(r_finite.any()):
         problems.append("the original's output has no finite value: nothing to compare")
 
-    diff = (r - c).abs()[both_finite]
+    full = torch.where(both_finite, (r - c).abs(), torch.zeros((), dtype=r.real.dtype))
+    diff = full[both_finite]
     ref_abs = r.abs()[r_finite]
     max_abs = float(diff.max()) if diff.numel() else 0.0
     mean_abs = float(diff.mean()) if diff.numel() else 0.0
+    # polygraphy-style: where the largest difference is, and the 99th percentile
+    at, p99 = (), 0.0
+    if diff.numel():
+        at = tuple(int(i) for i in torch.unravel_index(full.argmax(), full.shape))
+        p99 = float(torch.kthvalue(diff.flatten().cpu(), math.ceil(0.99 * diff.numel())).values)
     max_ref = float(ref_abs.max()) if ref_abs.numel() else 0.0
     max_rel = max_abs / max_ref if max_ref > 0 else max_abs
 
@@ -604,6 +617,7 @@ def _compare_tensors(
     return OutputParity(
         name, shape, dtype, max_abs, max_rel, mean_abs, tol, passed, problem, max_ref,
         inputs=ctx.inputs, noise=noise, exact_error=exact_error, allowed_error=allowed,
+        max_abs_error_at=at, p99_abs_error=p99,
     )  # fmt: skip
 
 

@@ -1,23 +1,29 @@
 """Report helpers: step timings, library versions and JSON writing for ``--report``.
 
 The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict`; this module times
-the steps, stamps versions and writes the JSON (made atomic by :mod:`normfold.files`).
+the steps, wraps it in the envelope every report shares (:class:`RunRecord`: schema version,
+status, the failing step and message of a failed run, options, seed, start time, versions) and
+writes the JSON (made atomic by :mod:`normfold.files`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from normfold.errors import ExportError
+from normfold.errors import ExportError, plain
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +39,75 @@ class StepTimer:
     def __init__(self, on_step: StepHook | None = None) -> None:
         self.on_step = on_step
         self.timings: dict[str, float] = {}
+        self.current: str | None = None  # the step running, or the one that raised
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         hook = self.on_step(name) if self.on_step is not None else contextlib.nullcontext()
         start = time.perf_counter()
+        self.current = name
         with hook:
             yield
+        self.current = None
         self.timings[name] = time.perf_counter() - start
         logger.info("%s took %.3f s", name, self.timings[name])
+
+
+#: Version of the report's layout: 2 added the envelope (status, failure, options, seed, started),
+#: the summary, and dropped the blocks that were written twice (layers, the export's parity).
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class RunRecord:
+    """A run in progress as its report shows it: the command, what was asked (the API's own
+    arguments), when, the steps so far, and the result once there is one (``run.to_dict()``)."""
+
+    command: str
+    options: dict[str, Any]
+    steps: StepTimer
+    seed: int | None = None
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    run: Any = None
+
+    def to_dict(self, error: BaseException | None = None) -> dict[str, Any]:
+        """The report: the envelope, then the run's own blocks; with ``error``, a failed run's."""
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "command": self.command,
+            "status": "ok" if error is None else "failed",
+            "started": self.started,
+            "seed": self.seed,
+            "options": _jsonable(self.options),
+        }
+        if error is not None:
+            out["failure"] = {
+                "step": self.steps.current,
+                "error": type(error).__name__,
+                "exit_code": getattr(error, "exit_code", 1),
+                "message": plain(str(error)),
+            }
+        if self.run is not None:
+            out.update(self.run.to_dict())
+        out["timings_s"] = {k: round(v, 4) for k, v in self.steps.timings.items()}
+        out["versions"] = versions()
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Options as JSON: paths and dtypes as text, dataclasses (an input spec, a parity rule) as
+    objects, non-finite floats as text; anything else by its ``str``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return str(value)
 
 
 def versions() -> dict[str, str]:

@@ -50,9 +50,9 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def reference(model: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(x)
+        return model.eval()(*xs)
 
 
 def assert_fp32_close(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -63,12 +63,12 @@ def assert_fp32_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= allowed, f"max abs error {err:.3e} > allowed {allowed:.3e}"
 
 
-def run_ort(path: Path, x: torch.Tensor) -> torch.Tensor:
+def run_ort(path: Path, *xs: torch.Tensor) -> torch.Tensor:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no refolding in ORT
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in session.get_inputs()]
-    (out,) = session.run(None, {name: x.numpy()})
+    names = [i.name for i in session.get_inputs()]
+    (out,) = session.run(None, {name: x.numpy() for name, x in zip(names, xs, strict=True)})
     return torch.from_numpy(out)
 
 
@@ -184,16 +184,24 @@ def test_fold_zoo_model_to_onnx(tmp_path: Path, name: str) -> None:
     assert batch_dim(out).dim_param and not batch_dim(out).HasField("dim_value")  # dynamic batch
 
     for batch in (None, 3):  # the zoo's batch, and another one through the dynamic batch dim
-        (x,) = example_inputs(name, batch=batch)
-        assert_fp32_close(run_ort(out, x), reference(original, x))
+        xs = example_inputs(name, batch=batch)
+        assert_fp32_close(run_ort(out, *xs), reference(original, *xs))
 
     data = json.loads(report.read_text())
     assert data["source"] == f"factory normfold.models:{name}"
-    assert data["input_shapes"] == [list(ZOO[name].input_shape)]
+    assert data["input_shapes"] == [list(shape) for shape in ZOO[name].input_shapes]
     assert {s["norm"]: s["code"] for s in data["skipped"]} == kept
     assert all(s["reason"] for s in data["skipped"])
     assert {f["norm"] for f in data["folded"] if f["where"] == "export"} == ZOO_EXPORT_ONLY.get(name, set())
-    assert len(data["layers"]) == len(data["folded"]) + len(data["skipped"]) >= count_bn(original)
+    assert (data["schema_version"], data["command"], data["status"]) == (2, "fold", "ok")
+    summary = data["summary"]
+    assert summary["norms"] == len(data["folded"]) + len(data["skipped"]) >= count_bn(original)
+    assert (summary["folded"], summary["kept"]) == (len(data["folded"]), len(kept))
+    assert summary["ops_written"].get("BatchNormalization", 0) == onnx_bn
+    left = summary["ops_folded"].get("BatchNormalization", 0)  # what normfold left to the exporter
+    assert summary["exporter_removed_batchnorms"] == left - onnx_bn
+    assert "parity" not in data["export"]  # once, under "parity"
+    assert {i["shape"][0] for i in data["export"]["inputs"]} == {"batch"}  # the named dynamic axis
     assert set(data["parity"]) >= {"pytorch", "onnxruntime-cpu"}
     for runtime, rep in data["parity"].items():
         assert rep["passed"] is True, runtime
@@ -219,10 +227,10 @@ def test_fold_zoo_model_to_pt2(tmp_path: Path, name: str) -> None:
     program = torch.export.load(out).module()
     original = ZOO[name].factory()
     for batch in (None, 3):
-        (x,) = example_inputs(name, batch=batch)
+        xs = example_inputs(name, batch=batch)
         with torch.no_grad():
-            got = program(x)
-        assert_fp32_close(got, reference(original, x))
+            got = program(*xs)
+        assert_fp32_close(got, reference(original, *xs))
 
 
 def test_static_batch(tmp_path: Path) -> None:
@@ -313,11 +321,23 @@ def test_input_shape_and_dtype(tmp_path: Path) -> None:
     assert data["input_shapes"] == [[1, 64]]
     assert data["parity"]["pytorch"]["outputs"][0]["shape"] == [2, 10]  # batch 1 widened to 2 for parity
     assert data["parity"]["pytorch"]["outputs"][0]["dtype"] == "float32"
-    # the dtype reaches the example inputs: float64 inputs cannot run through a float32 Linear
+    # generated inputs follow the weights: another float dtype is a usage error, not torch's
     result = invoke("fold", "normfold.models:mlp", "--input-shape", "1,64", "--input-dtype", "float64",
                     "--out", tmp_path / "f64.pt2")  # fmt: skip
-    assert result.exit_code == 4, result.output
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: --input-dtype float64 differs from the weights' float32: inputs follow the weights "
+        "(omit --input-dtype)"
+    )
     assert not (tmp_path / "f64.pt2").exists()
+    # integer dtypes are not listed: their values must be real (token ids), so they come from --inputs
+    result = invoke("fold", "normfold.models:mlp", "--input-shape", "1,64", "--input-dtype", "int64",
+                    "--out", tmp_path / "i.pt2")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: --input-dtype 'int64': choose one of float32, float16, bfloat16, float64 (integer inputs "
+        "need real values, e.g. token ids: pass them with --inputs FILE)"
+    )
 
 
 @pytest.fixture
@@ -391,7 +411,7 @@ ERROR_CASES: list[ErrorCase] = [
     ("torchscript", lambda d: torch.jit.save(torch.jit.script(mlp()), str(d / "ts.pt")),
      ["fold", "ts.pt", "--out", "o.onnx"], 3, "TorchScript archive"),
     ("wrong-architecture", lambda d: torch.save(mlp().state_dict(), d / "mlp.pt"),
-     ["fold", "mlp.pt", "--model", RESNET, "--out", "o.onnx"], 3, "missing keys"),
+     ["fold", "mlp.pt", "--model", RESNET, "--out", "o.onnx"], 3, "keys are missing from the file"),
     ("unknown-factory", None,
      ["fold", "normfold.models:nope", "--out", "o.onnx"], 3, "has no attribute 'nope'"),
     ("malformed-shape", None,
@@ -510,14 +530,14 @@ def test_inspect_mixed_lists_every_norm_and_writes_nothing(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     result = ok("inspect", "normfold.models:mixed")
-    rows = {
-        norm: next((ln for ln in result.stdout.splitlines() if f" {norm} " in ln), "")
+    rows = {  # piped (not a terminal): one plain "norm | type | action | into / reason" line each
+        norm: next((ln for ln in result.stdout.splitlines() if ln.startswith(f"{norm} | ")), "")
         for norm in MIXED_REASONS
     }
     for norm, reason in MIXED_REASONS.items():
         assert reason in rows[norm], (norm, rows[norm])
-    assert " fold " in rows["bn_a"]
-    assert all(" keep " in rows[n] for n in MIXED_REASONS if n != "bn_a")
+    assert " | fold | " in rows["bn_a"]
+    assert all(" | keep | " in rows[n] for n in MIXED_REASONS if n != "bn_a")
     assert "1 of 6 norm ops would fold" in result.stdout
     assert listing(tmp_path) == []
 
@@ -529,9 +549,12 @@ def test_inspect_report(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert [f["norm"] for f in data["folded"]] == ["bn_a"]
     assert {s["norm"] for s in data["skipped"]} == set(MIXED_REASONS) - {"bn_a"}
-    assert {row["norm"]: row["action"] for row in data["layers"]} == {
-        n: "fold" if n == "bn_a" else "keep" for n in MIXED_REASONS
-    }
+    assert (data["command"], data["status"], data["summary"]["folded"], data["summary"]["kept"]) == (
+        "inspect",
+        "ok",
+        1,
+        5,
+    )
     assert data["parity"] == {"pytorch": None}
     assert data["export"] is None
     assert data["input_shapes"] == [list(ZOO["mixed"].input_shape)]
@@ -555,7 +578,7 @@ def test_not_quiet_prints_layers_parity_and_summary(tmp_path: Path) -> None:
 def test_inspect_shows_each_zoo_pattern(name: str) -> None:
     result = ok("inspect", f"normfold.models:{name}")
     for norm, pattern, _ in ZOO_SHOWS[name]:
-        row = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"│ {norm} "))
+        row = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"{norm} | "))
         assert f"({pattern})" in row, row
 
 
@@ -711,3 +734,215 @@ def test_how_the_model_was_taken_is_shown_and_reported(tmp_path: Path, command: 
     assert note in json.loads(report.read_text())["notes"]
     graph = onnx.load(str(out)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run says: exit codes, the before/after summary, --require-all, reports on failure
+
+
+def test_exit_codes_are_one_table_in_help_docstring_and_readme() -> None:
+    from normfold.cli import app as cli
+
+    from normfold import errors
+
+    table = cli.exit_codes_markdown()
+    assert table in (Path(__file__).parents[1] / "README.md").read_text()
+    help_text = " ".join(ok("--help").stdout.split())  # rich wraps the paragraph
+    for code, what, _ in cli.EXIT_CODES:
+        assert f"{code} {what}" in help_text
+        assert f"* {code}: {what}" in cli.__doc__
+    codes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)
+             and hasattr(c, "exit_code")}  # fmt: skip
+    assert {str(c) for c in codes} <= {code for code, _, _ in cli.EXIT_CODES}
+    assert errors.NotFoldedError.exit_code == 7
+
+
+def test_fold_prints_before_after_summary_and_a_result_line(tmp_path: Path) -> None:
+    out = tmp_path / "r.onnx"
+    lines = ok("fold", RESNET, "--out", out).stdout.splitlines()
+    assert "op | original | folded | written (onnx)" in lines
+    assert "BatchNormalization | 8 | 0 | 0" in lines and "Conv | 8 | 8 | 8" in lines
+    assert "inputs: x float [batch, 3, 32, 32]" in lines
+    assert "outputs: linear float [batch, 10]" in lines
+    assert any(ln.startswith(f"wrote {out} (onnx, ") and ln.endswith(", opset 20)") for ln in lines)
+    assert (
+        "normfold folded 8 of 8 norm ops; none kept; the ONNX exporter removed no BatchNormalization "
+        "on its own" in lines
+    )
+    assert lines[-1] == (
+        f"normfold: ok folded=8/8 kept=0 exporter_removed_bn=0 parity=pass(pytorch,onnxruntime-cpu) out={out}"
+    )
+
+
+def test_require_all_exits_7_listing_every_kept_norm_and_writes_only_the_report(tmp_path: Path) -> None:
+    out, report, saved = tmp_path / "m.onnx", tmp_path / "m.json", tmp_path / "in.pt"
+    args = ("fold", "normfold.models:mixed", "--out", out, "--report", report, "--save-inputs", saved)
+    result = invoke(*args, "--require-all")
+    assert result.exit_code == 7
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: 5 of 6 norm ops stay, and every one was required to fold:"
+    kept = {ln.split(":")[0].strip(): ln for ln in lines[1:]}
+    assert set(kept) == set(MIXED_REASONS) - {"bn_a"}
+    for norm, reason in MIXED_REASONS.items():
+        if norm != "bn_a":
+            assert reason in kept[norm], kept[norm]
+    assert listing(tmp_path) == ["in.pt", "m.json"]  # no model; the report and inputs to reproduce it
+    data = json.loads(report.read_text())
+    assert (data["status"], data["command"], data["schema_version"]) == ("failed", "fold", 2)
+    assert data["failure"]["step"] == "require all"
+    assert (data["failure"]["error"], data["failure"]["exit_code"]) == ("NotFoldedError", 7)
+    assert data["failure"]["message"] == "\n".join(line.removeprefix("error: ") for line in lines)
+    assert data["options"]["require_all"] is True and data["seed"] == 0
+    assert {s["norm"] for s in data["skipped"]} == set(kept)
+    sets = torch.load(saved, weights_only=True)
+    assert list(sets) == ["normal", "uniform[0,255]"] and sets["normal"][0].shape == (2, 8, 8, 8)
+    # without the flag the same model folds what it can and exits 0
+    result = ok(*args[:2], "--out", out)
+    assert result.stdout.splitlines()[-1].startswith("normfold: ok folded=1/6 kept=5 ")
+
+
+def test_inspect_require_all() -> None:
+    assert invoke("inspect", "normfold.models:mixed", "--require-all").exit_code == 7
+    assert ok("inspect", RESNET, "--require-all").stdout.splitlines()[-1] == (
+        "normfold: ok folded=8/8 kept=0 out=none"
+    )
+
+
+def test_a_parity_failure_writes_its_report_with_error_statistics(tmp_path: Path) -> None:
+    out, report = tmp_path / "r.onnx", tmp_path / "r.json"
+    args = ("--rtol", "0", "--atol", "0", "--noise-factor", "0")  # nothing but exact equality passes
+    result = invoke("fold", RESNET, "--out", out, "--report", report, *args)
+    assert result.exit_code == 5
+    assert listing(tmp_path) == ["r.json"]
+    data = json.loads(report.read_text())
+    assert data["status"] == "failed" and data["failure"]["step"] == "verify (pytorch)"
+    assert data["failure"]["message"] == error_line(result).removeprefix("error: ")
+    assert data["options"]["rule"]["noise_factor"] == 0.0
+    (worst, *_) = sorted(data["parity"]["pytorch"]["outputs"], key=lambda o: -o["max_abs_error"])
+    assert worst["passed"] is False
+    assert len(worst["max_abs_error_at"]) == 2 and worst["max_abs_error_at"][0] < worst["shape"][0]
+    assert 0 < worst["p99_abs_error"] <= worst["max_abs_error"]
+    assert worst["mean_abs_error"] <= worst["max_abs_error"]
+    assert data["started"].endswith("+00:00") and data["versions"]["torch"] == version("torch")
+
+
+def test_debug_prints_the_traceback_of_a_failure(tmp_path: Path) -> None:
+    result = invoke("--debug", "fold", "normfold.models:mixed", "--out", tmp_path / "m.onnx", "--require-all")
+    assert result.exit_code == 7
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "NotFoldedError" in result.stderr
+
+
+def test_exporter_errors_are_cleaned_and_name_the_op() -> None:
+    from normfold.export import _exporter_failure
+
+    class Eig(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.eigvals(x).real
+
+    program = torch.export.export(Eig(), (torch.randn(2, 3, 3),))
+    with pytest.raises(Exception) as exc:
+        torch.onnx.export(program, (torch.randn(2, 3, 3),), dynamo=True, verbose=False)
+    assert "\x1b[" in str(exc.value)  # the exporter's own message has terminal escape codes
+    message = _exporter_failure(exc.value)
+    assert "\x1b" not in message
+    assert message.startswith(
+        " at aten.linalg_eig.default (node linalg_eig): DispatchError: No ONNX function"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes: names, several inputs, dynamic axes
+
+
+def test_two_inputs_by_name_and_a_named_dynamic_axis(tmp_path: Path) -> None:
+    out, report = tmp_path / "t.onnx", tmp_path / "t.json"
+    result = ok(
+        "fold", "normfold.models:two_tower", "--input-shape", "features:1,12", "--input-shape",
+        "image:1,3,20,20", "--dynamic", "image:2=height,3=width", "--out", out, "--report", report,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "inputs: image float [batch, 3, height, width], features float [batch, 12]" in lines
+    data = json.loads(report.read_text())
+    assert data["input_shapes"] == [[1, 3, 20, 20], [1, 12]]  # put in the forward's order
+    sets = {o["inputs"] for o in data["parity"]["onnxruntime-cpu"]["outputs"]}
+    assert "resized[batch=3,height=40,width=40]" in sets  # checked at a second size, in onnxruntime too
+    model = ZOO["two_tower"].factory()
+    for size in (17, 33):
+        xs = (torch.randn(3, 3, size, size + 5), torch.randn(3, 12))
+        assert_fp32_close(run_ort(out, *xs), reference(model, *xs))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input-shape", "1,3,24,24"],
+         "factory normfold.models:two_tower's forward(image, features) takes 2 input(s), got 1 "
+         "--input-shape: give one --input-shape per input, in order or as name:1,3,224,224"),
+        (["--input-shape", "img:1,3,24,24", "--input-shape", "features:1,12"],
+         "--input-shape names img: factory normfold.models:two_tower's forward(image, features) has no such "
+         "argument"),
+        (["--input-shape", "image:1,3,24,24"],
+         "--input-shape: factory normfold.models:two_tower's forward(image, features) needs a shape for "
+         "features too"),
+        (["--input-shape", "image:1,3,24,24", "--input-shape", "1,12"],
+         "--input-shape: name every shape (name:1,3,224,224) or none of them"),
+        (["--input-shape", "1,3,,24"],
+         "--input-shape '1,3,,24': dimension 3 is empty (expected comma-separated positive integers like "
+         "1,3,224,224)"),
+        (["--dynamic", "2:height"],
+         "--dynamic '2:height': expected [INPUT:]AXIS=NAME,... like 2=height,3=width or image:2=height"),
+        (["--dynamic", "features:1=width"],  # the Linear fixes the feature axis
+         "--dynamic width (input 1, axis 1): the model fails at sizes 24 and 13, so the axis cannot vary"),
+    ],
+)  # fmt: skip
+def test_shape_and_dynamic_errors_name_the_fix(tmp_path: Path, args: list[str], message: str) -> None:
+    result = invoke("fold", "normfold.models:two_tower", "--out", tmp_path / "t.onnx", *args)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"error: {message}"
+    assert listing(tmp_path) == []
+
+
+def test_usage_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
+    """A typo is answered at once: the options are checked before torch (or onnx) is imported."""
+    (tmp_path / "exists.onnx").write_bytes(b"x")
+    code = f"""
+import sys
+from typer.testing import CliRunner
+import normfold.cli.app as cli
+cases = [["fold", "m.pt", "--out", "o.onnx", "--input-shape", "1,,3"],
+         ["fold", "m.pt", "--out", "o.onnx", "--value-range", "5,1"],
+         ["fold", "m.pt", "--out", "o.onnx", "--model-args", "{{x"],
+         ["fold", "m.pt", "--out", "o.onx"],
+         ["fold", "m.pt", "--out", {str(tmp_path / "exists.onnx")!r}],
+         ["inspect", "m.pt", "--dynamic", "x"]]
+for args in cases:
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 2, (args, r.output)
+    loaded = [m for m in {HEAVY!r} if m in sys.modules]
+    assert not loaded, (args, loaded)
+print("light")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "light"
+
+
+def test_piped_output_at_80_columns_never_splits_a_cell() -> None:
+    result = CliRunner().invoke(app, ["inspect", "normfold.models:mixed"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    rows = [ln for ln in lines if ln.split(" | ")[0] in MIXED_REASONS]
+    assert len(rows) == len(MIXED_REASONS)
+    assert all(len(row.split(" | ")) == 4 for row in rows)  # every row whole on its line
+    long = next(r for r in rows if r.startswith("bn_shared | "))
+    assert len(long) > 80 and MIXED_REASONS["bn_shared"] in long
+    assert not any(c in result.stdout for c in "│─╭")  # no box drawing in a log
+
+
+def test_help_shows_metavars_defaults_and_examples() -> None:
+    text = ok("fold", "--help").stdout
+    assert "<list[str]>" not in text and "<bool>" not in text and "--trust " in text  # flags: no type tag
+    for piece in ("[NAME:]SHAPE", "[default: 4.0]", "Examples:", "timm:create_model", "--require-all"):
+        assert piece in text, piece
+    assert "Examples:" in ok("inspect", "--help").stdout

@@ -18,6 +18,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,16 +29,9 @@ from typer.testing import CliRunner, Result
 
 from normfold import load as load_mod
 from normfold.errors import LoadError, UsageError
-from normfold.load import (
-    MAX_MODEL_ARGS_DEPTH,
-    ZIP_MIN_ALLOWANCE,
-    load_batches,
-    load_inputs,
-    load_model,
-    parse_model_args,
-)
+from normfold.limits import MAX_INPUT_ELEMENTS, MAX_MODEL_ARGS_DEPTH, parse_model_args
+from normfold.load import ZIP_MIN_ALLOWANCE, load_batches, load_inputs, load_model
 from normfold.pipeline import InputSpec, _example_inputs
-from normfold.reference import MAX_INPUT_ELEMENTS
 
 RESNET = "normfold.models:resnet"
 MLP = "normfold.models:mlp"  # builds in a millisecond: for runs where the model is not the subject
@@ -207,7 +201,11 @@ def test_bad_input_shapes_are_one_line_usage_errors(
 
 
 def test_the_limit_is_the_sum_over_all_inputs() -> None:
-    from normfold.cli.app import _input_spec
+    from normfold.cli.app import _source_options, _with_inputs
+
+    def _input_spec(shapes: list[str], dtype: None, file: None) -> Any:
+        return _with_inputs(_source_options("m", None, None, False, shapes, dtype, file, True))["inputs"]
+
 
     half = f"1,{MAX_INPUT_ELEMENTS // 2}"
     assert _input_spec([half, half], None, None).shapes == [(1, MAX_INPUT_ELEMENTS // 2)] * 2  # at the limit

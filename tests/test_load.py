@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normfold.errors import LoadError, UsageError
-from normfold.load import LoadedModel, load_inputs, load_model, parse_model_args
+from normfold.limits import parse_model_args
+from normfold.load import LoadedModel, load_inputs, load_model
 
 RESNET = "normfold.models:resnet"
 SAFE_ALTERNATIVE = "torch.save(model.state_dict()"
@@ -66,7 +67,7 @@ def test_factory_spec_loads_zoo_model_with_default_input_shape(name: str) -> Non
     assert isinstance(loaded, LoadedModel)
     assert isinstance(loaded.model, nn.Module)
     assert type(loaded.model) is type(ZOO[name].factory())
-    assert loaded.input_shapes == [ZOO[name].input_shape]
+    assert loaded.input_shapes == list(ZOO[name].input_shapes)
     assert loaded.source == f"factory normfold.models:{name}"
     assert _same_state(loaded.model, ZOO[name].factory())
 
@@ -212,8 +213,27 @@ def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path: Path) ->
         load_model(path, model=RESNET)
     msg = str(exc.value)
     assert f"does not fit {RESNET}" in msg
-    assert "missing keys ['conv1.weight'" in msg  # resnet's keys, sorted, that mlp lacks
-    assert "unexpected keys ['bn2.bias'" in msg  # mlp's keys that resnet lacks
+    # totals, then the first keys, sorted: resnet's that mlp lacks, mlp's that resnet lacks
+    assert "45 of the model's 50 keys are missing from the file (conv1.weight, " in msg
+    assert "10 of the file's 15 keys are unexpected (bn2.bias, " in msg
+    assert "the prefix" not in msg  # no prefix makes these fit: no hint
+
+
+def test_keys_under_a_prefix_get_the_fix_named(tmp_path: Path) -> None:
+    """A Lightning-style checkpoint (``model.`` before every key) and a wrapper's (the model's
+    keys under ``backbone.``): the message names the prefix to strip or add."""
+    path = tmp_path / "lightning.pt"
+    torch.save({f"model.{k}": v for k, v in mlp().state_dict().items()} | {"loss.w": torch.ones(1)}, path)
+    with pytest.raises(LoadError) as exc:
+        load_model(path, model="normfold.models:mlp")
+    fix = "; strip the prefix 'model.' from the file's keys and 15 of the model's 15 keys match"
+    assert str(exc.value).endswith(fix)
+    path = tmp_path / "inner.pt"
+    state = mlp().state_dict()
+    torch.save({k: v for k, v in state.items() if k.startswith("fc1.")}, path)
+    with pytest.raises(LoadError) as exc:
+        load_model(path, model="normfold.models:mlp")
+    assert "the prefix" not in str(exc.value)  # keys missing, but no prefix would fix it
 
 
 def test_same_keys_wrong_shapes_is_a_load_error(tmp_path: Path) -> None:

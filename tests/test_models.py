@@ -39,10 +39,10 @@ def test_registry_names_are_factory_specs() -> None:
 def test_builds_in_eval_mode_and_runs(built: tuple[str, nn.Module]) -> None:
     name, model = built
     assert not any(m.training for m in model.modules())
-    (x,) = example_inputs(name)
+    xs = example_inputs(name)
     with torch.no_grad():
-        out = model(x)
-    assert out.shape[0] == x.shape[0]
+        out = model(*xs)
+    assert out.shape[0] == xs[0].shape[0]
     assert torch.isfinite(out).all()
 
 
@@ -104,7 +104,8 @@ def test_torch_export(built: tuple[str, nn.Module]) -> None:
     inputs = example_inputs(name)
     program = torch.export.export(model, inputs, strict=False)
     batch = torch.export.Dim("batch", min=1, max=2**20)  # as normfold.export does by default
-    dynamic = torch.export.export(model, inputs, dynamic_shapes=({0: batch},), strict=False)
+    shapes = tuple({0: batch} for _ in inputs)
+    dynamic = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(*inputs), model(*inputs), rtol=0, atol=0)
         other = example_inputs(name, batch=3, seed=1)
@@ -151,9 +152,9 @@ def _assert_stats_match(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
 def test_batchnorm_statistics_match_the_data(built: tuple[str, nn.Module]) -> None:
     """Running statistics are those of the activations a fresh batch produces, not merely non-default."""
     name, model = built
-    (x,) = example_inputs(name, batch=256, seed=5)
+    xs = example_inputs(name, batch=256, seed=5)
     with torch.no_grad(), _BatchNormInputs() as mode:
-        model(x)
+        model(*xs)
     assert len(mode.calls) == len(_tracked_bns(model)) > 0  # each tracked BatchNorm runs once
     for i, (inp, mean, var) in enumerate(mode.calls):
         _assert_stats_match(inp, mean, var, f"{name}: F.batch_norm call {i}")
@@ -161,13 +162,13 @@ def test_batchnorm_statistics_match_the_data(built: tuple[str, nn.Module]) -> No
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_inputs(name: str) -> None:
-    shape = ZOO[name].input_shape
-    (x,) = example_inputs(name)
-    assert tuple(x.shape) == shape
-    (y,) = example_inputs(name, batch=5)
-    assert tuple(y.shape) == (5, *shape[1:])
+    shapes = ZOO[name].input_shapes
+    xs = example_inputs(name)
+    assert [tuple(x.shape) for x in xs] == list(shapes)
+    ys = example_inputs(name, batch=5)
+    assert [tuple(y.shape) for y in ys] == [(5, *shape[1:]) for shape in shapes]
     assert torch.equal(example_inputs(name, seed=7)[0], example_inputs(name, seed=7)[0])
-    assert not torch.equal(example_inputs(name, seed=7)[0], x)
+    assert not torch.equal(example_inputs(name, seed=7)[0], xs[0])
 
 
 def test_example_inputs_unknown_name_lists_names() -> None:

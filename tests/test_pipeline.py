@@ -79,8 +79,15 @@ def test_inspect_reports_every_norm_with_code_and_changes_nothing():
     assert rows["bn_shared"].action == "keep" and rows["bn_shared"].code == "shared_producer"
     assert "shared.weight is used by 2 ops" in rows["bn_shared"].reason
     assert run.parity is None and run.export is None
-    assert run.fold.program is None  # planned only
-    assert run.fold.params_after is None
+
+
+@pytest.mark.parametrize("name", ["mixed", "mlp", "levit", "bn_head", "custom_bn", "same_pad"])
+def test_inspect_decides_exactly_as_fold(name: str) -> None:
+    """Same engine, same inputs (the batch widened, the batch axis dynamic): the same rows."""
+    seen = inspect(f"normfold.models:{name}")
+    done = fold_and_export(f"normfold.models:{name}", None)
+    assert [vars(r) for r in seen.layers] == [vars(r) for r in done.layers]
+    assert seen.summary() == done.summary()
 
 
 def test_a_batch_of_one_widened_over_the_input_limit_is_refused_before_allocating(

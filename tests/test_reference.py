@@ -13,8 +13,9 @@ from torch import nn
 
 import normfold
 from normfold.errors import UsageError
+from normfold.limits import MAX_INPUT_ELEMENTS
 from normfold.parity import ParityRule, compare
-from normfold.reference import MAX_INPUT_ELEMENTS, make_reference, parity_sets, random_inputs, verify
+from normfold.reference import make_reference, parity_sets, random_inputs, verify
 
 X = (torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(0)),)
 
