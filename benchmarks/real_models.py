@@ -38,6 +38,9 @@ Columns of the table (batch-norm ops are ATen nodes ``batch_norm`` or
 * ``ratio``: ``max(err_fold, err_fold_export) / err_orig``, where each error is the max abs
   difference from a float64 run of the original model: ``err_fold`` of ``result.model``,
   ``err_fold_export`` of ``result.program.module()`` and ``err_orig`` of the float32 original.
+* ``verify``: ``normfold.verify(model, result.model, (x,))``, the parity rule ``normfold fold``
+  applies (against a float64 run, allowing the model's own noise; on the batch, standard normal
+  and uniform 0..255 inputs): ``pass`` or ``FAIL`` (a refused fold, listed under "Worth a look").
   At most 2 means folding costs at most twice the float32 model's own rounding error.
 * ``fold s``, ``export s``, ``fx s``: wall time of one ``normfold.fold`` call, of
   ``torch.export.export`` alone and of ``fuse`` alone, measured back to back on each model.
@@ -168,6 +171,7 @@ COLUMNS = [
     "ONNX left",
     "ONNX after nf",
     "ratio",
+    "verify",
     "fold s",
     "export s",
     "fx s",
@@ -376,6 +380,9 @@ def parity(row: dict[str, Any], model: nn.Module, result: Any, x: torch.Tensor) 
     if result is not None:
         worst = max(errors["err_fold"], errors["err_fold_export"])
         row["ratio"] = worst / errors["err_orig"] if errors["err_orig"] else math.inf * (worst > 0)
+        report = normfold.verify(model, result.model, (x,))  # the parity rule, as `normfold fold` runs it
+        row["verify"] = "pass" if report.passed else "FAIL"
+        row["verify_failures"] = report.failures()
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
     for r in rows:
         values = [r["model"], r.get("bn_before"), r.get("left"), r.get("fx_left"), r.get("onnx_left"),
-                  r.get("onnx_nf_left"), r.get("ratio"), r.get("fold_s"), r.get("export_s"),
+                  r.get("onnx_nf_left"), r.get("ratio"), r.get("verify"), r.get("fold_s"), r.get("export_s"),
                   r.get("fx_s"), r.get("failure", "")]  # fmt: skip
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     lines.append("| " + " | ".join(cell(v) for v in totals(rows).values()) + " |")
@@ -419,6 +426,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "onnx_left": total("onnx_left"),
         "onnx_nf_left": total("onnx_nf_left"),
         "ratio": max(ratios, default=None),
+        "verify": f"{sum(r.get('verify') == 'pass' for r in rows)} pass",
         "fold_s": total("fold_s"),
         "export_s": total("export_s"),
         "fx_s": total("fx_s"),
@@ -457,6 +465,8 @@ def checks_section(rows: list[dict[str, Any]]) -> str:
                 f"err_fold {r['err_fold']:.3g}, err_fold_export {r['err_fold_export']:.3g}, "
                 f"max|ref| {r['ref_max']:.3g})"
             )
+        if r.get("verify") == "FAIL":
+            lines.append(f"- {r['model']}: verify refused the fold: {r['verify_failures'][0]}")
         if r.get("bn_before") == 0:
             lines.append(f"- {r['model']}: has no batch-norm op")
         for key, message in r["errors"].items():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -221,9 +222,26 @@ class _Eager:
 
 
 def apply_module(model: nn.Module, eager: EagerPlan, values: dict[str, torch.Tensor]) -> None:
-    """Write ``values`` (FQN -> tensor) and remove the norms of ``eager`` from ``model``."""
+    """Write ``values`` (FQN -> tensor) and remove the norms of ``eager`` from ``model``. A
+    tensor registered under several names (tied) gets the value under every one: the export
+    names it once, by any of them, and the module it calls may be registered under another."""
+    names: dict[int, list[str]] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in [*params.items(), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
     for fqn, value in values.items():
-        _set_tensor(model, fqn, value)
+        prefix, _, attr = fqn.rpartition(".")
+        held = getattr(model.get_submodule(prefix), attr, None)
+        first, *others = names.get(id(held), [fqn]) if held is not None else [fqn]
+        _set_tensor(model, first, value)
+        new = model.get_parameter(first) if first in params else None
+        for name in others:  # the same new object under every name: the tie stays a tie
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if new is not None and leaf in module._parameters:
+                module._parameters[leaf] = new
+            else:
+                _set_tensor(model, name, value)
     for path in eager.neutral:
         bn = model.get_submodule(path)
         # new tensors, never in-place: the caller's model may share them (inplace=False copies)
@@ -241,9 +259,45 @@ def apply_module(model: nn.Module, eager: EagerPlan, values: dict[str, torch.Ten
                     parent._modules[name] = nn.Identity()
 
 
+def write_in_place(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Copy each new value into the tensor ``model`` already holds under its FQN (same shape,
+    dtype and device, and no other name of ``model`` shares its storage), so a fold allocates
+    no second copy of the weights; the rest (new biases, tied tensors) stay new tensors. Returns
+    FQN -> the tensor now holding the value, for :func:`apply_module` and the program."""
+    shared = _shared_storage(model)
+    out: dict[str, torch.Tensor] = {}
+    for fqn, value in values:
+        prefix, _, name = fqn.rpartition(".")
+        current = getattr(model.get_submodule(prefix), name, None)
+        fits = isinstance(current, torch.Tensor) and (current.shape, current.dtype, current.device) == (
+            value.shape,
+            value.dtype,
+            value.device,
+        )
+        if fits and current.untyped_storage().data_ptr() not in shared:
+            with torch.no_grad():
+                current.copy_(value)
+            value = current.detach()
+        out[fqn] = value
+    return out
+
+
+def _shared_storage(model: nn.Module) -> set[int]:
+    """Storages that more than one tensor of ``model`` uses (views of one buffer). One tensor
+    under several names (tied) is not in it: :func:`apply_module` gives every name the value."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        seen[ptr] = seen.get(ptr, 0) + 1
+    return {ptr for ptr, n in seen.items() if n > 1}
+
+
 def _set_tensor(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
     prefix, _, name = fqn.rpartition(".")
     module = model.get_submodule(prefix)
+    held = module._parameters.get(name, module._buffers.get(name))
+    if held is not None and held.data_ptr() == value.data_ptr():
+        return  # written in place (write_in_place): the module holds it already
     if name in module._buffers:
         module._buffers[name] = value
         return
@@ -274,10 +328,14 @@ def apply_program(capture: Capture, plan: Plan, values: dict[str, torch.Tensor])
             graph.erase_node(node)
     specs = list(program.graph_signature.input_specs)
     state = dict(program.state_dict)
+    slot: tuple[int, fx.Node] | None = None  # new biases go after the last parameter, in order
     for fold in plan.folds:
         for u in fold.updates:
             if u.bias is None and new_bias_name(capture, u.weight) not in state:
-                _add_bias(graph, specs, state, by_name[u.layer], capture, u.weight, values)
+                if slot is None:  # a folded layer's weight is a parameter: there is a last one
+                    last = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
+                    slot = (last, by_name[specs[last].arg.name])
+                slot = _add_bias(graph, specs, state, by_name[u.layer], capture, u.weight, values, slot)
     for fqn, value in values.items():
         old = state.get(fqn)
         state[fqn] = (
@@ -300,11 +358,13 @@ def _add_bias(
     capture: Capture,
     weight_fqn: str,
     values: dict[str, torch.Tensor],
-) -> None:
+    slot: tuple[int, fx.Node],
+) -> tuple[int, fx.Node]:
+    """Add the new bias as a parameter input after ``slot`` (spec index, placeholder); return
+    the slot after it, so a thousand new biases cost no thousand scans of the graph."""
     fqn = new_bias_name(capture, weight_fqn)
     weight_node = bind(layer)["weight"]
-    last_param = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
-    anchor = next(n for n in graph.nodes if n.op == "placeholder" and n.name == specs[last_param].arg.name)
+    last_param, anchor = slot
     with graph.inserting_after(anchor):
         node = graph.placeholder("p_" + re.sub(r"\W", "_", fqn))  # a Python identifier ("block1-0" too)
     fake = weight_node.meta["val"]
@@ -312,6 +372,7 @@ def _add_bias(
     specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn))
     state[fqn] = nn.Parameter(values[fqn].detach(), requires_grad=False)
     set_arg(layer, "bias", node)
+    return last_param + 1, node
 
 
 def _outputs(graph: fx.Graph, signature: ExportGraphSignature) -> list[OutputSpec]:

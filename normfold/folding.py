@@ -32,7 +32,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.nn.modules.batchnorm import _NormBase
 
-from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan
+from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan, write_in_place
 from normfold.errors import TraceError, UsageError
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
@@ -220,11 +220,13 @@ def fold(
     except TraceError as e:
         return fold_parts(model.eval(), inputs, e, options)
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
-    values = the_plan.values(cap)
-    # the eager module gets the same values unless some folds land in the export only
-    apply_module(
-        model, eager, values if len(eager.folds) == len(the_plan.folds) else the_plan.values(cap, eager.folds)
-    )
+    if len(eager.folds) == len(the_plan.folds):
+        # the module and the program get the same values: written into the model's own tensors
+        values = write_in_place(model, the_plan.iter_values(cap))
+        apply_module(model, eager, values)
+    else:  # some folds land in the export only: the module gets its own subset
+        values = the_plan.values(cap)
+        apply_module(model, eager, the_plan.values(cap, eager.folds))
     result.program = apply_program(cap, the_plan, values)
     result.ops_after = op_counts(result.program.graph)
     result.replan_folds = len(plan(Capture.of(result.program)).folds)

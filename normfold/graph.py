@@ -61,6 +61,7 @@ class Capture:
     kind: dict[str, str] = field(default_factory=dict)  # placeholder name -> parameter/buffer/constant
     #: module path -> the first path of the same module object (a module registered twice)
     aliases: dict[str, str] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)  # every parameter, buffer and constant name
 
     @classmethod
     def of(cls, program: ExportedProgram) -> Capture:
@@ -70,6 +71,7 @@ class Capture:
             if kind is not None and spec.target is not None:
                 capture.fqn[spec.arg.name] = spec.target
                 capture.kind[spec.arg.name] = kind
+        capture.names = {*program.state_dict, *program.constants}
         return capture
 
     @property

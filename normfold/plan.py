@@ -34,7 +34,7 @@ a reason. :meth:`Plan.values` replays the folds into new parameter values keyed 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,16 +119,23 @@ class Plan:
         Folds touching one layer compose in plan order, in float64, and are cast back once. A
         bias created by a fold is named by :func:`new_bias_name` and takes the weight's dtype.
         """
-        current: dict[str, torch.Tensor] = {}
-        dtypes: dict[str, torch.dtype] = {}
+        return dict(self.iter_values(capture, folds))
+
+    def iter_values(
+        self, capture: Capture, folds: list[Fold] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`values` one layer at a time (weight, then bias): only that layer's float64
+        copy is alive, and a caller that writes each value away holds no full copy either."""
+        by_layer: dict[str, list[LayerUpdate]] = {}  # weight FQN -> its updates, in plan order
         for fold in self.folds if folds is None else folds:
             for u in fold.updates:
-                weight = capture.value(u.weight)
-                bias_name = u.bias or new_bias_name(capture, u.weight)
-                w = current.get(u.weight, weight.detach().to(torch.float64))
-                b = current.get(bias_name)
-                if b is None and u.bias is not None:
-                    b = capture.value(u.bias).detach().to(torch.float64)
+                by_layer.setdefault(u.weight, []).append(u)
+        for fqn, updates in by_layer.items():  # one layer's float64 copy alive at a time
+            weight = capture.value(fqn)
+            bias_name = updates[0].bias or new_bias_name(capture, fqn)
+            w = weight.detach().to(torch.float64)
+            b = capture.value(updates[0].bias).detach().to(torch.float64) if updates[0].bias else None
+            for u in updates:
                 s, t = u.scale.to(w.device), u.shift.to(w.device)
                 w = w.t() if u.in_out else w  # (out, in) for the fold math
                 if u.side == "output":
@@ -136,17 +143,17 @@ class Plan:
                 else:
                     w, b = scale_input(w, b, s, t, groups=u.groups)
                 w = w.t() if u.in_out else w
-                current[u.weight], current[bias_name] = w, b
-                dtypes[u.weight] = dtypes[bias_name] = weight.dtype
-        return {k: v.to(dtypes[k]) for k, v in current.items()}
+            w, b = w.to(weight.dtype), b.to(weight.dtype)
+            yield fqn, w
+            yield bias_name, b
+            del w, b
 
 
 def new_bias_name(capture: Capture, weight_fqn: str) -> str:
     """FQN for a bias created by a fold: ``<prefix>.bias``, unless that name is taken."""
     prefix, _, _ = weight_fqn.rpartition(".")
     name = f"{prefix}.bias" if prefix else "bias"
-    taken = set(capture.program.state_dict) | set(capture.program.constants)
-    return name if name not in taken else f"{weight_fqn}_folded_bias"
+    return name if name not in capture.names else f"{weight_fqn}_folded_bias"
 
 
 _GENERIC_FORWARD = {"feeds_op", "before_activation", "model_output", "unused", "multiple_users"}
@@ -187,6 +194,8 @@ class _Planner:
         self.consts = Constants(capture)
         self.removed: dict[fx.Node, fx.Node] = {}  # folded op -> its input on the chain
         self._passed: list[fx.Node] = []  # folded ops the current walk went through
+        #: weight FQN -> (plan index, fold) of the folds into it
+        self._folds_into: dict[str, list[tuple[int, Fold]]] = {}
         self.result = Plan()
 
     # --- driver ---------------------------------------------------------------------------------
@@ -229,12 +238,14 @@ class _Planner:
         for node in nodes:
             self.removed[node] = _chain_input(node, self.consts)
         self.result.folds.append(fold)
+        for u in fold.updates:
+            self._folds_into.setdefault(u.weight, []).append((len(self.result.folds) - 1, fold))
         logger.debug("fold %s -> %s (%s)", unit.name, [u.layer for u in fold.updates], fold.pattern)
 
     def _check_range(self, fold: Fold) -> None:
         """A fold whose new values overflow the parameter dtype (fp16: |x| > 65504) is no fold."""
-        weights = {u.weight for u in fold.updates}
-        related = [f for f in self.result.folds if weights & {u.weight for u in f.updates}]
+        related = {i: f for u in fold.updates for i, f in self._folds_into.get(u.weight, [])}
+        related = [related[i] for i in sorted(related)]  # plan order: the maps compose in it
         for name, value in self.result.values(self.capture, [*related, fold]).items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise _Fail(

@@ -6,6 +6,7 @@ the export only is in test_apply.py.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -198,6 +199,38 @@ def test_inplace_true_folds_the_given_model():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     result = normfold.fold(model, _input((2, 3, 6, 6)), inplace=True)
     assert result.model is model and isinstance(model.norm, nn.Identity)
+
+
+def test_inplace_true_writes_into_the_models_own_weight_tensors():
+    """No second copy of the weights: the folded values land in the tensors the model holds
+    (the same Parameter, the same storage), and the program shares them."""
+    model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = _input((2, 3, 6, 6))
+    expected = normfold.fold(model, x).model  # a copy, folded the usual way
+    weight, bias = model.producer.weight, model.producer.bias
+    pointers = (weight.data_ptr(), bias.data_ptr())
+    result = normfold.fold(model, x, inplace=True)
+    assert model.producer.weight is weight and model.producer.bias is bias
+    assert (weight.data_ptr(), bias.data_ptr()) == pointers
+    assert torch.equal(weight, expected.producer.weight) and torch.equal(bias, expected.producer.bias)
+    assert result.program.state_dict["producer.weight"].data_ptr() == pointers[0]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_tied_weight_gets_the_folded_value_under_every_name(inplace: bool) -> None:
+    """A weight registered under two names (tied) and read by one op. torch.export names it by
+    the other module (``spare.weight``); the fold used to land there only, leaving the called
+    ``producer`` unfolded after its BatchNorm was removed: a wrong model. Both names (one tensor)
+    now hold the folded value, and the result matches the original."""
+    model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.spare = nn.Conv2d(3, 4, 3)
+    model.spare.weight = model.producer.weight  # tied, never called
+    x = _input((2, 3, 6, 6))
+    reference = copy.deepcopy(model)
+    result = normfold.fold(model, x, inplace=inplace)
+    assert result.model.spare.weight is result.model.producer.weight  # still tied
+    assert normfold.verify(reference, result.model, x).passed
+    assert normfold.verify(reference, exported(result.program), x).passed
 
 
 def test_param_counts_are_reported():
