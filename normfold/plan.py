@@ -121,20 +121,43 @@ class Plan:
         """
         return dict(self.iter_values(capture, folds))
 
+    def overflow(self, capture: Capture, folds: list[Fold]) -> tuple[str, torch.dtype] | None:
+        """The first new value after ``folds`` that is not finite in its dtype (its FQN and that
+        dtype), else None; a block of rows at a time where the folds allow (:meth:`iter_values`)."""
+        for fqn, updates in _by_layer(folds).items():
+            weight = capture.value(fqn)
+            if not weight.is_floating_point():
+                continue
+            if not _output_only(updates):
+                mine = [f for f in folds if any(u.weight == fqn for u in f.updates)]
+                bad = next(
+                    (n for n, v in self.iter_values(capture, mine) if not bool(v.isfinite().all())), None
+                )
+                if bad is not None:
+                    return bad, weight.dtype
+                continue
+            bias = capture.value(updates[0].bias).detach().to(torch.float64) if updates[0].bias else None
+            blocks, shift = _row_blocks(weight, bias, updates)
+            if any(not bool(torch.isfinite(block).all()) for _, block in blocks):
+                return fqn, weight.dtype
+            if not bool(torch.isfinite(shift.to(weight.dtype)).all()):
+                return updates[0].bias or new_bias_name(capture, fqn), weight.dtype
+        return None
+
     def iter_values(
         self, capture: Capture, folds: list[Fold] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """:meth:`values` one layer at a time (weight, then bias): only that layer's float64
         copy is alive, and a caller that writes each value away holds no full copy either."""
-        by_layer: dict[str, list[LayerUpdate]] = {}  # weight FQN -> its updates, in plan order
-        for fold in self.folds if folds is None else folds:
-            for u in fold.updates:
-                by_layer.setdefault(u.weight, []).append(u)
-        for fqn, updates in by_layer.items():  # one layer's float64 copy alive at a time
+        for fqn, updates in _by_layer(self.folds if folds is None else folds).items():
+            # one layer's float64 copy alive at a time
             weight = capture.value(fqn)
             bias_name = updates[0].bias or new_bias_name(capture, fqn)
-            w = weight.detach().to(torch.float64)
             b = capture.value(updates[0].bias).detach().to(torch.float64) if updates[0].bias else None
+            if _output_only(updates):
+                yield from _scaled_rows(fqn, weight, bias_name, b, updates)
+                continue
+            w = weight.detach().to(torch.float64)
             for u in updates:
                 s, t = u.scale.to(w.device), u.shift.to(w.device)
                 w = w.t() if u.in_out else w  # (out, in) for the fold math
@@ -147,6 +170,61 @@ class Plan:
             yield fqn, w
             yield bias_name, b
             del w, b
+
+
+def _by_layer(folds: list[Fold]) -> dict[str, list[LayerUpdate]]:
+    """Weight FQN -> its updates, in plan order (the order the maps compose in)."""
+    by_layer: dict[str, list[LayerUpdate]] = {}
+    for fold in folds:
+        for u in fold.updates:
+            by_layer.setdefault(u.weight, []).append(u)
+    return by_layer
+
+
+def _output_only(updates: list[LayerUpdate]) -> bool:
+    return all(u.side == "output" and u.kind != "conv_transpose" for u in updates)
+
+
+#: float64 elements of a weight converted at once by :func:`_scaled_rows` (64 MB)
+_CHUNK = 2**23
+
+
+def _scaled_rows(
+    fqn: str, weight: torch.Tensor, bias_name: str, bias: torch.Tensor | None, updates: list[LayerUpdate]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Output-side folds only (the usual case): ``W' = S W``, ``b' = S b + T`` with the folds
+    composed per output channel first, the weight scaled a block of rows at a time, so no
+    float64 copy of a large weight is ever whole."""
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    blocks, shift = _row_blocks(weight, bias, updates)
+    for start, block in blocks:
+        out[start : start + block.shape[0]] = block
+    yield fqn, out
+    yield bias_name, shift.to(device=weight.device, dtype=weight.dtype)
+
+
+def _row_blocks(
+    weight: torch.Tensor, bias: torch.Tensor | None, updates: list[LayerUpdate]
+) -> tuple[Iterator[tuple[int, torch.Tensor]], torch.Tensor]:
+    """(the folded weight as ``(first row, block)`` pieces in the weight's dtype, the folded
+    bias in float64) for output-side folds composed per channel."""
+    scale = torch.ones(updates[0].scale.numel(), dtype=torch.float64)
+    shift = torch.zeros_like(scale) if bias is None else bias.cpu()
+    for u in updates:
+        scale, shift = u.scale * scale, u.scale * shift + u.shift
+    axis = 1 if updates[0].in_out else 0  # output channels: rows, or columns of an (in, out) matrix
+    view = [1] * weight.dim()
+    view[axis] = -1
+    scale_v = scale.to(weight.device).reshape(view)
+    rows = max(1, _CHUNK // max(1, weight[0].numel()))
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows].detach().to(torch.float64)
+            s = scale_v if axis == 1 else scale_v[start : start + rows]
+            yield start, (block * s).to(weight.dtype)
+
+    return blocks(), shift
 
 
 def new_bias_name(capture: Capture, weight_fqn: str) -> str:
@@ -246,13 +324,14 @@ class _Planner:
         """A fold whose new values overflow the parameter dtype (fp16: |x| > 65504) is no fold."""
         related = {i: f for u in fold.updates for i, f in self._folds_into.get(u.weight, [])}
         related = [related[i] for i in sorted(related)]  # plan order: the maps compose in it
-        for name, value in self.result.values(self.capture, [*related, fold]).items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise _Fail(
-                    "overflow",
-                    f"the folded {name} does not fit in {str(value.dtype).removeprefix('torch.')} "
-                    f"(largest finite {torch.finfo(value.dtype).max:.4g}): the fold would make it inf",
-                )
+        found = self.result.overflow(self.capture, [*related, fold])
+        if found is not None:
+            name, dtype = found
+            raise _Fail(
+                "overflow",
+                f"the folded {name} does not fit in {str(dtype).removeprefix('torch.')} "
+                f"(largest finite {torch.finfo(dtype).max:.4g}): the fold would make it inf",
+            )
 
     # --- units ----------------------------------------------------------------------------------
 
