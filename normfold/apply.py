@@ -53,7 +53,7 @@ from normfold.graph import (
     shape,
     tensor_meta,
 )
-from normfold.plan import Fold, Plan, input_arg, new_bias_name
+from normfold.plan import Fold, Plan, RowBlocks, input_arg, new_bias_name
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,9 @@ def apply_module(model: nn.Module, eager: EagerPlan, values: dict[str, torch.Ten
                     parent._modules[name] = nn.Identity()
 
 
-def write_in_place(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def write_in_place(
+    model: nn.Module, values: Iterable[tuple[str, torch.Tensor | RowBlocks]]
+) -> dict[str, torch.Tensor]:
     """Copy each new value into the tensor ``model`` already holds under its FQN (same shape,
     dtype and device, and no other name of ``model`` shares its storage), so a fold allocates
     no second copy of the weights; the rest (new biases, tied tensors) stay new tensors. Returns
@@ -269,16 +271,21 @@ def write_in_place(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]])
     for fqn, value in values:
         prefix, _, name = fqn.rpartition(".")
         current = getattr(model.get_submodule(prefix), name, None)
+        like = value.weight if isinstance(value, RowBlocks) else value
         fits = isinstance(current, torch.Tensor) and (current.shape, current.dtype, current.device) == (
-            value.shape,
-            value.dtype,
-            value.device,
+            like.shape,
+            like.dtype,
+            like.device,
         )
         if fits and current.untyped_storage().data_ptr() not in shared:
-            with torch.no_grad():
-                current.copy_(value)
-            value = current.detach()
-        out[fqn] = value
+            if isinstance(value, RowBlocks):
+                value.write_into(current)  # a block of rows at a time, straight into place
+            else:
+                with torch.no_grad():
+                    current.copy_(value)
+            out[fqn] = current.detach()
+        else:
+            out[fqn] = value.tensor() if isinstance(value, RowBlocks) else value
     return out
 
 

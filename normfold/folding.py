@@ -222,7 +222,7 @@ def fold(
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
     if len(eager.folds) == len(the_plan.folds):
         # the module and the program get the same values: written into the model's own tensors
-        values = write_in_place(model, the_plan.iter_values(cap))
+        values = write_in_place(model, the_plan.iter_values(cap, lazy=True))
         apply_module(model, eager, values)
     else:  # some folds land in the export only: the module gets its own subset
         values = the_plan.values(cap)

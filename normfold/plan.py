@@ -145,17 +145,18 @@ class Plan:
         return None
 
     def iter_values(
-        self, capture: Capture, folds: list[Fold] | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, capture: Capture, folds: list[Fold] | None = None, *, lazy: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
         """:meth:`values` one layer at a time (weight, then bias): only that layer's float64
-        copy is alive, and a caller that writes each value away holds no full copy either."""
+        copy is alive, and a caller that writes each value away holds no full copy either.
+        ``lazy``: a weight folded on its output side only comes as :class:`RowBlocks`."""
         for fqn, updates in _by_layer(self.folds if folds is None else folds).items():
             # one layer's float64 copy alive at a time
             weight = capture.value(fqn)
             bias_name = updates[0].bias or new_bias_name(capture, fqn)
             b = capture.value(updates[0].bias).detach().to(torch.float64) if updates[0].bias else None
             if _output_only(updates):
-                yield from _scaled_rows(fqn, weight, bias_name, b, updates)
+                yield from _scaled_rows(fqn, weight, bias_name, b, updates, lazy)
                 continue
             w = weight.detach().to(torch.float64)
             for u in updates:
@@ -189,17 +190,41 @@ def _output_only(updates: list[LayerUpdate]) -> bool:
 _CHUNK = 2**23
 
 
+@dataclass
+class RowBlocks:
+    """A folded weight not computed yet: written a block of rows at a time into a tensor of its
+    shape (:meth:`write_into`, no whole copy ever), or made whole (:meth:`tensor`)."""
+
+    weight: torch.Tensor  # the weight before the fold
+    bias: torch.Tensor | None  # float64, before the fold
+    updates: list[LayerUpdate]
+
+    def write_into(self, out: torch.Tensor) -> None:
+        blocks, _ = _row_blocks(self.weight, self.bias, self.updates)
+        with torch.no_grad():
+            for start, block in blocks:
+                out[start : start + block.shape[0]] = block
+
+    def tensor(self) -> torch.Tensor:
+        out = torch.empty_like(self.weight, memory_format=torch.contiguous_format)
+        self.write_into(out)
+        return out
+
+
 def _scaled_rows(
-    fqn: str, weight: torch.Tensor, bias_name: str, bias: torch.Tensor | None, updates: list[LayerUpdate]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    fqn: str,
+    weight: torch.Tensor,
+    bias_name: str,
+    bias: torch.Tensor | None,
+    updates: list[LayerUpdate],
+    lazy: bool,
+) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
     """Output-side folds only (the usual case): ``W' = S W``, ``b' = S b + T`` with the folds
     composed per output channel first, the weight scaled a block of rows at a time, so no
-    float64 copy of a large weight is ever whole."""
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    blocks, shift = _row_blocks(weight, bias, updates)
-    for start, block in blocks:
-        out[start : start + block.shape[0]] = block
-    yield fqn, out
+    float64 copy of a large weight is ever whole (``lazy``: nor a copy in its own dtype)."""
+    rows = RowBlocks(weight, bias, updates)
+    yield fqn, rows if lazy else rows.tensor()
+    _, shift = _row_blocks(weight, bias, updates)
     yield bias_name, shift.to(device=weight.device, dtype=weight.dtype)
 
 
