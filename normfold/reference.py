@@ -187,8 +187,9 @@ def _exact_outputs(
     size = sum(t.numel() for t in floating) * 8
     if size > rule.exact_limit_bytes:
         notes.append(
-            f"no float64 reference: a float64 copy of the model needs {size / 2**30:.1f} GiB, over the "
-            f"limit of {rule.exact_limit_bytes / 2**30:.1f} GiB; judged by the fixed tolerance alone"
+            f"no float64 reference: a float64 copy of the model needs {size:,} bytes, over the limit "
+            f"of {rule.exact_limit_bytes:,} ({rule.exact_limit_bytes / 2**30:.1f} GiB); judged by the "
+            "fixed tolerance alone"
         )
         return None, []
     try:

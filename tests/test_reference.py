@@ -154,7 +154,11 @@ def test_no_float64_reference_above_the_limit_says_so() -> None:
     report = verify(model, copy.deepcopy(model), X, rule=rule)
     assert report.passed and all(math.isnan(o.noise) for o in report.outputs)
     (note,) = report.notes
-    assert note.startswith("no float64 reference: a float64 copy of the model needs 0.0 GiB, over the limit")
+    size = 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    assert note == (
+        f"no float64 reference: a float64 copy of the model needs {size:,} bytes, over the limit of 100 "
+        "(0.0 GiB); judged by the fixed tolerance alone"
+    )
 
 
 class CastsToFloat32(nn.Module):
