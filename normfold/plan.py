@@ -137,8 +137,8 @@ class Plan:
                     return bad, weight.dtype
                 continue
             bias = capture.value(updates[0].bias).detach().to(torch.float64) if updates[0].bias else None
-            blocks, shift = _row_blocks(weight, bias, updates)
-            if any(not bool(torch.isfinite(block).all()) for _, block in blocks):
+            rows, shift = RowBlocks.of(weight, bias, updates)
+            if any(not bool(torch.isfinite(block).all()) for _, block in rows.blocks()):
                 return fqn, weight.dtype
             if not bool(torch.isfinite(shift.to(weight.dtype)).all()):
                 return updates[0].bias or new_bias_name(capture, fqn), weight.dtype
@@ -186,23 +186,45 @@ def _output_only(updates: list[LayerUpdate]) -> bool:
     return all(u.side == "output" and u.kind != "conv_transpose" for u in updates)
 
 
-#: float64 elements of a weight converted at once by :func:`_scaled_rows` (64 MB)
+#: float64 elements of a weight converted at once by :meth:`RowBlocks.blocks` (64 MB)
 _CHUNK = 2**23
 
 
 @dataclass
 class RowBlocks:
-    """A folded weight not computed yet: written a block of rows at a time into a tensor of its
-    shape (:meth:`write_into`, no whole copy ever), or made whole (:meth:`tensor`)."""
+    """A folded weight not computed yet, ``W' = S W`` along the output channels: written a block
+    of rows at a time into a tensor of its shape (:meth:`write_into`, no whole copy ever), or made
+    whole (:meth:`tensor`)."""
 
     weight: torch.Tensor  # the weight before the fold
-    bias: torch.Tensor | None  # float64, before the fold
-    updates: list[LayerUpdate]
+    scale: torch.Tensor  # S: the output-side folds composed per channel (float64)
+    in_out: bool  # an (in, out) matrix: the output channels are its columns
+
+    @classmethod
+    def of(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, updates: list[LayerUpdate]
+    ) -> tuple[RowBlocks, torch.Tensor]:
+        """The folded weight and the folded bias (float64, ``b' = S b + T``) of output-side folds."""
+        scale = torch.ones(updates[0].scale.numel(), dtype=torch.float64)
+        shift = torch.zeros_like(scale) if bias is None else bias.cpu()
+        for u in updates:
+            scale, shift = u.scale * scale, u.scale * shift + u.shift
+        return cls(weight, scale, updates[0].in_out), shift
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows of W')`` in the weight's dtype, about :data:`_CHUNK` elements each."""
+        w = self.weight
+        view = [1] * w.dim()
+        view[1 if self.in_out else 0] = -1
+        scale = self.scale.to(w.device).reshape(view)
+        rows = max(1, _CHUNK // max(1, w[0].numel()))
+        for start in range(0, w.shape[0], rows):
+            s = scale if self.in_out else scale[start : start + rows]
+            yield start, (w[start : start + rows].detach().to(torch.float64) * s).to(w.dtype)
 
     def write_into(self, out: torch.Tensor) -> None:
-        blocks, _ = _row_blocks(self.weight, self.bias, self.updates)
         with torch.no_grad():
-            for start, block in blocks:
+            for start, block in self.blocks():
                 out[start : start + block.shape[0]] = block
 
     def tensor(self) -> torch.Tensor:
@@ -219,37 +241,12 @@ def _scaled_rows(
     updates: list[LayerUpdate],
     lazy: bool,
 ) -> Iterator[tuple[str, torch.Tensor | RowBlocks]]:
-    """Output-side folds only (the usual case): ``W' = S W``, ``b' = S b + T`` with the folds
-    composed per output channel first, the weight scaled a block of rows at a time, so no
-    float64 copy of a large weight is ever whole (``lazy``: nor a copy in its own dtype)."""
-    rows = RowBlocks(weight, bias, updates)
+    """Output-side folds only (the usual case): the folds composed per output channel first, the
+    weight scaled a block of rows at a time, so no float64 copy of a large weight is ever whole
+    (``lazy``: nor a copy in its own dtype)."""
+    rows, shift = RowBlocks.of(weight, bias, updates)
     yield fqn, rows if lazy else rows.tensor()
-    _, shift = _row_blocks(weight, bias, updates)
     yield bias_name, shift.to(device=weight.device, dtype=weight.dtype)
-
-
-def _row_blocks(
-    weight: torch.Tensor, bias: torch.Tensor | None, updates: list[LayerUpdate]
-) -> tuple[Iterator[tuple[int, torch.Tensor]], torch.Tensor]:
-    """(the folded weight as ``(first row, block)`` pieces in the weight's dtype, the folded
-    bias in float64) for output-side folds composed per channel."""
-    scale = torch.ones(updates[0].scale.numel(), dtype=torch.float64)
-    shift = torch.zeros_like(scale) if bias is None else bias.cpu()
-    for u in updates:
-        scale, shift = u.scale * scale, u.scale * shift + u.shift
-    axis = 1 if updates[0].in_out else 0  # output channels: rows, or columns of an (in, out) matrix
-    view = [1] * weight.dim()
-    view[axis] = -1
-    scale_v = scale.to(weight.device).reshape(view)
-    rows = max(1, _CHUNK // max(1, weight[0].numel()))
-
-    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
-        for start in range(0, weight.shape[0], rows):
-            block = weight[start : start + rows].detach().to(torch.float64)
-            s = scale_v if axis == 1 else scale_v[start : start + rows]
-            yield start, (block * s).to(weight.dtype)
-
-    return blocks(), shift
 
 
 def new_bias_name(capture: Capture, weight_fqn: str) -> str:
