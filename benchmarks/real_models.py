@@ -16,6 +16,11 @@ Run it (5-40 s a model, about 11 minutes for the whole list on 2 CPU cores)::
 
     /work/rmvenv/bin/python benchmarks/real_models.py --json benchmarks/real_models_latest.json
     /work/rmvenv/bin/python benchmarks/real_models.py --models resnet18,timm/levit_128s --skip-onnx
+    /work/rmvenv/bin/python benchmarks/real_models.py --end-to-end 3   # about 15 minutes
+
+``--end-to-end REPEATS`` times only ``normfold fold real_models:random_model --out x.onnx`` against
+a bare ``torch.onnx.export`` of the same model, each a fresh process (the suite's end-to-end rows,
+``benchmarks/suite.py``), on twelve models of the list unless ``--models`` names others.
 
 Models are built with random weights (``weights=None`` / ``pretrained=False``). Every
 ``_BatchNorm`` then gets seeded random statistics and affine parameters (running_mean ~ N(0, 0.5),
@@ -62,6 +67,7 @@ import json
 import logging
 import math
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +161,13 @@ TIMM = [
 
 DEFAULT_MODELS = [f"tv/{n}" for n in TORCHVISION] + [f"timm/{n}" for n in TIMM]
 
+#: ``--end-to-end`` models (fresh processes, each run takes seconds): one or two of each family
+END_TO_END_MODELS = [
+    *("tv/resnet18", "tv/resnet50", "tv/mobilenet_v3_large", "tv/efficientnet_b0", "tv/densenet121"),
+    *("tv/regnet_y_400mf", "timm/cspresnet50", "timm/mixnet_s", "timm/repvgg_a0", "timm/fastvit_t8"),
+    *("timm/levit_128s", "timm/efficientvit_m0"),
+]
+
 BN_OPS = {
     torch.ops.aten.batch_norm.default,
     torch.ops.aten._native_batch_norm_legit_no_training.default,
@@ -220,6 +233,35 @@ def randomize_batch_norms(model: nn.Module, generator: torch.Generator) -> int:
                 module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
     return count
+
+
+def random_model(name: str, size: int = DEFAULT_SIZE) -> nn.Module:
+    """The model as :func:`measure` builds it (random init, seeded random BatchNorm statistics),
+    in eval mode: the factory ``normfold fold real_models:random_model`` calls in ``--end-to-end``."""
+    model, _ = build(resolve(name), size)
+    randomize_batch_norms(model, seed_everything(SEED))
+    return model.eval()
+
+
+def end_to_end(names: list[str], size: int, repeats: int) -> str:
+    """``normfold fold --out x.onnx`` vs a bare ``torch.onnx.export`` of each model (the suite's
+    end-to-end rows: fresh processes, imports and verification included, interleaved)."""
+    from suite import END_TO_END_HEADER, end_to_end_row
+    from suite import table as markdown_table
+
+    rows = []
+    here = str(Path(__file__).resolve().parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            shape = ",".join(map(str, (BATCH, *build(resolve(name), size)[1])))
+            source = ["real_models:random_model", "--model-args", json.dumps({"name": name, "size": size}),
+                      "--input-shape", shape]  # fmt: skip
+            bare = (f"import torch, real_models\nmodel = real_models.random_model({name!r}, {size})\n"
+                    f"torch.onnx.export(model, (torch.randn({shape}),), OUT, dynamo=True)")  # fmt: skip
+            rows.append(end_to_end_row(name, source, bare, Path(tmp), repeats, env={"PYTHONPATH": here}))
+            print(f"{name}: ratio {rows[-1][3]:.2f}", file=sys.stderr, flush=True)
+    ratios = sorted(r[3] for r in rows)
+    return markdown_table(END_TO_END_HEADER, rows) + f"\n\nmedian ratio {statistics.median(ratios):.2f}"
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -508,8 +550,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write every row here (rewritten after each model)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input side for resizable models")
     parser.add_argument("--skip-onnx", action="store_true", help="leave out the two ONNX exports")
+    parser.add_argument("--end-to-end", type=int, metavar="REPEATS",
+                        help="only time `normfold fold --out x.onnx` vs a bare torch.onnx.export, "
+                        f"REPEATS times (default models: {', '.join(END_TO_END_MODELS)})")  # fmt: skip
     args = parser.parse_args(argv)
     names = [resolve(n.strip()) for n in args.models.split(",")] if args.models else DEFAULT_MODELS
+    if args.end_to_end:
+        print(end_to_end(names if args.models else END_TO_END_MODELS, args.size, args.end_to_end))
+        return
 
     with quiet():
         warm_up()

@@ -4,6 +4,7 @@ cost of the tool, and memory. One command runs it all and prints markdown tables
     python benchmarks/suite.py --quick              # 2 CPU cores: under 15 minutes
     python benchmarks/suite.py                      # the full profile (deeper nets, more repeats)
     python benchmarks/suite.py --quick --only cost  # one section
+    python benchmarks/suite.py --only cost --depths 3000,5000
 
 Every timing is interleaved: each repeat times every variant once, in turn, so a slow moment of
 the machine hits all of them alike; tables show the median over the repeats and the spread
@@ -14,17 +15,19 @@ Sections:
 
 * **latency**: per zoo model, eager latency of the original, of
   ``torch.fx.experimental.optimization.fuse``'s result, of normfold's folded model and of the
-  BN-free limit (every ``_BatchNorm`` replaced by ``nn.Identity``: no fold can beat it), and
-  onnxruntime latency (default graph optimizations, which fuse Conv+BN themselves) of normfold's
-  ONNX vs a plain ``torch.onnx.export`` of the original. Batch 1 and 16, 1 and 2 threads (quick:
-  batch 1 and 16, 1 thread).
+  BN-free limit (the original without the BatchNorms normfold folded, each dropped as if never
+  there; see :func:`bn_free`), and onnxruntime latency (default graph optimizations, which fuse
+  Conv+BN themselves) of normfold's ONNX, of a plain ``torch.onnx.export`` of the original and
+  of the limit's export. Batch 1 and 16, 1 and 2 threads (quick: batch 1 and 16, 1 thread).
 * **numerics**: max abs output error against a float64 run of the original, relative to the
   output scale, in float32, float16 and bfloat16, normfold vs fx fuse; and the folded weights'
   error against the folded weights computed in float64.
 * **cost**: fold time vs fx fuse vs a bare ``torch.export.export`` (dynamic batch, as normfold
-  captures) on the zoo and on deep Conv-BN-ReLU nets; and ``normfold fold --out x.onnx`` end to
-  end (verification included) vs a bare ``torch.onnx.export`` of the same model, by step (the
-  ``--report`` step names).
+  captures) on the zoo and on deep Conv-BN-ReLU nets (``--depths`` sets their block counts).
+* **end_to_end**: ``normfold fold --out x.onnx`` (verification included) vs a bare
+  ``torch.onnx.export`` of the same model, each a fresh process, with normfold's time by step
+  (its ``--report`` step names). ``benchmarks/real_models.py --end-to-end`` gives the same rows
+  for torchvision/timm models.
 * **memory**: peak RSS growth while folding a model of at least 2 GB of float32 parameters,
   ``inplace=True`` and ``False``, against its parameter bytes (each in a fresh process).
 """
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -49,6 +54,7 @@ import onnxruntime as ort
 import torch
 from normfold.models import ZOO, example_inputs
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
@@ -100,20 +106,62 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 # --- models -----------------------------------------------------------------------------------------
 
 
-def bn_free(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module | None:
-    """The limit: the model with every BatchNorm replaced by Identity (outputs differ; speed only);
-    None when the model cannot run so (it reads its norms' buffers in its own forward)."""
-    limit = copy.deepcopy(model)
-    for parent in list(limit.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, _BatchNorm):
-                parent._modules[name] = nn.Identity()
+def bn_free(model: nn.Module, inputs: tuple[torch.Tensor, ...], norms: list[str]) -> nn.Module | None:
+    """The limit: the model without the BatchNorms normfold folded (``norms``: the paths of
+    everything it folded), each dropped as if it had never been there; outputs differ, speed only.
+
+    A plain torch BatchNorm becomes ``nn.Identity``; a subclass with its own forward (timm's
+    ``BatchNormAct2d``: norm, then activation) keeps its forward with ``F.batch_norm`` returning
+    its input, so its activation stays. Norms normfold keeps stay: no fold removes them. Other ops
+    normfold folds (a hand-written norm, a layer-scale multiply in forward code) stay too, so
+    normfold can beat the limit there. None when a folded BatchNorm module is not called as one
+    (a parent's forward passes its buffers to ``F.batch_norm``): nothing to drop it by."""
+    limit = copy.deepcopy(model).eval()
+    dropped = []
+    for path in norms:
+        module = limit.get_submodule(path) if ":" not in path else None
+        if not isinstance(module, _BatchNorm):
+            continue
+        dropped.append(module.running_mean)
+        if type(module).forward is _BatchNorm.forward:
+            parent, _, name = path.rpartition(".")
+            limit.get_submodule(parent)._modules[name] = nn.Identity()
+        else:
+            module.forward = _without_batch_norm(module.forward)
+    try:
+        calls = _batch_norm_calls(limit, inputs)
+    except Exception:  # the parent's forward reads the dropped norm's buffers
+        return None
+    return None if any(any(t is m for m in dropped) for t in calls) else limit
+
+
+def _without_batch_norm(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        original = F.batch_norm
+        F.batch_norm = lambda x, *a, **k: x
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            F.batch_norm = original
+
+    return wrapped
+
+
+def _batch_norm_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+    """The ``running_mean`` of every ``F.batch_norm`` call one run of ``model`` makes."""
+    original, seen = F.batch_norm, []
+
+    def counting(x: torch.Tensor, running_mean: torch.Tensor | None, *a: Any, **k: Any) -> torch.Tensor:
+        seen.append(running_mean)
+        return original(x, running_mean, *a, **k)
+
+    F.batch_norm = counting
     try:
         with torch.no_grad():
-            limit.eval()(*inputs)
-    except Exception:
-        return None
-    return limit
+            model(*inputs)
+    finally:
+        F.batch_norm = original
+    return seen
 
 
 def fx_fuse(model: nn.Module) -> nn.Module | None:
@@ -165,40 +213,51 @@ def latency(quick: bool) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ZOO:
-            model = ZOO[name].factory()
-            folded = normfold.fold(model, example_inputs(name))
-            fused, limit = fx_fuse(model), bn_free(model, example_inputs(name))
-            plain, nf = Path(tmp) / f"{name}.plain.onnx", Path(tmp) / f"{name}.nf.onnx"
-            onnx_export(model, example_inputs(name), plain)
-            normfold.export_onnx(folded.model, example_inputs(name), nf, program=folded.program)
+            model, xs1 = ZOO[name].factory(), example_inputs(name)
+            folded = normfold.fold(model, xs1)
+            fused, limit = fx_fuse(model), bn_free(model, xs1, [f.norm for f in folded.folded])
+            onnx = {k: Path(tmp) / f"{name}.{k}.onnx" for k in ("plain", "nf", "limit")}
+            onnx_export(model, xs1, onnx["plain"])
+            normfold.export_onnx(folded.model, xs1, onnx["nf"], program=folded.program)
+            if limit is not None:
+                onnx_export(limit, xs1, onnx["limit"])
             for batch in batches:
                 xs = example_inputs(name, batch=batch)
                 for n in threads:
                     torch.set_num_threads(n)
-                    sessions = {"ort plain": ort_session(plain, n), "ort nf": ort_session(nf, n)}
+                    sessions = {f"ort {k}": ort_session(p, n) for k, p in onnx.items() if p.exists()}
                     eager = {"original": model, "normfold": folded.model, "limit": limit, "fx fuse": fused}
-                    variants = _variants(eager, sessions, xs)
                     with torch.no_grad():
-                        t = interleaved(variants, repeats, inner=5)
-                    m = {k: med(v) for k, v in t.items()}
-                    nan = float("nan")
-                    rows.append([
-                        name, batch, n, 1e3 * m["original"], 1e3 * m.get("fx fuse", nan),
-                        1e3 * m["normfold"], 1e3 * m.get("limit", nan), m["normfold"] / m.get("limit", nan),
-                        m["normfold"] / m["fx fuse"] if "fx fuse" in m else None,
-                        1e3 * m["ort plain"], 1e3 * m["ort nf"], m["ort nf"] / m["ort plain"],
-                        spread(t["normfold"]),
-                    ])  # fmt: skip
+                        t = interleaved(_variants(eager, sessions, xs), repeats, inner=5)
+                    rows.append([name, batch, n, *_latency_cells(t)])
     torch.set_num_threads(2)
-    ratios = sorted(r[7] for r in rows if r[7] == r[7])  # no limit (nan) left out
-    ort_ratios = sorted(r[11] for r in rows)
     header = ["model", "batch", "threads", "original ms", "fx fuse ms", "normfold ms", "limit ms",
-              "nf/limit", "nf/fx", "ort plain ms", "ort nf ms", "ort nf/plain", "nf spread"]  # fmt: skip
-    summary = (
-        f"\nmedian normfold/limit {statistics.median(ratios):.3f} (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
-        f"median onnxruntime normfold/plain export {statistics.median(ort_ratios):.3f}"
+              "nf/limit", "nf/fx", "ort plain ms", "ort nf ms", "ort limit ms", "ort nf/limit",
+              "ort nf/plain", "nf spread"]  # fmt: skip
+    columns = {"normfold/limit": 7, "normfold/fx fuse": 8, "onnxruntime normfold/limit": 12,
+               "onnxruntime normfold/plain export": 13}  # fmt: skip
+    summary = "\n" + "; ".join(
+        f"median {label} {statistics.median(v):.3f} (range {min(v):.2f}-{max(v):.2f}, {len(v)} rows)"
+        for label, col in columns.items()
+        if (v := [r[col] for r in rows if r[col] is not None])
     )
     return "### Latency vs the BN-free limit and the peers\n\n" + table(header, rows) + "\n" + summary
+
+
+def _latency_cells(t: dict[str, list[float]]) -> list[Any]:
+    """One latency row's cells after model, batch and threads: milliseconds, then ratios (None
+    where a variant is missing: no limit, fx fuse could not trace)."""
+    m = {k: med(v) for k, v in t.items()}
+
+    def ms(k: str) -> float | None:
+        return 1e3 * m[k] if k in m else None
+
+    def ratio(a: str, b: str) -> float | None:
+        return m[a] / m[b] if a in m and b in m else None
+
+    return [ms("original"), ms("fx fuse"), ms("normfold"), ms("limit"), ratio("normfold", "limit"),
+            ratio("normfold", "fx fuse"), ms("ort plain"), ms("ort nf"), ms("ort limit"),
+            ratio("ort nf", "ort limit"), ratio("ort nf", "ort plain"), spread(t["normfold"])]  # fmt: skip
 
 
 def _variants(
@@ -261,8 +320,11 @@ def _weight_error(model: nn.Module, exact: dict[str, torch.Tensor]) -> float | N
     return max(float((a.double() - b).abs().max()) for a, b in zip(ours, ref, strict=True))
 
 
+DEPTHS = {"quick": (10, 100, 1000), "full": (10, 100, 1000, 3000, 5000)}
+
+
 def cost(quick: bool) -> str:
-    depths = (10, 100, 1000) if quick else (10, 100, 1000, 3000, 5000)
+    depths = DEPTHS["quick" if quick else "full"]
     repeats = 3 if quick else 5
     rows = []
     cases = [(name, ZOO[name].factory(), example_inputs(name)) for name in ZOO]
@@ -291,49 +353,59 @@ def cost(quick: bool) -> str:
         "fold ms/block",
         "spread",
     ]
-    return "### Cost of the tool: fold\n\n" + table(header, rows) + "\n\n" + end_to_end(quick)
+    return "### Cost of the tool: fold\n\n" + table(header, rows)
+
+
+END_TO_END_HEADER = [
+    "model",
+    "bare torch.onnx.export s",
+    "normfold fold --out x.onnx s",
+    "ratio",
+    "normfold steps (s)",
+]
 
 
 def end_to_end(quick: bool) -> str:
-    """``normfold fold --out x.onnx`` (a fresh process, its --report's step times) vs a bare
-    ``torch.onnx.export`` of the same model (a fresh process too), interleaved."""
+    """``normfold fold --out x.onnx`` vs a bare ``torch.onnx.export`` of the same zoo model."""
     names = ["resnet", "mobilenet", "mlp", "levit", "two_tower"] if quick else list(ZOO)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            report = Path(tmp) / f"{name}.json"
-
-            def nf(name: str = name, report: Path = report) -> None:
-                args = ["fold", f"normfold.models:{name}", "--out", str(Path(tmp) / f"{name}.onnx"),
-                        "--force", "--quiet", "--report", str(report)]  # fmt: skip
-                subprocess.run([str(Path(sys.executable).parent / "normfold"), *args], check=True, cwd=tmp)
-
-            def bare(name: str = name) -> None:
-                out = str(Path(tmp) / f"{name}.bare.onnx")
-                code = (f"import torch; from normfold.models import ZOO, example_inputs; "
-                        f"torch.onnx.export(ZOO[{name!r}].factory(), example_inputs({name!r}), "
-                        f"{out!r}, dynamo=True, verbose=False)")  # fmt: skip
-                subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp, capture_output=True)
-
-            t = interleaved({"normfold fold": nf, "torch.onnx.export": bare}, 3 if quick else 5)
-            steps = json.loads(report.read_text())["timings_s"]
-            m = {k: med(v) for k, v in t.items()}
-            bare_s, nf_s = m["torch.onnx.export"], m["normfold fold"]
-            steps_text = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
-            rows.append([name, bare_s, nf_s, nf_s / bare_s, steps_text])
-    ratios = sorted(r[3] for r in rows)
-    header = [
-        "model",
-        "bare torch.onnx.export s",
-        "normfold fold --out x.onnx s",
-        "ratio",
-        "normfold steps (s)",
-    ]
+            bare = (f"import torch; from normfold.models import ZOO, example_inputs; "
+                    f"torch.onnx.export(ZOO[{name!r}].factory(), example_inputs({name!r}), OUT, "
+                    f"dynamo=True, verbose=False)")  # fmt: skip
+            rows.append(end_to_end_row(name, [f"normfold.models:{name}"], bare, Path(tmp), 3 if quick else 5))
     return (
         "### Cost of the tool: end to end (fresh processes, imports included)\n\n"
-        + table(header, rows)
-        + f"\n\nmedian ratio {statistics.median(ratios):.2f}"
+        + table(END_TO_END_HEADER, rows)
+        + f"\n\nmedian ratio {statistics.median(r[3] for r in rows):.2f}"
     )
+
+
+def end_to_end_row(
+    label: str, source: list[str], bare: str, cwd: Path, repeats: int, env: dict[str, str] | None = None
+) -> list[Any]:
+    """One row of the end-to-end table: ``normfold fold SOURCE --out x.onnx`` (``source``: the
+    model argument and its options) and ``python -c BARE`` (which writes the file ``OUT``), each
+    a fresh process run in ``cwd`` (with ``env`` added to the environment), interleaved;
+    normfold's step times from its ``--report``."""
+    out, report = cwd / f"{label.replace('/', '_')}.onnx", cwd / "report.json"
+    normfold_exe = str(Path(sys.executable).parent / "normfold")
+    environ = {**os.environ, **(env or {})}
+    run = functools.partial(subprocess.run, check=True, cwd=cwd, capture_output=True, env=environ)
+
+    def nf() -> None:
+        args = [*source, "--out", str(out), "--force", "--quiet", "--report", str(report)]
+        run([normfold_exe, "fold", *args])
+
+    def plain() -> None:
+        code = f"OUT = {str(out) + '.bare'!r}\n{bare}"
+        run([sys.executable, "-c", code])
+
+    t = interleaved({"normfold fold": nf, "torch.onnx.export": plain}, repeats)
+    steps = json.loads(report.read_text())["timings_s"]
+    bare_s, nf_s = med(t["torch.onnx.export"]), med(t["normfold fold"])
+    return [label, bare_s, nf_s, nf_s / bare_s, ", ".join(f"{k} {v:.2f}" for k, v in steps.items())]
 
 
 _MEMORY_CHILD = """
@@ -371,7 +443,13 @@ def memory(quick: bool) -> str:
     return "### Memory: folding a 2.1 GB model (peak RSS growth during fold)\n\n" + table(header, rows)
 
 
-SECTIONS = {"latency": latency, "numerics": numerics, "cost": cost, "memory": memory}
+SECTIONS = {
+    "latency": latency,
+    "numerics": numerics,
+    "cost": cost,
+    "end_to_end": end_to_end,
+    "memory": memory,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -379,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the 2-core profile (under 15 minutes)")
     parser.add_argument("--only", choices=list(SECTIONS), action="append", help="run these sections only")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--depths", help="cost: the deep nets' block counts (comma-separated: 3000,5000)")
     args = parser.parse_args(argv)
+    if args.depths:
+        DEPTHS["quick"] = DEPTHS["full"] = tuple(int(n) for n in args.depths.split(","))
     torch.set_num_threads(2)
     start = time.perf_counter()
     parts = [
