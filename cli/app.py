@@ -171,6 +171,13 @@ RequireOpt = Annotated[
     typer.Option("--require-all", help="Exit 7, writing no model, when any norm is not folded."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ReparamOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reparam/--no-reparam",
+        help="Merge RepVGG-style parallel conv/BN/identity branches into one conv.",
+    ),
+]
 
 _FOLD_EXAMPLES = """Examples:
 
@@ -235,6 +242,7 @@ def fold_cmd(
         ),
     ] = None,
     require_all: RequireOpt = False,
+    reparam: ReparamOpt = True,
     report: ReportOpt = None,
     save_inputs: Annotated[
         Path | None,
@@ -264,7 +272,7 @@ def fold_cmd(
         run = pipeline.fold_and_export(
             model, out, static_batch=static_batch, opset=opset, force=force, report=report,
             save_inputs=save_inputs, require_all=require_all, calibrate=calibrate, dynamic_axes=axes,
-            rule=_parity_rule(rule), **_with_inputs(source),
+            reparameterize=reparam, rule=_parity_rule(rule), **_with_inputs(source),
         )  # fmt: skip
         if not quiet:
             _render_layers(run)
@@ -285,6 +293,7 @@ def inspect_cmd(
     static_batch: StaticOpt = False,
     dynamic: DynamicOpt = None,
     require_all: RequireOpt = False,
+    reparam: ReparamOpt = True,
     report: ReportOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report file.")] = False,
     quiet: QuietOpt = False,
@@ -299,7 +308,7 @@ def inspect_cmd(
 
         run = pipeline.inspect(
             model, report=report, force=force, static_batch=static_batch, require_all=require_all,
-            dynamic_axes=axes, **_with_inputs(source),
+            dynamic_axes=axes, reparameterize=reparam, **_with_inputs(source),
         )  # fmt: skip
         if not quiet:
             _render_layers(run)
@@ -712,7 +721,19 @@ def _render_layers(run: FoldRun) -> None:
             detail = f"{r.into} ({r.pattern})" + (f"; {r.reason}" if r.reason else "")
         rows.append((r.norm, r.norm_type, action, detail))
     _table(f"Norm layers of {run.source}", ("norm", "type", "action", "into / reason"), rows)
+    _render_merges(run)
     _render_notes(run.notes)
+
+
+def _render_merges(run: FoldRun) -> None:
+    """Blocks of parallel branches: merged into one conv (where), or why they stay."""
+    f = run.fold
+    rows = [(m.block, " + ".join(m.branches), Text("merge", style="green"),
+             m.into + (f"; {m.note}" if m.note else "")) for m in f.merged]  # fmt: skip
+    rows += [(m.block, m.node, Text("keep", style="yellow"), f"{m.code}: {m.reason}") for m in f.not_merged]
+    if rows:
+        columns = ("block", "branches", "action", "into / reason")
+        _table("Parallel branches (reparameterization)", columns, rows)
 
 
 def _render_notes(notes: list[str]) -> None:
@@ -783,6 +804,8 @@ def _result_line(run: FoldRun) -> str:
     """The last line, for pipelines to grep: ``normfold: ok folded=F/N kept=K ...``."""
     s = run.summary()
     parts = [f"normfold: ok folded={s['folded']}/{s['norms']}", f"kept={s['kept']}"]
+    if s["blocks_merged"] or s["blocks_not_merged"]:
+        parts.append(f"merged={s['blocks_merged']}/{s['blocks_merged'] + s['blocks_not_merged']}")
     if s["exporter_removed_batchnorms"] is not None:
         parts.append(f"exporter_removed_bn={s['exporter_removed_batchnorms']}")
     if run.parity is not None:

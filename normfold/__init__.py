@@ -34,6 +34,10 @@ _LAZY = {
     "FoldResult": "normfold.folding",
     "Folded": "normfold.folding",
     "Skipped": "normfold.folding",
+    "Merged": "normfold.folding",
+    "NotMerged": "normfold.folding",
+    "reparameterize": "normfold.folding",
+    "MergedBranch": "normfold.reparam",
     "Uncaptured": "normfold.parts",
     "verify": "normfold.reference",
     "ParityRule": "normfold.parity",
@@ -66,7 +70,7 @@ if TYPE_CHECKING:
     from normfold.bias import BiasResult, drop_redundant_biases
     from normfold.calibration import RecalibrateResult, recalibrate
     from normfold.export import ExportResult, export_model, export_onnx
-    from normfold.folding import Folded, FoldResult, Skipped, fold
+    from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
     from normfold.load import LoadedModel, load_inputs, load_model
     from normfold.parity import (
         DEFAULT_TOLERANCES,
@@ -79,6 +83,7 @@ if TYPE_CHECKING:
     from normfold.parts import Uncaptured
     from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
     from normfold.reference import run_model, verify
+    from normfold.reparam import MergedBranch
     from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
 
 
@@ -107,7 +112,10 @@ __all__ = [
     "InputSpec",
     "LoadError",
     "LoadedModel",
+    "Merged",
+    "MergedBranch",
     "NormfoldError",
+    "NotMerged",
     "OutputParity",
     "ParityError",
     "ParityReport",
@@ -130,6 +138,7 @@ __all__ = [
     "load_inputs",
     "load_model",
     "recalibrate",
+    "reparameterize",
     "run_model",
     "swap_norms",
     "verify",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +54,7 @@ from normfold.graph import (
     tensor_meta,
 )
 from normfold.plan import Fold, Plan, RowBlocks, input_arg, new_bias_name
+from normfold.reparam import Merge
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +320,12 @@ def _set_tensor(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
 # --- exported program -------------------------------------------------------------------------------
 
 
-def apply_program(capture: Capture, plan: Plan, values: dict[str, torch.Tensor]) -> ExportedProgram:
-    """The captured program with every fold of ``plan`` applied (the capture's graph is reused)."""
+def apply_program(
+    capture: Capture, plan: Plan, values: dict[str, torch.Tensor], merges: Sequence[Merge] = ()
+) -> ExportedProgram:
+    """The captured program with every fold of ``plan`` and every block of ``merges`` applied
+    (the capture's graph is reused): a merged block's sum is replaced by its target conv, and
+    the other branches, now unused, go as dead code."""
     program = capture.program
     gm = program.graph_module
     graph = gm.graph
@@ -333,16 +338,21 @@ def apply_program(capture: Capture, plan: Plan, values: dict[str, torch.Tensor])
         nodes[-1].replace_all_uses_with(x)
         for node in reversed(nodes):
             graph.erase_node(node)
+    for merge in merges:
+        by_name[merge.adds[0]].replace_all_uses_with(by_name[merge.target.layer or ""])
+        for name in merge.adds:  # the root first, then the sums only it used (``+=`` is no dead code)
+            graph.erase_node(by_name[name])
     specs = list(program.graph_signature.input_specs)
     state = dict(program.state_dict)
     slot: tuple[int, fx.Node] | None = None  # new biases go after the last parameter, in order
-    for fold in plan.folds:
-        for u in fold.updates:
-            if u.bias is None and new_bias_name(capture, u.weight) not in state:
-                if slot is None:  # a folded layer's weight is a parameter: there is a last one
-                    last = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
-                    slot = (last, by_name[specs[last].arg.name])
-                slot = _add_bias(graph, specs, state, by_name[u.layer], capture, u.weight, values, slot)
+    biasless = [(u.layer, u.weight) for f in plan.folds for u in f.updates if u.bias is None]
+    biasless += [(m.target.layer or "", m.target.weight or "") for m in merges if m.new_bias]
+    for layer, weight in biasless:
+        if new_bias_name(capture, weight) not in state:
+            if slot is None:  # a folded layer's weight is a parameter: there is a last one
+                last = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
+                slot = (last, by_name[specs[last].arg.name])
+            slot = _add_bias(graph, specs, state, by_name[layer], capture, weight, values, slot)
     for fqn, value in values.items():
         old = state.get(fqn)
         state[fqn] = (

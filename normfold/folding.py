@@ -37,6 +37,7 @@ from normfold.errors import TraceError, UsageError
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
+from normfold.reparam import Branch, EagerMerge, Merge, apply_merges, eager_merges, merge_values, plan_merges
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,28 @@ class Skipped:
     node: str | None = None
 
 
+@dataclass(frozen=True)
+class Merged:
+    """A block whose parallel branches became one conv (structural reparameterization)."""
+
+    block: str  # module path owning the sum ("forward": the model's own forward)
+    into: str  # module path of the conv that took the sum
+    branches: tuple[str, ...]  # "<module path> (conv 3x3)", "<module path> (norm)", "identity"...
+    where: str  # "both" (module and export) or "export" (export only, with ``note``)
+    node: str  # the sum's add op
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class NotMerged:
+    """A sum of branches of one tensor that stays, with a stable code and a readable reason."""
+
+    block: str
+    code: str
+    reason: str
+    node: str
+
+
 @dataclass
 class FoldResult:
     """What :func:`fold` produced: the model, the folded exported program, one record per norm."""
@@ -98,6 +121,9 @@ class FoldResult:
     #: (:func:`normfold.graph.op_counts`); empty when the model was not captured whole
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
+    #: blocks reparameterized into one conv, and sums of branches that stay (``reparameterize=True``)
+    merged: list[Merged] = field(default_factory=list)
+    not_merged: list[NotMerged] = field(default_factory=list)
 
     @property
     def export_only(self) -> list[Folded]:
@@ -115,6 +141,8 @@ class FoldResult:
             "notes": list(self.notes),
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
+            "merged": [asdict(m) for m in self.merged],
+            "not_merged": [asdict(m) for m in self.not_merged],
         }
 
 
@@ -126,12 +154,19 @@ class Analysis:
     plan: Plan
     eager: EagerPlan
     result: FoldResult
+    merges: list[Merge] = field(default_factory=list)
+    eager_merges: list[EagerMerge] = field(default_factory=list)
 
 
 def analyse(
-    model: nn.Module, example_inputs: ExampleInputs, options: CaptureOptions | None = None
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    options: CaptureOptions | None = None,
+    *,
+    reparameterize: bool = False,
 ) -> Analysis:
-    """Capture ``model`` (put in eval mode) and plan its folds; nothing is changed."""
+    """Capture ``model`` (put in eval mode) and plan its folds (and with ``reparameterize``, its
+    branch merges: :mod:`normfold.reparam`); nothing is changed."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
@@ -142,16 +177,52 @@ def analyse(
     the_plan = plan(cap)
     eager = eager_plan(the_plan, cap, model)
     result = FoldResult(model=model, params_before=_count_params(model), ops_before=op_counts(cap.graph))
-    result.folded = [_folded(f, eager) for f in the_plan.folds]
+    result.folded = [_folded(f, eager) for f in the_plan.folds if not f.identity]
     result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
                       for k in the_plan.kept]  # fmt: skip
     result.skipped += _other_norms(model, cap, the_plan)
+    analysis = Analysis(cap, the_plan, eager, result)
+    if reparameterize:
+        _plan_merges(analysis, model)
     if was_training:
         result.notes.append(
             "the model was in training mode: it was folded as in eval mode (BatchNorm with its running "
             "statistics); the returned model is in eval mode"
         )
-    return Analysis(cap, the_plan, eager, result)
+    return analysis
+
+
+def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
+    """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv."""
+    cap, result = analysis.capture, analysis.result
+    merges, unmerged = plan_merges(cap, analysis.plan)
+    eager = eager_merges(cap, merges, model)
+    analysis.merges, analysis.eager_merges = merges, eager
+    taken: dict[str, Folded] = {}
+    for m, e in zip(merges, eager, strict=True):
+        into = owner(_node(cap, m.target.layer))[1]
+        where = "both" if e.note is None else "export"
+        for b in m.branches:
+            if b.unit is not None:
+                pattern = "reparam-bn" if b.unit.kind == "batch_norm" else "reparam-affine"
+                taken[b.unit.nodes[0]] = Folded(b.unit.name, b.unit.module_type or "forward", into, "Conv",
+                                                pattern, where, b.unit.nodes[0], note=e.note)  # fmt: skip
+        branches = tuple(_branch_label(cap, b) for b in m.branches)
+        result.merged.append(Merged(m.module or "forward", into, branches, where, m.adds[0], e.note))
+    result.not_merged = [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0]) for u in unmerged]
+    result.folded += list(taken.values())
+    result.skipped = [s for s in result.skipped if s.node not in taken]
+
+
+def _node(cap: Capture, name: str | None) -> Any:
+    return next(n for n in cap.graph.nodes if n.name == name)
+
+
+def _branch_label(cap: Capture, branch: Branch) -> str:
+    if not branch.nodes:
+        return "identity"
+    path = cap.canonical(owner(_node(cap, branch.nodes[0]))[1])
+    return f"{path or 'forward'} ({branch.label()})"
 
 
 def capture_options(
@@ -202,6 +273,7 @@ def fold(
     inplace: bool = False,
     dynamic_batch: bool = True,
     dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
+    reparameterize: bool = False,
 ) -> FoldResult:
     """Fold every eval-mode BatchNorm (and hand-written per-channel affine map) that can be folded.
 
@@ -211,12 +283,16 @@ def fold(
     ``nn.Identity``). ``FoldResult.program`` is the folded exported program (dynamic batch axis
     when ``dynamic_batch`` and the batch is at least 2, and the ``dynamic_axes``, given as
     ``{input index: {axis: name}}``), which ONNX/``.pt2`` export writes.
+
+    ``reparameterize``: also merge parallel conv / norm / identity / avg-pool branches of one
+    tensor, summed (RepVGG, MobileOne, ACNet blocks), into one conv (:mod:`normfold.reparam`);
+    :attr:`FoldResult.merged` lists them and :attr:`FoldResult.not_merged` the sums that stay.
     """
     model = working_copy(model, "fold", inplace=inplace)
     inputs = as_inputs(example_inputs)
     options = capture_options(inputs, dynamic_batch, dynamic_axes)
     try:
-        analysis = analyse(model, inputs, options)
+        analysis = analyse(model, inputs, options, reparameterize=reparameterize)
     except TraceError as e:
         return fold_parts(model.eval(), inputs, e, options)
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
@@ -227,14 +303,37 @@ def fold(
     else:  # some folds land in the export only: the module gets its own subset
         values = the_plan.values(cap)
         apply_module(model, eager, the_plan.values(cap, eager.folds))
-    result.program = apply_program(cap, the_plan, values)
+    if analysis.merges:
+        values.update(merge_values(cap, analysis.merges, values))
+        apply_merges(model, analysis.merges, analysis.eager_merges, values)
+    result.program = apply_program(cap, the_plan, values, analysis.merges)
     result.ops_after = op_counts(result.program.graph)
-    result.replan_folds = len(plan(Capture.of(result.program)).folds)
+    replan = Capture.of(result.program)
+    again = plan(replan)
+    result.replan_folds = len(again.folds) + (len(plan_merges(replan, again)[0]) if reparameterize else 0)
     if result.replan_folds:
         logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)
     result.params_after = _count_params(model)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
+
+
+def reparameterize(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    inplace: bool = False,
+    dynamic_batch: bool = True,
+    dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
+) -> FoldResult:
+    """Merge every RepVGG-style block (parallel conv / BatchNorm / identity / avg-pool branches
+    of one tensor, summed) into one conv, folding the BatchNorms first: :func:`fold` with
+    ``reparameterize=True``. The user's module gets the merged conv under the name of the
+    branch with the largest kernel and :class:`~normfold.reparam.MergedBranch` (adds 0) under
+    the other branches' names, where every branch is a module of its own; otherwise the block
+    is merged in :attr:`FoldResult.program` only (``Merged.where == "export"``, with a note)."""
+    return fold(model, example_inputs, inplace=inplace, dynamic_batch=dynamic_batch,
+                dynamic_axes=dynamic_axes, reparameterize=True)  # fmt: skip
 
 
 def _folded(fold: Fold, eager: EagerPlan) -> Folded:

@@ -109,6 +109,8 @@ class FoldRun:
             "folded": len(f.folded),
             "folded_in_export_only": len(f.export_only),
             "kept": len(f.skipped),
+            "blocks_merged": len(f.merged),
+            "blocks_not_merged": len(f.not_merged),
             "params_before": f.params_before,
             "params_after": f.params_after,
             "ops_original": f.ops_before,
@@ -147,6 +149,7 @@ def inspect(
     static_batch: bool = False,
     dynamic_axes: Mapping[int | str, Mapping[int, str]] | None = None,
     require_all: bool = False,
+    reparameterize: bool = True,
     report: str | Path | None = None,
     force: bool = False,
     on_step: StepHook | None = None,
@@ -158,7 +161,7 @@ def inspect(
     spec = inputs or InputSpec()
     options = dict(source=source, model=model, model_args=model_args, trust=trust, inputs=spec,
                    static_batch=static_batch, dynamic_axes=dynamic_axes, require_all=require_all,
-                   report=report, force=force)  # fmt: skip
+                   reparameterize=reparameterize, report=report, force=force)  # fmt: skip
     with OutputSet({"--report": report}, inputs=[source, spec.file], force=force) as files:
         record = RunRecord("inspect", options, StepTimer(on_step), seed=spec.seed)
         with _reported(files, record):
@@ -169,7 +172,7 @@ def inspect(
             with record.steps("capture and fold"):
                 result = fold(
                     loaded.model, primary, inplace=True, dynamic_batch=not static_batch,
-                    dynamic_axes=_axes_by_index(dynamic_axes, loaded),
+                    dynamic_axes=_axes_by_index(dynamic_axes, loaded), reparameterize=reparameterize,
                 )  # fmt: skip
             shapes = [tuple(t.shape) for t in example]
             record.run = run = FoldRun(loaded.source, shapes, result, _layers(result))
@@ -199,6 +202,7 @@ def fold_and_export(
     calibrate: str | Path | None = None,
     require_all: bool = False,
     dynamic_axes: Mapping[int | str, Mapping[int, str]] | None = None,
+    reparameterize: bool = True,
     report: str | Path | None = None,
     save_inputs: str | Path | None = None,
     on_step: StepHook | None = None,
@@ -217,7 +221,8 @@ def fold_and_export(
     every check then also runs on a set with those axes (and the batch) at a second size.
     ``save_inputs``: a ``.pt`` file of the parity input sets
     (``{set name: [tensors]}``, loadable with ``torch.load(weights_only=True)``), written also
-    when the run fails, to reproduce it.
+    when the run fails, to reproduce it. ``reparameterize``: merge RepVGG-style branches into one
+    conv too (:func:`normfold.reparameterize`; on by default here, as in ``normfold fold``).
     ``out``, ``report`` and ``save_inputs`` follow the rule of :mod:`normfold.files`: checked
     before any work, committed together at the end; a failed run commits only its report and
     saved inputs. Raises :class:`~normfold.errors.ParityError` when the folded model differs from
@@ -228,18 +233,17 @@ def fold_and_export(
     spec = inputs or InputSpec()
     options = dict(source=source, out=out, model=model, model_args=model_args, trust=trust, inputs=spec,
                    static_batch=static_batch, opset=opset, force=force, rule=rule, calibrate=calibrate,
-                   require_all=require_all, dynamic_axes=dynamic_axes, report=report,
-                   save_inputs=save_inputs)  # fmt: skip
+                   require_all=require_all, dynamic_axes=dynamic_axes, reparameterize=reparameterize,
+                   report=report, save_inputs=save_inputs)  # fmt: skip
     outputs = {"--out": out, "--report": report, "--save-inputs": save_inputs}
     formats = {"--out": MODEL_FORMATS, "--save-inputs": (".pt",)}
     with OutputSet(outputs, inputs=[source, spec.file, calibrate], force=force, formats=formats) as files:
         record = RunRecord("fold", options, StepTimer(on_step), seed=spec.seed)
         with _reported(files, record):
+            how = _How(static_batch, calibrate, require_all, dynamic_axes, reparameterize)
             run, reference, primary, capture = _fold_and_verify(
-                source, spec, rule, record, files, model=model, model_args=model_args, trust=trust,
-                static_batch=static_batch, calibrate=calibrate, require_all=require_all,
-                dynamic_axes=dynamic_axes,
-            )  # fmt: skip
+                source, spec, rule, record, files, how, model=model, model_args=model_args, trust=trust
+            )
             if out is not None:
                 run.export = stage_export(
                     run.fold.model,
@@ -257,27 +261,35 @@ def fold_and_export(
     return run
 
 
+@dataclass(frozen=True)
+class _How:
+    """How :func:`fold_and_export` folds: its options past loading and parity."""
+
+    static_batch: bool
+    calibrate: str | Path | None
+    require_all: bool
+    dynamic_axes: Mapping[int | str, Mapping[int, str]] | None
+    reparameterize: bool
+
+
 def _fold_and_verify(
     source: str | Path,
     spec: InputSpec,
     rule: ParityRule,
     record: RunRecord,
     files: OutputSet,
-    *,
-    static_batch: bool,
-    calibrate: str | Path | None,
-    require_all: bool,
-    dynamic_axes: Mapping[int | str, Mapping[int, str]] | None,
+    how: _How,
     **load: Any,
 ) -> tuple[FoldRun, Reference, tuple[torch.Tensor, ...], CaptureOptions]:
     """Load, recalibrate if asked, fold, and prove parity in PyTorch (raises ParityError)."""
+    static_batch, calibrate, require_all = how.static_batch, how.calibrate, how.require_all
     steps = record.steps
     with steps("load"):
         loaded = load_model(source, **load)
         example = _example_inputs(loaded, spec, optional=False)
         # captured at the parity batch: torch.export specializes a batch of 1
         primary = example if static_batch else _widen_batch(example, spec.seed)
-        axes = _axes_by_index(dynamic_axes, loaded)
+        axes = _axes_by_index(how.dynamic_axes, loaded)
         capture = capture_options(primary, not static_batch, axes)
         sets = parity_sets(primary, rule, seed=spec.seed, given=spec.file is not None)
         sets += _resized_sets(loaded.model, primary, capture, spec.seed)
@@ -288,7 +300,8 @@ def _fold_and_verify(
         with steps("recalibrate"):
             recalibration = recalibrate(loaded.model, load_batches(calibrate), inplace=True)
     with steps("capture and fold"):
-        result = fold(loaded.model, primary, dynamic_batch=not static_batch, dynamic_axes=axes)
+        result = fold(loaded.model, primary, dynamic_batch=not static_batch, dynamic_axes=axes,
+                      reparameterize=how.reparameterize)  # fmt: skip
     record.run = run = FoldRun(loaded.source, [tuple(t.shape) for t in example], result, _layers(result))
     run.recalibration = recalibration
     run.notes = [*loaded.notes, *result.notes]

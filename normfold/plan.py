@@ -96,18 +96,29 @@ class Fold:
     through: tuple[str, ...]  # names of ops between the layer(s) and the norm
     after: tuple[str, ...]  # folded ops (node names) this fold passes through
 
+    @property
+    def identity(self) -> bool:
+        """An op that changes nothing (``x + 0``, ``x * 1``): removed, but no norm to report."""
+        return self.unit.kind == "affine" and all(
+            bool((u.scale == 1).all() and (u.shift == 0).all()) for u in self.updates
+        )
+
 
 @dataclass(frozen=True)
 class Keep:
     unit: Unit
     code: str
     reason: str
+    #: the unit's per-channel map ``(s, t, channel axis)`` when it is one (float64), else None
+    map: tuple[torch.Tensor, torch.Tensor, int | None] | None = field(default=None, compare=False)
 
 
 @dataclass
 class Plan:
     folds: list[Fold] = field(default_factory=list)
     kept: list[Keep] = field(default_factory=list)
+    #: per-channel maps that stay and are no norm (a layer scale ``x * gamma``): not reported
+    silent: list[Keep] = field(default_factory=list)
 
     @property
     def removed(self) -> set[str]:
@@ -319,19 +330,21 @@ class _Planner:
                 self._commit(unit, nodes, self._forward(unit, nodes, m))
             except _Fail as fwd:
                 if unit.kind == "affine" and not _norm_like(m):
-                    continue  # a scalar op or a layer scale that stays is not a norm: not reported
+                    # a scalar op or a layer scale that stays is not a norm: not reported
+                    self.result.silent.append(Keep(unit, fwd.code, fwd.reason, (m.s, m.t, m.axis)))
+                    continue
                 # the forward attempt's code only when it names what blocks a fold that could exist
-                self._keep(unit, back if fwd.code in _GENERIC_FORWARD else fwd, back)
+                self._keep(unit, back if fwd.code in _GENERIC_FORWARD else fwd, back, m)
         order = {n.name: i for i, n in enumerate(self.capture.graph.nodes)}
         self.result.kept.sort(key=lambda k: order[k.unit.nodes[0]])
         return self.result
 
-    def _keep(self, unit: Unit, fail: _Fail, backward: _Fail | None = None) -> None:
+    def _keep(self, unit: Unit, fail: _Fail, backward: _Fail | None = None, m: _Map | None = None) -> None:
         reason = fail.reason
         if backward is not None and backward.reason != fail.reason:
             reason = f"{backward.reason}; as a forward fold: {fail.reason}"
         logger.debug("keep %s: %s", unit.name, reason)
-        self.result.kept.append(Keep(unit, fail.code, reason))
+        self.result.kept.append(Keep(unit, fail.code, reason, None if m is None else (m.s, m.t, m.axis)))
 
     def _commit(self, unit: Unit, nodes: list[fx.Node], fold: Fold) -> None:
         self._check_range(fold)

@@ -65,8 +65,8 @@ def exported(program: torch.export.ExportedProgram) -> nn.Module:
     return _Program(program)
 
 
-#: zoo model -> {kept norm: code}; every other norm op folds
-ZOO_KEPT = {
+#: zoo model -> {kept norm: code} with reparameterization (the CLI's default); every other norm op folds
+ZOO_KEPT_REPARAM = {
     "mixed": {
         "bn_shared": "shared_producer",
         "bn_nostats": "batch_statistics",
@@ -74,6 +74,18 @@ ZOO_KEPT = {
         "bn_two_users": "multiple_users",
         "bn_seq": "wrong_axis",
     },
+}
+#: the same without reparameterization (``normfold.fold``'s default): identity-branch norms stay
+ZOO_KEPT = {
+    **ZOO_KEPT_REPARAM,
+    "repvgg": {f"stages.{i}.rbr_identity": "multiple_users" for i in (1, 3, 4)},
+    "mobileone": {f"stages.{i}.rbr_skip": "multiple_users" for i in (1, 4)},
+}
+#: zoo model -> blocks reparameterization merges into one conv (every block of the model)
+ZOO_MERGED = {
+    "repvgg": {f"stages.{i}" for i in range(5)},
+    "mobileone": {f"stages.{i}" for i in range(5)},
+    "acnet": {f"features.{i}" for i in (0, 2, 4)},
 }
 #: zoo model -> norms folded in the export only (written in a forward, not a removable module)
 ZOO_EXPORT_ONLY = {

@@ -1,0 +1,574 @@
+"""Structural reparameterization: parallel branches of one tensor, summed, become one conv.
+
+RepVGG-style blocks (RepVGG, MobileOne, FastViT, ACNet, ...) train several branches on one input
+``x`` and add them: ``y = conv_a(x) + conv_b(x) + bn(x) + x``. Once each branch's BatchNorm is
+folded (:mod:`normfold.plan`), every branch is a conv of ``x`` sampled on the same output grid:
+
+* a conv branch: ``W_i * x + b_i`` (kernel ``k_i``, padding ``p_i``);
+* a norm on the identity path (a kept BatchNorm or per-channel scale/shift ``s * x + t``): a
+  1-tap kernel holding ``s_c`` at channel ``c``'s own input, bias ``t``; the identity itself is
+  ``s = 1``, ``t = 0``;
+* an average pool (kernel ``k``, zero padding counted in the divisor), normed or not: the kernel
+  ``s_c / prod(k)`` on every tap of channel ``c``'s own input, bias ``t``.
+
+With stride ``S``, dilation ``d`` and groups ``g`` shared, output ``o`` of branch ``i`` reads
+``x[o*S - p_i + d*j]`` for ``j < k_i`` on each spatial axis. Centring the kernel in the largest
+one ``K`` (``(K - k_i) / 2`` zeros on each side) makes that ``x[o*S - P + d*j']``, ``j' < K``,
+exactly when ``p_i = P - d * (K - k_i) / 2`` on every axis: the centred kernels see the same
+windows, and the sum is one conv with
+
+    W = sum_i centre(W_i),    b = sum_i b_i
+
+A 1-tap branch (norm, identity) needs stride 1, ``in_channels == out_channels`` and
+``P = d * (K - 1) / 2``; with groups, channel ``c``'s own input is column ``c mod (C_in / g)``
+of row ``c``. The conv with the largest kernel takes ``W`` and ``b``; the adds and the other
+branches go. :func:`plan_merges` finds the blocks (pure data), :func:`merge_values` computes
+the new values, :func:`eager_merges` decides which blocks change in the user's module too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from normfold import rules
+from normfold.graph import Capture, Constants, bind, module_calls, owner, shape, tensor_meta
+from normfold.plan import Keep, Plan, Unit, _chain_input, _shape_only, describe, new_bias_name
+
+logger = logging.getLogger(__name__)
+
+_SUMS = {rules.aten.add.Tensor, rules.aten.add_.Tensor}
+_AVG_POOLS = {rules.aten.avg_pool1d.default, rules.aten.avg_pool2d.default, rules.aten.avg_pool3d.default}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One summand of a block, as a conv of the block's input."""
+
+    kind: str  # "conv", "norm" (a kept per-channel map), "identity" or "avg_pool"
+    nodes: tuple[str, ...]  # its ops, first to last (empty for the identity)
+    kernel: tuple[int, ...]  # spatial kernel (1s for a 1-tap branch)
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...] | None  # None: any (a 1-tap kernel)
+    groups: int | None = None  # conv branches only
+    layer: str | None = None  # the conv op
+    weight: str | None = None  # FQNs of a conv branch
+    bias: str | None = None
+    scale: torch.Tensor | None = field(default=None, compare=False)  # per channel, float64
+    shift: torch.Tensor | None = field(default=None, compare=False)
+    unit: Unit | None = None  # the kept norm this branch takes away
+
+    def label(self) -> str:
+        size = "x".join(map(str, self.kernel))
+        if self.kind == "norm":
+            return "norm" if self.unit is not None and self.unit.kind == "batch_norm" else "scale"
+        return {"conv": f"conv {size}", "avg_pool": f"avg_pool {size}"}.get(self.kind, self.kind)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A block whose branches become one conv: the target (largest kernel) takes the sum."""
+
+    adds: tuple[str, ...]  # the add ops of the sum, the last one first
+    module: str  # module path owning the sum ("" for the model's forward)
+    target: Branch
+    branches: tuple[Branch, ...]  # every summand, target included, in the sum's order
+    bias: str  # FQN of the target's bias (a new name when it has none)
+    new_bias: bool
+
+
+@dataclass(frozen=True)
+class Unmerged:
+    """A sum of branches of one tensor that stays, with a stable code and a reason."""
+
+    adds: tuple[str, ...]
+    module: str
+    code: str
+    reason: str
+
+
+class _Fail(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def plan_merges(capture: Capture, plan: Plan) -> tuple[list[Merge], list[Unmerged]]:
+    """Every block of ``capture`` whose branches sum into one conv once ``plan``'s folds apply."""
+    return _Merger(capture, plan).run()
+
+
+class _Merger:
+    def __init__(self, capture: Capture, plan: Plan) -> None:
+        self.capture = capture
+        self.consts = Constants(capture)
+        by_name = {n.name: n for n in capture.graph.nodes}
+        self.removed = {
+            by_name[n]: _chain_input(by_name[n], self.consts) for f in plan.folds for n in f.unit.nodes
+        }
+        self.kept: dict[fx.Node, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
+        self.by_name = by_name
+
+    def resolve(self, node: fx.Node) -> fx.Node:
+        while node in self.removed:
+            node = self.removed[node]
+        return node
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        """Users seen through folded ops; shape reads do not count."""
+        out: list[fx.Node] = []
+        for u in node.users:
+            if u in self.removed:
+                out.extend(self.users(u))
+            elif not _shape_only(u, node):
+                out.append(u)
+        return out
+
+    def run(self) -> tuple[list[Merge], list[Unmerged]]:
+        merges: list[Merge] = []
+        unmerged: list[Unmerged] = []
+        seen: set[fx.Node] = set()
+        for node in reversed(list(self.capture.graph.nodes)):
+            if node in seen or self._summands(node) is None:
+                continue
+            adds, leaves = self._tree(node)
+            seen.update(adds)
+            source = self._source(leaves)
+            if source is None:
+                continue  # not branches of one tensor: no reparameterizable block
+            module = self.capture.canonical(owner(node)[1])
+            try:
+                merges.append(self._merge(adds, leaves, source, module))
+            except _Fail as fail:
+                logger.debug("block at %s stays: %s", node.name, fail.reason)
+                unmerged.append(Unmerged(tuple(a.name for a in adds), module, fail.code, fail.reason))
+        return merges[::-1], unmerged[::-1]
+
+    # --- the sum and its branches ---------------------------------------------------------------
+
+    def _summands(self, node: fx.Node) -> list[fx.Node] | None:
+        """The tensors a sum op adds: two for ``a + b`` or ``a += b``, one for ``a + 0`` (a block
+        whose missing branch is a literal ``0``); None when ``node`` is no such sum."""
+        if node.op != "call_function" or node.target not in _SUMS or rules.read_layer(node) is not None:
+            return None
+        args = bind(node)
+        operands = [args["self"], args["other"]]
+        tensors = [a for a in operands if isinstance(a, fx.Node)]
+        literals = [a for a in operands if not isinstance(a, fx.Node)]
+        if args.get("alpha", 1) != 1 or any(type(a) not in (int, float) or a != 0 for a in literals):
+            return None
+        if not tensors or any(self.consts.is_const.get(t) or tensor_meta(t) is None for t in tensors):
+            return None
+        return tensors if all(shape(t) == shape(node) for t in tensors) else None
+
+    def _tree(self, root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+        """The sum ops of a sum (the root first; an inner sum used only by the outer one) and its
+        summands, seen through folded ops."""
+        adds, leaves = [root], []
+        for arg in self._summands(root) or []:
+            leaf = self.resolve(arg)
+            if self._summands(leaf) is not None and self.users(leaf) == [root]:
+                inner_adds, inner_leaves = self._tree(leaf)
+                adds += inner_adds
+                leaves += inner_leaves
+            else:
+                leaves.append(leaf)
+        return adds, leaves
+
+    def _input_of(self, leaf: fx.Node) -> fx.Node | None:
+        """The tensor a conv, kept norm or average pool summand reads; None for anything else."""
+        layer = rules.read_layer(leaf)
+        if layer is not None:
+            return self.resolve(layer.input) if layer.kind == "conv" else None
+        keep = self.kept.get(leaf)
+        if keep is not None:
+            leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            if leaf.op != "call_function" or leaf.target not in _AVG_POOLS:
+                return leaf
+        if leaf.op == "call_function" and leaf.target in _AVG_POOLS:
+            return self.resolve(bind(leaf)["self"])
+        return None
+
+    def _source(self, leaves: list[fx.Node]) -> fx.Node | None:
+        """The one tensor every summand branches from (at least one a conv of it), or None."""
+        inputs = {leaf: self._input_of(leaf) for leaf in leaves}
+        sources = {x for x in inputs.values() if x is not None}
+        if (
+            len(leaves) < 2
+            or len(sources) != 1
+            or not any(rules.read_layer(leaf) is not None for leaf in leaves)
+        ):
+            return None
+        (source,) = sources
+        return source if all(x is not None or leaf is source for leaf, x in inputs.items()) else None
+
+    def _first(self, keep: Keep) -> fx.Node:
+        return self.by_name[keep.unit.nodes[0]]
+
+    # --- one block ------------------------------------------------------------------------------
+
+    def _merge(self, adds: list[fx.Node], leaves: list[fx.Node], source: fx.Node, module: str) -> Merge:
+        if len(set(leaves)) != len(leaves):
+            raise _Fail(
+                "repeated_branch", f"the same branch is added twice in the sum at {describe(adds[0])}"
+            )
+        branches = [self._branch(leaf, source, adds) for leaf in leaves]
+        convs = [b for b in branches if b.kind == "conv"]
+        target = _target(convs, branches)
+        _check_geometry(target, branches, tuple(shape(source)), tuple(shape(adds[0])))
+        bias = target.bias or new_bias_name(self.capture, target.weight or "")
+        return Merge(tuple(a.name for a in adds), module, target, tuple(branches), bias, target.bias is None)
+
+    def _branch(self, leaf: fx.Node, source: fx.Node, adds: list[fx.Node]) -> Branch:
+        if leaf is source:
+            nd = len(shape(source)) - 2
+            return Branch("identity", (), (1,) * nd, (1,) * nd, (0,) * nd, None)
+        outside = [u for u in self.users(leaf) if u not in adds]
+        if outside:
+            raise _Fail(
+                "multiple_users",
+                f"{describe(leaf)} output is also used outside the sum, by {describe(outside[0])}",
+            )
+        layer = rules.read_layer(leaf)
+        if layer is not None:
+            return self._conv_branch(layer)
+        keep = self.kept.get(leaf)
+        scale, shift, nodes, unit = None, None, (), None
+        if keep is not None:
+            scale, shift = self._norm_map(keep, leaf)
+            nodes, unit = keep.unit.nodes, keep.unit
+            leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            if leaf is source:
+                nd = len(shape(source)) - 2
+                return Branch(
+                    "norm", nodes, (1,) * nd, (1,) * nd, (0,) * nd, None, scale=scale, shift=shift, unit=unit
+                )
+            if len(self.users(leaf)) != 1:
+                raise _Fail("multiple_users", f"{describe(leaf)} output is also used outside the sum")
+        return _pool_branch(leaf, nodes, scale, shift, unit)
+
+    def _conv_branch(self, layer: rules.Layer) -> Branch:
+        what = describe(layer.node)
+        for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
+            if arg is None:
+                continue
+            fqn = self.capture.state_of(arg)
+            if fqn is None or self.capture.kind.get(arg.name) != "parameter":
+                raise _Fail("weight_not_parameter", f"{what} {role} is computed in forward, not a parameter")
+            if len(arg.users) > 1:
+                raise _Fail("shared_producer", f"{what} {role} {fqn} is used by {len(arg.users)} ops")
+        if tensor_meta(layer.weight).dtype != tensor_meta(layer.node).dtype:
+            raise _Fail(
+                "dtype",
+                f"{what} weight is {tensor_meta(layer.weight).dtype}, "
+                f"its output {tensor_meta(layer.node).dtype}",
+            )
+        args = bind(layer.node)
+        kernel = tuple(shape(layer.weight)[2:])
+        nd = len(kernel)
+        dilation = _ints(args.get("dilation", 1), nd)
+        padding = _conv_padding(args["padding"], kernel, dilation, what)
+        return Branch(
+            "conv", (layer.node.name,), kernel, _ints(args["stride"], nd), padding, dilation, layer.groups,
+            layer=layer.node.name, weight=self.capture.fqn[layer.weight.name],
+            bias=self.capture.fqn[layer.bias.name] if layer.bias is not None else None,
+        )  # fmt: skip
+
+    def _norm_map(self, keep: Keep, leaf: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        if keep.map is None:
+            raise _Fail(keep.code, f"{keep.unit.name} is no per-channel map: {keep.reason}")
+        s, t, axis = keep.map
+        channels = shape(leaf)[1]
+        if axis not in (None, 1):
+            raise _Fail("wrong_axis", f"{keep.unit.name} scales axis {axis}, not the channel axis 1")
+        return s.reshape(-1).expand(channels).clone(), t.reshape(-1).expand(channels).clone()
+
+
+def _pool_branch(
+    pool: fx.Node,
+    nodes: tuple[str, ...],
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    unit: Unit | None,
+) -> Branch:
+    args = bind(pool)
+    nd = len(shape(pool)) - 2
+    kernel = _ints(args["kernel_size"], nd)
+    stride = _ints(args.get("stride") or kernel, nd)
+    padding = _ints(args.get("padding", 0), nd)
+    what = describe(pool)
+    if args.get("ceil_mode") or args.get("divisor_override") is not None:
+        raise _Fail("reparam_pool", f"{what} uses ceil_mode or divisor_override: not a fixed kernel")
+    if any(padding) and not args.get("count_include_pad", True):
+        raise _Fail(
+            "reparam_padding", f"{what} leaves its zero padding out of the divisor: not a fixed kernel"
+        )
+    return Branch(
+        "avg_pool",
+        (pool.name, *nodes),
+        kernel,
+        stride,
+        padding,
+        (1,) * nd,
+        scale=scale,
+        shift=shift,
+        unit=unit,
+    )
+
+
+def _target(convs: list[Branch], branches: list[Branch]) -> Branch:
+    """The conv whose kernel covers every branch's (it takes the sum)."""
+    for conv in convs:
+        if all(all(k <= K for k, K in zip(b.kernel, conv.kernel, strict=True)) for b in branches):
+            return conv
+    sizes = ", ".join(b.label() for b in branches)
+    raise _Fail("reparam_kernel", f"no conv kernel of the sum covers all the others ({sizes})")
+
+
+def _check_geometry(
+    target: Branch, branches: list[Branch], x_shape: tuple[int, ...], y_shape: tuple[int, ...]
+) -> None:
+    """The preconditions of the module docstring, each with its code."""
+    for b in branches:
+        what = b.label()
+        if b.kind == "conv" and b.groups != target.groups:
+            raise _Fail(
+                "reparam_groups", f"{what} has groups={b.groups}, {target.label()} groups={target.groups}"
+            )
+        if b.stride != target.stride:
+            raise _Fail(
+                "reparam_stride", f"{what} has stride {b.stride}, {target.label()} stride {target.stride}"
+            )
+        dilation = target.dilation if b.dilation is None else b.dilation
+        if dilation != target.dilation and b.kernel != (1,) * len(b.kernel):
+            raise _Fail(
+                "reparam_dilation", f"{what} has dilation {dilation}, {target.label()} {target.dilation}"
+            )
+        for k, p, K, P, d in zip(
+            b.kernel, b.padding, target.kernel, target.padding, target.dilation, strict=True
+        ):
+            if (K - k) % 2 or p != P - d * (K - k) // 2:
+                raise _Fail(
+                    "reparam_padding",
+                    f"{what} (padding {b.padding}) and {target.label()} (padding {target.padding}) do "
+                    "not see the same windows: centred in one kernel, they would read different inputs",
+                )
+        if b.kind != "conv" and x_shape[1] != y_shape[1]:
+            raise _Fail(
+                "reparam_channels",
+                f"the {b.kind} branch needs as many output channels as input ({x_shape[1]} -> {y_shape[1]})",
+            )
+
+
+def _ints(value: object, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    values = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    return values * n if len(values) == 1 else values
+
+
+def _conv_padding(
+    padding: object, kernel: tuple[int, ...], dilation: tuple[int, ...], what: str
+) -> tuple[int, ...]:
+    if padding == "valid":
+        return (0,) * len(kernel)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        if any(t % 2 for t in total):
+            raise _Fail("reparam_padding", f"{what} pads 'same' unevenly (kernel {kernel})")
+        return tuple(t // 2 for t in total)
+    return _ints(padding, len(kernel))
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+def merge_values(
+    capture: Capture, merges: list[Merge], values: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The targets' new weights and biases (FQN -> tensor in the weight's dtype): every branch's
+    kernel centred in the target's and summed in float64, the branches' conv values taken after
+    the folds (``values``)."""
+    out: dict[str, torch.Tensor] = {}
+    for m in merges:
+        ref = values.get(m.target.weight) if m.target.weight in values else capture.value(m.target.weight)
+        w = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)  # (C_out, C_in / g, *K)
+        b = torch.zeros(ref.shape[0], dtype=torch.float64, device=ref.device)
+        for branch in m.branches:
+            _add_branch(w, b, branch, capture, values)
+        out[m.target.weight] = w.to(ref.dtype)
+        out[m.bias] = b.to(ref.dtype)
+    return out
+
+
+def _add_branch(
+    w: torch.Tensor, b: torch.Tensor, branch: Branch, capture: Capture, values: Mapping[str, torch.Tensor]
+) -> None:
+    K = w.shape[2:]
+    window = tuple(slice((K_ - k) // 2, (K_ - k) // 2 + k) for K_, k in zip(K, branch.kernel, strict=True))
+    if branch.kind == "conv":
+        fqn = branch.weight or ""
+        bw = values[fqn] if fqn in values else capture.value(fqn)
+        w[(slice(None), slice(None), *window)] += bw.detach().to(w.device, torch.float64)
+        bias_name = branch.bias or new_bias_name(capture, fqn)
+        if bias_name in values:
+            b += values[bias_name].detach().to(b.device, torch.float64)
+        elif branch.bias is not None:
+            b += capture.value(branch.bias).detach().to(b.device, torch.float64)
+        return
+    channels, per_group = w.shape[0], w.shape[1]
+    scale = torch.ones(channels, dtype=torch.float64) if branch.scale is None else branch.scale
+    shift = torch.zeros(channels, dtype=torch.float64) if branch.shift is None else branch.shift
+    rows = torch.arange(channels, device=w.device)
+    taps = math.prod(branch.kernel)
+    # channel c's own input is column c mod (C_in / g) of row c
+    w[(rows, rows % per_group, *window)] += (scale.to(w.device) / taps).reshape(-1, *([1] * len(K)))
+    b += shift.to(b.device)
+
+
+# --- the user's module ------------------------------------------------------------------------------
+
+
+class MergedBranch(nn.Module):
+    """A branch reparameterization merged into a sibling conv: it returns zeros of the block's
+    output shape (the shape the merged conv gives ``x``), so the block's own ``forward`` still
+    adds it, in place or not, and gets the merged conv's output."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        kernel_size: tuple[int, ...],
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation, strict=True)
+        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in geometry]  # conv arithmetic
+        return x.new_zeros(x.shape[0], self.out_channels, *spatial)
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+@dataclass(frozen=True)
+class EagerMerge:
+    """How a merge lands in the user's module: ``target`` becomes the merged conv, ``zero``
+    become :class:`MergedBranch`; or, with ``note``, it is applied to the export only."""
+
+    target: str | None = None
+    zero: tuple[str, ...] = ()
+    note: str | None = None
+
+
+def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> list[EagerMerge]:
+    """For each merge: the modules to swap in ``model`` (each branch must be a module that runs
+    that branch's ops and nothing else, with no hooks), or why it applies to the export only."""
+    owned = ops_by_module(capture)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_name = {n.name: n for n in capture.graph.nodes}
+    out = []
+    for m in merges:
+        paths = []
+        for branch in m.branches:
+            path = _branch_module(branch, owned, by_name, capture)
+            if path is None or path not in modules:
+                what = "the block's input itself" if branch.kind == "identity" else branch.label()
+                paths = [f"the {what} branch is not a module of its own (it is in forward code)"]
+                break
+            if modules[path]._forward_hooks or modules[path]._forward_pre_hooks:
+                paths = [f"{path} has forward hooks that would be lost"]
+                break
+            paths.append(path)
+        if len(paths) != len(m.branches):
+            out.append(EagerMerge(note=f"merged in the export only: {paths[0]}"))
+            continue
+        target = paths[m.branches.index(m.target)]
+        out.append(EagerMerge(target, tuple(p for p in paths if p != target)))
+    return out
+
+
+def ops_by_module(capture: Capture) -> dict[str, set[str]]:
+    """Module path -> names of the non-constant ops it runs (any call, nested modules included)."""
+    consts = Constants(capture)
+    owned: dict[str, set[str]] = {}
+    for node in capture.graph.nodes:
+        if node.op == "call_function" and tensor_meta(node) is not None and not consts.is_const[node]:
+            for _, path in module_calls(node):
+                owned.setdefault(capture.canonical(path), set()).add(node.name)
+    return owned
+
+
+def _branch_module(
+    branch: Branch, owned: dict[str, set[str]], by_name: dict[str, fx.Node], capture: Capture
+) -> str | None:
+    """The outermost module that runs the branch's ops and nothing else, or None."""
+    if not branch.nodes:
+        return None
+    ops = set(branch.nodes)
+    if branch.kind == "conv":  # its folded norms (between the conv and the sum) belong to it too
+        ops |= _folded_after(by_name[branch.nodes[0]])
+    for _, path in module_calls(by_name[branch.nodes[0]]):
+        path = capture.canonical(path)
+        if path and owned.get(path, set()) <= ops:
+            return path
+    return None
+
+
+def _folded_after(node: fx.Node) -> set[str]:
+    """Ops chained after ``node`` one user at a time (the conv's norm ops, which the fold removes)."""
+    out: set[str] = set()
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.target is rules.aten.add.Tensor:
+            break
+        out.add(node.name)
+    return out
+
+
+def apply_merges(
+    model: nn.Module, merges: list[Merge], eager: list[EagerMerge], values: Mapping[str, torch.Tensor]
+) -> None:
+    """Swap the merged blocks' branch modules in ``model``: the target becomes one conv with the
+    merged values, the other branches :class:`MergedBranch`, under every name they have."""
+    swaps: dict[int, nn.Module] = {}
+    for m, e in zip(merges, eager, strict=True):
+        if e.target is None:
+            continue
+        old = model.get_parameter(m.target.weight)
+        swaps[id(model.get_submodule(e.target))] = _conv_module(m, values, old.requires_grad)
+        t = m.target
+        for path in e.zero:
+            swaps[id(model.get_submodule(path))] = MergedBranch(
+                values[t.weight or ""].shape[0], t.kernel, t.stride, t.padding, t.dilation or t.stride
+            )
+    if swaps:
+        for parent in model.modules():
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in swaps:
+                    parent._modules[name] = swaps[id(child)]
+
+
+def _conv_module(m: Merge, values: Mapping[str, torch.Tensor], requires_grad: bool) -> nn.Module:
+    """A ConvNd with the target's geometry and the merged values."""
+    weight, bias = values[m.target.weight or ""], values[m.bias]
+    nd = weight.dim() - 2
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    t = m.target
+    conv = cls(
+        weight.shape[1] * (t.groups or 1), weight.shape[0], t.kernel, stride=t.stride, padding=t.padding,
+        dilation=t.dilation or 1, groups=t.groups or 1, bias=True, device="meta",
+    )  # fmt: skip
+    conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+    conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    return conv
