@@ -51,7 +51,10 @@ Columns of the table (batch-norm ops are ATen nodes ``batch_norm`` or
   ``torch.export.export`` alone and of ``fuse`` alone, measured back to back on each model.
 * ``failure``: the exception ``normfold.fold`` raised (type and first line).
 
-After the table come the norms normfold keeps for each model (grouped by skip code, with a
+After the table come the models with blocks of parallel branches (RepVGG, MobileOne, FastViT...):
+what ``normfold.reparameterize`` merged into one conv, the sums that stay (by skip code), the
+BatchNormalization / Conv / Add ops of the original and of the result, and the parity rule's
+verdict on the merged model; then the norms normfold keeps for each model (grouped by skip code, with a
 sample reason) and the cases worth a look: ONNX after normfold keeping more than normfold,
 ratios above 2, failures. ``--json`` writes every number, error text and traceback; it is
 rewritten after each model, so a long run that stops still leaves its results.
@@ -404,7 +407,27 @@ def measure(name: str, size: int, skip_onnx: bool) -> dict[str, Any]:
             row["onnx_nf_left"] = step("onnx_nf", count_onnx_bn, result.program, x)
 
     step("parity", parity, row, model, result, x)
+    step("reparam", reparam, row, model, x)
     return row
+
+
+#: ops the reparameterization table counts (ATen ops as the ONNX ops they become)
+REPARAM_OPS = ("BatchNormalization", "Conv", "Add")
+
+
+def reparam(row: dict[str, Any], model: nn.Module, x: torch.Tensor) -> None:
+    """``normfold.reparameterize``: blocks merged into one conv, sums that stay (by code), the
+    op counts of the original and of the result's program, and the parity rule's verdict."""
+    result = normfold.reparameterize(model, (x,))
+    row["merged"] = len(result.merged)
+    row["merged_export_only"] = sum(m.where == "export" for m in result.merged)
+    row["not_merged"] = dict(Counter(m.code for m in result.not_merged))
+    row["reparam_ops"] = {
+        op: [result.ops_before.get(op, 0), result.ops_after.get(op, 0)] for op in REPARAM_OPS
+    }
+    if result.merged:
+        report = normfold.verify(model, result.model, (x,))
+        row["reparam_verify"] = "pass" if report.passed else "FAIL"
 
 
 def parity(row: dict[str, Any], model: nn.Module, result: Any, x: torch.Tensor) -> None:
@@ -474,6 +497,31 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fx_s": total("fx_s"),
         "failure": f"{failures} failure(s)",
     }
+
+
+def reparam_section(rows: list[dict[str, Any]]) -> str:
+    """The models with blocks of parallel branches: what ``normfold.reparameterize`` merged."""
+    header = [
+        "model",
+        "blocks merged",
+        "not merged",
+        *(f"{op} before -> after" for op in REPARAM_OPS),
+        "verify",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in rows:
+        if not (r.get("merged") or r.get("not_merged")):
+            continue
+        merged = f"{r['merged']}" + (
+            f" ({r['merged_export_only']} export only)" if r["merged_export_only"] else ""
+        )
+        kept = ", ".join(f"{code} {n}" for code, n in r["not_merged"].items()) or "-"
+        ops = [f"{a} -> {b}" for a, b in r["reparam_ops"].values()]
+        lines.append("| " + " | ".join([r["model"], merged, kept, *ops, r.get("reparam_verify", "-")]) + " |")
+    if "reparam" in {k for r in rows for k in r["errors"]}:
+        failed = [f"{r['model']}: {r['errors']['reparam']}" for r in rows if "reparam" in r["errors"]]
+        lines.append("\nreparameterize failed on: " + "; ".join(failed))
+    return "### Reparameterization (normfold.reparameterize)\n\n" + "\n".join(lines)
 
 
 def kept_section(rows: list[dict[str, Any]]) -> str:
@@ -579,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
-    print(table(rows), kept_section(rows), checks_section(rows), sep="\n\n")
+    print(table(rows), reparam_section(rows), kept_section(rows), checks_section(rows), sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -181,32 +181,35 @@ class _Merger:
                 leaves.append(leaf)
         return adds, leaves
 
-    def _input_of(self, leaf: fx.Node) -> fx.Node | None:
-        """The tensor a conv, kept norm or average pool summand reads; None for anything else."""
-        layer = rules.read_layer(leaf)
-        if layer is not None:
-            return self.resolve(layer.input) if layer.kind == "conv" else None
+    def _source(self, leaves: list[fx.Node]) -> fx.Node | None:
+        """The one tensor every summand branches from (at least one a conv of it), or None."""
+        conv_inputs = {}
+        for leaf in leaves:
+            layer = rules.read_layer(leaf)
+            if layer is not None and layer.kind == "conv":
+                conv_inputs[leaf] = self.resolve(layer.input)
+        # a summand other convs read is the identity branch, even when it is a conv output itself
+        sources = {x for leaf, x in conv_inputs.items() if leaf not in conv_inputs.values()}
+        if len(leaves) < 2 or len(sources) != 1:
+            return None
+        (source,) = sources
+        others = [leaf for leaf in leaves if leaf is not source and conv_inputs.get(leaf) is not source]
+        return source if all(self._reads(leaf, source) is source for leaf in others) else None
+
+    def _reads(self, leaf: fx.Node, source: fx.Node) -> fx.Node | None:
+        """The tensor a kept-norm or average-pool summand reads (for a conv whose norm stays:
+        that conv's input); None for any other op."""
         keep = self.kept.get(leaf)
         if keep is not None:
             leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            layer = rules.read_layer(leaf)
+            if leaf is not source and layer is not None:
+                return self.resolve(layer.input) if layer.kind == "conv" else None
             if leaf.op != "call_function" or leaf.target not in _AVG_POOLS:
                 return leaf
         if leaf.op == "call_function" and leaf.target in _AVG_POOLS:
             return self.resolve(bind(leaf)["self"])
         return None
-
-    def _source(self, leaves: list[fx.Node]) -> fx.Node | None:
-        """The one tensor every summand branches from (at least one a conv of it), or None."""
-        inputs = {leaf: self._input_of(leaf) for leaf in leaves}
-        sources = {x for x in inputs.values() if x is not None}
-        if (
-            len(leaves) < 2
-            or len(sources) != 1
-            or not any(rules.read_layer(leaf) is not None for leaf in leaves)
-        ):
-            return None
-        (source,) = sources
-        return source if all(x is not None or leaf is source for leaf, x in inputs.items()) else None
 
     def _first(self, keep: Keep) -> fx.Node:
         return self.by_name[keep.unit.nodes[0]]
@@ -244,6 +247,8 @@ class _Merger:
             scale, shift = self._norm_map(keep, leaf)
             nodes, unit = keep.unit.nodes, keep.unit
             leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            if leaf is not source and rules.read_layer(leaf) is not None:
+                raise _Fail(keep.code, f"{keep.unit.name} stays on its conv branch: {keep.reason}")
             if leaf is source:
                 nd = len(shape(source)) - 2
                 return Branch(
@@ -483,8 +488,11 @@ def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> lis
         for branch in m.branches:
             path = _branch_module(branch, owned, by_name, capture)
             if path is None or path not in modules:
-                what = "the block's input itself" if branch.kind == "identity" else branch.label()
-                paths = [f"the {what} branch is not a module of its own (it is in forward code)"]
+                paths = [
+                    "the identity branch is the block's input itself, added in forward code"
+                    if branch.kind == "identity"
+                    else f"the {branch.label()} branch is not a module of its own (it is in forward code)"
+                ]
                 break
             if modules[path]._forward_hooks or modules[path]._forward_pre_hooks:
                 paths = [f"{path} has forward hooks that would be lost"]

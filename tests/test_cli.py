@@ -946,3 +946,24 @@ def test_help_shows_metavars_defaults_and_examples() -> None:
     for piece in ("[NAME:]SHAPE", "[default: 4.0]", "Examples:", "timm:create_model", "--require-all"):
         assert piece in text, piece
     assert "Examples:" in ok("inspect", "--help").stdout
+
+
+# reparameterization
+
+
+def test_inspect_merges_repvgg_blocks_by_default_and_not_with_no_reparam(tmp_path: Path) -> None:
+    merged = ok("inspect", "normfold.models:repvgg", "--report", tmp_path / "a.json")
+    assert "Parallel branches (reparameterization)" in merged.stdout
+    branches = " + ".join(
+        ["stages.1.rbr_dense.0 (conv 3x3)", "stages.1.rbr_1x1.0 (conv 1x1)", "stages.1.rbr_identity (norm)"]
+    )
+    assert f"stages.1 | {branches} | merge | stages.1.rbr_dense.0" in merged.stdout
+    assert merged.stdout.strip().splitlines()[-1].startswith("normfold: ok folded=13/13 kept=0 merged=5/5 ")
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["summary"]["blocks_merged"] == 5 and data["options"]["reparameterize"] is True
+    assert [m["where"] for m in data["merged"]] == ["both"] * 5
+
+    plain = ok("inspect", "normfold.models:repvgg", "--no-reparam")
+    assert "Parallel branches" not in plain.stdout
+    assert plain.stdout.strip().splitlines()[-1].startswith("normfold: ok folded=10/13 kept=3 ")
+    assert "stages.1.rbr_identity | BatchNorm2d | keep | multiple_users" in plain.stdout
