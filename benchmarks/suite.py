@@ -28,6 +28,9 @@ Sections:
   ``torch.onnx.export`` of the same model, each a fresh process, with normfold's time by step
   (its ``--report`` step names). ``benchmarks/real_models.py --end-to-end`` gives the same rows
   for torchvision/timm models.
+* **reparam**: eager and onnxruntime latency of the RepVGG-style zoo models (``repvgg``,
+  ``mobileone``, ``acnet``): the original, folded without reparameterization, and reparameterized
+  (one conv per block); onnxruntime's plain export of the original as the peer.
 * **memory**: peak RSS growth while folding a model of at least 2 GB of float32 parameters,
   ``inplace=True`` and ``False``, against its parameter bytes (each in a fresh process).
 """
@@ -408,6 +411,36 @@ def end_to_end_row(
     return [label, bare_s, nf_s, nf_s / bare_s, ", ".join(f"{k} {v:.2f}" for k, v in steps.items())]
 
 
+def reparam(quick: bool) -> str:
+    """Eager and onnxruntime latency of the RepVGG-style zoo models: the original, normfold's fold
+    without reparameterization (identity-branch BNs stay) and with it (one conv per block)."""
+    repeats = 7 if quick else 15
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("repvgg", "mobileone", "acnet"):
+            model, xs = ZOO[name].factory(), example_inputs(name)
+            fold, merged = normfold.fold(model, xs), normfold.reparameterize(model, xs)
+            onnx = {k: Path(tmp) / f"{name}.{k}.onnx" for k in ("plain", "fold", "reparam")}
+            onnx_export(model, xs, onnx["plain"])
+            normfold.export_onnx(fold.model, xs, onnx["fold"], program=fold.program)
+            normfold.export_onnx(merged.model, xs, onnx["reparam"], program=merged.program)
+            for batch in (1, 16):
+                x = example_inputs(name, batch=batch)
+                torch.set_num_threads(1)
+                sessions = {f"ort {k}": ort_session(p, 1) for k, p in onnx.items()}
+                eager = {"original": model, "fold": fold.model, "reparam": merged.model}
+                with torch.no_grad():
+                    t = interleaved(_variants(eager, sessions, x), repeats, inner=5)
+                m = {k: 1e3 * med(v) for k, v in t.items()}
+                eager_ms = [m["original"], m["fold"], m["reparam"], m["reparam"] / m["original"]]
+                ort_ms = [m["ort plain"], m["ort fold"], m["ort reparam"], m["ort reparam"] / m["ort plain"]]
+                rows.append([name, batch, *eager_ms, *ort_ms, spread(t["reparam"])])
+    torch.set_num_threads(2)
+    header = ["model", "batch", "original ms", "fold ms", "reparam ms", "reparam/original", "ort plain ms",
+              "ort fold ms", "ort reparam ms", "ort reparam/plain", "reparam spread"]  # fmt: skip
+    return "### Reparameterization: latency (1 thread)\n\n" + table(header, rows)
+
+
 _MEMORY_CHILD = """
 import resource, sys, torch, normfold
 from torch import nn
@@ -449,6 +482,7 @@ SECTIONS = {
     "cost": cost,
     "end_to_end": end_to_end,
     "memory": memory,
+    "reparam": reparam,
 }
 
 

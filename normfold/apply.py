@@ -47,11 +47,10 @@ from normfold.graph import (
     Capture,
     Constants,
     bind,
-    module_calls,
+    ops_by_module,
     quiet_exporter,
     set_arg,
     shape,
-    tensor_meta,
 )
 from normfold.plan import Fold, Plan, RowBlocks, input_arg, new_bias_name
 from normfold.reparam import Merge
@@ -83,12 +82,7 @@ class _Eager:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.by_name = {n.name: n for n in capture.graph.nodes}
         self.consts = consts = Constants(capture)
-        # module path -> names of the ops it owns (any call, nested modules included)
-        self.owned: dict[str, set[str]] = {}
-        for node in capture.graph.nodes:
-            if node.op == "call_function" and tensor_meta(node) is not None and not consts.is_const[node]:
-                for _, path in module_calls(node):
-                    self.owned.setdefault(capture.canonical(path), set()).add(node.name)
+        self.owned = ops_by_module(capture, consts)  # module path -> the ops it runs
         # module path -> placeholders of its own parameters and buffers
         self.state: dict[str, list[fx.Node]] = {}
         for node in capture.graph.nodes:

@@ -199,29 +199,26 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
     eager = eager_merges(cap, merges, model)
     analysis.merges, analysis.eager_merges = merges, eager
     taken: dict[str, Folded] = {}
+    by_name = {n.name: n for n in cap.graph.nodes}
     for m, e in zip(merges, eager, strict=True):
-        into = owner(_node(cap, m.target.layer))[1]
+        into = owner(by_name[m.target.layer])[1]
         where = "both" if e.note is None else "export"
         for b in m.branches:
             if b.unit is not None:
                 pattern = "reparam-bn" if b.unit.kind == "batch_norm" else "reparam-affine"
                 taken[b.unit.nodes[0]] = Folded(b.unit.name, b.unit.module_type or "forward", into, "Conv",
                                                 pattern, where, b.unit.nodes[0], note=e.note)  # fmt: skip
-        branches = tuple(_branch_label(cap, b) for b in m.branches)
+        branches = tuple(_branch_label(cap, by_name, b) for b in m.branches)
         result.merged.append(Merged(m.module or "forward", into, branches, where, m.adds[0], e.note))
     result.not_merged = [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0]) for u in unmerged]
     result.folded += list(taken.values())
     result.skipped = [s for s in result.skipped if s.node not in taken]
 
 
-def _node(cap: Capture, name: str | None) -> Any:
-    return next(n for n in cap.graph.nodes if n.name == name)
-
-
-def _branch_label(cap: Capture, branch: Branch) -> str:
+def _branch_label(cap: Capture, by_name: dict[str, Any], branch: Branch) -> str:
     if not branch.nodes:
         return "identity"
-    path = cap.canonical(owner(_node(cap, branch.nodes[0]))[1])
+    path = cap.canonical(owner(by_name[branch.nodes[0]])[1])
     return f"{path or 'forward'} ({branch.label()})"
 
 

@@ -285,6 +285,16 @@ def module_calls(node: fx.Node) -> list[tuple[str, str]]:
     return [(k, v[0]) for k, v in stack.items()]
 
 
+def ops_by_module(capture: Capture, consts: Constants) -> dict[str, set[str]]:
+    """Module path -> names of the non-constant ops it runs (any call, nested modules included)."""
+    owned: dict[str, set[str]] = {}
+    for node in capture.graph.nodes:
+        if node.op == "call_function" and tensor_meta(node) is not None and not consts.is_const[node]:
+            for _, path in module_calls(node):
+                owned.setdefault(capture.canonical(path), set()).add(node.name)
+    return owned
+
+
 def op_name(node: fx.Node) -> str:
     target = node.target
     name = getattr(target, "__name__", None) or str(target)

@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 
 from normfold import rules
-from normfold.graph import Capture, Constants, bind, module_calls, owner, shape, tensor_meta
+from normfold.graph import Capture, Constants, bind, module_calls, ops_by_module, owner, shape, tensor_meta
 from normfold.plan import Keep, Plan, Unit, _chain_input, _shape_only, describe, new_bias_name
 
 logger = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ class EagerMerge:
 def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> list[EagerMerge]:
     """For each merge: the modules to swap in ``model`` (each branch must be a module that runs
     that branch's ops and nothing else, with no hooks), or why it applies to the export only."""
-    owned = ops_by_module(capture)
+    owned = ops_by_module(capture, Constants(capture))
     modules = dict(model.named_modules(remove_duplicate=False))
     by_name = {n.name: n for n in capture.graph.nodes}
     out = []
@@ -504,17 +504,6 @@ def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> lis
         target = paths[m.branches.index(m.target)]
         out.append(EagerMerge(target, tuple(p for p in paths if p != target)))
     return out
-
-
-def ops_by_module(capture: Capture) -> dict[str, set[str]]:
-    """Module path -> names of the non-constant ops it runs (any call, nested modules included)."""
-    consts = Constants(capture)
-    owned: dict[str, set[str]] = {}
-    for node in capture.graph.nodes:
-        if node.op == "call_function" and tensor_meta(node) is not None and not consts.is_const[node]:
-            for _, path in module_calls(node):
-                owned.setdefault(capture.canonical(path), set()).add(node.name)
-    return owned
 
 
 def _branch_module(
