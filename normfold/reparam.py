@@ -545,9 +545,11 @@ def apply_merges(
         old = model.get_parameter(m.target.weight)
         swaps[id(model.get_submodule(e.target))] = _conv_module(m, values, old.requires_grad)
         t = m.target
+        dilation = t.dilation or (1,) * len(t.kernel)  # a conv target always has one
         for path in e.zero:
+            out_channels = values[t.weight or ""].shape[0]
             swaps[id(model.get_submodule(path))] = MergedBranch(
-                values[t.weight or ""].shape[0], t.kernel, t.stride, t.padding, t.dilation or t.stride
+                out_channels, t.kernel, t.stride, t.padding, dilation
             )
     if swaps:
         for parent in model.modules():
@@ -566,6 +568,6 @@ def _conv_module(m: Merge, values: Mapping[str, torch.Tensor], requires_grad: bo
         weight.shape[1] * (t.groups or 1), weight.shape[0], t.kernel, stride=t.stride, padding=t.padding,
         dilation=t.dilation or 1, groups=t.groups or 1, bias=True, device="meta",
     )  # fmt: skip
-    conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
-    conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    conv.weight = nn.Parameter(weight.detach(), requires_grad=requires_grad)  # the program shares it
+    conv.bias = nn.Parameter(bias.detach(), requires_grad=requires_grad)
     return conv
