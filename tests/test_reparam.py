@@ -8,6 +8,8 @@ import onnx
 import pytest
 import torch
 from helpers import ZOO_MERGED, bn_ops, exported
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from normfold.models import ZOO, example_inputs
 from normfold.models.zoo import _conv_bn, calibrate
 from torch import nn
@@ -259,3 +261,76 @@ def test_merged_model_saves_and_loads(tmp_path):
     again.load_state_dict(torch.load(path, weights_only=True))
     with torch.no_grad():
         assert torch.equal(again(x[0]), result.model(x[0]))
+
+
+# --- random blocks -----------------------------------------------------------------------------------
+
+
+class Scale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma[:, None, None]
+
+
+class RandomBlock(nn.Module):
+    """Branches of one input, summed left to right, then ReLU."""
+
+    def __init__(self, c: int, specs: list[tuple], stride: int, groups: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(_random_branch(c, spec, stride, groups) for spec in specs)
+
+    def forward(self, x):
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return torch.relu(out)
+
+
+def _random_branch(c: int, spec: tuple, stride: int, groups: int) -> nn.Module:
+    kind = spec[0]
+    if kind == "conv":
+        (kh, kw), bias = spec[1], spec[2]
+        conv = nn.Conv2d(c, c, (kh, kw), stride, ((kh - 1) // 2, (kw - 1) // 2), groups=groups, bias=bias)
+        return nn.Sequential(conv, nn.BatchNorm2d(c))
+    return {
+        "bn": lambda: nn.BatchNorm2d(c),
+        "pool": lambda: nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(c)),
+        "identity": nn.Identity,
+        "scale": lambda: Scale(c),
+    }[kind]()
+
+
+@st.composite
+def random_blocks(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
+    c, stride, groups = (
+        draw(st.sampled_from([4, 6])),
+        draw(st.sampled_from([1, 2])),
+        draw(st.sampled_from([1, 2])),
+    )
+    big = draw(st.sampled_from([3, 5]))
+    sizes = [(big, big), (1, 1), (1, 3), (3, 1), (3, 3)]
+    convs = [("conv", (big, big), draw(st.booleans()))]  # the covering kernel
+    convs += [("conv", k, draw(st.booleans())) for k in draw(st.lists(st.sampled_from(sizes), max_size=3))]
+    kinds = st.sampled_from(["bn", "pool", "identity", "scale"])
+    others = [(o,) for o in draw(st.lists(kinds, max_size=3))] if stride == 1 else []
+    if len(convs) + len(others) < 2:
+        convs.append(("conv", (1, 1), True))
+    specs = draw(st.permutations(convs + others))
+    model = nn.Sequential(nn.Conv2d(3, c, 1), RandomBlock(c, specs, stride, groups))
+    seed = draw(st.integers(0, 2**16))
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(seed))
+    return _build(model, (2, 3, 9, 9), seed), x
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(random_blocks())
+def test_random_blocks_merge_into_one_conv_with_parity(case):
+    model, x = case
+    result = normfold.reparameterize(model, x)
+    assert len(result.merged) == 1 and result.not_merged == []
+    assert bn_ops(result.program) == 0 and _ops(result.program, ("add", "avg_pool2d", "mul")) == 0
+    assert _ops(result.program, ("conv2d", "convolution")) == 2  # the stem and the block
+    _assert_parity(model, result, x)
