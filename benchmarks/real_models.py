@@ -12,7 +12,9 @@ environment next to an editable normfold, with the CUDA build of torch from PyPI
 wheel, prefix both installs with ``env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null``: torchvision
 from PyPI needs PyPI's torch, or ``torchvision::nms`` is missing.)
 
-Run it (5-40 s a model, about 11 minutes for the whole list on 2 CPU cores)::
+Run it (on 2 CPU cores, 20 s to several minutes a model: the float64 parity runs of the
+``verify`` and reparameterization columns dominate; timm/mobileone_s0, trained with four
+branches per block, took 501 s while CI shared the cores)::
 
     /work/rmvenv/bin/python benchmarks/real_models.py --json benchmarks/real_models_latest.json
     /work/rmvenv/bin/python benchmarks/real_models.py --models resnet18,timm/levit_128s --skip-onnx

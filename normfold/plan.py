@@ -612,30 +612,7 @@ class _Planner:
         return tuple(dict.fromkeys(n.name for n in self._passed))
 
     def _check_layer(self, layer: Layer, unit: Unit) -> None:
-        what = describe(layer.node)
-        for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
-            if arg is None:
-                continue
-            fqn = self.capture.state_of(arg)
-            if fqn is None or self.capture.kind.get(arg.name) != "parameter":
-                raise _Fail(
-                    "weight_not_parameter",
-                    f"{what} {role} is computed in forward "
-                    f"({describe(arg)}), not a parameter; its output may not be linear in it",
-                )
-            via = layer.via if role == "weight" else None
-            if len(arg.users) > 1 or (via is not None and len(via.users) > 1):
-                raise _Fail(
-                    "shared_producer",
-                    f"{what} {role} {fqn} is used by {len(arg.users)} ops "
-                    f"(a module called at several places, or a tied or directly read weight); "
-                    f"folding {unit.name} into it would change the others",
-                )
-        weight = tensor_meta(layer.weight)
-        if not weight.is_floating_point() or weight.dtype != tensor_meta(layer.node).dtype:
-            raise _Fail(
-                "dtype", f"{what} weight is {weight.dtype}, its output {tensor_meta(layer.node).dtype}"
-            )
+        check_layer(self.capture, layer, f"folding {unit.name} into it")
 
     def _per_channel(
         self,
@@ -691,6 +668,33 @@ class _Planner:
             scale=scale,
             shift=shift,
         )
+
+
+def check_layer(capture: Capture, layer: Layer, change: str) -> None:
+    """Raise :class:`_Fail` unless ``layer``'s weight and bias are parameters that op alone reads,
+    and its weight has its output's floating dtype (``change``: what would change them)."""
+    what = describe(layer.node)
+    for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
+        if arg is None:
+            continue
+        fqn = capture.state_of(arg)
+        if fqn is None or capture.kind.get(arg.name) != "parameter":
+            raise _Fail(
+                "weight_not_parameter",
+                f"{what} {role} is computed in forward "
+                f"({describe(arg)}), not a parameter; its output may not be linear in it",
+            )
+        via = layer.via if role == "weight" else None
+        if len(arg.users) > 1 or (via is not None and len(via.users) > 1):
+            raise _Fail(
+                "shared_producer",
+                f"{what} {role} {fqn} is used by {len(arg.users)} ops "
+                f"(a module called at several places, or a tied or directly read weight); "
+                f"{change} would change the others",
+            )
+    weight = tensor_meta(layer.weight)
+    if not weight.is_floating_point() or weight.dtype != tensor_meta(layer.node).dtype:
+        raise _Fail("dtype", f"{what} weight is {weight.dtype}, its output {tensor_meta(layer.node).dtype}")
 
 
 def _norm_like(m: _Map) -> bool:

@@ -38,7 +38,17 @@ from torch import fx, nn
 
 from normfold import rules
 from normfold.graph import Capture, Constants, bind, module_calls, ops_by_module, owner, shape, tensor_meta
-from normfold.plan import Keep, Plan, Unit, _chain_input, _shape_only, describe, new_bias_name
+from normfold.plan import (
+    Keep,
+    Plan,
+    Unit,
+    _chain_input,
+    _Fail,
+    _shape_only,
+    check_layer,
+    describe,
+    new_bias_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +101,6 @@ class Unmerged:
     module: str
     code: str
     reason: str
-
-
-class _Fail(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
 
 
 def plan_merges(capture: Capture, plan: Plan) -> tuple[list[Merge], list[Unmerged]]:
@@ -260,20 +264,7 @@ class _Merger:
 
     def _conv_branch(self, layer: rules.Layer) -> Branch:
         what = describe(layer.node)
-        for role, arg in (("weight", layer.weight), ("bias", layer.bias)):
-            if arg is None:
-                continue
-            fqn = self.capture.state_of(arg)
-            if fqn is None or self.capture.kind.get(arg.name) != "parameter":
-                raise _Fail("weight_not_parameter", f"{what} {role} is computed in forward, not a parameter")
-            if len(arg.users) > 1:
-                raise _Fail("shared_producer", f"{what} {role} {fqn} is used by {len(arg.users)} ops")
-        if tensor_meta(layer.weight).dtype != tensor_meta(layer.node).dtype:
-            raise _Fail(
-                "dtype",
-                f"{what} weight is {tensor_meta(layer.weight).dtype}, "
-                f"its output {tensor_meta(layer.node).dtype}",
-            )
+        check_layer(self.capture, layer, "merging its block")
         args = bind(layer.node)
         kernel = tuple(shape(layer.weight)[2:])
         nd = len(kernel)
