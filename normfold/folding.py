@@ -203,11 +203,10 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
     for m, e in zip(merges, eager, strict=True):
         into = owner(by_name[m.target.layer])[1]
         where = "both" if e.note is None else "export"
-        for b in m.branches:
-            if b.unit is not None:
-                pattern = "reparam-bn" if b.unit.kind == "batch_norm" else "reparam-affine"
-                taken[b.unit.nodes[0]] = Folded(b.unit.name, b.unit.module_type or "forward", into, "Conv",
-                                                pattern, where, b.unit.nodes[0], note=e.note)  # fmt: skip
+        for unit in [*(b.unit for b in m.branches if b.unit is not None), *m.scales]:
+            pattern = "reparam-bn" if unit.kind == "batch_norm" else "reparam-affine"
+            taken[unit.nodes[0]] = Folded(unit.name, unit.module_type or "forward", into, "Conv", pattern,
+                                          where, unit.nodes[0], note=e.note)  # fmt: skip
         branches = tuple(_branch_label(cap, by_name, b) for b in m.branches)
         result.merged.append(Merged(m.module or "forward", into, branches, where, m.adds[0], e.note))
     result.not_merged = [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0]) for u in unmerged]

@@ -28,6 +28,7 @@ the new values, :func:`eager_merges` decides which blocks change in the user's m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -52,7 +53,8 @@ from normfold.plan import (
 
 logger = logging.getLogger(__name__)
 
-_SUMS = {rules.aten.add.Tensor, rules.aten.add_.Tensor}
+_WEIGHTED = "the block subtracts or scales branches in forward code"
+_SUMS = {rules.aten.add.Tensor, rules.aten.add_.Tensor, rules.aten.sub.Tensor}
 _AVG_POOLS = {rules.aten.avg_pool1d.default, rules.aten.avg_pool2d.default, rules.aten.avg_pool3d.default}
 
 
@@ -73,6 +75,9 @@ class Branch:
     scale: torch.Tensor | None = field(default=None, compare=False)  # per channel, float64
     shift: torch.Tensor | None = field(default=None, compare=False)
     unit: Unit | None = None  # the kept norm this branch takes away
+    #: per output channel factor the sum applies to this branch (a subtraction, a layer scale
+    #: of a sub-sum); None: 1
+    coeff: torch.Tensor | None = field(default=None, compare=False)
 
     def label(self) -> str:
         size = "x".join(map(str, self.kernel))
@@ -91,6 +96,12 @@ class Merge:
     branches: tuple[Branch, ...]  # every summand, target included, in the sum's order
     bias: str  # FQN of the target's bias (a new name when it has none)
     new_bias: bool
+    scales: tuple[Unit, ...] = ()  # per-channel scales of sub-sums the merge takes away
+
+    @property
+    def weighted(self) -> bool:
+        """Some branch is subtracted or scaled: the sum is more than the branches' plain sum."""
+        return any(b.coeff is not None for b in self.branches)
 
 
 @dataclass(frozen=True)
@@ -141,14 +152,15 @@ class _Merger:
         for node in reversed(list(self.capture.graph.nodes)):
             if node in seen or self._summands(node) is None:
                 continue
-            adds, leaves = self._tree(node)
+            adds, weighted, scales = self._tree(node)
             seen.update(adds)
+            leaves = [leaf for leaf, _ in weighted]
             source = self._source(leaves)
             if source is None:
                 continue  # not branches of one tensor: no reparameterizable block
             module = self.capture.canonical(owner(node)[1])
             try:
-                merges.append(self._merge(adds, leaves, source, module))
+                merges.append(self._merge(adds, weighted, source, module, scales))
             except _Fail as fail:
                 logger.debug("block at %s stays: %s", node.name, fail.reason)
                 unmerged.append(Unmerged(tuple(a.name for a in adds), module, fail.code, fail.reason))
@@ -156,34 +168,60 @@ class _Merger:
 
     # --- the sum and its branches ---------------------------------------------------------------
 
-    def _summands(self, node: fx.Node) -> list[fx.Node] | None:
-        """The tensors a sum op adds: two for ``a + b`` or ``a += b``, one for ``a + 0`` (a block
-        whose missing branch is a literal ``0``); None when ``node`` is no such sum."""
+    def _summands(self, node: fx.Node) -> list[tuple[fx.Node, float]] | None:
+        """The tensors a sum op adds, with their signs: ``a + b`` and ``a += b``, ``a - b``, and
+        ``a + 0`` (a block whose missing branch is a literal ``0``); None when ``node`` is no sum."""
         if node.op != "call_function" or node.target not in _SUMS or rules.read_layer(node) is not None:
             return None
         args = bind(node)
-        operands = [args["self"], args["other"]]
-        tensors = [a for a in operands if isinstance(a, fx.Node)]
-        literals = [a for a in operands if not isinstance(a, fx.Node)]
+        signs = [1.0, -1.0 if node.target is rules.aten.sub.Tensor else 1.0]
+        operands = list(zip([args["self"], args["other"]], signs, strict=True))
+        tensors = [(a, sign) for a, sign in operands if isinstance(a, fx.Node)]
+        literals = [a for a, _ in operands if not isinstance(a, fx.Node)]
         if args.get("alpha", 1) != 1 or any(type(a) not in (int, float) or a != 0 for a in literals):
             return None
-        if not tensors or any(self.consts.is_const.get(t) or tensor_meta(t) is None for t in tensors):
+        if not tensors or any(self.consts.is_const.get(t) or tensor_meta(t) is None for t, _ in tensors):
             return None
-        return tensors if all(shape(t) == shape(node) for t in tensors) else None
+        return tensors if all(shape(t) == shape(node) for t, _ in tensors) else None
 
-    def _tree(self, root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-        """The sum ops of a sum (the root first; an inner sum used only by the outer one) and its
-        summands, seen through folded ops."""
-        adds, leaves = [root], []
-        for arg in self._summands(root) or []:
+    def _tree(
+        self, root: fx.Node, coeff: torch.Tensor | None = None
+    ) -> tuple[list[fx.Node], list[tuple[fx.Node, torch.Tensor | None]], list[Unit]]:
+        """The ops of a sum (the root first, then each inner sum or per-channel scale of a sum
+        that only the outer op uses), its summands with their factors (None: 1), and the scales
+        taken away; seen through folded ops."""
+        ops, leaves, scales = [root], [], []
+        for arg, sign in self._summands(root) or []:
+            factor = coeff if sign == 1 else (-1.0 if coeff is None else -coeff)
             leaf = self.resolve(arg)
             if self._summands(leaf) is not None and self.users(leaf) == [root]:
-                inner_adds, inner_leaves = self._tree(leaf)
-                adds += inner_adds
-                leaves += inner_leaves
+                inner = self._tree(leaf, factor)
+            elif (scaled := self._scaled_sum(leaf, root)) is not None:
+                keep, inner_root = scaled
+                s = keep.map[0].reshape(-1).to(torch.float64) if keep.map is not None else None
+                inner = self._tree(inner_root, s if factor is None else factor * s)
+                ops += [self.by_name[n] for n in reversed(keep.unit.nodes)]
+                scales.append(keep.unit)
             else:
-                leaves.append(leaf)
-        return adds, leaves
+                leaves.append((leaf, factor if isinstance(factor, torch.Tensor) or factor is None
+                               else torch.tensor(factor, dtype=torch.float64)))  # fmt: skip
+                continue
+            ops += inner[0]
+            leaves += inner[1]
+            scales += inner[2]
+        return ops, leaves, scales
+
+    def _scaled_sum(self, leaf: fx.Node, user: fx.Node) -> tuple[Keep, fx.Node] | None:
+        """``(scale, the sum it scales)`` when ``leaf`` is a kept per-channel scale (no shift, on
+        the channel axis) of a sum used only by it, and ``user`` alone uses ``leaf``."""
+        keep = self.kept.get(leaf)
+        if keep is None or keep.map is None or self.users(leaf) != [user]:
+            return None
+        _, t, axis = keep.map
+        inner = self.resolve(_chain_input(self._first(keep), self.consts))
+        if bool((t != 0).any()) or axis not in (None, 1) or self._summands(inner) is None:
+            return None
+        return (keep, inner) if self.users(inner) == [self._first(keep)] else None
 
     def _source(self, leaves: list[fx.Node]) -> fx.Node | None:
         """The one tensor every summand branches from (at least one a conv of it), or None."""
@@ -220,17 +258,30 @@ class _Merger:
 
     # --- one block ------------------------------------------------------------------------------
 
-    def _merge(self, adds: list[fx.Node], leaves: list[fx.Node], source: fx.Node, module: str) -> Merge:
+    def _merge(
+        self,
+        adds: list[fx.Node],
+        weighted: list[tuple[fx.Node, torch.Tensor | None]],
+        source: fx.Node,
+        module: str,
+        scales: list[Unit],
+    ) -> Merge:
+        leaves = [leaf for leaf, _ in weighted]
         if len(set(leaves)) != len(leaves):
             raise _Fail(
                 "repeated_branch", f"the same branch is added twice in the sum at {describe(adds[0])}"
             )
-        branches = [self._branch(leaf, source, adds) for leaf in leaves]
+        channels = shape(adds[0])[1]
+        branches = [
+            dataclasses.replace(self._branch(leaf, source, adds), coeff=_per_channel(coeff, channels))
+            for leaf, coeff in weighted
+        ]
         convs = [b for b in branches if b.kind == "conv"]
         target = _target(convs, branches)
         _check_geometry(target, branches, tuple(shape(source)), tuple(shape(adds[0])))
         bias = target.bias or new_bias_name(self.capture, target.weight or "")
-        return Merge(tuple(a.name for a in adds), module, target, tuple(branches), bias, target.bias is None)
+        return Merge(tuple(a.name for a in adds), module, target, tuple(branches), bias, target.bias is None,
+                     tuple(scales))  # fmt: skip
 
     def _branch(self, leaf: fx.Node, source: fx.Node, adds: list[fx.Node]) -> Branch:
         if leaf is source:
@@ -284,6 +335,13 @@ class _Merger:
         if axis not in (None, 1):
             raise _Fail("wrong_axis", f"{keep.unit.name} scales axis {axis}, not the channel axis 1")
         return s.reshape(-1).expand(channels).clone(), t.reshape(-1).expand(channels).clone()
+
+
+def _per_channel(coeff: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    """A branch's factor, one per output channel (None: 1 everywhere)."""
+    if coeff is None or bool((coeff == 1).all()):
+        return None
+    return coeff.reshape(-1).expand(channels).clone()
 
 
 def _pool_branch(
@@ -406,17 +464,21 @@ def merge_values(
 def _add_branch(
     w: torch.Tensor, b: torch.Tensor, branch: Branch, capture: Capture, values: Mapping[str, torch.Tensor]
 ) -> None:
+    """Add ``branch``, times its factor per output channel, to ``w`` (C_out, C_in / g, *K) and ``b``."""
     K = w.shape[2:]
     window = tuple(slice((K_ - k) // 2, (K_ - k) // 2 + k) for K_, k in zip(K, branch.kernel, strict=True))
+    coeff = torch.ones(w.shape[0], dtype=torch.float64) if branch.coeff is None else branch.coeff
+    coeff = coeff.to(w.device)
     if branch.kind == "conv":
         fqn = branch.weight or ""
         bw = values[fqn] if fqn in values else capture.value(fqn)
-        w[(slice(None), slice(None), *window)] += bw.detach().to(w.device, torch.float64)
+        rows = coeff.reshape(-1, *([1] * (w.dim() - 1)))
+        w[(slice(None), slice(None), *window)] += rows * bw.detach().to(w.device, torch.float64)
         bias_name = branch.bias or new_bias_name(capture, fqn)
         if bias_name in values:
-            b += values[bias_name].detach().to(b.device, torch.float64)
+            b += coeff * values[bias_name].detach().to(b.device, torch.float64)
         elif branch.bias is not None:
-            b += capture.value(branch.bias).detach().to(b.device, torch.float64)
+            b += coeff * capture.value(branch.bias).detach().to(b.device, torch.float64)
         return
     channels, per_group = w.shape[0], w.shape[1]
     scale = torch.ones(channels, dtype=torch.float64) if branch.scale is None else branch.scale
@@ -424,8 +486,8 @@ def _add_branch(
     rows = torch.arange(channels, device=w.device)
     taps = math.prod(branch.kernel)
     # channel c's own input is column c mod (C_in / g) of row c
-    w[(rows, rows % per_group, *window)] += (scale.to(w.device) / taps).reshape(-1, *([1] * len(K)))
-    b += shift.to(b.device)
+    w[(rows, rows % per_group, *window)] += (coeff * scale.to(w.device) / taps).reshape(-1, *([1] * len(K)))
+    b += coeff * shift.to(b.device)
 
 
 # --- the user's module ------------------------------------------------------------------------------
@@ -475,6 +537,13 @@ def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> lis
     by_name = {n.name: n for n in capture.graph.nodes}
     out = []
     for m in merges:
+        if m.weighted:
+            out.append(
+                EagerMerge(
+                    note="merged in the export only: the block subtracts or scales branches in forward code"
+                )
+            )
+            continue
         paths = []
         for branch in m.branches:
             path = _branch_module(branch, owned, by_name, capture)

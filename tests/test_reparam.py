@@ -170,6 +170,56 @@ def test_bare_identity_merges_in_the_export_only_and_the_module_stays_exact():
     _assert_parity(model, result, x)
 
 
+class MobileOneNoAct(nn.Module):
+    """timm's ``MobileOneBlock(use_act=False)``: identity BN, a 1x1 and ``convs`` kxk depthwise conv-BNs."""
+
+    def __init__(self, c: int, convs: int, scale: bool = True) -> None:
+        super().__init__()
+        self.skip = nn.BatchNorm2d(c)
+        self.scale = _conv_bn(c, c, 1, 1, 0, c) if scale else None
+        self.convs = nn.ModuleList(_conv_bn(c, c, 3, 1, 1, c) for _ in range(convs))
+
+    def forward(self, x):
+        out = self.skip(x) if self.scale is None else self.scale(x) + self.skip(x)
+        for conv in self.convs:
+            out = out + conv(x)
+        return out
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: ``x + layer_scale * (mixer(x) - norm(x))``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = MobileOneNoAct(c, 0, scale=False)
+        self.mixer = MobileOneNoAct(c, 1)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) * 0.5 + 0.1)
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+
+def test_fastvit_repmixer_difference_and_layer_scale_merge_in_the_export():
+    model = _build(nn.Sequential(nn.Conv2d(3, 8, 1), RepMixer(8), nn.ReLU(), RepMixer(8)), (2, 3, 10, 10))
+    x = torch.randn(2, 3, 10, 10)
+    result = normfold.reparameterize(model, x)
+    assert [m.block for m in result.merged] == ["1", "3"] and result.not_merged == []
+    assert all(m.where == "export" for m in result.merged)
+    assert (
+        result.merged[0].note
+        == "merged in the export only: the block subtracts or scales branches in forward code"
+    )
+    assert result.merged[0].branches == ("identity", "1.mixer.scale.0 (conv 1x1)", "1.mixer.skip (norm)",
+                                         "1.mixer.convs.0.0 (conv 3x3)", "1.norm.skip (norm)")  # fmt: skip
+    patterns = {f.norm: f.pattern for f in result.folded if f.pattern.startswith("reparam")}
+    expected = {f"{b}.{n}.skip": "reparam-bn" for b in "13" for n in ("mixer", "norm")}
+    assert patterns == {**expected, "1:mul": "reparam-affine", "3:mul_1": "reparam-affine"}
+    assert result.skipped == []
+    assert bn_ops(result.program) == 0 and _ops(result.program, ("add", "sub", "mul")) == 0
+    assert _ops(result.program, ("conv2d", "convolution")) == 3
+    _assert_parity(model, result, x)
+
+
 class Branches(nn.Module):
     """Two conv-BN branches of one input (and an identity BN when ``identity``), summed."""
 
