@@ -19,7 +19,11 @@ windows, and the sum is one conv with
 
     W = sum_i centre(W_i),    b = sum_i b_i
 
-A 1-tap branch (norm, identity) needs stride 1, ``in_channels == out_channels`` and
+A difference ``a - b`` and a per-channel scale ``g * (sum)`` of a sub-sum (FastViT's RepMixer:
+``x + g * (mixer(x) - norm(x))``) weight their branches: branch ``i`` enters with a factor
+``c_i`` per output channel (``-1``, ``g``, their products), ``W = sum_i c_i * centre(W_i)``,
+``b = sum_i c_i * b_i``; such a block changes in the export only (its ``forward`` does the
+arithmetic). A 1-tap branch (norm, identity) needs stride 1, ``in_channels == out_channels`` and
 ``P = d * (K - 1) / 2``; with groups, channel ``c``'s own input is column ``c mod (C_in / g)``
 of row ``c``. The conv with the largest kernel takes ``W`` and ``b``; the adds and the other
 branches go. :func:`plan_merges` finds the blocks (pure data), :func:`merge_values` computes
