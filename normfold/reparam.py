@@ -57,6 +57,7 @@ from normfold.plan import (
 
 logger = logging.getLogger(__name__)
 
+_ONE = torch.tensor(1.0, dtype=torch.float64)
 _WEIGHTED = "the block subtracts or scales branches in forward code"
 _SUMS = {rules.aten.add.Tensor, rules.aten.add_.Tensor, rules.aten.sub.Tensor}
 _AVG_POOLS = {rules.aten.avg_pool1d.default, rules.aten.avg_pool2d.default, rules.aten.avg_pool3d.default}
@@ -196,36 +197,37 @@ class _Merger:
         taken away; seen through folded ops."""
         ops, leaves, scales = [root], [], []
         for arg, sign in self._summands(root) or []:
-            factor = coeff if sign == 1 else (-1.0 if coeff is None else -coeff)
+            factor = coeff if sign == 1 else -(_ONE if coeff is None else coeff)
             leaf = self.resolve(arg)
             if self._summands(leaf) is not None and self.users(leaf) == [root]:
                 inner = self._tree(leaf, factor)
             elif (scaled := self._scaled_sum(leaf, root)) is not None:
-                keep, inner_root = scaled
-                s = keep.map[0].reshape(-1).to(torch.float64) if keep.map is not None else None
-                inner = self._tree(inner_root, s if factor is None else factor * s)
+                keep, inner_root, scale = scaled
+                inner = self._tree(inner_root, scale if factor is None else factor * scale)
                 ops += [self.by_name[n] for n in reversed(keep.unit.nodes)]
                 scales.append(keep.unit)
             else:
-                leaves.append((leaf, factor if isinstance(factor, torch.Tensor) or factor is None
-                               else torch.tensor(factor, dtype=torch.float64)))  # fmt: skip
+                leaves.append((leaf, factor))
                 continue
             ops += inner[0]
             leaves += inner[1]
             scales += inner[2]
         return ops, leaves, scales
 
-    def _scaled_sum(self, leaf: fx.Node, user: fx.Node) -> tuple[Keep, fx.Node] | None:
-        """``(scale, the sum it scales)`` when ``leaf`` is a kept per-channel scale (no shift, on
-        the channel axis) of a sum used only by it, and ``user`` alone uses ``leaf``."""
+    def _scaled_sum(self, leaf: fx.Node, user: fx.Node) -> tuple[Keep, fx.Node, torch.Tensor] | None:
+        """``(kept scale, the sum it scales, the scale per channel)`` when ``leaf`` is a kept
+        per-channel scale (no shift, on the channel axis) of a sum used only by it, and ``user``
+        alone uses ``leaf``."""
         keep = self.kept.get(leaf)
         if keep is None or keep.map is None or self.users(leaf) != [user]:
             return None
-        _, t, axis = keep.map
+        s, t, axis = keep.map
         inner = self.resolve(_chain_input(self._first(keep), self.consts))
         if bool((t != 0).any()) or axis not in (None, 1) or self._summands(inner) is None:
             return None
-        return (keep, inner) if self.users(inner) == [self._first(keep)] else None
+        if self.users(inner) != [self._first(keep)]:
+            return None
+        return keep, inner, s.reshape(-1).to(torch.float64)
 
     def _source(self, leaves: list[fx.Node]) -> fx.Node | None:
         """The one tensor every summand branches from (at least one a conv of it), or None."""
