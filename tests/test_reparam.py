@@ -384,3 +384,34 @@ def test_random_blocks_merge_into_one_conv_with_parity(case):
     assert bn_ops(result.program) == 0 and _ops(result.program, ("add", "avg_pool2d", "mul")) == 0
     assert _ops(result.program, ("conv2d", "convolution")) == 2  # the stem and the block
     _assert_parity(model, result, x)
+
+
+class NdBlock(nn.Module):
+    """A RepVGG block in 1, 2 or 3 spatial dims: 3-kernel conv-BN + 1-kernel conv-BN + identity BN."""
+
+    def __init__(self, dims: int, c: int = 6) -> None:
+        super().__init__()
+        conv, bn = {
+            1: (nn.Conv1d, nn.BatchNorm1d),
+            2: (nn.Conv2d, nn.BatchNorm2d),
+            3: (nn.Conv3d, nn.BatchNorm3d),
+        }[dims]
+        self.dense = nn.Sequential(conv(c, c, 3, padding=1, bias=False), bn(c))
+        self.one = nn.Sequential(conv(c, c, 1, bias=False), bn(c))
+        self.identity = bn(c)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + self.one(x) + self.identity(x))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_blocks_merge_in_every_spatial_rank(dims):
+    shape = (2, 6, *([7] * dims))
+    model = _build(nn.Sequential(NdBlock(dims), NdBlock(dims)), shape)
+    x = torch.randn(shape)
+    result = normfold.reparameterize(model, x)
+    assert [m.where for m in result.merged] == ["both", "both"]
+    assert bn_ops(result.program) == 0 and _ops(result.program, ("add",)) == 0
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    assert type(result.model[0].dense) is conv and isinstance(result.model[0].one, MergedBranch)
+    _assert_parity(model, result, x)
