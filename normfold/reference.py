@@ -18,7 +18,8 @@ generated set on which the *original* model's output is not finite (it overflows
 (floating inputs cast to float64), then twice more with its floating parameters and buffers
 perturbed by one rounding of their original dtype (seeded), which measures the model's
 sensitivity to rounding (:mod:`normfold.parity`); a candidate that fails against those is judged
-again with ``rule.perturbations`` (default 8) perturbed runs before it is declared different.
+again with ``rule.perturbations`` (default 8) perturbed runs, on the sets it failed (a set that
+passed cannot fail with more of them), before it is declared different.
 The copy is made only when its size is at most the rule's
 ``exact_limit_bytes`` (default 4 GiB, i.e. fp32 models up to 2 GiB of parameters and buffers),
 and it is freed as soon as its outputs are computed. When it is too large, or the model cannot run
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,17 +81,27 @@ class Reference:
     perturbed: list[list[Any]] = field(default_factory=list)
     model: nn.Module | None = None  # the original, for more perturbed runs (None: no more)
 
-    def widen(self, rule: ParityRule) -> bool:
-        """Add perturbed runs up to ``rule.perturbations``; False when there is nothing to add."""
-        have = len(self.perturbed[0]) if self.perturbed else 0
-        if self.model is None or have >= rule.perturbations:
+    def widen(self, rule: ParityRule, sets: Collection[int] | None = None) -> bool:
+        """Add perturbed runs up to ``rule.perturbations`` on the input sets ``sets`` (indices;
+        default all): a set whose check passed cannot fail with more of them, so only the
+        failing ones need the float64 runs. False when there is nothing to add."""
+        if self.model is None or not self.perturbed:
             return False
+        wanted = range(len(self.sets)) if sets is None else sorted(sets)
+        todo = [i for i in wanted if len(self.perturbed[i]) < rule.perturbations]
+        if not todo:
+            return False
+        have = len(self.perturbed[todo[0]])  # every set starts with the same first runs
         wide = copy.deepcopy(self.model).to(torch.float64)
-        more = _perturbed_runs(wide, self.model, self.sets, range(have, rule.perturbations), self.notes)
-        logger.debug("parity: %d more perturbed runs of the original", rule.perturbations - have)
-        for runs, extra in zip(self.perturbed, more, strict=True):
-            runs.extend(extra)
-        self.model = None
+        more = _perturbed_runs(
+            wide, self.model, [self.sets[i] for i in todo], range(have, rule.perturbations), self.notes
+        )
+        logger.debug("parity: %d more perturbed runs of the original on %d set(s)", rule.perturbations - have,
+                     len(todo))  # fmt: skip
+        for i, extra in zip(todo, more, strict=True):
+            self.perturbed[i].extend(extra)
+        if all(len(runs) >= rule.perturbations for runs in self.perturbed):
+            self.model = None  # every set has all its runs: the original is no longer needed
         return bool(more[0])
 
 
@@ -253,7 +264,10 @@ def check(
     it; when it fails against the first perturbed runs, with the rest of them before concluding."""
     candidates = [run(s.inputs) for s in reference.sets]
     report = _judge(reference, candidates, rule)
-    if not report.passed and not report.problems and reference.widen(rule):
+    failing = {
+        i for i, s in enumerate(reference.sets) for o in report.outputs if o.inputs == s.name and not o.passed
+    }
+    if not report.passed and not report.problems and reference.widen(rule, failing):
         report = _judge(reference, candidates, rule)
     return report
 

@@ -15,7 +15,7 @@ import normfold
 from normfold.errors import UsageError
 from normfold.limits import MAX_INPUT_ELEMENTS
 from normfold.parity import ParityRule, compare
-from normfold.reference import make_reference, parity_sets, random_inputs, verify
+from normfold.reference import check, make_reference, parity_sets, random_inputs, verify
 
 X = (torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(0)),)
 
@@ -114,6 +114,19 @@ def test_a_dropped_clamp_fails_on_the_wide_range_inputs_only() -> None:
     # the real fold keeps the clamp and passes
     folded = normfold.fold(model, X).model
     assert verify(model, folded, X).passed
+
+
+def test_more_perturbed_runs_only_on_the_sets_that_failed() -> None:
+    """A set that passed cannot fail with more perturbed runs: only the failing set gets them."""
+    model, plain = clamp_net(ClampBN), clamp_net(nn.BatchNorm2d)
+    rule = ParityRule()
+    ref = make_reference(model, parity_sets((torch.randn(2, 3, 10, 10),), rule, given=False), rule)
+    report = check(ref, lambda x: plain(*x), rule)
+    assert not report.passed
+    assert {s.name: len(runs) for s, runs in zip(ref.sets, ref.perturbed, strict=True)} == {
+        "normal": 2, "uniform[0,255]": rule.perturbations,
+    }  # fmt: skip
+    assert ref.model is not None  # the original stays for a later check that fails on "normal"
 
 
 def test_value_range_sets_the_uniform_inputs() -> None:
