@@ -69,6 +69,8 @@ class EagerPlan:
     identity: set[str] = field(default_factory=set)  # module paths replaced by nn.Identity
     neutral: set[str] = field(default_factory=set)  # BatchNorm modules set to the identity map
     export_only: dict[str, str] = field(default_factory=dict)  # unit's first node -> why
+    #: module path -> the ops it runs (:func:`normfold.graph.ops_by_module`), for the merges
+    owned: dict[str, set[str]] = field(default_factory=dict)
 
 
 def eager_plan(plan: Plan, capture: Capture, model: nn.Module) -> EagerPlan:
@@ -110,7 +112,7 @@ class _Eager:
                     notes[fold.unit.nodes[0]] = why
                     changed = True
         removed = {n for f in eager for n in f.unit.nodes}
-        result = EagerPlan(folds=eager, export_only=notes)
+        result = EagerPlan(folds=eager, export_only=notes, owned=self.owned)
         for fold in eager:
             path, how = self._removal(fold, removed)
             (result.identity if how == "identity" else result.neutral).add(path)

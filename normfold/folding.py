@@ -196,7 +196,7 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
     """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv."""
     cap, result = analysis.capture, analysis.result
     merges, unmerged = plan_merges(cap, analysis.plan)
-    eager = eager_merges(cap, merges, model)
+    eager = eager_merges(cap, merges, model, analysis.eager.owned)
     analysis.merges, analysis.eager_merges = merges, eager
     taken: dict[str, Folded] = {}
     by_name = {n.name: n for n in cap.graph.nodes}

@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from normfold import rules
-from normfold.graph import Capture, Constants, bind, module_calls, ops_by_module, owner, shape, tensor_meta
+from normfold.graph import Capture, Constants, bind, module_calls, owner, shape, tensor_meta
 from normfold.plan import (
     Keep,
     Plan,
@@ -327,8 +327,11 @@ class _Merger:
         nd = len(kernel)
         dilation = _ints(args.get("dilation", 1), nd)
         padding = _conv_padding(args["padding"], kernel, dilation, what)
+        nodes, node = [layer.node.name], layer.node
+        while len(node.users) == 1 and (node := next(iter(node.users))) in self.removed:
+            nodes.append(node.name)  # its folded norms: part of the branch, gone with it
         return Branch(
-            "conv", (layer.node.name,), kernel, _ints(args["stride"], nd), padding, dilation, layer.groups,
+            "conv", tuple(nodes), kernel, _ints(args["stride"], nd), padding, dilation, layer.groups,
             layer=layer.node.name, weight=self.capture.fqn[layer.weight.name],
             bias=self.capture.fqn[layer.bias.name] if layer.bias is not None else None,
         )  # fmt: skip
@@ -535,20 +538,18 @@ class EagerMerge:
     note: str | None = None
 
 
-def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> list[EagerMerge]:
+def eager_merges(
+    capture: Capture, merges: list[Merge], model: nn.Module, owned: Mapping[str, set[str]]
+) -> list[EagerMerge]:
     """For each merge: the modules to swap in ``model`` (each branch must be a module that runs
-    that branch's ops and nothing else, with no hooks), or why it applies to the export only."""
-    owned = ops_by_module(capture, Constants(capture))
+    that branch's ops and nothing else, with no hooks), or why it applies to the export only.
+    ``owned``: module path -> the ops it runs (:func:`normfold.graph.ops_by_module`)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     by_name = {n.name: n for n in capture.graph.nodes}
     out = []
     for m in merges:
         if m.weighted:
-            out.append(
-                EagerMerge(
-                    note="merged in the export only: the block subtracts or scales branches in forward code"
-                )
-            )
+            out.append(EagerMerge(note=f"merged in the export only: {_WEIGHTED}"))
             continue
         paths = []
         for branch in m.branches:
@@ -573,30 +574,17 @@ def eager_merges(capture: Capture, merges: list[Merge], model: nn.Module) -> lis
 
 
 def _branch_module(
-    branch: Branch, owned: dict[str, set[str]], by_name: dict[str, fx.Node], capture: Capture
+    branch: Branch, owned: Mapping[str, set[str]], by_name: dict[str, fx.Node], capture: Capture
 ) -> str | None:
     """The outermost module that runs the branch's ops and nothing else, or None."""
     if not branch.nodes:
         return None
     ops = set(branch.nodes)
-    if branch.kind == "conv":  # its folded norms (between the conv and the sum) belong to it too
-        ops |= _folded_after(by_name[branch.nodes[0]])
     for _, path in module_calls(by_name[branch.nodes[0]]):
         path = capture.canonical(path)
         if path and owned.get(path, set()) <= ops:
             return path
     return None
-
-
-def _folded_after(node: fx.Node) -> set[str]:
-    """Ops chained after ``node`` one user at a time (the conv's norm ops, which the fold removes)."""
-    out: set[str] = set()
-    while len(node.users) == 1:
-        node = next(iter(node.users))
-        if node.target is rules.aten.add.Tensor:
-            break
-        out.add(node.name)
-    return out
 
 
 def apply_merges(
