@@ -10,9 +10,10 @@
    ``force`` a file is committed with ``os.link`` (which fails if the name appeared meanwhile, so
    two concurrent runs cannot both win), with ``force`` with ``os.replace``.
 4. **Atomic as a set**: everything is written into the staging folder first, and committed only
-   after every check of the run passed, extra files (external data) first, then the report, the
-   main output last, so a reader never sees a model without its data or a report about a model
-   that is not there.
+   after every check of the run passed, extra files (external data) first, then the main output,
+   the report last, so a reader never sees a model without its data, and a report (``status:
+   ok``, naming the model) only once the model and its data are in place: a run killed between
+   two renames (SIGKILL) leaves at worst a new model beside the previous run's report.
 5. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
    (``host`` a short hash of the host name); they are removed when the run ends, however it ends
    (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit so this cleanup runs, and its
@@ -114,7 +115,8 @@ class OutputSet:
         return self._stage_for(self.paths[role]) / name
 
     def commit(self, roles: Iterable[str] | None = None) -> list[Path]:
-        """Move every staged file into place: extra files, then the others, ``--out`` last.
+        """Move every staged file into place: extra files, then the others, ``--out``, and
+        ``--report`` last (a report in place means that everything it names is in place too).
         With ``roles``, only those roles' files (no extras: a failed run commits its report).
 
         Every destination is checked again first; if one appears between that check and its
@@ -122,15 +124,14 @@ class OutputSet:
         chosen = self.paths if roles is None else {r: self.paths[r] for r in roles if r in self.paths}
         mains = {self._stage_for(p) / p.name: p for p in chosen.values()}
         every_main = {self._stage_for(p) / p.name for p in self.paths.values()}
-        moves = [  # extras (files the writers put beside a main file), then mains, --out last
+        moves = [  # extras (files the writers put beside a main file), then mains, --report last
             (f, f.parent.parent / f.name)
             for stage in (dict.fromkeys(self._stages.values()) if roles is None else {})
             for f in sorted(stage.iterdir())
             if f not in every_main
         ]
-        moves += sorted(
-            ((s, d) for s, d in mains.items() if s.exists()), key=lambda m: m[1] == self.paths.get("--out")
-        )
+        rank = {self.paths.get("--out"): 1, self.paths.get("--report"): 2}
+        moves += sorted(((s, d) for s, d in mains.items() if s.exists()), key=lambda m: rank.get(m[1], 0))
         roles = {p: r for r, p in self.paths.items()}
         written: list[Path] = []
         with _signals_deferred():  # a SIGTERM now would leave half a set

@@ -417,7 +417,7 @@ def _reported(files: OutputSet, record: RunRecord) -> Iterator[None]:
 
 
 def _commit(files: OutputSet, record: RunRecord) -> None:
-    """Write the report (if asked) into the set, then commit the set: data, report, model."""
+    """Write the report (if asked) into the set, then commit the set: data, model, report."""
     if "--report" in files.paths:
         write_json(files.staged("--report"), record.to_dict())
     export = getattr(record.run, "export", None)

@@ -59,7 +59,7 @@ def test_a_set_is_committed_whole_and_leaves_no_staging(tmp_path: Path) -> None:
         files.extra("--out", "m.pt.data").write_text("data")
         assert not out.exists() and not report.exists()  # nothing in place before the commit
         written = files.commit()
-    assert written == [tmp_path / "m.pt.data", report, out]  # extras first, the model last
+    assert written == [tmp_path / "m.pt.data", out, report]  # extras first, the report last
     assert out.read_text() == "model" and report.read_text() == "{}"
     assert _stages(tmp_path) == [] and _stages(report.parent) == []
 
@@ -173,6 +173,29 @@ def test_no_clobber_against_a_file_that_appears_between_check_and_link(
     assert out.read_text() == "appeared"
 
 
+def test_the_report_is_committed_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed (SIGKILL: no handler, no rollback) between two renames of its commit never
+    leaves a report about a model that is not in place: data, saved inputs, model, report last."""
+    out, report, saved = tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "x.pt"
+    roles = {"--out": out, "--report": report, "--save-inputs": saved}
+    moves: list[str] = []
+
+    def killed_at_the_model(staged: Path, dest: Path, force: bool) -> None:
+        moves.append(dest.name)
+        if dest == out:
+            raise SystemExit(-9)  # the process ends here: nothing after this rename happens
+        os.replace(staged, dest)
+
+    monkeypatch.setattr(files_mod, "_move", killed_at_the_model)
+    with pytest.raises(SystemExit), OutputSet(roles, force=True) as files:
+        for role in roles:
+            _write(files, role, role)
+        files.extra("--out", "m.onnx.0123456789ab.data").write_text("data")
+        files.commit()
+    assert moves == ["m.onnx.0123456789ab.data", "x.pt", "m.onnx"]
+    assert not report.exists() and not out.exists()
+
+
 class Stopped(Exception):
     pass
 
@@ -207,9 +230,9 @@ def test_a_signal_during_the_commit_is_delivered_after_it(
             files.commit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert moves == ["r.json", "m.pt"]
+    assert moves == ["m.pt", "r.json"]
     assert out.read_text() == report.read_text() == "new"
-    assert files_mod.committed[-2:] == [report, out]
+    assert files_mod.committed[-2:] == [out, report]
 
 
 def test_an_unwritable_folder_is_refused_before_any_work(
