@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from normfold import rules
+from normfold import rules, signs
 from normfold.affine import bn_affine, scale_input, scale_output
 from normfold.graph import Capture, Constants, bind, concrete, op_name, owner, shape, tensor_meta
 from normfold.rules import Layer
@@ -491,6 +491,7 @@ class _Planner:
                 self._resolve,
             )
             scale, shift = self._per_channel(unit, m, x_shape, ids, branch.layer, branch.path)
+            _check_positive(unit, branch.path, scale)  # every factor, scalar or per-channel
             if k > 0 and merge and merge[0].target in rules.MERGES and rules.MERGES[merge[0].target] == "add":
                 shift = torch.zeros_like(shift)  # a sum gets the norm's shift once
             updates.append(self._update(branch.layer, "output", scale, shift))
@@ -649,7 +650,6 @@ class _Planner:
                 "channel_mixing",
                 f"one channel of {describe(layer.node)} reaches several channels of {unit.name}",
             )
-        _check_positive(unit, path, s[hit])
         scale[targets], shift[targets] = s[hit], t[hit]
         return scale, shift
 
@@ -703,13 +703,14 @@ def _norm_like(m: _Map) -> bool:
 
 
 def _check_positive(unit: Unit, path: list[fx.Node], scale: torch.Tensor) -> None:
-    """``max(s*x + t) = s*max(x) + t`` only for ``s > 0``."""
-    maxima = [n for n in path if (t := rules.through_of(n)) is not None and t.kind == "max"]
-    if maxima and not bool((scale > 0).all()):
+    """``max(s*x + t) = s*max(x) + t`` only for ``s > 0`` (:mod:`normfold.signs`): ``scale`` is what
+    the fold writes, a scalar map's value included."""
+    found = signs.blocking(path, scale)
+    if found is not None:
+        op, bad = found
         raise _Fail(
             "negative_scale",
-            f"{unit.name} has {int((scale <= 0).sum())} non-positive scale(s), "
-            f"which {describe(maxima[0])} does not commute with",
+            f"{unit.name} has {bad} non-positive scale(s), which {describe(op)} does not commute with",
         )
 
 

@@ -110,6 +110,55 @@ def test_max_pool_with_a_negative_scale_is_kept():
     _kept(model, _x((2, 3, 4, 4)), "norm", "negative_scale", reason)
 
 
+SCALARS = {
+    "div_negative": lambda t: t / -0.5,
+    "mul_negative": lambda t: t * -2.0,
+    "rsub": lambda t: 1.5 - t,
+}
+
+
+@pytest.mark.parametrize("scalar", list(SCALARS))
+def test_negative_scalar_does_not_fold_through_max_pool(scalar):
+    """``max(-2y) != -2 max(y)``: a scalar's sign is checked like a per-channel scale's (the
+    program used to get the scalar folded through the max pool into the conv)."""
+    model = randomize_bn(
+        Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), lambda t: F.max_pool2d(t, 3, 1), SCALARS[scalar])
+    )
+    x = _x((2, 3, 12, 12))
+    result = normfold.fold(model, x)
+    assert [(f.norm, f.pattern, f.through) for f in result.folded] == [("norm", "conv-bn", ("max_pool2d",))]
+    assert result.skipped == []  # a scalar op that stays is no norm: not reported
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+
+
+def test_positive_scalar_folds_through_max_pool():
+    model = randomize_bn(
+        Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), lambda t: F.max_pool2d(t, 3, 1), lambda t: t / 0.5)
+    )
+    x = _x((2, 3, 12, 12))
+    result = normfold.fold(model, x)
+    assert [(f.norm, f.pattern, f.where) for f in result.folded] == [
+        ("norm", "conv-bn", "both"),
+        ("forward:div", "conv-affine", "export"),
+    ]
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+
+
+def test_negative_scalar_does_not_fold_forward_through_max_pool():
+    """The forward direction: ``relu(conv(x)) * -0.5 -> max pool -> conv``."""
+    model = Seq(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), lambda t: t * -0.5, tail=nn.Sequential(
+        nn.MaxPool2d(2), nn.Conv2d(4, 5, 1)))  # fmt: skip
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert result.folded == [] and result.skipped == []
+    for candidate in (result.model, exported(result.program)):
+        assert normfold.verify(model, candidate, x).passed
+
+
 def test_mean_over_channels_is_kept():
     model = randomize_bn(Seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(1), lambda t: t.mean(1, keepdim=True)))
     _kept(model, _x((2, 3, 4, 4)), "norm", "channel_mixing", "mean (forward) reduces over the channel axis")
