@@ -88,7 +88,8 @@ class OutputSet:
         formats: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.force = force
-        self.paths = check_outputs(outputs, inputs=inputs, force=force, formats=formats)
+        self.inputs = [Path(p) for p in inputs if p is not None]
+        self.paths = check_outputs(outputs, inputs=self.inputs, force=force, formats=formats)
         self._stages: dict[Path, Path] = {}
         try:
             for path in self.paths.values():
@@ -104,6 +105,14 @@ class OutputSet:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def add_inputs(self, inputs: Iterable[str | Path]) -> None:
+        """Inputs known only once the run has started (e.g. the source file of the factory module
+        a load imported): a destination that is one of them is refused now (UsageError), and
+        :meth:`commit` refuses to place any file over any input of the run."""
+        added = [Path(p) for p in inputs]
+        self.inputs += added
+        _check_not_inputs(self.paths, added)
 
     def staged(self, role: str) -> Path:
         """Where to write ``role``'s file: a private staging folder beside its destination."""
@@ -137,6 +146,7 @@ class OutputSet:
         with _signals_deferred():  # a SIGTERM now would leave half a set
             for _, dest in moves:
                 _check_one(roles.get(dest, "--out"), dest, self.force, None)  # it may have appeared
+            _check_not_inputs({roles.get(d, "--out"): d for _, d in moves}, self.inputs)
             try:
                 for staged, dest in moves:
                     _move(staged, dest, self.force)
@@ -184,18 +194,24 @@ def check_outputs(
     """Rules 1-3 for every destination (all but the writable folder, which staging proves), by
     role; nothing is created. The CLI runs this before it imports torch, then :class:`OutputSet`."""
     paths = {role: Path(p) for role, p in outputs.items() if p is not None}
-    existing = [Path(p) for p in inputs if p is not None and _exists(Path(p))]
     seen: dict[str, str] = {}
     for role, path in paths.items():
         _check_one(role, path, force, (formats or {}).get(role))
-        for other in existing:
-            if _same_file(path, other):
-                raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
+        _check_not_inputs({role: path}, [Path(p) for p in inputs if p is not None])
         key = os.path.realpath(path)
         if key in seen:
             raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
         seen[key] = role
     return paths
+
+
+def _check_not_inputs(paths: Mapping[str, Path], inputs: Iterable[Path]) -> None:
+    """Rule 2: no destination is an input (the same path, or the same file by inode)."""
+    existing = [p for p in inputs if _exists(p)]
+    for role, path in paths.items():
+        for other in existing:
+            if _same_file(path, other):
+                raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
 
 
 def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:

@@ -80,6 +80,10 @@ class LoadedModel:
     input_shapes: list[tuple[int, ...]] | None = None  # default example input shapes, if known
     notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. a dtype kept)
     dtype: torch.dtype | None = None  # the weights' floating dtype the architecture was cast to
+    #: source files of the code the load ran (the factory's module, modules found in the working
+    #: directory): inputs of the run like the weights, so never an output (a ``report`` over them
+    #: would replace the user's code)
+    code_files: list[Path] = field(default_factory=list)
 
 
 def is_factory_spec(text: str) -> bool:
@@ -91,22 +95,27 @@ class _WorkingDirFinder(importlib.abc.MetaPathFinder):
     finder failed: unlike a ``sys.path`` entry (even the last one), it cannot take a name an
     installed package owns, not even a namespace package's (``google.protobuf``)."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, found: list[Path] | None = None) -> None:
         self.folder = folder
+        self.found = found if found is not None else []  # the files of the modules it found
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if path is not None:  # a submodule: its package's own __path__ finds it
             return None
-        return importlib.machinery.PathFinder.find_spec(name, [self.folder])
+        spec = importlib.machinery.PathFinder.find_spec(name, [self.folder])
+        if spec is not None and spec.has_location and spec.origin:
+            self.found.append(Path(spec.origin))
+        return spec
 
 
 @contextlib.contextmanager
-def _working_dir_importable() -> Iterator[None]:
-    """Modules of the working directory importable for the block only, after everything else."""
+def _working_dir_importable(found: list[Path] | None = None) -> Iterator[None]:
+    """Modules of the working directory importable for the block only, after everything else;
+    the files of those it finds are appended to ``found``."""
     saved = list(sys.path)
     # the script's folder or '' (python -c, -m) would put the working directory first
     sys.path[:] = [p for p in saved if p not in ("", os.getcwd())]
-    finder = _WorkingDirFinder(os.getcwd())
+    finder = _WorkingDirFinder(os.getcwd(), found)
     sys.meta_path.append(finder)
     try:
         yield
@@ -115,20 +124,24 @@ def _working_dir_importable() -> Iterator[None]:
         sys.path[:] = saved
 
 
-def resolve_factory(spec: str) -> Callable[..., Any]:
+def resolve_factory(spec: str, code_files: list[Path] | None = None) -> Callable[..., Any]:
     """Import ``package.module:callable``.
 
     Installed modules come first; a module found only in the working directory is importable
     too (as with ``python -m``) while the factory's module is imported (and, in :func:`build`,
     while the factory runs), never before anything installed and never afterwards, so a file
-    there cannot shadow an installed package (onnx, sympy, ...) then or later.
+    there cannot shadow an installed package (onnx, sympy, ...) then or later. ``code_files``
+    collects the source files of the factory's module and of the working directory's modules
+    the import found (inputs of the run: never to be written over).
     """
     if not _SPEC.match(spec):
         raise UsageError(f"{spec!r} is not a factory spec of the form package.module:callable")
     module_name, _, attr = spec.partition(":")
     try:
-        with _working_dir_importable():
+        with _working_dir_importable(code_files):
             obj: Any = importlib.import_module(module_name)
+        if code_files is not None and getattr(obj, "__file__", None):
+            code_files.append(Path(obj.__file__))
     except ImportError as e:
         raise LoadError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from e
     except Exception as e:  # the module itself raised (SyntaxError, an error in its top-level code)
@@ -144,12 +157,13 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
 
 
 def build(
-    spec: str, model_args: Mapping[str, Any] | None = None
+    spec: str, model_args: Mapping[str, Any] | None = None, code_files: list[Path] | None = None
 ) -> tuple[nn.Module, list[tuple[int, ...]] | None]:
-    """Call a factory spec; return the module and the zoo's default input shape if it is a zoo model."""
-    factory = resolve_factory(spec)
+    """Call a factory spec; return the module and the zoo's default input shape if it is a zoo
+    model. ``code_files``: see :func:`resolve_factory`."""
+    factory = resolve_factory(spec, code_files)
     try:
-        with _working_dir_importable():  # a factory may import its siblings lazily
+        with _working_dir_importable(code_files):  # a factory may import its siblings lazily
             model = factory(**dict(model_args or {}))
     except Exception as e:
         raise LoadError(f"factory {spec!r} failed with arguments {dict(model_args or {})}: {e}") from e
@@ -177,8 +191,9 @@ def load_model(
     if is_factory_spec(text):
         if model is not None:
             raise UsageError(f"{text} is already a factory spec; --model is only for weights files")
-        module, shapes = build(text, model_args)
-        return LoadedModel(module, f"factory {text}", shapes)
+        code: list[Path] = []
+        module, shapes = build(text, model_args, code)
+        return LoadedModel(module, f"factory {text}", shapes, code_files=code)
 
     path = Path(text)
     _check_regular_file(path, "file (and not a factory spec like package.module:callable)")
@@ -209,7 +224,9 @@ def load_model(
     if isinstance(obj, nn.Module):
         if model is not None:
             raise UsageError(f"{path} holds a whole module; --model is only for weights files")
-        return LoadedModel(obj.cpu(), f"pickled module {path} (trusted)")
+        cls_file = getattr(sys.modules.get(type(obj).__module__), "__file__", None)
+        code = [Path(cls_file)] if cls_file else []  # the class's code ran: an input too
+        return LoadedModel(obj.cpu(), f"pickled module {path} (trusted)", code_files=code)
     state = _state_dict_of(obj, path)
     return _with_architecture(state, path, model, model_args, "state_dict")
 
@@ -431,7 +448,8 @@ def _with_architecture(
         raise UsageError(
             f"{path} holds weights only ({what}); pass the architecture with --model package.module:callable"
         )
-    module, shapes = build(spec, model_args)
+    code: list[Path] = []
+    module, shapes = build(spec, model_args, code)
     expected = set(module.state_dict())
     # checkpoints saved from DataParallel/DDP prefix every key with "module."
     if not (set(state) & expected) and all(k.startswith("module.") for k in state):
@@ -456,7 +474,7 @@ def _with_architecture(
             ]
             detail = f"size mismatch: {'; '.join(mismatched[:5])}" if mismatched else first_line(e)
         raise LoadError(f"{path} does not fit {spec}: {detail}") from e
-    return LoadedModel(module, f"{what} {path} into {spec}", shapes, notes, dtype)
+    return LoadedModel(module, f"{what} {path} into {spec}", shapes, notes, dtype, code)
 
 
 def _first(keys: list[str], n: int = 5) -> str:

@@ -166,7 +166,7 @@ def inspect(
         record = RunRecord("inspect", options, StepTimer(on_step), seed=spec.seed)
         with _reported(files, record):
             with record.steps("load"):
-                loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+                loaded = _load(files, source, model=model, model_args=model_args, trust=trust)
                 example = _example_inputs(loaded, spec, optional=False)
                 primary = example if static_batch else _widen_batch(example, spec.seed)
             with record.steps("capture and fold"):
@@ -285,7 +285,7 @@ def _fold_and_verify(
     static_batch, calibrate, require_all = how.static_batch, how.calibrate, how.require_all
     steps = record.steps
     with steps("load"):
-        loaded = load_model(source, **load)
+        loaded = _load(files, source, **load)
         example = _example_inputs(loaded, spec, optional=False)
         # captured at the parity batch: torch.export specializes a batch of 1
         primary = example if static_batch else _widen_batch(example, spec.seed)
@@ -472,7 +472,7 @@ def recalibrate_and_write(
         steps = record.steps
         with _reported(files, record):
             with steps("load"):
-                loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+                loaded = _load(files, source, model=model, model_args=model_args, trust=trust)
                 batches = load_batches(data)
             with steps("recalibrate"):
                 result = recalibrate(loaded.model, batches, inplace=True)
@@ -509,7 +509,7 @@ def transform_and_write(
         steps = record.steps
         with _reported(files, record):
             with steps("load"):
-                loaded = load_model(source, model=model, model_args=model_args, trust=trust)
+                loaded = _load(files, source, model=model, model_args=model_args, trust=trust)
                 example = _example_inputs(loaded, spec, optional=False)
             with steps("transform"):
                 result = transform(loaded.model, example)
@@ -521,6 +521,14 @@ def transform_and_write(
                 run.export = stage_export(result.model, example, files, steps=steps)
             _commit(files, record)
     return run
+
+
+def _load(files: OutputSet, source: str | Path, **options: Any) -> LoadedModel:
+    """:func:`load_model`; the source files of the code it ran are inputs of the run too (a
+    ``report`` over the factory's own module is refused like one over the weights)."""
+    loaded = load_model(source, **options)
+    files.add_inputs(loaded.code_files)
+    return loaded
 
 
 def _example_inputs(

@@ -310,6 +310,28 @@ REPORT_CASES = [
     ("out-is-symlink",
      ["fold", RESNET, "--out", "link.onnx", "--force"],
      "--out link.onnx is a symbolic link"),
+    # the factory's own module is an input like the weights (each case its own module name: an
+    # imported module stays in sys.modules, under the file of the folder it was first found in)
+    ("report-is-the-factory-module",
+     ["fold", "rfac_fold:build", "--out", "o.onnx", "--report", "rfac_fold.py", "--force"],
+     "--report rfac_fold.py is an input of this run"),
+    ("report-is-the-architecture-module",
+     ["fold", "w.pt", "--model", "rfac_arch:build", "--out", "o.onnx", "--report", "rfac_arch.py", "--force"],
+     "--report rfac_arch.py is an input of this run"),
+    ("report-is-a-module-the-factory-imports",
+     ["fold", "rfac_outer:build", "--out", "o.onnx", "--report", "rfac_inner.py", "--force"],
+     "--report rfac_inner.py is an input of this run"),
+    ("inspect-report-is-the-factory-module",
+     ["inspect", "rfac_inspect:build", "--report", "rfac_inspect.py", "--force"],
+     "--report rfac_inspect.py is an input of this run"),
+    ("recalibrate-report-is-the-architecture-module",
+     ["recalibrate", "w.pt", "--model", "rfac_recal:build", "--data", "x.pt", "--out", "n.pt", "--report",
+      "rfac_recal.py", "--force"],
+     "--report rfac_recal.py is an input of this run"),
+    ("drop-bias-report-is-the-factory-module",
+     ["drop-bias", "rfac_drop:build", "--input-shape", "2,3,32,32", "--out", "d.pt", "--report",
+      "rfac_drop.py", "--force"],
+     "--report rfac_drop.py is an input of this run"),
     ("recalibrate-report-is-data",
      ["recalibrate", "w.pt", "--model", RESNET, "--data", "x.pt", "--out", "n.pt", "--report", "x.pt",
       "--force"],
@@ -329,6 +351,10 @@ def test_cli_never_overwrites_an_input_or_a_special_file(
     (tmp_path / "link.json").symlink_to("target")
     (tmp_path / "link.onnx").symlink_to("target")
     os.mkfifo(tmp_path / "fifo")
+    for name in ("fold", "arch", "inspect", "recal", "drop", "inner"):
+        (tmp_path / f"rfac_{name}.py").write_text("from normfold.models import resnet as build\n")
+    outer = "def build():\n    import rfac_inner\n    return rfac_inner.build()\n"
+    (tmp_path / "rfac_outer.py").write_text(outer)
     device = str(_device(tmp_path))
     args, message = [device if a == "DEVICE" else a for a in args], message.replace("DEVICE", device)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "fifo"}
