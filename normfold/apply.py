@@ -53,6 +53,7 @@ from normfold.graph import (
     shape,
 )
 from normfold.plan import Fold, Plan, RowBlocks, input_arg, new_bias_name
+from normfold.probe import isolated_rng, probe_input
 from normfold.reparam import Merge
 
 logger = logging.getLogger(__name__)
@@ -145,16 +146,17 @@ class _Eager:
         if type(layer).forward is base.forward:
             return True
         # a subclass with its own forward (timm's Conv2dSame, say): probe that it uses self.bias
-        x = torch.randn(shape(bind(self.by_name[node_name])["input"]), dtype=layer.weight.dtype)
+        device = layer.weight.device
+        x = probe_input(shape(bind(self.by_name[node_name])["input"]), layer.weight.dtype, device)
         probe = copy.deepcopy(layer)
         try:
-            with torch.no_grad():
-                before = probe(x.to(layer.weight.device))
+            with torch.no_grad(), isolated_rng(device):  # the user's seeded RNG stays as it was
+                before = probe(x)
                 out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
                 probe.bias = nn.Parameter(
                     torch.ones(out, dtype=layer.weight.dtype, device=layer.weight.device)
                 )
-                after = probe(x.to(layer.weight.device))
+                after = probe(x)
         except Exception:  # a forward that cannot take the probe is not trusted with a bias
             return False
         return bool(torch.allclose(after - before, torch.ones_like(after), atol=1e-3))

@@ -87,6 +87,7 @@ from normfold.apply import LAYER_MODULES, EagerPlan, eager_plan
 from normfold.folding import ExampleInputs, as_inputs, check_materialized, working_copy
 from normfold.graph import Capture, CaptureOptions, bind, capture, owner, shape
 from normfold.plan import Fold, Plan, Unit, describe, plan
+from normfold.probe import isolated_rng, probe_input
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +357,8 @@ def _runs_without_bias(layer: nn.Module, input_shape: tuple[int, ...]) -> bool:
         return True
     try:
         probe = copy.deepcopy(layer)
-        x = torch.randn(input_shape, dtype=layer.weight.dtype, device=layer.weight.device)
-        with torch.no_grad():
+        x = probe_input(input_shape, layer.weight.dtype, layer.weight.device)
+        with torch.no_grad(), isolated_rng(layer.weight.device):  # the user's seeded RNG stays as it was
             probe.bias = nn.Parameter(torch.zeros_like(probe.bias))
             zero = probe(x)
             probe.bias = None

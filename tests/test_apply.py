@@ -108,6 +108,18 @@ def test_bias_is_added_to_a_subclass_only_when_its_forward_uses_it():
             assert normfold.verify(model, candidate, x).max_rel_error <= 1e-5
 
 
+def test_probing_a_subclass_leaves_the_global_rng_alone():
+    """The probe of a subclass's own forward draws from a private generator: a user's seeded
+    pipeline draws the same numbers after fold() as without it."""
+    model = randomize_bn(nn.Sequential(NoBiasSubclass(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    x = _x((2, 3, 6, 6))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    result = normfold.fold(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [f.where for f in result.folded] == ["both"]  # the probe ran and accepted the bias
+
+
 def test_new_bias_of_a_module_whose_name_is_not_an_identifier():
     model = nn.Sequential()
     model.add_module("block1-0", nn.Conv2d(3, 4, 3, bias=False))  # torchvision RegNet names its blocks so

@@ -390,6 +390,16 @@ def test_subclasses():
     torch.testing.assert_close(new(x), old(x), rtol=1e-5, atol=1e-5)
 
 
+def test_probing_a_subclass_leaves_the_global_rng_alone():
+    model = _big_bias(randomize_bn(Subclasses()))
+    x = _input((3, 3, 8, 8))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    result = drop_redundant_biases(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [d.layer for d in result.dropped] == ["conv", "wrapped"]  # the probes ran
+
+
 def test_usage_errors():
     with pytest.raises(UsageError):
         drop_redundant_biases("not a module", torch.zeros(1))  # type: ignore[arg-type]
