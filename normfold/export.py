@@ -20,7 +20,6 @@ model; the data files the replaced model used and the new one does not are remov
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import logging
 import math
@@ -36,7 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from normfold.errors import ExportError, NormfoldError, UsageError, first_line, plain
-from normfold.files import STATE_FORMATS, OutputSet
+from normfold.files import STATE_FORMATS, OutputSet, content_digest
 from normfold.graph import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
 from normfold.parity import ParityReport, ParityRule, Tolerance
 from normfold.reference import InputSet, Reference, check, make_reference, parity_sets
@@ -199,15 +198,12 @@ def _is_data_of(name: str, model_name: str) -> bool:
 
 def commit_export(files: OutputSet, result: ExportResult) -> None:
     """Commit ``files`` (the export and whatever else the run staged); then remove the external
-    data files the replaced ``.onnx`` used that the new one does not. Only those: another file
-    beside it may belong to a copy of an earlier model."""
+    data files the replaced ``.onnx`` used that the new one does not, only those normfold
+    provably wrote and nothing else uses (:meth:`OutputSet.remove_replaced`)."""
     out = files.paths["--out"]
     old = _external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
     written = set(files.commit())
-    for stale in old - written:
-        if stale.is_file() and not stale.is_symlink():
-            stale.unlink()
-            logger.info("removed %s: the replaced %s used it, the new one does not", stale, out)
+    files.remove_replaced("--out", old - written)
 
 
 def _external_files(path: Path) -> set[Path]:
@@ -387,11 +383,7 @@ def _name_data_by_content(path: Path) -> None:
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
-    digest = hashlib.blake2b(digest_size=6)
-    with open(data, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    named = path.with_name(f"{path.name}.{digest.hexdigest()}.data")
+    named = path.with_name(f"{path.name}.{content_digest(data)}.data")  # files.py proves it by this
     proto = onnx.load(str(path), load_external_data=False)
     for tensor in _get_all_tensors(proto):
         for entry in tensor.external_data:

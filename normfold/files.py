@@ -14,7 +14,14 @@
    the report last, so a reader never sees a model without its data, and a report (``status:
    ok``, naming the model) only once the model and its data are in place: a run killed between
    two renames (SIGKILL) leaves at worst a new model beside the previous run's report.
-5. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
+5. **Only its own files are removed**: replacing an ``.onnx`` (``force``) removes an external
+   data file the replaced model named only when normfold provably wrote it and nothing else
+   uses it (:meth:`OutputSet.remove_replaced`): named by normfold's scheme
+   ``<model>.<hash>.data`` with ``hash`` the content's own (:func:`content_digest`), in the
+   model's folder, not an input of the run, not named by any ``.onnx`` file in that folder
+   (the new model, a copy of the old one). Any other name a replaced model points at (the
+   weights, an unrelated file, data another tool wrote) stays.
+6. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
    (``host`` a short hash of the host name); they are removed when the run ends, however it ends
    (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit so this cleanup runs, and its
    handler defers them while a commit is in progress: :func:`defer_signal`); one left by a killed
@@ -27,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -44,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 _STAGE = re.compile(r"^\.normfold-([0-9a-f]{8})-(\d+)-\w+\.tmp$")
+
+#: ``<model>.<hash>.data``: external data named by :func:`content_digest` of its bytes
+DATA_DIGEST_SIZE = 6
+_DATA = re.compile(rf"^(?P<model>.+)\.(?P<digest>[0-9a-f]{{{2 * DATA_DIGEST_SIZE}}})\.data$")
 
 #: every path a commit of this process placed (the CLI names them if a signal stops it later)
 committed: list[Path] = []
@@ -158,6 +170,22 @@ class OutputSet:
                 raise
             committed.extend(written)
         return written
+
+    def remove_replaced(self, role: str, used: Iterable[Path]) -> list[Path]:
+        """After a commit replaced ``role``'s file: remove the files of ``used`` (those the
+        replaced file referred to, e.g. an ``.onnx``'s external data) that normfold provably
+        wrote and nothing else uses (rule 5 of the module docstring). Returns those removed."""
+        out = self.paths[role]
+        removed = []
+        for path in used:
+            why = _kept_because(path, out, self.inputs)
+            if why is not None:
+                logger.info("kept %s, which the replaced %s named: %s", path, out, why)
+                continue
+            path.unlink()
+            removed.append(path)
+            logger.info("removed %s: the replaced %s used it, nothing else does", path, out)
+        return removed
 
     def close(self) -> None:
         for stage in self._stages.values():
@@ -276,6 +304,54 @@ def _move(staged: Path, dest: Path, force: bool) -> None:
             raise
         return
     staged.unlink()
+
+
+def content_digest(path: Path) -> str:
+    """The hash external data is named by: ``<model>.<content_digest>.data``."""
+    digest = hashlib.blake2b(digest_size=DATA_DIGEST_SIZE)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _kept_because(path: Path, model: Path, inputs: Iterable[Path]) -> str | None:
+    """Why ``path``, a data file the replaced ``model`` named, is not provably normfold's and
+    unused (so it stays); None if it may be removed."""
+    match = _DATA.match(path.name)
+    if path.parent != model.parent or match is None or match["model"] != model.name:
+        return "not named by normfold's scheme <model>.<hash>.data beside the model"
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if any(_same_file(path, p) for p in inputs):
+            return "an input of this run"
+        if content_digest(path) != match["digest"]:
+            return "its content does not match the hash in its name: normfold did not write it"
+        user = _onnx_naming(path)
+    except OSError as e:
+        return f"cannot be checked ({e.strerror or e})"
+    return f"{user} names it" if user is not None else None
+
+
+def _onnx_naming(data: Path) -> Path | None:
+    """An ``.onnx`` file in ``data``'s folder whose bytes contain its name (conservative: a
+    model that names it as external data always does; a chance match only keeps a file)."""
+    needle = data.name.encode()
+    for entry in sorted(data.parent.iterdir()):
+        if entry.suffix != ".onnx" or entry.name.startswith(".normfold-"):
+            continue
+        try:
+            st = os.stat(entry)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                continue  # a FIFO would block, an empty file names nothing
+            with open(entry, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(needle) >= 0:
+                    return entry
+        except OSError:  # unreadable: it may name the file, so the file stays
+            return entry
+    return None
 
 
 def _appeared(dest: Path) -> UsageError:

@@ -400,6 +400,46 @@ def test_cli_replaces_with_force_and_removes_the_old_external_data(
     onnx.checker.check_model("o.onnx", full_check=True)
 
 
+def test_cli_force_removes_only_data_normfold_provably_wrote_and_nothing_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replaced .onnx names, as external data: the run's own weights, an unrelated file, a
+    file in normfold's naming scheme whose content does not match its hash, and normfold's real
+    data which a copy of the model (backup.onnx) still uses. --force removes none of them."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    import normfold.export as export_mod
+
+    monkeypatch.chdir(tmp_path)
+    weights = _weights(tmp_path)
+    monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)  # the first export takes the external-data path
+    args = ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (data,) = tmp_path.glob("o.onnx.*.data")
+    (tmp_path / "backup.onnx").write_bytes((tmp_path / "o.onnx").read_bytes())  # a copy, same data
+    (tmp_path / "notes.txt").write_text("precious")
+    fake = tmp_path / "o.onnx.0123456789ab.data"  # normfold's scheme, but not its content's hash
+    fake.write_text("precious")
+    proto = onnx.load("o.onnx", load_external_data=False)
+    tensors = [t for t in _get_all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor, name in zip(tensors, ["w.pt", "notes.txt", fake.name], strict=False):
+        (entry,) = [e for e in tensor.external_data if e.key == "location"]
+        entry.value = name
+    onnx.save(proto, "o.onnx")
+    before = {p.name: p.read_bytes() for p in (weights, tmp_path / "notes.txt", fake, data)}
+    monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1 << 40)  # the new model is inline
+    result = CliRunner().invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before  # every one still there
+    onnx.checker.check_model("backup.onnx", full_check=True)  # the copy still finds its data
+    # with the copy gone, normfold's own data, now unused, goes with the next replacement
+    (tmp_path / "backup.onnx").unlink()
+    (tmp_path / "o.onnx").write_bytes(proto.SerializeToString())
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+    assert not data.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o.onnx", "w.pt", "notes.txt", fake.name])
+
+
 # ------------------------------------------------------------------------------------------------
 # the kill loop
 
