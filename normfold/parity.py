@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from normfold.errors import UsageError
+from normfold.slices import judge_slices
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,8 @@ class OutputParity:
     allowed_error: float = math.nan
     max_abs_error_at: tuple[int, ...] = ()  # the element of the largest difference from the original
     p99_abs_error: float = math.nan  # 99th percentile of the differences from the original
+    slice_failure: str | None = None  # the worst slice that fails the rule (normfold.slices)
+    decided: bool = True  # False: the check could not tell a change from rounding (problem says why)
 
     def failure(self) -> str | None:
         """One-line reason this output failed, naming it and the offending numbers; None if passed."""
@@ -277,7 +280,9 @@ class OutputParity:
         parts: list[str] = []
         if self.problem:
             parts.append(self.problem)
-        if not self.problem:
+        if not self.problem and self.slice_failure:
+            parts.append(self.slice_failure)
+        elif not self.problem:
             measured, against = (
                 (self.max_abs_error, "the original")
                 if math.isnan(self.exact_error)
@@ -309,6 +314,7 @@ class OutputParity:
             "tolerance": {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol},
             "passed": self.passed,
             "problem": self.problem,
+            "slice_failure": self.slice_failure,
         }
 
 
@@ -324,6 +330,18 @@ class ParityReport:
     outputs: tuple[OutputParity, ...]
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    #: False when the report failed only because nothing could be judged (no output, all zeros or
+    #: constant, no finite value, or an allowed error reaching the output's range): not a difference
+    decided: bool = True
+
+    def verdict(self, what: str = "the folded model") -> str:
+        """One line for an error message: that ``what`` differs, or that nothing could be judged."""
+        if self.passed:
+            return f"{what} matches the original"
+        first = self.failures()[0]
+        if not self.decided:
+            return f"the parity of {what} with the original could not be judged: {first}"
+        return f"{what} differs from the original: {first}"
 
     @property
     def passed(self) -> bool:
@@ -361,6 +379,7 @@ class ParityReport:
         worst = self.worst
         return {
             "passed": self.passed,
+            "decided": self.decided,
             "max_abs_error": _json_float(self.max_abs_error),
             "max_rel_error": _json_float(self.max_rel_error),
             "worst": worst.name if worst is not None else None,
@@ -413,17 +432,24 @@ def compare_outputs(
     return ctx.outputs, ctx.problems
 
 
-def report_of(outputs: list[OutputParity], problems: list[str], notes: tuple[str, ...] = ()) -> ParityReport:
-    """A report over comparisons (of one or several input sets), adding the "nothing compared" problems."""
+def report_of(
+    outputs: list[OutputParity], problems: list[str], notes: tuple[str, ...] = (), *, decided: bool = True
+) -> ParityReport:
+    """A report over comparisons (of one or several input sets), adding the "nothing compared"
+    problems; ``decided=False``: the caller found that nothing could be judged (``problems`` say why)."""
     problems = list(problems)
     if not outputs:
         problems.append("no outputs were compared: the reference returned no tensors")
+        decided = False
     elif all(not (o.max_abs_reference > 0) for o in outputs):
         problems.append(
             "nothing was compared: every output of the original is all zeros or has no finite value "
-            "on every input set; give inputs that exercise the model (inputs file, value range)"
+            "on every input set; give inputs that exercise the model (inputs=, value_range=)"
         )
-    report = ParityReport(outputs=tuple(outputs), problems=tuple(problems), notes=notes)
+        decided = False
+    failed = [o for o in outputs if not o.passed]
+    decided = decided and not (failed and not problems and all(not o.decided for o in failed))
+    report = ParityReport(outputs=tuple(outputs), problems=tuple(problems), notes=notes, decided=decided)
     logger.debug("compare: %d output(s), passed=%s", len(outputs), report.passed)
     return report
 
@@ -596,19 +622,35 @@ def _compare_tensors(
     max_rel = max_abs / max_ref if max_ref > 0 else max_abs
 
     noise = exact_error = math.nan
+    slice_failure: str | None = None
+    decided = not (r.numel() == 0 or not bool(r_finite.any()))
     allowed = tol.allowed(max_ref)
     e = _exact_like(exact[0], r) if exact else None
     if e is not None and (ref.is_floating_point() or ref.is_complex()):
         # the model's own rounding error and the candidate's, both against the float64 run
         where = both_finite & torch.isfinite(e)
-        noise = float((r - e).abs()[where].max()) if bool(where.any()) else 0.0
-        exact_error = float((c - e).abs()[where].max()) if bool(where.any()) else 0.0
-        noise = max(noise, _perturbed_noise(exact[1:], e, where))
-        e_abs = e.abs()[torch.isfinite(e)]
-        max_exact = float(e_abs.max()) if e_abs.numel() else 0.0
+        noise_at = _perturbed_noise(exact[1:], e, where, (r - e).abs())
+        error_at = (c - e).abs()
+        noise = float(noise_at[where].max()) if bool(where.any()) else 0.0
+        exact_error = float(error_at[where].max()) if bool(where.any()) else 0.0
+        e_finite = torch.isfinite(e)
+        e_abs = e.abs()
+        max_exact = float(e_abs[e_finite].max()) if bool(e_finite.any()) else 0.0
         allowed = tol.allowed(max_exact) + ctx.rule.noise_factor * noise
+        if not problems and max_exact > 0 and ctx.rule.noise_factor * noise >= max_exact:
+            decided = False
+            problems.append(
+                f"cannot decide: the allowed error {allowed:.1e} (the model's own noise {noise:.1e} x "
+                f"{ctx.rule.noise_factor:g} + the floor) reaches the output's own scale max|ref| "
+                f"{max_exact:.1e}, so even an output of zeros would pass; the original is too "
+                "ill-conditioned on these inputs to tell a change from its own rounding: check with real "
+                "inputs (inputs=) or in a higher precision"
+            )
+        worst = judge_slices(error_at, noise_at, e_abs, where, tol.rtol, tol.atol, ctx.rule.noise_factor)
+        if not problems and worst is not None and exact_error <= allowed:
+            slice_failure = worst.describe()
     measured = max_abs if math.isnan(exact_error) else exact_error
-    passed = not problems and measured <= allowed
+    passed = not problems and slice_failure is None and measured <= allowed
     problem = "; ".join(problems) if problems else None
     logger.debug(
         "%s on %s %s %s: max abs %.3e, vs exact %.3e, noise %.3e, allowed %.3e, passed=%s",
@@ -617,18 +659,22 @@ def _compare_tensors(
     return OutputParity(
         name, shape, dtype, max_abs, max_rel, mean_abs, tol, passed, problem, max_ref,
         inputs=ctx.inputs, noise=noise, exact_error=exact_error, allowed_error=allowed,
-        max_abs_error_at=at, p99_abs_error=p99,
+        max_abs_error_at=at, p99_abs_error=p99, slice_failure=slice_failure,
+        decided=decided,
     )  # fmt: skip
 
 
-def _perturbed_noise(perturbed: tuple[Any, ...], e: torch.Tensor, where: torch.Tensor) -> float:
-    """Largest distance of a perturbed run from the exact one (elements finite in both)."""
-    noise = 0.0
+def _perturbed_noise(
+    perturbed: tuple[Any, ...], e: torch.Tensor, where: torch.Tensor, own: torch.Tensor
+) -> torch.Tensor:
+    """Per element, the largest distance from the exact run of the original (``own``) and of each
+    perturbed run (elements finite in both; elsewhere 0)."""
+    noise = torch.where(where, own, torch.zeros((), dtype=own.dtype))
     for p in perturbed:
         p = _exact_like(p, e)
         if p is not None:
             ok = where & torch.isfinite(p)
-            noise = max(noise, float((p - e).abs()[ok].max()) if bool(ok.any()) else 0.0)
+            noise = torch.maximum(noise, torch.where(ok, (p - e).abs(), torch.zeros((), dtype=own.dtype)))
     return noise
 
 

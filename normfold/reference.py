@@ -281,7 +281,33 @@ def _judge(reference: Reference, candidates: list[Any], rule: ParityRule) -> Par
         compared, found = compare_outputs(reference.outputs[i], candidate, exact, rule, s.name, perturbed)
         outputs.extend(compared)
         problems.extend(p for p in found if p not in problems)  # structural: the same on every set
-    return report_of(outputs, problems, tuple(reference.notes))
+    constant = _input_independent(reference)
+    if constant:
+        problems.append(constant)
+    return report_of(outputs, problems, tuple(reference.notes), decided=not constant)
+
+
+def _input_independent(reference: Reference) -> str | None:
+    """A problem when the original gives bit-identical outputs on every input set (at least two
+    sets with different inputs): its output does not depend on its input (constant, all zeros,
+    a dead ReLU chain), so no fold before it can show."""
+    if len(reference.sets) < 2:
+        return None
+    first = pytree.tree_leaves(reference.outputs[0])
+    if not first or not all(isinstance(t, torch.Tensor) for t in first):
+        return None
+    for outputs in reference.outputs[1:]:
+        leaves = pytree.tree_leaves(outputs)
+        if len(leaves) != len(first) or not all(
+            isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+            for a, b in zip(first, leaves, strict=True)
+        ):
+            return None
+    return (
+        f"nothing was compared: the original's outputs are identical on all {len(reference.sets)} input "
+        "sets (constant, all zeros or a saturated chain): they do not depend on the input, so they say "
+        "nothing about the layers before them; give inputs that exercise the model (inputs=)"
+    )
 
 
 def verify(
