@@ -1,31 +1,52 @@
-"""Recalibrate BatchNorm running statistics: the exact statistics of what each norm sees in eval mode.
+"""Recalibrate BatchNorm running statistics: the exact statistics of what each batch-norm op
+normalizes in eval mode.
 
 Running averages (an EMA with ``momentum``) only approximate the statistics of the data, and they
 were measured in train mode, where every earlier norm normalized with *batch* statistics. A folded
-model runs in eval mode, so each norm should hold the statistics of the input it gets in eval
-mode, with the (recalibrated) norms before it in place. :func:`recalibrate` computes exactly that:
+model runs in eval mode, so each norm should hold the statistics of the tensor its batch-norm op
+normalizes in eval mode, with the (recalibrated) norms before it in place. :func:`recalibrate`
+computes exactly that. With ``x`` the op's actual input on every batch (caught at the ATen op,
+:mod:`normfold.calibration_capture`: after whatever the module's ``forward`` does to its own input
+first, e.g. a subclass's ``super().forward(x * 3)`` or a channels-last transpose; ``F.batch_norm``
+calls with a module's buffers count as that module's norm):
 
     mean_c = sum_i x_ic / n            var_c = sum_i (x_ic - mean_c)^2 / n
 
-over every sample and every position of channel ``c`` (axis 1) on all the batches, accumulated in
-float64 (per batch mean and sum of squared deviations, merged with Chan's parallel formula, so no
-catastrophic cancellation). The **biased** variance (divided by ``n``) is stored: it is the exact
-variance of the data given, which is what eval mode normalizes by; PyTorch's training updates
-store an unbiased estimate because a batch is a sample of the data, but here the data is the whole
-population the statistics are meant for (with ``n`` in the thousands the two differ by ``1/n``).
+over every sample and every position of channel ``c`` (axis 1 of the op's input), ``n`` values per
+channel on all the batches, accumulated in float64 (per call mean and sum of squared deviations,
+merged with Chan's parallel formula, so no catastrophic cancellation). The **biased** variance
+(divided by ``n``) is stored: it is the exact variance of the data given, which is what eval mode
+normalizes by; PyTorch's training updates store an unbiased estimate because a batch is a sample
+of the data, but here the data is the whole population the statistics are meant for (with ``n`` in
+the thousands the two differ by ``1/n``).
 
 **Order and cost.** A norm's input depends on the norms upstream of it, so they must be final
-first. The model is captured once with ``torch.export`` and each norm gets a *level*: 1 plus the
-highest level of the norms upstream of it. All norms of one level are independent and are
-recalibrated in the same pass over the data, so the cost is ``L`` passes for ``L`` levels (the
-longest chain of norms, e.g. every norm of a plain sequential network, fewer where branches run
-side by side). A model that cannot be captured falls back to one pass per norm, in execution
-order. A norm called at several places accumulates over all its calls, at its highest level.
+first. A first pass over the data finds every batch-norm op and its statistics and measures them
+all; the model is captured once with ``torch.export`` and each norm gets a *level*: 1 plus the
+highest level of the norms upstream of it. Level 1 is stored from the first pass; all norms of one
+later level are independent and are measured in the same pass, so the cost is ``L`` passes for
+``L`` levels (the longest chain of norms, fewer where branches run side by side). A model that
+cannot be captured falls back to one pass per norm, in the order their ops first run.
+
+**Exact or left unchanged, with a code** (:data:`CODES`). Statistics are stored only where they are
+exact: an op that runs several times in one forward (a module called at several places,
+``multiple_calls``) sees inputs from several call sites, so no one set of statistics is exact for
+every call (pooled ones would even move again on a second pass): it is left unchanged and
+reported, as is an op that normalizes with batch statistics in eval mode (``batch_statistics``),
+a norm whose op never ran (``unused``) or saw no values (``no_values``), and statistics its
+buffers' dtype cannot hold (``bad_statistics``).
+
+**Refused data.** An empty batch or input, or a non-finite value in the data, makes the
+statistics NaN: :class:`~normfold.errors.UsageError` naming the batch and input. A forward that
+fails on a batch (wrong channel count, a dtype other than the weights'), or a norm's input that
+is not finite although the data is, is a :class:`~normfold.errors.TraceError` naming the batch.
+Either way nothing has changed: data is checked before the model is touched, and any later error
+puts every replaced buffer back.
 
 Each recalibrated norm reports its drift: ``mean_drift = max_c |mean_old - mean_new| / std_new``
 and ``std_drift = max_c |std_old / std_new - 1|`` (``std = sqrt(var + eps)``), so stale statistics
 show before they are folded in. Nothing but ``running_mean``/``running_var`` of the recalibrated
-norms changes.
+norms changes (new tensors, set wherever the old ones were registered, so tied buffers stay tied).
 """
 
 from __future__ import annotations
@@ -39,14 +60,31 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfold.calibration_capture import (
+    BATCH_NORM_OPS,
+    BufferIndex,
+    Moments,
+    Norm,
+    OpCalls,
+    check_batches,
+    run_batch,
+)
 from normfold.errors import NormfoldError, UsageError
 from normfold.folding import check_materialized, working_copy
 from normfold.graph import CaptureOptions, bind, capture
-from normfold.rules import BATCH_NORMS
 
 logger = logging.getLogger(__name__)
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+#: every code a norm left unchanged gets
+CODES = {
+    "multiple_calls": "its batch-norm op runs several times in one forward: the call sites' inputs mix",
+    "batch_statistics": "no running statistics, or its op normalizes with batch statistics in eval mode",
+    "unused": "no batch-norm op ran with its statistics on the data",
+    "no_values": "its batch-norm op's input has no values",
+    "bad_statistics": "the statistics do not fit the buffers' dtype",
+}
 
 
 @dataclass(frozen=True)
@@ -58,76 +96,126 @@ class Recalibrated:
     std_drift: float  # max over channels of |old std / new std - 1|
 
 
+@dataclass(frozen=True)
+class NotRecalibrated:
+    """A norm whose statistics were left unchanged, with a stable code and a readable reason."""
+
+    norm: str
+    code: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
+
 @dataclass
 class RecalibrateResult:
     model: nn.Module
     norms: list[Recalibrated] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # norm -> reason
+    skipped: dict[str, NotRecalibrated] = field(default_factory=dict)  # norm -> code and reason
     passes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passes": self.passes, "norms": [asdict(n) for n in self.norms], "skipped": self.skipped}
+        return {
+            "passes": self.passes,
+            "norms": [asdict(n) for n in self.norms],
+            "skipped": [asdict(s) for s in self.skipped.values()],
+        }
 
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations in float64 (Chan's merge)."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, values)
-        n = x.shape[1]
-        mean = x.mean(1)
-        m2 = ((x - mean[:, None]) ** 2).sum(1)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
-        self.n = total
+    def _skip(self, norm: str, code: str, reason: str) -> None:
+        self.skipped.setdefault(norm, NotRecalibrated(norm, code, reason))
 
 
 def recalibrate(model: nn.Module, batches: Iterable[Batch], *, inplace: bool = False) -> RecalibrateResult:
-    """Replace every tracked BatchNorm's running statistics by the exact eval-mode statistics of
-    its input on ``batches`` (tensors or tuples of tensors; a DataLoader works)."""
+    """Replace the running statistics of every norm (BatchNorm modules, subclasses, functional
+    ``F.batch_norm`` calls with a module's buffers) by the exact eval-mode statistics of what its
+    batch-norm op normalizes on ``batches`` (tensors or tuples of tensors; a DataLoader works).
+    Norms whose statistics cannot be exact stay unchanged, listed in ``skipped`` with a code."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"recalibrate() expects a torch.nn.Module, got {type(model).__name__}")
-    batches = list(batches) if iter(batches) is batches else batches  # several passes are needed
-    first = next(iter(batches), None)
-    if first is None:
+    data = [_as_tuple(b) for b in batches]  # several passes are needed: read a generator once
+    if not data:
         raise UsageError("recalibrate() needs at least one batch")
+    check_batches(data)
     check_materialized(model)  # a meta or lazy model has no values to work on
     model = working_copy(model, "recalibrate", inplace=inplace)
     result = RecalibrateResult(model=model)
-    norms = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    for name, m in norms.items():
-        if m.running_mean is None:
-            result.skipped[name] = "no running statistics (track_running_stats=False)"
     modes = {m: m.training for m in model.modules()}
+    replaced: list[tuple[nn.Module, str, torch.Tensor]] = []
     try:
-        levels = _levels(model, _as_tuple(first), {n for n in norms if n not in result.skipped})
         model.eval()
-        for level in sorted(set(levels.values())):
-            group = [n for n, lv in levels.items() if lv == level]
-            moments = _one_pass(model, batches, {n: norms[n] for n in group})
-            result.passes += 1
-            for name in group:
-                record = _store(name, norms[name], moments[name], level)
-                if record is None:
-                    result.skipped[name] = "never called as a module on the data"
-                else:
-                    result.norms.append(record)
+        _recalibrate(model, data, result, replaced)
+    except BaseException:
+        for module, name, old in reversed(replaced):  # nothing changed unless everything did
+            module._buffers[name] = old
+        raise
     finally:
         for m, training in modes.items():
             m.training = training
-    for name in norms:
-        if name not in levels and name not in result.skipped:
-            result.skipped[name] = "never called as a module on the data"
     logger.info("recalibrated %d norm(s) in %d pass(es)", len(result.norms), result.passes)
     return result
+
+
+def _recalibrate(
+    model: nn.Module,
+    data: list[tuple[torch.Tensor, ...]],
+    result: RecalibrateResult,
+    replaced: list[tuple[nn.Module, str, torch.Tensor]],
+) -> None:
+    index = BufferIndex(model)
+    calls = found = _measure(model, data, index, None)  # finds every norm and measures all of them
+    result.passes = 1
+    wanted = [norm for norm in found.order if not _kept(norm, found, result)]
+    levels = _levels(model, data[0], wanted, index) if wanted else {}
+    for level in sorted(set(levels.values())):
+        group = [norm for norm in wanted if levels[norm] == level]
+        if level > 1:
+            index.refresh()  # the previous level's stores are new tensors
+            calls = _measure(model, data, index, group)
+            result.passes += 1
+        for norm in group:
+            if not _kept(norm, calls, result):
+                _store(model, norm, calls.moments[norm], found.eps[norm], level, result, replaced)
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            if m.running_mean is None or m.running_var is None:
+                result._skip(name, "batch_statistics", "no running statistics (track_running_stats=False)")
+            elif not any(norm.name == name for norm in found.order):
+                result._skip(name, "unused", "no batch-norm op ran with its statistics on the data")
+
+
+def _measure(
+    model: nn.Module, data: list[tuple[torch.Tensor, ...]], index: BufferIndex, group: list[Norm] | None
+) -> OpCalls:
+    """One pass over the data, measuring the op inputs of ``group`` (all norms when None)."""
+    calls = OpCalls(index, group)
+    for i, batch in enumerate(data):
+        run_batch(model, calls, batch, i)
+    return calls
+
+
+def _kept(norm: Norm, calls: OpCalls, result: RecalibrateResult) -> bool:
+    """Whether ``norm`` stays unchanged (recorded in ``result.skipped`` with its code)."""
+    if norm.name in result.skipped:
+        return True
+    if norm in calls.batch_statistics:
+        result._skip(
+            norm.name,
+            "batch_statistics",
+            "its batch-norm op normalizes with each batch's own statistics in eval mode (training=True), "
+            "not with the running statistics: left unchanged",
+        )
+    elif calls.most_calls[norm] > 1:
+        result._skip(
+            norm.name,
+            "multiple_calls",
+            f"its batch-norm op runs {calls.most_calls[norm]} times in one forward (a module called at "
+            "several places): its inputs mix the call sites, so no one set of statistics is exact for "
+            "every call: left unchanged",
+        )
+    elif norm in calls.moments and calls.moments[norm].n == 0:
+        result._skip(norm.name, "no_values", "its batch-norm op's input has no values: left unchanged")
+    return norm.name in result.skipped
 
 
 def _as_tuple(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -138,71 +226,74 @@ def _as_tuple(batch: Batch) -> tuple[torch.Tensor, ...]:
     raise UsageError(f"each batch must be a tensor or a tuple of tensors, got {type(batch).__name__}")
 
 
-def _levels(model: nn.Module, inputs: tuple[torch.Tensor, ...], wanted: set[str]) -> dict[str, int]:
-    """Norm module -> level (1 + the highest level upstream), from one torch.export capture."""
+def _levels(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], wanted: list[Norm], index: BufferIndex
+) -> dict[Norm, int]:
+    """Norm -> level (1 + the highest level upstream), from one torch.export capture; in the
+    order the ops first ran (one level each) when the model cannot be captured, or the capture
+    does not show every norm (a path the first batch did not take)."""
     try:
-        graph = capture(model.eval(), inputs, CaptureOptions(dynamic_batch=False))
+        graph = capture(model, inputs, CaptureOptions(dynamic_batch=False))
     except NormfoldError:
-        order = _execution_order(model, inputs, wanted)
-        logger.info("model cannot be captured: one pass per norm, %d passes", len(order))
-        return {name: i + 1 for i, name in enumerate(order)}
+        logger.info("model cannot be captured: one pass per norm, %d passes", len(wanted))
+        return {norm: i + 1 for i, norm in enumerate(wanted)}
     level: dict[Any, int] = {}
-    out: dict[str, int] = {}
+    out: dict[Norm, int] = {}
     for node in graph.graph.nodes:
         upstream = max((level.get(a, 0) for a in node.all_input_nodes), default=0)
-        if node.op == "call_function" and node.target in BATCH_NORMS:
-            fqn = graph.state_of(bind(node)["running_mean"]) or ""
-            name = graph.canonical(fqn.rpartition(".")[0])
-            if name in wanted:
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in BATCH_NORM_OPS:
+            args = bind(node)
+            stats = (_buffer(model, graph.state_of(args.get(k))) for k in ("running_mean", "running_var"))
+            norm = index.norm(*stats)
+            if norm in wanted:
                 upstream += 1
-                out[name] = max(out.get(name, 0), upstream)
+                out[norm] = max(out.get(norm, 0), upstream)
         level[node] = upstream
+    if len(out) < len(wanted):
+        logger.info("the capture misses %d norm(s): one pass per norm", len(wanted) - len(out))
+        return {norm: i + 1 for i, norm in enumerate(wanted)}
     return out
 
 
-def _execution_order(model: nn.Module, inputs: tuple[torch.Tensor, ...], wanted: set[str]) -> list[str]:
-    order: list[str] = []
-    handles = [
-        m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
-        for name, m in model.named_modules()
-        if name in wanted
-    ]
+def _buffer(model: nn.Module, fqn: str | None) -> torch.Tensor | None:
     try:
-        with torch.no_grad():
-            model.eval()(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-def _one_pass(
-    model: nn.Module, batches: Iterable[Batch], group: dict[str, _BatchNorm]
-) -> dict[str, _Moments]:
-    moments = {name: _Moments() for name in group}
-    handles = [
-        bn.register_forward_pre_hook(lambda _m, args, acc=moments[name]: acc.add(args[0]))
-        for name, bn in group.items()
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*_as_tuple(batch))
-    finally:
-        for h in handles:
-            h.remove()
-    return moments
-
-
-def _store(name: str, bn: _BatchNorm, acc: _Moments, level: int) -> Recalibrated | None:
-    if acc.mean is None:
+        return model.get_buffer(fqn) if fqn else None
+    except AttributeError:
         return None
+
+
+def _store(
+    model: nn.Module,
+    norm: Norm,
+    acc: Moments,
+    eps: float,
+    level: int,
+    result: RecalibrateResult,
+    replaced: list[tuple[nn.Module, str, torch.Tensor]],
+) -> None:
+    assert acc.mean is not None and acc.m2 is not None
+    old_mean, old_var = model.get_buffer(norm.mean), model.get_buffer(norm.var)
     var = acc.m2 / acc.n
-    old_std = torch.sqrt(bn.running_var.detach().to(torch.float64).cpu() + bn.eps)
-    new_std = torch.sqrt(var.cpu() + bn.eps)
-    mean_drift = ((bn.running_mean.detach().to(torch.float64).cpu() - acc.mean.cpu()).abs() / new_std).max()
+    new_mean, new_var = acc.mean.to(old_mean.device, old_mean.dtype), var.to(old_var.device, old_var.dtype)
+    if not (bool(torch.isfinite(new_mean).all()) and bool(torch.isfinite(new_var).all())):
+        result._skip(
+            norm.name,
+            "bad_statistics",
+            f"its statistics (largest |mean| {float(acc.mean.abs().max()):.3g}, largest variance "
+            f"{float(var.max()):.3g}) do not fit its {str(old_var.dtype).removeprefix('torch.')} buffers: "
+            "left unchanged",
+        )
+        return
+    old_std = torch.sqrt(old_var.detach().to(torch.float64).cpu() + eps)
+    new_std = torch.sqrt(var.cpu() + eps)
+    mean_drift = ((old_mean.detach().to(torch.float64).cpu() - acc.mean.cpu()).abs() / new_std).max()
     std_drift = (old_std / new_std - 1).abs().max()
-    # new tensors, never in place: the caller's model may share them
-    bn.running_mean = acc.mean.to(bn.running_mean.device, bn.running_mean.dtype)
-    bn.running_var = var.to(bn.running_var.device, bn.running_var.dtype)
-    return Recalibrated(name, level, acc.n, float(mean_drift), float(std_drift))
+    # new tensors, never in place: the caller's model may share them; set in every slot that
+    # holds the old one, so buffers tied between modules stay tied
+    for old, new in ((old_mean, new_mean), (old_var, new_var)):
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is old:
+                    replaced.append((module, name, old))
+                    module._buffers[name] = new
+    result.norms.append(Recalibrated(norm.name, level, acc.n, float(mean_drift), float(std_drift)))
