@@ -37,7 +37,8 @@ from normfold.errors import TraceError, UsageError
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
-from normfold.reparam import Branch, EagerMerge, Merge, apply_merges, eager_merges, merge_values, plan_merges
+from normfold.reparam import Branch, Merge, merge_values, plan_merges
+from normfold.reparam_eager import EagerMerge, apply_merges, eager_merges
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,14 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
     """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv."""
     cap, result = analysis.capture, analysis.result
     merges, unmerged = plan_merges(cap, analysis.plan)
-    eager = eager_merges(cap, merges, model, analysis.eager.owned)
+    # every export-only fold is visible to the eager decision: blocks as the module computes them
+    # (an op that changes nothing, ``x + 0``, is no fold there either: seen through in both)
+    mine = {id(f) for f in analysis.eager.folds}
+    export_only = [f for f in analysis.plan.folds if id(f) not in mine and not f.identity]
+    eager_folds = [f for f in analysis.plan.folds if id(f) in mine or f.identity]
+    eager_view = plan_merges(cap, analysis.plan, eager_folds)[0] if export_only else None
+    eager = eager_merges(cap, merges, model, analysis.eager.owned, eager_view=eager_view,
+                         export_only=export_only)  # fmt: skip
     analysis.merges, analysis.eager_merges = merges, eager
     taken: dict[str, Folded] = {}
     by_name = {n.name: n for n in cap.graph.nodes}
@@ -294,14 +302,18 @@ def fold(
     cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
     if len(eager.folds) == len(the_plan.folds):
         # the module and the program get the same values: written into the model's own tensors
-        values = write_in_place(model, the_plan.iter_values(cap, lazy=True))
+        values = eager_values = write_in_place(model, the_plan.iter_values(cap, lazy=True))
         apply_module(model, eager, values)
     else:  # some folds land in the export only: the module gets its own subset
         values = the_plan.values(cap)
-        apply_module(model, eager, the_plan.values(cap, eager.folds))
+        eager_values = the_plan.values(cap, eager.folds)
+        apply_module(model, eager, eager_values)
     if analysis.merges:
         values.update(merge_values(cap, analysis.merges, values))
-        apply_merges(model, analysis.merges, analysis.eager_merges, values)
+        if eager_values is not values:  # the module's merged convs start from the module's own values
+            mine = [m for m, e in zip(analysis.merges, analysis.eager_merges, strict=True) if e.target]
+            eager_values = merge_values(cap, mine, eager_values)
+        apply_merges(model, analysis.merges, analysis.eager_merges, eager_values)
     result.program = apply_program(cap, the_plan, values, analysis.merges)
     result.ops_after = op_counts(result.program.graph)
     replan = Capture.of(result.program)

@@ -27,7 +27,7 @@ arithmetic). A 1-tap branch (norm, identity) needs stride 1, ``in_channels == ou
 ``P = d * (K - 1) / 2``; with groups, channel ``c``'s own input is column ``c mod (C_in / g)``
 of row ``c``. The conv with the largest kernel takes ``W`` and ``b``; the adds and the other
 branches go. :func:`plan_merges` finds the blocks (pure data), :func:`merge_values` computes
-the new values, :func:`eager_merges` decides which blocks change in the user's module too.
+the new values; :mod:`normfold.reparam_eager` decides which blocks change in the user's module too.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from normfold import rules
-from normfold.graph import Capture, Constants, bind, module_calls, owner, shape, tensor_meta
+from normfold.graph import Capture, Constants, bind, owner, shape, tensor_meta
 from normfold.plan import (
+    Fold,
     Keep,
     Plan,
     Unit,
@@ -54,11 +55,11 @@ from normfold.plan import (
     describe,
     new_bias_name,
 )
+from normfold.reparam_eager import MergedBranch  # noqa: F401  (public as normfold.reparam.MergedBranch)
 
 logger = logging.getLogger(__name__)
 
 _ONE = torch.tensor(1.0, dtype=torch.float64)
-_WEIGHTED = "the block subtracts or scales branches in forward code"
 _SUMS = {rules.aten.add.Tensor, rules.aten.add_.Tensor, rules.aten.sub.Tensor}
 _AVG_POOLS = {rules.aten.avg_pool1d.default, rules.aten.avg_pool2d.default, rules.aten.avg_pool3d.default}
 
@@ -119,18 +120,22 @@ class Unmerged:
     reason: str
 
 
-def plan_merges(capture: Capture, plan: Plan) -> tuple[list[Merge], list[Unmerged]]:
-    """Every block of ``capture`` whose branches sum into one conv once ``plan``'s folds apply."""
-    return _Merger(capture, plan).run()
+def plan_merges(
+    capture: Capture, plan: Plan, folds: Sequence[Fold] | None = None
+) -> tuple[list[Merge], list[Unmerged]]:
+    """Every block of ``capture`` whose branches sum into one conv once ``folds`` (default: all of
+    ``plan``'s) apply. With the folds the eager module takes (``EagerPlan.folds``), the blocks as
+    the eager module computes them: an op folded in the export only is still there."""
+    return _Merger(capture, plan, plan.folds if folds is None else folds).run()
 
 
 class _Merger:
-    def __init__(self, capture: Capture, plan: Plan) -> None:
+    def __init__(self, capture: Capture, plan: Plan, folds: Sequence[Fold]) -> None:
         self.capture = capture
         self.consts = Constants(capture)
         by_name = {n.name: n for n in capture.graph.nodes}
         self.removed = {
-            by_name[n]: _chain_input(by_name[n], self.consts) for f in plan.folds for n in f.unit.nodes
+            by_name[n]: _chain_input(by_name[n], self.consts) for f in folds for n in f.unit.nodes
         }
         self.kept: dict[fx.Node, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
         self.by_name = by_name
@@ -497,131 +502,3 @@ def _add_branch(
     # channel c's own input is column c mod (C_in / g) of row c
     w[(rows, rows % per_group, *window)] += (coeff * scale.to(w.device) / taps).reshape(-1, *([1] * len(K)))
     b += coeff * shift.to(b.device)
-
-
-# --- the user's module ------------------------------------------------------------------------------
-
-
-class MergedBranch(nn.Module):
-    """A branch reparameterization merged into a sibling conv: it returns zeros of the block's
-    output shape (the shape the merged conv gives ``x``), so the block's own ``forward`` still
-    adds it, in place or not, and gets the merged conv's output."""
-
-    def __init__(
-        self,
-        out_channels: int,
-        kernel_size: tuple[int, ...],
-        stride: tuple[int, ...],
-        padding: tuple[int, ...],
-        dilation: tuple[int, ...],
-    ) -> None:
-        super().__init__()
-        self.out_channels = out_channels
-        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        geometry = zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation, strict=True)
-        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in geometry]  # conv arithmetic
-        return x.new_zeros(x.shape[0], self.out_channels, *spatial)
-
-    def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-
-
-@dataclass(frozen=True)
-class EagerMerge:
-    """How a merge lands in the user's module: ``target`` becomes the merged conv, ``zero``
-    become :class:`MergedBranch`; or, with ``note``, it is applied to the export only."""
-
-    target: str | None = None
-    zero: tuple[str, ...] = ()
-    note: str | None = None
-
-
-def eager_merges(
-    capture: Capture, merges: list[Merge], model: nn.Module, owned: Mapping[str, set[str]]
-) -> list[EagerMerge]:
-    """For each merge: the modules to swap in ``model`` (each branch must be a module that runs
-    that branch's ops and nothing else, with no hooks), or why it applies to the export only.
-    ``owned``: module path -> the ops it runs (:func:`normfold.graph.ops_by_module`)."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-    by_name = {n.name: n for n in capture.graph.nodes}
-    out = []
-    for m in merges:
-        if m.weighted:
-            out.append(EagerMerge(note=f"merged in the export only: {_WEIGHTED}"))
-            continue
-        paths = []
-        for branch in m.branches:
-            path = _branch_module(branch, owned, by_name, capture)
-            if path is None or path not in modules:
-                paths = [
-                    "the identity branch is the block's input itself, added in forward code"
-                    if branch.kind == "identity"
-                    else f"the {branch.label()} branch is not a module of its own (it is in forward code)"
-                ]
-                break
-            if modules[path]._forward_hooks or modules[path]._forward_pre_hooks:
-                paths = [f"{path} has forward hooks that would be lost"]
-                break
-            paths.append(path)
-        if len(paths) != len(m.branches):
-            out.append(EagerMerge(note=f"merged in the export only: {paths[0]}"))
-            continue
-        target = paths[m.branches.index(m.target)]
-        out.append(EagerMerge(target, tuple(p for p in paths if p != target)))
-    return out
-
-
-def _branch_module(
-    branch: Branch, owned: Mapping[str, set[str]], by_name: dict[str, fx.Node], capture: Capture
-) -> str | None:
-    """The outermost module that runs the branch's ops and nothing else, or None."""
-    if not branch.nodes:
-        return None
-    ops = set(branch.nodes)
-    for _, path in module_calls(by_name[branch.nodes[0]]):
-        path = capture.canonical(path)
-        if path and owned.get(path, set()) <= ops:
-            return path
-    return None
-
-
-def apply_merges(
-    model: nn.Module, merges: list[Merge], eager: list[EagerMerge], values: Mapping[str, torch.Tensor]
-) -> None:
-    """Swap the merged blocks' branch modules in ``model``: the target becomes one conv with the
-    merged values, the other branches :class:`MergedBranch`, under every name they have."""
-    swaps: dict[int, nn.Module] = {}
-    for m, e in zip(merges, eager, strict=True):
-        if e.target is None:
-            continue
-        old = model.get_parameter(m.target.weight)
-        swaps[id(model.get_submodule(e.target))] = _conv_module(m, values, old.requires_grad)
-        t = m.target
-        dilation = t.dilation or (1,) * len(t.kernel)  # a conv target always has one
-        for path in e.zero:
-            out_channels = values[t.weight or ""].shape[0]
-            swaps[id(model.get_submodule(path))] = MergedBranch(
-                out_channels, t.kernel, t.stride, t.padding, dilation
-            )
-    if swaps:
-        for parent in model.modules():
-            for name, child in list(parent._modules.items()):
-                if child is not None and id(child) in swaps:
-                    parent._modules[name] = swaps[id(child)]
-
-
-def _conv_module(m: Merge, values: Mapping[str, torch.Tensor], requires_grad: bool) -> nn.Module:
-    """A ConvNd with the target's geometry and the merged values."""
-    weight, bias = values[m.target.weight or ""], values[m.bias]
-    nd = weight.dim() - 2
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
-    t = m.target
-    conv = cls(
-        weight.shape[1] * (t.groups or 1), weight.shape[0], t.kernel, stride=t.stride, padding=t.padding,
-        dilation=t.dilation or 1, groups=t.groups or 1, bias=True, device="meta",
-    )  # fmt: skip
-    conv.weight = nn.Parameter(weight.detach(), requires_grad=requires_grad)  # the program shares it
-    conv.bias = nn.Parameter(bias.detach(), requires_grad=requires_grad)
-    return conv
