@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize_bn, state_bytes
+from normfold.cli.app import app
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 from normfold.calibration import NotRecalibrated, recalibrate
-from normfold.cli.app import app
 from normfold.errors import TraceError, UsageError
 
 
@@ -239,8 +239,8 @@ def test_functional_batch_norm_with_a_modules_buffers_gets_its_own_statistics_in
     with torch.no_grad():
         y1 = [model.conv1(x) for x in batches]
         m1, v1 = _stats(y1)
-        m2, v2 = _stats([model.conv2(torch.relu(F.batch_norm(y, m1.float(), v1.float(), model.fn.w,
-                                                              model.fn.b, False, 0.1, 1e-3))) for y in y1])  # fmt: skip
+        fn = [F.batch_norm(y, m1.float(), v1.float(), model.fn.w, model.fn.b, False, 0.1, 1e-3) for y in y1]
+        m2, v2 = _stats([model.conv2(torch.relu(h)) for h in fn])
     torch.testing.assert_close(result.model.fn.rm.double(), m1, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(result.model.fn.rv.double(), v1, rtol=1e-6, atol=1e-6)
     _assert_stats(result.model.bn, m2, v2)
@@ -280,3 +280,228 @@ def test_a_model_that_cannot_be_captured_takes_one_pass_per_norm_in_op_order():
     _assert_stats(result.model.bn_a, ma, va)
     _assert_stats(result.model.bn_b, mb, vb)
     _assert_stats(result.model.bn_sum, ms, vs)
+
+
+# ------------------------------------------------------------------------------------------------
+# data whose statistics are not finite: refused before anything changes
+
+
+@pytest.mark.parametrize("value, counts", [(float("nan"), "1 NaN and 0"), (float("-inf"), "0 NaN and 1")])
+def test_non_finite_data_is_refused_naming_batch_and_input_and_nothing_changes(value, counts):
+    model = randomize_bn(Branches())
+    before = state_bytes(model)
+    xs, ys = _batches(seed=1), _batches(seed=2)
+    ys[2][5, 1, 2, 3] = value
+    with pytest.raises(UsageError) as e:
+        recalibrate(model, list(zip(xs, ys, strict=True)), inplace=True)
+    assert str(e.value) == (
+        f"batch 2, input 1 (shape (8, 3, 6, 6), float32) holds {counts} infinite value(s): the statistics "
+        "of non-finite data are not finite; recalibrate() needs finite batches (nothing was changed)"
+    )
+    assert state_bytes(model) == before
+
+
+def test_an_empty_batch_is_refused_naming_it_and_nothing_changes():
+    model = randomize_bn(Chain())
+    before = state_bytes(model)
+    batches = _batches()
+    batches.insert(1, torch.empty(0, 3, 6, 6))
+    with pytest.raises(UsageError) as e:
+        recalibrate(model, batches, inplace=True)
+    assert str(e.value) == (
+        "batch 1, input 0 (shape (0, 3, 6, 6), float32) has no values: the statistics of an empty batch are "
+        "NaN; recalibrate() needs at least one sample in every batch (nothing was changed)"
+    )
+    assert state_bytes(model) == before
+
+
+class Overflow(nn.Module):
+    """Finite data, but bn2's input overflows once bn1 holds its recalibrated statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)
+        self.bn2 = nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(self.conv1(x)) * 1e38)
+
+
+def test_a_norm_input_that_overflows_after_an_earlier_level_is_stored_puts_everything_back():
+    model = randomize_bn(Overflow())
+    with torch.no_grad():  # stale statistics shrink bn1's output 1e4x: finite until recalibrated
+        model.bn1.running_var.fill_(1e8)
+    before = state_bytes(model)
+    with pytest.raises(TraceError) as e:
+        recalibrate(model, _batches(), inplace=True)
+    assert re.fullmatch(
+        r"the input of bn2's batch-norm op holds [1-9][\d,]* non-finite value\(s\) on batch 0 "
+        r"\(finite data; the model overflows or divides by zero before it\): its statistics would be NaN; "
+        r"nothing was changed",
+        str(e.value),
+    ), str(e.value)
+    assert state_bytes(model) == before  # bn1 had been stored (level 1): it was put back
+
+
+def test_statistics_the_buffers_dtype_cannot_hold_are_left_unchanged_with_a_code():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm1d(4))).half()
+    before = state_bytes(model)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(16, 4, generator=g) * 1000 + 5).half() for _ in range(3)]  # var ~1e6 > 65504
+    result = recalibrate(model, batches, inplace=True)
+    mean, var = _stats(batches)
+    assert result.norms == [] and result.skipped == {
+        "0": NotRecalibrated(
+            "0",
+            "bad_statistics",
+            f"its statistics (largest |mean| {float(mean.abs().max()):.3g}, largest variance "
+            f"{float(var.max()):.3g}) do not fit its float16 buffers: left unchanged",
+        )
+    }
+    assert state_bytes(model) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# norms whose statistics cannot be exact: left unchanged, with a code
+
+
+class Twice(nn.Module):
+    """One BN module called at two places of a chain: ``bn(conv(bn(x)))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1)
+        self.head, self.bn_out = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_out(self.head(self.bn(self.conv(self.bn(x)))))
+
+
+def test_a_norm_called_at_several_places_is_left_unchanged_with_a_code():
+    model = randomize_bn(Twice())
+    before = state_bytes(model)
+    batches = _batches()
+    result = recalibrate(model, batches)
+    assert result.skipped == {
+        "bn": NotRecalibrated(
+            "bn",
+            "multiple_calls",
+            "its batch-norm op runs 2 times in one forward (a module called at several places): its inputs "
+            "mix the call sites, so no one set of statistics is exact for every call: left unchanged",
+        )
+    }
+    after = state_bytes(result.model)
+    assert {k for k in before if before[k] != after[k]} == {"bn_out.running_mean", "bn_out.running_var"}
+    with torch.no_grad():  # bn_out: the exact statistics of its input, with bn as it was
+        m, v = _stats([model.head(model.bn(model.conv(model.bn(x)))) for x in batches])
+    _assert_stats(result.model.bn_out, m, v)
+    assert [(r.norm, r.level) for r in result.norms] == [("bn_out", 1)] and result.passes == 1
+    second = recalibrate(result.model, batches)  # nothing moves on a second pass
+    assert second.norms[0].mean_drift < 1e-5 and second.norms[0].std_drift < 1e-5
+
+
+class AlwaysBatch(nn.BatchNorm2d):
+    """Normalizes with batch statistics even in eval mode (and would update its running ones)."""
+
+    def forward(self, x):
+        stats = self.running_mean, self.running_var
+        return F.batch_norm(x, *stats, self.weight, self.bias, True, 0.1, self.eps)
+
+
+class BatchStatsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 5, 3), AlwaysBatch(5)
+        self.head, self.bn_out = nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_out(self.head(self.bn(self.conv(x))))
+
+
+def test_an_op_with_batch_statistics_in_eval_is_left_unchanged_and_not_updated():
+    model = randomize_bn(BatchStatsNet())
+    before = state_bytes(model)
+    batches = _batches()
+    result = recalibrate(model, batches, inplace=True)
+    assert result.skipped == {
+        "bn": NotRecalibrated(
+            "bn",
+            "batch_statistics",
+            "its batch-norm op normalizes with each batch's own statistics in eval mode (training=True), "
+            "not with the running statistics: left unchanged",
+        )
+    }
+    after = state_bytes(model)  # its running-average updates during the passes did not land
+    assert {k for k in before if before[k] != after[k]} == {"bn_out.running_mean", "bn_out.running_var"}
+    with torch.no_grad():
+        m, v = _stats([model.head(model.bn(model.conv(x))) for x in batches])
+    _assert_stats(model.bn_out, m, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# data the model cannot run: a trace error naming the batch, expected and given
+
+
+def test_the_wrong_channel_count_is_a_trace_error_naming_batch_and_shapes():
+    model = randomize_bn(Chain())
+    before = state_bytes(model)
+    with pytest.raises(TraceError) as e:
+        recalibrate(model, _batches(shape=(8, 4, 6, 6)), inplace=True)
+    message = str(e.value)
+    assert message.startswith(
+        "the model (Chain) raised RuntimeError during forward on batch 0 (inputs (8, 4, 6, 6) float32): "
+        "RuntimeError: "
+    ), message
+    assert "expected input[8, 4, 6, 6] to have 3 channels, but got 4 channels instead" in message
+    assert state_bytes(model) == before
+
+
+def test_a_dtype_other_than_the_weights_is_a_trace_error_naming_both():
+    model = randomize_bn(Chain())
+    batches = _batches()
+    batches[3] = batches[3].double()
+    with pytest.raises(TraceError) as e:
+        recalibrate(model, batches)
+    assert str(e.value).startswith(
+        "the model (Chain) raised RuntimeError during forward on batch 3 (inputs (8, 3, 6, 6) float64): "
+    ), str(e.value)
+    assert str(e.value).endswith(
+        "; the data is float64 but the model's weights are float32: give batches of the weights' dtype"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line: a user-data mistake is named, never an internal error
+
+RESNET = "normfold.models:resnet"
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+
+
+def _data(path: Path, shape=(4, 3, 32, 32), dtype=torch.float32, nan=False) -> Path:
+    g = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(shape, generator=g) * 1.5 + 0.2).to(dtype) for _ in range(3)]
+    if nan:
+        batches[1][2, 0, 5, 7] = float("nan")
+    torch.save(batches, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "data, code, text",
+    [
+        (dict(shape=(4, 5, 32, 32)), 4, "to have 3 channels, but got 5 channels instead"),
+        (dict(dtype=torch.float64), 4, "the data is float64 but the model's weights are float32"),
+        (dict(nan=True), 2, "batch 1, input 0 (shape (4, 3, 32, 32), float32) holds 1 NaN and 0 infinite"),
+    ],
+)
+def test_the_command_names_a_data_mistake_and_writes_nothing(tmp_path: Path, data, code, text):
+    path = _data(tmp_path / "batches.pt", **data)
+    for command in (["recalibrate", RESNET, "--data", path, "--out", tmp_path / "r.pt"],
+                    ["fold", RESNET, "--calibrate", path, "--out", tmp_path / "m.onnx"]):  # fmt: skip
+        result = _cli(*command)
+        assert result.exit_code == code, f"{command[0]}: exit {result.exit_code}\n{result.output}"
+        assert text in result.output and "a bug" not in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.pt"]
