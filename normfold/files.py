@@ -24,14 +24,21 @@
 6. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
    (``host`` a short hash of the host name); they are removed when the run ends, however it ends
    (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit so this cleanup runs, and its
-   handler defers them while a commit is in progress: :func:`defer_signal`); one left by a killed
-   run (SIGKILL) of this host whose pid is no longer alive is removed by the next run that writes
-   into that folder (another host's, e.g. over NFS or from another container, is left alone).
+   handler defers them while a commit is in progress: :func:`defer_signal`). One left by a killed
+   run (SIGKILL) is removed by the next run that writes into that folder, if that run can take
+   its lock: every staging folder holds a lock file (:data:`LOCK_NAME`) that its run keeps
+   ``fcntl.flock``-ed for its whole life, and the kernel releases that lock when the process
+   ends, however it ends. A pid says nothing across PID namespaces (containers sharing a host
+   name and a folder) and may be reused; a lock does not lie. Another host's folder is left
+   alone (``flock`` over NFS may not see a remote holder), and a folder without a lock file (a
+   run between creating the folder and locking it, or an older normfold's) is removed only when
+   its pid is dead and it is older than :data:`UNLOCKED_GRACE_S`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -42,6 +49,7 @@ import signal
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +60,11 @@ logger = logging.getLogger(__name__)
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 _STAGE = re.compile(r"^\.normfold-([0-9a-f]{8})-(\d+)-\w+\.tmp$")
+
+#: the lock file in a staging folder, flock-ed by its run for the run's whole life
+LOCK_NAME = ".normfold.lock"
+#: a staging folder without a lock file is some run's only for this long after its last change
+UNLOCKED_GRACE_S = 60.0
 
 #: ``<model>.<hash>.data``: external data named by :func:`content_digest` of its bytes
 DATA_DIGEST_SIZE = 6
@@ -103,6 +116,7 @@ class OutputSet:
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.paths = check_outputs(outputs, inputs=self.inputs, force=force, formats=formats)
         self._stages: dict[Path, Path] = {}
+        self._locks: list[int] = []  # descriptors of the flock-ed lock files, held until close()
         try:
             for path in self.paths.values():
                 self._stage_for(path)
@@ -149,7 +163,7 @@ class OutputSet:
             (f, f.parent.parent / f.name)
             for stage in (dict.fromkeys(self._stages.values()) if roles is None else {})
             for f in sorted(stage.iterdir())
-            if f not in every_main
+            if f not in every_main and f.name != LOCK_NAME
         ]
         rank = {self.paths.get("--out"): 1, self.paths.get("--report"): 2}
         moves += sorted(((s, d) for s, d in mains.items() if s.exists()), key=lambda m: rank.get(m[1], 0))
@@ -191,15 +205,20 @@ class OutputSet:
         for stage in self._stages.values():
             shutil.rmtree(stage, ignore_errors=True)
         self._stages.clear()
+        for fd in self._locks:  # after the folders are gone: no other run may take them before
+            os.close(fd)
+        self._locks.clear()
 
     def _stage_for(self, path: Path) -> Path:
         folder = path.parent
         if folder not in self._stages:
             clean_stale(folder)
             try:
-                self._stages[folder] = Path(
+                stage = Path(
                     tempfile.mkdtemp(prefix=f".normfold-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder)
                 )
+                self._stages[folder] = stage
+                self._locks.append(_locked(stage / LOCK_NAME))
             except OSError as e:
                 raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
         return self._stages[folder]
@@ -358,19 +377,57 @@ def _appeared(dest: Path) -> UsageError:
     return UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)")
 
 
+def _locked(path: Path) -> int:
+    """Create ``path`` and hold an exclusive flock on it; the open descriptor (not inherited by
+    programs this process starts) keeps the lock until it is closed or the process ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def clean_stale(folder: Path) -> list[Path]:
-    """Remove staging folders left in ``folder`` by runs that no longer exist (killed runs)."""
+    """Remove staging folders left in ``folder`` by runs that no longer exist (killed runs):
+    those of this host whose lock this process can take (rule 6 of the module docstring)."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             match = _STAGE.match(entry.name)
-            if not match or match.group(1) != _HOST:  # another host's pid means nothing here
+            if not match or match.group(1) != _HOST:  # another host's lock may be invisible here
                 continue
-            if entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(2))):
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink() and _remove_if_stale(entry, int(match.group(2))):
                 removed.append(entry)
                 logger.info("removed %s, left by an interrupted run", entry)
     return removed
+
+
+def _remove_if_stale(stage: Path, pid: int) -> bool:
+    """Remove ``stage`` if no live run holds its lock; True if removed."""
+    try:
+        fd = os.open(stage / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # being created right now, or an older normfold's: pid and age
+        try:
+            age = time.time() - os.lstat(stage).st_mtime
+        except OSError:  # removed meanwhile (another run cleaned it)
+            return False
+        if _alive(pid) or age < UNLOCKED_GRACE_S:
+            return False
+        shutil.rmtree(stage, ignore_errors=True)
+        return True
+    except OSError:  # a link or something unreadable in its place: not ours to judge
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its run is alive, whatever its pid says here
+            return False
+        shutil.rmtree(stage, ignore_errors=True)  # holding the lock: its run is gone
+        return True
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -246,24 +246,76 @@ def test_an_unwritable_folder_is_refused_before_any_work(
         OutputSet({"--out": tmp_path / "m.pt"})
 
 
-def test_stale_staging_of_dead_runs_is_removed_live_ones_kept(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    host = files_mod._HOST
-    stale = tmp_path / f".normfold-{host}-{dead}-abc123.tmp"
-    live = tmp_path / f".normfold-{host}-{os.getppid()}-def456.tmp"
+
+
+def test_stale_staging_is_removed_when_its_lock_is_free(tmp_path: Path) -> None:
+    """A staging folder is its run's while the run holds its lock (the kernel drops it when the
+    process ends): one whose lock is free is removed; one whose lock is held stays, even when
+    its pid says dead (a run in another PID namespace); another host's is left alone."""
+    dead, host = _dead_pid(), files_mod._HOST
+    free = tmp_path / f".normfold-{host}-{dead}-abc123.tmp"
+    held = tmp_path / f".normfold-{host}-{dead}-def456.tmp"  # pid dead here, alive elsewhere
+    alive_free = tmp_path / f".normfold-{host}-{os.getpid()}-jkl012.tmp"  # pid reused, run gone
     other_host = tmp_path / f".normfold-{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead}-ghi789.tmp"
-    for d in (stale, live, other_host):
+    for d in (free, held, alive_free, other_host):
         d.mkdir()
         (d / "partial.onnx").write_bytes(b"\0" * 100)
+        (d / files_mod.LOCK_NAME).touch()
     (tmp_path / ".normfold-notes.tmp").mkdir()  # not ours: no pid in the name
-    assert clean_stale(tmp_path) == [stale]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [live.name, other_host.name, ".normfold-notes.tmp"]
-    )
-    stale.mkdir()
-    with OutputSet({"--out": tmp_path / "m.pt"}):  # a run writing into the folder cleans it
-        assert not stale.exists()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(held / files_mod.LOCK_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert sorted(clean_stale(tmp_path)) == sorted([free, alive_free])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [held.name, other_host.name, ".normfold-notes.tmp"]
+        )
+        with OutputSet({"--out": tmp_path / "m.pt"}):  # a run writing into the folder keeps it too
+            assert held.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputSet({"--out": tmp_path / "m.pt"}):  # its run is gone: the next run removes it
+        assert not held.exists()
+
+
+def test_a_staging_folder_without_a_lock_file_goes_only_when_old_and_dead(tmp_path: Path) -> None:
+    """No lock file: a run between creating its folder and locking it (kept), or a folder left by
+    an older normfold (removed once its pid is dead and it is older than the grace period)."""
+    dead, host = _dead_pid(), files_mod._HOST
+    fresh = tmp_path / f".normfold-{host}-{dead}-abc123.tmp"
+    old = tmp_path / f".normfold-{host}-{dead}-def456.tmp"
+    old_alive = tmp_path / f".normfold-{host}-{os.getpid()}-ghi789.tmp"
+    for d in (fresh, old, old_alive):
+        d.mkdir()
+    past = time.time() - files_mod.UNLOCKED_GRACE_S - 5
+    for d in (old, old_alive):
+        os.utime(d, (past, past))
+    assert clean_stale(tmp_path) == [old]
+
+
+def test_a_run_holds_the_lock_of_its_staging_folder(tmp_path: Path) -> None:
+    """While a set is open another process cannot take its lock (so cannot remove its folder);
+    the lock file is never committed."""
+    with OutputSet({"--out": tmp_path / "m.pt"}) as files:
+        lock = files.staged("--out").parent / files_mod.LOCK_NAME
+        probe = subprocess.run(
+            [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr, probe.stderr
+        assert clean_stale(tmp_path) == []
+        _write(files, "--out", "model")
+        assert files.commit() == [tmp_path / "m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 # ------------------------------------------------------------------------------------------------
