@@ -20,9 +20,11 @@ except PackageNotFoundError:  # running from a checkout that is not installed
     __version__ = "0.0.0+unknown"
 
 from normfold.errors import (
+    ConsistencyError,
     ExportError,
     LoadError,
     NormfoldError,
+    NotFoldedError,
     ParityError,
     TraceError,
     UsageError,
@@ -103,6 +105,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_TOLERANCES",
     "BiasResult",
+    "ConsistencyError",
     "ExportError",
     "ExportResult",
     "FoldResult",
@@ -115,6 +118,7 @@ __all__ = [
     "Merged",
     "MergedBranch",
     "NormfoldError",
+    "NotFoldedError",
     "NotMerged",
     "OutputParity",
     "ParityError",

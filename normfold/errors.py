@@ -65,3 +65,22 @@ def first_line(e: BaseException) -> str:
     """``TypeName: first line of the message``, to wrap a third-party error in one readable line."""
     lines = [ln for ln in plain(str(e)).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
+
+
+def printable(text: object) -> str:
+    """``text`` with every character that is not printable (newlines, carriage returns, terminal
+    escapes, Unicode line separators and format characters) written as its Python escape
+    (``\\n``, ``\\x1b``, ``\\u2028``), so a name from a user's file (a state-dict key, a module
+    path, a file name) can never start a new line of output or steer the terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class ConsistencyError(NormfoldError):
+    """A post-condition of normfold's own failed: the artifacts of one run disagree, or planning
+    the folded program again finds work the plan missed. A bug in normfold, never returned as a
+    result: the message names the folds and merges involved."""
+
+    exit_code = 1

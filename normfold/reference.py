@@ -31,18 +31,23 @@ reference.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from normfold.errors import TraceError, UsageError, first_line
 from normfold.limits import check_size
 from normfold.parity import OutputParity, ParityReport, ParityRule, Tolerance, compare_outputs, report_of
+
+if TYPE_CHECKING:
+    from normfold.folding import FoldResult
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +317,7 @@ def _input_independent(reference: Reference) -> str | None:
 
 def verify(
     reference: nn.Module,
-    candidate: nn.Module,
+    candidate: nn.Module | ExportedProgram | FoldResult,
     inputs: Inputs | None = None,
     *,
     input_shapes: Sequence[Sequence[int]] | None = None,
@@ -340,15 +345,20 @@ def verify(
     :meth:`ParityRule.of`. Both models run in eval mode under ``torch.no_grad()``; each
     submodule's ``training`` flag is restored afterwards.
 
+    ``candidate`` is a module, an ``ExportedProgram`` (run through ``.module()``), or a
+    :class:`~normfold.folding.FoldResult`: then every artifact it hands out is judged, the eager
+    module (outputs named ``module: output...``) and the exported program (``program:
+    output...``), against one reference, and the report passes only if both do.
+
     Raises :class:`UsageError` for inconsistent arguments and :class:`TraceError` when either
     model raises during its forward. A parity failure is not an exception: check
     :attr:`ParityReport.passed`.
     """
-    for role, model in (("reference", reference), ("candidate", candidate)):
-        if not isinstance(model, nn.Module):
-            raise UsageError(
-                f"verify() expects the {role} to be a torch.nn.Module, got {type(model).__name__}"
-            )
+    if not isinstance(reference, nn.Module):
+        raise UsageError(
+            f"verify() expects the reference to be a torch.nn.Module, got {type(reference).__name__}"
+        )
+    artifacts = _artifacts(candidate)
     if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
         raise UsageError(f"input_dtype must be a torch.dtype, got {input_dtype!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -358,7 +368,57 @@ def verify(
     logger.debug("verify: %d input(s) %s", len(args), describe_inputs(args))
     sets = parity_sets(args, rule, seed=seed, given=inputs is not None)
     ref = make_reference(reference, sets, rule, role="reference")
-    return check(ref, lambda x: run_model(candidate, x, role="candidate"), rule)
+    if len(artifacts) == 1:
+        ((_, only),) = artifacts
+        return check(ref, lambda x: run_model(only, x, role="candidate"), rule)
+    reports = {
+        label: check(ref, lambda x, m=module, r=f"candidate {label}": run_model(m, x, role=r), rule)
+        for label, module in artifacts
+    }
+    outputs = [
+        dataclasses.replace(o, name=f"{label}: {o.name}") for label, r in reports.items() for o in r.outputs
+    ]
+    problems = [f"{label}: {p}" for label, r in reports.items() for p in r.problems]
+    return ParityReport(
+        outputs=tuple(outputs),
+        problems=tuple(problems),
+        notes=tuple(dict.fromkeys(n for r in reports.values() for n in r.notes)),
+        decided=all(r.decided or r.passed for r in reports.values()),
+    )
+
+
+class _ProgramModule(nn.Module):
+    """An exported program as a module :func:`run_model` can run: ``program.module()`` refuses
+    ``eval()``/``train()``, and a program has no train mode to switch anyway."""
+
+    def __init__(self, program: ExportedProgram) -> None:
+        super().__init__()
+        self.program = program.module()
+
+    def forward(self, *args: Any) -> Any:
+        return self.program(*args)
+
+    def train(self, mode: bool = True) -> _ProgramModule:
+        return self
+
+
+def _artifacts(candidate: Any) -> list[tuple[str, nn.Module]]:
+    """The modules to judge: the candidate, a program's module, or a fold result's module and program."""
+    from normfold.folding import FoldResult  # the engine only when a result is given
+
+    if isinstance(candidate, FoldResult):
+        found = [("module", candidate.model)]
+        if candidate.program is not None:
+            found.append(("program", _ProgramModule(candidate.program)))
+        return found
+    if isinstance(candidate, ExportedProgram):
+        return [("program", _ProgramModule(candidate))]
+    if isinstance(candidate, nn.Module):
+        return [("candidate", candidate)]
+    raise UsageError(
+        "verify() expects the candidate to be a torch.nn.Module, an ExportedProgram or a FoldResult, "
+        f"got {type(candidate).__name__}"
+    )
 
 
 def _first_tensor(model: nn.Module) -> torch.Tensor | None:

@@ -1,0 +1,76 @@
+"""fold()'s post-condition (normfold.postcheck) and verify() judging every artifact of a result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+import normfold
+from normfold.errors import ConsistencyError
+from normfold.postcheck import check_artifacts_agree, check_replan
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    return randomize_bn(net, seed).eval()
+
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def test_verify_judges_the_module_and_the_program_of_a_result() -> None:
+    model = _net(0)
+    result = normfold.fold(model, X)
+    report = normfold.verify(model, result, X)
+    assert report.passed
+    names = {o.name.split(":")[0] for o in report.outputs}
+    assert names == {"module", "program"}
+    # a result whose program is another model's: the module passes, the program fails
+    result.program = normfold.fold(_net(1), X).program
+    report = normfold.verify(model, result, X)
+    assert not report.passed and report.decided
+    failed = {o.name.split(":")[0] for o in report.outputs if not o.passed}
+    assert failed == {"program"}
+    assert report.failures()[0].startswith("program: output on given inputs: error vs the float64 reference")
+
+
+def test_verify_runs_an_exported_program() -> None:
+    model = _net(0)
+    program = normfold.fold(model, X).program
+    assert normfold.verify(model, program, X).passed
+    assert not normfold.verify(model, normfold.fold(_net(2), X).program, X).passed
+
+
+def test_verify_refuses_other_candidates() -> None:
+    with pytest.raises(normfold.UsageError, match="an ExportedProgram or a FoldResult, got str"):
+        normfold.verify(_net(0), "model.onnx", X)
+
+
+def test_artifacts_that_disagree_raise_naming_the_suspects() -> None:
+    model = _net(0)
+    module = normfold.fold(model, X).model
+    other = normfold.fold(_net(3), X).program
+    check_artifacts_agree(module, normfold.fold(model, X).program, (X,), [])  # the same fold: agree
+    scale = r"output 0: max difference .* > .*\(0\.001 x the output's scale"
+    with pytest.raises(ConsistencyError, match=scale) as e:
+        check_artifacts_agree(module, other, (X,), ["1 (batchnorm) into 0 (conv-bn, export only)"])
+    assert "bug in normfold" in str(e.value) and "1 (batchnorm) into 0" in str(e.value)
+
+
+def test_inf_in_one_artifact_only_is_a_disagreement() -> None:
+    class Blow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 1e30
+
+    program = torch.export.export(nn.Identity(), (X.half(),))
+    with pytest.raises(ConsistencyError, match="non-finite values at"):
+        check_artifacts_agree(Blow().half(), program, (X.half(),), [])
+
+
+def test_a_replan_that_finds_work_raises() -> None:
+    check_replan([])
+    with pytest.raises(ConsistencyError, match=r"finds 1 fold\(s\) or merge\(s\) the first plan missed: bn"):
+        check_replan(["bn (conv-bn into c)"])
