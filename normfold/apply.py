@@ -15,7 +15,8 @@ removes can also be removed from the module without touching the user's code:
   * 1 + 0 == x`` in every float format), provided its batch_norm op reads its own parameters and
   ``eps``;
 * a layer that needs a bias it does not have gets one only where it is a standard Conv/Linear
-  module with ``bias=None``.
+  module with ``bias=None`` (a bare ``x @ W`` in a ``forward`` has nowhere to take one: such a
+  fold is export only, where the matmul becomes ``x @ W + b``).
 
 Other folds (``F.batch_norm`` or arithmetic in the user's own ``forward``, a fold through such an
 op) are applied to the export only; the eager module keeps both the norm and the layer's old
@@ -378,16 +379,24 @@ def _add_bias(
     """Add the new bias as a parameter input after ``slot`` (spec index, placeholder); return
     the slot after it, so a thousand new biases cost no thousand scans of the graph."""
     fqn = new_bias_name(capture, weight_fqn)
-    weight_node = bind(layer)["weight"]
     last_param, anchor = slot
     with graph.inserting_after(anchor):
         node = graph.placeholder("p_" + re.sub(r"\W", "_", fqn))  # a Python identifier ("block1-0" too)
-    fake = weight_node.meta["val"]
+    fake = layer.meta["val"]  # the layer output's fake tensor: its fake mode makes the bias's
     node.meta["val"] = fake.fake_mode.from_tensor(values[fqn], static_shapes=True)
     specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn))
     state[fqn] = nn.Parameter(values[fqn].detach(), requires_grad=False)
-    set_arg(layer, "bias", node)
+    if layer.target in _BARE_MATMULS:  # ``x @ W`` has no bias argument: it becomes ``x @ W + b``
+        with graph.inserting_after(layer):
+            add = graph.call_function(torch.ops.aten.add.Tensor, (layer, node))
+        add.meta = dict(layer.meta)  # the same value (b broadcasts along the last axis), same module
+        layer.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+    else:
+        set_arg(layer, "bias", node)
     return last_param + 1, node
+
+
+_BARE_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.mm.default)
 
 
 def _outputs(graph: fx.Graph, signature: ExportGraphSignature) -> list[OutputSpec]:

@@ -5,7 +5,8 @@ with constant operands (``x*c``, ``x/c``, ``x+c``, ``x-c``, ``c-x``; constants c
 parameters, buffers and literals, including ``sqrt``/``rsqrt`` of them: the tutorials'
 ``gain * (h - mean) / std + bias``). Either is a per-channel affine map ``y = s * x + t``:
 
-    BatchNorm:  s = gamma / sqrt(var + eps),  t = beta - mean * s       (channel axis 1)
+    BatchNorm:  s = gamma / sqrt(var + eps),  t = beta - mean * s       (channel axis 1;
+                one channel: a scalar map, the same on every element)
     chain:      composed op by op; every constant may vary along one axis only (the channel axis)
 
 Each unit is tried, in graph order, as a **backward fold**: walk from the unit's input back to
@@ -435,6 +436,8 @@ class _Planner:
         if len(x_shape) < 2:
             raise _Fail("unbatched", f"{name} input {x_shape} has no channel axis")
         s, t = bn_affine(values["running_mean"], var, values["weight"], values["bias"], eps)
+        if x_shape[1] == 1 and s.numel() == 1:  # one channel: the same map on every element, any axis
+            return _Map(s.reshape(()), t.reshape(()), None)
         view = (-1, *([1] * (len(x_shape) - 2)))
         return _Map(s.reshape(view), t.reshape(view), 1)
 

@@ -143,6 +143,19 @@ def _read_matmul_add(node: fx.Node) -> Layer | None:
     return Layer(node, "linear", x, weight, bias, 1, 0, False, in_out, via, mm)
 
 
+def _read_matmul(node: fx.Node) -> Layer | None:
+    """A bare ``x @ W`` (``W`` a 2-d placeholder, or its transpose): a Linear without bias. A
+    matmul that is the inner op of an ``x @ W + b`` layer is read through its add instead
+    (:func:`layer_reading`), so a fold never sees the add's bias as missing."""
+    x, found = (node.args[0], _matrix(node.args[1])) if len(node.args) == 2 else (None, None)
+    if found is None or not isinstance(x, fx.Node) or tensor_meta(x) is None or tensor_meta(x).dim() < 1:
+        return None
+    weight, in_out, via = found
+    if tensor_meta(weight) is None or tensor_meta(weight).dim() != 2:
+        return None
+    return Layer(node, "linear", x, weight, None, 1, 0, False, in_out, via)
+
+
 _MATMULS = {aten.matmul.default, aten.mm.default}
 
 LAYERS: dict[Any, Callable[[fx.Node], Layer | None]] = {
@@ -159,6 +172,8 @@ LAYERS: dict[Any, Callable[[fx.Node], Layer | None]] = {
     aten.conv_transpose3d.input: lambda n: _read_conv(n, "conv_transpose"),
     aten.convolution.default: lambda n: _read_conv(n, "convolution"),
     aten.linear.default: _read_linear,
+    aten.matmul.default: _read_matmul,
+    aten.mm.default: _read_matmul,
 }
 
 
@@ -171,7 +186,8 @@ def layer_reading(node: fx.Node) -> Layer | None:
     """The layer whose data input ``node`` is the first op of (a matmul inside ``x @ W + b`` too)."""
     if node.op == "call_function" and node.target in _MATMULS and len(node.users) == 1:
         layer = read_layer(next(iter(node.users)))
-        return layer if layer is not None and layer.inner is node else None
+        if layer is not None and layer.inner is node:
+            return layer
     return read_layer(node)
 
 

@@ -397,6 +397,17 @@ def test_linear_bn_on_sequence_axis_is_skipped():
     _check_skipped(randomize_bn(Tokens()), _input((2, 16, 8)), "bn", "wrong_axis", reason)
 
 
+def test_one_channel_bn_after_linear_on_tokens_folds():
+    """``Linear(5, 7)`` on ``(N, 1, 5)`` -> ``BatchNorm1d(1)``: one channel is a scalar map, exact
+    on every feature (it used to be kept as wrong_axis)."""
+    _check_folded(randomize_bn(Pair(nn.Linear(5, 7), nn.BatchNorm1d(1))), _input((4, 1, 5)), "linear-bn")
+
+
+def test_one_channel_bn_before_linear_on_tokens_folds_forward():
+    model = randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(1), nn.Linear(5, 7)))
+    _check_folded(model, _input((4, 1, 5)), "bn-linear", into="2", norm="1")
+
+
 def test_unbatched_conv_output_is_skipped():
     model = randomize_bn(Pair(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)))
     x = _input((3, 6))  # unbatched: conv output (4, 4), BatchNorm1d would see N=4, C=4

@@ -245,6 +245,45 @@ def test_backward_fold_takes_priority_over_forward():
     _folds(model, _x((2, 3, 4, 4)), [("1", "conv-bn", "0", "both")])
 
 
+# --- a bare matmul with a parameter: a Linear without bias ------------------------------------------
+
+
+class BareMatmul(nn.Module):
+    """``x @ W`` (``W`` a parameter, no bias) and a BatchNorm1d after it, or before it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        shape = (7, 5) if how == "transposed" else (5, 7)  # (out, in), as a Linear stores it
+        self.w = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+        self.norm = nn.BatchNorm1d(5 if how == "norm_first" else 7)
+
+    def forward(self, x):
+        if self.how == "norm_first":
+            return self.norm(torch.relu(x)) @ self.w
+        if self.how == "transposed":
+            return self.norm(x @ self.w.t())
+        if self.how == "tokens":  # (N, L, 5) @ W -> (N * L, 7), as LeViT's linear-bn
+            return self.norm((x @ self.w).flatten(0, 1))
+        return self.norm(x @ self.w)
+
+
+@pytest.mark.parametrize("how", ["plain", "transposed", "tokens", "norm_first"])
+def test_bn_next_to_a_bare_matmul_folds_in_the_export(how):
+    """The norm's shift needs a bias the matmul has no slot for: the program gets ``x @ W' + b``,
+    the user's forward cannot, so the eager module keeps its norm (export only, with a note)."""
+    model = randomize_bn(BareMatmul(how))
+    x = _x((4, 3, 5) if how == "tokens" else (6, 5))
+    pattern = "bn-linear" if how == "norm_first" else "linear-bn"
+    result = _folds(model, x, [("norm", pattern, "w", "export")])
+    assert result.folded[0].note == (
+        "folded in the export only: forward has no bias parameter to receive the norm's shift"
+    )
+    assert isinstance(result.model.norm, nn.BatchNorm1d)  # the eager module is the original
+    adds = [n for n in result.program.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 1 and adds[0].args[1].op == "placeholder"  # the new bias, a parameter
+
+
 # --- concat and add -----------------------------------------------------------------------------
 
 
