@@ -505,3 +505,46 @@ def test_the_command_names_a_data_mistake_and_writes_nothing(tmp_path: Path, dat
         assert result.exit_code == code, f"{command[0]}: exit {result.exit_code}\n{result.output}"
         assert text in result.output and "a bug" not in result.output
         assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.pt"]
+
+
+class Cropped(nn.Module):
+    """Norms whose ops only ever see a zero-size axis (the model crops it away): through the
+    module (``torch.batch_norm`` returns an empty input before any op runs) and through the ATen
+    op itself, as generated code (an exported program's module) calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.empty, self.aten_empty = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        e = self.aten_empty
+        z = torch.ops.aten._native_batch_norm_legit_no_training(
+            y[:, :, :0], e.weight, e.bias, e.running_mean, e.running_var, 0.1, e.eps
+        )[0]
+        return self.bn(y), self.empty(y[:, :, :0]), z
+
+
+def test_a_norm_whose_op_sees_no_values_is_left_unchanged_with_a_code():
+    model = randomize_bn(Cropped())
+    before = state_bytes(model)
+    result = recalibrate(model, _batches())
+    assert result.skipped == {
+        "aten_empty": NotRecalibrated(
+            "aten_empty", "no_values", "its batch-norm op's input has no values: left unchanged"
+        ),
+        "empty": NotRecalibrated("empty", "unused", "no batch-norm op ran with its statistics on the data"),
+    }
+    after = state_bytes(result.model)
+    assert {k for k in before if before[k] != after[k]} == {"bn.running_mean", "bn.running_var"}
+    assert [n.norm for n in result.norms] == ["bn"]
+
+
+def test_an_exported_programs_module_gets_the_same_statistics_as_the_eager_model():
+    model = randomize_bn(Chain())
+    exported = torch.export.export(model, (_batches()[0],)).run_decompositions().module()
+    eager, result = recalibrate(model, _batches()), recalibrate(exported, _batches())
+    assert [(r.norm, r.level) for r in result.norms] == [("bn1", 1), ("bn2", 2)] and result.passes == 2
+    for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
+        assert torch.equal(result.model.get_buffer(name), eager.model.get_buffer(name)), name
