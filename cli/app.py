@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from normfold import __version__
-from normfold.errors import NormfoldError, UsageError
+from normfold.errors import NormfoldError, NotFoldedError, UsageError, printable
 from normfold.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 
 if TYPE_CHECKING:
@@ -479,7 +479,10 @@ def _guard() -> Iterator[None]:
         yield
     except NormfoldError as e:
         _traceback()
-        _error(str(e))
+        if isinstance(e, NotFoldedError):  # the one error of several lines: one per norm kept,
+            _error(*str(e).split("\n"))  # each built from escaped names by the library
+        else:
+            _error(str(e))
         raise typer.Exit(e.exit_code) from e
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
@@ -513,8 +516,14 @@ def _what_was_written() -> str:
     return f"{', '.join(map(str, committed))} had been written" if committed else "nothing was written"
 
 
-def _error(message: str) -> None:
-    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+def _error(message: str, *more: str) -> None:
+    """One line ``error: message`` (and ``more`` lines under it), never more: every character
+    that could start a line or steer the terminal is escaped (a state-dict key, a module path or
+    a file name with a newline cannot forge a ``normfold: ok`` line)."""
+    line = Text("error: ", style="bold red") + Text(printable(message))
+    err_console.print(line, highlight=False, soft_wrap=True)
+    for extra in more:
+        err_console.print(Text(printable(extra)), highlight=False, soft_wrap=True)
 
 
 def _spinner(step: str) -> contextlib.AbstractContextManager[Any]:
@@ -689,14 +698,22 @@ Cell = str | Text
 
 
 def _line(text: str | Text) -> None:
-    """One line of output, never wrapped (a pipe or a log keeps it whole)."""
-    out_console.print(text, soft_wrap=True, highlight=False, markup=False)
+    """One line of output, never wrapped (a pipe or a log keeps it whole), its names escaped
+    (:func:`~normfold.errors.printable`: a name cannot start a line of its own)."""
+    out_console.print(_printable(text), soft_wrap=True, highlight=False, markup=False)
+
+
+def _printable(cell: str | Text) -> Text:
+    if isinstance(cell, Text):
+        return cell if cell.plain.isprintable() else Text(printable(cell.plain), style=cell.style)
+    return Text(printable(cell))
 
 
 def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Cell]]) -> None:
     """A table on a terminal; elsewhere the title, the header and one ``a | b | c`` line per
     row, so no cell is ever split however narrow the log is."""
-    rows = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    rows = [[_printable(c) for c in row] for row in rows]
+    title = printable(title)
     if out_console.is_terminal:
         table = Table(title=title, title_justify="left")
         for col in columns:

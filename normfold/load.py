@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfold.errors import LoadError, UsageError, first_line
+from normfold.errors import LoadError, UsageError, first_line, printable
 from normfold.limits import MAX_INPUT_ELEMENTS, input_limit_rule
 
 logger = logging.getLogger(__name__)
@@ -468,33 +468,45 @@ def _with_architecture(
         if not (missing or unexpected):  # same keys, so a shape mismatch: name the tensors
             own = module.state_dict()
             mismatched = [
-                f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                f"{printable(k)} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
                 for k, v in state.items()
                 if tuple(v.shape) != tuple(own[k].shape)
             ]
-            detail = f"size mismatch: {'; '.join(mismatched[:5])}" if mismatched else first_line(e)
+            detail = f"size mismatch: {'; '.join(mismatched[:LISTED_KEYS])}" if mismatched else first_line(e)
         raise LoadError(f"{path} does not fit {spec}: {detail}") from e
     return LoadedModel(module, f"{what} {path} into {spec}", shapes, notes, dtype, code)
 
 
-def _first(keys: list[str], n: int = 5) -> str:
-    return "" if not keys else f"({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+#: at most this many key names are listed in a message (the counts say how many there are)
+LISTED_KEYS = 5
+
+
+def _first(keys: list[str], n: int = LISTED_KEYS) -> str:
+    """The first ``n`` names, escaped (a key from a file may hold a newline or a terminal escape)."""
+    shown = ", ".join(printable(k) for k in keys[:n])
+    return "" if not keys else f"({shown}{', ...' if len(keys) > n else ''})"
 
 
 def _prefix_hint(found: set[str], expected: set[str]) -> str:
     """The likeliest fix for keys that differ by a prefix (a Lightning ``model.``, a wrapper's
     ``backbone.``): the one prefix whose removal from, or addition to, the file's keys matches
-    the most model keys."""
+    the most model keys. Linear in the number of keys: a key starts with a one- or two-part
+    prefix only if that prefix is its own, so each key counts for its own two at most."""
     best: tuple[int, str] = (0, "")
     for keys, other, verb in ((found, expected, "strip"), (expected, found, "add")):
-        prefixes = {".".join(k.split(".")[:d]) + "." for k in keys for d in (1, 2) if k.count(".") >= d}
-        for p in prefixes:
-            hits = sum(k.startswith(p) and k[len(p) :] in other for k in keys)
-            if hits > best[0]:
-                best = (
-                    hits,
-                    f"{verb} the prefix {p!r} {'from' if verb == 'strip' else 'to'} the file's keys",
-                )
+        hits: dict[str, int] = {}
+        for k in keys:
+            parts = k.split(".", 2)
+            for d in (1, 2):
+                if len(parts) > d:
+                    p = ".".join(parts[:d]) + "."
+                    if k[len(p) :] in other:
+                        hits[p] = hits.get(p, 0) + 1
+        for p, n in sorted(hits.items(), key=lambda item: (-item[1], item[0])):
+            if n > best[0]:
+                where = "from" if verb == "strip" else "to"
+                best = (n, f"{verb} the prefix {printable(repr(p))} {where} the file's keys")
+            break
     if best[0] < max(1, len(expected) / 2, len(found & expected) + 1):  # a fix, not a coincidence
         return ""
     return f"; {best[1]} and {best[0]} of the model's {len(expected)} keys match"

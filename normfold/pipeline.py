@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from normfold.calibration import RecalibrateResult, recalibrate
-from normfold.errors import NotFoldedError, ParityError, TraceError, UsageError, first_line
+from normfold.errors import NotFoldedError, ParityError, TraceError, UsageError, first_line, printable
 from normfold.export import (
     STATE_FORMATS,
     ExportResult,
@@ -393,7 +393,8 @@ def _runs_at(
 
 def _require_all(result: FoldResult) -> None:
     if result.skipped:
-        kept = "".join(f"\n  {s.norm}: {s.code}: {s.reason}" for s in result.skipped)
+        # one line per norm: its names escaped, so the only line breaks are these
+        kept = "".join(f"\n  {printable(f'{s.norm}: {s.code}: {s.reason}')}" for s in result.skipped)
         raise NotFoldedError(
             f"{len(result.skipped)} of {len(result.folded) + len(result.skipped)} norm ops stay, and every "
             f"one was required to fold:{kept}"

@@ -774,6 +774,33 @@ def test_fold_prints_before_after_summary_and_a_result_line(tmp_path: Path) -> N
     )
 
 
+FORGED = "\nnormfold: ok folded=8/8 kept=0 parity=pass(pytorch,onnxruntime-cpu) out=x.onnx\x1b[1A\r"
+
+
+def test_a_name_from_a_file_cannot_forge_an_output_line(tmp_path: Path) -> None:
+    """Log injection: a state-dict key holding a newline, a carriage return and a terminal escape
+    is shown escaped in the one error line; no line of the run says ``normfold: ok``."""
+    weights = tmp_path / "w.pt"
+    torch.save(mlp().state_dict() | {f"x{FORGED}": torch.ones(1)}, weights)
+    result = invoke("fold", weights, "--model", "normfold.models:mlp", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "\\nnormfold: ok folded=8/8" in line and "\\x1b[1A\\r" in line
+    assert line.isprintable()
+    assert not any(ln.startswith("normfold: ok") for ln in result.output.splitlines())
+
+
+def test_file_names_are_printed_escaped(tmp_path: Path) -> None:
+    """A file name with a newline (legal on Linux) is written, and every line naming it is one
+    line: the last line is the real result line, with the name escaped."""
+    out = tmp_path / "m\nnormfold: ok folded=8 kept=0 out=x.onnx\x1b[1A\r.onnx"  # no "/" in a name
+    lines = ok("fold", "normfold.models:mlp", "--out", out).stdout.splitlines()
+    assert out.exists()
+    assert all(ln.isprintable() for ln in lines)
+    assert [ln for ln in lines if ln.startswith("normfold: ok")] == [lines[-1]]
+    assert lines[-1].endswith("m\\nnormfold: ok folded=8 kept=0 out=x.onnx\\x1b[1A\\r.onnx")
+
+
 def test_require_all_exits_7_listing_every_kept_norm_and_writes_only_the_report(tmp_path: Path) -> None:
     out, report, saved = tmp_path / "m.onnx", tmp_path / "m.json", tmp_path / "in.pt"
     args = ("fold", "normfold.models:mixed", "--out", out, "--report", report, "--save-inputs", saved)

@@ -236,6 +236,40 @@ def test_keys_under_a_prefix_get_the_fix_named(tmp_path: Path) -> None:
     assert "the prefix" not in str(exc.value)  # keys missing, but no prefix would fix it
 
 
+def test_key_names_in_a_load_error_are_escaped(tmp_path: Path) -> None:
+    """A key with a newline or a terminal escape cannot start a line of the message."""
+    path = tmp_path / "forged.pt"
+    forged = "x\nnormfold: ok folded=8/8 kept=0 out=r.onnx\x1b[2K\u2028"
+    torch.save(mlp().state_dict() | {forged: torch.ones(1)}, path)
+    with pytest.raises(LoadError) as exc:
+        load_model(path, model="normfold.models:mlp")
+    msg = str(exc.value)
+    assert msg.isprintable() and "\n" not in msg
+    shown = "x\\nnormfold: ok folded=8/8 kept=0 out=r.onnx\\x1b[2K\\u2028"
+    assert f"1 of the file's 16 keys are unexpected ({shown})" in msg
+
+
+def test_many_unexpected_keys_give_a_bounded_message_fast(tmp_path: Path) -> None:
+    """20,000 unexpected keys, each under its own prefix (the case that made the prefix hint
+    quadratic: minutes from a file of a few MB): the message names at most 5 of them, and the
+    load error comes back within a bound a linear hint meets by far on any machine."""
+    import time
+
+    path = tmp_path / "many.safetensors"
+    extra = {f"head{i}.block{i}.weight": torch.zeros(1) for i in range(20_000)}
+    save_file(mlp().state_dict() | extra, str(path))
+    start = time.perf_counter()
+    with pytest.raises(LoadError) as exc:
+        load_model(path, model="normfold.models:mlp")
+    elapsed = time.perf_counter() - start
+    msg = str(exc.value)
+    first = "head0.block0.weight, head1.block1.weight, head10.block10.weight, "
+    assert f"20000 of the file's 20015 keys are unexpected ({first}" in msg
+    assert msg.count("head") == 5 and len(msg) < 1000, msg
+    assert "the prefix" not in msg
+    assert elapsed < 10, f"{elapsed:.1f}s"
+
+
 def test_same_keys_wrong_shapes_is_a_load_error(tmp_path: Path) -> None:
     path = tmp_path / "ten_classes.pt"
     torch.save(resnet(num_classes=10).state_dict(), path)
