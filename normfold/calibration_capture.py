@@ -95,6 +95,7 @@ class BufferIndex:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.names: dict[tuple[str, str], str] = {}  # (mean, var) -> norm name, fixed at first sight
         self.refresh()
 
     def refresh(self) -> None:
@@ -118,7 +119,15 @@ class BufferIndex:
         mean_fqn, var_fqn = self.name(mean), self.name(var)
         if mean_fqn is None or var_fqn is None:
             return None
-        return Norm(mean_fqn.rpartition(".")[0] or mean_fqn, mean_fqn, var_fqn)
+        name = self.names.get((mean_fqn, var_fqn))
+        if name is None:
+            # the owning module's path, as fold names norms; its buffer's own name where that
+            # module already names another pair (two F.batch_norm calls with different buffers)
+            name = mean_fqn.rpartition(".")[0] or mean_fqn
+            if name in self.names.values():
+                name = mean_fqn
+            self.names[(mean_fqn, var_fqn)] = name
+        return Norm(name, mean_fqn, var_fqn)
 
 
 def _bind(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +226,8 @@ def run_batch(model: nn.Module, mode: OpCalls, batch: tuple[torch.Tensor, ...], 
     mode.start(i)
     try:
         with torch.no_grad(), mode:
-            model(*batch)
+            # copies: a forward that changes its input in place must not change the next pass's data
+            model(*(t.clone() for t in batch))
     except NormfoldError:
         raise
     except Exception as e:

@@ -548,3 +548,65 @@ def test_an_exported_programs_module_gets_the_same_statistics_as_the_eager_model
     assert [(r.norm, r.level) for r in result.norms] == [("bn1", 1), ("bn2", 2)] and result.passes == 2
     for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"):
         assert torch.equal(result.model.get_buffer(name), eager.model.get_buffer(name)), name
+
+
+class Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        for name in ("rm1", "rm2"):
+            self.register_buffer(name, torch.randn(5, generator=g) + 0.3)
+        for name in ("rv1", "rv2"):
+            self.register_buffer(name, torch.rand(5, generator=g) + 0.4)
+
+
+class InPlace(nn.Module):
+    """Changes its input in place, and runs two functional norms with buffers of one module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.stats = nn.Conv2d(3, 5, 1), nn.Conv2d(5, 5, 1), Buffers()
+
+    def forward(self, x):
+        x.mul_(2.0).sub_(0.5)
+        s = self.stats
+        h = F.batch_norm(self.conv1(x), s.rm1, s.rv1, None, None, False, 0.1, 1e-5)
+        return F.batch_norm(self.conv2(torch.relu(h)), s.rm2, s.rv2, None, None, False, 0.1, 1e-5)
+
+
+def test_a_forward_that_changes_its_input_in_place_sees_the_same_data_on_every_pass():
+    model = InPlace()
+    batches = _batches()
+    copies = [x.clone() for x in batches]
+    result = recalibrate(model, batches)
+    assert all(torch.equal(x, c) for x, c in zip(batches, copies, strict=True))  # the caller's data
+    with torch.no_grad():
+        y1 = [model.conv1(x * 2.0 - 0.5) for x in batches]
+        m1, v1 = _stats(y1)
+        m2, v2 = _stats([model.conv2(torch.relu(F.batch_norm(y, m1.float(), v1.float()))) for y in y1])
+    # two pairs of one module: the first is named by the module, the second by its buffer
+    assert [(r.norm, r.level) for r in result.norms] == [("stats", 1), ("stats.rm2", 2)]
+    for name, expected in (("rm1", m1), ("rv1", v1), ("rm2", m2), ("rv2", v2)):
+        name = f"stats.{name}"
+        torch.testing.assert_close(result.model.get_buffer(name).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+class InPlaceChain(Chain):
+    def forward(self, x):
+        x.mul_(2.0).sub_(0.5)
+        return super().forward(x)
+
+
+def test_a_forward_that_changes_its_input_in_place_does_not_change_the_data_between_passes():
+    model = randomize_bn(InPlaceChain())
+    batches = _batches()
+    copies = [x.clone() for x in batches]
+    result = recalibrate(model, batches)
+    assert all(torch.equal(x, c) for x, c in zip(batches, copies, strict=True))
+    with torch.no_grad():
+        y1 = [model.conv1(x * 2.0 - 0.5) for x in copies]
+        m1, v1 = _stats(y1)
+        bn1 = _with_stats(model.bn1, m1, v1)
+        m2, v2 = _stats([model.conv2(torch.relu(bn1(y))) for y in y1])
+    _assert_stats(result.model.bn1, m1, v1)
+    _assert_stats(result.model.bn2, m2, v2)
