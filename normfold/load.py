@@ -512,6 +512,10 @@ def _prefix_hint(found: set[str], expected: set[str]) -> str:
     return f"; {best[1]} and {best[0]} of the model's {len(expected)} keys match"
 
 
+#: the floating dtypes a model is folded, run and exported in
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _keep_weights_dtype(
     module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, spec: str
 ) -> tuple[list[str], torch.dtype | None]:
@@ -529,6 +533,12 @@ def _keep_weights_dtype(
             f"of its tensor in {spec} ({own_names})"
         ], None
     (dtype,) = file_dtypes
+    if dtype not in COMPUTE_DTYPES:  # float8: a storage format, no kernels to fold, run or export
+        raise LoadError(
+            f"the weights in {path} are {names}, a storage dtype normfold cannot fold, run or export "
+            f"in (it computes in {', '.join(str(d).removeprefix('torch.') for d in COMPUTE_DTYPES)}); "
+            "convert them first, e.g. {k: v.float() for k, v in state.items()}"
+        )
     module.to(dtype)
     note = f"the weights in {path} are {names}: {spec} ({own_names}) was cast to {names} to keep them"
     return [note], dtype

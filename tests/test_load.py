@@ -487,6 +487,22 @@ def test_weights_dtype_is_kept(tmp_path: Path, dtype: torch.dtype, fmt: str) -> 
     assert all(torch.equal(own[k], v) for k, v in state.items())  # bit for bit, no round trip via fp32
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_float8_weights_are_a_load_error(tmp_path: Path, dtype: torch.dtype, fmt: str) -> None:
+    """float8 is a storage dtype (no kernels to fold or run in): a load error naming it, not an
+    internal error at the first op."""
+    path = tmp_path / f"w.{fmt}"
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in mlp().state_dict().items()}
+    save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
+    name = str(dtype).removeprefix("torch.")
+    message = (rf"^the weights in .*w\.{fmt} are {name}, a storage dtype normfold cannot fold, run or "
+               r"export in \(it computes in float16, bfloat16, float32, float64\)")  # fmt: skip
+    with pytest.raises(LoadError, match=message):
+        load_model(path, model="normfold.models:mlp")
+    assert LoadError.exit_code == 3
+
+
 def test_mixed_weight_dtypes_are_noted(tmp_path: Path) -> None:
     state = resnet().state_dict()
     state["conv1.weight"] = state["conv1.weight"].half()
