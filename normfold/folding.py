@@ -32,13 +32,14 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.nn.modules.batchnorm import _NormBase
 
-from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan, write_in_place
+from normfold.apply import EagerPlan, eager_plan
 from normfold.errors import TraceError, UsageError
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
-from normfold.reparam import Branch, Merge, merge_values, plan_merges
-from normfold.reparam_eager import EagerMerge, apply_merges, eager_merges
+from normfold.reparam import Branch, Merge, plan_merges
+from normfold.reparam_eager import EagerMerge, eager_merges
+from normfold.replan import MAX_ROUNDS, Drift, apply_round
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,9 @@ def analyse(
     return analysis
 
 
-def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
-    """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv."""
+def _plan_merges(analysis: Analysis, model: nn.Module, drift: Drift | None = None) -> None:
+    """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv.
+    ``drift``: a later round's (:mod:`normfold.replan`), where the module and the program differ."""
     cap, result = analysis.capture, analysis.result
     merges, unmerged = plan_merges(cap, analysis.plan)
     # every export-only fold is visible to the eager decision: blocks as the module computes them
@@ -204,7 +206,7 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
     eager_folds = [f for f in analysis.plan.folds if id(f) in mine or f.identity]
     eager_view = plan_merges(cap, analysis.plan, eager_folds)[0] if export_only else None
     eager = eager_merges(cap, merges, model, analysis.eager.owned, eager_view=eager_view,
-                         export_only=export_only)  # fmt: skip
+                         export_only=export_only, drift=drift)  # fmt: skip
     analysis.merges, analysis.eager_merges = merges, eager
     taken: dict[str, Folded] = {}
     by_name = {n.name: n for n in cap.graph.nodes}
@@ -217,7 +219,11 @@ def _plan_merges(analysis: Analysis, model: nn.Module) -> None:
                                           where, unit.nodes[0], note=e.note)  # fmt: skip
         branches = tuple(_branch_label(cap, by_name, b) for b in m.branches)
         result.merged.append(Merged(m.module or "forward", into, branches, where, m.adds[0], e.note))
-    result.not_merged = [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0]) for u in unmerged]
+    merged = {m.adds[0] for m in merges}  # a later round can merge a block an earlier one kept
+    listed = {n.node for n in result.not_merged if n.node not in merged}
+    result.not_merged = [n for n in result.not_merged if n.node not in merged]
+    result.not_merged += [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0])
+                          for u in unmerged if u.adds[0] not in listed]  # fmt: skip
     result.folded += list(taken.values())
     result.skipped = [s for s in result.skipped if s.node not in taken]
 
@@ -299,31 +305,41 @@ def fold(
         analysis = analyse(model, inputs, options, reparameterize=reparameterize)
     except TraceError as e:
         return fold_parts(model.eval(), inputs, e, options)
-    cap, the_plan, eager, result = analysis.capture, analysis.plan, analysis.eager, analysis.result
-    if len(eager.folds) == len(the_plan.folds):
-        # the module and the program get the same values: written into the model's own tensors
-        values = eager_values = write_in_place(model, the_plan.iter_values(cap, lazy=True))
-        apply_module(model, eager, values)
-    else:  # some folds land in the export only: the module gets its own subset
-        values = the_plan.values(cap)
-        eager_values = the_plan.values(cap, eager.folds)
-        apply_module(model, eager, eager_values)
-    if analysis.merges:
-        values.update(merge_values(cap, analysis.merges, values))
-        if eager_values is not values:  # the module's merged convs start from the module's own values
-            mine = [m for m, e in zip(analysis.merges, analysis.eager_merges, strict=True) if e.target]
-            eager_values = merge_values(cap, mine, eager_values)
-        apply_merges(model, analysis.merges, analysis.eager_merges, eager_values)
-    result.program = apply_program(cap, the_plan, values, analysis.merges)
+    result = analysis.result
+    drift = Drift()  # where the module and the program come to differ (export-only decisions)
+    drift.record(analysis.capture, analysis.plan, analysis.eager, analysis.merges, analysis.eager_merges)
+    result.program = apply_round(model, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
+                                 analysis.eager_merges, in_place=True)  # fmt: skip
+    _settle(result, model, drift, reparameterize, merged=bool(analysis.merges))
     result.ops_after = op_counts(result.program.graph)
-    replan = Capture.of(result.program)
-    again = plan(replan)
-    result.replan_folds = len(again.folds) + (len(plan_merges(replan, again)[0]) if reparameterize else 0)
-    if result.replan_folds:
-        logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)
     result.params_after = _count_params(model)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
+
+
+def _settle(result: FoldResult, model: nn.Module, drift: Drift, reparam: bool, *, merged: bool) -> None:
+    """Plan the folded program again; after a round that merged blocks (a merge makes new
+    neighbours: :mod:`normfold.replan`), apply what it finds, until a plan finds nothing or after
+    ``MAX_ROUNDS`` rounds. :attr:`FoldResult.replan_folds` counts what the last plan found: a
+    fold found after a round without merges is a fold the planner missed, reported, not hidden."""
+    for round_ in range(MAX_ROUNDS + 1):
+        cap = Capture.of(result.program)
+        the_plan = plan(cap)
+        merges = plan_merges(cap, the_plan)[0] if reparam else []
+        result.replan_folds = len(the_plan.folds) + len(merges)
+        if not result.replan_folds or not merged or round_ == MAX_ROUNDS:
+            break
+        again = Analysis(cap, the_plan, drift.eager_plan(the_plan, cap, model), result)
+        found = [f for f in the_plan.folds if not f.identity]
+        result.folded += [_folded(f, again.eager) for f in found]
+        result.skipped = [s for s in result.skipped if s.node not in {f.unit.nodes[0] for f in found}]
+        if merges:
+            _plan_merges(again, model, drift)
+        drift.record(cap, the_plan, again.eager, again.merges, again.eager_merges)
+        result.program = apply_round(model, cap, the_plan, again.eager, again.merges, again.eager_merges)
+        merged = bool(again.merges)
+    if result.replan_folds:
+        logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)
 
 
 def reparameterize(

@@ -16,9 +16,9 @@ merges in the module only when
 3. every branch is a module of its own (running that branch's ops and nothing else, no hooks):
    the branch with the largest kernel becomes one conv, the others :class:`MergedBranch` (zeros).
 
-Re-planning after merges (a second round in :func:`normfold.folding.fold`) plans on the program,
-which differs from the module wherever the export alone changed: ``dirty`` names the layers
-whose module values differ from the program's, and a block reading one merges in the export only.
+A later round of planning (:mod:`normfold.replan`) plans on the program, which differs from the
+module wherever the export alone changed: a block with a branch there (:class:`~normfold.replan.Drift`)
+merges in the export only.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from normfold.graph import Capture, module_calls
 if TYPE_CHECKING:
     from normfold.plan import Fold
     from normfold.reparam import Branch, Merge
+    from normfold.replan import Drift
 
 _WEIGHTED = "the block subtracts or scales branches in forward code"
 
@@ -83,20 +84,20 @@ def eager_merges(
     *,
     eager_view: Sequence[Merge] | None = None,
     export_only: Sequence[Fold] = (),
-    dirty: Mapping[str, str] | None = None,
+    drift: Drift | None = None,
 ) -> list[EagerMerge]:
     """For each merge: the modules to swap in ``model`` (conditions 1 and 3 of the module
     docstring), or why it applies to the export only. ``owned``: module path -> the ops it runs
     (:func:`normfold.graph.ops_by_module`); ``eager_view``: the merges planned with the eager
     folds only (None: the same as ``merges``, no fold is export-only); ``export_only``: the
-    plan's folds the module does not take; ``dirty``: weight FQN -> why the module's value of
-    that layer differs from the program's."""
+    plan's folds the module does not take; ``drift``: where the module and the program differ
+    (a later round's merges)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     by_name = {n.name: n for n in capture.graph.nodes}
     same = list(merges if eager_view is None else eager_view)
     out = []
     for m in merges:
-        why = _export_only_reason(m, same, export_only, dirty or {})
+        why = _export_only_reason(m, same, export_only, drift)
         if why is not None:
             out.append(EagerMerge(note=f"merged in the export only: {why}"))
             continue
@@ -113,6 +114,9 @@ def eager_merges(
             if modules[path]._forward_hooks or modules[path]._forward_pre_hooks:
                 paths = [f"{path} has forward hooks that would be lost"]
                 break
+            if drift is not None and path in drift.modules:
+                paths = [f"{path} differs in the eager module: {drift.modules[path]}"]
+                break
             paths.append(path)
         if len(paths) != len(m.branches):
             out.append(EagerMerge(note=f"merged in the export only: {paths[0]}"))
@@ -123,14 +127,14 @@ def eager_merges(
 
 
 def _export_only_reason(
-    m: Merge, same: Sequence[Merge], export_only: Sequence[Fold], dirty: Mapping[str, str]
+    m: Merge, same: Sequence[Merge], export_only: Sequence[Fold], drift: Drift | None
 ) -> str | None:
     """Why the module cannot take ``m`` whatever its modules (None: it can)."""
     if m.weighted:
         return _WEIGHTED
     for b in m.branches:
-        if b.weight in dirty:
-            return f"{b.weight} differs in the eager module: {dirty[b.weight]}"
+        if drift is not None and b.weight in drift.weights:
+            return f"{b.weight} differs in the eager module: {drift.weights[b.weight]}"
     if m in same:
         return None
     # the block differs in the eager module: name the export-only folds on its branches

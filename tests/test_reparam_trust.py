@@ -10,6 +10,7 @@ from helpers import bn_ops, exported, randomize_bn
 from torch import nn
 
 import normfold
+from normfold.reparam import MergedBranch
 
 # --- an export-only fold next to a merged block (item 2) ---------------------------------------------
 
@@ -75,3 +76,94 @@ def test_export_only_fold_next_to_a_merged_block_is_not_applied_twice(where):
         assert report.passed, report.failures()
     assert result.replan_folds == 0
     assert bn_ops(result.program) == 0
+
+
+# --- re-planning after merges reaches a fixpoint (item 3) -------------------------------------------
+
+
+class NormAfterBareIdentity(nn.Module):
+    """``bn(h + c(h))`` after a strided ConvTranspose: ``h`` has two users, so ``bn`` stays in the
+    first plan; once the block (identity + 1x1 conv) is merged, ``bn`` follows that conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(1, 8, 1, stride=2)
+        self.c = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.bn(h + self.c(h))
+
+
+class NormAfterModuleBlock(nn.Module):
+    """``out(a(x) + b(x) + skip(x))``: every branch a module (the merge lands in the module too);
+    ``out`` stays in the first plan (the identity branch's norm is no layer), then folds into the
+    merged conv, in both."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.skip, self.out = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.out(self.a(x) + self.b(x) + self.skip(x)))
+
+
+class NestedBlocks(nn.Module):
+    """``bn2(bn1(h + c(h)) + d(h))``: merging the inner block lets ``bn1`` fold, which makes the
+    outer sum a block of ``h``, whose merge lets ``bn2`` fold: three rounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 8, 1, stride=2)
+        self.c, self.d = nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.bn2(self.bn1(h + self.c(h)) + self.d(h))
+
+
+def _replan_parity(model: nn.Module, x: torch.Tensor) -> normfold.FoldResult:
+    result = normfold.reparameterize(model, x)
+    assert result.replan_folds == 0
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+    assert bn_ops(result.program) == 0 and result.skipped == []
+    return result
+
+
+def test_a_norm_after_an_export_only_merge_folds_in_the_program():
+    torch.manual_seed(0)
+    model = randomize_bn(NormAfterBareIdentity())
+    result = _replan_parity(model, torch.randn(2, 1, 5, 5))
+    (merge,) = result.merged
+    assert (merge.into, merge.where) == ("c", "export")
+    (bn,) = [f for f in result.folded if f.norm == "bn"]
+    assert (bn.into, bn.pattern, bn.where) == ("c", "conv-bn", "export")
+    # the module still sums h + c(h): its own c cannot take the norm
+    why = "c.weight differs in the eager module: its block is merged in the export only"
+    assert bn.note == f"folded in the export only: {why}"
+    assert isinstance(result.model.bn, nn.BatchNorm2d) and isinstance(result.model.c, nn.Conv2d)
+
+
+def test_a_norm_after_a_merged_module_block_folds_in_both():
+    torch.manual_seed(0)
+    model = randomize_bn(NormAfterModuleBlock())
+    result = _replan_parity(model, torch.randn(2, 6, 7, 7))
+    (merge,) = result.merged
+    assert (merge.into, merge.where) == ("a", "both")
+    (out,) = [f for f in result.folded if f.norm == "out"]
+    assert (out.into, out.pattern, out.where) == ("a", "conv-bn", "both")
+    assert isinstance(result.model.out, nn.Identity) and isinstance(result.model.skip, MergedBranch)
+
+
+def test_nested_blocks_reach_a_fixpoint_over_several_rounds():
+    torch.manual_seed(0)
+    model = randomize_bn(NestedBlocks())
+    result = _replan_parity(model, torch.randn(2, 2, 4, 4))
+    assert sorted(m.into for m in result.merged) == ["c", "d"]
+    assert {f.norm for f in result.folded} >= {"bn1", "bn2"}
+    assert sum(n.op == "call_function" for n in result.program.graph.nodes) == 2  # up, one conv
