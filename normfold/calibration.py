@@ -26,7 +26,8 @@ all; the model is captured once with ``torch.export`` and each norm gets a *leve
 highest level of the norms upstream of it. Level 1 is stored from the first pass; all norms of one
 later level are independent and are measured in the same pass, so the cost is ``L`` passes for
 ``L`` levels (the longest chain of norms, fewer where branches run side by side). A model that
-cannot be captured falls back to one pass per norm, in the order their ops first run.
+cannot be captured (or whose capture misses a norm the data reached) falls back to one pass per
+norm, in the order their ops first run: an op can only depend on ops that ran before it.
 
 **Exact or left unchanged, with a code** (:data:`CODES`). Statistics are stored only where they are
 exact: an op that runs several times in one forward (a module called at several places,
@@ -41,12 +42,14 @@ statistics NaN: :class:`~normfold.errors.UsageError` naming the batch and input.
 fails on a batch (wrong channel count, a dtype other than the weights'), or a norm's input that
 is not finite although the data is, is a :class:`~normfold.errors.TraceError` naming the batch.
 Either way nothing has changed: data is checked before the model is touched, and any later error
-puts every replaced buffer back.
+puts every replaced buffer back. Each forward gets copies of its batch, so a forward that changes
+its input in place changes neither the caller's data nor what a later pass sees.
 
 Each recalibrated norm reports its drift: ``mean_drift = max_c |mean_old - mean_new| / std_new``
-and ``std_drift = max_c |std_old / std_new - 1|`` (``std = sqrt(var + eps)``), so stale statistics
-show before they are folded in. Nothing but ``running_mean``/``running_var`` of the recalibrated
-norms changes (new tensors, set wherever the old ones were registered, so tied buffers stay tied).
+and ``std_drift = max_c |std_old / std_new - 1|`` (``std = sqrt(var + eps)``, with the op's own
+``eps``), so stale statistics show before they are folded in. Nothing but ``running_mean``/
+``running_var`` of the recalibrated norms changes (new tensors, set wherever the old ones were
+registered, so tied buffers stay tied).
 """
 
 from __future__ import annotations
@@ -166,6 +169,12 @@ def _recalibrate(
     calls = found = _measure(model, data, index, None)  # finds every norm and measures all of them
     result.passes = 1
     wanted = [norm for norm in found.order if not _kept(norm, found, result)]
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            if m.running_mean is None or m.running_var is None:
+                result._skip(name, "batch_statistics", "no running statistics (track_running_stats=False)")
+            elif index.norm(m.running_mean, m.running_var) not in found.seen:  # by identity: tied ones ran
+                result._skip(name, "unused", "no batch-norm op ran with its statistics on the data")
     levels = _levels(model, data[0], wanted, index) if wanted else {}
     for level in sorted(set(levels.values())):
         group = [norm for norm in wanted if levels[norm] == level]
@@ -176,12 +185,6 @@ def _recalibrate(
         for norm in group:
             if not _kept(norm, calls, result):
                 _store(model, norm, calls.moments[norm], found.eps[norm], level, result, replaced)
-    for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm):
-            if m.running_mean is None or m.running_var is None:
-                result._skip(name, "batch_statistics", "no running statistics (track_running_stats=False)")
-            elif not any(norm.name == name for norm in found.order):
-                result._skip(name, "unused", "no batch-norm op ran with its statistics on the data")
 
 
 def _measure(

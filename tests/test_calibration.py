@@ -610,3 +610,30 @@ def test_a_forward_that_changes_its_input_in_place_does_not_change_the_data_betw
         m2, v2 = _stats([model.conv2(torch.relu(bn1(y))) for y in y1])
     _assert_stats(result.model.bn1, m1, v1)
     _assert_stats(result.model.bn2, m2, v2)
+
+
+class Tied(nn.Module):
+    """``shadow`` shares ``bn``'s statistics tensors (tied buffers) and is never called itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.shadow = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def tie(self):
+        self.shadow.running_mean, self.shadow.running_var = self.bn.running_mean, self.bn.running_var
+        return self
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_tied_buffers_stay_tied_and_are_not_reported_unused():
+    model = randomize_bn(Tied()).tie()
+    batches = _batches()
+    result = recalibrate(model, batches)
+    new = result.model
+    assert new.shadow.running_mean is new.bn.running_mean and new.shadow.running_var is new.bn.running_var
+    with torch.no_grad():
+        m, v = _stats([model.conv(x) for x in batches])
+    _assert_stats(new.bn, m, v)
+    assert [r.norm for r in result.norms] == ["bn"] and result.skipped == {}
