@@ -177,6 +177,9 @@ class _Eager:
         module = self.modules.get(path) if path else None
         if module is None:
             return None, "the norm is written in forward code, not a module that can be removed"
+        outside = [n for n in unit.nodes if n not in self.owned.get(path, set())]
+        if outside:  # removing the module would leave these ops in its caller, computed twice
+            return None, f"{unit.name} also runs {', '.join(outside)} outside {path}, which stay"
         if module._forward_hooks or module._forward_pre_hooks:
             return None, f"{path} has forward hooks that would be lost"
         reader = self._outside_reader(path, removed)

@@ -1,9 +1,9 @@
 """Plan: which norm ops of a captured graph fold into which layers, as pure data.
 
-A *norm unit* is one ``aten.batch_norm`` op in eval mode, or a maximal chain of elementwise ops
-with constant operands (``x*c``, ``x/c``, ``x+c``, ``x-c``, ``c-x``; constants computed from
-parameters, buffers and literals, including ``sqrt``/``rsqrt`` of them: the tutorials'
-``gain * (h - mean) / std + bias``). Either is a per-channel affine map ``y = s * x + t``:
+A *norm unit* is one ``aten.batch_norm`` op in eval mode, or a maximal chain of elementwise ops of
+one module call with constant operands (``x*c``, ``x/c``, ``x+c``, ``x-c``, ``c-x``; constants
+computed from parameters, buffers and literals, including ``sqrt``/``rsqrt`` of them: the
+tutorials' ``gain * (h - mean) / std + bias``). Either is a per-channel affine map ``y = s * x + t``:
 
     BatchNorm:  s = gamma / sqrt(var + eps),  t = beta - mean * s       (channel axis 1;
                 one channel: a scalar map, the same on every element)
@@ -388,7 +388,10 @@ class _Planner:
                 units.append((self._unit("batch_norm", [node]), [node]))
             elif _affine_operand(node, self.consts) is not None and rules.read_layer(node) is None:
                 x = _chain_input(node, self.consts)
-                if not (chain and x is chain[-1] and len(x.users) == 1):
+                # a chain stays within one module call: the eager module can remove a module's ops
+                # (the module becomes nn.Identity) but never part of its caller's forward
+                same_call = bool(chain) and owner(node)[0] == owner(chain[-1])[0]
+                if not (same_call and x is chain[-1] and len(x.users) == 1):
                     close()
                 chain.append(node)
         close()

@@ -3,6 +3,7 @@ and the eager module (Identity, identity-map BN subclasses, export-only folds, n
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import bn_ops, exported, randomize_bn
 from torch import nn
@@ -184,3 +185,66 @@ def test_a_norm_whose_state_is_read_elsewhere_stays_in_the_eager_model():
     )
     assert torch.equal(result.model(x), model(x))
     assert normfold.verify(model, exported(result.program), x).max_rel_error <= 1e-5
+
+
+class GainNorm(nn.Module):
+    """A hand-written affine norm module: ``x * gain + bias``."""
+
+    def __init__(self, c: int, seed: int = 1) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.gain = nn.Parameter(torch.rand(c, 1, generator=gen) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c, 1, generator=gen))
+
+    def forward(self, x):
+        return x * self.gain + self.bias
+
+
+class StdNorm(nn.Module):
+    """The tutorials' ``(x - mean) / std * g + b`` as a module of its own."""
+
+    def __init__(self, c: int, seed: int = 2) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("mean", torch.randn(c, 1, generator=gen) + 0.5)
+        self.register_buffer("var", torch.rand(c, 1, generator=gen) * 2 + 0.2)
+        self.g = nn.Parameter(torch.rand(c, 1, generator=gen) + 0.5)
+        self.b = nn.Parameter(torch.randn(c, 1, generator=gen))
+
+    def forward(self, x):
+        return (x - self.mean) / torch.sqrt(self.var + 1e-5) * self.g + self.b
+
+
+class UpsampledNorm(nn.Module):
+    """Conv1d -> nearest upsample -> a hand-written norm module -> ``* 0.5`` in the caller."""
+
+    def __init__(self, norm: nn.Module, upsample: bool) -> None:
+        super().__init__()
+        self.conv, self.norm, self.upsample = nn.Conv1d(3, 4, 3), norm, upsample
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.upsample:
+            h = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        return self.norm(h) * 0.5
+
+
+@pytest.mark.parametrize("upsample", [True, False], ids=["upsample", "direct"])
+@pytest.mark.parametrize("norm", [GainNorm, StdNorm])
+def test_a_norm_module_becomes_identity_only_with_its_own_ops(norm, upsample):
+    """The caller's ``* 0.5`` right after the module is folded too, but it is code in the caller's
+    forward: the module becomes nn.Identity with exactly its own arithmetic folded, the ``* 0.5``
+    is folded in the export only (it used to be folded into the conv of the eager module as well,
+    while its op stayed there: the eager model was scaled twice)."""
+    model = UpsampledNorm(norm(4), upsample).eval()
+    x = _x((2, 3, 10))
+    result = normfold.fold(model, x)
+    first = "sub" if norm is StdNorm else "mul"
+    assert [(f.norm, f.into, f.where) for f in result.folded] == [
+        (f"norm:{first}", "conv", "both"),
+        ("forward:mul_1", "conv", "export"),
+    ]
+    assert isinstance(result.model.norm, nn.Identity)
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
