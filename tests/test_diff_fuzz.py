@@ -133,11 +133,11 @@ class Truth:
             wide_in = tuple(t.double() for t in s.inputs)
             self.sets.append((s.name, s.inputs, wide_in, orig, _run(self.wide, wide_in)))
         self.overflow = not _finite(self.sets[0][3])
-        # an output the inputs do not change (constant, all zeros, saturated) judges nothing
-        first = self.sets[0][4]
-        self.constant = any(
-            all(torch.equal(s[4][j], first[j]) for s in self.sets) or not bool(first[j].any())
-            for j in range(len(first))
+        # an output identical on every set (constant, all zeros, saturated) judges nothing
+        self.constant = any(  # verify compares nothing there either
+            all(torch.equal(s[k][j], self.sets[0][k][j]) for s in self.sets)
+            for j in range(len(self.sets[0][4]))
+            for k in (3, 4)  # the original's outputs, or the float64 run's
         )
         self.perts: dict[int, list[list[torch.Tensor]]] = {}  # per set: float64 perturbed runs
 
@@ -161,7 +161,7 @@ class Truth:
                 verdicts.append(verdict)
                 if verdict != "right" and not worst:
                     worst = f"output {j} on {name} inputs: {how}"
-        for v in ("wrong", "undecidable", "ambiguous"):
+        for v in ("wrong", "vacuous", "undecidable", "ambiguous"):
             if v in verdicts:
                 return v, worst
         return "right", ""
@@ -183,14 +183,20 @@ class Truth:
             return torch.stack([_per_channel((p - e).abs(), mask & torch.isfinite(p)) for p in runs])
 
         four = perts(4).sort(dim=0, descending=True).values
+
+        def wrong(n: int) -> torch.Tensor:
+            return err > WRONG * (floor + FACTOR * torch.maximum(own, perts(n).max(dim=0).values))
+
         how = (f"error {float(err.max()):.3g}, own error {float(own.max()):.3g}, "
                f"perturbed {float(four[0].max()):.3g}, max|exact| {float(scale.max()):.3g}")  # fmt: skip
         noise = torch.maximum(own, four[0])
-        whole = tol.atol + tol.rtol * float(scale.max()) + FACTOR * float(noise.max())
-        wrong = lambda n: err > WRONG * (floor + FACTOR * torch.maximum(own, perts(n).max(dim=0).values))  # noqa
+        top = float(scale.max())
+        whole = tol.atol + tol.rtol * top + FACTOR * float(noise.max())
         if bool(wrong(4).any()) and bool(wrong(8).any()):  # 8 runs only where 4 say wrong
             return "wrong", how
-        if bool(((FACTOR * noise >= scale) & (scale > 0)).any()) or whole >= float(scale.max()):
+        if top > 0 and tol.atol + tol.rtol * top + FACTOR * float(own.max()) >= top:
+            return "vacuous", how  # the rule's allowance reaches the output's scale by its own error alone
+        if bool(((FACTOR * noise >= scale) & (scale > 0)).any()) or whole >= top:
             return "undecidable", how
         if bool((err <= floor + FACTOR * torch.maximum(own, four[1])).all()):
             return "right", how
@@ -260,7 +266,10 @@ def check_program(program: Program) -> Counter[str]:
             if verdict == "wrong":
                 agree = "verify refuses it too" if not report.passed else "VERIFY PASSES IT (wrong verdict)"
                 problems.append(f"{where}: wrong fold ({agree}): {numbers}")
-            elif verdict == "undecidable":
+            elif verdict == "vacuous" and report.passed:
+                problems.append(f"{where}: a vacuous check passed (the allowed error reaches the output's "
+                                f"scale by the original's own error alone: {numbers})")  # fmt: skip
+            elif verdict in ("undecidable", "vacuous"):
                 seen["undecidable, verify passed" if report.passed else "undecidable, verify failed"] += 1
             elif not report.passed and verdict == "right":
                 problems.append(f"{where}: exact fold refused (truth: right; {numbers}): {failures}")
