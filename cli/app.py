@@ -42,7 +42,7 @@ EXIT_CODES = (
     ("4", "trace error", "the model fails on the given inputs, or cannot be captured"),
     ("5", "parity failure", "the folded model differs from the original in PyTorch"),
     ("6", "export failure", "export, onnx.checker, the exported model differs in its runtime, "
-     "or writing failed, e.g. a full disk"),
+     "or writing failed: a full disk, no free inode, a quota"),
     ("7", "not every norm folded", "with --require-all; each one kept is listed with its reason"),
     ("129, 130, 143", "stopped by SIGHUP, SIGINT (Ctrl-C) or SIGTERM",
      "temporary files removed; the message says whether the outputs had already been written"),

@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -54,12 +55,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from normfold.errors import UsageError
+from normfold.errors import ExportError, UsageError
 
 logger = logging.getLogger(__name__)
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 _STAGE = re.compile(r"^\.normfold-([0-9a-f]{8})-(\d+)-\w+\.tmp$")
+
+#: no space, no free inode, a quota exceeded: a full filesystem (exit 6), not a usage error
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 #: the lock file in a staging folder, flock-ed by its run for the run's whole life
 LOCK_NAME = ".normfold.lock"
@@ -138,7 +142,7 @@ class OutputSet:
         :meth:`commit` refuses to place any file over any input of the run."""
         added = [Path(p) for p in inputs]
         self.inputs += added
-        _check_not_inputs(self.paths, added)
+        _check_not_inputs(self.paths.items(), added)
 
     def staged(self, role: str) -> Path:
         """Where to write ``role``'s file: a private staging folder beside its destination."""
@@ -172,15 +176,22 @@ class OutputSet:
         with _signals_deferred():  # a SIGTERM now would leave half a set
             for _, dest in moves:
                 _check_one(roles.get(dest, "--out"), dest, self.force, None)  # it may have appeared
-            _check_not_inputs({roles.get(d, "--out"): d for _, d in moves}, self.inputs)
+            _check_not_inputs([(roles.get(d, "--out"), d) for _, d in moves], self.inputs)
             try:
                 for staged, dest in moves:
                     _move(staged, dest, self.force)
                     written.append(dest)
-            except BaseException:
+            except BaseException as e:
                 if not self.force:  # each was created by this commit (no-clobber): take it back
-                    for dest in written:
-                        dest.unlink(missing_ok=True)
+                    for placed in written:
+                        placed.unlink(missing_ok=True)
+                    written.clear()
+                committed.extend(written)  # with force, those replaced stay replaced
+                if isinstance(e, OSError):  # no space, no free inode, a quota: writing failed
+                    said = "nothing was written"
+                    if written:
+                        said = f"{', '.join(map(str, written))} had been written"
+                    raise ExportError(f"placing {dest} failed: {e.strerror or e}; {said}") from e
                 raise
             committed.extend(written)
         return written
@@ -193,10 +204,14 @@ class OutputSet:
         removed = []
         for path in used:
             why = _kept_because(path, out, self.inputs)
+            if why is None:
+                try:
+                    path.unlink()
+                except OSError as e:  # the new set is in place; an old file left is no failure
+                    why = f"cannot be removed ({e.strerror or e})"
             if why is not None:
                 logger.info("kept %s, which the replaced %s named: %s", path, out, why)
                 continue
-            path.unlink()
             removed.append(path)
             logger.info("removed %s: the replaced %s used it, nothing else does", path, out)
         return removed
@@ -220,7 +235,10 @@ class OutputSet:
                 self._stages[folder] = stage
                 self._locks.append(_locked(stage / LOCK_NAME))
             except OSError as e:
-                raise UsageError(f"cannot write into folder {folder}: {e.strerror or e}") from e
+                message = f"cannot write into folder {folder}: {e.strerror or e}"
+                if e.errno in _FULL:  # the folder is fine, the filesystem is full: writing failed
+                    raise ExportError(f"{message}; nothing was written") from e
+                raise UsageError(message) from e
         return self._stages[folder]
 
 
@@ -244,7 +262,7 @@ def check_outputs(
     seen: dict[str, str] = {}
     for role, path in paths.items():
         _check_one(role, path, force, (formats or {}).get(role))
-        _check_not_inputs({role: path}, [Path(p) for p in inputs if p is not None])
+        _check_not_inputs([(role, path)], [Path(p) for p in inputs if p is not None])
         key = os.path.realpath(path)
         if key in seen:
             raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
@@ -252,10 +270,10 @@ def check_outputs(
     return paths
 
 
-def _check_not_inputs(paths: Mapping[str, Path], inputs: Iterable[Path]) -> None:
-    """Rule 2: no destination is an input (the same path, or the same file by inode)."""
+def _check_not_inputs(paths: Iterable[tuple[str, Path]], inputs: Iterable[Path]) -> None:
+    """Rule 2: no destination (role, path) is an input (the same path, or the same file by inode)."""
     existing = [p for p in inputs if _exists(p)]
-    for role, path in paths.items():
+    for role, path in paths:
         for other in existing:
             if _same_file(path, other):
                 raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")

@@ -30,7 +30,7 @@ from normfold.models import resnet
 from typer.testing import CliRunner
 
 import normfold.files as files_mod
-from normfold.errors import UsageError
+from normfold.errors import ExportError, UsageError
 from normfold.files import OutputSet, clean_stale
 
 RESNET = "normfold.models:resnet"
@@ -194,6 +194,63 @@ def test_the_report_is_committed_last(tmp_path: Path, monkeypatch: pytest.Monkey
         files.commit()
     assert moves == ["m.onnx.0123456789ab.data", "x.pt", "m.onnx"]
     assert not report.exists() and not out.exists()
+
+
+def _no_inode_for(target: str) -> Callable[[Path, Path, bool], None]:
+    """A ``_move`` that fails like a filesystem without a free inode when it reaches ``target``."""
+    real = files_mod._move
+
+    def move(staged: Path, dest: Path, force: bool) -> None:
+        if dest.name == target:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+        real(staged, dest, force)
+
+    return move
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_no_free_inode_at_the_commit_is_a_write_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    """ENOSPC at a rename of the commit: ExportError (exit 6) saying what had been written; without
+    force the files this commit placed are taken back, with force those replaced stay."""
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    monkeypatch.setattr(files_mod, "_move", _no_inode_for("m.onnx"))
+    data = tmp_path / "m.onnx.0123456789ab.data"
+    said = f"{data} had been written" if force else "nothing was written"
+    roles = {"--out": out, "--report": report}
+    with pytest.raises(ExportError) as exc, OutputSet(roles, force=force) as files:
+        _write(files, "--out", "model")
+        _write(files, "--report", "{}")
+        files.extra("--out", data.name).write_text("data")
+        files.commit()
+    assert str(exc.value) == f"placing {out} failed: No space left on device; {said}"
+    assert exc.value.exit_code == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([data.name] if force else [])
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_no_free_inode_for_the_staging_folder_is_a_write_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def full(**kwargs: object) -> str:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    with pytest.raises(ExportError) as exc:
+        OutputSet({"--out": tmp_path / "m.pt"})
+    assert str(exc.value) == f"cannot write into folder {tmp_path}: {os.strerror(code)}; nothing was written"
+    assert exc.value.exit_code == 6
+
+
+def test_cli_no_free_inode_at_the_commit_exits_6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(files_mod, "_move", _no_inode_for("o.onnx"))
+    result = CliRunner().invoke(app, ["fold", "normfold.models:mlp", "--out", "o.onnx", "-q"])
+    assert result.exit_code == 6, result.output
+    said = "error: placing o.onnx failed: No space left on device; nothing was written"
+    assert result.stderr.strip() == said
+    assert list(tmp_path.iterdir()) == []
 
 
 class Stopped(Exception):
