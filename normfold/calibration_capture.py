@@ -68,26 +68,35 @@ class Moments:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, values)
-        n = x.shape[1]
+    def add(self, x: torch.Tensor) -> bool:
+        """Merge ``x``'s values in; False (nothing merged) when they are not all finite."""
+        n = x.numel() // x.shape[1] if x.shape[1] else 0  # values per channel: all axes but 1
         if n == 0:
-            return
-        mean = x.mean(1)
-        m2 = ((x - mean[:, None]) ** 2).sum(1)
+            return True
+        # one float64 reduction over every axis but the channel axis (no transposed copy); a
+        # non-finite value makes its channel's mean or variance non-finite (float32 squares fit)
+        var, mean = torch.var_mean(x.detach().to(torch.float64), dim=[0, *range(2, x.dim())], correction=0)
+        if not bool(torch.isfinite(var).all()) or not bool(torch.isfinite(mean).all()):
+            return False
+        m2 = var * n
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = n, mean, m2
-            return
+            return True
         total = self.n + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
         self.n = total
+        return True
 
 
-def _key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Identity of a tensor's values: its memory, dtype, shape and strides."""
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of a tensor's values: its memory, dtype, shape and strides (None for a tensor
+    without storage of its own, e.g. a wrapper subclass)."""
+    try:
+        return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+    except RuntimeError:
+        return None
 
 
 class BufferIndex:
@@ -104,15 +113,17 @@ class BufferIndex:
         self.by_key: dict[tuple[Any, ...], str] = {}
         for fqn, t in self.model.named_buffers():
             self.by_id.setdefault(id(t), fqn)
-            if t.numel() > 0:
-                self.by_key.setdefault(_key(t), fqn)
+            key = _key(t) if t.numel() > 0 else None
+            if key is not None:
+                self.by_key.setdefault(key, fqn)
 
     def name(self, t: Any) -> str | None:
         if not isinstance(t, torch.Tensor):
             return None
         fqn = self.by_id.get(id(t))
         if fqn is None and t.numel() > 0:
-            fqn = self.by_key.get(_key(t))
+            key = _key(t)
+            fqn = self.by_key.get(key) if key is not None else None
         return fqn
 
     def norm(self, mean: Any, var: Any) -> Norm | None:
@@ -160,7 +171,7 @@ class OpCalls(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = dict(kwargs or {})
-        batch_stats = BATCH_NORM_OPS.get(func.overloadpacket)
+        batch_stats = BATCH_NORM_OPS.get(getattr(func, "overloadpacket", None))
         if batch_stats is None:
             return func(*args, **kwargs)
         bound = _bind(func, args, kwargs)
@@ -184,15 +195,13 @@ class OpCalls(TorchDispatchMode):
             return func(*args, **kwargs)
         self.eps[norm] = float(bound.get("eps", bound.get("epsilon", 0.0)))
         x = bound["input"]
-        bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
-        if bad:
+        if norm in self.moments and not self.moments[norm].add(x):
+            bad = int((~torch.isfinite(x)).sum())
             raise TraceError(
                 f"the input of {norm.name}'s batch-norm op holds {bad:,} non-finite value(s) on batch "
                 f"{self.batch} (finite data; the model overflows or divides by zero before it): "
                 "its statistics would be NaN; nothing was changed"
             )
-        if norm in self.moments:
-            self.moments[norm].add(x)
         return func(*args, **kwargs)
 
 
