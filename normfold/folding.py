@@ -204,7 +204,7 @@ def _plan_merges(analysis: Analysis, model: nn.Module, drift: Drift | None = Non
     mine = {id(f) for f in analysis.eager.folds}
     export_only = [f for f in analysis.plan.folds if id(f) not in mine and not f.identity]
     eager_folds = [f for f in analysis.plan.folds if id(f) in mine or f.identity]
-    eager_view = plan_merges(cap, analysis.plan, eager_folds)[0] if export_only else None
+    eager_view = plan_merges(cap, analysis.plan, eager_folds) if export_only else None
     eager = eager_merges(cap, merges, model, analysis.eager.owned, eager_view=eager_view,
                          export_only=export_only, drift=drift)  # fmt: skip
     analysis.merges, analysis.eager_merges = merges, eager

@@ -26,16 +26,17 @@ A difference ``a - b`` and a per-channel scale ``g * (sum)`` of a sub-sum (FastV
 arithmetic). A 1-tap branch (norm, identity) needs stride 1, ``in_channels == out_channels`` and
 ``P = d * (K - 1) / 2``; with groups, channel ``c``'s own input is column ``c mod (C_in / g)``
 of row ``c``. The conv with the largest kernel takes ``W`` and ``b``; the adds and the other
-branches go. :func:`plan_merges` finds the blocks (pure data), :func:`merge_values` computes
-the new values; :mod:`normfold.reparam_eager` decides which blocks change in the user's module too.
+branches go. :func:`plan_merges` finds the blocks and their new values
+(:mod:`normfold.reparam_values`: float64, cast once; a block whose merged values do not fit the
+dtype stays, code ``overflow``); :mod:`normfold.reparam_eager` decides which blocks change in the
+user's module too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,7 @@ from normfold.plan import (
     new_bias_name,
 )
 from normfold.reparam_eager import MergedBranch  # noqa: F401  (public as normfold.reparam.MergedBranch)
+from normfold.reparam_values import merged_values
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,9 @@ class Merge:
     bias: str  # FQN of the target's bias (a new name when it has none)
     new_bias: bool
     scales: tuple[Unit, ...] = ()  # per-channel scales of sub-sums the merge takes away
+    #: the target's new weight and bias (FQN -> tensor in the weight's dtype), computed when
+    #: planned (:func:`normfold.reparam_values.merged_values`)
+    values: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
     @property
     def weighted(self) -> bool:
@@ -131,7 +136,7 @@ def plan_merges(
 
 class _Merger:
     def __init__(self, capture: Capture, plan: Plan, folds: Sequence[Fold]) -> None:
-        self.capture = capture
+        self.capture, self.plan, self.folds = capture, plan, folds
         self.consts = Constants(capture)
         by_name = {n.name: n for n in capture.graph.nodes}
         self.removed = {
@@ -291,8 +296,9 @@ class _Merger:
         target = _target(convs, branches)
         _check_geometry(target, branches, tuple(shape(source)), tuple(shape(adds[0])))
         bias = target.bias or new_bias_name(self.capture, target.weight or "")
+        values = merged_values(self.capture, self.plan, self.folds, branches, target, bias)
         return Merge(tuple(a.name for a in adds), module, target, tuple(branches), bias, target.bias is None,
-                     tuple(scales))  # fmt: skip
+                     tuple(scales), values)  # fmt: skip
 
     def _branch(self, leaf: fx.Node, source: fx.Node, adds: list[fx.Node]) -> Branch:
         if leaf is source:
@@ -452,53 +458,3 @@ def _conv_padding(
             raise _Fail("reparam_padding", f"{what} pads 'same' unevenly (kernel {kernel})")
         return tuple(t // 2 for t in total)
     return _ints(padding, len(kernel))
-
-
-# --- values -----------------------------------------------------------------------------------------
-
-
-def merge_values(
-    capture: Capture, merges: list[Merge], values: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The targets' new weights and biases (FQN -> tensor in the weight's dtype): every branch's
-    kernel centred in the target's and summed in float64, the branches' conv values taken after
-    the folds (``values``)."""
-    out: dict[str, torch.Tensor] = {}
-    for m in merges:
-        ref = values.get(m.target.weight) if m.target.weight in values else capture.value(m.target.weight)
-        w = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)  # (C_out, C_in / g, *K)
-        b = torch.zeros(ref.shape[0], dtype=torch.float64, device=ref.device)
-        for branch in m.branches:
-            _add_branch(w, b, branch, capture, values)
-        out[m.target.weight] = w.to(ref.dtype)
-        out[m.bias] = b.to(ref.dtype)
-    return out
-
-
-def _add_branch(
-    w: torch.Tensor, b: torch.Tensor, branch: Branch, capture: Capture, values: Mapping[str, torch.Tensor]
-) -> None:
-    """Add ``branch``, times its factor per output channel, to ``w`` (C_out, C_in / g, *K) and ``b``."""
-    K = w.shape[2:]
-    window = tuple(slice((K_ - k) // 2, (K_ - k) // 2 + k) for K_, k in zip(K, branch.kernel, strict=True))
-    coeff = torch.ones(w.shape[0], dtype=torch.float64) if branch.coeff is None else branch.coeff
-    coeff = coeff.to(w.device)
-    if branch.kind == "conv":
-        fqn = branch.weight or ""
-        bw = values[fqn] if fqn in values else capture.value(fqn)
-        rows = coeff.reshape(-1, *([1] * (w.dim() - 1)))
-        w[(slice(None), slice(None), *window)] += rows * bw.detach().to(w.device, torch.float64)
-        bias_name = branch.bias or new_bias_name(capture, fqn)
-        if bias_name in values:
-            b += coeff * values[bias_name].detach().to(b.device, torch.float64)
-        elif branch.bias is not None:
-            b += coeff * capture.value(branch.bias).detach().to(b.device, torch.float64)
-        return
-    channels, per_group = w.shape[0], w.shape[1]
-    scale = torch.ones(channels, dtype=torch.float64) if branch.scale is None else branch.scale
-    shift = torch.zeros(channels, dtype=torch.float64) if branch.shift is None else branch.shift
-    rows = torch.arange(channels, device=w.device)
-    taps = math.prod(branch.kernel)
-    # channel c's own input is column c mod (C_in / g) of row c
-    w[(rows, rows % per_group, *window)] += (coeff * scale.to(w.device) / taps).reshape(-1, *([1] * len(K)))
-    b += coeff * shift.to(b.device)

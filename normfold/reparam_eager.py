@@ -24,7 +24,7 @@ merges in the export only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +34,7 @@ from normfold.graph import Capture, module_calls
 
 if TYPE_CHECKING:
     from normfold.plan import Fold
-    from normfold.reparam import Branch, Merge
+    from normfold.reparam import Branch, Merge, Unmerged
     from normfold.replan import Drift
 
 _WEIGHTED = "the block subtracts or scales branches in forward code"
@@ -74,6 +74,8 @@ class EagerMerge:
     target: str | None = None
     zero: tuple[str, ...] = ()
     note: str | None = None
+    #: the merged conv's weight and bias in the module (FQN -> tensor): from the module's values
+    values: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
 
 def eager_merges(
@@ -82,22 +84,22 @@ def eager_merges(
     model: nn.Module,
     owned: Mapping[str, set[str]],
     *,
-    eager_view: Sequence[Merge] | None = None,
+    eager_view: tuple[Sequence[Merge], Sequence[Unmerged]] | None = None,
     export_only: Sequence[Fold] = (),
     drift: Drift | None = None,
 ) -> list[EagerMerge]:
     """For each merge: the modules to swap in ``model`` (conditions 1 and 3 of the module
     docstring), or why it applies to the export only. ``owned``: module path -> the ops it runs
-    (:func:`normfold.graph.ops_by_module`); ``eager_view``: the merges planned with the eager
-    folds only (None: the same as ``merges``, no fold is export-only); ``export_only``: the
+    (:func:`normfold.graph.ops_by_module`); ``eager_view``: the merges and the blocks that stay,
+    planned with the eager folds only (None: ``merges``, no fold is export-only); ``export_only``: the
     plan's folds the module does not take; ``drift``: where the module and the program differ
     (a later round's merges)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     by_name = {n.name: n for n in capture.graph.nodes}
-    same = list(merges if eager_view is None else eager_view)
+    same, stay = (list(merges), []) if eager_view is None else (list(eager_view[0]), list(eager_view[1]))
     out = []
     for m in merges:
-        why = _export_only_reason(m, same, export_only, drift)
+        why = _export_only_reason(m, same, stay, export_only, drift)
         if why is not None:
             out.append(EagerMerge(note=f"merged in the export only: {why}"))
             continue
@@ -122,12 +124,17 @@ def eager_merges(
             out.append(EagerMerge(note=f"merged in the export only: {paths[0]}"))
             continue
         target = paths[m.branches.index(m.target)]
-        out.append(EagerMerge(target, tuple(p for p in paths if p != target)))
+        values = same[same.index(m)].values  # condition 2: computed from the module's own values
+        out.append(EagerMerge(target, tuple(p for p in paths if p != target), values=values))
     return out
 
 
 def _export_only_reason(
-    m: Merge, same: Sequence[Merge], export_only: Sequence[Fold], drift: Drift | None
+    m: Merge,
+    same: Sequence[Merge],
+    stay: Sequence[Unmerged],
+    export_only: Sequence[Fold],
+    drift: Drift | None,
 ) -> str | None:
     """Why the module cannot take ``m`` whatever its modules (None: it can)."""
     if m.weighted:
@@ -137,6 +144,9 @@ def _export_only_reason(
             return f"{b.weight} differs in the eager module: {drift.weights[b.weight]}"
     if m in same:
         return None
+    for u in stay:  # the module's own values do not fit where the program's do
+        if u.adds[0] == m.adds[0] and u.code == "overflow":
+            return f"in the eager module, {u.reason}"
     # the block differs in the eager module: name the export-only folds on its branches
     layers = {b.layer for b in m.branches if b.layer is not None}
     nodes = {n for b in m.branches for n in b.nodes} | set(m.adds)
@@ -164,22 +174,20 @@ def _branch_module(
     return None
 
 
-def apply_merges(
-    model: nn.Module, merges: Sequence[Merge], eager: Sequence[EagerMerge], values: Mapping[str, torch.Tensor]
-) -> None:
+def apply_merges(model: nn.Module, merges: Sequence[Merge], eager: Sequence[EagerMerge]) -> None:
     """Swap the merged blocks' branch modules in ``model``: the target becomes one conv with the
-    merged values (``values``: computed from the module's own values, condition 2), the other
-    branches :class:`MergedBranch`, under every name they have."""
+    merged values (``EagerMerge.values``: computed from the module's own values, condition 2),
+    the other branches :class:`MergedBranch`, under every name they have."""
     swaps: dict[int, nn.Module] = {}
     for m, e in zip(merges, eager, strict=True):
         if e.target is None:
             continue
         old = model.get_parameter(m.target.weight or "")
-        swaps[id(model.get_submodule(e.target))] = _conv_module(m, values, old.requires_grad)
+        swaps[id(model.get_submodule(e.target))] = _conv_module(m, e.values, old.requires_grad)
         t = m.target
         dilation = t.dilation or (1,) * len(t.kernel)  # a conv target always has one
         for path in e.zero:
-            out_channels = values[t.weight or ""].shape[0]
+            out_channels = e.values[t.weight or ""].shape[0]
             swaps[id(model.get_submodule(path))] = MergedBranch(
                 out_channels, t.kernel, t.stride, t.padding, dilation
             )

@@ -38,7 +38,6 @@ from torch.export import ExportedProgram
 from normfold.apply import EagerPlan, apply_module, apply_program, eager_plan, write_in_place
 from normfold.graph import Capture, module_calls
 from normfold.plan import Fold, Keep, Plan
-from normfold.reparam import merge_values
 from normfold.reparam_eager import apply_merges
 
 if TYPE_CHECKING:
@@ -145,18 +144,14 @@ def apply_round(
     (the first round): where the module takes every fold, its own tensors receive the values."""
     if len(eager.folds) == len(plan.folds):  # the module and the program get the same values
         if in_place:  # written into the model's own tensors: no second copy of the weights
-            values = eager_values = write_in_place(model, plan.iter_values(capture, lazy=True))
+            values = write_in_place(model, plan.iter_values(capture, lazy=True))
         else:
-            values = eager_values = plan.values(capture)
+            values = plan.values(capture)
         apply_module(model, eager, values)
     else:  # some folds land in the export only: the module gets its own subset
         values = plan.values(capture)
-        eager_values = plan.values(capture, eager.folds)
-        apply_module(model, eager, eager_values)
-    if merges:
-        values.update(merge_values(capture, merges, values))
-        if eager_values is not values:  # the module's merged convs start from the module's own values
-            mine = [m for m, e in zip(merges, eager_merges, strict=True) if e.target is not None]
-            eager_values = merge_values(capture, mine, eager_values)
-        apply_merges(model, merges, eager_merges, eager_values)
+        apply_module(model, eager, plan.values(capture, eager.folds))
+    for m in merges:  # computed when planned, from the capture's values (normfold.reparam_values)
+        values.update(m.values)
+    apply_merges(model, merges, eager_merges)  # with the values from the module's own
     return apply_program(capture, plan, values, merges)

@@ -167,3 +167,70 @@ def test_nested_blocks_reach_a_fixpoint_over_several_rounds():
     assert sorted(m.into for m in result.merged) == ["c", "d"]
     assert {f.norm for f in result.folded} >= {"bn1", "bn2"}
     assert sum(n.op == "call_function" for n in result.program.graph.nodes) == 2  # up, one conv
+
+
+# --- float16: a merged value that does not fit keeps the block --------------------------------------
+
+
+class LargeFoldedBranches(nn.Module):
+    """Two 1x1 conv-BN branches whose folded kernels (about 4.4e4 each: BN scale 5e4) fit float16,
+    but their sum (about 8.8e4) does not; ``scale`` multiplies the sum in forward code (folded into
+    the branches in the export only, where the merged kernel then fits)."""
+
+    def __init__(self, scale: float | None = None, c: int = 4) -> None:
+        super().__init__()
+        self.scale = scale
+        self.a, self.b = nn.Conv2d(c, c, 1, bias=False), nn.Conv2d(c, c, 1, bias=False)
+        self.bna, self.bnb = nn.BatchNorm2d(c, eps=0.0), nn.BatchNorm2d(c, eps=0.0)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for conv in (self.a, self.b):
+                conv.weight.copy_(0.85 + 0.05 * torch.rand(conv.weight.shape, generator=gen))
+            for bn in (self.bna, self.bnb):
+                bn.running_var.copy_(1e-6 * (1 + torch.rand(c, generator=gen) * 0.1))
+                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.01)
+                bn.weight.copy_(50.0 + torch.rand(c, generator=gen))
+                bn.bias.copy_(torch.randn(c, generator=gen))
+
+    def forward(self, x):
+        y = self.bna(self.a(x)) + self.bnb(self.b(x))
+        return y if self.scale is None else y * self.scale
+
+
+_INPUT16 = (torch.rand(2, 4, 5, 5, generator=torch.Generator().manual_seed(4)) * 1e-3).half()
+
+
+def _finite_and_verified(model: nn.Module, result: normfold.FoldResult) -> None:
+    with torch.no_grad():
+        assert bool(model(_INPUT16).isfinite().all())  # the original does not overflow
+        for candidate in (result.model, exported(result.program)):
+            assert bool(candidate(_INPUT16).isfinite().all())
+            report = normfold.verify(model, candidate, _INPUT16)
+            assert report.passed, report.failures()
+
+
+def test_float16_block_whose_merged_kernel_does_not_fit_stays_with_code_overflow():
+    model = LargeFoldedBranches().half().eval()
+    result = normfold.reparameterize(model, _INPUT16)
+    assert result.merged == []
+    (kept,) = result.not_merged
+    assert (kept.block, kept.code) == ("forward", "overflow")
+    assert kept.reason.startswith(
+        "the merged a.weight does not fit in float16 (largest finite 6.55e+04, merged "
+    )
+    assert kept.reason.endswith("): merging the block would make it inf")
+    assert {(f.norm, f.where) for f in result.folded} == {("bna", "both"), ("bnb", "both")}  # each fits
+    _finite_and_verified(model, result)
+
+
+def test_float16_merge_that_fits_only_in_the_export_stays_out_of_the_module():
+    model = LargeFoldedBranches(scale=0.25).half().eval()
+    result = normfold.reparameterize(model, _INPUT16)
+    (merge,) = result.merged
+    assert merge.where == "export"  # the program's kernel holds the export-only * 0.25
+    assert merge.note is not None
+    assert merge.note.startswith(
+        "merged in the export only: in the eager module, the merged a.weight does not fit"
+    )
+    assert isinstance(result.model.a, nn.Conv2d) and isinstance(result.model.b, nn.Conv2d)
+    _finite_and_verified(model, result)
