@@ -301,6 +301,15 @@ def op_name(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
+_DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
+             torch.ops.aten.alpha_dropout.default, torch.ops.aten.feature_alpha_dropout.default}  # fmt: skip
+
+
+def _eval_dropout(node: fx.Node) -> bool:
+    """A dropout op with ``train=False``: the identity, no random draw."""
+    return node.target in _DROPOUTS and not bind(node).get("train")
+
+
 class Constants:
     """Which nodes are computed from parameters/buffers/literals only, and their float64 values."""
 
@@ -318,6 +327,8 @@ class Constants:
             return False
         if tensor_meta(node) is None or node.target._schema.is_mutable:
             return False
+        if torch.Tag.nondeterministic_seeded in node.target.tags and not _eval_dropout(node):
+            return False  # a random draw (rand_like(w), dropout(w) in training) is new at every call
         inputs = node.all_input_nodes
         return bool(inputs) and all(self.is_const.get(n, False) for n in inputs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import normfold
 from normfold.graph import CaptureOptions, Constants, bind, capture, set_arg, shape
 
 
@@ -58,3 +59,30 @@ def test_constants_are_evaluated_in_float64():
     assert torch.equal(value, expected)
     [div] = [n for n in cap.graph.nodes if n.target is torch.ops.aten.div.Tensor]
     assert consts.value(div) is None and not consts.is_const[div]
+
+
+class RandomScale(nn.Module):
+    """``conv(x) * (g + rand_like(g))``: a scale drawn anew at every call, no constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.g = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
+
+    def forward(self, x):
+        return self.conv(x) * (self.g + torch.rand_like(self.g))
+
+
+def test_a_random_draw_from_parameters_is_no_constant():
+    """Evaluating it would draw from the global RNG and bake one draw into the weights."""
+    model = RandomScale().eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    cap = capture(model, (x,), CaptureOptions())
+    consts = Constants(cap)
+    [draw] = [n for n in cap.graph.nodes if n.target is torch.ops.aten.rand_like.default]
+    assert not consts.is_const[draw] and not consts.is_const[next(iter(draw.users))]
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    result = normfold.fold(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert result.folded == [] and torch.equal(result.model.conv.weight, model.conv.weight)
