@@ -174,22 +174,26 @@ def stage_export(
         with steps("export (onnx)"):
             program = _dynamic_program(program or _export_program(model, example_inputs, options), options)
             result = _export_onnx(program, example_inputs, staged, options=options, opset=opset)
-        with steps("check (onnxruntime)"):
-            result.parity = _check_onnx(staged, reference, rule)
+        with steps("check (onnxruntime)"):  # a failed check fails inside its step (the report names it)
+            result.parity = _passed(_check_onnx(staged, reference, rule))
     else:
         with steps("export (torch.export)"):
             program = _dynamic_program(program or _export_program(model, example_inputs, options), options)
             result = _export_pt2(program, staged, dynamic_batch=options.dynamic_batch)
         with steps("check (torch.export.load)"):
-            result.parity = _check_pt2(staged, reference, rule)
-    for runtime, report in result.parity.items():
-        if not report.passed:
-            raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
+            result.parity = _passed(_check_pt2(staged, reference, rule))
     result.path = out
     owned = [f for f in staged.parent.iterdir() if f == staged or _is_data_of(f.name, out.name)]
     result.files = [out.parent / f.name for f in sorted(owned, key=lambda f: f == staged)]
     result.size_bytes = sum(f.stat().st_size for f in owned)
     return result
+
+
+def _passed(parity: dict[str, ParityReport]) -> dict[str, ParityReport]:
+    for runtime, report in parity.items():
+        if not report.passed:
+            raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
+    return parity
 
 
 def _is_data_of(name: str, model_name: str) -> bool:

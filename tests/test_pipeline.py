@@ -100,3 +100,22 @@ def test_a_batch_of_one_widened_over_the_input_limit_is_refused_before_allocatin
     with pytest.raises(UsageError, match=message + r"elements, .* pass --static-batch or smaller shapes$"):
         fold_and_export("normfold.models:mlp", tmp_path / "o.onnx", inputs=spec)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_check_names_its_step_in_the_report(tmp_path, monkeypatch):
+    """The written file differs from the original in onnxruntime (its outputs shifted): the
+    report of the failed run names the step, ``check (onnxruntime)``, not null."""
+    import json
+
+    import normfold.export as export_mod
+    from normfold.errors import ExportError
+
+    real = export_mod.run_onnx
+    monkeypatch.setattr(export_mod, "run_onnx", lambda *a: [t + 1.0 for t in real(*a)])
+    report = tmp_path / "r.json"
+    with pytest.raises(ExportError, match=r"^onnxruntime-cpu output differs from the original model: "):
+        fold_and_export("normfold.models:mlp", tmp_path / "m.onnx", report=report)
+    failure = json.loads(report.read_text())["failure"]
+    assert failure["step"] == "check (onnxruntime)"
+    assert (failure["error"], failure["exit_code"]) == ("ExportError", 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
