@@ -1,36 +1,42 @@
 """Differential fuzzer of ``normfold.fold``, independent of normfold's pattern list: random small
-programs (``diff_programs.py``) over one tensor, folded with ``reparameterize=False`` and ``True``.
+programs (``diff_programs.py``) over one tensor, folded with ``reparameterize=False`` and, where the
+program has a sum (the only op a merge starts from), ``reparameterize=True``.
 
-For every program and both folds, on the eager module ``result.model`` *and* the program
+For every program and fold, on the eager module ``result.model`` *and* the program
 ``result.program`` (:func:`check_program`):
 
 a. **no wrong fold**: ``normfold.verify(original, candidate, inputs)`` passes, and its verdict
    agrees with this file's own float64 truth (:class:`Truth`, below): a candidate the truth judges
-   clearly wrong must fail verify, one it judges clearly right must pass it;
+   clearly wrong must fail verify, one it judges clearly right must pass it ("exact fold refused"
+   otherwise), and a check that cannot decide anything must not pass;
 b. ``result.replan_folds == 0``;
 c. the input model (state_dict bytes, every module's training flag), the inputs and global state
    (torch RNG, default dtype, grad mode, deterministic-algorithms flag, ``sys.path``, threads)
    are unchanged.
 
-**The truth** judges one candidate per input set (verify's own: the given inputs, its seeded
-normal and uniform[0, 255] sets, :func:`normfold.reference.parity_sets`; a set on which the
-original is not finite is left out, as verify does), per output and per channel ``c`` (axis 1):
-``exact`` is a float64 copy of the original, ``own_c`` the original's own error against it,
-``pert_c`` the errors of float64 runs with every floating parameter and buffer multiplied by
-``1 + d``, ``|d| <`` one unit roundoff of its dtype (this file's own seeds, 4 runs, 8 when judging
-wrong), ``floor_c = atol + rtol * max|exact_c|`` (the rule's per-dtype table), ``err_c`` the
-candidate's error:
+**The truth** judges a candidate on verify's own input sets (the given inputs, its seeded normal
+and uniform[0, 255] sets from :func:`normfold.reference.parity_sets`; a set on which the original
+is not finite is left out, as verify does), per output and per channel ``c`` (axis 1), with
+``exact`` a float64 copy of the original run on float64 inputs, ``own_c`` the original's own error
+against it, ``pert_c`` the errors of float64 runs with every floating parameter and buffer
+multiplied by ``1 + d``, ``|d| <`` one unit roundoff of its dtype (this file's own seeds: 4 runs,
+8 before calling anything wrong), ``floor_c = atol + rtol * max|exact_c|`` (the rule's per-dtype
+table) and ``err_c`` the candidate's error:
 
+* *wrong*: some channel has ``err_c > 10 * (floor_c + 4 * max(own_c, every pert_c))``, or the
+  candidate is not finite where the original and the float64 run are;
+* *vacuous*: for some output, on every input set, ``atol + rtol * max|exact| + 4 * own >=
+  max|exact| > 0`` over the whole output: the rule's allowance reaches the output's own scale by
+  the original's own error alone, so the check decides nothing and must fail;
+* *undecidable*: an output identical on every input set (verify compares nothing there), a
+  channel whose noise alone reaches its magnitude (``4 * max(own_c, pert_c) >= max|exact_c| > 0``),
+  an output whose whole allowance reaches its magnitude on some set: counted, verify's verdict
+  not asserted;
 * *right*: every channel has ``err_c <= floor_c + 4 * max(own_c, second largest pert_c)``: within
-  the parity rule's factor (4) by the original's own error or by two of four perturbations (so a
-  single heavy-tailed perturbation does not make it "right"); per channel implies the rule's
-  whole-output check, so a right candidate that verify refuses is an *exact fold refused*;
-* *wrong*: some channel has ``err_c > 10 * (floor_c + 4 * max(own_c, every pert_c of 8))``, or a
-  non-finite value where the original and the float64 run are finite;
-* *undecidable*: some channel's noise alone reaches its magnitude (``4 * noise_c >= max|exact_c| >
-  0``), or the whole output's allowed error reaches its magnitude: nothing can be judged there
-  (counted, verify's verdict not asserted);
-* otherwise *ambiguous* (between right and wrong: no verdict asserted, but verify must pass by a).
+  the rule's factor by the original's own error or by two of four perturbations (one heavy-tailed
+  perturbation alone does not make a candidate right); per channel implies per output, so verify
+  must pass it;
+* otherwise *ambiguous*: no verdict of the truth, but (a) still wants verify to pass.
 
 A program whose original output is not finite on the given inputs ("overflows in its own dtype")
 is excluded from (a) and counted; (b) and (c) still hold.
@@ -42,13 +48,14 @@ Profiles, by environment variable:
 * ``NORMFOLD_DIFF_SEED``: hypothesis seed instead of the default derandomized run;
 * ``NORMFOLD_DIFF_DTYPES``: dtypes drawn (default ``float32,float64,float16,bfloat16``);
 * ``NORMFOLD_DIFF_COLLECT=file.jsonl``: campaign mode: each failing program is appended to the
-  file (its repr and problems) instead of stopping the run, and the test fails at the end if any::
+  file (index, repr, problems) instead of stopping the run; the test fails at the end if any::
 
-    NORMFOLD_DIFF_EXAMPLES=10000 NORMFOLD_DIFF_SEED=$RANDOM \
+    NORMFOLD_DIFF_EXAMPLES=10000 NORMFOLD_DIFF_SEED=$RANDOM NORMFOLD_DIFF_COLLECT=diff.jsonl \\
         .venv/bin/python -m pytest -s tests/test_diff_fuzz.py
 
-A failure prints (in the assertion message) the seed, the program's repr (hypothesis shrinks it
-first) and two commands that rebuild and recheck it.
+A failure prints (in the assertion message, with or without ``-s``) the seed, the program's repr
+(the shrunk one: hypothesis shrinks before it re-raises) and two commands: one rebuilds and
+rechecks that program (``diff_programs.recheck``), one reruns the whole run.
 """
 
 from __future__ import annotations
@@ -152,6 +159,7 @@ class Truth:
         verdicts, worst = [], ""
         if self.constant:
             return "undecidable", "an output does not depend on the inputs"
+        per_output: dict[int, list[str]] = {}
         for i, (name, inputs, _, orig, exact) in enumerate(self.sets):
             cand = _run(candidate, inputs)
             if len(cand) != len(exact) or any(c.shape != e.shape for c, e in zip(cand, exact, strict=True)):
@@ -159,11 +167,16 @@ class Truth:
             for j, (o, e, c) in enumerate(zip(orig, exact, cand, strict=True)):
                 verdict, how = self._leaf(i, j, o, e, c)
                 verdicts.append(verdict)
+                per_output.setdefault(j, []).append(verdict)
                 if verdict != "right" and not worst:
                     worst = f"output {j} on {name} inputs: {how}"
-        for v in ("wrong", "vacuous", "undecidable", "ambiguous"):
+        if "wrong" in verdicts:
+            return "wrong", worst
+        if any(all(v == "vacuous" for v in vs) for vs in per_output.values()):
+            return "vacuous", worst  # an output no input set can judge
+        for v in ("vacuous", "undecidable", "ambiguous"):
             if v in verdicts:
-                return v, worst
+                return "undecidable" if v == "vacuous" else v, worst
         return "right", ""
 
     def _leaf(self, i: int, j: int, o: torch.Tensor, e: torch.Tensor, c: torch.Tensor) -> tuple[str, str]:
@@ -195,7 +208,7 @@ class Truth:
         if bool(wrong(4).any()) and bool(wrong(8).any()):  # 8 runs only where 4 say wrong
             return "wrong", how
         if top > 0 and tol.atol + tol.rtol * top + FACTOR * float(own.max()) >= top:
-            return "vacuous", how  # the rule's allowance reaches the output's scale by its own error alone
+            return "vacuous", how  # the rule's allowance reaches the output's scale by the own error alone
         if bool(((FACTOR * noise >= scale) & (scale > 0)).any()) or whole >= top:
             return "undecidable", how
         if bool((err <= floor + FACTOR * torch.maximum(own, four[1])).all()):
