@@ -99,15 +99,20 @@ class NormAfterBareIdentity(nn.Module):
 class NormAfterModuleBlock(nn.Module):
     """``out(a(x) + b(x) + skip(x))``: every branch a module (the merge lands in the module too);
     ``out`` stays in the first plan (the identity branch's norm is no layer), then folds into the
-    merged conv, in both."""
+    merged conv, in both. ``head``: then a conv with an ``F.batch_norm`` (folded in the export
+    only, elsewhere: it does not keep the later round out of the module)."""
 
-    def __init__(self, c: int = 6) -> None:
+    def __init__(self, c: int = 6, head: bool = False) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
         self.skip, self.out = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, c, 1) if head else None
+        self.register_buffer("mean", torch.linspace(-1.0, 2.0, c))
+        self.register_buffer("var", torch.linspace(0.5, 3.0, c))
 
     def forward(self, x):
-        return torch.relu(self.out(self.a(x) + self.b(x) + self.skip(x)))
+        y = torch.relu(self.out(self.a(x) + self.b(x) + self.skip(x)))
+        return y if self.head is None else F.batch_norm(self.head(y), self.mean, self.var, None, None, False)
 
 
 class NestedBlocks(nn.Module):
@@ -149,14 +154,18 @@ def test_a_norm_after_an_export_only_merge_folds_in_the_program():
     assert isinstance(result.model.bn, nn.BatchNorm2d) and isinstance(result.model.c, nn.Conv2d)
 
 
-def test_a_norm_after_a_merged_module_block_folds_in_both():
+@pytest.mark.parametrize("head", [False, True])
+def test_a_norm_after_a_merged_module_block_folds_in_both(head):
     torch.manual_seed(0)
-    model = randomize_bn(NormAfterModuleBlock())
+    model = randomize_bn(NormAfterModuleBlock(head=head))
     result = _replan_parity(model, torch.randn(2, 6, 7, 7))
     (merge,) = result.merged
     assert (merge.into, merge.where) == ("a", "both")
     (out,) = [f for f in result.folded if f.norm == "out"]
     assert (out.into, out.pattern, out.where) == ("a", "conv-bn", "both")
+    assert [(f.into, f.where) for f in result.folded if f.norm.startswith("forward:")] == (
+        [("head", "export")] if head else []
+    )
     assert isinstance(result.model.out, nn.Identity) and isinstance(result.model.skip, MergedBranch)
 
 
