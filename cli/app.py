@@ -14,9 +14,11 @@ one line a pipeline can grep: ``normfold: ok folded=8/8 kept=0 ...``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -476,7 +478,8 @@ def _guard() -> Iterator[None]:
 
     committed.clear()  # this command's writes only (tests run many commands in one process)
     try:
-        yield
+        with _third_party_quiet():
+            yield
     except NormfoldError as e:
         _traceback()
         if isinstance(e, NotFoldedError):  # the one error of several lines: one per norm kept,
@@ -501,6 +504,25 @@ def _guard() -> Iterator[None]:
 
         _error(f"internal error: {first_line(e)} (a bug: please report it with the output of --debug)")
         raise typer.Exit(1) from e
+
+
+@contextlib.contextmanager
+def _third_party_quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """Every error is one line on stderr, and a run that succeeds writes nothing there: the
+    warnings of torch, onnx, onnxscript or the user's model code (UserWarning, DeprecationWarning,
+    ...) are recorded instead of shown, and log records (torch's loggers print to stderr on their
+    own) are off while the command runs. ``--debug`` leaves both as they are: it shows them."""
+    if _DEBUG[0]:
+        yield []
+        return
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield caught
+    finally:
+        logging.disable(disabled)
 
 
 def _traceback() -> None:

@@ -740,6 +740,56 @@ def test_how_the_model_was_taken_is_shown_and_reported(tmp_path: Path, command: 
 # what a run says: exit codes, the before/after summary, --require-all, reports on failure
 
 
+_WARNING_MODEL = """
+import logging, warnings
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.upsample(self.bn(self.conv(x)), scale_factor=2)  # torch: a deprecation UserWarning
+
+
+def build():
+    warnings.warn("factory: a UserWarning", UserWarning)
+    warnings.warn("factory: a DeprecationWarning", DeprecationWarning)
+    logging.getLogger("torch.fx").warning("torch logger: a warning")  # torch's own stderr handler
+    net = Net()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    return net
+"""
+
+
+def test_third_party_warnings_never_reach_stderr(tmp_path: Path) -> None:
+    """Warnings and log records from torch and the model's code: nothing on stderr after a run
+    that succeeds, exactly the one error line after one that fails; --debug shows them."""
+    (tmp_path / "warny.py").write_text(_WARNING_MODEL)
+    normfold_cli = str(Path(sys.executable).with_name("normfold"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [normfold_cli, *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    done = run("fold", "warny:build", "--input-shape", "2,3,8,8", "--out", "w.onnx")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines()[-1].startswith("normfold: ok folded=1/1")
+    failed = run("fold", "warny:build", "--input-shape", "2,5,8,8", "--out", "x.onnx")
+    assert failed.returncode == 4, failed.stderr
+    (line,) = failed.stderr.splitlines()
+    assert line.startswith("error: ")
+    debug = run("--debug", "inspect", "warny:build", "--input-shape", "2,3,8,8")
+    assert debug.returncode == 0
+    for said in ("factory: a UserWarning", "torch logger: a warning"):
+        assert said in debug.stderr, debug.stderr
+
+
 def test_exit_codes_are_one_table_in_help_docstring_and_readme() -> None:
     from normfold.cli import app as cli
 
