@@ -204,6 +204,10 @@ def capture(model: nn.Module, inputs: Sequence[torch.Tensor], options: CaptureOp
             f"torch.export could not capture {type(model).__name__} on example inputs [{described}]: "
             f"{first_line(e)}"
         ) from e
+    # an op whose value nothing uses (a module called for nothing) is no user: left in the graph it
+    # would block a fold that the folded program, which drops it, then allows (re-planning finds it)
+    if program.graph.eliminate_dead_code():
+        program.graph_module.recompile()
     result = Capture.of(program)
     first: dict[int, str] = {}
     for path, module in model.named_modules(remove_duplicate=False):

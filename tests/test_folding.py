@@ -317,6 +317,25 @@ def test_shared_conv_is_skipped_and_other_call_site_unchanged():
     # The peer torch.fx.experimental.optimization.fuse corrupts exactly the second output.
 
 
+class DeadCall(nn.Module):
+    """The conv is called a second time for nothing: that call is dead code, no user."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        self.conv(h)  # result unused
+        return self.bn(h)
+
+
+def test_a_call_whose_result_is_unused_blocks_no_fold():
+    """It used to count as a second user (kept as multiple_users) while the folded program, without
+    the dead call, had the fold to offer again (replan_folds != 0; found by the differential fuzzer)."""
+    _check_folded(randomize_bn(DeadCall()), _input((2, 4, 6, 6)), "conv-bn", into="conv", norm="bn")
+
+
 class SharedBN(nn.Module):
     def __init__(self):
         super().__init__()
