@@ -131,6 +131,9 @@ class _Eager:
             layer = self.modules.get(u.module)
             if layer is not None and (layer._forward_hooks or layer._forward_pre_hooks):
                 return f"{u.module} has forward hooks that would see its changed output"
+            if u.bias is None and self.by_name[u.layer].target in _BARE_MATMULS:
+                where = u.module or "forward"
+                return f"the matmul x @ {u.weight} in {where} has no bias to receive the norm's shift"
             if u.bias is None and not self._can_add_bias(layer, u.module, u.weight, u.layer):
                 return f"{u.module or 'forward'} has no bias parameter to receive the norm's shift"
         return None

@@ -277,7 +277,7 @@ def test_bn_next_to_a_bare_matmul_folds_in_the_export(how):
     pattern = "bn-linear" if how == "norm_first" else "linear-bn"
     result = _folds(model, x, [("norm", pattern, "w", "export")])
     assert result.folded[0].note == (
-        "folded in the export only: forward has no bias parameter to receive the norm's shift"
+        "folded in the export only: the matmul x @ w in forward has no bias to receive the norm's shift"
     )
     assert isinstance(result.model.norm, nn.BatchNorm1d)  # the eager module is the original
     adds = [n for n in result.program.graph.nodes if n.target is torch.ops.aten.add.Tensor]
