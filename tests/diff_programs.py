@@ -721,6 +721,17 @@ def _macro(draw: Any, g: _Draft, src: int) -> None:
             g.push(_norm(draw, g, v))
 
 
+def dead_values(ops: Any, n: int) -> list[int]:
+    """Values (other than the input and the last) that no later op reads: ``forward`` computes
+    them and drops them."""
+    read = {n - 1}
+    for i in range(len(ops) - 1, -1, -1):
+        if i + 1 in read:
+            read.add(ops[i].src % (i + 1))
+            read.update([ops[i].other] if isinstance(ops[i], (Add, Cat)) else [])
+    return [v for v in range(1, n - 1) if v not in read]
+
+
 @st.composite
 def programs(draw: Any, dtypes: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")) -> Program:
     """A random valid :class:`Program` (module docstring)."""
@@ -738,10 +749,15 @@ def programs(draw: Any, dtypes: tuple[str, ...] = ("float32", "float64", "float1
     if not g.module.ops:
         g.push(_norm(draw, g, -1))
     n = len(g.values)
-    outputs = tuple(sorted(draw(st.sets(st.integers(1, n - 2), max_size=2)))) if n > 2 and draw(
-        st.integers(0, 4)) == 0 else ()  # fmt: skip
+    outputs = (
+        set(draw(st.sets(st.integers(1, n - 2), max_size=2)))
+        if n > 2 and draw(st.integers(0, 4)) == 0
+        else set()
+    )
+    if draw(st.integers(0, 4)) > 0:  # usually every value is used: dead code (1 in 5) is a case of its own
+        outputs |= set(dead_values(g.module.ops, n))
     return Program(
-        shape=shape, ops=tuple(g.module.ops), outputs=outputs, dtype=dtype,
+        shape=shape, ops=tuple(g.module.ops), outputs=tuple(sorted(outputs)), dtype=dtype,
         seed=draw(st.integers(0, 2**16)), batch=batch,
         scale=draw(st.sampled_from((1.0, 1.0, 10.0, 0.01))), train=draw(st.integers(0, 5)) == 0,
     )  # fmt: skip
