@@ -15,64 +15,41 @@
    ok``, naming the model) only once the model and its data are in place: a run killed between
    two renames (SIGKILL) leaves at worst a new model beside the previous run's report.
 5. **Only its own files are removed**: replacing an ``.onnx`` (``force``) removes an external
-   data file the replaced model named only when normfold provably wrote it and nothing else
-   uses it (:meth:`OutputSet.remove_replaced`): named by normfold's scheme
-   ``<model>.<hash>.data`` with ``hash`` the content's own (:func:`content_digest`), in the
-   model's folder, not an input of the run, not named by any ``.onnx`` file in that folder
-   (the new model, a copy of the old one). Any other name a replaced model points at (the
-   weights, an unrelated file, data another tool wrote) stays.
-6. **No stray files**: staging folders are named ``.normfold-<host>-<pid>-<random>.tmp``
-   (``host`` a short hash of the host name); they are removed when the run ends, however it ends
-   (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit so this cleanup runs, and its
-   handler defers them while a commit is in progress: :func:`defer_signal`). One left by a killed
-   run (SIGKILL) is removed by the next run that writes into that folder, if that run can take
-   its lock: every staging folder holds a lock file (:data:`LOCK_NAME`) that its run keeps
-   ``fcntl.flock``-ed for its whole life, and the kernel releases that lock when the process
-   ends, however it ends. A pid says nothing across PID namespaces (containers sharing a host
-   name and a folder) and may be reused; a lock does not lie. Another host's folder is left
-   alone (``flock`` over NFS may not see a remote holder), and a folder without a lock file (a
-   run between creating the folder and locking it, or an older normfold's) is removed only when
-   its pid is dead and it is older than :data:`UNLOCKED_GRACE_S`.
+   data file the replaced model named only when normfold provably wrote it (named by its own
+   content's hash) and nothing else uses it (:mod:`normfold.datafiles`); the weights, an
+   unrelated file or a copy's data stay.
+6. **No stray files**: staging folders (``.normfold-<host>-<pid>-<random>.tmp``) are removed when
+   the run ends, however it ends (the CLI turns SIGTERM, SIGHUP and SIGINT into an ordinary exit
+   so this cleanup runs, and its handler defers them while a commit is in progress:
+   :func:`defer_signal`); one left by a killed run (SIGKILL) is removed by the next run that
+   writes into that folder once it can take the lock its run held (:mod:`normfold.staging`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import logging
-import mmap
 import os
-import re
 import shutil
 import signal
-import socket
 import stat
-import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from normfold.datafiles import content_digest as content_digest  # re-exported: export.py names data
+from normfold.datafiles import kept_because
 from normfold.errors import ExportError, UsageError
+from normfold.staging import _HOST as _HOST  # re-exported with the staging rule's names
+from normfold.staging import LOCK_NAME as LOCK_NAME
+from normfold.staging import UNLOCKED_GRACE_S as UNLOCKED_GRACE_S
+from normfold.staging import clean_stale, make_stage
 
 logger = logging.getLogger(__name__)
 
-_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
-_STAGE = re.compile(r"^\.normfold-([0-9a-f]{8})-(\d+)-\w+\.tmp$")
-
 #: no space, no free inode, a quota exceeded: a full filesystem (exit 6), not a usage error
 _FULL = {errno.ENOSPC, errno.EDQUOT}
-
-#: the lock file in a staging folder, flock-ed by its run for the run's whole life
-LOCK_NAME = ".normfold.lock"
-#: a staging folder without a lock file is some run's only for this long after its last change
-UNLOCKED_GRACE_S = 60.0
-
-#: ``<model>.<hash>.data``: external data named by :func:`content_digest` of its bytes
-DATA_DIGEST_SIZE = 6
-_DATA = re.compile(rf"^(?P<model>.+)\.(?P<digest>[0-9a-f]{{{2 * DATA_DIGEST_SIZE}}})\.data$")
 
 #: every path a commit of this process placed (the CLI names them if a signal stops it later)
 committed: list[Path] = []
@@ -203,7 +180,7 @@ class OutputSet:
         out = self.paths[role]
         removed = []
         for path in used:
-            why = _kept_because(path, out, self.inputs)
+            why = kept_because(path, out, lambda p: any(_same_file(p, i) for i in self.inputs))
             if why is None:
                 try:
                     path.unlink()
@@ -229,11 +206,8 @@ class OutputSet:
         if folder not in self._stages:
             clean_stale(folder)
             try:
-                stage = Path(
-                    tempfile.mkdtemp(prefix=f".normfold-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder)
-                )
-                self._stages[folder] = stage
-                self._locks.append(_locked(stage / LOCK_NAME))
+                self._stages[folder], lock = make_stage(folder)
+                self._locks.append(lock)
             except OSError as e:
                 message = f"cannot write into folder {folder}: {e.strerror or e}"
                 if e.errno in _FULL:  # the folder is fine, the filesystem is full: writing failed
@@ -343,118 +317,5 @@ def _move(staged: Path, dest: Path, force: bool) -> None:
     staged.unlink()
 
 
-def content_digest(path: Path) -> str:
-    """The hash external data is named by: ``<model>.<content_digest>.data``."""
-    digest = hashlib.blake2b(digest_size=DATA_DIGEST_SIZE)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _kept_because(path: Path, model: Path, inputs: Iterable[Path]) -> str | None:
-    """Why ``path``, a data file the replaced ``model`` named, is not provably normfold's and
-    unused (so it stays); None if it may be removed."""
-    match = _DATA.match(path.name)
-    if path.parent != model.parent or match is None or match["model"] != model.name:
-        return "not named by normfold's scheme <model>.<hash>.data beside the model"
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
-        if any(_same_file(path, p) for p in inputs):
-            return "an input of this run"
-        if content_digest(path) != match["digest"]:
-            return "its content does not match the hash in its name: normfold did not write it"
-        user = _onnx_naming(path)
-    except OSError as e:
-        return f"cannot be checked ({e.strerror or e})"
-    return f"{user} names it" if user is not None else None
-
-
-def _onnx_naming(data: Path) -> Path | None:
-    """An ``.onnx`` file in ``data``'s folder whose bytes contain its name (conservative: a
-    model that names it as external data always does; a chance match only keeps a file)."""
-    needle = data.name.encode()
-    for entry in sorted(data.parent.iterdir()):
-        if entry.suffix != ".onnx" or entry.name.startswith(".normfold-"):
-            continue
-        try:
-            st = os.stat(entry)
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                continue  # a FIFO would block, an empty file names nothing
-            with open(entry, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(needle) >= 0:
-                    return entry
-        except OSError:  # unreadable: it may name the file, so the file stays
-            return entry
-    return None
-
-
 def _appeared(dest: Path) -> UsageError:
     return UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)")
-
-
-def _locked(path: Path) -> int:
-    """Create ``path`` and hold an exclusive flock on it; the open descriptor (not inherited by
-    programs this process starts) keeps the lock until it is closed or the process ends."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def clean_stale(folder: Path) -> list[Path]:
-    """Remove staging folders left in ``folder`` by runs that no longer exist (killed runs):
-    those of this host whose lock this process can take (rule 6 of the module docstring)."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
-            match = _STAGE.match(entry.name)
-            if not match or match.group(1) != _HOST:  # another host's lock may be invisible here
-                continue
-            if entry.is_dir() and not entry.is_symlink() and _remove_if_stale(entry, int(match.group(2))):
-                removed.append(entry)
-                logger.info("removed %s, left by an interrupted run", entry)
-    return removed
-
-
-def _remove_if_stale(stage: Path, pid: int) -> bool:
-    """Remove ``stage`` if no live run holds its lock; True if removed."""
-    try:
-        fd = os.open(stage / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:  # being created right now, or an older normfold's: pid and age
-        try:
-            age = time.time() - os.lstat(stage).st_mtime
-        except OSError:  # removed meanwhile (another run cleaned it)
-            return False
-        if _alive(pid) or age < UNLOCKED_GRACE_S:
-            return False
-        shutil.rmtree(stage, ignore_errors=True)
-        return True
-    except OSError:  # a link or something unreadable in its place: not ours to judge
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its run is alive, whatever its pid says here
-            return False
-        shutil.rmtree(stage, ignore_errors=True)  # holding the lock: its run is gone
-        return True
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
