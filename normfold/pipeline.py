@@ -418,14 +418,16 @@ def _reported(files: OutputSet, record: RunRecord) -> Iterator[None]:
 
 
 def _commit(files: OutputSet, record: RunRecord) -> None:
-    """Write the report (if asked) into the set, then commit the set: data, model, report."""
-    if "--report" in files.paths:
-        write_json(files.staged("--report"), record.to_dict())
-    export = getattr(record.run, "export", None)
-    if export is not None:
-        commit_export(files, export)
-    else:
-        files.commit()
+    """Write the report (if asked) into the set, then commit the set: data, model, report. A
+    failure here (a full disk, no free inode) is the step ``write`` in a failed run's report."""
+    with record.steps.untimed("write"):
+        if "--report" in files.paths:
+            write_json(files.staged("--report"), record.to_dict())
+        export = getattr(record.run, "export", None)
+        if export is not None:
+            commit_export(files, export)
+        else:
+            files.commit()
 
 
 @dataclass

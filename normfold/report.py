@@ -53,6 +53,15 @@ class StepTimer:
         logger.info("%s took %.3f s", name, self.timings[name])
 
 
+    @contextlib.contextmanager
+    def untimed(self, name: str) -> Iterator[None]:
+        """A step that a failed run's report names but that has no timing of its own (the final
+        commit of the outputs, which happens after the report was made)."""
+        self.current = name
+        yield
+        self.current = None
+
+
 #: Version of the report's layout: 2 added the envelope (status, failure, options, seed, started),
 #: the summary, and dropped the blocks that were written twice (layers, the export's parity).
 SCHEMA_VERSION = 2

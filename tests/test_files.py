@@ -246,11 +246,13 @@ def test_no_free_inode_for_the_staging_folder_is_a_write_failure(
 def test_cli_no_free_inode_at_the_commit_exits_6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(files_mod, "_move", _no_inode_for("o.onnx"))
-    result = CliRunner().invoke(app, ["fold", "normfold.models:mlp", "--out", "o.onnx", "-q"])
+    result = CliRunner().invoke(app, ["fold", "normfold.models:mlp", "--out", "o.onnx", "--report", "r.json"])
     assert result.exit_code == 6, result.output
     said = "error: placing o.onnx failed: No space left on device; nothing was written"
     assert result.stderr.strip() == said
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the failed run's report found room
+    failure = json.loads((tmp_path / "r.json").read_text())["failure"]
+    assert (failure["step"], failure["exit_code"]) == ("write", 6)
 
 
 class Stopped(Exception):
