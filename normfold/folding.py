@@ -310,18 +310,21 @@ def fold(
     drift.record(analysis.capture, analysis.plan, analysis.eager, analysis.merges, analysis.eager_merges)
     result.program = apply_round(model, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
                                  analysis.eager_merges, in_place=True)  # fmt: skip
-    _settle(result, model, drift, reparameterize, merged=bool(analysis.merges))
+    _settle(result, model, drift, reparameterize, merged=bool(analysis.merges))  # returns what it left
     result.ops_after = op_counts(result.program.graph)
     result.params_after = _count_params(model)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
 
 
-def _settle(result: FoldResult, model: nn.Module, drift: Drift, reparam: bool, *, merged: bool) -> None:
+def _settle(
+    result: FoldResult, model: nn.Module, drift: Drift, reparam: bool, *, merged: bool
+) -> list[str]:
     """Plan the folded program again; after a round that merged blocks (a merge makes new
     neighbours: :mod:`normfold.replan`), apply what it finds, until a plan finds nothing or after
     ``MAX_ROUNDS`` rounds. :attr:`FoldResult.replan_folds` counts what the last plan found: a
-    fold found after a round without merges is a fold the planner missed, reported, not hidden."""
+    fold found after a round without merges is a fold the planner missed, reported, not hidden.
+    Returns what the last plan found, one line each (empty: the fixpoint)."""
     for round_ in range(MAX_ROUNDS + 1):
         cap = Capture.of(result.program)
         the_plan = plan(cap)
@@ -340,6 +343,10 @@ def _settle(result: FoldResult, model: nn.Module, drift: Drift, reparam: bool, *
         merged = bool(again.merges)
     if result.replan_folds:
         logger.warning("planning the folded program again finds %d fold(s)", result.replan_folds)
+    found = [f"{f.unit.name}: {f.pattern} into {', '.join(u.weight for u in f.updates)}"
+             for f in the_plan.folds]  # fmt: skip
+    return found + [f"the block at {m.adds[0]} ({m.module or 'forward'}): merge into {m.target.weight}"
+                    for m in merges]  # fmt: skip
 
 
 def reparameterize(
