@@ -42,7 +42,8 @@ EXIT_CODES = (
     ("2", "usage error", "bad option, existing --out without --force, --out equal to the input"),
     ("3", "load error", "missing, truncated, unsafe or unrecognised file; architecture mismatch"),
     ("4", "trace error", "the model fails on the given inputs, or cannot be captured"),
-    ("5", "parity failure", "the folded model differs from the original in PyTorch"),
+    ("5", "parity failure", "the folded model differs from the original in PyTorch, or the check could not "
+     "judge it: outputs the same on every input set, or the model's own noise reaching its output's scale"),
     ("6", "export failure", "export, onnx.checker, the exported model differs in its runtime, "
      "or writing failed: a full disk, no free inode, a quota"),
     ("7", "not every norm folded", "with --require-all; each one kept is listed with its reason"),

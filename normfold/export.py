@@ -192,7 +192,7 @@ def stage_export(
 def _passed(parity: dict[str, ParityReport]) -> dict[str, ParityReport]:
     for runtime, report in parity.items():
         if not report.passed:
-            raise ExportError(f"{runtime} output differs from the original model: {report.failures()[0]}")
+            raise ExportError(report.verdict(f"{runtime} output"))
     return parity
 
 

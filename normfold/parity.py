@@ -340,8 +340,8 @@ class ParityReport:
             return f"{what} matches the original"
         first = self.failures()[0]
         if not self.decided:
-            return f"the parity of {what} with the original could not be judged: {first}"
-        return f"{what} differs from the original: {first}"
+            return f"{what}: parity with the original model could not be judged: {first}"
+        return f"{what} differs from the original model: {first}"
 
     @property
     def passed(self) -> bool:

@@ -312,7 +312,7 @@ def _fold_and_verify(
         reference = make_reference(loaded.model, sets, rule)
         run.parity = check(reference, lambda x: run_model(result.model, x, role="folded"), rule)
         if not run.parity.passed:
-            raise ParityError(f"folded model differs from the original: {run.parity.failures()[0]}")
+            raise ParityError(run.parity.verdict("folded model"))
     return run, reference, primary, capture
 
 

@@ -48,7 +48,7 @@ def test_inputs_file_with_batch_one_is_widened(tmp_path):
 def test_parity_failure_raises_before_anything_is_written(tmp_path):
     strict = ParityRule(rtol=0.0, atol=0.0, noise_factor=0.0)  # bit-exact: any reordered rounding fails
     with pytest.raises(
-        ParityError, match=r"^folded model differs from the original: output on normal inputs: "
+        ParityError, match=r"^folded model differs from the original model: output on normal inputs: "
     ):
         fold_and_export("normfold.models:resnet", tmp_path / "m.onnx", rule=strict)
     assert list(tmp_path.iterdir()) == []
@@ -119,3 +119,41 @@ def test_a_failed_export_check_names_its_step_in_the_report(tmp_path, monkeypatc
     assert failure["step"] == "check (onnxruntime)"
     assert (failure["error"], failure["exit_code"]) == ("ExportError", 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+_CONSTANT = '''
+import torch
+from torch import nn
+
+
+class Constant(nn.Module):
+    """A conv + BN whose output a ReLU of a large negative bias kills: the same on every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4).eval()
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.3)
+            self.bn.running_var.fill_(2.0)
+            self.bn.bias.fill_(-1e4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + torch.tensor([1.5, -2.0, 0.25, 3.0]).view(1, 4, 1, 1)
+
+
+def build():
+    return Constant().eval()
+'''
+
+
+def test_an_output_that_ignores_the_input_is_not_called_different(tmp_path, monkeypatch):
+    """Item 15: a model whose outputs are the same on every input set fails as 'could not be
+    judged', naming why, not as 'differs from the original'."""
+    (tmp_path / "constant_model.py").write_text(_CONSTANT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    undecided = r"^folded model: parity with the original model could not be judged: "
+    with pytest.raises(ParityError, match=undecided) as e:
+        fold_and_export("constant_model:build", tmp_path / "m.onnx", inputs=InputSpec(shapes=[(2, 3, 8, 8)]))
+    assert "identical on all" in str(e.value)
+    assert not (tmp_path / "m.onnx").exists()

@@ -105,7 +105,7 @@ def test_noise_reaching_the_output_scale_decides_nothing() -> None:
         assert not report.passed and not report.decided
         assert report.failures()[0].startswith("output on given inputs: cannot decide: the allowed error")
         assert "inputs=" in report.failures()[0] and "higher precision" in report.failures()[0]
-        assert report.verdict().startswith("the parity of the folded model with the original could not")
+        assert report.verdict().startswith("the folded model: parity with the original model could not")
 
 
 class _Constant(nn.Module):
