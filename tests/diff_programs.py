@@ -594,8 +594,8 @@ def _single(draw: Any, g: _Draft, src: int, what: str = "any") -> None:
     rank, c = len(shape) + 1, shape[0]
     choices = ["norm"] * 4 + ["linear"] * 2 + ["scale", "scale", "act", "act", "matmul"]
     if rank >= 3:
-        choices += ["conv"] * 4 + ["pool"] * 2 + ["pad", "transpose", "mean"]
-        choices += ["up"] if _fits((c, *(2 * s for s in shape[1:]))) else []
+        choices += ["conv"] * 4 + ["pool"] * 2 + ["pad", "pad", "transpose", "mean"]
+        choices += ["up", "up"] if _fits((c, *(2 * s for s in shape[1:]))) else []
         choices += ["flatten"] if math.prod(shape) <= 48 else []
     choices += ["slice"] if c >= 2 else []
     same = [j for j, s in enumerate(g.shapes) if s == shape and j != src % len(g.values)]
@@ -741,7 +741,7 @@ def programs(draw: Any, dtypes: tuple[str, ...] = ("float32", "float64", "float1
     shape = (draw(st.integers(1, 6)), *(draw(st.integers(1, side)) for _ in range(rank - 2)))
     batch = 4
     g = _Draft(shape, dtype, batch)
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(2, 6))):
         if len(g.module.ops) >= 14:
             break
         src = -1 if draw(st.integers(0, 4)) else draw(st.integers(0, len(g.values) - 1))
