@@ -141,12 +141,10 @@ class Truth:
             wide_in = tuple(t.double() for t in s.inputs)
             self.sets.append((s.name, s.inputs, wide_in, orig, _run(self.wide, wide_in)))
         self.overflow = not _finite(self.sets[0][3])
-        # an output identical on every set (constant, all zeros, saturated) judges nothing
-        self.constant = any(  # verify compares nothing there either
-            all(torch.equal(s[k][j], self.sets[0][k][j]) for s in self.sets)
-            for j in range(len(self.sets[0][4]))
-            for k in (3, 4)  # the original's outputs, or the float64 run's
-        )
+        self.constant = [  # per output: identical on every set (verify compares nothing there either)
+            any(all(torch.equal(s[k][j], self.sets[0][k][j]) for s in self.sets) for k in (3, 4))
+            for j in range(len(self.sets[0][4]))  # k: the original's outputs, or the float64 run's
+        ]
         self.perts: dict[int, list[list[torch.Tensor]]] = {}  # per set: float64 perturbed runs
 
     def _pert(self, k: int) -> list[list[torch.Tensor]]:
@@ -158,14 +156,16 @@ class Truth:
     def judge(self, candidate: nn.Module) -> tuple[str, str]:
         """("right" | "wrong" | "undecidable" | "ambiguous", the worst numbers)."""
         verdicts, worst = [], ""
-        if self.constant:
-            return "undecidable", "an output does not depend on the inputs"
+        if all(self.constant):
+            return "undecidable", "no output depends on the inputs"
         per_output: dict[int, list[str]] = {}
         for i, (name, inputs, _, orig, exact) in enumerate(self.sets):
             cand = _run(candidate, inputs)
             if len(cand) != len(exact) or any(c.shape != e.shape for c, e in zip(cand, exact, strict=True)):
                 return "wrong", f"output structure differs on {name} inputs"
             for j, (o, e, c) in enumerate(zip(orig, exact, cand, strict=True)):
+                if self.constant[j] and torch.equal(c.nan_to_num(), o.nan_to_num()):
+                    continue  # a constant output the candidate reproduces exactly: nothing to judge
                 verdict, how = self._leaf(i, j, o, e, c)
                 verdicts.append(verdict)
                 per_output.setdefault(j, []).append(verdict)
