@@ -8,8 +8,8 @@ fold applies here, including norms written in a ``forward`` as functional calls.
 **Eager module** (the user's class and module names are kept): a fold applies only when every op it
 removes can also be removed from the module without touching the user's code:
 
-* a norm module all of whose ops fold (every call, every op it owns) becomes ``nn.Identity``
-  under every name it is registered;
+* a norm module all of whose ops fold (every call, every op it owns, every op its submodules
+  run, whoever calls them) becomes ``nn.Identity`` under every name it is registered;
 * a ``_BatchNorm`` subclass that also runs other ops (its activation, say) keeps them: its norm part
   becomes exactly the identity (``mean 0, var 1, weight 1, bias 0, eps 0``: ``(x - 0) / sqrt(1 + 0)
   * 1 + 0 == x`` in every float format), provided its batch_norm op reads its own parameters and
@@ -31,6 +31,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import fx, nn
@@ -58,6 +59,8 @@ from normfold.probe import isolated_rng, probe_input
 from normfold.reparam import Merge
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Linear)  # fmt: skip
@@ -188,18 +191,29 @@ class _Eager:
         reader = self._outside_reader(path, removed)
         if reader is not None:
             return None, f"{reader} reads {path}'s state outside the norm"
-        if self.owned.get(path, set()) <= removed:
+        if self._ops_within(path) <= removed:
             return path, "identity"
         if unit.kind == "batch_norm" and self._neutralizable(module, path, unit.nodes[0]):
             return path, "neutral"
         return None, f"{path} ({type(module).__name__}) runs other ops that must stay"
 
+    def _within(self, table: dict[str, T], path: str) -> list[T]:
+        """The entries of ``path`` and of every submodule under it: an ``nn.Identity`` in its place
+        takes them all away, whoever calls or reads them."""
+        return [v for k, v in table.items() if k == path or k.startswith(path + ".")]
+
+    def _ops_within(self, path: str) -> set[str]:
+        """Every op ``path`` or one of its submodules runs (a submodule called from elsewhere too)."""
+        return set().union(*self._within(self.owned, path))
+
     def _outside_reader(self, path: str, removed: set[str]) -> str | None:
-        """An op that still reads a parameter or buffer of ``path`` once ``removed`` are gone."""
-        for node in self.state.get(path, ()):
-            for user in node.users:
-                if not self._dead(user, removed):
-                    return user.name
+        """An op that still reads a parameter or buffer of ``path`` (or of a submodule of it)
+        once ``removed`` are gone."""
+        for nodes in self._within(self.state, path):
+            for node in nodes:
+                for user in node.users:
+                    if not self._dead(user, removed):
+                        return user.name
         return None
 
     def _dead(self, node: fx.Node, removed: set[str]) -> bool:

@@ -248,3 +248,44 @@ def test_a_norm_module_becomes_identity_only_with_its_own_ops(norm, upsample):
     for candidate in (result.model, exported(result.program)):
         report = normfold.verify(model, candidate, x)
         assert report.passed, report.failures()
+
+
+class NormWithHelper(nn.Module):
+    """A hand-written norm module that also holds a conv its caller runs (``self.norm.aux``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.g = nn.Parameter(torch.rand(4, 1, 1, generator=gen) + 0.5)
+        self.b = nn.Parameter(torch.randn(4, 1, 1, generator=gen))
+        self.aux = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return x * self.g + self.b
+
+
+class CallsTheHelper(nn.Module):
+    def __init__(self, read_only: bool) -> None:
+        super().__init__()
+        self.conv, self.norm, self.read_only = nn.Conv2d(3, 4, 3), NormWithHelper(), read_only
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        if self.read_only:  # reads the submodule's weight, runs no module
+            return h * self.norm.aux.weight.mean()
+        return self.norm.aux(h)
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["called", "read"])
+def test_a_norm_module_whose_submodule_is_used_elsewhere_stays(read_only):
+    """nn.Identity in its place would take ``norm.aux`` away from the caller (the eager model
+    raised AttributeError): the fold is export only."""
+    model = CallsTheHelper(read_only).eval()
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    [fold] = [f for f in result.folded if f.norm == "norm:mul"]
+    assert fold.where == "export" and "reads norm's state outside the norm" in fold.note
+    assert isinstance(result.model.norm, NormWithHelper)
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
