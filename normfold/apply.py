@@ -186,7 +186,8 @@ class _Eager:
         outside = [n for n in unit.nodes if n not in self.owned.get(path, set())]
         if outside:  # removing the module would leave these ops in its caller, computed twice
             return None, f"{unit.name} also runs {', '.join(outside)} outside {path}, which stay"
-        if module._forward_hooks or module._forward_pre_hooks:
+        hooked = next((m for m in module.modules() if m._forward_hooks or m._forward_pre_hooks), None)
+        if hooked is not None:  # its own or a submodule's: nn.Identity in its place runs neither
             return None, f"{path} has forward hooks that would be lost"
         reader = self._outside_reader(path, removed)
         if reader is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bn_ops, exported, randomize_bn
+from helpers import Pair, bn_ops, exported, randomize_bn
 from torch import nn
 from torch.export.graph_signature import InputKind
 
@@ -289,3 +289,30 @@ def test_a_norm_module_whose_submodule_is_used_elsewhere_stays(read_only):
     for candidate in (result.model, exported(result.program)):
         report = normfold.verify(model, candidate, x)
         assert report.passed, report.failures()
+
+
+class TappedNorm(NormWithHelper):
+    """The norm's output goes through ``self.tap`` (an nn.Identity a user hooked to record it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tap = nn.Identity()
+
+    def forward(self, x):
+        return self.tap(x * self.g + self.b)
+
+
+def test_a_norm_module_whose_submodule_has_hooks_stays_in_the_eager_model():
+    model = Pair(nn.Conv2d(3, 4, 3), TappedNorm()).eval()
+    seen = []
+    model.norm.tap.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = _x((2, 3, 6, 6))
+    result = normfold.fold(model, x)
+    assert [(f.where, f.note) for f in result.folded] == [
+        ("export", "folded in the export only: norm has forward hooks that would be lost")
+    ]
+    seen.clear()
+    result.model(x)
+    assert seen == [(2, 4, 4, 4)]  # the copy's hook still runs
+    for candidate in (result.model, exported(result.program)):
+        assert normfold.verify(model, candidate, x).passed
