@@ -22,6 +22,7 @@ the largest submodules that capture, with every module that did not listed in
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,9 +35,12 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from normfold.apply import EagerPlan, eager_plan
 from normfold.errors import TraceError, UsageError
+from normfold.gate import CODE as CANCELLATION
+from normfold.gate import at_risk, judge
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
+from normfold.postcheck import check_artifacts_agree, check_replan
 from normfold.reparam import Branch, Merge, plan_merges
 from normfold.reparam_eager import EagerMerge, eager_merges
 from normfold.replan import MAX_ROUNDS, Drift, apply_round
@@ -166,9 +170,11 @@ def analyse(
     options: CaptureOptions | None = None,
     *,
     reparameterize: bool = False,
+    keep: Mapping[str, tuple[str, str]] | None = None,
 ) -> Analysis:
     """Capture ``model`` (put in eval mode) and plan its folds (and with ``reparameterize``, its
-    branch merges: :mod:`normfold.reparam`); nothing is changed."""
+    branch merges: :mod:`normfold.reparam`); nothing is changed. ``keep``: norms decided to stay
+    (:func:`normfold.plan.plan`)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
@@ -176,7 +182,7 @@ def analyse(
     was_training = model.training
     model.eval()
     cap = capture(model, inputs, options or CaptureOptions())
-    the_plan = plan(cap)
+    the_plan = plan(cap, keep)
     eager = eager_plan(the_plan, cap, model)
     result = FoldResult(model=model, params_before=_count_params(model), ops_before=op_counts(cap.graph))
     result.folded = [_folded(f, eager) for f in the_plan.folds if not f.identity]
@@ -298,27 +304,61 @@ def fold(
     tensor, summed (RepVGG, MobileOne, ACNet blocks), into one conv (:mod:`normfold.reparam`);
     :attr:`FoldResult.merged` lists them and :attr:`FoldResult.not_merged` the sums that stay.
     """
-    model = working_copy(model, "fold", inplace=inplace)
     inputs = as_inputs(example_inputs)
     options = capture_options(inputs, dynamic_batch, dynamic_axes)
+    return _fold(model, inputs, options, inplace=inplace, reparameterize=reparameterize, keep={})
+
+
+def _fold(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    options: CaptureOptions,
+    *,
+    inplace: bool,
+    reparameterize: bool,
+    keep: Mapping[str, tuple[str, str]],
+    judged: bool = False,
+) -> FoldResult:
+    """:func:`fold` keeping ``keep``; folds at risk of cancellation are judged by the float64 rule
+    (:mod:`normfold.gate`) unless ``judged``, and kept when they fail it; the post-conditions of
+    :mod:`normfold.postcheck` hold for what is returned."""
+    target = working_copy(model, "fold", inplace=inplace)
     try:
-        analysis = analyse(model, inputs, options, reparameterize=reparameterize)
+        analysis = analyse(target, inputs, options, reparameterize=reparameterize, keep=keep)
     except TraceError as e:
-        return fold_parts(model.eval(), inputs, e, options)
+        return fold_parts(target.eval(), inputs, e, options)
+    risky = {} if judged else at_risk(analysis.capture, analysis.plan)
+    again = functools.partial(_fold, model, inputs, options, reparameterize=reparameterize, judged=True)
+    if risky and inplace:  # judged on a copy first: the caller's model is folded once, as decided
+        trial = _fold(model, inputs, options, inplace=False, reparameterize=reparameterize, keep=keep)
+        kept = {s.norm: (s.code, s.reason) for s in trial.skipped if s.code == CANCELLATION}
+        return again(inplace=True, keep={**keep, **kept})
     result = analysis.result
     drift = Drift()  # where the module and the program come to differ (export-only decisions)
     drift.record(analysis.capture, analysis.plan, analysis.eager, analysis.merges, analysis.eager_merges)
-    result.program = apply_round(model, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
+    result.program = apply_round(target, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
                                  analysis.eager_merges, in_place=True)  # fmt: skip
-    _settle(result, model, drift, reparameterize, merged=bool(analysis.merges))  # returns what it left
+    left = _settle(result, target, drift, reparameterize, merged=bool(analysis.merges), keep=keep)
+    if risky and (kept := judge(model, result, inputs, risky)):
+        return again(inplace=False, keep={**keep, **kept})
+    check_replan(left)
+    suspects = [f"{f.norm} into {f.into} ({f.pattern}, export only)" for f in result.export_only]
+    suspects += [f"{m.block} into {m.into} (merge, {m.where})" for m in result.merged]
+    check_artifacts_agree(target, result.program, inputs, suspects)
     result.ops_after = op_counts(result.program.graph)
-    result.params_after = _count_params(model)
+    result.params_after = _count_params(target)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
 
 
 def _settle(
-    result: FoldResult, model: nn.Module, drift: Drift, reparam: bool, *, merged: bool
+    result: FoldResult,
+    model: nn.Module,
+    drift: Drift,
+    reparam: bool,
+    *,
+    merged: bool,
+    keep: Mapping[str, tuple[str, str]],
 ) -> list[str]:
     """Plan the folded program again; after a round that merged blocks (a merge makes new
     neighbours: :mod:`normfold.replan`), apply what it finds, until a plan finds nothing or after
@@ -327,7 +367,7 @@ def _settle(
     Returns what the last plan found, one line each (empty: the fixpoint)."""
     for round_ in range(MAX_ROUNDS + 1):
         cap = Capture.of(result.program)
-        the_plan = plan(cap)
+        the_plan = plan(cap, keep)
         merges = plan_merges(cap, the_plan)[0] if reparam else []
         result.replan_folds = len(the_plan.folds) + len(merges)
         if not result.replan_folds or not merged or round_ == MAX_ROUNDS:

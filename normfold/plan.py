@@ -35,7 +35,7 @@ a reason. :meth:`Plan.values` replays the folds into new parameter values keyed 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,14 +295,17 @@ class _Branch:
     path: list[fx.Node]  # nodes after the layer up to the unit's input, in graph order
 
 
-def plan(capture: Capture) -> Plan:
-    """Plan every fold of the captured graph (pure: reads the graph, changes nothing)."""
-    return _Planner(capture).run()
+def plan(capture: Capture, keep: Mapping[str, tuple[str, str]] | None = None) -> Plan:
+    """Plan every fold of the captured graph (pure: reads the graph, changes nothing). ``keep``:
+    norms (by :attr:`Unit.name`) decided elsewhere to stay, with their ``(code, reason)`` (the
+    measured gate of :mod:`normfold.gate`)."""
+    return _Planner(capture, keep or {}).run()
 
 
 class _Planner:
-    def __init__(self, capture: Capture) -> None:
+    def __init__(self, capture: Capture, keep: Mapping[str, tuple[str, str]]) -> None:
         self.capture = capture
+        self.keep = keep
         self.consts = Constants(capture)
         self.removed: dict[fx.Node, fx.Node] = {}  # folded op -> its input on the chain
         self._passed: list[fx.Node] = []  # folded ops the current walk went through
@@ -316,6 +319,9 @@ class _Planner:
         units = self._units()
         backlog: list[tuple[Unit, list[fx.Node], _Map, _Fail]] = []
         for unit, nodes in units:
+            if unit.name in self.keep:
+                self._keep(unit, _Fail(*self.keep[unit.name]))
+                continue
             try:
                 m = self._map(unit, nodes)
             except _Fail as fail:

@@ -41,8 +41,9 @@ _RELATIVE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torc
 
 
 def _run(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+    """The output leaves on copies of ``inputs`` (a forward may write into its input)."""
     with torch.no_grad():
-        return pytree.tree_leaves(module(*inputs))
+        return pytree.tree_leaves(module(*(t.clone() for t in inputs)))
 
 
 def _disagreement(a: torch.Tensor, b: torch.Tensor) -> str | None:

@@ -1,0 +1,83 @@
+"""A measured gate for folds that cancel: the float64 judge decides whether they are exact.
+
+A BatchNorm whose running mean lies many standard deviations from zero computes a difference of
+two large numbers: ``z = s * (y - m) + beta`` with ``y ~ m``, ``rho = |m| / sqrt(var + eps)``
+stds away. Folded into the layer before (``W' = s W``, ``b' = s (b - m) + beta``) or after
+(``b' = b + W t``), the same cancellation happens inside the layer, and the new values ``b'``
+and ``W'`` are rounded once more, each by about ``u * rho`` in units of the output's std (``u``:
+the dtype's unit roundoff). The original's own error is of that order too, so the fold is usually
+within the parity rule's factor of it, but not always: the float32 fold of a ``Linear`` into a BN
+with ``running_mean ~ 1e3`` and ``running_var ~ 10`` whose output feeds a batch-statistics norm
+can be 5-30x the original's own error. No rule on the statistics alone can tell those apart, so
+the parity rule itself decides:
+
+* a fold is *at risk* when ``rho > R(dtype)`` (``R``: 16 for float32, 8 for float16, 4 for
+  bfloat16, 1e4 for float64: on 60 seeds of the ``Linear -> BN(mean ~1e3, var 10) -> batch-
+  statistics BN -> Linear`` model, a threshold of 256 still left 2 folds that fail the rule, 16
+  none; the check costs one ``verify`` inside ``fold()``, only for plans with a fold at risk);
+* when a plan has folds at risk, ``fold()`` judges its result (module and program) against the
+  original by :func:`normfold.verify` on the example inputs; if it fails (and the check could
+  decide), the folds at risk are kept with code ``cancellation`` and the model is folded again
+  without them. A fold at risk that passes stays folded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from normfold.graph import Capture
+from normfold.plan import Plan
+
+if TYPE_CHECKING:
+    from normfold.folding import FoldResult
+
+__all__ = ["CODE", "at_risk", "judge"]
+
+CODE = "cancellation"
+
+#: the largest mean-to-std ratio a fold takes without a measured check, per statistics dtype
+_RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
+
+
+def at_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
+    """Norm name -> ``rho`` (module docstring) of every planned BatchNorm fold at risk."""
+    risky: dict[str, float] = {}
+    for fold in the_plan.folds:
+        unit = fold.unit
+        mean_fqn, var_fqn = unit.stats.get("running_mean"), unit.stats.get("running_var")
+        if unit.kind != "batch_norm" or not mean_fqn or not var_fqn:
+            continue
+        mean, var = capture.value(mean_fqn), capture.value(var_fqn)
+        std = var.detach().double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        rho = float((mean.detach().double().abs() / std).max()) if mean.numel() else 0.0
+        if rho > _RISK.get(mean.dtype, 16.0) and math.isfinite(rho):
+            risky[unit.name] = max(rho, risky.get(unit.name, 0.0))
+    return risky
+
+
+def judge(
+    original: nn.Module, result: FoldResult, inputs: Sequence[torch.Tensor], risky: Mapping[str, float]
+) -> dict[str, tuple[str, str]]:
+    """The folds at risk to keep (norm -> ``(code, reason)``): all of them when the folded result
+    fails the parity rule against ``original`` on ``inputs`` (and its input sets); none when it
+    passes or the check cannot decide."""
+    from normfold.reference import verify  # the checker only when a plan has folds at risk
+
+    report = verify(original, result, tuple(inputs))
+    if report.passed or not report.decided:
+        return {}
+    failure = report.failures()[0]
+    return {
+        name: (
+            CODE,
+            f"its running mean is {rho:.3g} standard deviations from zero, so the folded layer cancels "
+            f"two large numbers and its rounded new values moved the outputs beyond the parity rule "
+            f"({failure}); the original computes the difference in its own op",
+        )
+        for name, rho in risky.items()
+    }
