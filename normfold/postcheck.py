@@ -33,6 +33,7 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from normfold.errors import ConsistencyError, printable
+from normfold.probe import isolated_rng
 
 __all__ = ["check_artifacts_agree", "check_replan"]
 
@@ -41,8 +42,10 @@ _RELATIVE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torc
 
 
 def _run(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-    """The output leaves on copies of ``inputs`` (a forward may write into its input)."""
-    with torch.no_grad():
+    """The output leaves on copies of ``inputs`` (a forward may write into its input), the global
+    RNG state restored (a forward may draw random numbers)."""
+    device = inputs[0].device if inputs else torch.device("cpu")
+    with torch.no_grad(), isolated_rng(device):
         return pytree.tree_leaves(module(*(t.clone() for t in inputs)))
 
 

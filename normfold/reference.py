@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 from normfold.errors import TraceError, UsageError, first_line
 from normfold.limits import check_size
 from normfold.parity import OutputParity, ParityReport, ParityRule, Tolerance, compare_outputs, report_of
+from normfold.probe import isolated_rng
 
 if TYPE_CHECKING:
     from normfold.folding import FoldResult
@@ -113,13 +114,16 @@ class Reference:
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "model") -> Any:
     """Run ``model`` once in eval mode under ``torch.no_grad()``, restoring its training flags.
 
-    Each input is cloned, so an in-place op inside the model cannot change the caller's tensors.
-    Raises :class:`TraceError` (naming ``role`` and the input shapes) when the forward raises.
+    Each input is cloned, so an in-place op inside the model cannot change the caller's tensors,
+    and the global RNG state is restored afterwards (a forward that draws random numbers leaves
+    a caller's seeded pipeline as it was). Raises :class:`TraceError` (naming ``role`` and the
+    input shapes) when the forward raises.
     """
     flags = {m: m.training for m in model.modules()}
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), isolated_rng(device):
             return model(*(t.clone() for t in inputs))
     except Exception as e:
         raise TraceError(

@@ -74,3 +74,25 @@ def test_a_replan_that_finds_work_raises() -> None:
     check_replan([])
     with pytest.raises(ConsistencyError, match=r"finds 1 fold\(s\) or merge\(s\) the first plan missed: bn"):
         check_replan(["bn (conv-bn into c)"])
+
+
+class _Noisy(nn.Module):
+    """A forward that draws from the global RNG (dropout forced on), next to a foldable BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + 0 * torch.rand_like(x).sum()
+
+
+def test_fold_and_verify_leave_the_global_rng_alone() -> None:
+    """fold() runs the model for its post-condition and verify() runs it on every input set:
+    neither consumes the caller's seeded RNG, even when the forward draws from it."""
+    model = randomize_bn(_Noisy()).eval()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    result = normfold.fold(model, X)
+    normfold.verify(model, result, X)
+    assert torch.equal(torch.get_rng_state(), before)
