@@ -96,3 +96,45 @@ def test_fold_and_verify_leave_the_global_rng_alone() -> None:
     result = normfold.fold(model, X)
     normfold.verify(model, result, X)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_exact_export_only_fold_of_an_ill_conditioned_map_is_no_disagreement() -> None:
+    """Differential fuzz seed 5151, example 160: an F.batch_norm (export only) with mean 30 under a
+    tiny gamma folds exactly, but module and program differ by 1.26e-6 on outputs of scale
+    6.5e-5, past the quick bound: the parity rule with the module as reference (its own rounding)
+    decides, and fold returns instead of raising ConsistencyError."""
+    from diff_programs import Add, Conv, Linear, Norm, Program, Scale, build
+
+    program = Program(
+        shape=(4, 4, 2, 2),
+        ops=(
+            Conv(cout=4, groups=2, bias=False, src=0),
+            Norm(act="leaky", eps=0.001, mean=0.0, var=(-7.0, -5.0), gamma="mixed", src=1),
+            Conv(cout=4, k=3, padding=1, groups=2, src=0),
+            Norm(kind="functional", eps=0.001, mean=30.0, var=(-5.0, -5.0), gamma="tiny", beta=5.0, src=3),
+            Norm(act="abs", affine=False, eps=0.0, mean=0.1, var=(-4.0, 0.0), gamma="mixed", beta=0.0, src=0),
+            Add(other=4, src=2),
+            Add(other=5, src=6),
+            Linear(fout=6, axis="channel"),
+            Scale(op="add", value=0.001, src=8),
+            Norm(kind="affine_module", mean=0.0, var=(-4.0, -3.0), beta=0.0),
+            Norm(
+                kind="functional",
+                affine=False,
+                track=False,
+                eps=0.1,
+                mean=30.0,
+                var=(2.0, 3.0),
+                gamma="negative",
+                beta=0.0,
+                src=4,
+            ),
+            Linear(fout=6, bias=False, axis="channel"),
+        ),
+        outputs=(1, 2, 5, 6, 7, 8, 9, 10),
+        seed=65536,
+        scale=0.01,
+    )
+    built = build(program)
+    result = normfold.fold(built.model, built.inputs)
+    assert any(f.where == "export" for f in result.folded)
