@@ -16,26 +16,27 @@ c. the input model (state_dict bytes, every module's training flag), the inputs 
 
 **The truth** judges a candidate on verify's own input sets (the given inputs, its seeded normal
 and uniform[0, 255] sets from :func:`normfold.reference.parity_sets`; a set on which the original
-is not finite is left out, as verify does), per output and per channel ``c`` (axis 1), with
-``exact`` a float64 copy of the original run on float64 inputs, ``own_c`` the original's own error
-against it, ``pert_c`` the errors of float64 runs with every floating parameter and buffer
-multiplied by ``1 + d``, ``|d| <`` one unit roundoff of its dtype (this file's own seeds: 4 runs,
-8 before calling anything wrong), ``floor_c = atol + rtol * max|exact_c|`` (the rule's per-dtype
-table) and ``err_c`` the candidate's error:
+is not finite is left out, as verify does), per output and per slice ``c`` along every axis (a
+channel, a sample, a row, ...; verify too judges slices), with ``exact`` a float64 copy of the
+original run on float64 inputs, ``own_c`` the original's own error against it, ``pert_c`` the
+errors of float64 runs with every floating parameter and buffer multiplied by ``1 + d``, ``|d| <``
+one unit roundoff of its dtype (this file's own seeds: 4 runs, 8 before calling anything wrong),
+``floor_c = atol + rtol * max|exact_c|`` (the rule's per-dtype table) and ``err_c`` the
+candidate's error:
 
-* *wrong*: some channel has ``err_c > 10 * (floor_c + 4 * max(own_c, every pert_c))``, or the
+* *wrong*: some slice has ``err_c > 10 * (floor_c + 4 * max(own_c, every pert_c))``, or the
   candidate is not finite where the original and the float64 run are;
 * *vacuous*: for some output, on every input set, ``4 * own >= max|exact| > 0`` over the whole
   output: the rule's noise allowance reaches the output's own scale by the original's own error
   alone, so the check decides nothing and must fail (an output below the fixed floor, ``atol``,
   is only *undecidable*: verify does not treat the floor as noise);
-* *undecidable*: an output identical on every input set (verify compares nothing there), a
-  channel whose noise alone reaches its magnitude (``4 * max(own_c, pert_c) >= max|exact_c| > 0``),
-  an output whose whole allowance reaches its magnitude on some set: counted, verify's verdict
-  not asserted;
-* *right*: every channel has ``err_c <= floor_c + 4 * max(own_c, second largest pert_c)``: within
+* *undecidable*: every output identical on every input set (verify compares nothing), a channel
+  (axis-1 slice) whose noise alone reaches its magnitude (``4 * max(own_c, pert_c) >=
+  max|exact_c| > 0``), an output whose whole allowance (floor included) reaches its magnitude on
+  some set: counted, verify's verdict not asserted;
+* *right*: every slice has ``err_c <= floor_c + 4 * max(own_c, second largest pert_c)``: within
   the rule's factor by the original's own error or by two of four perturbations (one heavy-tailed
-  perturbation alone does not make a candidate right); per channel implies per output, so verify
+  perturbation alone does not make a candidate right); per slice implies per output, so verify
   must pass it;
 * otherwise *ambiguous*: no verdict of the truth, but (a) still wants verify to pass.
 
@@ -120,10 +121,15 @@ def _perturbed(wide: nn.Module, model: nn.Module, seed: int) -> nn.Module:
     return wide
 
 
-def _per_channel(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """max over everything but axis 1 of ``diff`` where ``mask`` (0 elsewhere)."""
-    d = torch.where(mask, diff, torch.zeros((), dtype=diff.dtype)).transpose(0, 1).reshape(diff.shape[1], -1)
-    return d.max(dim=1).values if d.shape[1] else torch.zeros(diff.shape[1], dtype=diff.dtype)
+def _slices(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The max of ``diff`` where ``mask`` (0 elsewhere) over each slice along every axis, the
+    channel axis (1) first: one entry per slice (verify, too, judges slices along every axis)."""
+    d = torch.where(mask, diff, torch.zeros((), dtype=diff.dtype))
+    out = []
+    for axis in (1, 0, *range(2, d.dim())):
+        flat = d.transpose(0, axis).reshape(d.shape[axis], -1)
+        out.append(flat.max(dim=1).values if flat.shape[1] else torch.zeros(d.shape[axis], dtype=d.dtype))
+    return torch.cat(out)
 
 
 class Truth:
@@ -164,8 +170,6 @@ class Truth:
             if len(cand) != len(exact) or any(c.shape != e.shape for c, e in zip(cand, exact, strict=True)):
                 return "wrong", f"output structure differs on {name} inputs"
             for j, (o, e, c) in enumerate(zip(orig, exact, cand, strict=True)):
-                if self.constant[j] and torch.equal(c.nan_to_num(), o.nan_to_num()):
-                    continue  # a constant output the candidate reproduces exactly: nothing to judge
                 verdict, how = self._leaf(i, j, o, e, c)
                 verdicts.append(verdict)
                 per_output.setdefault(j, []).append(verdict)
@@ -187,14 +191,14 @@ class Truth:
         if bool((mask & ~torch.isfinite(c)).any()):
             return "wrong", "not finite where the original and the float64 run are"
         tol = normfold.ParityRule().floor(self.dtype)
-        scale = _per_channel(e.abs(), mask)
+        scale = _slices(e.abs(), mask)
         floor = tol.atol + tol.rtol * scale
-        own = _per_channel((o - e).abs(), mask)
-        err = _per_channel((c - e).abs(), mask)
+        own = _slices((o - e).abs(), mask)
+        err = _slices((c - e).abs(), mask)
 
         def perts(n: int) -> torch.Tensor:
             runs = [self._pert(k)[i][j] for k in range(n)]
-            return torch.stack([_per_channel((p - e).abs(), mask & torch.isfinite(p)) for p in runs])
+            return torch.stack([_slices((p - e).abs(), mask & torch.isfinite(p)) for p in runs])
 
         four = perts(4).sort(dim=0, descending=True).values
 
@@ -210,7 +214,8 @@ class Truth:
             return "wrong", how
         if top > 0 and FACTOR * float(own.max()) >= top:
             return "vacuous", how  # the noise allowance reaches the output's scale by the own error alone
-        if bool(((FACTOR * noise >= scale) & (scale > 0)).any()) or whole >= top:
+        ch = slice(0, e.shape[1])  # a channel of pure noise: nothing to judge there
+        if bool(((FACTOR * noise[ch] >= scale[ch]) & (scale[ch] > 0)).any()) or whole >= top:
             return "undecidable", how
         if bool((err <= floor + FACTOR * torch.maximum(own, four[1])).all()):
             return "right", how
