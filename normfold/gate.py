@@ -11,6 +11,8 @@ with ``running_mean ~ 1e3`` and ``running_var ~ 10`` whose output feeds a batch-
 can be 5-30x the original's own error. No rule on the statistics alone can tell those apart, so
 the parity rule itself decides:
 
+* a hand-written affine map ``y = s x + t`` has no statistics: its ``|t / s|`` (its shift in units
+  of its input) is at risk above 256;
 * a fold is *at risk* when ``rho > R(dtype)`` (``R``: 16 for float32, 8 for float16, 4 for
   bfloat16, 1e4 for float64: on 60 seeds of the ``Linear -> BN(mean ~1e3, var 10) -> batch-
   statistics BN -> Linear`` model, a threshold of 256 still left 2 folds that fail the rule, 16
@@ -42,20 +44,31 @@ CODE = "cancellation"
 
 #: the largest mean-to-std ratio a fold takes without a measured check, per statistics dtype
 _RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
+#: the same for a hand-written affine map, whose ``|t / s|`` is in units of its input, not of a std
+_AFFINE_RISK = 256.0
 
 
 def at_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
     """Norm name -> ``rho`` (module docstring) of every planned BatchNorm fold at risk."""
     risky: dict[str, float] = {}
+    tiny = torch.finfo(torch.float64).tiny
     for fold in the_plan.folds:
         unit = fold.unit
         mean_fqn, var_fqn = unit.stats.get("running_mean"), unit.stats.get("running_var")
-        if unit.kind != "batch_norm" or not mean_fqn or not var_fqn:
+        if unit.kind == "batch_norm" and mean_fqn and var_fqn:
+            mean, var = capture.value(mean_fqn), capture.value(var_fqn)
+            std = var.detach().double().clamp_min(tiny).sqrt()
+            rho = float((mean.detach().double().abs() / std).max()) if mean.numel() else 0.0
+            limit = _RISK.get(mean.dtype, 16.0)
+        elif unit.kind == "affine" and not fold.identity and fold.updates:
+            # a hand-written map y = s x + t knows no std: |t / s| is its shift in units of its
+            # input, so only a shift far beyond any input scale (a mean of 1e3 under a variance of
+            # 1e-11) is measured; (x - 128) / 64 on image bytes is not
+            rho = max(float((u.shift.abs() / u.scale.abs().clamp_min(tiny)).max()) for u in fold.updates)
+            limit = _AFFINE_RISK
+        else:
             continue
-        mean, var = capture.value(mean_fqn), capture.value(var_fqn)
-        std = var.detach().double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-        rho = float((mean.detach().double().abs() / std).max()) if mean.numel() else 0.0
-        if rho > _RISK.get(mean.dtype, 16.0) and math.isfinite(rho):
+        if rho > limit and math.isfinite(rho):
             risky[unit.name] = max(rho, risky.get(unit.name, 0.0))
     return risky
 
@@ -75,8 +88,8 @@ def judge(
     return {
         name: (
             CODE,
-            f"its running mean is {rho:.3g} standard deviations from zero, so the folded layer cancels "
-            f"two large numbers and its rounded new values moved the outputs beyond the parity rule "
+            f"its mean is {rho:.3g} standard deviations (or input units) from zero, so the folded layer "
+            f"cancels two large numbers and its rounded new values moved the outputs beyond the parity rule "
             f"({failure}); the original computes the difference in its own op",
         )
         for name, rho in risky.items()

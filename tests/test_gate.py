@@ -11,7 +11,7 @@ from torch import nn
 
 import normfold
 from normfold.folding import analyse
-from normfold.gate import CODE, at_risk
+from normfold.gate import CODE, at_risk, judge
 
 
 def _planned(model: nn.Module, x: torch.Tensor) -> tuple:
@@ -40,32 +40,36 @@ def _cancelling(seed: int, mean_scale: float = 1000.0) -> tuple[nn.Module, torch
     return model.eval(), torch.randn(4, 2, generator=gen)
 
 
-def test_a_fold_far_beyond_the_rule_is_kept_with_its_code() -> None:
-    """Seeds 9 and 40: the fold's error is 16x and 33x the model's own noise (far beyond the
-    rule's 4x on any CPU): kept as ``cancellation``, with the statistics in the reason, and the
-    result passes the rule on the module and the program."""
-    for seed in (9, 40):
-        model, x = _cancelling(seed)
-        result = normfold.fold(model, x)
-        assert [f.norm for f in result.folded] == []
-        (kept,) = [s for s in result.skipped if s.norm == "1"]
-        assert kept.code == CODE == "cancellation"
-        assert "standard deviations from zero" in kept.reason and "parity rule" in kept.reason
-        assert result.replan_folds == 0
-        assert normfold.verify(model, result, x).passed
+def test_judge_keeps_every_fold_at_risk_when_the_result_fails_the_rule() -> None:
+    """The gate's verdict: a result that fails the rule keeps the folds at risk (code and reason
+    naming the statistics and the failure); a result that passes keeps nothing."""
+    model, x = _cancelling(9)
+    result = normfold.fold(model, x)
+    assert judge(model, result, (x,), {"1": 680.0}) == {}
+    result.program = normfold.fold(_cancelling(3)[0], x).program  # another model's: a real change
+    kept = judge(model, result, (x,), {"1": 680.0})
+    assert list(kept) == ["1"] and kept["1"][0] == CODE == "cancellation"
+    reason = kept["1"][1]
+    assert reason.startswith("its mean is 680 standard deviations (or input units) from zero")
+    assert "program: output on given inputs" in reason
 
 
 def test_every_result_of_a_cancelling_family_passes_and_folds_where_the_rule_allows() -> None:
-    """Whatever the CPU's rounding decides per seed, what fold returns passes the rule, a kept
-    norm is the one at risk, and most seeds fold (the gate refuses only what the rule refuses)."""
-    folded = 0
-    for seed in range(12):
+    """Item 7 (and the README's release seed 16047): the float32 folds of this family are 1-30x
+    the model's own error, seed by seed and thread count by thread count (5 to 9 of these 40 seeds
+    fail the rule on the machines measured, with 1 or 2 threads). Whatever the rounding decides,
+    what fold returns passes the rule on module and program, a kept norm is the one at risk, with
+    code ``cancellation``, and the rest fold."""
+    folded = kept = 0
+    for seed in range(40):
         model, x = _cancelling(seed)
         result = normfold.fold(model, x)
         assert normfold.verify(model, result, x).passed, seed
+        assert result.replan_folds == 0
         assert {s.norm for s in result.skipped if s.code == CODE} <= {"1"}
         folded += [f.norm for f in result.folded] == ["1"]
-    assert folded >= 6
+        kept += any(s.code == CODE for s in result.skipped)
+    assert folded >= 25 and kept >= 1 and folded + kept == 40
 
 
 def test_a_fold_not_at_risk_is_not_judged() -> None:
@@ -86,3 +90,26 @@ def test_inplace_decides_as_a_copy_does() -> None:
     decided = [(s.norm, s.code) for s in normfold.fold(model, x).skipped]
     assert [(s.norm, s.code) for s in result.skipped] == decided
     assert normfold.verify(model, result, x).passed
+
+
+def test_a_hand_written_norm_that_cancels_is_judged_too() -> None:
+    """Differential fuzz seed 60601, programs 1382-1384: a hand-written norm module (mean ~1e3,
+    variance ~1e-11, eps 0.1, tiny gamma) after a replicate-padded conv and an upsampling; its
+    subtraction folded into the conv moved one sample 5.8x its own noise (verify refused module
+    and program). Its shift is 1.4e3 input units: judged, kept as ``cancellation``."""
+    from diff_programs import Conv, Linear, Norm, Pad, Pool, Program, Up, build
+
+    program = Program(shape=(5, 3, 1), ops=(
+        Conv(stride=2, bias=False), Pad(src=0),
+        Conv(cout=5, k=2, padding=1, bias=False, mode="replicate", src=0), Up(src=3),
+        Norm(kind="affine_module", affine=False, eps=0.1, mean=1000.0, var=(-11.0, -10.0), gamma="tiny",
+             beta=5.0),
+        Linear(fout=6, bias=False, axis="channel"), Linear(axis="channel"),
+        Pool(kind="adaptive_avg", size=2, src=7),
+        Norm(act="abs", track=False, mean=0.0, var=(2.0, 2.0), gamma="mixed", beta=0.0),
+        Conv(cout=5, stride=2)), outputs=(1, 2), seed=375)  # fmt: skip
+    built = build(program)
+    result = normfold.fold(built.model, built.inputs)
+    assert normfold.verify(built.model, result, built.inputs).passed
+    assert all(f.norm != "op4:sub" for f in result.folded)
+    assert [s.code for s in result.skipped if s.norm == "op4:sub"] == [CODE]
