@@ -418,8 +418,15 @@ def test_linear_bn_on_sequence_axis_is_skipped():
 
 def test_one_channel_bn_after_linear_on_tokens_folds():
     """``Linear(5, 7)`` on ``(N, 1, 5)`` -> ``BatchNorm1d(1)``: one channel is a scalar map, exact
-    on every feature (it used to be kept as wrong_axis)."""
-    _check_folded(randomize_bn(Pair(nn.Linear(5, 7), nn.BatchNorm1d(1))), _input((4, 1, 5)), "linear-bn")
+    on every feature (it used to be kept as wrong_axis). The weights are seeded: with the one
+    channel's mean drawn above every output, Pair's ReLU would zero the whole output, which
+    verify rightly refuses to judge."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = randomize_bn(Pair(nn.Linear(5, 7), nn.BatchNorm1d(1)))
+    with torch.no_grad():
+        model.norm.running_mean.fill_(-0.4)  # below most of the Linear's outputs
+    _check_folded(model, _input((4, 1, 5)), "linear-bn")
 
 
 def test_one_channel_bn_before_linear_on_tokens_folds_forward():
