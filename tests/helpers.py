@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfold.reference import _ProgramModule
+
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm in ``module`` non-trivial statistics and affine parameters.
@@ -47,22 +49,9 @@ def bn_ops(program: torch.export.ExportedProgram) -> int:
     return sum(n.target is torch.ops.aten.batch_norm.default for n in program.graph.nodes)
 
 
-class _Program(nn.Module):
-    """An exported program as a module ``verify`` can run (it has no train/eval switch)."""
-
-    def __init__(self, program: torch.export.ExportedProgram) -> None:
-        super().__init__()
-        self.program = program.module()
-
-    def forward(self, *args):
-        return self.program(*args)
-
-    def train(self, mode: bool = True) -> nn.Module:
-        return self
-
-
 def exported(program: torch.export.ExportedProgram) -> nn.Module:
-    return _Program(program)
+    """An exported program as a module ``verify`` can run (normfold's own wrapper)."""
+    return _ProgramModule(program)
 
 
 #: zoo model -> {kept norm: code} with reparameterization (the CLI's default); every other norm op folds
