@@ -64,8 +64,16 @@ _LAZY = {
     "BiasResult": "normfold.bias",
     "RecalibrateResult": "normfold.calibration",
     "inspect": "normfold.pipeline",
-    "FoldRun": "normfold.pipeline",
-    "InputSpec": "normfold.pipeline",
+    "FoldRun": "normfold.runs",
+    "InputSpec": "normfold.options",
+    "LoadOptions": "normfold.options",
+    "FoldOptions": "normfold.options",
+    "ExportOptions": "normfold.options",
+    "WriteOptions": "normfold.options",
+    "WriteRun": "normfold.runs",
+    "recalibrate_and_write": "normfold.pipeline",
+    "drop_bias_and_write": "normfold.pipeline",
+    "swap_and_write": "normfold.pipeline",
 }
 
 if TYPE_CHECKING:
@@ -74,6 +82,7 @@ if TYPE_CHECKING:
     from normfold.export import ExportResult, export_model, export_onnx
     from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
     from normfold.load import LoadedModel, load_inputs, load_model
+    from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.parity import (
         DEFAULT_TOLERANCES,
         OutputParity,
@@ -83,9 +92,16 @@ if TYPE_CHECKING:
         compare,
     )
     from normfold.parts import Uncaptured
-    from normfold.pipeline import FoldRun, InputSpec, fold_and_export, inspect
+    from normfold.pipeline import (
+        drop_bias_and_write,
+        fold_and_export,
+        inspect,
+        recalibrate_and_write,
+        swap_and_write,
+    )
     from normfold.reference import run_model, verify
     from normfold.reparam import MergedBranch
+    from normfold.runs import FoldRun, WriteRun
     from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
 
 
@@ -107,13 +123,16 @@ __all__ = [
     "BiasResult",
     "ConsistencyError",
     "ExportError",
+    "ExportOptions",
     "ExportResult",
+    "FoldOptions",
     "FoldResult",
     "FoldRun",
     "Folded",
     "FrozenBatchNorm",
     "InputSpec",
     "LoadError",
+    "LoadOptions",
     "LoadedModel",
     "Merged",
     "MergedBranch",
@@ -131,8 +150,11 @@ __all__ = [
     "TraceError",
     "Uncaptured",
     "UsageError",
+    "WriteOptions",
+    "WriteRun",
     "__version__",
     "compare",
+    "drop_bias_and_write",
     "drop_redundant_biases",
     "export_model",
     "export_onnx",
@@ -142,8 +164,10 @@ __all__ = [
     "load_inputs",
     "load_model",
     "recalibrate",
+    "recalibrate_and_write",
     "reparameterize",
     "run_model",
+    "swap_and_write",
     "swap_norms",
     "verify",
 ]

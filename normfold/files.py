@@ -51,8 +51,6 @@ logger = logging.getLogger(__name__)
 #: no space, no free inode, a quota exceeded: a full filesystem (exit 6), not a usage error
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
-#: every path a commit of this process placed (the CLI names them if a signal stops it later)
-committed: list[Path] = []
 _commit_state: dict[str, int | None] = {"depth": 0, "pending": None}
 
 
@@ -97,6 +95,9 @@ class OutputSet:
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.paths = check_outputs(outputs, inputs=self.inputs, force=force, formats=formats)
         self._stages: dict[Path, Path] = {}
+        #: every path this set's commits placed; an error leaving the set carries them as its
+        #: ``normfold_written`` attribute (the CLI names them when a run stops after a commit)
+        self.written: list[Path] = []
         self._locks: list[int] = []  # descriptors of the flock-ed lock files, held until close()
         try:
             for path in self.paths.values():
@@ -111,6 +112,9 @@ class OutputSet:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if value is not None and self.written:
+            with contextlib.suppress(AttributeError, TypeError):
+                value.normfold_written = [*getattr(value, "normfold_written", []), *self.written]  # type: ignore[attr-defined]
         self.close()
 
     def add_inputs(self, inputs: Iterable[str | Path]) -> None:
@@ -146,14 +150,14 @@ class OutputSet:
             for f in sorted(stage.iterdir())
             if f not in every_main and f.name != LOCK_NAME
         ]
-        rank = {self.paths.get("--out"): 1, self.paths.get("--report"): 2}
+        rank = {self.paths.get("out"): 1, self.paths.get("report"): 2}
         moves += sorted(((s, d) for s, d in mains.items() if s.exists()), key=lambda m: rank.get(m[1], 0))
         roles = {p: r for r, p in self.paths.items()}
         written: list[Path] = []
         with _signals_deferred():  # a SIGTERM now would leave half a set
             for _, dest in moves:
-                _check_one(roles.get(dest, "--out"), dest, self.force, None)  # it may have appeared
-            _check_not_inputs([(roles.get(d, "--out"), d) for _, d in moves], self.inputs)
+                _check_one(roles.get(dest, "out"), dest, self.force, None)  # it may have appeared
+            _check_not_inputs([(roles.get(d, "out"), d) for _, d in moves], self.inputs)
             try:
                 for staged, dest in moves:
                     _move(staged, dest, self.force)
@@ -163,14 +167,14 @@ class OutputSet:
                     for placed in written:
                         placed.unlink(missing_ok=True)
                     written.clear()
-                committed.extend(written)  # with force, those replaced stay replaced
+                self.written.extend(written)  # with force, those replaced stay replaced
                 if isinstance(e, OSError):  # no space, no free inode, a quota: writing failed
                     said = "nothing was written"
                     if written:
                         said = f"{', '.join(map(str, written))} had been written"
                     raise ExportError(f"placing {dest} failed: {e.strerror or e}; {said}") from e
                 raise
-            committed.extend(written)
+            self.written.extend(written)
         return written
 
     def remove_replaced(self, role: str, used: Iterable[Path]) -> list[Path]:
@@ -239,7 +243,8 @@ def check_outputs(
         _check_not_inputs([(role, path)], [Path(p) for p in inputs if p is not None])
         key = os.path.realpath(path)
         if key in seen:
-            raise UsageError(f"{role} {path} is also the {seen[key]} of this run; choose another path")
+            other = f"{seen[key]}={paths[seen[key]]}"
+            raise UsageError(f"{role}={path} is the same file as {other}; choose another path")
         seen[key] = role
     return paths
 
@@ -250,33 +255,33 @@ def _check_not_inputs(paths: Iterable[tuple[str, Path]], inputs: Iterable[Path])
     for role, path in paths:
         for other in existing:
             if _same_file(path, other):
-                raise UsageError(f"{role} {path} is an input of this run ({other}); choose another path")
+                raise UsageError(f"{role}={path} is an input of this run ({other}); choose another path")
 
 
 def _check_one(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:
     try:
         _check_path(role, path, force, formats)
     except OSError as e:  # e.g. a name too long, a folder that cannot be searched
-        raise UsageError(f"{role} {path}: {e.strerror or e}") from e
+        raise UsageError(f"{role}={path}: {e.strerror or e}") from e
 
 
 def _check_path(role: str, path: Path, force: bool, formats: Sequence[str] | None) -> None:
     if formats is not None and path.suffix not in formats:
         suffix = path.suffix or "(none)"
-        raise UsageError(f"{role} {path}: unknown format {suffix}; use {' or '.join(formats)}")
+        raise UsageError(f"{role}={path}: unknown format {suffix}; use {' or '.join(formats)}")
     if path.is_symlink():
-        raise UsageError(f"{role} {path} is a symbolic link; normfold never writes through a link")
+        raise UsageError(f"{role}={path} is a symbolic link; normfold never writes through a link")
     if not path.parent.is_dir():
-        raise UsageError(f"{role} {path}: folder {path.parent} does not exist")
+        raise UsageError(f"{role}={path}: folder {path.parent} does not exist")
     if not path.exists():
         return
     mode = path.stat().st_mode
     if stat.S_ISDIR(mode):
-        raise UsageError(f"{role} {path} is a directory")
+        raise UsageError(f"{role}={path} is a directory")
     if not stat.S_ISREG(mode):
-        raise UsageError(f"{role} {path} is a special file (FIFO, device or socket); choose a regular file")
+        raise UsageError(f"{role}={path} is a special file (FIFO, device or socket); choose a regular file")
     if not force:
-        raise UsageError(f"{path} already exists; pass --force to replace it")
+        raise UsageError(f"{path} already exists; pass force=True to replace it")
 
 
 def _exists(path: Path) -> bool:
@@ -318,4 +323,4 @@ def _move(staged: Path, dest: Path, force: bool) -> None:
 
 
 def _appeared(dest: Path) -> UsageError:
-    return UsageError(f"{dest} appeared while normfold was running; not replaced (pass --force)")
+    return UsageError(f"{dest} appeared while normfold was running; not replaced (pass force=True)")

@@ -1,4 +1,4 @@
-"""Limits and checks on option values that need no torch: input sizes and ``--model-args``.
+"""Limits and checks on option values that need no torch: input sizes and ``model_args`` (JSON text).
 
 The command line validates its options with these before it imports torch, so a usage error
 comes back at once; the library applies the same checks to its own arguments.
@@ -17,7 +17,7 @@ from normfold.errors import UsageError
 #: ``1,3,100000,100000`` is refused before anything is allocated.
 MAX_INPUT_ELEMENTS = 2**28
 
-#: ``--model-args``: longest JSON text and deepest nesting accepted.
+#: ``model_args`` JSON text: longest JSON text and deepest nesting accepted.
 MAX_MODEL_ARGS_CHARS = 65_536
 MAX_MODEL_ARGS_DEPTH = 32
 
@@ -44,24 +44,24 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
         return {}
     if len(text) > MAX_MODEL_ARGS_CHARS:
         raise UsageError(
-            f"--model-args is {len(text):,} characters long, over the limit of {MAX_MODEL_ARGS_CHARS:,}"
+            f"model_args is {len(text):,} characters long, over the limit of {MAX_MODEL_ARGS_CHARS:,}"
         )
     depth = _json_depth(text)
     if depth > MAX_MODEL_ARGS_DEPTH:
         raise UsageError(
-            f"--model-args nests {depth:,} levels deep, over the limit of {MAX_MODEL_ARGS_DEPTH} "
+            f"model_args nests {depth:,} levels deep, over the limit of {MAX_MODEL_ARGS_DEPTH} "
             "(factory keyword arguments are a flat JSON object)"
         )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         shown = text if len(text) <= 200 else text[:200] + "..."
-        raise UsageError(f"--model-args is not valid JSON ({e.msg} at column {e.colno}): {shown}") from e
+        raise UsageError(f"model_args is not valid JSON ({e.msg} at column {e.colno}): {shown}") from e
     except RecursionError as e:  # not reached under the depth limit; never a traceback
-        raise UsageError("--model-args nests too deeply") from e
+        raise UsageError("model_args nests too deeply") from e
     if not isinstance(value, dict):
         shown = text if len(text) <= 200 else text[:200] + "..."
-        raise UsageError(f"--model-args must be a JSON object of keyword arguments, got {shown}")
+        raise UsageError(f"model_args must be a JSON object of keyword arguments, got {shown}")
     return value
 
 

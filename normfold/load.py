@@ -26,7 +26,7 @@ Limits, checked before anything is allocated (a file or option over one is refus
   total, counted from their shapes (an expanded, stride-0 tensor counts every element it shows);
   each calibration batch the same, and a data file may not show more elements than it stores
   beyond that limit;
-* ``--model-args`` JSON is at most 65,536 characters, nested at most 32 levels deep.
+* ``model_args`` JSON text is at most 65,536 characters, nested at most 32 levels deep.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ ZIP_MIN_ALLOWANCE = 64 * 2**20
 SAFETENSORS_MAX_HEADER = 100 * 2**20
 _SAFE_ALTERNATIVE = (
     "save the weights instead with torch.save(model.state_dict(), 'weights.pt') and pass the "
-    "architecture with --model package.module:callable"
+    "architecture with model=package.module:callable"
 )
 
 
@@ -190,7 +190,7 @@ def load_model(
     text = str(source)
     if is_factory_spec(text):
         if model is not None:
-            raise UsageError(f"{text} is already a factory spec; --model is only for weights files")
+            raise UsageError(f"{text} is already a factory spec; model= is only for weights files")
         code: list[Path] = []
         module, shapes = build(text, model_args, code)
         return LoadedModel(module, f"factory {text}", shapes, code_files=code)
@@ -217,13 +217,13 @@ def load_model(
         return _with_architecture(_load_safetensors(path), path, model, model_args, "safetensors")
 
     if model is not None and trust:
-        # --model takes weights: decide from the pickle's opcodes (nothing is run) before any
-        # trusted load, so a whole pickled module given with --model is never unpickled
+        # model= takes weights: decide from the pickle's opcodes (nothing is run) before any
+        # trusted load, so a whole pickled module given with model= is never unpickled
         _refuse_pickled_object_for_model(path)
     obj = _torch_load(path, trust=trust)
     if isinstance(obj, nn.Module):
         if model is not None:
-            raise UsageError(f"{path} holds a whole module; --model is only for weights files")
+            raise UsageError(f"{path} holds a whole module; model= is only for weights files")
         cls_file = getattr(sys.modules.get(type(obj).__module__), "__file__", None)
         code = [Path(cls_file)] if cls_file else []  # the class's code ran: an input too
         return LoadedModel(obj.cpu(), f"pickled module {path} (trusted)", code_files=code)
@@ -316,7 +316,7 @@ def _check_zip(path: Path) -> list[str]:
 
 
 def _refuse_pickled_object_for_model(path: Path) -> None:
-    """With ``--model``, a file is a weights file: a trusted load is only for a pickled mapping (a
+    """With ``model=``, a file is a weights file: a trusted load is only for a pickled mapping (a
     checkpoint dict with non-tensor extras). Anything else (a whole module) is a usage error, told
     from the pickle's first opcodes without running any of it."""
     top = _pickled_top_level(path)
@@ -324,8 +324,8 @@ def _refuse_pickled_object_for_model(path: Path) -> None:
         return
     what = f"a pickled {top}" if top else "a pickled object that is not a dict"
     raise UsageError(
-        f"{path} holds {what} (a whole module?), not a state_dict; --model is only for weights "
-        "files: drop --model to load a whole module with --trust (it was not unpickled)"
+        f"{path} holds {what} (a whole module?), not a state_dict; model= is only for weights "
+        "files: leave model= out to load a whole module with trust=True (it was not unpickled)"
     )
 
 
@@ -363,7 +363,7 @@ def _pickled_top_level(path: Path) -> str | None:
             if op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 return ".".join(strings[-2:])
             return None
-    except Exception:  # a malformed pickle: unknown, and so refused for --model
+    except Exception:  # a malformed pickle: unknown, and so refused for model=
         return None
     return None
 
@@ -383,12 +383,15 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         if not trust:
             raise LoadError(
                 f"{path} holds pickled Python objects beyond tensors (a whole nn.Module?); unpickling "
-                f"them can run arbitrary code, so it is refused without --trust. Safer: {_SAFE_ALTERNATIVE}"
+                "them can run arbitrary code, so it is refused without trust=True. "
+                f"Safer: {_SAFE_ALTERNATIVE}"
             ) from e
         logger.warning("loading %s with weights_only=False because trust=True", path)
         try:
-            # Reached only with the explicit trust opt-in.
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # Reached only with the explicit trust opt-in. The pickle's classes are imported like
+            # a factory's module: the working directory's modules too (after everything installed)
+            with _working_dir_importable():
+                return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
             raise LoadError(f"{path}: trusted load failed: {first_line(e2)}") from e2
     except Exception as e:
@@ -446,7 +449,7 @@ def _with_architecture(
 ) -> LoadedModel:
     if spec is None:
         raise UsageError(
-            f"{path} holds weights only ({what}); pass the architecture with --model package.module:callable"
+            f"{path} holds weights only ({what}); pass the architecture with model=package.module:callable"
         )
     code: list[Path] = []
     module, shapes = build(spec, model_args, code)

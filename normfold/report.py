@@ -114,6 +114,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor given as an input: its kind only
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return str(value)

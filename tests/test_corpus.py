@@ -27,11 +27,12 @@ from normfold.models import example_inputs, mlp, resnet
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
+from normfold import inputs as inputs_mod
 from normfold import load as load_mod
 from normfold.errors import LoadError, UsageError
 from normfold.limits import MAX_INPUT_ELEMENTS, MAX_MODEL_ARGS_DEPTH, parse_model_args
 from normfold.load import ZIP_MIN_ALLOWANCE, load_batches, load_inputs, load_model
-from normfold.pipeline import InputSpec, _example_inputs
+from normfold.options import InputSpec
 
 RESNET = "normfold.models:resnet"
 MLP = "normfold.models:mlp"  # builds in a millisecond: for runs where the model is not the subject
@@ -206,7 +207,6 @@ def test_the_limit_is_the_sum_over_all_inputs() -> None:
     def _input_spec(shapes: list[str], dtype: None, file: None) -> Any:
         return _with_inputs(_source_options("m", None, None, False, shapes, dtype, file, True))["inputs"]
 
-
     half = f"1,{MAX_INPUT_ELEMENTS // 2}"
     assert _input_spec([half, half], None, None).shapes == [(1, MAX_INPUT_ELEMENTS // 2)] * 2  # at the limit
     over = f"1,{MAX_INPUT_ELEMENTS // 2 + 1}"
@@ -224,10 +224,10 @@ def test_library_shapes_are_checked_before_allocating(monkeypatch: pytest.Monkey
     with pytest.raises(
         UsageError, match=r"\(1, 3, 100000, 100000\): 30,000,000,000 input elements in total, over"
     ):
-        _example_inputs(loaded, InputSpec(shapes=[(1, 3, 100000, 100000)]), optional=False)
+        inputs_mod.example_inputs(loaded, InputSpec(shapes=[(1, 3, 100000, 100000)]), optional=False)
     for bad in [(1, 0), (1, -2), (1, True), (1, 2.5), ()]:
         with pytest.raises(UsageError, match="must have positive integer dimensions"):
-            _example_inputs(loaded, InputSpec(shapes=[bad]), optional=False)
+            inputs_mod.example_inputs(loaded, InputSpec(shapes=[bad]), optional=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ def _write(files: OutputSet, role: str, text: str) -> None:
 def test_a_set_is_committed_whole_and_leaves_no_staging(tmp_path: Path) -> None:
     out, report = tmp_path / "m.pt", tmp_path / "sub" / "r.json"
     report.parent.mkdir()
-    with OutputSet({"--out": out, "--report": report}) as files:
+    with OutputSet({"out": out, "report": report}) as files:
         assert len(_stages(tmp_path)) == 1 and len(_stages(report.parent)) == 1  # created at once
-        _write(files, "--out", "model")
-        _write(files, "--report", "{}")
-        files.extra("--out", "m.pt.data").write_text("data")
+        _write(files, "out", "model")
+        _write(files, "report", "{}")
+        files.extra("out", "m.pt.data").write_text("data")
         assert not out.exists() and not report.exists()  # nothing in place before the commit
         written = files.commit()
     assert written == [tmp_path / "m.pt.data", out, report]  # extras first, the report last
@@ -66,8 +66,8 @@ def test_a_set_is_committed_whole_and_leaves_no_staging(tmp_path: Path) -> None:
 
 def test_an_error_before_the_commit_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "m.pt").write_text("old")
-    with pytest.raises(RuntimeError), OutputSet({"--out": tmp_path / "m.pt"}, force=True) as files:
-        _write(files, "--out", "new")
+    with pytest.raises(RuntimeError), OutputSet({"out": tmp_path / "m.pt"}, force=True) as files:
+        _write(files, "out", "new")
         raise RuntimeError("a check failed")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     assert (tmp_path / "m.pt").read_text() == "old"
@@ -107,7 +107,7 @@ def _existing(d: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "force", "message"),
     [
-        (_existing, False, "r.json already exists; pass --force to replace it"),
+        (_existing, False, "r.json already exists; pass force=True to replace it"),
         (_fifo, True, "f.json is a special file (FIFO, device or socket); choose a regular file"),
         (lambda d: _device(d), True, "is a special file (FIFO, device or socket)"),
         (_link, True, "l.json is a symbolic link; normfold never writes through a link"),
@@ -124,7 +124,7 @@ def test_refused_destinations(
     path = make(tmp_path)
     before = {p.name: p.is_file() and p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(UsageError) as e:
-        OutputSet({"--report": path}, force=force)
+        OutputSet({"report": path}, force=force)
     assert message in str(e.value)
     # nothing written through a link, no staging folder left
     assert {p.name: p.is_file() and p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -135,21 +135,22 @@ def test_a_destination_may_not_be_an_input_or_another_output(tmp_path: Path) -> 
     weights.write_text("weights")
     (tmp_path / "alias.pt").hardlink_to(weights)
     for path in (weights, tmp_path / "alias.pt", tmp_path / "." / "w.pt"):
-        with pytest.raises(UsageError, match=r"^--report .* is an input of this run \(.*w.pt\)"):
-            OutputSet({"--report": path}, inputs=[weights], force=True)
-    with pytest.raises(UsageError, match=r"^--report .*o.pt is also the --out of this run"):
-        OutputSet({"--out": tmp_path / "o.pt", "--report": tmp_path / "o.pt"})
+        with pytest.raises(UsageError, match=r"^report=.* is an input of this run \(.*w.pt\)"):
+            OutputSet({"report": path}, inputs=[weights], force=True)
+    same = r"^report=.*o.pt is the same file as out=.*o.pt; choose another path"
+    with pytest.raises(UsageError, match=same):
+        OutputSet({"out": tmp_path / "o.pt", "report": tmp_path / "o.pt"})
     assert weights.read_text() == "weights"
 
 
 def test_no_clobber_at_the_final_rename(tmp_path: Path) -> None:
     """Two runs to one path: existence is checked again when committing; the first one wins."""
     out = tmp_path / "m.pt"
-    with OutputSet({"--out": out}) as first, OutputSet({"--out": out}) as second:
-        _write(first, "--out", "first")
-        _write(second, "--out", "second")
+    with OutputSet({"out": out}) as first, OutputSet({"out": out}) as second:
+        _write(first, "out", "first")
+        _write(second, "out", "second")
         first.commit()
-        with pytest.raises(UsageError, match=r"m.pt already exists; pass --force"):
+        with pytest.raises(UsageError, match=r"m.pt already exists; pass force=True"):
             second.commit()
     assert out.read_text() == "first"
     assert _stages(tmp_path) == []
@@ -162,10 +163,10 @@ def test_no_clobber_against_a_file_that_appears_between_check_and_link(
     commit had already placed are taken back, the other run's file is untouched."""
     out, report = tmp_path / "m.onnx", tmp_path / "r.json"
     monkeypatch.setattr(files_mod, "_check_one", lambda *a: None)  # the race: the checks pass
-    with OutputSet({"--out": out, "--report": report}) as files:
-        _write(files, "--out", "new")
-        _write(files, "--report", "{}")
-        files.extra("--out", "m.onnx.0123456789ab.data").write_text("data")
+    with OutputSet({"out": out, "report": report}) as files:
+        _write(files, "out", "new")
+        _write(files, "report", "{}")
+        files.extra("out", "m.onnx.0123456789ab.data").write_text("data")
         out.write_text("appeared")
         with pytest.raises(UsageError, match="appeared while normfold was running; not replaced"):
             files.commit()
@@ -177,7 +178,7 @@ def test_the_report_is_committed_last(tmp_path: Path, monkeypatch: pytest.Monkey
     """A run killed (SIGKILL: no handler, no rollback) between two renames of its commit never
     leaves a report about a model that is not in place: data, saved inputs, model, report last."""
     out, report, saved = tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "x.pt"
-    roles = {"--out": out, "--report": report, "--save-inputs": saved}
+    roles = {"out": out, "report": report, "save_inputs": saved}
     moves: list[str] = []
 
     def killed_at_the_model(staged: Path, dest: Path, force: bool) -> None:
@@ -190,7 +191,7 @@ def test_the_report_is_committed_last(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(SystemExit), OutputSet(roles, force=True) as files:
         for role in roles:
             _write(files, role, role)
-        files.extra("--out", "m.onnx.0123456789ab.data").write_text("data")
+        files.extra("out", "m.onnx.0123456789ab.data").write_text("data")
         files.commit()
     assert moves == ["m.onnx.0123456789ab.data", "x.pt", "m.onnx"]
     assert not report.exists() and not out.exists()
@@ -218,11 +219,11 @@ def test_no_free_inode_at_the_commit_is_a_write_failure(
     monkeypatch.setattr(files_mod, "_move", _no_inode_for("m.onnx"))
     data = tmp_path / "m.onnx.0123456789ab.data"
     said = f"{data} had been written" if force else "nothing was written"
-    roles = {"--out": out, "--report": report}
+    roles = {"out": out, "report": report}
     with pytest.raises(ExportError) as exc, OutputSet(roles, force=force) as files:
-        _write(files, "--out", "model")
-        _write(files, "--report", "{}")
-        files.extra("--out", data.name).write_text("data")
+        _write(files, "out", "model")
+        _write(files, "report", "{}")
+        files.extra("out", data.name).write_text("data")
         files.commit()
     assert str(exc.value) == f"placing {out} failed: No space left on device; {said}"
     assert exc.value.exit_code == 6
@@ -238,7 +239,7 @@ def test_no_free_inode_for_the_staging_folder_is_a_write_failure(
 
     monkeypatch.setattr(tempfile, "mkdtemp", full)
     with pytest.raises(ExportError) as exc:
-        OutputSet({"--out": tmp_path / "m.pt"})
+        OutputSet({"out": tmp_path / "m.pt"})
     assert str(exc.value) == f"cannot write into folder {tmp_path}: {os.strerror(code)}; nothing was written"
     assert exc.value.exit_code == 6
 
@@ -283,15 +284,16 @@ def test_a_signal_during_the_commit_is_delivered_after_it(
     monkeypatch.setattr(files_mod, "_move", move_then_signal)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        with pytest.raises(Stopped), OutputSet({"--out": out, "--report": report}, force=True) as files:
-            _write(files, "--out", "new")
-            _write(files, "--report", "new")
+        roles = {"out": out, "report": report}
+        with pytest.raises(Stopped) as stopped, OutputSet(roles, force=True) as files:
+            _write(files, "out", "new")
+            _write(files, "report", "new")
             files.commit()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert moves == ["m.pt", "r.json"]
     assert out.read_text() == report.read_text() == "new"
-    assert files_mod.committed[-2:] == [out, report]
+    assert stopped.value.normfold_written == [out, report]  # what the CLI names as written
 
 
 def test_an_unwritable_folder_is_refused_before_any_work(
@@ -302,7 +304,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)  # root ignores a read-only folder's mode
     with pytest.raises(UsageError, match=rf"^cannot write into folder {tmp_path}: Permission denied$"):
-        OutputSet({"--out": tmp_path / "m.pt"})
+        OutputSet({"out": tmp_path / "m.pt"})
 
 
 def _dead_pid() -> str:
@@ -336,12 +338,12 @@ def test_stale_staging_is_removed_when_its_lock_is_free(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             [held.name, other_host.name, ".normfold-notes.tmp"]
         )
-        with OutputSet({"--out": tmp_path / "m.pt"}):  # a run writing into the folder keeps it too
+        with OutputSet({"out": tmp_path / "m.pt"}):  # a run writing into the folder keeps it too
             assert held.exists()
     finally:
         holder.kill()
         holder.wait()
-    with OutputSet({"--out": tmp_path / "m.pt"}):  # its run is gone: the next run removes it
+    with OutputSet({"out": tmp_path / "m.pt"}):  # its run is gone: the next run removes it
         assert not held.exists()
 
 
@@ -363,8 +365,8 @@ def test_a_staging_folder_without_a_lock_file_goes_only_when_old_and_dead(tmp_pa
 def test_a_run_holds_the_lock_of_its_staging_folder(tmp_path: Path) -> None:
     """While a set is open another process cannot take its lock (so cannot remove its folder);
     the lock file is never committed."""
-    with OutputSet({"--out": tmp_path / "m.pt"}) as files:
-        lock = files.staged("--out").parent / files_mod.LOCK_NAME
+    with OutputSet({"out": tmp_path / "m.pt"}) as files:
+        lock = files.staged("out").parent / files_mod.LOCK_NAME
         probe = subprocess.run(
             [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
              "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)],
@@ -372,7 +374,7 @@ def test_a_run_holds_the_lock_of_its_staging_folder(tmp_path: Path) -> None:
         )  # fmt: skip
         assert probe.returncode != 0 and "BlockingIOError" in probe.stderr, probe.stderr
         assert clean_stale(tmp_path) == []
-        _write(files, "--out", "model")
+        _write(files, "out", "model")
         assert files.commit() == [tmp_path / "m.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
@@ -393,7 +395,7 @@ REPORT_CASES = [
      "--report w.pt is an input of this run"),
     ("report-is-out",
      ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx", "--report", "o.onnx"],
-     "--report o.onnx is also the --out of this run"),
+     "--report o.onnx is the same file as --out o.onnx"),
     ("report-is-inputs",
      ["fold", RESNET, "--inputs", "x.pt", "--out", "o.onnx", "--report", "x.pt", "--force"],
      "--report x.pt is an input of this run"),
@@ -487,7 +489,7 @@ def test_cli_report_failure_writes_no_model(tmp_path: Path, monkeypatch: pytest.
     def full(path: Path, data: object) -> Path:
         raise report_mod.ExportError(f"writing report {Path(path).name} failed: No space left on device")
 
-    monkeypatch.setattr("normfold.pipeline.write_json", full)
+    monkeypatch.setattr("normfold.session.write_json", full)
     result = CliRunner().invoke(app, ["fold", "normfold.models:mlp", "--out", "o.onnx", "--report", "r.json"])
     assert result.exit_code == 6, result.output
     assert result.stderr.strip() == "error: writing report r.json failed: No space left on device"

@@ -86,7 +86,7 @@ def test_parse_model_args_valid_and_empty() -> None:
 
 
 def test_parse_model_args_invalid_json() -> None:
-    with pytest.raises(UsageError, match="--model-args is not valid JSON") as exc:
+    with pytest.raises(UsageError, match="model_args is not valid JSON") as exc:
         parse_model_args("{seed: 1}")
     assert "{seed: 1}" in str(exc.value)
 
@@ -298,8 +298,8 @@ def test_pickled_module_refused_without_trust(tmp_path: Path) -> None:
         load_model(path)
     msg = str(exc.value)
     assert "arbitrary code" in msg
-    assert "--trust" in msg
-    assert SAFE_ALTERNATIVE in msg and "--model" in msg
+    assert "trust=True" in msg and "--" not in msg  # the API's words, never a CLI flag
+    assert SAFE_ALTERNATIVE in msg and "model=package.module:callable" in msg
 
 
 def test_pickled_module_loads_with_trust(tmp_path: Path) -> None:
@@ -528,11 +528,15 @@ def test_fp16_weights_are_inspected_in_fp16_with_the_note(tmp_path: Path) -> Non
 
     state = {k: v.half() if v.is_floating_point() else v for k, v in resnet().state_dict().items()}
     torch.save(state, tmp_path / "w16.pt")
-    run = pipeline.inspect(tmp_path / "w16.pt", model=RESNET)  # fp32 inputs would fail to trace
+    run = pipeline.inspect(
+        tmp_path / "w16.pt", load=pipeline.LoadOptions(model=RESNET)
+    )  # fp32 inputs would fail to trace
     assert run.notes[0].startswith(f"the weights in {tmp_path / 'w16.pt'} are float16")
     torch.save(torch.randn(2, 3, 32, 32), tmp_path / "x.pt")
     run = pipeline.inspect(
-        tmp_path / "w16.pt", model=RESNET, inputs=pipeline.InputSpec(file=tmp_path / "x.pt")
+        tmp_path / "w16.pt",
+        load=pipeline.LoadOptions(model=RESNET),
+        inputs=pipeline.InputSpec(file=tmp_path / "x.pt"),
     )
     assert f"the floating inputs in {tmp_path / 'x.pt'} (float32) were cast to float16" in " ".join(run.notes)
 
@@ -576,3 +580,30 @@ def test_pickled_top_level_is_read_without_unpickling(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     assert _pickled_top_level(tmp_path / "junk.pt") is None
     assert not marker.exists()
+
+
+def test_trusted_pickle_finds_its_class_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19, friction 5: a whole pickled module whose class lives in ``./wdnet.py`` loads with
+    trust=True as ``model=wdnet:build`` finds that file, also when the working directory is not on
+    ``sys.path`` (the ``normfold`` console script's case)."""
+    import importlib
+    import sys
+
+    (tmp_path / "wdnet.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n        self.bn = nn.BatchNorm2d(4)\n\n"
+        "    def forward(self, x):\n        return self.bn(self.conv(x))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wdnet = importlib.import_module("wdnet")
+    torch.save(wdnet.Net().eval(), tmp_path / "whole.pt")
+    del sys.modules["wdnet"]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    loaded = load_model(tmp_path / "whole.pt", trust=True)
+    assert type(loaded.model).__name__ == "Net" and type(loaded.model).__module__ == "wdnet"
+    assert tmp_path / "wdnet.py" in loaded.code_files  # its code ran: an input of the run
+    assert "wdnet" not in [Path(p).name for p in sys.path]  # importable for the load only

@@ -7,7 +7,7 @@ import torch
 
 from normfold.errors import ParityError, UsageError
 from normfold.parity import ParityRule
-from normfold.pipeline import InputSpec, fold_and_export, inspect
+from normfold.pipeline import ExportOptions, InputSpec, WriteOptions, fold_and_export, inspect
 
 
 def test_batch_one_shape_exports_a_dynamic_batch_and_checks_parity_on_two(tmp_path):
@@ -32,7 +32,7 @@ def test_static_batch_keeps_the_given_batch(tmp_path):
         "normfold.models:audio_cnn",
         tmp_path / "m.onnx",
         inputs=InputSpec(shapes=[(1, 1, 400)]),
-        static_batch=True,
+        export=ExportOptions(static_batch=True),
     )
     assert run.parity.outputs[0].shape[0] == 1
     assert run.export.dynamic_batch is False
@@ -58,7 +58,7 @@ def test_out_equal_to_input_is_refused(tmp_path):
     same = tmp_path / "m.onnx"
     same.write_bytes(b"x")
     with pytest.raises(UsageError, match="is an input of this run"):
-        fold_and_export(str(same), same, force=True)
+        fold_and_export(str(same), same, write=WriteOptions(force=True))
     assert same.read_bytes() == b"x"
 
 
@@ -67,7 +67,9 @@ def test_unknown_shapes_for_a_non_zoo_factory_are_a_usage_error(tmp_path, monkey
         "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(3, 3))\n"
     )
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="no input shape known for factory mynet:build: pass --input-shape"):
+    with pytest.raises(
+        UsageError, match=r"no input shape known for factory mynet:build: give InputSpec\.shapes"
+    ):
         fold_and_export("mynet:build", tmp_path / "m.onnx")
 
 
@@ -94,10 +96,13 @@ def test_a_batch_of_one_widened_over_the_input_limit_is_refused_before_allocatin
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch of 1 becomes a batch of 2 for a dynamic batch axis: that doubling is checked too."""
-    monkeypatch.setattr("normfold.pipeline.MAX_INPUT_ELEMENTS", 1000)  # the rule, at a small scale
+    monkeypatch.setattr("normfold.inputs.MAX_INPUT_ELEMENTS", 1000)  # the rule, at a small scale
     spec = InputSpec(shapes=[(1, 8, 63)])  # 504 elements: within the limit, doubled it is not
     message = r"^inputs of shape \(1, 8, 63\) are widened to a batch of 2 for a dynamic batch axis: 1,008 "
-    with pytest.raises(UsageError, match=message + r"elements, .* pass --static-batch or smaller shapes$"):
+    with pytest.raises(
+        UsageError,
+        match=message + r"elements, .* set ExportOptions.static_batch=True or give smaller shapes$",
+    ):
         fold_and_export("normfold.models:mlp", tmp_path / "o.onnx", inputs=spec)
     assert list(tmp_path.iterdir()) == []
 
@@ -114,7 +119,7 @@ def test_a_failed_export_check_names_its_step_in_the_report(tmp_path, monkeypatc
     monkeypatch.setattr(export_mod, "run_onnx", lambda *a: [t + 1.0 for t in real(*a)])
     report = tmp_path / "r.json"
     with pytest.raises(ExportError, match=r"^onnxruntime-cpu output differs from the original model: "):
-        fold_and_export("normfold.models:mlp", tmp_path / "m.onnx", report=report)
+        fold_and_export("normfold.models:mlp", tmp_path / "m.onnx", write=WriteOptions(report=report))
     failure = json.loads(report.read_text())["failure"]
     assert failure["step"] == "check (onnxruntime)"
     assert (failure["error"], failure["exit_code"]) == ("ExportError", 6)
