@@ -23,17 +23,17 @@ admits rounding of the same order as the model's own (``noise_factor`` 4: a fold
 the model's own order, measured at most 1.4x on 54 real models; a real change such as one BN
 channel shifted by a tenth of its std is far outside it).
 
-``pert_k`` are float64 runs of the original with every floating parameter and buffer multiplied
-by ``1 + d``, ``d`` uniform in ``(-u, u)`` (``u``: the unit roundoff of that tensor's dtype, one
-seeded draw per run: two up front, up to ``perturbations`` (default 8) when a candidate fails
-against those). A fold rounds its new parameters once, which is exactly such a perturbation; the
-original's own error alone is one sample of its rounding, which on a few output elements after a
-cancellation can be ten times below its usual size, and near ReLU kinks most perturbations change
-nothing while a few change a lot (both seen in the fuzz tests), so a correct fold would fail by
-chance. Without an exact reference (a float64
-copy did not fit in memory or could not run; :class:`ParityReport` ``notes`` say so), ``exact`` is
-the original output, ``noise`` is 0 and the floor alone applies. Maxima run over elements finite
-in every tensor involved.
+``pert_k`` are runs of the original *in its own dtype* with every floating parameter and buffer
+rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``: the unit roundoff of that
+tensor's dtype, one seeded draw per run, ``perturbations`` runs (default 4) made up front: no
+second round; :mod:`normfold.exact`). A fold rounds its new parameters once, which is exactly such
+a perturbation, and each run adds a fresh sample of the forward's own rounding; the original's
+own error alone is one sample, which on a few output elements after a cancellation can be ten
+times below its usual size, and near ReLU kinks most perturbations change nothing while a few
+change a lot (both seen in the fuzz tests), so a correct fold would fail by chance. Without an
+exact reference (a float64 copy did not fit in memory or could not run; :class:`ParityReport`
+``notes`` say so), ``exact`` is the original output, ``noise`` is 0 and the floor alone applies.
+Maxima run over elements finite in every tensor involved.
 
 An output also fails when shapes or dtypes differ, when the non-finite elements differ (every
 ``nan`` at the same position, every ``inf`` at the same position with the same sign), or when it
@@ -78,6 +78,10 @@ from typing import Any
 import torch
 
 from normfold.errors import UsageError
+from normfold.errstats import ErrorStats, error_stats, worst_per_output
+from normfold.exact import as_plain as _as_plain
+from normfold.exact import exact_like as _exact_like
+from normfold.exact import perturbed_noise as _perturbed_noise
 from normfold.slices import judge_slices
 
 logger = logging.getLogger(__name__)
@@ -146,16 +150,16 @@ class ParityRule:
     then override every floating and complex floor. ``value_range`` is the range of the uniform
     input set (:func:`normfold.reference.parity_sets`), as polygraphy's ``--val-range``.
     ``exact_limit_bytes`` caps the float64 copy of the model the exact reference needs; above it
-    the floor alone applies (and the report says so). ``perturbations`` is the most float64 runs
-    with rounding-sized parameter perturbations that measure the model's noise (two up front, the
-    rest when a candidate fails against those; 0: its own rounding error alone).
+    the floor alone applies (and the report says so). ``perturbations`` is the number of runs in
+    the model's dtype with rounding-sized parameter perturbations that measure its noise, per input
+    set (:mod:`normfold.exact`; a fixed count, no second round; 0: its own rounding error alone).
     """
 
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)
     rtol: float | None = None
     atol: float | None = None
     noise_factor: float = 4.0
-    perturbations: int = 8
+    perturbations: int = 4
     value_range: tuple[float, float] = (0.0, 255.0)
     exact_limit_bytes: int = 4 * 1024**3
 
@@ -272,6 +276,7 @@ class OutputParity:
     p99_abs_error: float = math.nan  # 99th percentile of the differences from the original
     slice_failure: str | None = None  # the worst slice that fails the rule (normfold.slices)
     decided: bool = True  # False: the check could not tell a change from rounding (problem says why)
+    stats: ErrorStats | None = None  # vs the float64 run (else the original): normfold.errstats
 
     def failure(self) -> str | None:
         """One-line reason this output failed, naming it and the offending numbers; None if passed."""
@@ -315,6 +320,7 @@ class OutputParity:
             "passed": self.passed,
             "problem": self.problem,
             "slice_failure": self.slice_failure,
+            "stats": self.stats.to_dict() if self.stats is not None else None,
         }
 
 
@@ -386,6 +392,7 @@ class ParityReport:
             "problems": list(self.problems),
             "notes": list(self.notes),
             "failures": self.failures(),
+            "error_stats": worst_per_output(self.outputs),  # per output, its closest call
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -568,15 +575,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _as_plain(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_quantized:
-        t = t.dequantize()
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    return t
-
-
 def _compare_tensors(
     name: str, ref: torch.Tensor, cand: torch.Tensor, exact: tuple[Any, ...], ctx: _Ctx
 ) -> OutputParity:
@@ -622,7 +620,7 @@ def _compare_tensors(
     max_rel = max_abs / max_ref if max_ref > 0 else max_abs
 
     noise = exact_error = math.nan
-    slice_failure: str | None = None
+    slice_failure, noise_at = None, None
     decided = not (r.numel() == 0 or not bool(r_finite.any()))
     allowed = tol.allowed(max_ref)
     e = _exact_like(exact[0], r) if exact else None
@@ -649,6 +647,9 @@ def _compare_tensors(
         worst = judge_slices(error_at, noise_at, e_abs, where, tol.rtol, tol.atol, ctx.rule.noise_factor)
         if not problems and worst is not None and exact_error <= allowed:
             slice_failure = worst.describe()
+    exact_used = e is not None and noise_at is not None
+    stats = error_stats(c, e if exact_used else r, where if exact_used else both_finite, exact=exact_used,
+                        noise=noise_at, rtol=tol.rtol, atol=tol.atol)  # fmt: skip
     measured = max_abs if math.isnan(exact_error) else exact_error
     passed = not problems and slice_failure is None and measured <= allowed
     problem = "; ".join(problems) if problems else None
@@ -659,30 +660,8 @@ def _compare_tensors(
     return OutputParity(
         name, shape, dtype, max_abs, max_rel, mean_abs, tol, passed, problem, max_ref,
         inputs=ctx.inputs, noise=noise, exact_error=exact_error, allowed_error=allowed,
-        max_abs_error_at=at, p99_abs_error=p99, slice_failure=slice_failure,
-        decided=decided,
+        max_abs_error_at=at, p99_abs_error=p99, slice_failure=slice_failure, decided=decided, stats=stats,
     )  # fmt: skip
-
-
-def _perturbed_noise(
-    perturbed: tuple[Any, ...], e: torch.Tensor, where: torch.Tensor, own: torch.Tensor
-) -> torch.Tensor:
-    """Per element, the largest distance from the exact run of the original (``own``) and of each
-    perturbed run (elements finite in both; elsewhere 0)."""
-    noise = torch.where(where, own, torch.zeros((), dtype=own.dtype))
-    for p in perturbed:
-        p = _exact_like(p, e)
-        if p is not None:
-            ok = where & torch.isfinite(p)
-            noise = torch.maximum(noise, torch.where(ok, (p - e).abs(), torch.zeros((), dtype=own.dtype)))
-    return noise
-
-
-def _exact_like(exact: Any, r: torch.Tensor) -> torch.Tensor | None:
-    """The exact reference leaf as ``r``'s wide dtype, or None when there is none that fits."""
-    if not isinstance(exact, torch.Tensor) or exact.shape != r.shape:
-        return None
-    return _as_plain(exact).to(device=r.device, dtype=r.dtype)
 
 
 def _nan_as_inf(x: float) -> float:

@@ -14,26 +14,22 @@ Only floating inputs are generated; integer and bool inputs are used as given in
 generated set on which the *original* model's output is not finite (it overflows, e.g. fp16 on
 0..255) tests nothing but the overflow and is dropped, with a note.
 
-**Exact reference** (:func:`make_reference`). A float64 copy of the original runs on each set
-(floating inputs cast to float64), then twice more with its floating parameters and buffers
-perturbed by one rounding of their original dtype (seeded), which measures the model's
-sensitivity to rounding (:mod:`normfold.parity`); a candidate that fails against those is judged
-again with ``rule.perturbations`` (default 8) perturbed runs, on the sets it failed (a set that
-passed cannot fail with more of them), before it is declared different.
-The copy is made only when its size is at most the rule's
-``exact_limit_bytes`` (default 4 GiB, i.e. fp32 models up to 2 GiB of parameters and buffers),
-and it is freed as soon as its outputs are computed. When it is too large, or the model cannot run
-in float64 (it casts internally, or an op lacks a float64 kernel), the report's notes say so and
-the fixed floor alone applies. A model that already computes in float64 is its own exact
-reference.
+**Exact reference** (:func:`make_reference`, :mod:`normfold.exact`). Per input set: one run of
+the original in its own dtype, one float64 run of a copy of it, and ``rule.perturbations``
+(default 4) runs in its own dtype with its parameters perturbed by one rounding, which measure
+its sensitivity to rounding (:mod:`normfold.parity`); a fixed count, made up front, so a failing
+candidate is never judged twice. A model that already computes in float64 is its own exact
+reference. Every forward runs on one intra-op thread, independent forwards side by side
+(:mod:`normfold.workers`), so a busy core delays the check by its share only.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +39,11 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from normfold.errors import TraceError, UsageError, first_line
+from normfold.exact import exact_outputs
 from normfold.limits import check_size
 from normfold.parity import OutputParity, ParityReport, ParityRule, Tolerance, compare_outputs, report_of
 from normfold.probe import isolated_rng
+from normfold.workers import run_all
 
 if TYPE_CHECKING:
     from normfold.folding import FoldResult
@@ -78,37 +76,14 @@ class InputSet:
 class Reference:
     """The original model's outputs on each input set: in its own dtype, and in float64 (``exact``,
     one tree per set, or None when there is no exact reference; ``notes`` say why); ``perturbed``
-    holds, per set, the float64 runs with perturbed parameters."""
+    holds, per set, the runs with perturbed parameters (:mod:`normfold.exact`)."""
 
     sets: list[InputSet]
     outputs: list[Any]
     exact: list[Any] | None
     notes: list[str] = field(default_factory=list)
     perturbed: list[list[Any]] = field(default_factory=list)
-    model: nn.Module | None = None  # the original, for more perturbed runs (None: no more)
-
-    def widen(self, rule: ParityRule, sets: Collection[int] | None = None) -> bool:
-        """Add perturbed runs up to ``rule.perturbations`` on the input sets ``sets`` (indices;
-        default all): a set whose check passed cannot fail with more of them, so only the
-        failing ones need the float64 runs. False when there is nothing to add."""
-        if self.model is None or not self.perturbed:
-            return False
-        wanted = range(len(self.sets)) if sets is None else sorted(sets)
-        todo = [i for i in wanted if len(self.perturbed[i]) < rule.perturbations]
-        if not todo:
-            return False
-        have = len(self.perturbed[todo[0]])  # every set starts with the same first runs
-        wide = copy.deepcopy(self.model).to(torch.float64)
-        more = _perturbed_runs(
-            wide, self.model, [self.sets[i] for i in todo], range(have, rule.perturbations), self.notes
-        )
-        logger.debug("parity: %d more perturbed runs of the original on %d set(s)", rule.perturbations - have,
-                     len(todo))  # fmt: skip
-        for i, extra in zip(todo, more, strict=True):
-            self.perturbed[i].extend(extra)
-        if all(len(runs) >= rule.perturbations for runs in self.perturbed):
-            self.model = None  # every set has all its runs: the original is no longer needed
-        return bool(more[0])
+    cpu: bool = True  # False: the original lives on an accelerator (its forwards run one at a time)
 
 
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "model") -> Any:
@@ -119,20 +94,42 @@ def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "
     a caller's seeded pipeline as it was). Raises :class:`TraceError` (naming ``role`` and the
     input shapes) when the forward raises.
     """
-    flags = {m: m.training for m in model.modules()}
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     try:
-        model.eval()
-        with torch.no_grad(), isolated_rng(device):
+        with _evaluating(model), torch.no_grad(), isolated_rng(device):
             return model(*(t.clone() for t in inputs))
     except Exception as e:
         raise TraceError(
             f"the {role} model ({type(model).__name__}) raised {type(e).__name__} during forward "
             f"on inputs of shape {describe_inputs(tuple(inputs))}: {first_line(e)}"
         ) from e
+
+
+_running: dict[int, tuple[int, dict[nn.Module, bool]]] = {}  # id(model): (forwards in flight, flags)
+_running_lock = threading.Lock()
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode; its training flags restored when the last of the forwards running
+    it at once (:mod:`normfold.workers`) ends: the first one in saves them, the last one out
+    restores them (each saving its own would restore the eval mode a sibling had set)."""
+    with _running_lock:
+        count, flags = _running.get(id(model), (0, {}))
+        if count == 0:
+            flags = {m: m.training for m in model.modules()}
+            model.eval()
+        _running[id(model)] = (count + 1, flags)
+    try:
+        yield
     finally:
-        for module, training in flags.items():
-            module.training = training
+        with _running_lock:
+            count, flags = _running.pop(id(model))
+            if count > 1:
+                _running[id(model)] = (count - 1, flags)
+            else:
+                for module, training in flags.items():
+                    module.training = training
 
 
 def parity_sets(
@@ -174,19 +171,29 @@ def _like(
 def make_reference(
     model: nn.Module, sets: Sequence[InputSet], rule: ParityRule, *, role: str = "original"
 ) -> Reference:
-    """Run the original ``model`` on every set, and its float64 copy where the rule allows."""
-    sets, outputs, notes = list(sets), [], []
-    for s in list(sets):
-        out = run_model(model, s.inputs, role=role)
-        if s is not sets[0] and not _all_finite(out):
-            notes.append(f"input set {s.name} dropped: the original model's output is not finite on it")
-            sets.remove(s)
-            continue
-        outputs.append(out)
-    exact, perturbed = _exact_outputs(model, sets, rule, notes)
+    """Run the original ``model`` on every set, and its float64 and perturbed copies where the rule
+    allows (module docstring)."""
+    sets, notes = list(sets), []
+    cpu = _on_cpu(model, sets)
+    runs = run_all([lambda s=s: run_model(model, s.inputs, role=role) for s in sets], cpu=cpu)
+    kept = [(s, out) for i, (s, out) in enumerate(zip(sets, runs, strict=True)) if i == 0 or _all_finite(out)]
+    notes.extend(
+        f"input set {s.name} dropped: the original model's output is not finite on it"
+        for s in sets
+        if all(s is not k for k, _ in kept)
+    )
+    sets, outputs = [s for s, _ in kept], [out for _, out in kept]
+    exact, perturbed = exact_outputs(
+        model, sets, rule, notes, lambda m, x, r: run_model(m, x, role=r), lambda t: run_all(t, cpu=cpu)
+    )
     for note in notes:
         logger.info("parity: %s", note)
-    return Reference(sets, outputs, exact, notes, perturbed, model if perturbed and perturbed[0] else None)
+    return Reference(sets, outputs, exact, notes, perturbed, cpu)
+
+
+def _on_cpu(model: nn.Module, sets: Sequence[InputSet]) -> bool:
+    tensors = [*model.parameters(), *model.buffers(), *(t for s in sets for t in s.inputs)]
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _all_finite(tree: Any) -> bool:
@@ -197,88 +204,14 @@ def _all_finite(tree: Any) -> bool:
     )
 
 
-def _exact_outputs(
-    model: nn.Module, sets: list[InputSet], rule: ParityRule, notes: list[str]
-) -> tuple[list[Any] | None, list[list[Any]]]:
-    """The float64 copy's outputs per set, and per set its first perturbed runs."""
-    floating = [t for t in _tensors(model) if t.is_floating_point()]
-    if floating and all(t.dtype == torch.float64 for t in floating):
-        return None, []  # already float64: the original's outputs are the exact reference
-    size = sum(t.numel() for t in floating) * 8
-    if size > rule.exact_limit_bytes:
-        notes.append(
-            f"no float64 reference: a float64 copy of the model needs {size:,} bytes, over the limit "
-            f"of {rule.exact_limit_bytes:,} ({rule.exact_limit_bytes / 2**30:.1f} GiB); judged by the "
-            "fixed tolerance alone"
-        )
-        return None, []
-    try:
-        wide = copy.deepcopy(model).to(torch.float64)
-        exact = [run_model(wide, _as_float64(s.inputs), role=_WIDE) for s in sets]
-    except Exception as e:  # a model that casts internally, or an op without a float64 kernel
-        notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
-        return None, []
-    seeds = range(min(FIRST_PERTURBATIONS, rule.perturbations) if floating else 0)
-    return exact, _perturbed_runs(wide, model, sets, seeds, notes)
-
-
-_WIDE = "float64 copy of the original"
-#: perturbed runs made up front; a check that fails against them asks for the rest
-#: (``rule.perturbations`` in all) before it concludes: the noise of a model with ReLU kinks
-#: near its outputs is heavy-tailed (most perturbations change nothing, a few a lot)
-FIRST_PERTURBATIONS = 2
-
-
-def _perturbed_runs(
-    wide: nn.Module, model: nn.Module, sets: list[InputSet], seeds: range, notes: list[str]
-) -> list[list[Any]]:
-    """Per set, the outputs of ``wide`` (``model``'s float64 copy) perturbed with each seed."""
-    runs: list[list[Any]] = [[] for _ in sets]
-    for seed in seeds:
-        _perturb(wide, model, seed=seed)
-        try:
-            for i, s in enumerate(sets):
-                runs[i].append(run_model(wide, _as_float64(s.inputs), role=_WIDE))
-        except Exception as e:  # e.g. a buffer used as an exact constant: its own noise alone then
-            notes.append(f"no perturbed float64 run ({first_line(e)}); the model's own error alone")
-            return [[] for _ in sets]
-    return runs
-
-
-def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [*model.parameters(), *model.buffers()]
-
-
-def _perturb(wide: nn.Module, model: nn.Module, seed: int) -> None:
-    """Set each floating tensor of ``wide`` (``model``'s float64 copy) to ``model``'s value times
-    ``1 + d``, ``d`` uniform in ``(-u, u)``, ``u`` the unit roundoff of ``model``'s tensor dtype."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for w, t in zip(_tensors(wide), _tensors(model), strict=True):
-            if not (w.is_floating_point() and t.is_floating_point()):
-                continue
-            u = torch.finfo(t.dtype).eps / 2
-            d = (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1) * u
-            w.copy_(t.to(torch.float64) * (1 + d.to(w.device)))
-
-
-def _as_float64(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(torch.float64) if t.is_floating_point() else t for t in inputs)
-
-
 def check(
     reference: Reference, run: Callable[[tuple[torch.Tensor, ...]], Any], rule: ParityRule
 ) -> ParityReport:
     """Run a candidate (``run(inputs) -> outputs``) on every input set of ``reference`` and judge
-    it; when it fails against the first perturbed runs, with the rest of them before concluding."""
-    candidates = [run(s.inputs) for s in reference.sets]
-    report = _judge(reference, candidates, rule)
-    failing = {
-        i for i, s in enumerate(reference.sets) for o in report.outputs if o.inputs == s.name and not o.passed
-    }
-    if not report.passed and not report.problems and reference.widen(rule, failing):
-        report = _judge(reference, candidates, rule)
-    return report
+    it, once. The sets run side by side, each on one intra-op thread (:mod:`normfold.workers`):
+    ``run`` may be called from several threads at once."""
+    candidates = run_all([lambda s=s: run(s.inputs) for s in reference.sets], cpu=reference.cpu)
+    return _judge(reference, candidates, rule)
 
 
 def _judge(reference: Reference, candidates: list[Any], rule: ParityRule) -> ParityReport:

@@ -29,11 +29,12 @@ says so, never passes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SliceVerdict", "judge_slices"]
+__all__ = ["SliceVerdict", "atol_needed", "factor_needed", "judge_slices"]
 
 
 _BAND_BITS = 4.0  # a band spans 16x in scale
@@ -65,6 +66,28 @@ def _masked(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, values, torch.zeros((), dtype=values.dtype))
 
 
+def _bands(
+    error: torch.Tensor, noise: torch.Tensor, magnitude: torch.Tensor, where: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor, float, float, float]]:
+    """``(axis, members, max error, max noise, max |exact|)`` of every band of slices along every
+    axis of size > 1 (module docstring), over the elements where ``where`` holds."""
+    error, noise, magnitude = (_masked(t, where) for t in (error, noise, magnitude))
+    top = float(magnitude.max()) if magnitude.numel() else 0.0
+    if top <= 0:
+        return
+    for axis in range(error.dim()):
+        if error.shape[axis] <= 1:
+            continue
+        others = [d for d in range(error.dim()) if d != axis]
+        err, noi, mag = (t.amax(dim=others) if others else t for t in (error, noise, magnitude))
+        octaves = torch.log2(top / mag.clamp_min(1e-300))
+        band = torch.where(mag > 0, torch.floor(octaves / _BAND_BITS), torch.full_like(mag, -1))
+        for b in torch.unique(band).tolist():
+            members = band == b
+            picked = (float(t[members].max()) for t in (err, noi, mag))
+            yield axis, members, *picked
+
+
 def judge_slices(
     error: torch.Tensor,
     noise: torch.Tensor,
@@ -79,27 +102,47 @@ def judge_slices(
     ``error``, ``noise`` and ``magnitude`` are per element (the candidate's and the model's
     distance from the exact output, and ``|exact|``), counted only where ``where`` holds.
     """
-    error, noise, magnitude = (_masked(t, where) for t in (error, noise, magnitude))
-    top = float(magnitude.max()) if magnitude.numel() else 0.0
-    if top <= 0:
-        return None
     worst: SliceVerdict | None = None
     worst_ratio = 1.0
-    for axis in range(error.dim()):
-        if error.shape[axis] <= 1:
-            continue
-        others = [d for d in range(error.dim()) if d != axis]
-        err, noi, mag = (t.amax(dim=others) if others else t for t in (error, noise, magnitude))
-        octaves = torch.log2(top / mag.clamp_min(1e-300))
-        band = torch.where(mag > 0, torch.floor(octaves / _BAND_BITS), torch.full_like(mag, -1))
-        for b in torch.unique(band).tolist():
-            members = band == b
-            e, n, m = float(err[members].max()), float(noi[members].max()), float(mag[members].max())
-            allowed = atol + rtol * m + noise_factor * n
-            ratio = e / allowed if allowed > 0 else (math.inf if e > 0 else 0.0)
-            if ratio > worst_ratio:
-                worst_ratio = ratio
-                idx = members.nonzero().flatten()
-                shown = tuple(int(i) for i in idx[:5])
-                worst = SliceVerdict(axis, shown, int(idx.numel()), e, allowed, m, n)
+    for axis, members, e, n, m in _bands(error, noise, magnitude, where):
+        allowed = atol + rtol * m + noise_factor * n
+        ratio = e / allowed if allowed > 0 else (math.inf if e > 0 else 0.0)
+        if ratio > worst_ratio:
+            worst_ratio = ratio
+            idx = members.nonzero().flatten()
+            worst = SliceVerdict(axis, tuple(int(i) for i in idx[:5]), int(idx.numel()), e, allowed, m, n)
     return worst
+
+
+def _maxima(
+    error: torch.Tensor, noise: torch.Tensor, magnitude: torch.Tensor, where: torch.Tensor
+) -> list[tuple[float, float, float]]:
+    """``(max error, max noise, max |exact|)`` of the whole output, then of every band."""
+    whole = tuple(float(_masked(t, where).max()) if t.numel() else 0.0 for t in (error, noise, magnitude))
+    return [whole, *((e, n, m) for _, _, e, n, m in _bands(error, noise, magnitude, where))]  # type: ignore[list-item]
+
+
+def factor_needed(
+    error: torch.Tensor,
+    noise: torch.Tensor,
+    magnitude: torch.Tensor,
+    where: torch.Tensor,
+    rtol: float,
+    atol: float,
+) -> float:
+    """The smallest ``noise_factor`` with which the whole output and every band of slices pass:
+    the largest ``(error - floor) / noise`` (0 where the floor alone admits the error; ``inf``
+    where it does not and the noise is 0)."""
+    needed = 0.0
+    for e, n, m in _maxima(error, noise, magnitude, where):
+        over = e - (atol + rtol * m)
+        if over > 0:
+            needed = max(needed, over / n if n > 0 else math.inf)
+    return needed
+
+
+def atol_needed(error: torch.Tensor, magnitude: torch.Tensor, where: torch.Tensor, rtol: float) -> float:
+    """The smallest ``atol`` with which the whole output and every band of slices pass at
+    ``rtol`` with no noise allowance: the largest ``error - rtol * max|exact|``, at least 0."""
+    zero = torch.zeros_like(error)
+    return max(0.0, *(e - rtol * m for e, _, m in _maxima(error, zero, magnitude, where)))

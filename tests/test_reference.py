@@ -13,6 +13,7 @@ from torch import nn
 
 import normfold
 from normfold.errors import UsageError
+from normfold.exact import perturb
 from normfold.limits import MAX_INPUT_ELEMENTS
 from normfold.parity import ParityRule, compare
 from normfold.reference import check, make_reference, parity_sets, random_inputs, verify
@@ -116,17 +117,23 @@ def test_a_dropped_clamp_fails_on_the_wide_range_inputs_only() -> None:
     assert verify(model, folded, X).passed
 
 
-def test_more_perturbed_runs_only_on_the_sets_that_failed() -> None:
-    """A set that passed cannot fail with more perturbed runs: only the failing set gets them."""
+def test_a_failing_candidate_is_judged_once_against_a_fixed_number_of_runs() -> None:
+    """No second round: the reference's runs are made up front (``rule.perturbations`` per set),
+    a failing check runs the candidate once per set and adds nothing."""
     model, plain = clamp_net(ClampBN), clamp_net(nn.BatchNorm2d)
-    rule = ParityRule()
+    rule = ParityRule(perturbations=3)
     ref = make_reference(model, parity_sets((torch.randn(2, 3, 10, 10),), rule, given=False), rule)
-    report = check(ref, lambda x: plain(*x), rule)
-    assert not report.passed
-    assert {s.name: len(runs) for s, runs in zip(ref.sets, ref.perturbed, strict=True)} == {
-        "normal": 2, "uniform[0,255]": rule.perturbations,
-    }  # fmt: skip
-    assert ref.model is not None  # the original stays for a later check that fails on "normal"
+    assert [len(runs) for runs in ref.perturbed] == [3, 3]
+    calls: list[str] = []
+
+    def run(x: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        calls.append("run")
+        return plain(*x)
+
+    report = check(ref, run, rule)
+    assert not report.passed and len(calls) == len(ref.sets) == 2
+    assert [len(runs) for runs in ref.perturbed] == [3, 3]
+    assert not hasattr(ref, "widen")
 
 
 def test_value_range_sets_the_uniform_inputs() -> None:
@@ -227,19 +234,41 @@ def test_huge_shapes_are_refused_before_allocating() -> None:
 
 
 def test_perturbed_runs_measure_rounding_without_touching_the_model() -> None:
-    """Each perturbed float64 run is one parameter rounding away from the exact run: a nonzero
-    distance of rounding size; the original's tensors are bit-identical afterwards."""
+    """Each perturbed run (in the model's own dtype) is about one rounding away from the exact
+    run: a nonzero distance of rounding size, different per seed; the original's tensors are
+    bit-identical afterwards."""
     model = noisy_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sets = parity_sets(X, ParityRule())
     ref = make_reference(model, sets, ParityRule())
-    assert [len(p) for p in ref.perturbed] == [2] * len(ref.sets)
+    assert [len(p) for p in ref.perturbed] == [ParityRule().perturbations] * len(ref.sets) == [4] * 3
     for exact, runs in zip(ref.exact, ref.perturbed, strict=True):
-        distances = [float((p - exact).abs().max() / exact.abs().max()) for p in runs]
-        assert all(0 < d < 1e-4 for d in distances), distances
-        assert distances[0] != distances[1]  # two different seeded draws
+        assert all(p.dtype == torch.float32 for p in runs)  # run in the model's dtype, not float64
+        distances = [float((p.double() - exact).abs().max() / exact.abs().max()) for p in runs]
+        assert all(0 < d < 1e-3 for d in distances), distances
+        assert len(set(distances)) > 1  # different seeded draws
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert make_reference(model, sets, ParityRule(perturbations=0)).perturbed == [[]] * len(ref.sets)
+
+
+def test_a_perturbation_moves_parameters_by_at_most_one_rounding_in_their_dtype() -> None:
+    """``perturb`` rounds ``t * (1 + d)``, ``|d| < u``, to the tensor's own dtype: every entry
+    stays put or moves to a neighbouring representable value, and some of them move."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = noisy_net().to(dtype)
+        moved = copy.deepcopy(model)
+        perturb(moved, model, seed=3)
+        for t, w in zip(model.state_dict().values(), moved.state_dict().values(), strict=True):
+            if not t.is_floating_point():
+                assert torch.equal(t, w)
+                continue
+            assert w.dtype == dtype
+            up = torch.nextafter(t, torch.full_like(t, math.inf))
+            down = torch.nextafter(t, torch.full_like(t, -math.inf))
+            assert bool(((w == t) | (w == up) | (w == down)).all()), dtype
+        changed = [float((w != t).float().mean()) for t, w in
+                   zip(model.parameters(), moved.parameters(), strict=True)]  # fmt: skip
+        assert 0.1 < sum(changed) / len(changed) < 0.6, (dtype, changed)
 
 
 def test_perturbed_noise_admits_a_fold_the_lucky_own_error_would_refuse() -> None:

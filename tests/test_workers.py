@@ -1,0 +1,124 @@
+"""Verification's forwards: one intra-op thread each, independent ones side by side, the caller's
+thread count, RNG state and training flags as they were afterwards, results that do not depend on
+how many ran at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+from normfold.parity import ParityRule
+from normfold.reference import check, make_reference, parity_sets, run_model
+from normfold.workers import run_all
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)
+    )
+    return randomize_bn(model)
+
+
+def test_tasks_run_on_one_thread_each_side_by_side_and_the_caller_keeps_its_count(two_threads) -> None:
+    seen: list[tuple[str, int]] = []
+    barrier = threading.Barrier(2, timeout=30)
+
+    def task(i: int) -> int:
+        barrier.wait()  # both tasks at once: two workers, or this times out
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return i * 10
+
+    assert run_all([lambda i=i: task(i) for i in range(2)]) == [0, 10]
+    assert {n for _, n in seen} == {1} and len({name for name, _ in seen}) == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_one_thread_callers_run_tasks_in_their_own_thread_one_at_a_time() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names = run_all([lambda: threading.current_thread().name] * 3)
+        assert names == [threading.current_thread().name] * 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_first_failing_task_in_order_raises_and_state_is_restored(two_threads) -> None:
+    rng = torch.get_rng_state()
+
+    def fail(message: str) -> None:
+        torch.rand(3)  # draws from the global RNG: restored afterwards
+        raise ValueError(message)
+
+    with pytest.raises(ValueError, match=r"^first$"):
+        run_all([lambda: 1, lambda: fail("first"), lambda: fail("second")])
+    assert torch.get_num_threads() == 2
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_reference_and_check_do_not_depend_on_the_callers_thread_count(two_threads) -> None:
+    """Every forward runs single-threaded whatever the caller's count: bit-identical references
+    with 2 threads (side by side) and with 1 (one after another)."""
+    model = _net().train()  # a model left in train mode keeps it
+    x = (torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)),)
+    rule = ParityRule()
+    sets = parity_sets(x, rule)
+    wide = make_reference(model, sets, rule)
+    wide_report = check(wide, lambda i: run_model(model, i), rule)
+    torch.set_num_threads(1)
+    one = make_reference(model, sets, rule)
+    torch.set_num_threads(2)
+    assert all(m.training for m in model.modules())
+    assert torch.get_num_threads() == 2
+    trees = lambda r: [r.outputs, r.exact, r.perturbed]  # noqa: E731
+    for a, b in zip(trees(wide), trees(one), strict=True):
+        flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+        assert len(flat_a) == len(flat_b) > 0
+        assert all(torch.equal(p, q) for p, q in zip(flat_a, flat_b, strict=True))
+    assert wide_report.passed  # the original judged against itself
+
+
+def test_concurrent_forwards_of_one_model_restore_its_training_flags() -> None:
+    """Two forwards of the same model at once, the second one in leaving last: the last one out
+    restores the flags the first one in saved, not the eval mode its sibling had set."""
+    both_in = threading.Barrier(2, timeout=30)
+    entered: list[int] = []
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not self.training
+            entered.append(len(entered))
+            order = entered[-1]
+            both_in.wait()
+            if order == 1:
+                time.sleep(0.3)  # the second one in leaves last
+            return self.bn(x)
+
+    model = Slow().train()
+    x = (torch.randn(2, 3),)
+    threads = [threading.Thread(target=run_model, args=(model, x)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(entered) == 2
+    assert model.training and model.bn.training
