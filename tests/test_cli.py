@@ -955,7 +955,7 @@ def test_two_inputs_by_name_and_a_named_dynamic_axis(tmp_path: Path) -> None:
     [
         (["--input-shape", "1,3,24,24"],
          "factory normfold.models:two_tower's forward(image, features) takes 2 input(s), got 1 "
-         "--input-shape: give one --input-shape per input, in order or as name:1,3,224,224"),
+         "--input-shape: give one shape per input, in order or by argument name"),
         (["--input-shape", "img:1,3,24,24", "--input-shape", "features:1,12"],
          "--input-shape names img: factory normfold.models:two_tower's forward(image, features) has no such "
          "argument"),

@@ -1,0 +1,163 @@
+"""``normfold fold`` and ``normfold inspect``: each groups its options into the library's option
+objects, checks what can be checked before torch loads, makes one library call
+(:func:`normfold.pipeline.fold_and_export`, :func:`normfold.pipeline.inspect`) and renders it."""
+
+from __future__ import annotations
+
+import time
+
+from normfold.cli import preflight, render
+from normfold.cli.errors import guard
+from normfold.cli.options import (
+    ArchOpt,
+    ArgsOpt,
+    AtolOpt,
+    CalibrateOpt,
+    DtypeOpt,
+    DynamicOpt,
+    FoldOutOpt,
+    ForceOpt,
+    InputNamesOpt,
+    InputsOpt,
+    ModelArg,
+    NoiseOpt,
+    OpsetOpt,
+    OutputNamesOpt,
+    ProvidersOpt,
+    QuietOpt,
+    RangeOpt,
+    ReparamOpt,
+    ReportOpt,
+    RequireOpt,
+    RtolOpt,
+    SaveInputsOpt,
+    ShapeOpt,
+    StaticOpt,
+    TrustOpt,
+    export_options,
+    given_inputs,
+    load_options,
+    rule_options,
+)  # fmt: skip
+from normfold.cli.progress import progress
+
+from normfold.files import MODEL_FORMATS
+from normfold.options import FoldOptions, WriteOptions
+
+FOLD_EXAMPLES = """Examples:
+
+\b
+  normfold fold normfold.models:resnet --out resnet.onnx
+  normfold fold weights.pt --model torchvision.models:resnet50 --input-shape 1,3,224,224 --out r50.onnx
+  normfold fold timm:create_model --model-args '{"model_name": "resnet50"}' \\
+      --input-shape 1,3,224,224 --out r50.onnx --require-all --report r50.json
+  normfold fold weights.pt --model mypkg.nets:build --calibrate batches.pt --out m.onnx
+  normfold fold normfold.models:two_tower --input-shape image:1,3,24,24 --input-shape features:1,12 \\
+      --dynamic image:2=height,3=width --input-names image,features --output-names logits --out two.onnx
+  normfold fold normfold.models:resnet --out r.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
+"""
+
+INSPECT_EXAMPLES = """Examples:
+
+\b
+  normfold inspect normfold.models:mixed
+  normfold inspect weights.safetensors --model mypkg.nets:build --input-shape image:1,3,64,64 --require-all
+  normfold inspect normfold.models:repvgg --no-reparam --report repvgg.json
+"""
+
+
+def fold_cmd(
+    model: ModelArg,
+    out: FoldOutOpt,
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    static_batch: StaticOpt = False,
+    dynamic: DynamicOpt = None,
+    opset: OpsetOpt = None,
+    input_names: InputNamesOpt = None,
+    output_names: OutputNamesOpt = None,
+    providers: ProvidersOpt = None,
+    force: ForceOpt = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    noise_factor: NoiseOpt = 4.0,
+    value_range: RangeOpt = None,
+    calibrate: CalibrateOpt = None,
+    require_all: RequireOpt = False,
+    reparam: ReparamOpt = True,
+    report: ReportOpt = None,
+    save_inputs: SaveInputsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
+    started = time.perf_counter()
+    with guard():
+        load = load_options(arch, model_args, trust)
+        given = given_inputs(input_shape, input_dtype, inputs)
+        rule = rule_options(rtol, atol, noise_factor, value_range)
+        folding = FoldOptions(reparameterize=reparam, calibrate=calibrate, require_all=require_all)
+        export = export_options(
+            opset=opset, static_batch=static_batch, dynamic=dynamic, input_names=input_names,
+            output_names=output_names, providers=providers,
+        )  # fmt: skip
+        write = WriteOptions(report=report, save_inputs=save_inputs, force=force)
+        preflight.check(
+            model, out, load=load, write=write, export=export,
+            formats={"out": MODEL_FORMATS, "save_inputs": (".pt",)},
+            tensor_files={"inputs": inputs, "data": calibrate},
+        )  # fmt: skip
+        with progress("fold", quiet=quiet) as on_step:
+            from normfold import pipeline
+
+            run = pipeline.fold_and_export(
+                model, out, inputs=given.spec(), load=load, folding=folding, rule=rule.rule(), export=export,
+                write=write, on_step=on_step,
+            )  # fmt: skip
+        if not quiet:
+            render.layers(run)
+            render.parity(run)
+            render.error_stats(run)
+            render.written(run, elapsed=time.perf_counter() - started)
+            render.line(render.result_line(run))
+
+
+def inspect_cmd(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    model_args: ArgsOpt = None,
+    trust: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    input_dtype: DtypeOpt = None,
+    inputs: InputsOpt = None,
+    static_batch: StaticOpt = False,
+    dynamic: DynamicOpt = None,
+    require_all: RequireOpt = False,
+    reparam: ReparamOpt = True,
+    report: ReportOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Dry run: every norm layer, what it would fold into or why it stays (fold's own decisions,
+    on the same inputs). Writes no model."""
+    with guard():
+        load = load_options(arch, model_args, trust)
+        given = given_inputs(input_shape, input_dtype, inputs)
+        folding = FoldOptions(reparameterize=reparam, require_all=require_all)
+        export = export_options(static_batch=static_batch, dynamic=dynamic)
+        write = WriteOptions(report=report, force=force)
+        preflight.check(model, None, load=load, write=write, formats={}, tensor_files={"inputs": inputs})
+        with progress("inspect", quiet=quiet) as on_step:
+            from normfold import pipeline
+
+            run = pipeline.inspect(
+                model, inputs=given.spec(), load=load, folding=folding, export=export, write=write,
+                on_step=on_step,
+            )  # fmt: skip
+        if not quiet:
+            render.layers(run)
+            render.inspect_summary(run)
+            render.line(render.result_line(run))
