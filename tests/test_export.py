@@ -15,7 +15,7 @@ from torch import nn
 import normfold
 import normfold.export as export_mod
 from normfold.errors import ExportError, UsageError
-from normfold.export import export_model, export_onnx, run_onnx, write_state_dict
+from normfold.export import ExportOptions, export_model, export_onnx, run_onnx, write_state_dict
 from normfold.parity import ParityRule
 from normfold.reference import Reference, make_reference, parity_sets
 
@@ -42,7 +42,7 @@ def _batch_dim(path) -> int | str:
 def test_onnx_export_is_checked_against_the_original(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
     out = tmp_path / "m.onnx"
-    result = export_onnx(folded, x, out, reference=_reference(model, x))
+    result = export_onnx(folded, x, out, original=model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert result.files == [out] and result.batchnorm_nodes == 0
     assert result.opset is not None and result.opset >= 17
@@ -59,13 +59,13 @@ def test_onnx_export_is_checked_against_the_original(folded_resnet, tmp_path):
 def test_static_batch_fixes_the_batch_dim(folded_resnet, tmp_path):
     _, folded, x = folded_resnet
     out = tmp_path / "s.onnx"
-    export_model(folded, x, out, dynamic_batch=False)
+    export_model(folded, x, out, options=ExportOptions(static_batch=True))
     assert _batch_dim(out) == x[0].shape[0]
 
 
 def test_pt2_export_round_trips(folded_resnet, tmp_path):
     model, folded, x = folded_resnet
-    result = export_model(folded, x, tmp_path / "m.pt2", reference=_reference(model, x))
+    result = export_model(folded, x, tmp_path / "m.pt2", original=model)
     assert result.format == "pt2" and result.parity["torch.export"].passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
 
@@ -77,7 +77,34 @@ def test_wrong_export_raises_and_writes_nothing(folded_resnet, tmp_path):
     wrong = Reference(right.sets, shifted, shifted)
     message = r"^onnxruntime-cpu output differs from the original model: output on given inputs: "
     with pytest.raises(ExportError, match=message):
-        export_onnx(folded, x, tmp_path / "m.onnx", reference=wrong)
+        export_onnx(folded, x, tmp_path / "m.onnx", original=wrong)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_original_is_what_the_written_file_is_judged_against(folded_resnet, tmp_path):
+    """``original=`` the model before folding: a wrong fold fails the export even though the
+    file matches the (wrong) folded model it was written from; the right fold passes."""
+    model, folded, x = folded_resnet
+    wrong = copy.deepcopy(folded)
+    with torch.no_grad():
+        wrong.conv1.bias.add_(0.05)  # a fold that forgot part of a shift
+    message = r"^onnxruntime-cpu output differs from the original model: output on given inputs: "
+    with pytest.raises(ExportError, match=message):
+        export_onnx(wrong, x, tmp_path / "m.onnx", original=model)
+    assert list(tmp_path.iterdir()) == []
+    assert export_onnx(wrong, x, tmp_path / "self.onnx").parity["onnxruntime-cpu"].passed  # itself: no proof
+    result = export_onnx(folded, x, tmp_path / "m.onnx", original=model)
+    assert result.parity["onnxruntime-cpu"].passed
+
+
+def test_export_onnx_takes_only_its_own_keywords(folded_resnet, tmp_path):
+    """An explicit signature: a keyword it does not take (README once showed ``reference_outputs=``)
+    is a TypeError naming it, not swallowed by ``**kwargs``."""
+    _, folded, x = folded_resnet
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reference_outputs'"):
+        export_onnx(folded, x, tmp_path / "m.onnx", reference_outputs=None)
+    with pytest.raises(UsageError, match=r"^export_onnx writes .onnx files, got out=.*m\.pt2$"):
+        export_onnx(folded, x, tmp_path / "m.pt2")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -85,7 +112,7 @@ def test_existing_output_is_kept_without_force(folded_resnet, tmp_path):
     _, folded, x = folded_resnet
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep me")
-    with pytest.raises(UsageError, match="already exists; pass --force to replace it"):
+    with pytest.raises(UsageError, match="already exists; pass force=True to replace it"):
         export_onnx(folded, x, out)
     assert out.read_bytes() == b"keep me"
     export_onnx(folded, x, out, force=True)
@@ -106,7 +133,7 @@ def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)
     model, folded, x = folded_resnet
     out = tmp_path / "big.onnx"
-    result = export_onnx(folded, x, out, reference=_reference(model, x))
+    result = export_onnx(folded, x, out, original=model)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0] == "big.onnx", names
     assert re.fullmatch(r"big\.onnx\.[0-9a-f]{12}\.data", names[1]), names  # named by its content
@@ -115,8 +142,8 @@ def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
     onnx.checker.check_model(str(out), full_check=True)
 
     # Without force neither the model nor its data is replaced.
-    with pytest.raises(UsageError, match="already exists; pass --force"):
-        export_onnx(folded, x, out, reference=_reference(model, x))
+    with pytest.raises(UsageError, match="already exists; pass force=True"):
+        export_onnx(folded, x, out, original=model)
     assert sorted(p.name for p in tmp_path.iterdir()) == names
 
     # A re-export of other weights: new data beside the new model, the replaced model's data removed.
@@ -124,7 +151,7 @@ def test_large_models_use_external_data(folded_resnet, tmp_path, monkeypatch):
     with torch.no_grad():
         folded.fc.weight.mul_(1.5)  # large enough to live in the external data
         model.fc.weight.mul_(1.5)
-    export_onnx(folded, x, out, reference=_reference(model, x), force=True)
+    export_onnx(folded, x, out, original=model, force=True)
     again = sorted(p.name for p in tmp_path.iterdir())
     assert len(again) == 2 and again[0] == "big.onnx" and again[1] != names[1], again
     onnx.checker.check_model(str(out), full_check=True)
@@ -136,11 +163,16 @@ class DataDependentReshape(nn.Module):
 
 
 def test_export_failure_names_the_fix_and_writes_nothing(tmp_path):
-    message = r"torch.export failed for DataDependentReshape \(try --static-batch\)"
+    message = r"torch.export failed for DataDependentReshape \(try static_batch=True\)"
     with pytest.raises(ExportError, match=message):
         export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
-    export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx", dynamic_batch=False)
+    export_onnx(
+        DataDependentReshape(),
+        (torch.randn(2, 3),),
+        tmp_path / "m.onnx",
+        options=ExportOptions(static_batch=True),
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
@@ -150,7 +182,9 @@ TOP_OPSET = onnx.defs.onnx_opset_version()
 @pytest.mark.parametrize("opset", [1, 17, TOP_OPSET + 1, 99, True, 18.0])
 def test_an_opset_the_exporter_cannot_give_is_refused_before_work(tmp_path, opset):
     with pytest.raises(UsageError, match=rf"^opset {opset!r} is not supported: choose 18 to {TOP_OPSET}$"):
-        export_onnx(nn.Linear(2, 2), (torch.zeros(2, 2),), tmp_path / "m.onnx", opset=opset)
+        export_onnx(
+            nn.Linear(2, 2), (torch.zeros(2, 2),), tmp_path / "m.onnx", options=ExportOptions(opset=opset)
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,8 +192,8 @@ def test_an_opset_the_exporter_cannot_give_is_refused_before_work(tmp_path, opse
 def test_the_opset_asked_for_is_the_opset_written(tmp_path, opset, caplog):
     model = randomize_bn(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()
     x = (torch.randn(2, 4),)
-    result = export_onnx(normfold.fold(model, x).model, x, tmp_path / "m.onnx", opset=opset,
-                         reference=_reference(model, x))  # fmt: skip
+    result = export_onnx(normfold.fold(model, x).model, x, tmp_path / "m.onnx", original=model,
+                         options=ExportOptions(opset=opset))  # fmt: skip
     assert result.opset == opset
     assert [(o.domain, o.version) for o in onnx.load(str(tmp_path / "m.onnx")).opset_import
             if o.domain in ("", "ai.onnx")] == [("", opset)]  # fmt: skip
