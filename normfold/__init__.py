@@ -74,6 +74,8 @@ _LAZY = {
     "recalibrate_and_write": "normfold.pipeline",
     "drop_bias_and_write": "normfold.pipeline",
     "swap_and_write": "normfold.pipeline",
+    "save_folded": "normfold.roundtrip",
+    "load_folded": "normfold.roundtrip",
 }
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ if TYPE_CHECKING:
     )
     from normfold.reference import run_model, verify
     from normfold.reparam import MergedBranch
+    from normfold.roundtrip import load_folded, save_folded
     from normfold.runs import FoldRun, WriteRun
     from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
 
@@ -161,12 +164,14 @@ __all__ = [
     "fold",
     "fold_and_export",
     "inspect",
+    "load_folded",
     "load_inputs",
     "load_model",
     "recalibrate",
     "recalibrate_and_write",
     "reparameterize",
     "run_model",
+    "save_folded",
     "swap_and_write",
     "swap_norms",
     "verify",
