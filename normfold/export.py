@@ -245,8 +245,8 @@ def _capture_options(
             if params is None or key not in params[0]:
                 known = f"; it takes {', '.join(params[0])}" if params else ""
                 raise UsageError(
-                    f"dynamic_axes={dict(options.dynamic_axes or {})!r}: {type(model).__name__}'s forward "
-                    f"has no argument {key!r}{known}"
+                    f"ExportOptions.dynamic_axes[{key!r}]: {type(model).__name__}'s forward has no argument "
+                    f"{key}{known}"
                 )
             key = params[0].index(key)
         axes[key] = spec
@@ -325,7 +325,7 @@ def _export_program(
         with quiet_exporter():
             return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(inputs, options))
     except Exception as e:
-        hint = " (try static_batch=True)" if options.dynamic_batch else ""
+        hint = " (set ExportOptions.static_batch=True)" if options.dynamic_batch else ""
         raise ExportError(f"torch.export failed for {type(model).__name__}{hint}: {first_line(e)}") from e
 
 
@@ -333,10 +333,11 @@ def _dynamic_program(
     program: torch.export.ExportedProgram, options: CaptureOptions
 ) -> torch.export.ExportedProgram:
     """``program``, refused when it fixed an axis asked to be dynamic to one size."""
-    fixed = static_axes(program, options)
-    if fixed:
-        shown = ", ".join(f"{name} (input {i}, axis {axis}) at {size}" for i, axis, name, size in fixed)
-        raise UsageError(f"dynamic_axes: the model fixes {shown} to that size, so it cannot vary")
+    for index, axis, name, size in static_axes(program, options):
+        raise UsageError(
+            f"ExportOptions.dynamic_axes[{index}]: the model fixes axis {axis} ({name}) at {size}, "
+            "so it cannot vary"
+        )
     return program
 
 

@@ -163,7 +163,7 @@ class DataDependentReshape(nn.Module):
 
 
 def test_export_failure_names_the_fix_and_writes_nothing(tmp_path):
-    message = r"torch.export failed for DataDependentReshape \(try static_batch=True\)"
+    message = r"torch.export failed for DataDependentReshape \(set ExportOptions.static_batch=True\)"
     with pytest.raises(ExportError, match=message):
         export_onnx(DataDependentReshape(), (torch.randn(2, 3),), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
