@@ -3,9 +3,10 @@ back in a fraction of a second instead of after a 5-20 s import).
 
 * the output files' rule (:func:`normfold.files.check_outputs`: suffix, folder, not a directory,
   not a link, not an input, no overwrite without ``--force``);
-* the model source: a factory spec, or a regular file whose first bytes or zip entries do not
-  say it is a model normfold refuses (TorchScript, a ``torch.export`` program, ONNX), and a
-  ``.safetensors`` file (weights only) given with ``--model``; ``--model`` a factory spec;
+* the model source: a factory spec whose top-level package exists (installed or in the working
+  directory: a typo is answered at once), or a regular file whose first bytes or zip entries do
+  not say it is a model normfold refuses (TorchScript, a ``torch.export`` program, ONNX); a
+  ``.safetensors`` file (weights only) needs ``--model``, itself such a factory spec;
 * tensor files (``--inputs``, ``--calibrate``, ``--data``): regular, non-empty, not a model;
 * ``--opset`` within the exporter's range (the top needs ``onnx``, imported only when
   ``--opset`` is given: ~4 s against torch's ~9 s on a loaded 2-core machine, and an ``.onnx``
@@ -19,9 +20,12 @@ forward) is the library's.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import re
 import stat
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,6 +75,7 @@ def check_source(source: str, load: LoadOptions) -> None:
     if _SPEC.match(source) and not path.exists():
         if load.model is not None:
             raise UsageError(f"{source} is already a factory spec; --model is only for weights files")
+        _check_factory_module(source)
         return
     _check_regular_file(path, "file (and not a factory spec like package.module:callable)")
     kind = _sniff(path)
@@ -89,11 +94,25 @@ def check_source(source: str, load: LoadOptions) -> None:
             f"{path} is an ONNX model, not a readable torch.save file: an exported graph has no "
             f"PyTorch module left to fold; {_SAFE_ALTERNATIVE}"
         )
+    if load.model is not None:
+        _check_factory_module(load.model)
     if path.suffix == ".safetensors" and load.model is None:
         raise UsageError(
             f"{path} holds weights only (safetensors); pass the architecture with --model "
             "package.module:callable"
         )
+
+
+def _check_factory_module(spec: str) -> None:
+    """The top-level package of a factory spec exists, installed or in the working directory
+    (where :func:`normfold.load.resolve_factory` also looks), found without importing anything."""
+    module_name = spec.partition(":")[0]
+    top = module_name.partition(".")[0]
+    if top in sys.modules or importlib.util.find_spec(top) is not None:
+        return
+    if importlib.machinery.PathFinder.find_spec(top, [os.getcwd()]) is not None:
+        return
+    raise LoadError(f"cannot import {module_name!r} for factory {spec!r}: No module named {top!r}")
 
 
 def check_tensor_file(path: Path, what: str) -> None:

@@ -63,6 +63,10 @@ CASES = [
     (["drop-bias", "weights.safetensors", "--out", "o.pt"], 2,
      "weights.safetensors holds weights only (safetensors); pass the architecture with --model "
      "package.module:callable", ()),
+    (["fold", "nosuch_pkg.nets:build", "--out", "o.onnx"], 3,
+     "cannot import 'nosuch_pkg.nets' for factory 'nosuch_pkg.nets:build': No module named 'nosuch_pkg'", ()),
+    (["inspect", "weights.pt", "--model", "nosuch_pkg:build"], 3,
+     "cannot import 'nosuch_pkg' for factory 'nosuch_pkg:build': No module named 'nosuch_pkg'", ()),
     (["fold", MLP, "--model", MLP, "--out", "o.onnx"], 2,
      f"{MLP} is already a factory spec; --model is only for weights files", ()),
     (["fold", "weights.pt", "--model", "not a spec", "--out", "o.onnx"], 2,
@@ -123,7 +127,8 @@ print(json.dumps(out))
 @pytest.mark.parametrize(
     ("source", "model"),
     [("absent.pt", MLP), ("a_folder", MLP), ("model.onnx", MLP), ("program.pt2", MLP), ("scripted.pt", None),
-     ("truncated.pt", MLP), ("weights.safetensors", None), (MLP, MLP)],
+     ("truncated.pt", MLP), ("weights.safetensors", None), (MLP, MLP), ("nosuch_pkg.nets:build", None),
+     ("weights.pt", "nosuch_pkg:build")],
 )  # fmt: skip
 def test_preflight_says_what_the_loader_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, model: str | None
