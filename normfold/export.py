@@ -36,7 +36,16 @@ from torch.utils import _pytree as pytree
 from normfold.errors import ExportError, NormfoldError, UsageError, first_line
 from normfold.files import STATE_FORMATS, OutputSet
 from normfold.graph import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
-from normfold.onnx_file import TensorInfo, check_names, describe, io_names, name_graph, to_onnx, write_onnx
+from normfold.onnx_file import (
+    TensorInfo,
+    check_names,
+    describe,
+    external_files,
+    io_names,
+    name_graph,
+    to_onnx,
+    write_onnx,
+)
 from normfold.onnx_file import exporter_failure as _exporter_failure  # noqa: F401  (tests read it here)
 from normfold.onnx_run import check_providers, open_session, run_onnx, runtime_name
 from normfold.options import ExportOptions
@@ -192,13 +201,16 @@ def stage_export(
     if opset is not None:
         options = dataclasses.replace(options, opset=opset)
     check_options(options)
+    out = files.paths["out"]
+    for name in ("input_names", "output_names", "providers"):  # a .pt2 has none: never ignored silently
+        if FORMATS[out.suffix] != "onnx" and getattr(options, name) is not None:
+            raise UsageError(f"{name}={getattr(options, name)!r} applies to an .onnx file, not out={out}")
     steps = steps or StepTimer()
     rule = rule or ParityRule()
     inputs = tuple(example_inputs)
     capture = capture or _capture_options(model, inputs, options)
     if reference is None:
         reference = make_reference(model, parity_sets(inputs, rule), rule)
-    out = files.paths["out"]
     staged = files.staged("out")
     if FORMATS[out.suffix] == "onnx" and any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise ExportError(
@@ -269,28 +281,9 @@ def commit_export(files: OutputSet, result: ExportResult) -> None:
     data files the replaced ``.onnx`` used that the new one does not, only those normfold
     provably wrote and nothing else uses (:meth:`OutputSet.remove_replaced`)."""
     out = files.paths["out"]
-    old = _external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
+    old = external_files(out) if out.suffix == ".onnx" and out.is_file() and not out.is_symlink() else set()
     written = set(files.commit())
     files.remove_replaced("out", old - written)
-
-
-def _external_files(path: Path) -> set[Path]:
-    """The external data files an ``.onnx`` file refers to, in its own folder."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ours to judge: an unreadable old file simply has no data to clean
-        return set()
-    names = {
-        entry.value
-        for t in _get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for entry in t.external_data
-        if entry.key == "location"
-    }
-    return {path.parent / n for n in names if n == Path(n).name}  # never outside its folder
 
 
 def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:

@@ -273,6 +273,19 @@ def _with_external_data(model: ir.Model, path: Path) -> onnx.ModelProto:
     return proto
 
 
+def external_files(path: Path) -> set[Path]:
+    """The external data files an ``.onnx`` file refers to, in its own folder."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge: an unreadable old file simply has no data to clean
+        return set()
+    entries = [entry for t in _external_tensors(proto) for entry in t.external_data]
+    names = {entry.value for entry in entries if entry.key == "location"}
+    return {path.parent / n for n in names if n == Path(n).name}  # never outside its folder
+
+
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     import onnx
     from onnx.external_data_helper import _get_all_tensors

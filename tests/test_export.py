@@ -201,7 +201,7 @@ def test_the_opset_asked_for_is_the_opset_written(tmp_path, opset, caplog):
     assert not [r for r in caplog.records if "version conversion" in r.getMessage()]  # no converter noise
 
 
-@pytest.mark.parametrize("name", ["m.pt2", "m.pt"])
+@pytest.mark.parametrize("name", ["m.pt2", "m.pt", "m.onnx"])
 def test_a_full_disk_is_an_export_error_not_an_abort(tmp_path, monkeypatch, name):
     """torch's zip writer aborts the process on a full disk (exit 134): files are serialized in
     memory and written by Python, whose OSError becomes an ExportError; nothing is left."""
@@ -213,7 +213,7 @@ def test_a_full_disk_is_an_export_error_not_an_abort(tmp_path, monkeypatch, name
     monkeypatch.setattr(Path, "write_bytes", full)
     model = randomize_bn(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()
     with pytest.raises(ExportError, match=rf"^writing {name} failed: No space left on device$"):
-        if name.endswith(".pt2"):
+        if name.endswith((".pt2", ".onnx")):
             export_model(model, (torch.randn(2, 4),), tmp_path / name)
         else:
             write_state_dict(model, tmp_path / name)

@@ -289,3 +289,14 @@ def test_library_messages_name_no_cli_flag():
     for module in (normfold.export, normfold.onnx_file, normfold.onnx_run):
         source = Path(module.__file__).read_text()
         assert re.findall(r"--[a-z][a-z-]+", source) == [], module.__name__
+
+
+def test_onnx_only_options_are_refused_for_a_pt2(tmp_path):
+    model = nn.Linear(4, 3)
+    cpu = ["CPUExecutionProvider"]
+    cases = [(ExportOptions(input_names=["x"]), r"input_names=\['x'\]"),
+             (ExportOptions(providers=cpu), r"providers=\['CPUExecutionProvider'\]")]  # fmt: skip
+    for options, word in cases:
+        with pytest.raises(UsageError, match=rf"^{word} applies to an .onnx file, not out=.*m\.pt2$"):
+            normfold.export_model(model, (torch.randn(2, 4),), tmp_path / "m.pt2", options=options)
+    assert list(tmp_path.iterdir()) == []
