@@ -13,9 +13,10 @@ shows its own options for them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect as pyinspect
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -246,3 +247,19 @@ def widen_batch(inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tens
         extra = torch.randn(t.shape, generator=gen).to(t.dtype) if t.is_floating_point() else t.clone()
         widened.append(torch.cat([t, extra]))
     return tuple(widened)
+
+
+@contextlib.contextmanager
+def widening_explained(given: tuple[torch.Tensor, ...], used: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """A trace error on inputs :func:`widen_batch` widened names the shapes the caller gave too
+    (an error about a batch of 2 the user never gave would mislead)."""
+    try:
+        yield
+    except TraceError as e:
+        if [t.shape for t in given] == [t.shape for t in used]:
+            raise
+        shown = ", ".join(str(tuple(t.shape)) for t in given)
+        raise TraceError(
+            f"{e} (the inputs given, of shape {shown}, were widened to a batch of 2 for the dynamic "
+            "batch axis; ExportOptions.static_batch=True keeps the batch as given)"
+        ) from e

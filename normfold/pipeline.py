@@ -29,7 +29,7 @@ from normfold.export import check_opset, save_sets
 from normfold.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 from normfold.folding import FoldResult, capture_options
 from normfold.folding import fold as fold_model
-from normfold.inputs import axes_by_index, example_inputs, resized_sets, widen_batch
+from normfold.inputs import axes_by_index, example_inputs, resized_sets, widen_batch, widening_explained
 from normfold.load import load_batches
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
 from normfold.parity import ParityRule
@@ -80,7 +80,7 @@ def inspect(
             loaded = run.load(source, load)
             example = example_inputs(loaded, spec)
             primary = example if export.static_batch else widen_batch(example, spec.seed)
-        with run.steps("capture and fold"):
+        with run.steps("capture and fold"), widening_explained(example, primary):
             result = fold_model(
                 loaded.model, primary, inplace=True, dynamic_batch=not export.static_batch,
                 dynamic_axes=axes_by_index(export.dynamic_axes, loaded),
@@ -169,7 +169,7 @@ def _fold_and_verify(
     if batches is not None:
         with steps("recalibrate"):
             recalibration = recalibrate(loaded.model, batches, inplace=True)
-    with steps("capture and fold"):
+    with steps("capture and fold"), widening_explained(example, primary):
         result = fold_model(loaded.model, primary, dynamic_batch=not export.static_batch, dynamic_axes=axes,
                             reparameterize=folding.reparameterize)  # fmt: skip
     shapes = [tuple(t.shape) for t in example]
@@ -289,7 +289,7 @@ def transform_and_write(
             capture = capture_options(
                 primary, not export.static_batch, axes_by_index(export.dynamic_axes, loaded)
             )
-        with run.steps("transform"):
+        with run.steps("transform"), widening_explained(example, primary):
             result = transform(loaded.model, primary)
         run.record.run = written = WriteRun(
             loaded.source, result, Path(out), run.steps.timings, notes=loaded.notes

@@ -162,3 +162,25 @@ def test_an_output_that_ignores_the_input_is_not_called_different(tmp_path, monk
         fold_and_export("constant_model:build", tmp_path / "m.onnx", inputs=InputSpec(shapes=[(2, 3, 8, 8)]))
     assert "identical on all" in str(e.value)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_trace_error_on_widened_inputs_names_the_shapes_given() -> None:
+    """Friction 8: a wrong shape with batch 1 fails on the widened batch of 2; the message also
+    names the shape the user gave and why it changed (with a static batch, nothing to explain)."""
+    from normfold.errors import TraceError
+
+    with pytest.raises(TraceError) as e:
+        inspect("normfold.models:resnet", inputs=InputSpec(shapes=[(1, 4, 32, 32)]))
+    message = str(e.value)
+    assert "(2, 4, 32, 32)" in message  # what torch.export saw
+    assert message.endswith(
+        "(the inputs given, of shape (1, 4, 32, 32), were widened to a batch of 2 for the dynamic batch "
+        "axis; ExportOptions.static_batch=True keeps the batch as given)"
+    )
+    with pytest.raises(TraceError) as e:
+        inspect(
+            "normfold.models:resnet",
+            inputs=InputSpec(shapes=[(1, 4, 32, 32)]),
+            export=ExportOptions(static_batch=True),
+        )
+    assert "widened" not in str(e.value) and "(1, 4, 32, 32)" in str(e.value)
