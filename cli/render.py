@@ -61,8 +61,12 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Cell]]) ->
 
 
 def notes(texts: Iterable[str]) -> None:
-    for note in texts:  # how the model was taken: switched to eval mode, a dtype kept
-        line(f"note: {note}")
+    """The library's notes (how the model was taken: switched to eval mode, a dtype kept; how
+    parity was judged), in the CLI's words like its errors."""
+    from normfold.cli.errors import cli_words  # errors imports this module's consoles
+
+    for note in texts:
+        line(f"note: {cli_words(note)}")
 
 
 # fold and inspect ----------------------------------------------------------------------------------
@@ -118,8 +122,7 @@ def parity(run: FoldRun) -> None:
     ]  # fmt: skip
     columns = ("runtime", "output", "inputs", "vs original", "model noise", "vs float64", "allowed", "result")
     table("Parity with the original model", columns, rows)
-    for note in run.parity.notes if run.parity is not None else ():
-        line(f"note: {note}")
+    notes(run.parity.notes if run.parity is not None else ())
 
 
 def _num(value: Any, spec: str = ".2e") -> str:
@@ -145,7 +148,7 @@ def error_stats(run: FoldRun) -> None:
     rows = []
     for runtime, rep in _reports(run).items():
         for name, s in worst_per_output(rep.outputs).items():
-            numbers = (_num(s.get(k)) for k in _STATS)
+            numbers = (_num(s.get(k), ".3g" if k == "min_noise_factor" else ".2e") for k in _STATS)
             rows.append((runtime, name, s.get("inputs", "-"), s.get("against", "-"), *numbers))
     if rows:
         columns = ("runtime", "output", "inputs", "vs", "mean abs", "median abs", "p99 abs", "max abs",
