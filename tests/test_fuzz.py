@@ -76,6 +76,7 @@ from fuzz_models import (
     SharedNorm,
     block_specs,
     build,
+    fixed_constants,
     make_inputs,
     model_specs,
 )
@@ -309,6 +310,9 @@ def _inputs_for(spec: ModelSpec, built: Built) -> dict[str, tuple[torch.Tensor, 
 
 
 def _fuzz_settings(examples: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The fuzz's hypothesis settings; the examples drawn depend on the seed only, never on what
+    the process imported before (:func:`fuzz_models.fixed_constants`)."""
+
     def configure(test: Callable[..., None]) -> Callable[..., None]:
         configured = settings(
             max_examples=examples,
@@ -317,7 +321,14 @@ def _fuzz_settings(examples: int) -> Callable[[Callable[..., None]], Callable[..
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )(test)
-        return configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+        configured = configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+
+        @functools.wraps(configured)
+        def run() -> None:
+            with fixed_constants():
+                configured()
+
+        return run
 
     return configure
 
