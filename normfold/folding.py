@@ -289,7 +289,7 @@ def fold(
     inplace: bool = False,
     dynamic_batch: bool = True,
     dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
-    reparameterize: bool = False,
+    reparameterize: bool = True,
 ) -> FoldResult:
     """Fold every eval-mode BatchNorm (and hand-written per-channel affine map) that can be folded.
 
@@ -302,7 +302,9 @@ def fold(
 
     ``reparameterize``: also merge parallel conv / norm / identity / avg-pool branches of one
     tensor, summed (RepVGG, MobileOne, ACNet blocks), into one conv (:mod:`normfold.reparam`);
-    :attr:`FoldResult.merged` lists them and :attr:`FoldResult.not_merged` the sums that stay.
+    :attr:`FoldResult.merged` lists them and :attr:`FoldResult.not_merged` the sums that stay. On
+    by default, as in :func:`normfold.fold_and_export` and ``normfold fold``; ``False`` leaves the
+    branches as they are (e.g. to keep training the multi-branch model).
     """
     inputs = as_inputs(example_inputs)
     options = capture_options(inputs, dynamic_batch, dynamic_axes)
