@@ -116,6 +116,9 @@ class FoldResult:
     program: ExportedProgram | None = None
     folded: list[Folded] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    #: elements of the floating weights the captured program computes with (parameters, buffers,
+    #: constants: :func:`weight_elements`), before and after; the written file holds the same
+    #: plus the exporter's own constants (shapes)
     params_before: int = 0
     params_after: int | None = None  # None until the plan is applied
     replan_folds: int = 0  # folds found when planning the folded program again (0 expected)
@@ -184,7 +187,7 @@ def analyse(
     cap = capture(model, inputs, options or CaptureOptions())
     the_plan = plan(cap, keep)
     eager = eager_plan(the_plan, cap, model)
-    result = FoldResult(model=model, params_before=_count_params(model), ops_before=op_counts(cap.graph))
+    result = FoldResult(model, params_before=weight_elements(cap.program), ops_before=op_counts(cap.graph))
     result.folded = [_folded(f, eager) for f in the_plan.folds if not f.identity]
     result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
                       for k in the_plan.kept]  # fmt: skip
@@ -348,7 +351,7 @@ def _fold(
     suspects += [f"{m.block} into {m.into} (merge, {m.where})" for m in result.merged]
     check_artifacts_agree(target, result.program, inputs, suspects)
     result.ops_after = op_counts(result.program.graph)
-    result.params_after = _count_params(target)
+    result.params_after = weight_elements(result.program)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
 
@@ -474,5 +477,17 @@ def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tup
     )
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def weight_elements(program: ExportedProgram) -> int:
+    """Elements of the floating weights ``program`` computes with (parameters, buffers and lifted
+    constants; a tensor stored under two names once): what an export of it holds, whatever the
+    eager module still carries (a norm kept as the identity, a buffer nothing reads)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in [*program.state_dict.values(), *program.constants.values()]:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total
