@@ -244,10 +244,14 @@ def write_onnx(model: ir.Model, path: Path, *, inline_limit: int) -> onnx.ModelP
     try:
         if size < inline_limit:
             proto = ir.serde.serialize_model(model)
-            data = proto.SerializeToString()
-            _check(lambda: onnx.checker.check_model(data, full_check=True))
-            path.write_bytes(data)
-            return proto
+            try:
+                data = proto.SerializeToString()
+            except ValueError:  # weights under the limit, but with the graph over protobuf's 2 GB
+                data = None
+            if data is not None:
+                _check(lambda: onnx.checker.check_model(data, full_check=True))
+                path.write_bytes(data)
+                return proto
         proto = _with_external_data(model, path)
         path.write_bytes(proto.SerializeToString())
     except OSError as e:

@@ -300,3 +300,29 @@ def test_onnx_only_options_are_refused_for_a_pt2(tmp_path):
         with pytest.raises(UsageError, match=rf"^{word} applies to an .onnx file, not out=.*m\.pt2$"):
             normfold.export_model(model, (torch.randn(2, 4),), tmp_path / "m.pt2", options=options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_over_protobufs_limit_with_small_weights_goes_to_external_data(tmp_path, monkeypatch):
+    """The weights decide external data, but protobuf refuses any message over 2 GB: when the
+    serialized model is too large all the same, its weights go to external data after all."""
+    import onnx_ir
+
+    real = onnx_ir.serde.serialize_model
+    calls = []
+
+    class TooLarge:
+        def SerializeToString(self):  # protobuf's name
+            raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+
+    def serialize(model):
+        calls.append(1)
+        return TooLarge() if len(calls) == 1 else real(model)
+
+    monkeypatch.setattr(onnx_ir.serde, "serialize_model", serialize)
+    model = randomize_bn(nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32)))
+    x = (torch.randn(2, 64),)
+    result = export_onnx(normfold.fold(model, x).model, x, tmp_path / "m.onnx", original=model)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and re.fullmatch(r"m\.onnx\.[0-9a-f]{12}\.data", names[1]), names
+    assert result.parity["onnxruntime-cpu"].passed and len(calls) == 2
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
