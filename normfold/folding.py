@@ -34,6 +34,7 @@ from torch.export import ExportedProgram
 from torch.nn.modules.batchnorm import _NormBase
 
 from normfold.apply import EagerPlan, eager_plan
+from normfold.costs import program_macs
 from normfold.errors import TraceError, UsageError
 from normfold.gate import CODE as CANCELLATION
 from normfold.gate import at_risk, judge
@@ -121,6 +122,9 @@ class FoldResult:
     #: plus the exporter's own constants (shapes)
     params_before: int = 0
     params_after: int | None = None  # None until the plan is applied
+    #: multiply-accumulates of one run at the example sizes (:func:`normfold.costs.program_macs`)
+    macs_before: int | None = None
+    macs_after: int | None = None
     replan_folds: int = 0  # folds found when planning the folded program again (0 expected)
     #: modules torch.export could not capture (the model itself first); empty when it could.
     #: Then ``program`` is None and only the captured parts were folded (see normfold.parts).
@@ -143,6 +147,8 @@ class FoldResult:
             "model_type": type(self.model).__name__,
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
             "folded": [asdict(f) for f in self.folded],
             "skipped": [asdict(s) for s in self.skipped],
             "replan_folds": self.replan_folds,
@@ -188,6 +194,7 @@ def analyse(
     the_plan = plan(cap, keep)
     eager = eager_plan(the_plan, cap, model)
     result = FoldResult(model, params_before=weight_elements(cap.program), ops_before=op_counts(cap.graph))
+    result.macs_before = program_macs(cap.program)
     result.folded = [_folded(f, eager) for f in the_plan.folds if not f.identity]
     result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
                       for k in the_plan.kept]  # fmt: skip
@@ -352,6 +359,7 @@ def _fold(
     check_artifacts_agree(target, result.program, inputs, suspects)
     result.ops_after = op_counts(result.program.graph)
     result.params_after = weight_elements(result.program)
+    result.macs_after = program_macs(result.program)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
 

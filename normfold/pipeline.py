@@ -25,7 +25,7 @@ from torch import nn
 
 from normfold.calibration import recalibrate
 from normfold.errors import NotFoldedError, ParityError, printable
-from normfold.export import check_opset, save_sets
+from normfold.export import check_options, save_sets
 from normfold.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 from normfold.folding import FoldResult, capture_options
 from normfold.folding import fold as fold_model
@@ -123,7 +123,7 @@ def fold_and_export(
     :class:`~normfold.errors.NotFoldedError` with ``FoldOptions.require_all`` when a norm stays.
     """
     spec, load, folding, export, write = _defaults(inputs, load, folding, export, write)
-    check_opset(export.opset)
+    check_options(export)
     rule = ParityRule.of(rule)
     options = _asked(source, out=out, spec=spec, load=load, folding=folding, rule=rule, export=export,
                      write=write)  # fmt: skip
@@ -135,7 +135,7 @@ def fold_and_export(
         if out is not None:
             folded.export = run.export(  # the folded capture itself: no second torch.export
                 folded.fold.model, primary, program=folded.fold.program,
-                reference=reference, capture=capture, opset=export.opset, rule=rule,
+                reference=reference, capture=capture, options=export, rule=rule,
             )  # fmt: skip
         folded.timings = run.steps.timings
     return folded
@@ -211,7 +211,8 @@ def recalibrate_and_write(
         run.record.run = written = WriteRun(
             loaded.source, result, Path(out), run.steps.timings, notes=loaded.notes
         )
-        run.export(result.model, batches[0], reference=None, capture=None, opset=None, rule=ParityRule())
+        run.export(result.model, batches[0], reference=None, capture=None, options=ExportOptions(),
+                   rule=ParityRule())  # fmt: skip
     return written
 
 
@@ -278,7 +279,7 @@ def transform_and_write(
     loads into the transformed architecture, or a ``.pt2``/``.onnx`` export (a dynamic batch
     unless ``ExportOptions.static_batch``) checked against the transformed model."""
     spec, load, _, export, write = _defaults(inputs, load, None, export, write)
-    check_opset(export.opset)
+    check_options(export)
     options = _asked(source, out=out, spec=spec, load=load, export=export, write=write)
     with session(command, out, write, options=options, inputs=[source, spec.file],
                  formats={"out": ANY_FORMATS}, on_step=on_step, seed=spec.seed) as run:  # fmt: skip
@@ -295,7 +296,7 @@ def transform_and_write(
             loaded.source, result, Path(out), run.steps.timings, notes=loaded.notes
         )
         written.export = run.export(
-            result.model, primary, reference=None, capture=capture, opset=export.opset, rule=ParityRule()
+            result.model, primary, reference=None, capture=capture, options=export, rule=ParityRule()
         )
     return written
 

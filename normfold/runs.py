@@ -62,6 +62,8 @@ class FoldRun:
             "blocks_not_merged": len(f.not_merged),
             "params_before": f.params_before,
             "params_after": f.params_after,
+            "macs_before": f.macs_before,
+            "macs_after": f.macs_after,
             "ops_original": f.ops_before,
             "ops_folded": f.ops_after,
             "ops_written": e.op_counts if onnx_file else None,

@@ -25,7 +25,7 @@ from normfold.export import ExportResult, commit_export, stage_export, stage_sta
 from normfold.files import OutputSet
 from normfold.graph import CaptureOptions
 from normfold.load import LoadedModel, load_model
-from normfold.options import LoadOptions, WriteOptions
+from normfold.options import ExportOptions, LoadOptions, WriteOptions
 from normfold.parity import ParityRule
 from normfold.reference import Reference
 from normfold.report import RunRecord, StepHook, StepTimer, write_json
@@ -62,20 +62,20 @@ class Session:
         inputs: tuple[torch.Tensor, ...],
         *,
         reference: Reference | None,
-        capture: CaptureOptions,
-        opset: int | None,
+        capture: CaptureOptions | None,
+        options: ExportOptions,
         rule: ParityRule,
         program: torch.export.ExportedProgram | None = None,
     ) -> ExportResult | None:
         """Stage ``out``: a state dict (``.pt``/``.pth``/``.safetensors``, returns None) or an
-        export (``.onnx``/``.pt2``) checked against ``reference``."""
+        export (``.onnx``/``.pt2``, written as ``options`` say) checked against ``reference``."""
         out = self.files.paths["out"]
         if out.suffix in (".pt", ".pth", ".safetensors"):
             with self.steps("write"):
                 stage_state_dict(model, self.files)
             return None
         return stage_export(
-            model, inputs, self.files, program=program, reference=reference, capture=capture, opset=opset,
+            model, inputs, self.files, program=program, reference=reference, capture=capture, options=options,
             rule=rule, steps=self.steps,
         )  # fmt: skip
 
