@@ -178,6 +178,8 @@ def static_axes(program: ExportedProgram, options: CaptureOptions) -> list[tuple
     fixed = []
     for index, axis, name in options.axes:
         size = user[index].meta["val"].shape[axis] if index < len(user) else None
+        if isinstance(size, torch.SymInt):  # torch.export may specialize an axis yet keep a SymInt
+            size = size.node.maybe_as_int()
         if isinstance(size, int):
             fixed.append((index, axis, name, size))
     return fixed

@@ -259,7 +259,7 @@ def swap_and_write(
         )
 
     return transform_and_write(source, out, transform, inputs=inputs, load=load, export=export, write=write,
-                               on_step=on_step, command="swap")  # fmt: skip
+                               on_step=on_step, command="swap", needs_inputs=False)  # fmt: skip
 
 
 def transform_and_write(
@@ -273,11 +273,14 @@ def transform_and_write(
     write: WriteOptions | None = None,
     on_step: StepHook | None = None,
     command: str = "transform",
+    needs_inputs: bool = True,
 ) -> WriteRun:
     """Load ``source``, apply ``transform(model, example_inputs)`` (returning a result with
     ``.model``), write the model to ``out``: a state dict (``.pt``/``.pth``/``.safetensors``) that
     loads into the transformed architecture, or a ``.pt2``/``.onnx`` export (a dynamic batch
-    unless ``ExportOptions.static_batch``) checked against the transformed model."""
+    unless ``ExportOptions.static_batch``) checked against the transformed model. Without
+    ``needs_inputs``, a state-dict output needs no example inputs (``transform`` gets None when
+    none are known)."""
     spec, load, _, export, write = _defaults(inputs, load, None, export, write)
     check_options(export)
     options = _asked(source, out=out, spec=spec, load=load, export=export, write=write)
@@ -285,12 +288,14 @@ def transform_and_write(
                  formats={"out": ANY_FORMATS}, on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
             loaded = run.load(source, load)
-            example = example_inputs(loaded, spec)
-            primary = example if export.static_batch else widen_batch(example, spec.seed)
-            capture = capture_options(
-                primary, not export.static_batch, axes_by_index(export.dynamic_axes, loaded)
-            )
-        with run.steps("transform"), widening_explained(example, primary):
+            optional = Path(out).suffix in STATE_FORMATS and not needs_inputs
+            example = example_inputs(loaded, spec, optional=optional)
+            primary = capture = None  # a state dict from a transform that needs no inputs
+            if example is not None:
+                primary = example if export.static_batch else widen_batch(example, spec.seed)
+                axes = axes_by_index(export.dynamic_axes, loaded)
+                capture = capture_options(primary, not export.static_batch, axes)
+        with run.steps("transform"), widening_explained(example or (), primary or ()):
             result = transform(loaded.model, primary)
         run.record.run = written = WriteRun(
             loaded.source, result, Path(out), run.steps.timings, notes=loaded.notes

@@ -78,6 +78,7 @@ class RunRecord:
     seed: int | None = None
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     run: Any = None
+    _clock: float = field(default_factory=time.perf_counter, repr=False)
 
     def to_dict(self, error: BaseException | None = None) -> dict[str, Any]:
         """The report: the envelope, then the run's own blocks; with ``error``, a failed run's."""
@@ -99,6 +100,7 @@ class RunRecord:
         if self.run is not None:
             out.update(self.run.to_dict())
         out["timings_s"] = {k: round(v, 4) for k, v in self.steps.timings.items()}
+        out["elapsed_s"] = round(time.perf_counter() - self._clock, 4)  # the run, imports aside
         out["versions"] = versions()
         return out
 

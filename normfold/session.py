@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfold.errors import first_line
+from normfold.errors import UsageError, first_line
 from normfold.export import ExportResult, commit_export, stage_export, stage_state_dict
 from normfold.files import OutputSet
 from normfold.graph import CaptureOptions
@@ -59,7 +59,7 @@ class Session:
     def export(
         self,
         model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
+        inputs: tuple[torch.Tensor, ...] | None,
         *,
         reference: Reference | None,
         capture: CaptureOptions | None,
@@ -74,6 +74,9 @@ class Session:
             with self.steps("write"):
                 stage_state_dict(model, self.files)
             return None
+        if inputs is None:
+            needs = "give InputSpec.shapes or InputSpec.file"
+            raise UsageError(f"out={out}: an export needs example inputs ({needs})")
         return stage_export(
             model, inputs, self.files, program=program, reference=reference, capture=capture, options=options,
             rule=rule, steps=self.steps,

@@ -156,12 +156,8 @@ def test_dynamic_axes_are_named_in_derived_sizes_and_by_argument_name(tmp_path):
         export_onnx(model, x, tmp_path / "n.onnx", options=ExportOptions(dynamic_axes={"y": {2: "height"}}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normfold.graph.static_axes reads only int sizes; torch.export leaves an axis it specialized "
-    "as a SymInt of constant value (here 9), so the file names a 'height' axis that cannot vary",
-)
 def test_an_axis_the_model_fixes_cannot_be_dynamic(tmp_path):
+    """torch.export keeps an axis it specialized as a SymInt of constant value (here 9): still fixed."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 9 * 7, 3))  # the Linear fixes every axis but the batch
     x = (torch.randn(2, 2, 9, 7),)
     message = r"^ExportOptions.dynamic_axes\[0\]: the model fixes axis 2 \(height\) at 9, so it cannot vary$"

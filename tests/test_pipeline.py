@@ -184,3 +184,41 @@ def test_a_trace_error_on_widened_inputs_names_the_shapes_given() -> None:
             export=ExportOptions(static_batch=True),
         )
     assert "widened" not in str(e.value) and "(1, 4, 32, 32)" in str(e.value)
+
+
+def test_fold_and_export_takes_a_module_and_its_tensors(tmp_path) -> None:
+    """Friction 9: a module given as is, with a tensor or a tuple of tensors as inputs; the
+    caller's module is left as it was; anything else as inputs is a UsageError naming it."""
+    from normfold.models import example_inputs, mlp
+
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (x,) = example_inputs("mlp")
+    run = fold_and_export(model, tmp_path / "m.onnx", inputs=x)
+    assert run.source == "module MLP" and run.parity.passed and run.export.path == tmp_path / "m.onnx"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    no_file = {"ops_written": None, "exporter_removed_batchnorms": None}
+    assert fold_and_export(model, None, inputs=(x,)).summary() == run.summary() | no_file
+    message = r"^inputs must be a tensor, a sequence of tensors .* got a list of int"
+    with pytest.raises(UsageError, match=message):
+        fold_and_export(model, None, inputs=[1, 2])
+
+
+def test_swap_to_a_state_dict_needs_no_input_shape(tmp_path) -> None:
+    """Friction 4: a GroupNorm swap written as a state dict does not trace the model."""
+    from normfold.pipeline import swap_and_write
+
+    (tmp_path / "noshape.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), "
+        "torch.nn.BatchNorm2d(8)).eval()\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        run = swap_and_write("noshape:build", tmp_path / "g.pt", "group", num_groups=2)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert [s.to_type for s in run.result.swapped] == ["GroupNorm"]
+    state = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert state["1.weight"].shape == (8,)
