@@ -34,7 +34,8 @@ Profiles, by environment variable:
   ``NORMFOLD_FUZZ_EXAMPLES``);
 * ``NORMFOLD_FUZZ_DTYPES``: the model dtypes drawn (default ``float32,float64,float16,bfloat16``);
 * ``NORMFOLD_FUZZ_SEED``: an integer seed for hypothesis instead of the default derandomized run
-  (the default is the same examples on every run; a seed explores new ones and is reproducible)::
+  (the default is the same examples on every run, whatever the process ran before; a seed
+  explores new ones and is reproducible)::
 
     NORMFOLD_FUZZ_EXAMPLES=10000 NORMFOLD_FUZZ_SEED=$RANDOM .venv/bin/python -m pytest -s tests/test_fuzz.py
 
@@ -458,10 +459,15 @@ def test_drop_redundant_biases_fuzz(record_property: Callable[[str, object], Non
     print(message)
     assert ran >= BIAS_EXAMPLES
     assert compared >= 0.8 * ran
-    # the transform is exercised, not only its refusals. Open (issue 18's session notes): the
-    # count depends on what the process ran before: 26 of these 150 alone, 60 after one
-    # fold_and_export to ONNX, 11 after tests/test_cli.py; parity holds in every case
-    assert ran < 100 or dropped >= 0.05 * ran
+    # the transform is exercised, not only its refusals: 26 biases dropped in the 150 default
+    # examples, alone, after an ONNX export or after CLI tests (the examples depend on the seed
+    # only: fuzz_models.fixed_constants; the 60 and 11 once seen were other examples, drawn with
+    # the constants of modules imported before). A seeded run of a few hundred examples explores in
+    # correlated stretches (8 to 43 biases in 150 examples over five example sequences): its count
+    # is the seed's, not normfold's, and each bias the generator marks droppable is asserted
+    # dropped anyway (check_drop); from 1000 examples on it settles (173 to 260 over three)
+    if SEED is None or ran >= 1000:
+        assert ran < 100 or dropped >= 0.1 * ran, f"{dropped} biases dropped in {ran} examples"
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)
