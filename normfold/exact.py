@@ -15,7 +15,8 @@ the entries move by one ulp): the rounding a fold applies to its new parameters.
 the exact run, ``|pert_k - exact|``, holds both that parameter sensitivity and the forward's own
 rounding (a fresh sample of it, the kind of error the original's own run shows once), so it is
 a noise estimate at least of the order of either alone, for the price of a forward in the
-model's dtype (a float64 forward costs several: no vectorized float64 convolution on CPU).
+model's dtype (a float64 forward costs about 2.5 of those on CPU: measured on a resnet50-like
+model at 224 px, one thread).
 
 The runs are independent tasks (:func:`normfold.workers.run_all`): the exact run of each set, and
 each perturbed run over every set (one copy of the model per worker thread, perturbed anew for
