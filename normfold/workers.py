@@ -56,7 +56,7 @@ def run_all(tasks: Sequence[Callable[[], T]], width: int | None = None, *, cpu: 
     """The results of ``tasks`` in their order, each run on one intra-op thread, up to ``width``
     (default: the caller's ``torch.get_num_threads()``) at once; ``cpu=False`` (a model on an
     accelerator) runs them one after another, where host threads buy nothing. The first task
-    (in order) that raised re-raises its exception, after every started task has finished."""
+    (in order) that raised re-raises its exception, once every task has run."""
     with _lock, single_threaded() as threads:
         width = max(1, min(width if width is not None else threads, len(tasks)))
         if width == 1 or not cpu:
