@@ -63,6 +63,7 @@ rechecks that program (``diff_programs.recheck``), one reruns the whole run.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shlex
@@ -75,6 +76,7 @@ from typing import Any
 import pytest
 import torch
 from diff_programs import Add, Program, build, programs
+from fuzz_models import fixed_constants
 from helpers import exported, state_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
@@ -341,12 +343,21 @@ def _one_thread() -> Iterator[None]:
 
 
 def _settings(test: Callable[..., None]) -> Callable[..., None]:
+    """The run's hypothesis settings; the programs drawn depend on the seed only, never on what the
+    process imported before (:func:`fuzz_models.fixed_constants`)."""
     configured = settings(
         max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
         report_multiple_bugs=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )(test)  # fmt: skip
-    return configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+    configured = configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+
+    @functools.wraps(configured)
+    def run() -> None:
+        with fixed_constants():
+            configured()
+
+    return run
 
 
 @_settings
