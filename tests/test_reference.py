@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -134,6 +135,33 @@ def test_a_failing_candidate_is_judged_once_against_a_fixed_number_of_runs() -> 
     assert not report.passed and len(calls) == len(ref.sets) == 2
     assert [len(runs) for runs in ref.perturbed] == [3, 3]
     assert not hasattr(ref, "widen")
+
+
+class Counting(nn.Module):
+    """Records the dtype of every forward (of the original and of every copy of it)."""
+
+    calls: ClassVar[list[torch.dtype]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Counting.calls.append(self.lin.weight.dtype)
+        return self.lin(x)
+
+
+def test_the_cost_is_one_float64_run_per_set_plus_a_fixed_number_in_the_models_dtype() -> None:
+    torch.manual_seed(0)
+    model, rule = Counting(), ParityRule(perturbations=3)
+    Counting.calls = []
+    ref = make_reference(model, parity_sets((torch.randn(2, 3),), rule), rule)
+    assert len(ref.sets) == 3
+    assert Counting.calls.count(torch.float64) == 3  # one float64 run per set
+    assert Counting.calls.count(torch.float32) == 3 * (1 + 3)  # the original and 3 perturbed, per set
+    Counting.calls = []
+    assert not check(ref, lambda x: torch.zeros(2, 3), rule).passed
+    assert Counting.calls == []  # a failing check runs nothing more of the original
 
 
 def test_value_range_sets_the_uniform_inputs() -> None:
