@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -61,6 +61,10 @@ def run_all(tasks: Sequence[Callable[[], T]], width: int | None = None, *, cpu: 
         width = max(1, min(width if width is not None else threads, len(tasks)))
         if width == 1 or not cpu:
             return [task() for task in tasks]
-        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="normfold-verify") as pool:
+        pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="normfold-verify")
+        try:
             futures = [pool.submit(_one_thread, task) for task in tasks]
+            wait(futures)
+        finally:  # interrupted (Ctrl-C): the tasks not started yet never start
+            pool.shutdown(wait=True, cancel_futures=True)
         return [f.result() for f in futures]

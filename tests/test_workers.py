@@ -4,6 +4,7 @@ how many ran at once."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -122,3 +123,28 @@ def test_concurrent_forwards_of_one_model_restore_its_training_flags() -> None:
         t.join(30)
     assert len(entered) == 2
     assert model.training and model.bn.training
+
+
+def test_an_interrupt_starts_no_further_task(two_threads) -> None:
+    """Ctrl-C while the forwards run: the running ones finish, the waiting ones never start."""
+    started: list[int] = []
+
+    def task(i: int) -> int:
+        started.append(i)
+        time.sleep(1.0)
+        return i
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_all([lambda i=i: task(i) for i in range(6)])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(1.5)  # long enough for a worker to take another task, were any left to take
+    assert 1 <= len(started) <= 2  # the two workers' first tasks only
+    assert torch.get_num_threads() == 2
