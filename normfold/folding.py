@@ -37,7 +37,7 @@ from normfold.apply import EagerPlan, eager_plan
 from normfold.costs import program_macs
 from normfold.errors import TraceError, UsageError
 from normfold.gate import CODE as CANCELLATION
-from normfold.gate import at_risk, judge
+from normfold.gate import at_risk, judge, overflow_risk
 from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.parts import Uncaptured, fold_parts
 from normfold.plan import Fold, Plan, plan
@@ -340,6 +340,7 @@ def _fold(
     except TraceError as e:
         return fold_parts(target.eval(), inputs, e, options)
     risky = {} if judged else at_risk(analysis.capture, analysis.plan)
+    overflow = {} if judged else overflow_risk(analysis.capture, analysis.plan)
     again = functools.partial(_fold, model, inputs, options, reparameterize=reparameterize, judged=True)
     if risky and inplace:  # judged on a copy first: the caller's model is folded once, as decided
         trial = _fold(model, inputs, options, inplace=False, reparameterize=reparameterize, keep=keep)
@@ -351,7 +352,7 @@ def _fold(
     result.program = apply_round(target, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
                                  analysis.eager_merges, in_place=True)  # fmt: skip
     left = _settle(result, target, drift, reparameterize, merged=bool(analysis.merges), keep=keep)
-    if risky and (kept := judge(model, result, inputs, risky)):
+    if (risky or overflow) and (kept := judge(model, result, inputs, risky, overflow)):
         return again(inplace=False, keep={**keep, **kept})
     check_replan(left)
     suspects = [f"{f.norm} into {f.into} ({f.pattern}, export only)" for f in result.export_only]

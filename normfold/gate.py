@@ -17,6 +17,12 @@ the parity rule itself decides:
   bfloat16, 1e4 for float64: on 60 seeds of the ``Linear -> BN(mean ~1e3, var 10) -> batch-
   statistics BN -> Linear`` model, a threshold of 256 still left 2 folds that fail the rule, 16
   none; the check costs one ``verify`` inside ``fold()``, only for plans with a fold at risk);
+* in float16 and bfloat16, a fold whose scale is above 1 is at risk of **overflow**: it moves the
+  norm's scale before ops the original ran unscaled (a sum over many positions, a mean that
+  cancels), whose intermediate values can then leave the dtype's range where the original's stay
+  inside it (diff fuzz seed 424242 #2997: a Linear whose output is averaged, then normalized with
+  ``1 / sqrt(var + eps) ~ 22``: the folded Linear overflows float16 before the mean); such folds
+  are kept with code ``overflow`` when the result fails;
 * when a plan has folds at risk, ``fold()`` judges its result (module and program) against the
   original by :func:`normfold.verify` on the example inputs; if it fails (and the check could
   decide), the folds at risk are kept with code ``cancellation`` and the model is folded again
@@ -38,9 +44,12 @@ from normfold.plan import Plan
 if TYPE_CHECKING:
     from normfold.folding import FoldResult
 
-__all__ = ["CODE", "at_risk", "judge"]
+__all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "overflow_risk"]
 
 CODE = "cancellation"
+OVERFLOW = "overflow"
+#: dtypes whose range a fold's scale above 1 can push an intermediate value out of
+_NARROW = (torch.float16, torch.bfloat16)
 
 #: the largest mean-to-std ratio a fold takes without a measured check, per statistics dtype
 _RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
@@ -73,8 +82,25 @@ def at_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
     return risky
 
 
+def overflow_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
+    """Norm name -> largest ``|scale|`` of every fold into a float16/bfloat16 layer that scales up."""
+    risky: dict[str, float] = {}
+    for fold in the_plan.folds:
+        for u in fold.updates:
+            if capture.value(u.weight).dtype not in _NARROW or not u.scale.numel():
+                continue
+            largest = float(u.scale.abs().max())
+            if largest > 1.0 and math.isfinite(largest):
+                risky[fold.unit.name] = max(largest, risky.get(fold.unit.name, 0.0))
+    return risky
+
+
 def judge(
-    original: nn.Module, result: FoldResult, inputs: Sequence[torch.Tensor], risky: Mapping[str, float]
+    original: nn.Module,
+    result: FoldResult,
+    inputs: Sequence[torch.Tensor],
+    risky: Mapping[str, float],
+    overflow: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """The folds at risk to keep (norm -> ``(code, reason)``): all of them when the folded result
     fails the parity rule against ``original`` on ``inputs`` (and its input sets); none when it
@@ -85,7 +111,16 @@ def judge(
     if report.passed or not report.decided:
         return {}
     failure = report.failures()[0]
-    return {
+    kept = {
+        name: (
+            OVERFLOW,
+            f"its scale (up to {scale:.3g}) folded into a {dtype_name(result)} layer moved the outputs "
+            f"beyond the parity rule ({failure}): values the original computes unscaled leave the dtype's "
+            "range",
+        )
+        for name, scale in (overflow or {}).items()
+    }
+    kept |= {
         name: (
             CODE,
             f"its mean is {rho:.3g} standard deviations (or input units) from zero, so the folded layer "
@@ -94,3 +129,9 @@ def judge(
         )
         for name, rho in risky.items()
     }
+    return kept
+
+
+def dtype_name(result: FoldResult) -> str:
+    dtype = next((p.dtype for p in result.model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")

@@ -115,3 +115,35 @@ def test_a_hand_written_norm_that_cancels_is_judged_too() -> None:
     analysis = analyse(copy.deepcopy(built.model), built.inputs)
     assert "op4:sub" in at_risk(analysis.capture, analysis.plan)
     assert [s.code for s in result.skipped if s.norm == "op4:sub"] in ([], [CODE])
+
+
+def test_a_float16_fold_whose_scale_overflows_a_value_the_original_computes_unscaled_is_kept() -> None:
+    """Diff fuzz seed 424242 #2997: a Linear whose output is averaged over positions, then
+    normalized by ``1 / sqrt(var + eps) ~ 22``. Folded, the scale multiplies the Linear's output
+    before the mean: per position it overflows float16 where the original's mean (which cancels)
+    did not. The fold is kept with code ``overflow``; the result is finite and passes the rule."""
+    from diff_programs import Linear, Mean, Norm, Program, Up, build
+
+    program = Program(
+        shape=(5, 3, 2, 2),
+        ops=(
+            Norm(act="abs", affine=False, eps=0.0, var=(-1.0, -1.0), gamma="negative", beta=0.0),
+            Norm(kind="functional", affine=False, mean=0.1, var=(-4.0, -4.0), gamma="zero", beta=0.0),
+            Linear(fout=6, axis="channel"),
+            Mean(keepdim=True, src=3),
+            Norm(affine=False, eps=0.001, mean=0.1, var=(-3.0, 0.0), gamma="tiny", beta=5.0),
+            Up(mode="linear"),
+        ),
+        dtype="float16",
+        seed=1184,
+        scale=10.0,
+    )
+    built = build(program)
+    result = normfold.fold(built.model, built.inputs, reparameterize=False)
+    assert ("op4", "overflow") in [(s.norm, s.code) for s in result.skipped]
+    assert "op4" not in [f.norm for f in result.folded]
+    (kept,) = [s for s in result.skipped if s.norm == "op4"]
+    assert kept.reason.startswith("its scale (up to ") and "float16 layer" in kept.reason
+    with torch.no_grad():
+        assert torch.isfinite(result.model(*built.inputs)).all()
+    assert normfold.verify(built.model, result, built.inputs).passed
