@@ -23,11 +23,12 @@ admits rounding of the same order as the model's own (``noise_factor`` 4: a fold
 the model's own order, measured at most 1.4x on 54 real models; a real change such as one BN
 channel shifted by a tenth of its std is far outside it).
 
-``pert_k`` are runs of the original *in its own dtype* with every floating parameter and buffer
-rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``: the unit roundoff of that
-tensor's dtype, one seeded draw per run, ``perturbations`` runs (default 4) made up front: no
-second round; :mod:`normfold.exact`). A fold rounds its new parameters once, which is exactly such
-a perturbation, and each run adds a fresh sample of the forward's own rounding; the original's
+``pert_k`` are runs of the original *in its own dtype* (float32 for float16/bfloat16) with every
+floating parameter and buffer rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``:
+the unit roundoff of that tensor's dtype, one seeded draw per run, ``perturbations`` runs (default
+4) made up front: no second round; :mod:`normfold.exact`). A fold rounds its new parameters once,
+which is exactly such a perturbation, and each run adds a fresh sample of the forward's own
+rounding (in float32 and float64 models); the original's
 own error alone is one sample, which on a few output elements after a cancellation can be ten
 times below its usual size, and near ReLU kinks most perturbations change nothing while a few
 change a lot (both seen in the fuzz tests), so a correct fold would fail by chance. Without an

@@ -341,3 +341,24 @@ def test_a_dropped_activation_inside_a_bn_subclass_fails() -> None:
     report = verify(model, result.model, X)
     assert report.passed, report.failures()
     assert {o.inputs for o in report.outputs} == {"given", "normal", "uniform[0,255]"}
+
+
+def test_a_bfloat16_models_perturbed_runs_compute_in_float32() -> None:
+    """Differential fuzz seed 5: a bfloat16 norm of mean 30 under variance 1e-5. Perturbed runs
+    in bfloat16 added bfloat16's forward rounding to the noise, 4x of which reached the output's
+    scale: "cannot decide" on a fold the float64 truth judges right. In float32 they measure the
+    parameters' rounding, as a float64 run would, and the fold passes (module and program)."""
+    from diff_programs import Call, Linear, Norm, Program, Scale, build
+
+    program = Program(shape=(4,), ops=(
+        Norm(act="neg", affine=False, eps=0.001, mean=30.0, var=(-5.0, -4.0), beta=0.0),
+        Scale(op="add", value=3.0), Call(),
+        Norm(track=False, mean=0.0, var=(0.0, 0.0), gamma="tiny", beta=0.0), Linear(fout=5, bias=False),
+        Norm(track=False, mean=0.0, var=(0.0, 0.0), beta=0.0, src=4), Linear(bias=False),
+    ), dtype="bfloat16", train=True)  # fmt: skip
+    built = build(program)
+    rule = ParityRule()
+    ref = make_reference(built.model, parity_sets(built.inputs, rule), rule)
+    assert all(p.dtype == torch.float32 for runs in ref.perturbed for p in runs) and ref.perturbed[0]
+    report = verify(built.model, normfold.fold(built.model, built.inputs, reparameterize=False), built.inputs)
+    assert report.passed, report.failures()
