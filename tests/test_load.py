@@ -202,7 +202,7 @@ def test_weights_without_model_is_a_usage_error(tmp_path: Path, suffix: str) -> 
         torch.save(resnet().state_dict(), path)
     else:
         save_file(resnet().state_dict(), str(path))
-    with pytest.raises(UsageError, match="--model"):
+    with pytest.raises(UsageError, match=r"pass the architecture with model=package\.module:callable"):
         load_model(path)
 
 
