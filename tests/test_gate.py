@@ -56,10 +56,10 @@ def test_judge_keeps_every_fold_at_risk_when_the_result_fails_the_rule() -> None
 
 def test_every_result_of_a_cancelling_family_passes_and_folds_where_the_rule_allows() -> None:
     """Item 7 (and the README's release seed 16047): the float32 folds of this family are 1-30x
-    the original's own error alone (one sample of its rounding), within 1.4x the noise of its runs
-    with perturbed parameters in float32 (normfold.exact: measured on these 40 seeds, one thread).
-    Whatever the rounding decides, what fold returns passes the rule on module and program, a
-    kept norm is the one at risk, with code ``cancellation``, and the rest fold."""
+    the original's own error alone (one sample of its rounding), which the gate judges by (5 to 9
+    of these 40 seeds fail it on the machines measured, with 1 or 2 threads). Whatever the
+    rounding decides, what fold returns passes the rule on module and program, a kept norm is the
+    one at risk, with code ``cancellation``, and the rest fold."""
     folded = kept = 0
     for seed in range(40):
         model, x = _cancelling(seed)
@@ -69,7 +69,7 @@ def test_every_result_of_a_cancelling_family_passes_and_folds_where_the_rule_all
         assert {s.norm for s in result.skipped if s.code == CODE} <= {"1"}
         folded += [f.norm for f in result.folded] == ["1"]
         kept += any(s.code == CODE for s in result.skipped)
-    assert folded >= 25 and folded + kept == 40
+    assert folded >= 25 and kept >= 1 and folded + kept == 40
 
 
 def test_a_fold_not_at_risk_is_not_judged() -> None:
@@ -96,8 +96,8 @@ def test_a_hand_written_norm_that_cancels_is_judged_too() -> None:
     """Differential fuzz seed 60601, programs 1382-1384: a hand-written norm module (mean ~1e3,
     variance ~1e-11, eps 0.1, tiny gamma) after a replicate-padded conv and an upsampling; its
     subtraction folded into the conv moved one sample 5.8x the original's own error alone (1.2x
-    the noise with float32 perturbed runs). Its shift is 1.4e3 input units: judged (at risk), and
-    what fold returns passes; a kept norm is kept as ``cancellation``."""
+    the noise with float32 perturbed runs; the gate judges by the own error). Its shift is 1.4e3
+    input units: judged (at risk), kept as ``cancellation``."""
     from diff_programs import Conv, Linear, Norm, Pad, Pool, Program, Up, build
 
     program = Program(shape=(5, 3, 1), ops=(
@@ -114,7 +114,8 @@ def test_a_hand_written_norm_that_cancels_is_judged_too() -> None:
     assert normfold.verify(built.model, result, built.inputs).passed
     analysis = analyse(copy.deepcopy(built.model), built.inputs)
     assert "op4:sub" in at_risk(analysis.capture, analysis.plan)
-    assert [s.code for s in result.skipped if s.norm == "op4:sub"] in ([], [CODE])
+    assert all(f.norm != "op4:sub" for f in result.folded)
+    assert [s.code for s in result.skipped if s.norm == "op4:sub"] == [CODE]
 
 
 def test_a_float16_fold_whose_scale_overflows_a_value_the_original_computes_unscaled_is_kept() -> None:
