@@ -76,7 +76,7 @@ def _signals_deferred() -> Iterator[None]:
 
 
 class OutputSet:
-    """The files one run writes, keyed by role (the option that names them, e.g. ``--out``).
+    """The files one run writes, keyed by role (the parameter that names them, e.g. ``out``).
 
     Use as a context manager: destinations are checked on construction, :meth:`staged` gives the
     path to write each one to, :meth:`commit` moves the set into place, and leaving the context
@@ -135,8 +135,8 @@ class OutputSet:
         return self._stage_for(self.paths[role]) / name
 
     def commit(self, roles: Iterable[str] | None = None) -> list[Path]:
-        """Move every staged file into place: extra files, then the others, ``--out``, and
-        ``--report`` last (a report in place means that everything it names is in place too).
+        """Move every staged file into place: extra files, then the others, ``out``, and
+        ``report`` last (a report in place means that everything it names is in place too).
         With ``roles``, only those roles' files (no extras: a failed run commits its report).
 
         Every destination is checked again first; if one appears between that check and its

@@ -1,4 +1,4 @@
-"""Report helpers: step timings, library versions and JSON writing for ``--report``.
+"""Report helpers: step timings, library versions and JSON writing for the ``report`` file.
 
 The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict`; this module times
 the steps, wraps it in the envelope every report shares (:class:`RunRecord`: schema version,
