@@ -84,9 +84,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold import rules
 from normfold.apply import LAYER_MODULES, EagerPlan, eager_plan
-from normfold.folding import ExampleInputs, as_inputs, check_materialized, working_copy
 from normfold.graph import Capture, CaptureOptions, bind, capture, owner, shape
 from normfold.plan import Fold, Plan, Unit, describe, plan
+from normfold.prepare import ExampleInputs, as_inputs, check_materialized, working_copy
 from normfold.probe import isolated_rng, probe_input
 
 logger = logging.getLogger(__name__)

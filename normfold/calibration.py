@@ -73,8 +73,8 @@ from normfold.calibration_capture import (
     run_batch,
 )
 from normfold.errors import NormfoldError, UsageError
-from normfold.folding import check_materialized, working_copy
 from normfold.graph import CaptureOptions, bind, capture
+from normfold.prepare import check_materialized, working_copy
 
 logger = logging.getLogger(__name__)
 

@@ -50,6 +50,7 @@ from normfold.onnx_file import exporter_failure as _exporter_failure  # noqa: F4
 from normfold.onnx_run import check_providers, open_session, run_onnx, runtime_name
 from normfold.options import ExportOptions
 from normfold.parity import ParityReport, ParityRule
+from normfold.prepare import capture_options
 from normfold.reference import InputSet, Reference, check, make_reference, parity_sets
 from normfold.report import StepTimer
 
@@ -247,7 +248,6 @@ def _capture_options(
 ) -> CaptureOptions:
     """``options``' batch and dynamic axes, an axis given by the forward's argument name
     looked up by position."""
-    from normfold.folding import capture_options
     from normfold.inputs import forward_params
 
     axes = {}

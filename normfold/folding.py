@@ -16,280 +16,54 @@ A model ``torch.export`` cannot capture as a whole is folded in parts (:mod:`nor
 the largest submodules that capture, with every module that did not listed in
 :attr:`FoldResult.uncaptured`.
 
-:func:`analyse` stops after step 2 (``inspect``): it changes nothing.
+:func:`~normfold.analysis.analyse` stops after step 2 (``inspect``): it changes nothing. The
+records of the result are in :mod:`normfold.fold_records`; the argument checks every transform
+shares (the working copy, the example inputs, the capture options) in :mod:`normfold.prepare`.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.export import ExportedProgram
-from torch.nn.modules.batchnorm import _NormBase
 
-from normfold.apply import EagerPlan, eager_plan
+from normfold.analysis import Analysis, analyse, folded_record, plan_merges_into, weight_elements
 from normfold.costs import program_macs
-from normfold.errors import TraceError, UsageError
+from normfold.errors import TraceError
+from normfold.fold_records import Folded, FoldResult, Merged, NotMerged, Skipped, Uncaptured
 from normfold.gate import CODE as CANCELLATION
 from normfold.gate import at_risk, judge, overflow_risk
-from normfold.graph import Capture, CaptureOptions, capture, op_counts, owner
-from normfold.parts import Uncaptured, fold_parts
-from normfold.plan import Fold, Plan, plan
+from normfold.graph import Capture, CaptureOptions, op_counts
+from normfold.parts import fold_parts
+from normfold.plan import plan
 from normfold.postcheck import check_artifacts_agree, check_replan
-from normfold.reparam import Branch, Merge, plan_merges
-from normfold.reparam_eager import EagerMerge, eager_merges
+from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_materialized, working_copy
+from normfold.reparam import plan_merges
 from normfold.replan import MAX_ROUNDS, Drift, apply_round
 
 logger = logging.getLogger(__name__)
 
-ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
-
-_SAMPLE_NORMS = (
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-
-
-@dataclass(frozen=True)
-class Folded:
-    """A norm op that was folded away."""
-
-    norm: str  # module path, or "<module or forward>:<op>" for a norm written in forward code
-    norm_type: str
-    into: str  # the layer module(s) that absorbed it, comma-separated
-    into_type: str
-    pattern: (
-        str  # conv-bn, linear-bn, conv_transpose-bn, bn-conv, bn-linear, concat-bn, add-bn, conv-affine...
-    )
-    where: str  # "both" (eager module and export) or "export" (export only, with ``note``)
-    node: str  # the op's name in the exported graph
-    through: tuple[str, ...] = ()  # ops between the layer and the norm
-    note: str | None = None
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A norm op (or unused norm module) left in place, with a stable code and a readable reason."""
-
-    norm: str
-    norm_type: str
-    code: str
-    reason: str
-    node: str | None = None
-
-
-@dataclass(frozen=True)
-class Merged:
-    """A block whose parallel branches became one conv (structural reparameterization)."""
-
-    block: str  # module path owning the sum ("forward": the model's own forward)
-    into: str  # module path of the conv that took the sum
-    branches: tuple[str, ...]  # "<module path> (conv 3x3)", "<module path> (norm)", "identity"...
-    where: str  # "both" (module and export) or "export" (export only, with ``note``)
-    node: str  # the sum's add op
-    note: str | None = None
-
-
-@dataclass(frozen=True)
-class NotMerged:
-    """A sum of branches of one tensor that stays, with a stable code and a readable reason."""
-
-    block: str
-    code: str
-    reason: str
-    node: str
-
-
-@dataclass
-class FoldResult:
-    """What :func:`fold` produced: the model, the folded exported program, one record per norm."""
-
-    model: nn.Module
-    program: ExportedProgram | None = None
-    folded: list[Folded] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    #: elements of the floating weights the captured program computes with (parameters, buffers,
-    #: constants: :func:`weight_elements`), before and after; the written file holds the same
-    #: plus the exporter's own constants (shapes)
-    params_before: int = 0
-    params_after: int | None = None  # None until the plan is applied
-    #: multiply-accumulates of one run at the example sizes (:func:`normfold.costs.program_macs`)
-    macs_before: int | None = None
-    macs_after: int | None = None
-    replan_folds: int = 0  # folds found when planning the folded program again (0 expected)
-    #: modules torch.export could not capture (the model itself first); empty when it could.
-    #: Then ``program`` is None and only the captured parts were folded (see normfold.parts).
-    uncaptured: list[Uncaptured] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # how the model was taken (e.g. switched to eval)
-    #: ops of the captured graph before and after folding, by the ONNX op they become
-    #: (:func:`normfold.graph.op_counts`); empty when the model was not captured whole
-    ops_before: dict[str, int] = field(default_factory=dict)
-    ops_after: dict[str, int] = field(default_factory=dict)
-    #: blocks reparameterized into one conv, and sums of branches that stay (``reparameterize=True``)
-    merged: list[Merged] = field(default_factory=list)
-    not_merged: list[NotMerged] = field(default_factory=list)
-
-    @property
-    def export_only(self) -> list[Folded]:
-        return [f for f in self.folded if f.where == "export"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": type(self.model).__name__,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "folded": [asdict(f) for f in self.folded],
-            "skipped": [asdict(s) for s in self.skipped],
-            "replan_folds": self.replan_folds,
-            "uncaptured": [asdict(u) for u in self.uncaptured],
-            "notes": list(self.notes),
-            "ops_before": self.ops_before,
-            "ops_after": self.ops_after,
-            "merged": [asdict(m) for m in self.merged],
-            "not_merged": [asdict(m) for m in self.not_merged],
-        }
-
-
-@dataclass
-class Analysis:
-    """Capture + plan + the eager decision: everything ``inspect`` reports, nothing applied."""
-
-    capture: Capture
-    plan: Plan
-    eager: EagerPlan
-    result: FoldResult
-    merges: list[Merge] = field(default_factory=list)
-    eager_merges: list[EagerMerge] = field(default_factory=list)
-
-
-def analyse(
-    model: nn.Module,
-    example_inputs: ExampleInputs,
-    options: CaptureOptions | None = None,
-    *,
-    reparameterize: bool = False,
-    keep: Mapping[str, tuple[str, str]] | None = None,
-) -> Analysis:
-    """Capture ``model`` (put in eval mode) and plan its folds (and with ``reparameterize``, its
-    branch merges: :mod:`normfold.reparam`); nothing is changed. ``keep``: norms decided to stay
-    (:func:`normfold.plan.plan`)."""
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"fold() expects a torch.nn.Module, got {type(model).__name__}")
-    inputs = as_inputs(example_inputs)
-    check_materialized(model)
-    was_training = model.training
-    model.eval()
-    cap = capture(model, inputs, options or CaptureOptions())
-    the_plan = plan(cap, keep)
-    eager = eager_plan(the_plan, cap, model)
-    result = FoldResult(model, params_before=weight_elements(cap.program), ops_before=op_counts(cap.graph))
-    result.macs_before = program_macs(cap.program)
-    result.folded = [_folded(f, eager) for f in the_plan.folds if not f.identity]
-    result.skipped = [Skipped(k.unit.name, k.unit.module_type or "forward", k.code, k.reason, k.unit.nodes[0])
-                      for k in the_plan.kept]  # fmt: skip
-    result.skipped += _other_norms(model, cap, the_plan)
-    analysis = Analysis(cap, the_plan, eager, result)
-    if reparameterize:
-        _plan_merges(analysis, model)
-    if was_training:
-        result.notes.append(
-            "the model was in training mode: it was folded as in eval mode (BatchNorm with its running "
-            "statistics); the returned model is in eval mode"
-        )
-    return analysis
-
-
-def _plan_merges(analysis: Analysis, model: nn.Module, drift: Drift | None = None) -> None:
-    """Plan the branch merges; a kept norm a merge takes away is reported folded into its conv.
-    ``drift``: a later round's (:mod:`normfold.replan`), where the module and the program differ."""
-    cap, result = analysis.capture, analysis.result
-    merges, unmerged = plan_merges(cap, analysis.plan)
-    # every export-only fold is visible to the eager decision: blocks as the module computes them
-    # (an op that changes nothing, ``x + 0``, is no fold there either: seen through in both)
-    mine = {id(f) for f in analysis.eager.folds}
-    export_only = [f for f in analysis.plan.folds if id(f) not in mine and not f.identity]
-    eager_folds = [f for f in analysis.plan.folds if id(f) in mine or f.identity]
-    eager_view = plan_merges(cap, analysis.plan, eager_folds) if export_only else None
-    eager = eager_merges(cap, merges, model, analysis.eager.owned, eager_view=eager_view,
-                         export_only=export_only, drift=drift)  # fmt: skip
-    analysis.merges, analysis.eager_merges = merges, eager
-    taken: dict[str, Folded] = {}
-    by_name = {n.name: n for n in cap.graph.nodes}
-    for m, e in zip(merges, eager, strict=True):
-        into = owner(by_name[m.target.layer])[1]
-        where = "both" if e.note is None else "export"
-        for unit in [*(b.unit for b in m.branches if b.unit is not None), *m.scales]:
-            pattern = "reparam-bn" if unit.kind == "batch_norm" else "reparam-affine"
-            taken[unit.nodes[0]] = Folded(unit.name, unit.module_type or "forward", into, "Conv", pattern,
-                                          where, unit.nodes[0], note=e.note)  # fmt: skip
-        branches = tuple(_branch_label(cap, by_name, b) for b in m.branches)
-        result.merged.append(Merged(m.module or "forward", into, branches, where, m.adds[0], e.note))
-    merged = {m.adds[0] for m in merges}  # a later round can merge a block an earlier one kept
-    listed = {n.node for n in result.not_merged if n.node not in merged}
-    result.not_merged = [n for n in result.not_merged if n.node not in merged]
-    result.not_merged += [NotMerged(u.module or "forward", u.code, u.reason, u.adds[0])
-                          for u in unmerged if u.adds[0] not in listed]  # fmt: skip
-    result.folded += list(taken.values())
-    result.skipped = [s for s in result.skipped if s.node not in taken]
-
-
-def _branch_label(cap: Capture, by_name: dict[str, Any], branch: Branch) -> str:
-    if not branch.nodes:
-        return "identity"
-    path = cap.canonical(owner(by_name[branch.nodes[0]])[1])
-    return f"{path or 'forward'} ({branch.label()})"
-
-
-def capture_options(
-    inputs: Sequence[torch.Tensor],
-    dynamic_batch: bool = True,
-    dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
-) -> CaptureOptions:
-    """:class:`CaptureOptions` from the API's arguments, checked against the inputs."""
-    axes = []
-    for index, spec in (dynamic_axes or {}).items():
-        for axis, name in spec.items():
-            valid = isinstance(index, int) and isinstance(axis, int) and 0 <= index < len(inputs)
-            if not (valid and 0 <= axis < inputs[index].dim()):
-                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-                raise UsageError(
-                    f"dynamic axis {name!r}: input {index!r} has no axis {axis!r} (inputs: {shapes})"
-                )
-            if not (isinstance(name, str) and name.isidentifier()):
-                raise UsageError(f"dynamic_axes: the name of input {index} axis {axis} must be an identifier")
-            if name in [n for _, _, n in axes] or (name == "batch" and dynamic_batch):
-                raise UsageError(f"dynamic axis name {name!r} is used twice (the batch axis is 'batch')")
-            axes.append((index, axis, name))
-    return CaptureOptions(dynamic_batch=dynamic_batch, axes=tuple(axes))
-
-
-def check_materialized(model: nn.Module) -> None:
-    """Refuse a model whose weights have no values yet: meta tensors or lazy modules. (Not a
-    module at all is for :func:`working_copy` to refuse, naming the caller.)"""
-    if not isinstance(model, nn.Module):
-        return
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if isinstance(t, nn.parameter.UninitializedTensorMixin):
-            raise UsageError(
-                f"{name} is not initialized yet (a lazy module): run the model once on a real input "
-                "before folding it"
-            )
-        if t.is_meta:
-            raise UsageError(
-                f"{name} is on the meta device (it has no values to fold): load the weights first, "
-                "e.g. model.to_empty(device='cpu') and load_state_dict"
-            )
+__all__ = [  # the records and helpers re-exported here keep their old import path
+    "Analysis",
+    "ExampleInputs",
+    "FoldResult",
+    "Folded",
+    "Merged",
+    "NotMerged",
+    "Skipped",
+    "Uncaptured",
+    "analyse",
+    "as_inputs",
+    "capture_options",
+    "check_materialized",
+    "fold",
+    "reparameterize",
+    "weight_elements",
+    "working_copy",
+]
 
 
 def fold(
@@ -388,10 +162,10 @@ def _settle(
             break
         again = Analysis(cap, the_plan, drift.eager_plan(the_plan, cap, model), result)
         found = [f for f in the_plan.folds if not f.identity]
-        result.folded += [_folded(f, again.eager) for f in found]
+        result.folded += [folded_record(f, again.eager) for f in found]
         result.skipped = [s for s in result.skipped if s.node not in {f.unit.nodes[0] for f in found}]
         if merges:
-            _plan_merges(again, model, drift)
+            plan_merges_into(again, model, drift)
         drift.record(cap, the_plan, again.eager, again.merges, again.eager_merges)
         result.program = apply_round(model, cap, the_plan, again.eager, again.merges, again.eager_merges)
         merged = bool(again.merges)
@@ -419,84 +193,3 @@ def reparameterize(
     is merged in :attr:`FoldResult.program` only (``Merged.where == "export"``, with a note)."""
     return fold(model, example_inputs, inplace=inplace, dynamic_batch=dynamic_batch,
                 dynamic_axes=dynamic_axes, reparameterize=True)  # fmt: skip
-
-
-def _folded(fold: Fold, eager: EagerPlan) -> Folded:
-    unit = fold.unit
-    modules = [u.weight.rpartition(".")[0] or u.weight for u in fold.updates]  # the weights' module
-    types = [u.module_type or u.kind for u in fold.updates]
-    note = eager.export_only.get(unit.nodes[0])
-    return Folded(
-        norm=unit.name,
-        norm_type=unit.module_type or "forward",
-        into=", ".join(dict.fromkeys(modules)),
-        into_type=", ".join(dict.fromkeys(types)),
-        pattern=fold.pattern,
-        where="export" if note is not None else "both",
-        node=unit.nodes[0],
-        through=fold.through,
-        note=None if note is None else f"folded in the export only: {note}",
-    )
-
-
-def _other_norms(model: nn.Module, cap: Capture, the_plan: Plan) -> list[Skipped]:
-    """Norm modules the plan has no op for: per-sample norms, and norms never called."""
-    seen_stats = {(u.stats.get("running_mean") or "").rpartition(".")[0]
-                  for u in [f.unit for f in the_plan.folds] + [k.unit for k in the_plan.kept]}  # fmt: skip
-    called = {cap.canonical(owner(n)[1]) for n in cap.graph.nodes if n.op == "call_function"}
-    out = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (_NormBase, *_SAMPLE_NORMS)) or name in seen_stats:
-            continue
-        cls = type(module).__name__
-        if isinstance(module, _SAMPLE_NORMS) and name in called:
-            out.append(
-                Skipped(name, cls, "per_sample_statistics", f"{cls} normalizes with per-sample statistics")
-            )
-        elif name not in called:
-            out.append(Skipped(name, cls, "unused", "never called in forward (not in the captured graph)"))
-    return out
-
-
-def working_copy(model: nn.Module, caller: str, *, inplace: bool) -> nn.Module:
-    """The module a transform changes: ``model`` itself with ``inplace=True``, else a deep copy."""
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
-    if inplace:
-        return model
-    try:
-        return copy.deepcopy(model)
-    except Exception as e:
-        raise UsageError(
-            f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
-        ) from e
-
-
-def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:
-    """``example_inputs`` as a tuple of tensors, or a UsageError naming ``caller``."""
-    if example_inputs is None:
-        raise UsageError(f"{caller}() needs example_inputs: torch.export runs the model on them once")
-    # copies: a forward that changes its input in place must not change the caller's tensors
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs.clone(),)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(t.clone() for t in example_inputs)
-    raise UsageError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
-
-
-def weight_elements(program: ExportedProgram) -> int:
-    """Elements of the floating weights ``program`` computes with (parameters, buffers and lifted
-    constants; a tensor stored under two names once): what an export of it holds, whatever the
-    eager module still carries (a norm kept as the identity, a buffer nothing reads)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for t in [*program.state_dict.values(), *program.constants.values()]:
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel()
-    return total

@@ -45,7 +45,7 @@ from normfold.graph import Capture
 from normfold.plan import Plan
 
 if TYPE_CHECKING:
-    from normfold.folding import FoldResult
+    from normfold.fold_records import FoldResult
 
 __all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "overflow_risk"]
 

@@ -20,25 +20,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from normfold.analysis import analyse
 from normfold.apply import apply_module
 from normfold.errors import TraceError
+from normfold.fold_records import FoldResult, Skipped, Uncaptured
 from normfold.graph import CaptureOptions
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Uncaptured:
-    """A module ``torch.export`` could not capture, and why."""
-
-    module: str
-    reason: str
+__all__ = ["Uncaptured", "fold_parts", "record_calls"]  # Uncaptured: its old import path
 
 
 def record_calls(
@@ -68,10 +63,8 @@ def record_calls(
 
 def fold_parts(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], error: TraceError, options: CaptureOptions
-) -> Any:
-    """Fold the capturable parts of ``model`` in place; returns a :class:`~normfold.folding.FoldResult`."""
-    from normfold.folding import FoldResult, Skipped, analyse  # folding imports this module
-
+) -> FoldResult:
+    """Fold the capturable parts of ``model`` in place (``model`` is the caller's working copy)."""
     try:
         first, calls = record_calls(model, inputs)
     except Exception as e:

@@ -46,7 +46,7 @@ from normfold.probe import isolated_rng
 from normfold.workers import run_all
 
 if TYPE_CHECKING:
-    from normfold.folding import FoldResult
+    from normfold.fold_records import FoldResult
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class _ProgramModule(nn.Module):
 
 def _artifacts(candidate: Any) -> list[tuple[str, nn.Module]]:
     """The modules to judge: the candidate, a program's module, or a fold result's module and program."""
-    from normfold.folding import FoldResult  # the engine only when a result is given
+    from normfold.fold_records import FoldResult
 
     if isinstance(candidate, FoldResult):
         found = [("module", candidate.model)]

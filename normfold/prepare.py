@@ -1,0 +1,98 @@
+"""What every transform does first with the caller's arguments: check the model, take the copy it
+changes, and turn the example inputs and the dynamic-shape arguments into what a capture needs.
+
+Shared by :func:`normfold.fold` and the training transforms (:mod:`normfold.bias`,
+:mod:`normfold.calibration`, :mod:`normfold.swap`), so none of them imports the fold
+orchestrator for its helpers. Nothing here captures, plans or runs a model.
+
+* :func:`working_copy`: the model itself with ``inplace=True``, else ``copy.deepcopy(model)``.
+* :func:`as_inputs`: a tensor or a sequence of tensors as a tuple of *clones* (a forward that
+  changes its input in place never changes the caller's tensors).
+* :func:`check_materialized`: refuse weights without values (meta tensors, lazy modules).
+* :func:`capture_options`: ``dynamic_batch`` and ``dynamic_axes`` (``{input index: {axis: name}}``)
+  as :class:`~normfold.graph.CaptureOptions`, each axis checked against the inputs' shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from normfold.errors import UsageError
+from normfold.graph import CaptureOptions
+
+__all__ = ["ExampleInputs", "as_inputs", "capture_options", "check_materialized", "working_copy"]
+
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+def working_copy(model: nn.Module, caller: str, *, inplace: bool) -> nn.Module:
+    """The module a transform changes: ``model`` itself with ``inplace=True``, else a deep copy."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise UsageError(
+            f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
+        ) from e
+
+
+def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple of tensors, or a UsageError naming ``caller``."""
+    if example_inputs is None:
+        raise UsageError(f"{caller}() needs example_inputs: torch.export runs the model on them once")
+    # copies: a forward that changes its input in place must not change the caller's tensors
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs.clone(),)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(t.clone() for t in example_inputs)
+    raise UsageError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights have no values yet: meta tensors or lazy modules. (Not a
+    module at all is for :func:`working_copy` to refuse, naming the caller.)"""
+    if not isinstance(model, nn.Module):
+        return
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise UsageError(
+                f"{name} is not initialized yet (a lazy module): run the model once on a real input "
+                "before folding it"
+            )
+        if t.is_meta:
+            raise UsageError(
+                f"{name} is on the meta device (it has no values to fold): load the weights first, "
+                "e.g. model.to_empty(device='cpu') and load_state_dict"
+            )
+
+
+def capture_options(
+    inputs: Sequence[torch.Tensor],
+    dynamic_batch: bool = True,
+    dynamic_axes: Mapping[int, Mapping[int, str]] | None = None,
+) -> CaptureOptions:
+    """:class:`CaptureOptions` from the API's arguments, checked against the inputs."""
+    axes = []
+    for index, spec in (dynamic_axes or {}).items():
+        for axis, name in spec.items():
+            valid = isinstance(index, int) and isinstance(axis, int) and 0 <= index < len(inputs)
+            if not (valid and 0 <= axis < inputs[index].dim()):
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                raise UsageError(
+                    f"dynamic axis {name!r}: input {index!r} has no axis {axis!r} (inputs: {shapes})"
+                )
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise UsageError(f"dynamic_axes: the name of input {index} axis {axis} must be an identifier")
+            if name in [n for _, _, n in axes] or (name == "batch" and dynamic_batch):
+                raise UsageError(f"dynamic axis name {name!r} is used twice (the batch axis is 'batch')")
+            axes.append((index, axis, name))
+    return CaptureOptions(dynamic_batch=dynamic_batch, axes=tuple(axes))
