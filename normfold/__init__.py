@@ -27,6 +27,7 @@ from normfold.errors import (
     NotFoldedError,
     ParityError,
     TraceError,
+    UnknownCodeError,
     UsageError,
 )
 
@@ -152,6 +153,7 @@ __all__ = [
     "Tolerance",
     "TraceError",
     "Uncaptured",
+    "UnknownCodeError",
     "UsageError",
     "WriteOptions",
     "WriteRun",

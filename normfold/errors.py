@@ -84,3 +84,10 @@ class ConsistencyError(NormfoldError):
     result: the message names the folds and merges involved."""
 
     exit_code = 1
+
+
+class UnknownCodeError(NormfoldError, LookupError):
+    """A name that is not one of the stable codes normfold gives (:mod:`normfold.codes`), or not
+    one of its tables of codes: a typo in the caller, or a code of another normfold version."""
+
+    exit_code = 1
