@@ -241,19 +241,24 @@ _ALL = (
         "an identity-like branch, but output channels differ from input channels",
         "merge",
     ),
-    # --- merge: the forward walk of a scale that stays on a branch ----------
+    # --- merge: the forward walk of a scale that stays on a branch (the planner's silent keeps) --
     _code(
         "feeds_op",
-        "a branch's scale stays: its output feeds an op that is no layer, and its layer's output is "
-        "used elsewhere",
+        "a scale on a branch stays: it folds into no layer before it, and its output feeds an op, "
+        "not a layer",
         "merge",
     ),
     _code(
         "before_activation",
-        "a branch's scale stays: its output feeds an activation, and its layer's output is used elsewhere",
+        "a scale on a branch stays: it folds into no layer before it, and its output feeds an activation",
         "merge",
     ),
-    _code("model_output", "a branch's scale stays: its output is returned by the model", "merge"),
+    _code(
+        "model_output",
+        "a scale on a branch stays: it folds into no layer before it, and its output is returned by "
+        "the model",
+        "merge",
+    ),
     # --- drop_bias (normfold.bias) -------------------------------------------------------------
     _code(
         "export_only",
