@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from normfold.factory import register_input_shapes
+
 M = TypeVar("M", bound=nn.Module)
 
 CALIBRATION_BATCH = 16
@@ -1221,3 +1223,8 @@ def example_inputs(name: str, *, batch: int | None = None, seed: int = 0) -> tup
 def spec_of(factory: Callable[..., nn.Module]) -> ZooModel | None:
     """The zoo entry whose factory is ``factory`` (by identity), or None."""
     return next((m for m in ZOO.values() if m.factory is factory), None)
+
+
+# a spec "normfold.models:<name>" given without inputs runs on the entry's shapes (normfold.factory)
+for _entry in ZOO.values():
+    register_input_shapes(_entry.factory, _entry.input_shapes)
