@@ -28,14 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from normfold.slices import atol_needed, factor_needed
-
-if TYPE_CHECKING:
-    from normfold.parity import OutputParity
 
 __all__ = ["ErrorStats", "error_stats", "worst_per_output"]
 
@@ -100,10 +97,29 @@ def error_stats(
     return ErrorStats("float64" if exact else "original", *abs_stats, *rel_stats, factor, min_atol)
 
 
-def worst_per_output(outputs: Iterable[OutputParity]) -> dict[str, dict[str, Any]]:
+class Judged(Protocol):
+    """What :func:`worst_per_output` reads of a compared output (a
+    :class:`~normfold.parity_report.OutputParity`; named structurally so that this module, which
+    the parity records import, imports nothing of theirs)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def inputs(self) -> str: ...
+    @property
+    def max_abs_error(self) -> float: ...
+    @property
+    def exact_error(self) -> float: ...
+    @property
+    def allowed_error(self) -> float: ...
+    @property
+    def stats(self) -> ErrorStats | None: ...
+
+
+def worst_per_output(outputs: Iterable[Judged]) -> dict[str, dict[str, Any]]:
     """Per output name, the statistics of the input set on which it came closest to failing
     (the largest ratio of its error to its allowed error), with that set's name."""
-    chosen: dict[str, tuple[float, OutputParity]] = {}
+    chosen: dict[str, tuple[float, Judged]] = {}
     for o in outputs:
         if o.stats is None:
             continue

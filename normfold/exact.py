@@ -38,8 +38,8 @@ from torch import nn
 from normfold.errors import first_line
 
 if TYPE_CHECKING:
-    from normfold.parity import ParityRule
-    from normfold.reference import InputSet
+    from normfold.input_sets import InputSet
+    from normfold.parity_rule import ParityRule
 
 __all__ = ["as_plain", "exact_like", "exact_outputs", "perturb", "perturbed_noise"]
 

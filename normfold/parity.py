@@ -18,10 +18,10 @@ output in its own dtype and ``cand`` the candidate's::
     allowed = atol + rtol * max|exact|  +  noise_factor * noise
     pass    = error <= allowed
 
-The first term is the fixed per-dtype floor (table below, or ``--rtol``/``--atol``); the second
-admits rounding of the same order as the model's own (``noise_factor`` 4: a fold's rounding is of
-the model's own order, measured at most 1.4x on 54 real models; a real change such as one BN
-channel shifted by a tenth of its std is far outside it).
+The first term is the fixed per-dtype floor (:mod:`normfold.parity_rule`, or the rule's
+``rtol``/``atol``); the second admits rounding of the same order as the model's own
+(``noise_factor`` 4: a fold's rounding is of the model's own order, measured at most 1.4x on 54
+real models; a real change such as one BN channel shifted by a tenth of its std is far outside it).
 
 ``pert_k`` are runs of the original *in its own dtype* (float32 for float16/bfloat16) with every
 floating parameter and buffer rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``:
@@ -48,22 +48,9 @@ folding ``y = s * (W x + b) + t`` into ``y = (s W) x + (s b + t)`` reorders the 
 so the error of each element scales with the magnitude of the activations feeding the output,
 not with the (possibly near-zero) element itself.
 
-Default floor (:data:`DEFAULT_TOLERANCES`, the one place it is defined):
-
-==============  ========  ========  ==============================================================
-dtype           rtol      atol      why
-==============  ========  ========  ==============================================================
-float64         1e-9      1e-12     ~1e7 ulps (eps 2.2e-16): reordered sums over large fan-in
-float32         1e-5      1e-6      ~80 ulps (eps 1.2e-7); polygraphy's fp32 default scale
-float16         1e-2      1e-3      ~10 ulps (eps 9.8e-4); fp16 accumulates in fp16/fp32 by backend
-bfloat16        4e-2      1e-2      ~5 ulps (eps 7.8e-3); only 8 significant bits
-==============  ========  ========  ==============================================================
-
-Other floating dtypes (e.g. float8) fall back to the float32 entry; complex64/complex128/complex32
-use the float32/float64/float16 entries unless the mapping names them. Integer and bool outputs
-must match exactly (tolerance 0/0) unless ``tolerances`` names their dtype; ``rtol``/``atol``
-override floating and complex tolerances only. Integer outputs are compared through float64, so
-differences beyond 2**53 in magnitude may go unseen.
+The fixed floor per dtype is :data:`~normfold.parity_rule.DEFAULT_TOLERANCES` (its table and
+reasons: :mod:`normfold.parity_rule`); the records of a comparison are in
+:mod:`normfold.parity_report`.
 """
 
 from __future__ import annotations
@@ -72,330 +59,31 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from normfold.errors import UsageError
-from normfold.errstats import ErrorStats, error_stats, worst_per_output
+from normfold.errstats import error_stats
 from normfold.exact import as_plain as _as_plain
 from normfold.exact import exact_like as _exact_like
 from normfold.exact import perturbed_noise as _perturbed_noise
+from normfold.parity_report import OutputParity, ParityReport, report_of
+from normfold.parity_rule import DEFAULT_TOLERANCES, ParityRule, Tolerance
 from normfold.slices import judge_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
+__all__ = [  # the rule and the records keep their import path here
     "DEFAULT_TOLERANCES",
     "OutputParity",
     "ParityReport",
     "ParityRule",
     "Tolerance",
     "compare",
+    "compare_outputs",
+    "report_of",
 ]
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(f"{name} must be finite and >= 0, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The fixed floor of one output's allowed error: ``atol + rtol * max|ref|``.
-
-    ``rtol`` is relative to the largest magnitude of the reference output (not per element).
-    """
-
-    rtol: float
-    atol: float
-
-    def __post_init__(self) -> None:
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, _check_number(f"Tolerance.{name}", value))
-
-    def allowed(self, max_abs_reference: float) -> float:
-        """The largest error allowed for an output whose largest reference magnitude is given."""
-        return self.atol + self.rtol * max_abs_reference
-
-
-#: Default tolerance per output dtype; see the module docstring for the reasoning.
-DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = MappingProxyType(
-    {
-        torch.float64: Tolerance(rtol=1e-9, atol=1e-12),
-        torch.float32: Tolerance(rtol=1e-5, atol=1e-6),
-        torch.float16: Tolerance(rtol=1e-2, atol=1e-3),
-        torch.bfloat16: Tolerance(rtol=4e-2, atol=1e-2),
-    }
-)
-
-_EXACT = Tolerance(rtol=0.0, atol=0.0)
-_COMPLEX_AS_REAL = {
-    torch.complex128: torch.float64,
-    torch.complex64: torch.float32,
-    torch.complex32: torch.float16,
-}
-
-
-@dataclass(frozen=True, eq=False)
-class ParityRule:
-    """The one parity rule (module docstring), passed down to every check of a run.
-
-    ``tolerances`` is merged over :data:`DEFAULT_TOLERANCES` (its entries win); ``rtol``/``atol``
-    then override every floating and complex floor. ``value_range`` is the range of the uniform
-    input set (:func:`normfold.reference.parity_sets`), as polygraphy's ``--val-range``.
-    ``exact_limit_bytes`` caps the float64 copy of the model the exact reference needs; above it
-    the floor alone applies (and the report says so). ``perturbations`` is the number of runs in
-    the model's dtype with rounding-sized parameter perturbations that measure its noise, per input
-    set (:mod:`normfold.exact`; a fixed count, no second round; 0: its own rounding error alone).
-    """
-
-    tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)
-    rtol: float | None = None
-    atol: float | None = None
-    noise_factor: float = 4.0
-    perturbations: int = 4
-    value_range: tuple[float, float] = (0.0, 255.0)
-    exact_limit_bytes: int = 4 * 1024**3
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tolerances, Mapping):
-            raise UsageError(
-                "tolerances must be a mapping of torch.dtype to Tolerance, "
-                f"got {type(self.tolerances).__name__}"
-            )
-        entries = dict(DEFAULT_TOLERANCES)
-        for dtype, tol in self.tolerances.items():
-            if not isinstance(dtype, torch.dtype):
-                raise UsageError(f"tolerances keys must be torch.dtype, got {dtype!r}")
-            if not isinstance(tol, Tolerance):
-                raise UsageError(f"tolerances[{dtype}] must be a normfold.Tolerance, got {tol!r}")
-            entries[dtype] = tol
-        object.__setattr__(self, "tolerances", MappingProxyType(entries))
-        for name in ("rtol", "atol"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, _check_number(name, getattr(self, name)))
-        object.__setattr__(self, "noise_factor", _check_number("noise_factor", self.noise_factor))
-        if (
-            isinstance(self.perturbations, bool)
-            or not isinstance(self.perturbations, int)
-            or not (0 <= self.perturbations <= 16)
-        ):
-            raise UsageError(f"perturbations must be an int in 0..16, got {self.perturbations!r}")
-        low, high = _value_range(self.value_range)
-        object.__setattr__(self, "value_range", (low, high))
-
-    @classmethod
-    def of(
-        cls,
-        rule: ParityRule | None = None,
-        *,
-        tolerances: Mapping[torch.dtype, Tolerance] | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-    ) -> ParityRule:
-        """``rule`` (default: the default rule) with the convenience keyword arguments applied."""
-        rule = rule if rule is not None else cls()
-        if not isinstance(rule, ParityRule):
-            raise UsageError(f"rule must be a normfold.ParityRule, got {type(rule).__name__}")
-        if tolerances is None and rtol is None and atol is None:
-            return rule
-        merged = {**rule.tolerances, **tolerances} if isinstance(tolerances, Mapping) else tolerances
-        return dataclasses.replace(
-            rule,
-            tolerances=rule.tolerances if merged is None else merged,  # type: ignore[arg-type]
-            rtol=rule.rtol if rtol is None else rtol,
-            atol=rule.atol if atol is None else atol,
-        )
-
-    def floor(self, dtype: torch.dtype) -> Tolerance:
-        """The fixed tolerance for an output of ``dtype`` (the table, then the overrides)."""
-        if dtype in self.tolerances:
-            tol = self.tolerances[dtype]
-            return self._override(tol) if (dtype.is_floating_point or dtype.is_complex) else tol
-        if dtype.is_complex:
-            real = _COMPLEX_AS_REAL.get(dtype, torch.float32)
-            return self._override(self.tolerances.get(real, self.tolerances[torch.float32]))
-        if dtype.is_floating_point:
-            return self._override(self.tolerances[torch.float32])
-        return _EXACT
-
-    def _override(self, tol: Tolerance) -> Tolerance:
-        if self.rtol is None and self.atol is None:
-            return tol
-        return Tolerance(
-            rtol=tol.rtol if self.rtol is None else self.rtol,
-            atol=tol.atol if self.atol is None else self.atol,
-        )
-
-
-def _value_range(value: Any) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"value_range must be two numbers (low, high), got {value!r}") from e
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise UsageError(f"value_range must be finite with low < high, got {value!r}")
-    return low, high
-
-
-@dataclass(frozen=True)
-class OutputParity:
-    """Comparison of one output tensor on one input set.
-
-    ``max_abs_error``/``max_rel_error``/``mean_abs_error``/``p99_abs_error`` are the candidate's
-    distance from the original (relative to ``max_abs_reference``, the largest finite magnitude of
-    the original's output); ``max_abs_error_at`` is the index of the largest. ``noise`` is the
-    model's noise (module docstring: the original's own distance from
-    the exact float64 reference, or a perturbed run's if larger) and ``exact_error`` the
-    candidate's (both ``nan`` without an exact reference); the pass criterion is ``exact_error``
-    (else ``max_abs_error``) ``<= allowed_error``. When the shapes differ nothing can be compared
-    and the errors are ``inf``. ``problem`` explains a structural failure.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    max_abs_error: float
-    max_rel_error: float
-    mean_abs_error: float
-    tolerance: Tolerance
-    passed: bool
-    problem: str | None
-    max_abs_reference: float = math.nan
-    inputs: str = "given"  # the input set this comparison ran on
-    noise: float = math.nan
-    exact_error: float = math.nan
-    allowed_error: float = math.nan
-    max_abs_error_at: tuple[int, ...] = ()  # the element of the largest difference from the original
-    p99_abs_error: float = math.nan  # 99th percentile of the differences from the original
-    slice_failure: str | None = None  # the worst slice that fails the rule (normfold.slices)
-    decided: bool = True  # False: the check could not tell a change from rounding (problem says why)
-    stats: ErrorStats | None = None  # vs the float64 run (else the original): normfold.errstats
-
-    def failure(self) -> str | None:
-        """One-line reason this output failed, naming it and the offending numbers; None if passed."""
-        if self.passed:
-            return None
-        parts: list[str] = []
-        if self.problem:
-            parts.append(self.problem)
-        if not self.problem and self.slice_failure:
-            parts.append(self.slice_failure)
-        elif not self.problem:
-            measured, against = (
-                (self.max_abs_error, "the original")
-                if math.isnan(self.exact_error)
-                else (self.exact_error, "the float64 reference")
-            )
-            own = "" if math.isnan(self.noise) else f"; the model's own noise {self.noise:.1e}"
-            parts.append(
-                f"error vs {against} {measured:.1e} > allowed {self.allowed_error:.1e} (floor: rtol "
-                f"{self.tolerance.rtol:.0e} x max|ref| {self.max_abs_reference:.1e} + atol "
-                f"{self.tolerance.atol:.0e}{own})"
-            )
-        return f"{self.name} on {self.inputs} inputs: " + "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "inputs": self.inputs,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "mean_abs_error": _json_float(self.mean_abs_error),
-            "max_abs_error_at": list(self.max_abs_error_at),
-            "p99_abs_error": _json_float(self.p99_abs_error),
-            "max_abs_reference": _json_float(self.max_abs_reference),
-            "noise": _json_float(self.noise),
-            "exact_error": _json_float(self.exact_error),
-            "allowed_error": _json_float(self.allowed_error),
-            "tolerance": {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol},
-            "passed": self.passed,
-            "problem": self.problem,
-            "slice_failure": self.slice_failure,
-            "stats": self.stats.to_dict() if self.stats is not None else None,
-        }
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """One :class:`OutputParity` per compared tensor and input set, plus structural problems.
-
-    A report that compared nothing (no output, or only all-zero outputs) is a failure. ``notes``
-    say how the comparison was made when it differs from the rule's default (no exact reference,
-    an input set dropped).
-    """
-
-    outputs: tuple[OutputParity, ...]
-    problems: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
-    #: False when the report failed only because nothing could be judged (no output, all zeros or
-    #: constant, no finite value, or an allowed error reaching the output's range): not a difference
-    decided: bool = True
-
-    def verdict(self, what: str = "the folded model") -> str:
-        """One line for an error message: that ``what`` differs, or that nothing could be judged."""
-        if self.passed:
-            return f"{what} matches the original"
-        first = self.failures()[0]
-        if not self.decided:
-            return f"{what}: parity with the original model could not be judged: {first}"
-        return f"{what} differs from the original model: {first}"
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.outputs) and not self.problems and all(o.passed for o in self.outputs)
-
-    @property
-    def worst(self) -> OutputParity | None:
-        """The output with the largest ``max_rel_error`` (the first one on ties); None if none."""
-        if not self.outputs:
-            return None
-        return max(self.outputs, key=lambda o: _nan_as_inf(o.max_rel_error))
-
-    @property
-    def max_rel_error(self) -> float:
-        """Largest ``max_rel_error`` over the outputs; ``inf`` when no output was compared."""
-        if not self.outputs:
-            return math.inf
-        return max(_nan_as_inf(o.max_rel_error) for o in self.outputs)
-
-    @property
-    def max_abs_error(self) -> float:
-        """Largest ``max_abs_error`` over the outputs; ``inf`` when no output was compared."""
-        if not self.outputs:
-            return math.inf
-        return max(_nan_as_inf(o.max_abs_error) for o in self.outputs)
-
-    def failures(self) -> list[str]:
-        """One line per reason the report failed: structural problems first, then failed outputs."""
-        lines = list(self.problems)
-        lines.extend(line for o in self.outputs if (line := o.failure()) is not None)
-        return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (non-finite floats become the strings 'inf', '-inf', 'nan')."""
-        worst = self.worst
-        return {
-            "passed": self.passed,
-            "decided": self.decided,
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "worst": worst.name if worst is not None else None,
-            "problems": list(self.problems),
-            "notes": list(self.notes),
-            "failures": self.failures(),
-            "error_stats": worst_per_output(self.outputs),  # per output, its closest call
-            "outputs": [o.to_dict() for o in self.outputs],
-        }
 
 
 def compare(
@@ -438,28 +126,6 @@ def compare_outputs(
     witnesses = () if exact_outputs is None else (exact_outputs, *perturbed_outputs)
     _compare_tree("output", reference_outputs, candidate_outputs, witnesses, ctx)
     return ctx.outputs, ctx.problems
-
-
-def report_of(
-    outputs: list[OutputParity], problems: list[str], notes: tuple[str, ...] = (), *, decided: bool = True
-) -> ParityReport:
-    """A report over comparisons (of one or several input sets), adding the "nothing compared"
-    problems; ``decided=False``: the caller found that nothing could be judged (``problems`` say why)."""
-    problems = list(problems)
-    if not outputs:
-        problems.append("no outputs were compared: the reference returned no tensors")
-        decided = False
-    elif all(not (o.max_abs_reference > 0) for o in outputs):
-        problems.append(
-            "nothing was compared: every output of the original is all zeros or has no finite value "
-            "on every input set; give inputs that exercise the model (inputs=, value_range=)"
-        )
-        decided = False
-    failed = [o for o in outputs if not o.passed]
-    decided = decided and not (failed and not problems and all(not o.decided for o in failed))
-    report = ParityReport(outputs=tuple(outputs), problems=tuple(problems), notes=notes, decided=decided)
-    logger.debug("compare: %d output(s), passed=%s", len(outputs), report.passed)
-    return report
 
 
 @dataclass
@@ -663,11 +329,3 @@ def _compare_tensors(
         inputs=ctx.inputs, noise=noise, exact_error=exact_error, allowed_error=allowed,
         max_abs_error_at=at, p99_abs_error=p99, slice_failure=slice_failure, decided=decided, stats=stats,
     )  # fmt: skip
-
-
-def _nan_as_inf(x: float) -> float:
-    return math.inf if math.isnan(x) else x
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)

@@ -64,9 +64,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normfold.errors import UsageError
+from normfold.model_run import run_model
 from normfold.parity import compare
 from normfold.prepare import as_inputs, working_copy
-from normfold.reference import run_model
 
 logger = logging.getLogger(__name__)
 
