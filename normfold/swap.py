@@ -52,21 +52,20 @@ ones); :attr:`SwapResult.drift` says by how much on ``example_inputs`` (eval mod
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normfold.errors import UsageError
 from normfold.model_run import run_model
-from normfold.parity import compare
 from normfold.prepare import as_inputs, working_copy
+from normfold.swap_drift import Drift, drift_of
+from normfold.swap_modules import ChannelsLayerNorm, FrozenBatchNorm, factory_kwargs, move_affine, move_stats
 
 logger = logging.getLogger(__name__)
 
@@ -99,102 +98,6 @@ _BATCHNORM_BY_RANK: dict[int, type[_BatchNorm]] = {
 }
 
 
-# --- replacement modules ---------------------------------------------------------------------------
-
-
-class ChannelsLayerNorm(nn.Module):
-    """LayerNorm over the channel axis (dim 1) at every position of an ``(N, C, *)`` input.
-
-    ``y[n, :, p] = layer_norm(x[n, :, p]) * weight + bias``; on ``(N, C)`` inputs it is
-    ``nn.LayerNorm(C)``. Parameters are named ``weight``/``bias``, as in BatchNorm.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_features, self.eps, self.affine = num_features, eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.movedim(1, -1), (self.num_features,), self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
-
-
-class FrozenBatchNorm(nn.Module):
-    """BatchNorm with fixed statistics: the eval-mode BatchNorm function in train and eval mode.
-
-    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel (dim 1),
-    through ``F.batch_norm(training=False)``: bit-identical to an eval BatchNorm with the same
-    state. ``state_dict`` keys are BatchNorm's (``running_mean``, ``running_var``,
-    ``num_batches_tracked``, ``weight``, ``bias``); ``num_batches_tracked`` is kept but unused.
-    ``weight``/``bias`` are trainable parameters when ``trainable_affine``, else buffers.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        trainable_affine: bool = False,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_features, self.eps, self.affine = num_features, eps, affine
-        self.trainable_affine = trainable_affine
-        kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-        self.register_buffer("running_var", torch.ones(num_features, **kw))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        for name, init in (("weight", torch.ones), ("bias", torch.zeros)):
-            if not affine:
-                self.register_parameter(name, None)
-            elif trainable_affine:
-                self.register_parameter(name, nn.Parameter(init(num_features, **kw)))
-            else:
-                self.register_buffer(name, init(num_features, **kw))
-
-    @classmethod
-    def from_batchnorm(cls, bn: _BatchNorm, *, trainable_affine: bool = False) -> FrozenBatchNorm:
-        """A frozen copy of ``bn``'s state (statistics cloned; parameters shared when trainable)."""
-        if bn.running_mean is None or bn.running_var is None:
-            raise UsageError(f"{type(bn).__name__} has no running statistics (track_running_stats=False)")
-        frozen = cls(bn.num_features, bn.eps, bn.affine, trainable_affine, **_factory(bn))
-        _move_stats(bn, frozen)
-        if bn.affine and trainable_affine:
-            _move_affine(bn, frozen)
-        elif bn.affine:
-            frozen.weight = bn.weight.detach().clone()
-            frozen.bias = bn.bias.detach().clone()
-        return frozen.train(bn.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            training=False, momentum=0.0, eps=self.eps,
-        )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
-            f"trainable_affine={self.trainable_affine}"
-        )
-
-
 # --- records ----------------------------------------------------------------------------------------
 
 
@@ -221,23 +124,6 @@ class NotSwapped:
     code: str  # custom_forward, uninitialized, no_statistics, bad_statistics, not_sync, not_called
     reason: str
     aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Drift:
-    """How far the swapped model's outputs are from the original's on example_inputs (eval mode).
-
-    ``max_rel_error`` is ``max|ref - new| / max|ref|`` of the worst output (as in
-    :func:`normfold.verify`); ``cosine_similarity`` is over all floating output elements at once
-    (float64, elements finite in both). Expected 0 and 1 for ``"frozen"`` and ``"batch"``.
-    """
-
-    max_rel_error: float
-    cosine_similarity: float
-    outputs: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -308,7 +194,7 @@ def swap_norms(
     ranks, reference = _observe(model, inputs) if inputs is not None else ({}, None)
     replacements, swapped, skipped = _plan(model, request, ranks)
     model = _replace(model, replacements)
-    drift = _drift(model, inputs, reference) if inputs is not None and swapped else None
+    drift = drift_of(model, inputs, reference) if inputs is not None and swapped else None
     logger.info("swapped %d norm(s) to %r, skipped %d", len(swapped), to, len(skipped))
     return SwapResult(model, to, tuple(swapped), tuple(skipped), drift)
 
@@ -432,8 +318,8 @@ _Built = tuple[nn.Module, int | None, str | None]
 
 def _to_group(path: str, bn: _BatchNorm, request: _Request, ranks: set[int]) -> _Built:
     groups = _num_groups(path, bn, request)
-    new = nn.GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine, **_factory(bn))
-    _move_affine(bn, new)
+    new = nn.GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine, **factory_kwargs(bn))
+    move_affine(bn, new)
     return new, groups, None
 
 
@@ -452,7 +338,7 @@ def _num_groups(path: str, bn: _BatchNorm, request: _Request) -> int:
 
 def _to_layer(path: str, bn: _BatchNorm, request: _Request, ranks: set[int]) -> _Built:
     unknown = "not called on example_inputs" if request.has_inputs else "no example_inputs"
-    f, c = _factory(bn), bn.num_features
+    f, c = factory_kwargs(bn), bn.num_features
     new: nn.Module
     if ranks == {2} or (not ranks and isinstance(bn, nn.BatchNorm1d)):
         new = nn.LayerNorm(c, eps=bn.eps, elementwise_affine=bn.affine, bias=bn.affine, **f)
@@ -461,7 +347,7 @@ def _to_layer(path: str, bn: _BatchNorm, request: _Request, ranks: set[int]) -> 
         new = ChannelsLayerNorm(c, eps=bn.eps, affine=bn.affine, **f)
         plain = ranks or isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d))
         note = None if plain else f"input rank unknown ({unknown}): channels LayerNorm, exact for any rank"
-    _move_affine(bn, new)
+    move_affine(bn, new)
     return new, None, note
 
 
@@ -483,81 +369,12 @@ def _to_batch(path: str, bn: _BatchNorm, request: _Request, ranks: set[int]) -> 
             "needs ranks 2-3 (BatchNorm1d), 4 (BatchNorm2d) or 5 (BatchNorm3d)"
         )
     cls = _BATCHNORM_BY_RANK[min(ranks)]
-    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_factory(bn))
-    _move_affine(bn, new)
-    _move_stats(bn, new)
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory_kwargs(bn))
+    move_affine(bn, new)
+    move_stats(bn, new)
     return new, None, None
 
 
 _BUILDERS = {"group": _to_group, "layer": _to_layer, "frozen": _to_frozen, "batch": _to_batch}
 
 
-# --- state ------------------------------------------------------------------------------------------
-
-
-def _factory(bn: _BatchNorm) -> dict[str, Any]:
-    """``device``/``dtype`` of the BN's tensors, for the replacement's constructor."""
-    for t in (bn.weight, bn.running_mean):
-        if t is not None:
-            return {"device": t.device, "dtype": t.dtype}
-    return {}
-
-
-def _move_affine(bn: _BatchNorm, new: nn.Module) -> None:
-    """``weight``/``bias`` to ``new`` as the same Parameter objects (an optimizer keeps them)."""
-    if not bn.affine:
-        return
-    for name in ("weight", "bias"):
-        value = getattr(bn, name)
-        if not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value.detach().clone())
-        setattr(new, name, value)
-
-
-def _move_stats(bn: _BatchNorm, new: nn.Module) -> None:
-    """Running statistics and batch counter, cloned (buffers are never shared)."""
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        value = getattr(bn, name, None)
-        if value is not None:
-            setattr(new, name, value.detach().clone())
-
-
-# --- drift ------------------------------------------------------------------------------------------
-
-
-def _drift(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: Any) -> Drift:
-    outputs = run_model(model, inputs, role="swapped")
-    report = compare(reference, outputs)
-    return Drift(report.max_rel_error, _cosine(reference, outputs), len(report.outputs))
-
-
-def _cosine(reference: Any, outputs: Any) -> float:
-    a, b = _flat(reference), _flat(outputs)
-    if a.numel() != b.numel() or a.numel() == 0:
-        return math.nan
-    finite = a.isfinite() & b.isfinite()
-    a, b = a[finite], b[finite]
-    if torch.equal(a, b):
-        return 1.0
-    norm = float(a.norm() * b.norm())
-    return 0.0 if norm == 0.0 else float(a @ b) / norm
-
-
-def _flat(tree: Any) -> torch.Tensor:
-    """Every floating tensor in a tree of tuples/lists/dicts, as one float64 vector."""
-    parts = [t.detach().reshape(-1).to("cpu", torch.float64) for t in _floating_leaves(tree)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def _floating_leaves(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree] if tree.is_floating_point() else []
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _floating_leaves(value)]
-    return []
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)
