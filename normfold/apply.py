@@ -1,19 +1,21 @@
-"""Apply a :class:`~normfold.plan.Plan` to the user's module and to the exported program.
-
-**Exported program**: every folded norm op is bypassed and erased, the constants only it used go
-with it (dead code), layers get their new parameter values by name, a layer without bias gets a new
-parameter placeholder, and parameters nothing reads any more leave the graph signature. Every
-fold applies here, including norms written in a ``forward`` as functional calls.
+"""Apply a :class:`~normfold.plan.Plan` to the user's module (and, :mod:`normfold.apply_program`,
+to the exported program, where every fold applies, including norms written in a ``forward`` as
+functional calls).
 
 **Eager module** (the user's class and module names are kept): a fold applies only when every op it
 removes can also be removed from the module without touching the user's code:
 
 * a norm module all of whose ops fold (every call, every op it owns, every op its submodules
   run, whoever calls them) becomes ``nn.Identity`` under every name it is registered;
-* a ``_BatchNorm`` subclass that also runs other ops (its activation, say) keeps them: its norm part
-  becomes exactly the identity (``mean 0, var 1, weight 1, bias 0, eps 0``: ``(x - 0) / sqrt(1 + 0)
-  * 1 + 0 == x`` in every float format), provided its batch_norm op reads its own parameters and
-  ``eps``;
+* a norm module that also runs other ops (a ``_BatchNorm`` subclass with its own activation,
+  timm's ``BatchNormAct2d``) is rebuilt (:mod:`normfold.rebuild`): a
+  :class:`~normfold.rebuild.Remainder` takes its place that runs only the ops the fold left
+  (``act(drop(x))``), with the module's own children and parameters under their names, so the
+  eager module runs no norm op the program does not;
+* where its remaining ops are not a form :mod:`normfold.rebuild` can run (two tensor inputs, say),
+  a ``_BatchNorm``'s norm part becomes exactly the identity instead (``mean 0, var 1, weight 1,
+  bias 0, eps 0``: ``(x - 0) / sqrt(1 + 0) * 1 + 0 == x`` in every float format), provided its
+  batch_norm op reads its own parameters and ``eps`` (:attr:`EagerPlan.not_rebuilt` says why);
 * a layer that needs a bias it does not have gets one only where it is a standard Conv/Linear
   module with ``bias=None`` (a bare ``x @ W`` in a ``forward`` has nowhere to take one: such a
   fold is export only, where the matmul becomes ``x @ W + b``).
@@ -28,35 +30,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from torch import fx, nn
-from torch.export import ExportedProgram
-from torch.export.graph_signature import (
-    ExportGraphSignature,
-    InputKind,
-    InputSpec,
-    OutputSpec,
-    TensorArgument,
-)
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfold.graph import (
-    Capture,
-    Constants,
-    bind,
-    ops_by_module,
-    quiet_exporter,
-    set_arg,
-    shape,
-)
-from normfold.plan import Fold, Plan, RowBlocks, input_arg, new_bias_name
+from normfold.apply_program import _BARE_MATMULS, apply_program
+from normfold.graph import Capture, Constants, bind, ops_by_module, shape
+from normfold.plan import Fold, Plan, RowBlocks, input_arg
 from normfold.probe import isolated_rng, probe_input
-from normfold.reparam import Merge
+from normfold.rebuild import CallIndex, Recipe, Remainder, recipe
+
+__all__ = ["LAYER_MODULES", "EagerPlan", "apply_module", "apply_program", "eager_plan", "write_in_place"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +61,9 @@ class EagerPlan:
     folds: list[Fold] = field(default_factory=list)
     identity: set[str] = field(default_factory=set)  # module paths replaced by nn.Identity
     neutral: set[str] = field(default_factory=set)  # BatchNorm modules set to the identity map
+    #: module path -> the ops its call keeps once its norm is folded (:mod:`normfold.rebuild`)
+    rebuilt: dict[str, Recipe] = field(default_factory=dict)
+    not_rebuilt: dict[str, str] = field(default_factory=dict)  # neutral module path -> why
     export_only: dict[str, str] = field(default_factory=dict)  # unit's first node -> why
     #: module path -> the ops it runs (:func:`normfold.graph.ops_by_module`), for the merges
     owned: dict[str, set[str]] = field(default_factory=dict)
@@ -98,6 +89,14 @@ class _Eager:
                 self.state.setdefault(capture.canonical(fqn.rpartition(".")[0]), []).append(node)
         # BatchNorm stats FQN -> every batch_norm op reading it (folded or not)
         self.stat_users: dict[str, set[str]] = {}
+        self.calls: CallIndex | None = None  # built on the first module that needs a rebuild
+        self.recipes: dict[str, Recipe | str] = {}  # module path -> its rebuild (the last asked)
+        # every folded op -> the node its output becomes once folded (None: only feeds the fold)
+        self.becomes: dict[str, fx.Node | None] = {}
+        for fold in plan.folds:
+            first = self.by_name[fold.unit.nodes[0]]
+            self.becomes.update(dict.fromkeys(fold.unit.nodes))
+            self.becomes[fold.unit.nodes[-1]] = bind(first)[input_arg(first, self.consts)]
         for unit in [f.unit for f in plan.folds] + [k.unit for k in plan.kept]:
             key = unit.stats.get("running_mean")
             if key:
@@ -120,7 +119,13 @@ class _Eager:
         result = EagerPlan(folds=eager, export_only=notes, owned=self.owned)
         for fold in eager:
             path, how = self._removal(fold, removed)
-            (result.identity if how == "identity" else result.neutral).add(path)
+            if how == "identity":
+                result.identity.add(path)
+            elif how == "rebuild":
+                result.rebuilt[path] = self.recipes[path]
+            else:
+                result.neutral.add(path)
+                result.not_rebuilt[path] = str(self.recipes.get(path))
         return result
 
     def _why_not(self, fold: Fold, removed: set[str]) -> str | None:
@@ -190,13 +195,30 @@ class _Eager:
         if hooked is not None:  # its own or a submodule's: nn.Identity in its place runs neither
             return None, f"{path} has forward hooks that would be lost"
         reader = self._outside_reader(path, removed)
+        if reader is None and self._ops_within(path) <= removed:
+            return path, "identity"
+        # only the module holding the norm's statistics: a block whose forward code holds an affine
+        # op stays whole (its forward may branch on shapes a recipe would fix)
+        if unit.kind == "batch_norm" and self._rebuildable(path, module, removed):
+            return path, "rebuild"
         if reader is not None:
             return None, f"{reader} reads {path}'s state outside the norm"
-        if self._ops_within(path) <= removed:
-            return path, "identity"
         if unit.kind == "batch_norm" and self._neutralizable(module, path, unit.nodes[0]):
             return path, "neutral"
         return None, f"{path} ({type(module).__name__}) runs other ops that must stay"
+
+    def _rebuildable(self, path: str, module: nn.Module, removed: set[str]) -> bool:
+        """The module's calls, once ``removed`` are gone, are a chain :class:`Remainder` runs,
+        and nothing outside its calls reads its state (the remainder drops the norm's)."""
+        if self.calls is None:
+            self.calls = CallIndex(self.capture)
+        becomes = {n: self.becomes[n] for n in removed}
+        got = recipe(self.calls, path, module, becomes, self.consts.is_const)
+        self.recipes[path] = got
+        if isinstance(got, str):
+            return False
+        mine = {n.name for key in self.calls.calls.get(path, []) for n in self.calls.nodes[key]}
+        return self._outside_reader(path, removed | mine) is None
 
     def _within(self, table: dict[str, T], path: str) -> list[T]:
         """The entries of ``path`` and of every submodule under it: an ``nn.Identity`` in its place
@@ -272,12 +294,15 @@ def apply_module(model: nn.Module, eager: EagerPlan, values: dict[str, torch.Ten
             bn.weight = nn.Parameter(torch.ones_like(bn.weight), requires_grad=bn.weight.requires_grad)
             bn.bias = nn.Parameter(torch.zeros_like(bn.bias), requires_grad=bn.bias.requires_grad)
         bn.eps = 0.0
-    targets = {id(model.get_submodule(p)) for p in eager.identity}
-    if targets:
+    swaps: dict[int, nn.Module] = {id(model.get_submodule(p)): nn.Identity() for p in eager.identity}
+    for path, steps in eager.rebuilt.items():
+        module = model.get_submodule(path)
+        swaps[id(module)] = Remainder(module, steps)
+    if swaps:
         for parent in model.modules():  # one walk: every name a module is registered under
             for name, child in list(parent._modules.items()):
-                if child is not None and id(child) in targets:
-                    parent._modules[name] = nn.Identity()
+                if child is not None and id(child) in swaps:
+                    parent._modules[name] = swaps[id(child)]
 
 
 def write_in_place(
@@ -335,124 +360,3 @@ def _set_tensor(model: nn.Module, fqn: str, value: torch.Tensor) -> None:
     )
     # a new Parameter object: a tied parameter elsewhere keeps its original values
     module._parameters[name] = nn.Parameter(value.detach(), requires_grad=requires_grad)
-
-
-# --- exported program -------------------------------------------------------------------------------
-
-
-def apply_program(
-    capture: Capture, plan: Plan, values: dict[str, torch.Tensor], merges: Sequence[Merge] = ()
-) -> ExportedProgram:
-    """The captured program with every fold of ``plan`` and every block of ``merges`` applied
-    (the capture's graph is reused): a merged block's sum is replaced by its target conv, and
-    the other branches, now unused, go as dead code."""
-    program = capture.program
-    gm = program.graph_module
-    graph = gm.graph
-    consts = Constants(capture)
-    by_name = {n.name: n for n in graph.nodes}
-    roles = {name: input_arg(by_name[name], consts) for f in plan.folds for name in f.unit.nodes}
-    for fold in plan.folds:
-        nodes = [by_name[n] for n in fold.unit.nodes]
-        x = bind(nodes[0])[roles[nodes[0].name]]
-        nodes[-1].replace_all_uses_with(x)
-        for node in reversed(nodes):
-            graph.erase_node(node)
-    for merge in merges:
-        by_name[merge.adds[0]].replace_all_uses_with(by_name[merge.target.layer or ""])
-        for name in merge.adds:  # the root first, then the sums only it used (``+=`` is no dead code)
-            graph.erase_node(by_name[name])
-    specs = list(program.graph_signature.input_specs)
-    state = dict(program.state_dict)
-    slot: tuple[int, fx.Node] | None = None  # new biases go after the last parameter, in order
-    biasless = [(u.layer, u.weight) for f in plan.folds for u in f.updates if u.bias is None]
-    biasless += [(m.target.layer or "", m.target.weight or "") for m in merges if m.new_bias]
-    for layer, weight in biasless:
-        if new_bias_name(capture, weight) not in state:
-            if slot is None:  # a folded layer's weight is a parameter: there is a last one
-                last = max(i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER)
-                slot = (last, by_name[specs[last].arg.name])
-            slot = _add_bias(graph, specs, state, by_name[layer], capture, weight, values, slot)
-    for fqn, value in values.items():
-        old = state.get(fqn)
-        state[fqn] = (
-            nn.Parameter(value.detach(), requires_grad=False) if isinstance(old, nn.Parameter) else value
-        )
-    graph.eliminate_dead_code()
-    constants = dict(program.constants)
-    specs = _prune(graph, specs, state, constants, program.graph_signature)
-    gm.recompile()
-    signature = ExportGraphSignature(input_specs=specs, output_specs=_outputs(graph, program.graph_signature))
-    with quiet_exporter():  # torch warns about its own pytree internals while copying the program
-        return program._update(gm, signature, state_dict=state, constants=constants)
-
-
-def _add_bias(
-    graph: fx.Graph,
-    specs: list[InputSpec],
-    state: dict[str, torch.Tensor],
-    layer: fx.Node,
-    capture: Capture,
-    weight_fqn: str,
-    values: dict[str, torch.Tensor],
-    slot: tuple[int, fx.Node],
-) -> tuple[int, fx.Node]:
-    """Add the new bias as a parameter input after ``slot`` (spec index, placeholder); return
-    the slot after it, so a thousand new biases cost no thousand scans of the graph."""
-    fqn = new_bias_name(capture, weight_fqn)
-    last_param, anchor = slot
-    with graph.inserting_after(anchor):
-        node = graph.placeholder("p_" + re.sub(r"\W", "_", fqn))  # a Python identifier ("block1-0" too)
-    fake = layer.meta["val"]  # the layer output's fake tensor: its fake mode makes the bias's
-    node.meta["val"] = fake.fake_mode.from_tensor(values[fqn], static_shapes=True)
-    specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn))
-    state[fqn] = nn.Parameter(values[fqn].detach(), requires_grad=False)
-    if layer.target in _BARE_MATMULS:  # ``x @ W`` has no bias argument: it becomes ``x @ W + b``
-        with graph.inserting_after(layer):
-            add = graph.call_function(torch.ops.aten.add.Tensor, (layer, node))
-        add.meta = dict(layer.meta)  # the same value (b broadcasts along the last axis), same module
-        layer.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
-    else:
-        set_arg(layer, "bias", node)
-    return last_param + 1, node
-
-
-_BARE_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.mm.default)
-
-
-def _outputs(graph: fx.Graph, signature: ExportGraphSignature) -> list[OutputSpec]:
-    """Output specs renamed after the nodes the output now returns (a folded norm may have been one)."""
-    returned = graph.output_node().args[0]
-    specs = []
-    for spec, node in zip(signature.output_specs, returned, strict=True):
-        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node):
-            spec = OutputSpec(spec.kind, TensorArgument(node.name), spec.target)
-        specs.append(spec)
-    return specs
-
-
-def _prune(
-    graph: fx.Graph,
-    specs: list[InputSpec],
-    state: dict[str, torch.Tensor],
-    constants: dict[str, object],
-    signature: ExportGraphSignature,
-) -> list[InputSpec]:
-    """Drop parameter/buffer/constant inputs nothing reads any more (a folded norm's)."""
-    mutated = {s.target for s in signature.output_specs if s.target is not None}
-    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    kept = []
-    for spec in specs:
-        node = placeholders.get(spec.arg.name)
-        if (
-            spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
-            and node is not None
-            and not node.users
-            and spec.target not in mutated
-        ):
-            graph.erase_node(node)
-            state.pop(spec.target, None)
-            constants.pop(spec.target, None)
-            continue
-        kept.append(spec)
-    return kept

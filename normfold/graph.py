@@ -85,7 +85,13 @@ class Capture:
         return self.program.constants[fqn]
 
     def canonical(self, path: str) -> str:
-        """One name per module object: the first it is registered under."""
+        """One name per module object: the first it is registered under. A path through a
+        sliced container (``model.slice(None, -1, None).0.bn``, recorded for a ``forward`` that
+        iterates ``self.model[:-1]``) names the registered module it is (:mod:`normfold.modpaths`)."""
+        if "slice(" in path and path not in self.aliases:
+            from normfold.modpaths import unslice  # only paths through a sliced container need it
+
+            path = unslice(self, path)
         return self.aliases.get(path, path)
 
     def state_of(self, node: Any) -> str | None:

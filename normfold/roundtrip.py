@@ -14,7 +14,10 @@ together with those structural edits (a JSON manifest: no code, nothing to unpic
 The manifest lists, by module path, every module of the types a fold or a merge puts in place
 (``nn.Identity``, ``MergedBranch``, convolutions, ``nn.Linear``) with its constructor arguments,
 and every parameter slot that holds ``None``; where the fresh instance has another module there,
-the recorded one is built in its place.
+the recorded one is built in its place. A norm module rebuilt without its norm
+(:class:`~normfold.rebuild.Remainder`, a BatchNorm subclass with its own activation) is listed
+with its steps (child names and ``torch.ops.aten`` op names, as data) and rebuilt around the fresh
+instance's module at that path, whose children and parameters then receive the saved weights.
 Formats: ``.safetensors`` (the manifest in its string metadata) or ``.pt``/``.pth`` (a dict
 ``{"state_dict": ..., "normfold_structure": json}``, loadable with ``torch.load(weights_only=True)``).
 """
@@ -30,6 +33,7 @@ from torch import nn
 
 from normfold.errors import LoadError, UsageError, first_line
 from normfold.files import OutputSet
+from normfold.rebuild import Recipe, Remainder
 from normfold.reparam_eager import MergedBranch
 
 __all__ = ["load_folded", "save_folded"]
@@ -57,6 +61,8 @@ _REBUILT: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     },
     "Linear": (nn.Linear, ("in_features", "out_features")),
 }
+#: rebuilt from the fresh instance's own module and the manifest's steps (:mod:`normfold.rebuild`)
+_REBUILT_BY_DATA: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {"Remainder": (Remainder, ())}
 
 
 def structure_of(model: nn.Module) -> dict[str, Any]:
@@ -66,7 +72,9 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
     empty: list[str] = []
     for name, module in model.named_modules():
         kind = _REBUILT.get(type(module).__name__)
-        if name and kind is not None and type(module) is kind[0]:
+        if name and type(module) is Remainder:  # a norm module without its norm: its steps, as data
+            modules[name] = {"type": "Remainder", **module.recipe.to_json()}
+        elif name and kind is not None and type(module) is kind[0]:
             args = {a: _plain(getattr(module, a)) for a in kind[1]}
             modules[name] = {"type": type(module).__name__, **args}
         empty += [f"{name}.{p}" if name else p for p, v in module._parameters.items() if v is None]
@@ -147,11 +155,14 @@ def _replay(model: nn.Module, manifest: dict[str, Any], state: dict[str, torch.T
     """Apply the manifest's module replacements and empty parameter slots to ``model``, and give
     every slot the weights fill a parameter."""
     for name, spec in sorted(manifest["modules"].items(), key=lambda kv: kv[0].count(".")):  # parents first
-        cls, arg_names = _REBUILT[spec["type"]]
+        cls, arg_names = _REBUILT.get(spec["type"]) or _REBUILT_BY_DATA[spec["type"]]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if child not in parent._modules:
             raise KeyError(f"{type(model).__name__} has no module {name}")
+        if spec["type"] == "Remainder":  # built from the fresh module: its children and parameters
+            parent._modules[child] = Remainder(parent._modules[child], Recipe.from_json(spec))
+            continue
         if type(parent._modules[child]) is cls:
             continue  # the class's own module: its weights (and a filled bias slot) are loaded below
         args = [tuple(spec[a]) if isinstance(spec[a], list) else spec[a] for a in arg_names]
