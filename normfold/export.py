@@ -22,9 +22,8 @@ the replaced model used and the new one does not are removed afterwards.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from normfold.errors import ExportError, NormfoldError, UsageError, first_line
-from normfold.files import STATE_FORMATS, OutputSet
+from normfold.files import OutputSet
 from normfold.graph import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
 from normfold.onnx_file import (
     TensorInfo,
@@ -51,10 +50,21 @@ from normfold.onnx_run import check_providers, open_session, run_onnx, runtime_n
 from normfold.options import ExportOptions
 from normfold.parity import ParityReport, ParityRule
 from normfold.prepare import capture_options
-from normfold.reference import InputSet, Reference, check, make_reference, parity_sets
+from normfold.reference import Reference, check, make_reference, parity_sets
 from normfold.report import StepTimer
+from normfold.state_files import save_sets, stage_state_dict, write_state_dict, write_via_memory
 
-__all__ = ["ExportOptions", "ExportResult", "TensorInfo", "export_model", "export_onnx", "run_onnx"]
+__all__ = [  # the state-dict writers keep their import path here
+    "ExportOptions",
+    "ExportResult",
+    "TensorInfo",
+    "export_model",
+    "export_onnx",
+    "run_onnx",
+    "save_sets",
+    "stage_state_dict",
+    "write_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -286,31 +296,6 @@ def commit_export(files: OutputSet, result: ExportResult) -> None:
     files.remove_replaced("out", old - written)
 
 
-def write_state_dict(model: nn.Module, out: str | Path, *, force: bool = False) -> Path:
-    """Write ``model.state_dict()`` to ``out`` (``.pt``/``.pth`` or ``.safetensors``) atomically."""
-    with OutputSet({"out": out}, force=force, formats={"out": STATE_FORMATS}) as files:
-        stage_state_dict(model, files)
-        files.commit()
-    return Path(out)
-
-
-def stage_state_dict(model: nn.Module, files: OutputSet) -> None:
-    """Write ``model.state_dict()`` into ``files``' staged ``out``."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    staged = files.staged("out")
-    try:
-        if staged.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.clone() for k, v in state.items()}, str(staged))  # no shared storage
-        else:
-            _write_via_memory(staged, lambda f: torch.save(state, f))
-    except NormfoldError:
-        raise
-    except Exception as e:
-        raise ExportError(f"writing {files.paths['out']} failed: {first_line(e)}") from e
-
-
 def _export_program(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], options: CaptureOptions
 ) -> torch.export.ExportedProgram:
@@ -356,30 +341,12 @@ def _check_onnx(
 
 def _export_pt2(program: torch.export.ExportedProgram, path: Path, *, dynamic_batch: bool) -> ExportResult:
     try:
-        _write_via_memory(path, lambda f: torch.export.save(program, f))
+        write_via_memory(path, lambda f: torch.export.save(program, f))
     except NormfoldError:
         raise
     except Exception as e:
         raise ExportError(f"torch.export.save failed: {first_line(e)}") from e
     return ExportResult(path, "pt2", dynamic_batch=dynamic_batch)
-
-
-def save_sets(path: Path, sets: Sequence[InputSet]) -> None:
-    """Write parity input sets as ``{set name: [tensors]}`` (``torch.save``, CPU tensors; loads
-    with ``torch.load(path, weights_only=True)``)."""
-    data = {s.name: [t.detach().cpu() for t in s.inputs] for s in sets}
-    _write_via_memory(path, lambda f: torch.save(data, f))
-
-
-def _write_via_memory(path: Path, save: Callable[[io.BytesIO], None]) -> None:
-    """Serialize in memory, then write with Python's I/O: torch's zip writer aborts the whole
-    process (or fails cryptically) on a full disk; Python raises an OSError we can report."""
-    buffer = io.BytesIO()
-    save(buffer)
-    try:
-        path.write_bytes(buffer.getbuffer())
-    except OSError as e:
-        raise ExportError(f"writing {path.name} failed: {e.strerror or e}") from e
 
 
 def _check_pt2(path: Path, reference: Reference, rule: ParityRule) -> dict[str, ParityReport]:
