@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,7 @@ class Recipe:
 
     def describe(self) -> str:
         parts = [s.module if s.module is not None else f"aten.{s.op}" for s in self.steps]
-        return f"{self.original} without its norm: {' -> '.join(parts)}"
+        return f"{self.original} rebuilt, runs: {' -> '.join(parts)}"
 
 
 def _aten(name: str) -> torch._ops.OpOverload:
@@ -114,8 +114,7 @@ class Remainder(nn.Module):
         self._ops: list[torch._ops.OpOverload | None] = []
         for step in recipe.steps:
             if step.module is not None:
-                if step.module not in self._modules:
-                    raise KeyError(f"{type(original).__name__} has no child module {step.module}")
+                self.get_submodule(step.module)  # AttributeError when the module has no such child
                 self._ops.append(None)
                 continue
             self._ops.append(_aten(step.op or ""))
@@ -133,7 +132,7 @@ class Remainder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = [x]
         for step, op in zip(self.recipe.steps, self._ops, strict=True):
-            fn = self._modules[step.module or ""] if op is None else op
+            fn = self.get_submodule(step.module or "") if op is None else op
             args = [self._arg(a, values) for a in step.args]
             values.append(fn(*args, **{k: self._arg(v, values) for k, v in step.kwargs}))
         return values[-1]
@@ -189,16 +188,20 @@ def recipe(
     module: nn.Module,
     removed: Mapping[str, fx.Node | None],
     is_const: Mapping[fx.Node, bool],
+    merged: Collection[str] = (),
 ) -> Recipe | str:
     """The :class:`Recipe` of ``module`` (at canonical ``path``) once the nodes of ``removed`` are
     gone (node name -> the node its output becomes, None for a node that only feeds removed ones),
-    or why it cannot be rebuilt."""
+    or why it cannot be rebuilt. A child call that runs a removed node is called whole (the eager
+    module removed that node from the child too), unless the node is one of ``merged`` (a merged
+    block's sum and branches, which no child of the eager module takes away): then the step calls
+    the descendant of the child that runs all the rest (the merged conv's module)."""
     keys = index.calls.get(path, [])
     if not keys:
         return f"{path} runs no op"
     found: Recipe | None = None
     for key in keys:
-        got = _call_recipe(index, key, path, module, removed, is_const)
+        got = _call_recipe(index, key, path, module, removed, is_const, merged)
         if isinstance(got, str):
             return got
         if found is not None and got != found:
@@ -217,6 +220,7 @@ def _call_recipe(
     module: nn.Module,
     removed: Mapping[str, fx.Node | None],
     is_const: Mapping[fx.Node, bool],
+    merged: Collection[str],
 ) -> Recipe | str:
     capture = index.capture
     nodes = index.nodes[key]
@@ -244,7 +248,8 @@ def _call_recipe(
     i = 0
     while i < len(nodes):
         node = nodes[i]
-        if node.name in removed:
+        child_key = index.child.get((key, node.name))
+        if child_key is None and node.name in removed:
             target = removed[node.name]
             if target is not None:
                 value[node] = target
@@ -255,24 +260,35 @@ def _call_recipe(
                 return f"{path} computes {node.name} from its parameters for the ops that stay"
             i += 1
             continue
-        child_key = index.child.get((key, node.name))
         if child_key is not None:
             end = i
             while end < len(nodes) and index.child.get((key, nodes[end].name)) == child_key:
                 end += 1
             group = nodes[i:end]
+            i = end
             if any(index.child.get((key, n.name)) == child_key for n in nodes[end:]):
                 return f"{path} runs other ops between the ops of {index.path[child_key]}"
-            name = children.get(index.path[child_key])
-            if name is None:
-                return f"{path} calls {index.path[child_key]}, not a child of its own"
+            for n in group:
+                if n.name in removed and removed[n.name] is not None:
+                    value[n] = removed[n.name]  # type: ignore[assignment]
+            if all(n.name in removed or is_const.get(n, False) for n in group):
+                continue  # the child runs nothing once folded (an nn.Identity in the eager module)
+            if any(n.name in merged for n in group):
+                found = _descend(index, key, child_key, group, removed, merged, is_const)
+                if found is None:
+                    return f"{path} runs ops of {index.path[child_key]} besides the merged conv"
+                sub, group = found
+            else:
+                sub = child_key
+            name = _relative(index.path[sub], path)
+            if name is None or name.partition(".")[0] not in children.values():
+                return f"{path} calls {index.path[sub]}, not a module under it"
             got = _child_step(group, known, resolve, is_const, path)
             if isinstance(got, str):
                 return got
             source, out = got
             steps.append(Step(module=name, args=({_VALUE: source},)))
             known[out] = len(steps)
-            i = end
             continue
         step = _op_step(node, known, resolve, own, capture, path)
         if isinstance(step, str):
@@ -289,6 +305,36 @@ def _call_recipe(
         if x.op == "placeholder" or readers - {writer}:
             return f"{path} would change its input in place ({writer.name}), which other ops read"
     return Recipe(type(module).__name__, tuple(steps))
+
+
+def _descend(
+    index: CallIndex,
+    key: str,
+    child_key: str,
+    group: list[fx.Node],
+    removed: Mapping[str, fx.Node | None],
+    merged: Collection[str],
+    is_const: Mapping[fx.Node, bool],
+) -> tuple[str, list[fx.Node]] | None:
+    """The outermost call under ``child_key`` that runs every op of ``group`` the merge keeps and
+    none it takes away, with its ops; None when there is none."""
+    kept = [n for n in group if n.name not in removed and not is_const.get(n, False)]
+    if not kept:
+        return None
+    stack = [k for k, _ in module_calls(kept[0])]
+    below = stack[stack.index(child_key) + 1 :] if child_key in stack else []
+    for sub in below:
+        ops = index.nodes[sub]
+        if set(kept) <= set(ops) and not any(n.name in merged for n in ops):
+            return sub, ops
+    return None
+
+
+def _relative(sub: str, path: str) -> str | None:
+    """``sub``'s path under ``path`` (``"mixer.convs.0"``), or None when it is not under it."""
+    if not path:
+        return sub or None
+    return sub[len(path) + 1 :] if sub.startswith(path + ".") else None
 
 
 def _child_step(

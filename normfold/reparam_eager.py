@@ -15,6 +15,11 @@ merges in the module only when
    branches it has, exactly as before;
 3. every branch is a module of its own (running that branch's ops and nothing else, no hooks):
    the branch with the largest kernel becomes one conv, the others :class:`MergedBranch` (zeros).
+   A block whose own ``forward`` subtracts or scales branches (FastViT's ``x + gamma * (mixer(x)
+   - norm(x))``) needs only its largest-kernel branch to be a module: the block's module is
+   rebuilt (:class:`~normfold.rebuild.Remainder`) to call that conv, now merged, and whatever
+   its ``forward`` does after the sum; the branches and scale modules nothing calls any more
+   become ``nn.Identity``.
 
 A later round of planning (:mod:`normfold.replan`) plans on the program, which differs from the
 module wherever the export alone changed: a block with a branch there (:class:`~normfold.replan.Drift`)
@@ -30,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from normfold.graph import Capture, module_calls
+from normfold.graph import Capture, Constants, module_calls
+from normfold.rebuild import CallIndex, Recipe, Remainder, recipe
 
 if TYPE_CHECKING:
     from normfold.plan import Fold
@@ -76,6 +82,11 @@ class EagerMerge:
     note: str | None = None
     #: the merged conv's weight and bias in the module (FQN -> tensor): from the module's values
     values: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
+    #: a block that subtracts or scales branches in its own forward: the module rebuilt to run the
+    #: merged conv (and what its forward does after the sum), and the modules nothing runs any more
+    block: str | None = None
+    recipe: Recipe | None = None
+    drop: tuple[str, ...] = ()
 
 
 def eager_merges(
@@ -98,8 +109,15 @@ def eager_merges(
     by_name = {n.name: n for n in capture.graph.nodes}
     same, stay = (list(merges), []) if eager_view is None else (list(eager_view[0]), list(eager_view[1]))
     out = []
+    weighted = _Weighted(capture, owned, modules, by_name, drift)
     for m in merges:
         why = _export_only_reason(m, same, stay, export_only, drift)
+        if why is None and m.weighted:
+            got = weighted.rebuild(m, same[same.index(m)].values)
+            out.append(
+                got if isinstance(got, EagerMerge) else EagerMerge(note=f"merged in the export only: {got}")
+            )
+            continue
         if why is not None:
             out.append(EagerMerge(note=f"merged in the export only: {why}"))
             continue
@@ -129,6 +147,101 @@ def eager_merges(
     return out
 
 
+class _Weighted:
+    """Blocks that subtract or scale branches in their own ``forward`` (FastViT's RepMixer:
+    ``x + gamma * (mixer(x) - norm(x))``): no module swap makes that ``forward`` compute the merged
+    conv alone, so the block's module is rebuilt (:class:`~normfold.rebuild.Remainder`) to run what
+    its call runs in the merged program: the merged conv's module (and what follows the sum)."""
+
+    def __init__(
+        self,
+        capture: Capture,
+        owned: Mapping[str, set[str]],
+        modules: Mapping[str, nn.Module],
+        by_name: Mapping[str, fx.Node],
+        drift: Drift | None,
+    ) -> None:
+        self.capture, self.owned, self.modules, self.by_name, self.drift = (
+            capture,
+            owned,
+            modules,
+            by_name,
+            drift,
+        )
+        self._index: CallIndex | None = None
+        self._consts: Constants | None = None
+
+    def rebuild(self, m: Merge, values: dict[str, torch.Tensor]) -> EagerMerge | str:
+        """The merge as the module takes it, or why it cannot (the reason of its note)."""
+        why = _WEIGHTED
+        block = self.modules.get(m.module) if m.module else None
+        if block is None:
+            return f"{why}, in the model's own forward"
+        if block._forward_hooks or block._forward_pre_hooks:
+            return f"{why}, and {m.module} has forward hooks that would be lost"
+        target = _branch_module(m.target, self.owned, self.by_name, self.capture)
+        if target is None or target not in self.modules:
+            return f"{why}, and the {m.target.label()} branch is not a module of its own"
+        if self.modules[target]._forward_hooks or self.modules[target]._forward_pre_hooks:
+            return f"{why}, and {target} has forward hooks that would be lost"
+        if self.drift is not None and target in self.drift.modules:
+            return f"{target} differs in the eager module: {self.drift.modules[target]}"
+        if self._index is None:
+            self._index, self._consts = CallIndex(self.capture), Constants(self.capture)
+        index, is_const = self._index, self._consts.is_const  # type: ignore[union-attr]
+        gone = self._gone(m, index)
+        last = self._target_output(m, index)
+        if last is None:
+            return f"{why}, and {target} runs more than the {m.target.label()} branch"
+        removed: dict[str, fx.Node | None] = dict.fromkeys(gone)
+        removed[m.adds[0]] = last  # the sum's value is the merged conv's
+        got = recipe(index, m.module, block, removed, is_const, merged=gone)
+        if isinstance(got, str):
+            return f"{why}, and its module cannot be rebuilt: {got}"
+        reached = [f"{m.module}.{s.module}" for s in got.steps if s.module is not None]
+        mine = {n.name for key in index.calls.get(m.module, []) for n in index.nodes[key]}
+        drop = []
+        paths = [_branch_module(b, self.owned, self.by_name, self.capture) for b in m.branches]
+        paths += [u.module for u in m.scales if u.module != m.module]  # a layer scale module's
+        for path in paths:
+            if path is None or path == target or path not in self.modules:
+                continue
+            near = any(path == r or path.startswith(r + ".") or r.startswith(path + ".") for r in reached)
+            if not near and self.owned.get(path, set()) <= mine:  # runs nothing outside the block
+                drop.append(path)
+        return EagerMerge(target, (), values=values, block=m.module, recipe=got, drop=tuple(drop))
+
+    def _gone(self, m: Merge, index: CallIndex) -> set[str]:
+        """The ops the merge takes away from the block's call: the sum, the branches, the scales,
+        and the ops only those read (the program's dead code)."""
+        gone = {*m.adds, *(n for b in m.branches for n in b.nodes), *(n for u in m.scales for n in u.nodes)}
+        gone -= set(m.target.nodes)
+        for key in index.calls.get(m.module, []):
+            for node in reversed(index.nodes[key]):
+                users = node.users
+                if node.name not in m.target.nodes and users and all(u.name in gone for u in users):
+                    gone.add(node.name)
+        return gone
+
+    def _target_output(self, m: Merge, index: CallIndex) -> fx.Node | None:
+        """The output of the outermost module call in the block that runs the target branch's
+        ops and nothing else: the merged conv's module, whose value the sum becomes."""
+        layer = self.by_name[m.target.layer or ""]
+        stack = [k for k, _ in module_calls(layer)]
+        keys = set(index.calls.get(m.module, []))
+        start = next((i for i, k in enumerate(stack) if k in keys), None)
+        if start is None:
+            return None
+        mine = set(m.target.nodes)
+        for sub in stack[start + 1 :]:
+            ops = [n for n in index.nodes[sub] if not self._consts.is_const.get(n, False)]  # type: ignore[union-attr]
+            if {n.name for n in ops} <= mine:
+                inside = set(index.nodes[sub])
+                outs = [n for n in ops if any(u not in inside for u in n.users)]
+                return outs[0] if len(outs) == 1 else None
+        return None
+
+
 def _export_only_reason(
     m: Merge,
     same: Sequence[Merge],
@@ -137,8 +250,6 @@ def _export_only_reason(
     drift: Drift | None,
 ) -> str | None:
     """Why the module cannot take ``m`` whatever its modules (None: it can)."""
-    if m.weighted:
-        return _WEIGHTED
     for b in m.branches:
         if drift is not None and b.weight in drift.weights:
             return f"{b.weight} differs in the eager module: {drift.weights[b.weight]}"
@@ -182,6 +293,8 @@ def apply_merges(model: nn.Module, merges: Sequence[Merge], eager: Sequence[Eage
     for m, e in zip(merges, eager, strict=True):
         if e.target is None:
             continue
+        for path in e.drop:  # a weighted block's other branches: its rebuilt module never calls them
+            swaps[id(model.get_submodule(path))] = nn.Identity()
         old = model.get_parameter(m.target.weight or "")
         swaps[id(model.get_submodule(e.target))] = _conv_module(m, e.values, old.requires_grad)
         t = m.target
@@ -191,6 +304,14 @@ def apply_merges(model: nn.Module, merges: Sequence[Merge], eager: Sequence[Eage
             swaps[id(model.get_submodule(path))] = MergedBranch(
                 out_channels, t.kernel, t.stride, t.padding, dilation
             )
+    _swap(model, swaps)
+    # then the weighted blocks, rebuilt around their children as swapped above
+    blocks = {id(model.get_submodule(e.block)): (e.block, e.recipe) for e in eager if e.block and e.recipe}
+    _swap(model, {k: Remainder(model.get_submodule(path), r) for k, (path, r) in blocks.items()})
+
+
+def _swap(model: nn.Module, swaps: Mapping[int, nn.Module]) -> None:
+    """Put ``swaps[id(old)]`` in place of ``old`` under every name it is registered."""
     if swaps:
         for parent in model.modules():
             for name, child in list(parent._modules.items()):

@@ -89,9 +89,9 @@ def test_batchnorm_subclasses_with_an_activation_lose_their_norm_op_in_the_eager
     assert bn_op_count(result.model, x) == bn_op_count(result.program, x) == 0  # gone, not neutralized
     assert not [n for n, m in result.model.named_modules() if isinstance(m, _BatchNorm)]
     assert rebuilt_modules(result.model) == {
-        "bn1": "BatchNormAct without its norm: act",
-        "bn2": "BatchNormAct without its norm: act",
-        "bn3": "FloorBatchNorm without its norm: aten.hardtanh.default -> aten.maximum.default",
+        "bn1": "BatchNormAct rebuilt, runs: act",
+        "bn2": "BatchNormAct rebuilt, runs: act",
+        "bn3": "FloorBatchNorm rebuilt, runs: aten.hardtanh.default -> aten.maximum.default",
     }
     assert isinstance(result.model.bn1.act, nn.PReLU) and result.model.bn1.act is not model.bn1.act
     assert type(result.model) is ActNet
@@ -310,3 +310,80 @@ def test_a_module_whose_rest_takes_sizes_is_not_rebuilt_so_other_batch_sizes_sti
     cap = capture(model, (_x((2, 3, 6, 6)),), CaptureOptions(dynamic_batch=False))
     got = recipe(CallIndex(cap), "1", model[1], _bn_removed(cap), Constants(cap).is_const)
     assert got == "1 runs reshape, whose shape the capture may have fixed to this input"
+
+
+class LayerScale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.2, 0.7, c).view(c, 1, 1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mixer(nn.Module):
+    """A sum of branches: an identity BatchNorm, a 1x1 and a 3x3 depthwise conv-BN."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.skip = nn.BatchNorm2d(c)
+        self.small = nn.Sequential(nn.Conv2d(c, c, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.large = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.skip(x) + self.small(x) + self.large(x)
+
+
+class WeightedBlock(nn.Module):
+    """FastViT's RepMixer with an activation after the sum: its forward subtracts and scales."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c)
+        self.mixer = Mixer(c)
+        self.layer_scale = LayerScale(c)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(x + self.layer_scale(self.mixer(x) - self.norm(x)))
+
+
+def _weighted_net() -> nn.Module:
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 1), WeightedBlock(8), WeightedBlock(8)), seed=4)
+
+
+def test_a_block_that_subtracts_and_scales_branches_is_rebuilt_around_the_merged_conv():
+    model, x = _weighted_net(), _x((2, 3, 8, 8))
+    result = normfold.fold(model, x, reparameterize=True)
+    assert [(m.block, m.into, m.where) for m in result.merged] == [
+        ("1", "1.mixer.large.0", "both"),
+        ("2", "2.mixer.large.0", "both"),
+    ]
+    assert bn_op_count(model, x) == 8
+    assert bn_op_count(result.model, x) == bn_op_count(result.program, x) == 0
+    assert rebuilt_modules(result.model) == {
+        "1": "WeightedBlock rebuilt, runs: mixer.large -> act",
+        "2": "WeightedBlock rebuilt, runs: mixer.large -> act",
+    }
+    block = result.model[1]
+    assert isinstance(block.act, nn.GELU) and isinstance(block.mixer.large, nn.Conv2d)  # the merged conv
+    for gone in (block.norm, block.mixer.skip, block.mixer.small, block.layer_scale):
+        assert isinstance(gone, nn.Identity)  # nothing runs them any more
+    assert sorted(result.model.state_dict()) == [
+        "0.bias", "0.weight", "1.mixer.large.bias", "1.mixer.large.weight", "2.mixer.large.bias",
+        "2.mixer.large.weight",
+    ]  # fmt: skip
+    for candidate in (result.model, exported(result.program)):
+        report = normfold.verify(model, candidate, x)
+        assert report.passed, report.failures()
+
+
+def test_a_rebuilt_weighted_block_loads_back_into_its_class(tmp_path: Path) -> None:
+    model, x = _weighted_net(), _x((2, 3, 8, 8))
+    result = normfold.fold(model, x, reparameterize=True)
+    path = save_folded(result.model, tmp_path / "w.safetensors")
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 1), WeightedBlock(8), WeightedBlock(8))
+    loaded = load_folded(fresh, path)
+    assert rebuilt_modules(loaded) == rebuilt_modules(result.model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))

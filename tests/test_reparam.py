@@ -199,16 +199,14 @@ class RepMixer(nn.Module):
         return x + self.layer_scale * (self.mixer(x) - self.norm(x))
 
 
-def test_fastvit_repmixer_difference_and_layer_scale_merge_in_the_export():
+def test_fastvit_repmixer_difference_and_layer_scale_merge_in_both():
     model = _build(nn.Sequential(nn.Conv2d(3, 8, 1), RepMixer(8), nn.ReLU(), RepMixer(8)), (2, 3, 10, 10))
     x = torch.randn(2, 3, 10, 10)
     result = normfold.reparameterize(model, x)
     assert [m.block for m in result.merged] == ["1", "3"] and result.not_merged == []
-    assert all(m.where == "export" for m in result.merged)
-    assert (
-        result.merged[0].note
-        == "merged in the export only: the block subtracts or scales branches in forward code"
-    )
+    # the blocks' own forward subtracts and scales: the module is rebuilt to run the merged conv
+    assert all(m.where == "both" and m.note is None for m in result.merged)
+    assert type(result.model[1]).__name__ == "Remainder"
     assert result.merged[0].branches == ("identity", "1.mixer.scale.0 (conv 1x1)", "1.mixer.skip (norm)",
                                          "1.mixer.convs.0.0 (conv 3x3)", "1.norm.skip (norm)")  # fmt: skip
     patterns = {f.norm: f.pattern for f in result.folded if f.pattern.startswith("reparam")}
