@@ -1,7 +1,8 @@
 """Report helpers: step timings, library versions and JSON writing for the ``report`` file.
 
-The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict`; this module times
-the steps, wraps it in the envelope every report shares (:class:`RunRecord`: schema version,
+The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict` (plus, for a fold,
+``rebuilt_modules``: the modules rebuilt to lose a norm op, :mod:`normfold.rebuild`); this module
+times the steps, wraps it in the envelope every report shares (:class:`RunRecord`: schema version,
 status, the failing step and message of a failed run, options, seed, start time, versions) and
 writes the JSON (made atomic by :mod:`normfold.files`).
 """
@@ -99,10 +100,25 @@ class RunRecord:
             }
         if self.run is not None:
             out.update(self.run.to_dict())
+            rebuilt = rebuilt_in(self.run)
+            if rebuilt is not None:
+                out["rebuilt_modules"] = rebuilt
         out["timings_s"] = {k: round(v, 4) for k, v in self.steps.timings.items()}
         out["elapsed_s"] = round(time.perf_counter() - self._clock, 4)  # the run, imports aside
         out["versions"] = versions()
         return out
+
+
+def rebuilt_in(run: Any) -> dict[str, str] | None:
+    """Module path -> what it runs, for the modules of a fold run's model that were rebuilt to
+    lose a norm op their ``forward`` ran (:func:`normfold.rebuild.rebuilt_modules`); None for a
+    run without a folded model."""
+    model = getattr(getattr(run, "fold", None), "model", None)
+    if model is None or not hasattr(model, "named_modules"):
+        return None
+    from normfold.rebuild import rebuilt_modules  # torch: only once a run has a model
+
+    return rebuilt_modules(model)
 
 
 def _jsonable(value: Any) -> Any:

@@ -387,3 +387,17 @@ def test_a_rebuilt_weighted_block_loads_back_into_its_class(tmp_path: Path) -> N
     assert rebuilt_modules(loaded) == rebuilt_modules(result.model)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))
+
+
+def test_the_fold_report_lists_the_rebuilt_modules(tmp_path: Path) -> None:
+    import json
+
+    from normfold.pipeline import WriteOptions, fold_and_export
+
+    report = tmp_path / "r.json"
+    fold_and_export(_act_net(), None, inputs=_x((2, 3, 8, 8)), write=WriteOptions(report=report))
+    assert json.loads(report.read_text())["rebuilt_modules"] == {
+        "bn1": "BatchNormAct rebuilt, runs: act",
+        "bn2": "BatchNormAct rebuilt, runs: act",
+        "bn3": "FloorBatchNorm rebuilt, runs: aten.hardtanh.default -> aten.maximum.default",
+    }
