@@ -25,6 +25,7 @@ A :class:`Recipe` is plain data (JSON-able: :meth:`Recipe.to_json`), so a saved 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -90,6 +91,7 @@ class Recipe:
         return f"{self.original} rebuilt, runs: {' -> '.join(parts)}"
 
 
+@functools.cache
 def _aten(name: str) -> torch._ops.OpOverload:
     """``torch.ops.aten.<packet>.<overload>`` by name (``relu.default``): nothing else is reachable."""
     packet, _, overload = name.partition(".")
@@ -104,20 +106,19 @@ def _aten(name: str) -> torch._ops.OpOverload:
 class Remainder(nn.Module):
     """A module whose norm op was folded away: it runs the rest of its ``forward``'s ops (the
     :class:`Recipe`), with the original module's children (under their names) and the parameters
-    and buffers those ops read."""
+    and buffers those ops read. It pickles (ops are held by name) and scripts
+    (``torch.jit.script`` takes :meth:`graph_module`, an ``fx.GraphModule`` of the same steps)."""
 
     def __init__(self, original: nn.Module, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
         for name, child in original.named_children():
             self.add_module(name, child)  # every child: module paths stay what they were
-        self._ops: list[torch._ops.OpOverload | None] = []
         for step in recipe.steps:
             if step.module is not None:
                 self.get_submodule(step.module)  # AttributeError when the module has no such child
-                self._ops.append(None)
                 continue
-            self._ops.append(_aten(step.op or ""))
+            _aten(step.op or "")  # ValueError for a name that is not an ATen op
             for a in [*step.args, *(v for _, v in step.kwargs)]:
                 if isinstance(a, dict) and _ATTR in a:
                     name = a[_ATTR]
@@ -131,8 +132,8 @@ class Remainder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = [x]
-        for step, op in zip(self.recipe.steps, self._ops, strict=True):
-            fn = self.get_submodule(step.module or "") if op is None else op
+        for step in self.recipe.steps:
+            fn = self.get_submodule(step.module) if step.module is not None else _aten(step.op or "")
             args = [self._arg(a, values) for a in step.args]
             values.append(fn(*args, **{k: self._arg(v, values) for k, v in step.kwargs}))
         return values[-1]
@@ -143,6 +144,29 @@ class Remainder(nn.Module):
         if isinstance(a, list):
             return [self._arg(v, values) for v in a]
         return a
+
+    def graph_module(self) -> fx.GraphModule:
+        """The same steps as an ``fx.GraphModule`` sharing this module's children and tensors."""
+        graph = fx.Graph()
+        values: list[fx.Node] = [graph.placeholder("x")]
+
+        def arg(a: Any) -> Any:
+            if isinstance(a, dict):
+                return values[a[_VALUE]] if _VALUE in a else graph.get_attr(a[_ATTR])
+            return [arg(v) for v in a] if isinstance(a, list) else a
+
+        for step in self.recipe.steps:
+            args, kwargs = tuple(arg(a) for a in step.args), {k: arg(v) for k, v in step.kwargs}
+            if step.module is not None:
+                values.append(graph.call_module(step.module, args, kwargs))
+            else:
+                # the op's packet: TorchScript resolves the overload from the arguments, as eager did
+                values.append(graph.call_function(_aten(step.op or "").overloadpacket, args, kwargs))
+        graph.output(values[-1])
+        return fx.GraphModule(self, graph, class_name=self.recipe.original)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return self.graph_module()
 
     def extra_repr(self) -> str:
         return self.recipe.describe()

@@ -401,3 +401,17 @@ def test_the_fold_report_lists_the_rebuilt_modules(tmp_path: Path) -> None:
         "bn2": "BatchNormAct rebuilt, runs: act",
         "bn3": "FloorBatchNorm rebuilt, runs: aten.hardtanh.default -> aten.maximum.default",
     }
+
+
+@pytest.mark.parametrize("net", ["act", "weighted"])
+def test_a_rebuilt_model_pickles_scripts_and_traces(net: str) -> None:
+    import pickle
+
+    model, x = (_act_net(), _x((2, 3, 8, 8))) if net == "act" else (_weighted_net(), _x((2, 3, 8, 8)))
+    folded = normfold.fold(model, x, reparameterize=True).model
+    assert rebuilt_modules(folded), "nothing rebuilt: this test would prove nothing"
+    with torch.no_grad():
+        expected = folded(x)
+        assert torch.equal(pickle.loads(pickle.dumps(folded))(x), expected)
+        assert torch.equal(torch.jit.script(folded)(x), expected)
+        assert torch.equal(torch.jit.trace(folded, (x,))(x), expected)
