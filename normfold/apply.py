@@ -91,12 +91,7 @@ class _Eager:
         self.stat_users: dict[str, set[str]] = {}
         self.calls: CallIndex | None = None  # built on the first module that needs a rebuild
         self.recipes: dict[str, Recipe | str] = {}  # module path -> its rebuild (the last asked)
-        # every folded op -> the node its output becomes once folded (None: only feeds the fold)
-        self.becomes: dict[str, fx.Node | None] = {}
-        for fold in plan.folds:
-            first = self.by_name[fold.unit.nodes[0]]
-            self.becomes.update(dict.fromkeys(fold.unit.nodes))
-            self.becomes[fold.unit.nodes[-1]] = bind(first)[input_arg(first, self.consts)]
+        self.becomes: dict[str, fx.Node | None] = {}  # built with ``calls``
         for unit in [f.unit for f in plan.folds] + [k.unit for k in plan.kept]:
             key = unit.stats.get("running_mean")
             if key:
@@ -212,6 +207,10 @@ class _Eager:
         and nothing outside its calls reads its state (the remainder drops the norm's)."""
         if self.calls is None:
             self.calls = CallIndex(self.capture)
+            for fold in self.plan.folds:  # every folded op -> the node its output becomes (None: dead)
+                first = self.by_name[fold.unit.nodes[0]]
+                self.becomes.update(dict.fromkeys(fold.unit.nodes))
+                self.becomes[fold.unit.nodes[-1]] = bind(first)[input_arg(first, self.consts)]
         becomes = {n: self.becomes[n] for n in removed}
         got = recipe(self.calls, path, module, becomes, self.consts.is_const)
         self.recipes[path] = got
