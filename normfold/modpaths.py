@@ -56,8 +56,11 @@ def _resolve(capture: Capture, path: str) -> str:
         if by_key is None or by_index is None or by_key == by_index:
             child = by_key or by_index
         else:
-            recorded = ".".join([*parts[: i + 2]])
-            child = _by_parameters(capture, recorded, container, (by_key, by_index))
+            recorded = ".".join(parts[: i + 2])
+            votes: dict[str, str | None] = capture.__dict__.setdefault("_slice_votes", {})
+            if recorded not in votes:  # one scan of the graph per recorded block, not per path under it
+                votes[recorded] = _by_parameters(capture, recorded, container, (by_key, by_index))
+            child = votes[recorded]
         if child is None:
             return path
         done.append(child)
