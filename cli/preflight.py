@@ -12,10 +12,11 @@ back in a fraction of a second instead of after a 5-20 s import).
   ``--opset`` is given: ~4 s against torch's ~9 s on a loaded 2-core machine, and an ``.onnx``
   export imports it anyway) and ``--providers`` installed in onnxruntime (~0.6 s).
 
-The loader (:mod:`normfold.load`) decides the same facts again with the same messages when it
-runs: the byte checks here are a torch-free copy of its ``_check_regular_file``/``_sniff``
-(that module imports torch at its top). Everything else (unpickling, shapes, the model's
-forward) is the library's.
+The byte checks (a regular file, the kind from its first bytes or zip entries, the zip bomb
+check) are the loader's own (:mod:`normfold.sniff`, torch-free, as ``import normfold`` is: its
+public API is imported lazily): the loader (:mod:`normfold.load`, :mod:`normfold.tensor_files`)
+runs them again with the same messages. Everything else (unpickling, shapes, the model's forward)
+is the library's.
 """
 
 from __future__ import annotations
@@ -24,19 +25,17 @@ import importlib.machinery
 import importlib.util
 import os
 import re
-import stat
 import sys
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from normfold.errors import LoadError, UsageError, first_line
+from normfold.errors import LoadError, UsageError
 from normfold.options import ExportOptions, LoadOptions, WriteOptions
+from normfold.sniff import check_regular_file, sniff
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 #: the torch.onnx (dynamo) exporter's own opsets start here (normfold.export.MIN_OPSET)
 MIN_OPSET = 18
-_ZIP_MAX_RATIO, _ZIP_MIN_ALLOWANCE = 16, 64 * 2**20  # normfold.load.ZIP_MAX_RATIO / ZIP_MIN_ALLOWANCE
 _SAFE_ALTERNATIVE = (
     "save the weights instead with torch.save(model.state_dict(), 'weights.pt') and pass the "
     "architecture with --model package.module:callable"
@@ -77,8 +76,8 @@ def check_source(source: str, load: LoadOptions) -> None:
             raise UsageError(f"{source} is already a factory spec; --model is only for weights files")
         _check_factory_module(source)
         return
-    _check_regular_file(path, "file (and not a factory spec like package.module:callable)")
-    kind = _sniff(path)
+    check_regular_file(path, "file (and not a factory spec like package.module:callable)")
+    kind = sniff(path)
     if kind == "torchscript":
         raise LoadError(
             f"{path} is a TorchScript archive: it is compiled code (loading it runs that code) with no "
@@ -117,8 +116,8 @@ def _check_factory_module(spec: str) -> None:
 
 def check_tensor_file(path: Path, what: str) -> None:
     """A file of tensors (inputs, calibration batches): regular, not a model, not empty."""
-    _check_regular_file(path, f"{what} file")
-    if _sniff(path) != "other":
+    check_regular_file(path, f"{what} file")
+    if sniff(path) != "other":  # also the zip bomb check
         raise LoadError(f"{path} is not a readable tensor file: it is a model, not torch.save'd tensors")
     if path.stat().st_size == 0:
         raise LoadError(f"{path} is not a readable tensor file: it is empty")
@@ -150,64 +149,3 @@ def check_providers(providers: Sequence[str] | None) -> None:
             )
     if len(set(providers)) != len(providers):
         raise UsageError(f"--providers {','.join(providers)}: a provider is given twice")
-
-
-# A torch-free copy of normfold.load's byte checks ----------------------------------------------------
-_FILE_KINDS = {
-    stat.S_ISDIR: "a directory",
-    stat.S_ISFIFO: "a FIFO (named pipe)",
-    stat.S_ISCHR: "a character device",
-    stat.S_ISBLK: "a block device",
-    stat.S_ISSOCK: "a socket",
-}
-
-
-def _check_regular_file(path: Path, what: str) -> None:
-    """Refuse anything but a regular file, from ``os.stat`` alone (opening a FIFO blocks)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            target = os.readlink(path)
-            raise LoadError(f"{path}: a symbolic link to {target!r}, which does not exist") from None
-        raise LoadError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise LoadError(f"{path}: cannot be read ({e.strerror})") from e
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _FILE_KINDS.items() if test(st.st_mode)), "a special file")
-        raise LoadError(f"{path}: not a file but {kind}; pass a regular file")
-
-
-# field 1 (ir_version, a varint) first, then a length-delimited or varint ModelProto field
-_ONNX_SECOND_FIELD = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}
-
-
-def _sniff(path: Path) -> str:
-    """``onnx``, ``torchscript``, ``exported program`` or ``other``: an ONNX protobuf by its first
-    fields, archives by their zip entries (a zip checked for decompression bombs first)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise LoadError(f"{path}: cannot be read ({e.strerror})") from e
-    onnx = len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_SECOND_FIELD
-    if onnx and head[8:9] != b"{":  # a safetensors header length can start with the same bytes
-        return "onnx"
-    if not head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
-        return "other"
-    try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
-        why = first_line(e)
-        raise LoadError(f"{path} is not a readable zip archive (truncated or corrupt?): {why}") from e
-    allowed = max(_ZIP_MAX_RATIO * size, _ZIP_MIN_ALLOWANCE)
-    if sum(i.file_size for i in infos) > allowed:
-        return "other"  # the loader refuses it with the numbers (normfold.load._check_zip)
-    tails = {n.split("/", 1)[1] if "/" in n else n for n in (i.filename for i in infos)}
-    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
-        return "torchscript"
-    if "archive_format" in tails or any(t.startswith("models/") and t.endswith(".json") for t in tails):
-        return "exported program"
-    return "other"

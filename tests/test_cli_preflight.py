@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -133,8 +135,8 @@ print(json.dumps(out))
 def test_preflight_says_what_the_loader_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, model: str | None
 ) -> None:
-    """The pre-flight copy of the loader's byte checks gives the loader's own message (in the
-    CLI's words) and exit code: the two cannot drift apart unnoticed."""
+    """Pre-flight (the loader's byte checks, run before torch loads) gives the loader's own
+    message (in the CLI's words) and exit code."""
     from normfold.cli.preflight import check_source
 
     from normfold.options import LoadOptions
@@ -146,6 +148,69 @@ def test_preflight_says_what_the_loader_says(
     with pytest.raises(NormfoldError) as loader:
         load_model(source, model=model)
     assert (early.value.exit_code, str(early.value)) == (loader.value.exit_code, cli_words(str(loader.value)))
+
+
+def _zip_bomb(path: Path) -> None:
+    """A zip whose one deflated member declares 80 MiB: over the loader's allowance (16x the file's
+    size, at least 64 MiB), so it is refused before any reader allocates it."""
+    with (
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z,
+        z.open("archive/data.pkl", "w") as f,
+    ):
+        for _ in range(80):
+            f.write(bytes(2**20))
+
+
+class _PastTheByteChecks(BaseException):  # not an Exception: the tensor loader catches those
+    """Raised where the loader stops reading bytes and starts unpickling: what came before passed."""
+
+
+def _verdict(call: Callable[..., object], *args: object, **kwargs: object) -> tuple[int, str] | None:
+    """None when ``call(*args, **kwargs)`` got past the byte checks, else its error's exit code and
+    message (in the CLI's words, as the user reads both)."""
+    try:
+        call(*args, **kwargs)
+    except _PastTheByteChecks:
+        return None
+    except NormfoldError as e:
+        return e.exit_code, cli_words(str(e))
+    return None
+
+
+def test_preflight_and_the_loader_agree_on_every_file_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sample file (each kind the byte checks tell apart: ONNX, TorchScript, torch.export,
+    safetensors, torch.save zip and legacy pickle, empty, truncated, a zip bomb, a folder, a
+    missing file), as a model source and as a tensor file: pre-flight refuses exactly what the
+    loader refuses before unpickling anything, with the same exit code and message, and lets
+    through exactly what the loader reads on. The loader is stopped where its byte checks end."""
+    from normfold.cli.preflight import check_source, check_tensor_file
+
+    from normfold import load, tensor_files
+    from normfold.options import LoadOptions
+
+    _files(tmp_path)
+    torch.save(mlp().state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _zip_bomb(tmp_path / "bomb.pt")
+    monkeypatch.chdir(tmp_path)
+
+    def past(*args: object, **kwargs: object) -> None:
+        raise _PastTheByteChecks
+
+    monkeypatch.setattr(load, "_torch_load", past)
+    monkeypatch.setattr(load, "_load_safetensors", past)
+    monkeypatch.setattr(tensor_files.torch, "load", past)
+    names = [*sorted(p.name for p in tmp_path.iterdir()), "absent.pt"]
+    assert {"model.onnx", "scripted.pt", "program.pt2", "bomb.pt", "legacy.pt", "a_folder"} <= set(names)
+    refused = 0
+    for name in names:
+        early = _verdict(check_source, name, LoadOptions(model=MLP))
+        assert early == _verdict(load_model, name, model=MLP), ("model", name)
+        early_tensors = _verdict(check_tensor_file, Path(name), "inputs")
+        assert early_tensors == _verdict(tensor_files.load_inputs, name), ("inputs", name)
+        refused += (early is not None) + (early_tensors is not None)
+    assert refused >= 12  # the samples are refused for many reasons, not all let through
 
 
 def test_a_valid_source_passes_preflight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
