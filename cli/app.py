@@ -13,7 +13,7 @@ Layout (as onnxslim and polygraphy group theirs):
 * :mod:`normfold.cli.render` (tables, the summary, the result line),
   :mod:`normfold.cli.progress` (phases and a spinner on stderr, on a terminal only),
   :mod:`normfold.cli.errors` (the one place errors become exit codes and one-line messages in
-  the CLI's words).
+  the CLI's words), :mod:`normfold.cli.consoles` (the stdout and stderr consoles they share).
 
 Options are checked before torch is imported (shapes, dtypes, numbers, JSON, output paths, the
 model file's kind), so a usage or file error comes back at once; torch, onnx and onnxruntime are
@@ -42,6 +42,7 @@ from normfold.cli.cmd_write import (
     recalibrate_cmd,
     swap_cmd,
 )
+from normfold.cli.consoles import out_console
 from normfold.cli.errors import (
     DEBUG,
     EXIT_CODES,
@@ -54,7 +55,6 @@ from normfold.cli.errors import (
     what_was_written,
 )
 from normfold.cli.options import given_inputs, load_options
-from normfold.cli.render import out_console
 
 from normfold import __version__
 

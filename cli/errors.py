@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import typer
-from normfold.cli.render import err_console
+from normfold.cli.consoles import err_console
 from rich.text import Text
 
 from normfold.errors import NormfoldError, NotFoldedError, printable

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from normfold.cli.render import err_console
+from normfold.cli.consoles import err_console
 from rich.console import Console
 
 from normfold.errors import printable

@@ -15,7 +15,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from normfold.cli.consoles import out_console
+from normfold.cli.errors import cli_words
 from rich.table import Table
 from rich.text import Text
 
@@ -23,9 +24,6 @@ from normfold.errors import printable
 
 if TYPE_CHECKING:
     from normfold.runs import FoldRun, WriteRun
-
-out_console = Console()
-err_console = Console(stderr=True)
 
 Cell = str | Text
 
@@ -63,8 +61,6 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Cell]]) ->
 def notes(texts: Iterable[str]) -> None:
     """The library's notes (how the model was taken: switched to eval mode, a dtype kept; how
     parity was judged), in the CLI's words like its errors."""
-    from normfold.cli.errors import cli_words  # errors imports this module's consoles
-
     for note in texts:
         line(f"note: {cli_words(note)}")
 

@@ -48,8 +48,6 @@ PENDING_CYCLES = [
     ),
     # the capture (graph) and the module paths it resolves (modpaths) import each other
     frozenset({"normfold.graph", "normfold.modpaths"}),
-    # the CLI's consoles (render) and its error display (errors) import each other
-    frozenset({"normfold.cli.errors", "normfold.cli.render"}),
 ]
 
 
