@@ -1,6 +1,7 @@
 """``normfold fold`` and ``normfold inspect``: each groups its options into the library's option
-objects, checks what can be checked before torch loads, makes one library call
-(:func:`normfold.pipeline.fold_and_export`, :func:`normfold.pipeline.inspect`) and renders it."""
+objects (:func:`normfold.cli.options.grouped`), checks what can be checked before torch loads,
+makes one library call (:func:`normfold.pipeline.fold_and_export`, :func:`normfold.pipeline.inspect`)
+and renders it."""
 
 from __future__ import annotations
 
@@ -34,15 +35,11 @@ from normfold.cli.options import (
     ShapeOpt,
     StaticOpt,
     TrustOpt,
-    export_options,
-    given_inputs,
-    load_options,
-    rule_options,
+    grouped,
 )  # fmt: skip
 from normfold.cli.progress import progress
 
 from normfold.files import MODEL_FORMATS
-from normfold.options import FoldOptions, WriteOptions
 
 FOLD_EXAMPLES = """Examples:
 
@@ -96,17 +93,9 @@ def fold_cmd(
     """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
     started = time.perf_counter()
     with guard():
-        load = load_options(arch, model_args, trust)
-        given = given_inputs(input_shape, input_dtype, inputs)
-        rule = rule_options(rtol, atol, noise_factor, value_range)
-        folding = FoldOptions(reparameterize=reparam, calibrate=calibrate, require_all=require_all)
-        export = export_options(
-            opset=opset, static_batch=static_batch, dynamic=dynamic, input_names=input_names,
-            output_names=output_names, providers=providers,
-        )  # fmt: skip
-        write = WriteOptions(report=report, save_inputs=save_inputs, force=force)
+        opts = grouped(locals())
         preflight.check(
-            model, out, load=load, write=write, export=export,
+            model, out, load=opts.load, write=opts.write, export=opts.export,
             formats={"out": MODEL_FORMATS, "save_inputs": (".pt",)},
             tensor_files={"inputs": inputs, "data": calibrate},
         )  # fmt: skip
@@ -114,8 +103,8 @@ def fold_cmd(
             from normfold import pipeline
 
             run = pipeline.fold_and_export(
-                model, out, inputs=given.spec(), load=load, folding=folding, rule=rule.rule(), export=export,
-                write=write, on_step=on_step,
+                model, out, inputs=opts.given.spec(), load=opts.load, folding=opts.folding,
+                rule=opts.rule.rule(), export=opts.export, write=opts.write, on_step=on_step,
             )  # fmt: skip
         if not quiet:
             render.layers(run)
@@ -144,18 +133,16 @@ def inspect_cmd(
     """Dry run: every norm layer, what it would fold into or why it stays (fold's own decisions,
     on the same inputs). Writes no model."""
     with guard():
-        load = load_options(arch, model_args, trust)
-        given = given_inputs(input_shape, input_dtype, inputs)
-        folding = FoldOptions(reparameterize=reparam, require_all=require_all)
-        export = export_options(static_batch=static_batch, dynamic=dynamic)
-        write = WriteOptions(report=report, force=force)
-        preflight.check(model, None, load=load, write=write, formats={}, tensor_files={"inputs": inputs})
+        opts = grouped(locals())
+        preflight.check(
+            model, None, load=opts.load, write=opts.write, formats={}, tensor_files={"inputs": inputs}
+        )
         with progress("inspect", quiet=quiet) as on_step:
             from normfold import pipeline
 
             run = pipeline.inspect(
-                model, inputs=given.spec(), load=load, folding=folding, export=export, write=write,
-                on_step=on_step,
+                model, inputs=opts.given.spec(), load=opts.load, folding=opts.folding, export=opts.export,
+                write=opts.write, on_step=on_step,
             )  # fmt: skip
         if not quiet:
             render.layers(run)

@@ -1,6 +1,7 @@
 """``normfold recalibrate``, ``drop-bias`` and ``swap``: the commands that write a transformed
-model. Each groups its options into the library's option objects, checks what can be checked
-before torch loads, makes one library call (:func:`normfold.pipeline.recalibrate_and_write`,
+model. Each groups its options into the library's option objects
+(:func:`normfold.cli.options.grouped`), checks what can be checked before torch loads, makes one
+library call (:func:`normfold.pipeline.recalibrate_and_write`,
 :func:`~normfold.pipeline.drop_bias_and_write`, :func:`~normfold.pipeline.swap_and_write`) and
 renders it."""
 
@@ -31,14 +32,11 @@ from normfold.cli.options import (
     StateOutOpt,
     StaticOpt,
     TrustOpt,
-    export_options,
-    given_inputs,
-    load_options,
+    grouped,
 )  # fmt: skip
 from normfold.cli.progress import progress
 
 from normfold.files import ANY_FORMATS, STATE_FORMATS
-from normfold.options import WriteOptions
 
 RECALIBRATE_EXAMPLES = """Examples:
 
@@ -86,14 +84,15 @@ def recalibrate_cmd(
 ) -> None:
     """Replace BatchNorm running statistics by the exact eval-mode statistics on --data; write OUT."""
     with guard():
-        load = load_options(arch, model_args, trust)
-        write = WriteOptions(report=report, force=force)
-        preflight.check(model, out, load=load, write=write, formats={"out": STATE_FORMATS},
+        opts = grouped(locals())
+        preflight.check(model, out, load=opts.load, write=opts.write, formats={"out": STATE_FORMATS},
                         tensor_files={"data": data})  # fmt: skip
         with progress("recalibrate", quiet=quiet) as on_step:
             from normfold import pipeline
 
-            run = pipeline.recalibrate_and_write(model, data, out, load=load, write=write, on_step=on_step)
+            run = pipeline.recalibrate_and_write(
+                model, data, out, load=opts.load, write=opts.write, on_step=on_step
+            )
         if not quiet:
             render.recalibrated(run)
 
@@ -119,21 +118,18 @@ def drop_bias_cmd(
 ) -> None:
     """Remove Conv/Linear biases a BatchNorm makes redundant (outputs unchanged); write OUT."""
     with guard():
-        load = load_options(arch, model_args, trust)
-        given = given_inputs(input_shape, input_dtype, inputs)
-        export = export_options(
-            opset=opset, static_batch=static_batch, dynamic=dynamic, input_names=input_names,
-            output_names=output_names, providers=providers,
+        opts = grouped(locals())
+        preflight.check(
+            model, out, load=opts.load, write=opts.write, export=opts.export, formats={"out": ANY_FORMATS},
+            tensor_files={"inputs": inputs},
         )  # fmt: skip
-        write = WriteOptions(report=report, force=force)
-        preflight.check(model, out, load=load, write=write, export=export, formats={"out": ANY_FORMATS},
-                        tensor_files={"inputs": inputs})  # fmt: skip
         with progress("drop-bias", quiet=quiet) as on_step:
             from normfold import pipeline
 
             run = pipeline.drop_bias_and_write(
-                model, out, inputs=given.spec(), load=load, export=export, write=write, on_step=on_step
-            )
+                model, out, inputs=opts.given.spec(), load=opts.load, export=opts.export, write=opts.write,
+                on_step=on_step,
+            )  # fmt: skip
         if not quiet:
             render.dropped(run)
 
@@ -162,21 +158,17 @@ def swap_cmd(
 ) -> None:
     """Swap BatchNorm for GroupNorm / LayerNorm / frozen BN, or SyncBatchNorm for BatchNorm; write OUT."""
     with guard():
-        load = load_options(arch, model_args, trust)
-        given = given_inputs(input_shape, input_dtype, inputs)
-        export = export_options(
-            opset=opset, static_batch=static_batch, dynamic=dynamic, input_names=input_names,
-            output_names=output_names, providers=providers,
+        opts = grouped(locals())
+        preflight.check(
+            model, out, load=opts.load, write=opts.write, export=opts.export, formats={"out": ANY_FORMATS},
+            tensor_files={"inputs": inputs},
         )  # fmt: skip
-        write = WriteOptions(report=report, force=force)
-        preflight.check(model, out, load=load, write=write, export=export, formats={"out": ANY_FORMATS},
-                        tensor_files={"inputs": inputs})  # fmt: skip
         with progress("swap", quiet=quiet) as on_step:
             from normfold import pipeline
 
             run = pipeline.swap_and_write(
-                model, out, to, num_groups=num_groups, group_size=group_size, inputs=given.spec(), load=load,
-                export=export, write=write, on_step=on_step,
+                model, out, to, num_groups=num_groups, group_size=group_size, inputs=opts.given.spec(),
+                load=opts.load, export=opts.export, write=opts.write, on_step=on_step,
             )  # fmt: skip
         if not quiet:
             render.swapped(run, to)

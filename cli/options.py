@@ -7,22 +7,23 @@ turn their text into the library's option objects (:mod:`normfold.options`: ``Lo
 malformed value with a :class:`~normfold.errors.UsageError` naming the flag, before torch is
 imported. Two objects need torch to be built (an input dtype is a ``torch.dtype``, the parity
 rule lives beside torch code): :class:`GivenInputs` and :class:`RuleOptions` hold the checked
-text and build them once the command imports the library.
+text and build them once the command imports the library. :func:`grouped` makes them all from
+a command's parameters, the one grouping every command uses.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from normfold.errors import UsageError
-from normfold.options import ExportOptions, InputSpec, LoadOptions
+from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
 
 if TYPE_CHECKING:
     from normfold.parity import ParityRule
@@ -318,3 +319,36 @@ def rule_options(
             raise UsageError(f"--value-range {value_range!r}: expected finite LOW,HIGH with LOW < HIGH")
         low_high = (low, high)
     return RuleOptions(rtol, atol, noise_factor, low_high)
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """One command's options in the library's objects; an option the command does not take keeps
+    its default (the library's, or the CLI's for ``--reparam`` and ``--noise-factor``)."""
+
+    load: LoadOptions
+    given: GivenInputs
+    rule: RuleOptions
+    folding: FoldOptions
+    export: ExportOptions
+    write: WriteOptions
+
+
+def grouped(params: Mapping[str, Any]) -> Grouped:
+    """A command's parameters (its ``locals()`` on entry: typer names each after its option,
+    ``arch`` for ``--model``), checked and grouped. The checks run in one order for every command
+    (loading, inputs, the parity rule, export, output files), so the first malformed option is
+    the one reported."""
+    p = params.get
+    load = load_options(p("arch"), p("model_args"), p("trust", False))
+    given = given_inputs(p("input_shape"), p("input_dtype"), p("inputs"))
+    rule = rule_options(p("rtol"), p("atol"), p("noise_factor", 4.0), p("value_range"))
+    folding = FoldOptions(
+        reparameterize=p("reparam", True), calibrate=p("calibrate"), require_all=p("require_all", False)
+    )
+    export = export_options(
+        opset=p("opset"), static_batch=p("static_batch", False), dynamic=p("dynamic"),
+        input_names=p("input_names"), output_names=p("output_names"), providers=p("providers"),
+    )  # fmt: skip
+    write = WriteOptions(report=p("report"), save_inputs=p("save_inputs"), force=p("force", False))
+    return Grouped(load, given, rule, folding, export, write)

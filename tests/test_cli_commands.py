@@ -142,6 +142,46 @@ def test_every_command_makes_one_library_call(
     assert isinstance(kw["load"], LoadOptions) and isinstance(kw["write"], WriteOptions)
 
 
+_LOAD_AND_WRITE = ["--model-args", '{"seed": 3}', "--report", "r.json", "--force", "-q"]
+_INPUTS = ["--input-shape", "x:2,64", "--input-dtype", "float64"]
+_EXPORT = ["--opset", "18", "--input-names", "x", "--output-names", "y",
+           "--providers", "CPUExecutionProvider"]  # fmt: skip
+_AXES = ["--static-batch", "--dynamic", "1=f"]
+
+
+@pytest.mark.parametrize(
+    ("args", "takes"),
+    [
+        (["fold", MLP, "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
+        (["inspect", MLP, *_INPUTS, *_AXES], {"inputs", "axes"}),
+        (["recalibrate", MLP, "--data", "b.pt", "--out", "o.pt"], set()),
+        (["drop-bias", MLP, "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
+        (["swap", MLP, "--to", "group", "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
+    ],
+)  # fmt: skip
+def test_every_command_groups_the_options_it_shares_the_same_way(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
+    args: list[str],
+    takes: set[str],
+) -> None:
+    """The same flags become the same option objects in every command that takes them."""
+    monkeypatch.chdir(tmp_path)
+    torch.save([torch.randn(4, 64)], tmp_path / "b.pt")
+    result = invoke(*args, *_LOAD_AND_WRITE)
+    assert (result.exit_code, result.stderr) == (2, "error: recorded\n")
+    ((_, _, kw),) = calls
+    assert kw["load"] == LoadOptions(model_args={"seed": 3})
+    assert kw["write"] == WriteOptions(report=Path("r.json"), force=True)
+    assert kw.get("inputs") == (InputSpec(shapes={"x": (2, 64)}, dtype=torch.float64) if takes else None)
+    axes = {"static_batch": True, "dynamic_axes": {0: {1: "f"}}}
+    named = {"opset": 18, "input_names": ("x",), "output_names": ("y",)}
+    named["providers"] = ("CPUExecutionProvider",)
+    export = {"export": ExportOptions(**axes, **named), "axes": ExportOptions(**axes)}
+    assert kw.get("export") == next((export[k] for k in takes if k in export), None)
+
+
 # ------------------------------------------------------------------------------------------------
 # progress
 
