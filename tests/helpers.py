@@ -1,12 +1,24 @@
-"""Shared test helpers: realistic BatchNorm statistics and byte-level state comparison."""
+"""Shared test helpers: realistic BatchNorm statistics, byte-level state comparison, and the
+command line run in this process (:func:`invoke`, :func:`ok`) or in a fresh one (:func:`invoke_fresh`)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.reference import _ProgramModule
+
+if TYPE_CHECKING:
+    from typer.testing import Result
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -105,3 +117,66 @@ class Pair(nn.Module):
 
     def forward(self, x):
         return torch.relu(self.norm(self.producer(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+#: wide enough that rich never wraps a table cell or a path
+CLI_ENV = {"COLUMNS": "250"}
+#: what a usage or file error, ``--help`` and ``--version`` must not import
+HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript")
+
+
+def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """``normfold ARGS`` in this process (typer's runner), its output captured."""
+    from normfold.cli.app import app  # here: most users of this module never run the CLI
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=CLI_ENV if env is None else env)
+
+
+def ok(*args: str | Path) -> Result:
+    """``normfold ARGS``, which must exit 0."""
+    result = invoke(*args)
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+@dataclass(frozen=True)
+class FreshRun:
+    """One command of :func:`invoke_fresh`: how it ended, and the :data:`HEAVY` modules loaded
+    in its process once it had (those of the commands before it included)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    heavy: list[str]
+
+
+_FRESH = f"""
+import json, sys
+loaded = lambda: [m for m in {HEAVY!r} if m in sys.modules]
+from normfold.cli.app import app
+on_import = loaded()
+from typer.testing import CliRunner
+runs = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args, env={CLI_ENV!r})
+    runs.append([r.exit_code, r.stdout, r.stderr, loaded()])
+print(json.dumps([on_import, runs]))
+"""
+
+
+def invoke_fresh(
+    commands: Sequence[Sequence[str | Path]], *, cwd: Path | None = None, timeout: float = 300
+) -> tuple[list[str], list[FreshRun]]:
+    """Each command in turn in one fresh Python process (nothing imported by this one): the
+    :data:`HEAVY` modules importing the CLI loaded, and each command's :class:`FreshRun`."""
+    argv = json.dumps([[str(a) for a in args] for args in commands])
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, argv], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr
+    on_import, runs = json.loads(proc.stdout.splitlines()[-1])
+    return on_import, [FreshRun(*run) for run in runs]

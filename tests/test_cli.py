@@ -17,34 +17,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import ZOO_EXPORT_ONLY, ZOO_KEPT_REPARAM, ZOO_SHOWS
-from normfold.cli.app import app
+from helpers import HEAVY, ZOO_EXPORT_ONLY, ZOO_KEPT_REPARAM, ZOO_SHOWS, invoke, invoke_fresh, ok
 from normfold.models import ZOO, example_inputs, mlp, resnet
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 import normfold
 
 NAMES = sorted(ZOO)
 RESNET = "normfold.models:resnet"
-ENV = {"COLUMNS": "250"}  # wide enough that rich never wraps a table cell or a path
-HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript")
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def ok(*args: str | Path) -> Result:
-    result = invoke(*args)
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def listing(folder: Path) -> list[str]:
@@ -108,22 +95,11 @@ def test_help_lists_commands_and_exit_codes() -> None:
 
 
 def test_cli_import_and_help_do_not_import_torch() -> None:
-    code = f"""
-import sys
-import normfold.cli.app as cli
-heavy = {HEAVY!r}
-assert not [m for m in heavy if m in sys.modules], ("import", [m for m in heavy if m in sys.modules])
-from typer.testing import CliRunner
-for args in (["--help"], ["--version"], ["fold", "--help"], ["inspect", "--help"]):
-    r = CliRunner().invoke(cli.app, args)
-    assert r.exit_code == 0, (args, r.output)
-    loaded = [m for m in heavy if m in sys.modules]
-    assert not loaded, (args, loaded)
-print("light")
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "light"
+    commands = (["--help"], ["--version"], ["fold", "--help"], ["inspect", "--help"])
+    on_import, runs = invoke_fresh(commands, timeout=120)
+    assert on_import == []
+    for args, run in zip(commands, runs, strict=True):
+        assert (run.exit_code, run.heavy) == (0, []), (args, run.stdout, run.stderr)
 
 
 def test_entry_point_help_importtime_has_no_heavy_modules() -> None:
@@ -985,30 +961,21 @@ def test_shape_and_dynamic_errors_name_the_fix(tmp_path: Path, args: list[str], 
 def test_usage_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
     """A typo is answered at once: the options are checked before torch (or onnx) is imported."""
     (tmp_path / "exists.onnx").write_bytes(b"x")
-    code = f"""
-import sys
-from typer.testing import CliRunner
-import normfold.cli.app as cli
-cases = [["fold", "m.pt", "--out", "o.onnx", "--input-shape", "1,,3"],
-         ["fold", "m.pt", "--out", "o.onnx", "--value-range", "5,1"],
-         ["fold", "m.pt", "--out", "o.onnx", "--model-args", "{{x"],
-         ["fold", "m.pt", "--out", "o.onx"],
-         ["fold", "m.pt", "--out", {str(tmp_path / "exists.onnx")!r}],
-         ["inspect", "m.pt", "--dynamic", "x"]]
-for args in cases:
-    r = CliRunner().invoke(cli.app, args)
-    assert r.exit_code == 2, (args, r.output)
-    loaded = [m for m in {HEAVY!r} if m in sys.modules]
-    assert not loaded, (args, loaded)
-print("light")
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "light"
+    commands = [
+        ["fold", "m.pt", "--out", "o.onnx", "--input-shape", "1,,3"],
+        ["fold", "m.pt", "--out", "o.onnx", "--value-range", "5,1"],
+        ["fold", "m.pt", "--out", "o.onnx", "--model-args", "{x"],
+        ["fold", "m.pt", "--out", "o.onx"],
+        ["fold", "m.pt", "--out", tmp_path / "exists.onnx"],
+        ["inspect", "m.pt", "--dynamic", "x"],
+    ]
+    _, runs = invoke_fresh(commands, timeout=120)
+    for args, run in zip(commands, runs, strict=True):
+        assert (run.exit_code, run.heavy) == (2, []), (args, run.stdout, run.stderr)
 
 
 def test_piped_output_at_80_columns_never_splits_a_cell() -> None:
-    result = CliRunner().invoke(app, ["inspect", "normfold.models:mixed"], env={"COLUMNS": "80"})
+    result = invoke("inspect", "normfold.models:mixed", env={"COLUMNS": "80"})
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     rows = [ln for ln in lines if ln.split(" | ")[0] in MIXED_REASONS]

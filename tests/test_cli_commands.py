@@ -19,28 +19,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from normfold.cli.app import app
+from helpers import invoke, ok
 from normfold.models import mlp, resnet
 from rich.console import Console
-from typer.testing import CliRunner, Result
 
 import normfold
 from normfold.errors import UsageError
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
 
 RESNET, MLP = "normfold.models:resnet", "normfold.models:mlp"
-ENV = {"COLUMNS": "250"}
 COMMANDS = ("fold", "inspect", "recalibrate", "drop-bias", "swap")
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def ok(*args: str | Path) -> Result:
-    result = invoke(*args)
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def run_ort(path: Path, *xs: torch.Tensor) -> list[Any]:

@@ -6,10 +6,7 @@ user as the CLI option that sets it."""
 from __future__ import annotations
 
 import ast
-import json
 import re
-import subprocess
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -18,6 +15,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from helpers import invoke_fresh
 from normfold.cli.errors import FIELD_FLAGS, KEYWORD_FLAGS, cli_words
 from normfold.models import mlp
 from onnx import TensorProto, helper
@@ -102,27 +100,14 @@ def test_file_and_usage_errors_come_before_torch_is_imported(tmp_path: Path) -> 
     written."""
     _files(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    code = f"""
-import json, sys
-from typer.testing import CliRunner
-from normfold.cli.app import app
-out, allowed = [], set()
-for args, _, _, needs in {[(c[0], c[1], c[2], list(c[3])) for c in CASES]!r}:
-    allowed |= set(needs)  # a module imported stays imported for the cases after it
-    r = CliRunner().invoke(app, args, env={{"COLUMNS": "250"}})
-    heavy = [m for m in ("torch", "onnx", "onnxruntime", "onnxscript") if m in sys.modules]
-    heavy = [m for m in heavy if m not in allowed]
-    out.append([r.exit_code, r.stderr, r.stdout, heavy])
-print(json.dumps(out))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    for (args, exit_code, message, _), (got, stderr, stdout, heavy) in zip(
-        CASES, json.loads(proc.stdout), strict=True
-    ):
-        assert (got, heavy, stdout) == (exit_code, [], ""), (args, got, stderr, heavy)
-        assert stderr.startswith(f"error: {message}") and stderr.count("\n") == 1, (args, stderr)
+    on_import, runs = invoke_fresh([args for args, *_ in CASES], cwd=tmp_path)
+    assert on_import == []
+    allowed: set[str] = set()
+    for (args, exit_code, message, needs), run in zip(CASES, runs, strict=True):
+        allowed |= set(needs)  # a module imported stays imported for the cases after it
+        heavy = [m for m in run.heavy if m not in allowed]
+        assert (run.exit_code, heavy, run.stdout) == (exit_code, [], ""), (args, run.stderr, heavy)
+        assert run.stderr.startswith(f"error: {message}") and run.stderr.count("\n") == 1, (args, run.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
