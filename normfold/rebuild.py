@@ -18,6 +18,10 @@ module (a module called twice) must leave the same steps. Anything else (several
 symbolic shapes, several outputs, an in-place op that would now write to ``x`` while another op
 reads it) is not rebuilt, and :mod:`normfold.apply` keeps its earlier treatment, with the reason.
 
+The same replacement serves a block whose own ``forward`` subtracts or scales the branches a merge
+takes into one conv (FastViT's RepMixer: ``x + gamma * (mixer(x) - norm(x))``,
+:mod:`normfold.reparam_eager`): its steps call the merged conv's module instead of the sum.
+
 A :class:`Recipe` is plain data (JSON-able: :meth:`Recipe.to_json`), so a saved folded model
 (:mod:`normfold.roundtrip`) is rebuilt without code: ATen ops are looked up by name in
 ``torch.ops.aten`` only.
