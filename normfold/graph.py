@@ -62,6 +62,10 @@ class Capture:
     #: module path -> the first path of the same module object (a module registered twice)
     aliases: dict[str, str] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)  # every parameter, buffer and constant name
+    #: facts derived from the graph, built once per capture (:attr:`consts`, the engine's view);
+    #: a capture is read-only once planned: :func:`normfold.apply_program.apply_program`, which
+    #: edits its graph, is its last reader
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, program: ExportedProgram) -> Capture:
@@ -77,6 +81,13 @@ class Capture:
     @property
     def graph(self) -> fx.Graph:
         return self.program.graph
+
+    @property
+    def consts(self) -> Constants:
+        """The capture's :class:`Constants`, built on first use."""
+        if "consts" not in self.derived:
+            self.derived["consts"] = Constants(self)
+        return self.derived["consts"]
 
     def value(self, fqn: str) -> torch.Tensor:
         """The current tensor behind a parameter, buffer or constant name."""

@@ -43,19 +43,11 @@ import torch
 from torch import fx
 
 from normfold import rules
-from normfold.graph import Capture, Constants, bind, owner, shape, tensor_meta
-from normfold.plan import (
-    Fold,
-    Keep,
-    Plan,
-    Unit,
-    _chain_input,
-    _Fail,
-    _shape_only,
-    check_layer,
-    describe,
-    new_bias_name,
-)
+from normfold.engine.context import Refused
+from normfold.engine.records import Fold, Keep, Plan, Unit, new_bias_name
+from normfold.engine.rules.checks import check_layer
+from normfold.engine.torch_view import TorchView, describe
+from normfold.graph import Capture, bind, owner, shape, tensor_meta
 from normfold.reparam_eager import MergedBranch  # noqa: F401  (public as normfold.reparam.MergedBranch)
 from normfold.reparam_values import merged_values
 
@@ -137,11 +129,10 @@ def plan_merges(
 class _Merger:
     def __init__(self, capture: Capture, plan: Plan, folds: Sequence[Fold]) -> None:
         self.capture, self.plan, self.folds = capture, plan, folds
-        self.consts = Constants(capture)
-        by_name = {n.name: n for n in capture.graph.nodes}
-        self.removed = {
-            by_name[n]: _chain_input(by_name[n], self.consts) for f in folds for n in f.unit.nodes
-        }
+        self.view = view = TorchView.of(capture)
+        self.consts = view.consts
+        by_name = view.by_name
+        self.removed = {by_name[n]: view.norm_input(by_name[n]) for f in folds for n in f.unit.nodes}
         self.kept: dict[fx.Node, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
         self.by_name = by_name
 
@@ -153,11 +144,8 @@ class _Merger:
     def users(self, node: fx.Node) -> list[fx.Node]:
         """Users seen through folded ops; shape reads do not count."""
         out: list[fx.Node] = []
-        for u in node.users:
-            if u in self.removed:
-                out.extend(self.users(u))
-            elif not _shape_only(u, node):
-                out.append(u)
+        for u in self.view.users(node):
+            out.extend(self.users(u) if u in self.removed else [u])
         return out
 
     def run(self) -> tuple[list[Merge], list[Unmerged]]:
@@ -176,7 +164,7 @@ class _Merger:
             module = self.capture.canonical(owner(node)[1])
             try:
                 merges.append(self._merge(adds, weighted, source, module, scales))
-            except _Fail as fail:
+            except Refused as fail:
                 logger.debug("block at %s stays: %s", node.name, fail.reason)
                 unmerged.append(Unmerged(tuple(a.name for a in adds), module, fail.code, fail.reason))
         return merges[::-1], unmerged[::-1]
@@ -232,7 +220,7 @@ class _Merger:
         if keep is None or keep.map is None or self.users(leaf) != [user]:
             return None
         s, t, axis = keep.map
-        inner = self.resolve(_chain_input(self._first(keep), self.consts))
+        inner = self.resolve(self.view.norm_input(self._first(keep)))
         if bool((t != 0).any()) or axis not in (None, 1) or self._summands(inner) is None:
             return None
         if self.users(inner) != [self._first(keep)]:
@@ -259,7 +247,7 @@ class _Merger:
         that conv's input); None for any other op."""
         keep = self.kept.get(leaf)
         if keep is not None:
-            leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            leaf = self.resolve(self.view.norm_input(self._first(keep)))
             layer = rules.read_layer(leaf)
             if leaf is not source and layer is not None:
                 return self.resolve(layer.input) if layer.kind == "conv" else None
@@ -284,7 +272,7 @@ class _Merger:
     ) -> Merge:
         leaves = [leaf for leaf, _ in weighted]
         if len(set(leaves)) != len(leaves):
-            raise _Fail(
+            raise Refused(
                 "repeated_branch", f"the same branch is added twice in the sum at {describe(adds[0])}"
             )
         channels = shape(adds[0])[1]
@@ -306,7 +294,7 @@ class _Merger:
             return Branch("identity", (), (1,) * nd, (1,) * nd, (0,) * nd, None)
         outside = [u for u in self.users(leaf) if u not in adds]
         if outside:
-            raise _Fail(
+            raise Refused(
                 "multiple_users",
                 f"{describe(leaf)} output is also used outside the sum, by {describe(outside[0])}",
             )
@@ -318,21 +306,21 @@ class _Merger:
         if keep is not None:
             scale, shift = self._norm_map(keep, leaf)
             nodes, unit = keep.unit.nodes, keep.unit
-            leaf = self.resolve(_chain_input(self._first(keep), self.consts))
+            leaf = self.resolve(self.view.norm_input(self._first(keep)))
             if leaf is not source and rules.read_layer(leaf) is not None:
-                raise _Fail(keep.code, f"{keep.unit.name} stays on its conv branch: {keep.reason}")
+                raise Refused(keep.code, f"{keep.unit.name} stays on its conv branch: {keep.reason}")
             if leaf is source:
                 nd = len(shape(source)) - 2
                 return Branch(
                     "norm", nodes, (1,) * nd, (1,) * nd, (0,) * nd, None, scale=scale, shift=shift, unit=unit
                 )
             if len(self.users(leaf)) != 1:
-                raise _Fail("multiple_users", f"{describe(leaf)} output is also used outside the sum")
+                raise Refused("multiple_users", f"{describe(leaf)} output is also used outside the sum")
         return _pool_branch(leaf, nodes, scale, shift, unit)
 
     def _conv_branch(self, layer: rules.Layer) -> Branch:
         what = describe(layer.node)
-        check_layer(self.capture, layer, "merging its block")
+        check_layer(self.view, layer, "merging its block")
         args = bind(layer.node)
         kernel = tuple(shape(layer.weight)[2:])
         nd = len(kernel)
@@ -349,11 +337,11 @@ class _Merger:
 
     def _norm_map(self, keep: Keep, leaf: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
         if keep.map is None:
-            raise _Fail(keep.code, f"{keep.unit.name} is no per-channel map: {keep.reason}")
+            raise Refused(keep.code, f"{keep.unit.name} is no per-channel map: {keep.reason}")
         s, t, axis = keep.map
         channels = shape(leaf)[1]
         if axis not in (None, 1):
-            raise _Fail("wrong_axis", f"{keep.unit.name} scales axis {axis}, not the channel axis 1")
+            raise Refused("wrong_axis", f"{keep.unit.name} scales axis {axis}, not the channel axis 1")
         return s.reshape(-1).expand(channels).clone(), t.reshape(-1).expand(channels).clone()
 
 
@@ -378,9 +366,9 @@ def _pool_branch(
     padding = _ints(args.get("padding", 0), nd)
     what = describe(pool)
     if args.get("ceil_mode") or args.get("divisor_override") is not None:
-        raise _Fail("reparam_pool", f"{what} uses ceil_mode or divisor_override: not a fixed kernel")
+        raise Refused("reparam_pool", f"{what} uses ceil_mode or divisor_override: not a fixed kernel")
     if any(padding) and not args.get("count_include_pad", True):
-        raise _Fail(
+        raise Refused(
             "reparam_padding", f"{what} leaves its zero padding out of the divisor: not a fixed kernel"
         )
     return Branch(
@@ -402,7 +390,7 @@ def _target(convs: list[Branch], branches: list[Branch]) -> Branch:
         if all(all(k <= K for k, K in zip(b.kernel, conv.kernel, strict=True)) for b in branches):
             return conv
     sizes = ", ".join(b.label() for b in branches)
-    raise _Fail("reparam_kernel", f"no conv kernel of the sum covers all the others ({sizes})")
+    raise Refused("reparam_kernel", f"no conv kernel of the sum covers all the others ({sizes})")
 
 
 def _check_geometry(
@@ -412,29 +400,29 @@ def _check_geometry(
     for b in branches:
         what = b.label()
         if b.kind == "conv" and b.groups != target.groups:
-            raise _Fail(
+            raise Refused(
                 "reparam_groups", f"{what} has groups={b.groups}, {target.label()} groups={target.groups}"
             )
         if b.stride != target.stride:
-            raise _Fail(
+            raise Refused(
                 "reparam_stride", f"{what} has stride {b.stride}, {target.label()} stride {target.stride}"
             )
         dilation = target.dilation if b.dilation is None else b.dilation
         if dilation != target.dilation and b.kernel != (1,) * len(b.kernel):
-            raise _Fail(
+            raise Refused(
                 "reparam_dilation", f"{what} has dilation {dilation}, {target.label()} {target.dilation}"
             )
         for k, p, K, P, d in zip(
             b.kernel, b.padding, target.kernel, target.padding, target.dilation, strict=True
         ):
             if (K - k) % 2 or p != P - d * (K - k) // 2:
-                raise _Fail(
+                raise Refused(
                     "reparam_padding",
                     f"{what} (padding {b.padding}) and {target.label()} (padding {target.padding}) do "
                     "not see the same windows: centred in one kernel, they would read different inputs",
                 )
         if b.kind != "conv" and x_shape[1] != y_shape[1]:
-            raise _Fail(
+            raise Refused(
                 "reparam_channels",
                 f"the {b.kind} branch needs as many output channels as input ({x_shape[1]} -> {y_shape[1]})",
             )
@@ -455,6 +443,6 @@ def _conv_padding(
     if padding == "same":
         total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
         if any(t % 2 for t in total):
-            raise _Fail("reparam_padding", f"{what} pads 'same' unevenly (kernel {kernel})")
+            raise Refused("reparam_padding", f"{what} pads 'same' unevenly (kernel {kernel})")
         return tuple(t // 2 for t in total)
     return _ints(padding, len(kernel))

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from normfold.engine.context import Refused
+from normfold.engine.records import Fold, Plan, new_bias_name
 from normfold.graph import Capture
-from normfold.plan import Fold, Plan, _Fail, new_bias_name
 
 if TYPE_CHECKING:
     from normfold.reparam import Branch
@@ -58,7 +59,7 @@ def merged_values(
         if value.is_floating_point() and not bool(value.isfinite().all()):
             dtype, largest = str(value.dtype).removeprefix("torch."), float(exact.abs().max())
             limit = torch.finfo(value.dtype).max
-            raise _Fail(
+            raise Refused(
                 "overflow",
                 f"the merged {name} does not fit in {dtype} (largest finite {limit:.4g}, merged value "
                 f"{largest:.4g}): merging the block would make it inf",

@@ -27,39 +27,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from normfold.engine.view import LayerRef as Layer
 from normfold.graph import bind, tensor_meta
 
 aten = torch.ops.aten
 
 
 # --- layers ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A Conv/ConvTranspose/Linear op as the planner sees it."""
-
-    node: fx.Node
-    kind: str  # "conv", "conv_transpose" or "linear"
-    input: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-    groups: int
-    kernel_dims: int  # spatial dims of the kernel (0 for linear)
-    zero_padding: bool  # padding with zeros on some side (forward folds are inexact then)
-    #: matmul weights are ``(in, out)``, read directly or through ``t(W)`` (``via``)
-    in_out: bool = False
-    via: fx.Node | None = None
-    inner: fx.Node | None = None  # the matmul of a ``matmul + bias`` layer
-
-    @property
-    def channel_axis(self) -> int:
-        """Axis of the input/output channels, counted from the end (batched or not)."""
-        return -(self.kernel_dims + 1)
-
-    @property
-    def transposed(self) -> bool:
-        return self.kind == "conv_transpose"
 
 
 def _padded(padding: Any, weight: fx.Node) -> bool:

@@ -2,7 +2,8 @@
 
 A fold moves a norm's map ``y = s * x + t`` across the ops between the layer and the norm. Most of
 them are linear in ``x`` (layout ops, averages: :mod:`normfold.rules`), so any ``s`` passes. An
-op that compares elements (max pooling, ``amax``; kind ``"max"`` in :data:`normfold.rules.THROUGH`)
+op that compares elements (max pooling, ``amax``; a :class:`~normfold.engine.view.ThroughRef` of
+kind ``"max"``)
 commutes only with an increasing map::
 
     max(s * x + t) = s * max(x) + t      for s > 0
@@ -19,23 +20,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import fx
 
-from normfold import rules
+from normfold.engine.view import GraphView, Node
 
-#: kinds of :data:`normfold.rules.THROUGH` ops that commute with increasing maps only
+#: kinds of pass-through ops that commute with increasing maps only
 ORDER_DEPENDENT = frozenset({"max"})
 
 
-def order_dependent(path: Iterable[fx.Node]) -> list[fx.Node]:
+def order_dependent(view: GraphView, path: Iterable[Node]) -> list[Node]:
     """The ops of ``path`` that compare elements (a negative scale does not pass them)."""
-    return [n for n in path if (t := rules.through_of(n)) is not None and t.kind in ORDER_DEPENDENT]
+    return [n for n in path if (t := view.through(n)) is not None and t.kind in ORDER_DEPENDENT]
 
 
-def blocking(path: Iterable[fx.Node], scale: torch.Tensor) -> tuple[fx.Node, int] | None:
+def blocking(view: GraphView, path: Iterable[Node], scale: torch.Tensor) -> tuple[Node, int] | None:
     """``(first order-dependent op of path, number of non-positive factors)`` when ``scale`` (any
     shape: a scalar or one value per channel) cannot cross ``path``, else None."""
-    ops = order_dependent(path)
+    ops = order_dependent(view, path)
     if not ops:
         return None
     bad = int((~(scale > 0)).sum())  # NaN counts as not positive
