@@ -192,9 +192,12 @@ class _Eager:
         reader = self._outside_reader(path, removed)
         if reader is None and self._ops_within(path) <= removed:
             return path, "identity"
-        # only the module holding the norm's statistics: a block whose forward code holds an affine
-        # op stays whole (its forward may branch on shapes a recipe would fix)
-        if unit.kind == "batch_norm" and self._rebuildable(path, module, removed):
+        # a BatchNorm's module, or a module whose own code runs nothing but the folded arithmetic
+        # (a hand-written frozen norm with an activation child): a block whose forward code holds
+        # other ops besides a folded affine op stays whole (it may branch on shapes a recipe fixes)
+        if self._rebuildable(path, module, removed) and (
+            unit.kind == "batch_norm" or self._children_only(path)
+        ):
             return path, "rebuild"
         if reader is not None:
             return None, f"{reader} reads {path}'s state outside the norm"
@@ -218,6 +221,11 @@ class _Eager:
             return False
         mine = {n.name for key in self.calls.calls.get(path, []) for n in self.calls.nodes[key]}
         return self._outside_reader(path, removed | mine) is None
+
+    def _children_only(self, path: str) -> bool:
+        """The rebuilt module's steps only call its children: its own code ran only folded ops."""
+        got = self.recipes.get(path)
+        return isinstance(got, Recipe) and all(s.module is not None for s in got.steps)
 
     def _within(self, table: dict[str, T], path: str) -> list[T]:
         """The entries of ``path`` and of every submodule under it: an ``nn.Identity`` in its place

@@ -415,3 +415,54 @@ def test_a_rebuilt_model_pickles_scripts_and_traces(net: str) -> None:
         assert torch.equal(pickle.loads(pickle.dumps(folded))(x), expected)
         assert torch.equal(torch.jit.script(folded)(x), expected)
         assert torch.equal(torch.jit.trace(folded, (x,))(x), expected)
+
+
+class FrozenNormAct(nn.Module):
+    """timm's ``FrozenBatchNormAct2d`` in small: buffers, the map written in ``forward``, then
+    its activation child (not a ``_BatchNorm``: the plan sees affine arithmetic)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.register_buffer("weight", torch.rand(c, generator=g) + 0.5)
+        self.register_buffer("bias", torch.randn(c, generator=g) * 0.3)
+        self.register_buffer("running_mean", torch.randn(c, generator=g) + 0.5)
+        self.register_buffer("running_var", torch.rand(c, generator=g) * 2 + 0.2)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return self.act(x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+
+
+class ScaledBlock(nn.Module):
+    """A block whose own forward runs more than the folded layer scale: it stays whole."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.3, 0.9, c).view(1, c, 1, 1))
+
+    def forward(self, x):
+        return x + self.conv(x) * self.gamma
+
+
+def _affine_ops(module_or_program: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> int:
+    program = module_or_program
+    if isinstance(program, nn.Module):
+        program = torch.export.export(program, (x,), strict=False)
+    ops = {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
+    return sum(n.target in ops and not n.name.startswith("_") for n in program.graph.nodes)
+
+
+def test_a_hand_written_norm_module_with_an_activation_child_is_rebuilt_a_block_is_not():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), FrozenNormAct(6), ScaledBlock(6)).eval()
+    x = _x((2, 3, 8, 8))
+    result = normfold.fold(model, x, reparameterize=False)
+    assert {f.norm: f.where for f in result.folded} == {"1:mul_2": "both", "2:mul_3": "export"}
+    assert rebuilt_modules(result.model) == {"1": "FrozenNormAct rebuilt, runs: act"}
+    assert set(result.model.state_dict()) == {"0.weight", "0.bias", "2.conv.weight", "2.conv.bias", "2.gamma"}
+    # the block's layer scale is folded in the export only: the eager module runs one mul more
+    assert _affine_ops(result.model, x) == _affine_ops(result.program, x) + 1 == 2
+    assert normfold.verify(model, result.model, x).passed
