@@ -780,9 +780,13 @@ def build(spec: ModelSpec) -> Built:
     drops: dict[str, str] = {}
     if dtype in (torch.float16, torch.bfloat16):
         # a fold whose new values do not fit the dtype is refused (code overflow), and then
-        # drop_redundant_biases keeps the bias as well
+        # drop_redundant_biases keeps the bias as well; so is one the gate measured beyond the
+        # parity rule (overflow, or cancellation: a large mean folded into a narrow dtype, whose
+        # folded layer leaves the dtype's range or loses the difference; test_fuzz asserts the
+        # reason is that measurement, and seed 647855096 pinned one)
         expect = {
-            k: Expect("fold", frozenset({"overflow"})) if e.status == "fold" else e for k, e in expect.items()
+            k: Expect("fold", frozenset({"overflow", "cancellation"})) if e.status == "fold" else e
+            for k, e in expect.items()
         }
     else:
         for i, b in enumerate(spec.blocks):
