@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.apply_program import _BARE_MATMULS, apply_program
 from normfold.graph import Capture, Constants, bind, ops_by_module, shape
-from normfold.plan import Fold, Plan, RowBlocks, input_arg
+from normfold.plan import Fold, Plan, RowBlocks
 from normfold.probe import isolated_rng, probe_input
 from normfold.rebuild import CallIndex, Recipe, Remainder, recipe
 
@@ -211,9 +211,8 @@ class _Eager:
         if self.calls is None:
             self.calls = CallIndex(self.capture)
             for fold in self.plan.folds:  # every folded op -> the node its output becomes (None: dead)
-                first = self.by_name[fold.unit.nodes[0]]
                 self.becomes.update(dict.fromkeys(fold.unit.nodes))
-                self.becomes[fold.unit.nodes[-1]] = bind(first)[input_arg(first, self.consts)]
+                self.becomes[fold.unit.nodes[-1]] = self.by_name[fold.unit.input]
         becomes = {n: self.becomes[n] for n in removed}
         got = recipe(self.calls, path, module, becomes, self.consts.is_const)
         self.recipes[path] = got

@@ -22,8 +22,8 @@ from torch.export.graph_signature import (
     TensorArgument,
 )
 
-from normfold.graph import Capture, Constants, bind, quiet_exporter, set_arg
-from normfold.plan import Plan, input_arg, new_bias_name
+from normfold.graph import Capture, quiet_exporter, set_arg
+from normfold.plan import Plan, new_bias_name
 from normfold.reparam import Merge
 
 
@@ -36,13 +36,15 @@ def apply_program(
     program = capture.program
     gm = program.graph_module
     graph = gm.graph
-    consts = Constants(capture)
     by_name = {n.name: n for n in graph.nodes}
-    roles = {name: input_arg(by_name[name], consts) for f in plan.folds for name in f.unit.nodes}
-    for fold in plan.folds:
+    becomes: dict[str, fx.Node] = {}  # a folded unit's output -> the node that replaced it
+    for fold in plan.folds:  # each unit is bypassed: its users read the node it transforms
         nodes = [by_name[n] for n in fold.unit.nodes]
-        x = bind(nodes[0])[roles[nodes[0].name]]
+        x = by_name[fold.unit.input]
+        while x.name in becomes:  # its input was itself a folded unit
+            x = becomes[x.name]
         nodes[-1].replace_all_uses_with(x)
+        becomes[nodes[-1].name] = x
         for node in reversed(nodes):
             graph.erase_node(node)
     for merge in merges:
@@ -52,7 +54,9 @@ def apply_program(
     specs = list(program.graph_signature.input_specs)
     state = dict(program.state_dict)
     slot: tuple[int, fx.Node] | None = None  # new biases go after the last parameter, in order
-    biasless = [(u.layer, u.weight) for f in plan.folds for u in f.updates if u.bias is None]
+    biasless = [  # a replaced weight alone makes no bias
+        (u.layer, u.weight) for f in plan.folds for u in f.updates if u.bias is None and u.side != "replace"
+    ]
     biasless += [(m.target.layer or "", m.target.weight or "") for m in merges if m.new_bias]
     for layer, weight in biasless:
         if new_bias_name(capture, weight) not in state:

@@ -132,7 +132,8 @@ class _Merger:
         self.view = view = TorchView.of(capture)
         self.consts = view.consts
         by_name = view.by_name
-        self.removed = {by_name[n]: view.norm_input(by_name[n]) for f in folds for n in f.unit.nodes}
+        # every op of a folded unit stands for the unit's input
+        self.removed = {by_name[n]: by_name[f.unit.input] for f in folds for n in f.unit.nodes}
         self.kept: dict[fx.Node, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
         self.by_name = by_name
 

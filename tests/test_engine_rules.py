@@ -10,7 +10,14 @@ from torch import nn
 from normfold.engine import planner
 from normfold.engine.context import Candidate, Context, Refused
 from normfold.engine.norms import candidates
-from normfold.engine.rules import RULES, ConcatThenNorm, LayerThenNorm, NormThenLayers, SumThenNorm
+from normfold.engine.rules import (
+    RULES,
+    ConcatThenNorm,
+    ConstantWeight,
+    LayerThenNorm,
+    NormThenLayers,
+    SumThenNorm,
+)
 from normfold.engine.torch_view import TorchView
 from normfold.graph import CaptureOptions, capture
 
@@ -283,3 +290,74 @@ def test_the_table_order_is_the_priority_and_a_missing_rule_is_a_code() -> None:
     kept = planner.plan(TorchView(cap), cap, rules=without).kept
     assert [(k.unit.name, k.code) for k in kept] == [("bn", "no_rule")]
     assert planner.plan(TorchView(cap), cap, rules=[*without, ConcatThenNorm()]).kept == []
+
+
+# --- ConstantWeight -------------------------------------------------------------------------------
+
+
+class StdConv(nn.Conv2d):
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (with ``gain``): the weight standardized per
+    output channel in every forward."""
+
+    def __init__(self, c_in: int, c_out: int, *, gain: bool = False) -> None:
+        super().__init__(c_in, c_out, 3)
+        self.gain = nn.Parameter(torch.rand(c_out) + 0.5) if gain else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, weight=self.gain, training=True,
+            momentum=0.0, eps=1e-6,
+        ).reshape_as(self.weight)  # fmt: skip
+        return torch.nn.functional.conv2d(x, w, self.bias)
+
+
+@pytest.mark.parametrize("gain", [False, True], ids=["std", "scaled_std"])
+def test_constant_weight_computes_a_standardized_weight_once(gain: bool) -> None:
+    model = Seq(StdConv(3, 6, gain=gain), _bn(6, 7))
+    ctx, cands = _setup(model)
+    std = next(c for c in cands if c.constant)
+    rule = ConstantWeight()
+    m = rule.match(ctx, std)
+    assert m is not None and rule.check(ctx, m) is None
+    fold = rule.plan(ctx, m)
+    (u,) = fold.updates
+    w = model.body[0].weight.detach().double().reshape(6, -1)
+    expected = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + 1e-6)
+    if gain:
+        expected = expected * model.body[0].gain.detach().double()[:, None]
+    assert (fold.pattern, u.side, u.weight, fold.unit.input) == ("weight_std", "replace", "body.0.weight",
+                                                                 "p_body_0_weight")  # fmt: skip
+    torch.testing.assert_close(u.value, expected.reshape(u.value.shape), rtol=1e-9, atol=1e-12)
+    # no other rule takes it, and with it the norm after the conv folds too: no batch norm is left
+    assert all(r.match(ctx, std) is None for r in RULES if not isinstance(r, ConstantWeight))
+    plan = planner.plan(ctx.view, ctx.values)
+    assert [f.pattern for f in plan.folds] == ["weight_std", "conv-bn"] and plan.kept == []
+
+
+def test_constant_weight_is_applied_exactly_in_the_export() -> None:
+    import normfold
+
+    model = Seq(StdConv(3, 6, gain=True), _bn(6, 8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = normfold.fold(model, x)
+    assert [f.pattern for f in result.folded] == ["weight_std", "conv-bn"]
+    ops = {str(n.target) for n in result.program.graph.nodes if n.op == "call_function"}
+    assert ops == {"aten.conv2d.default"}
+    normfold.verify(model, result, x)  # both artifacts against the original, per element
+
+
+def test_constant_weight_refuses_a_weight_read_elsewhere() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = StdConv(3, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + self.conv.weight.sum()
+
+    ctx, cands = _setup(Tied())
+    std = next(c for c in cands if c.constant)
+    m = ConstantWeight().match(ctx, std)
+    r = ConstantWeight().check(ctx, m)
+    assert r.code == "shared_producer"
+    assert r.reason.startswith("parameter conv.weight, which the weight of conv (conv2d) is computed from")

@@ -11,6 +11,7 @@ only read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,19 @@ class Context:
                 out.append(u)
         return out
 
+    def layer(self, node: Node, *, reading: bool = False) -> LayerRef | None:
+        """The layer whose output (``reading``: whose data input) ``node`` is, with its weight and
+        bias seen through folded ops (a weight computed once by a fold is that fold's parameter);
+        such ops count as passed: the new fold builds on theirs."""
+        layer = self.view.layer_reading(node) if reading else self.view.layer(node)
+        if layer is None or (layer.weight not in self.removed and layer.bias not in self.removed):
+            return layer
+        for arg in (layer.weight, layer.bias):
+            while arg in self.removed:
+                self.passed.append(arg)
+                arg = self.removed[arg]
+        return dataclasses.replace(layer, weight=self.resolve(layer.weight), bias=self.resolve(layer.bias))
+
     def start_walk(self) -> None:
         self.passed = []
 
@@ -104,3 +118,6 @@ class Candidate:
     t: torch.Tensor | None = None
     axis: int | None = None
     refused: Refused | None = None  # the map itself is not a per-channel map
+    #: the norm computes on parameters and literals alone (weight standardization): its output is
+    #: a constant, for :class:`~normfold.engine.rules.constant.ConstantWeight`, not a map on data
+    constant: bool = False

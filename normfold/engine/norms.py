@@ -10,7 +10,9 @@
 
 A unit whose map cannot be formed (training mode, non-finite statistics, constants varying along
 two axes) is a candidate with ``refused`` set: a batch norm is then kept with that code, an
-arithmetic chain is simply no norm.
+arithmetic chain is simply no norm. A batch norm computed on parameters alone (weight
+standardization: ``F.batch_norm(W, None, None, training=True)``) is ``constant``: no map on data,
+but a value a rule may compute once.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def _batch_norm(view: GraphView, node: Node) -> Candidate:
         prefix, _, attr = (fqn or "").rpartition(".")
         stats[role] = f"{view.canonical(prefix)}.{attr}" if prefix else fqn
     cand = Candidate(_unit(view, "batch_norm", [node], bn.input, stats), [node], [bn.input])
+    cand.constant = view.is_constant(node)
     try:
         cand.s, cand.t, cand.axis = _bn_map(view, cand, roles)
     except Refused as r:

@@ -48,7 +48,7 @@ def plan(
     for cand in candidates(view):
         if cand.unit.name in keep:
             ctx.plan.kept.append(Keep(cand.unit, *keep[cand.unit.name]))
-        elif cand.refused is not None:
+        elif cand.refused is not None and not cand.constant:
             if cand.unit.kind == "batch_norm":  # arithmetic that is no per-channel map is no norm
                 ctx.plan.kept.append(Keep(cand.unit, cand.refused.code, cand.refused.reason))
         else:
@@ -95,7 +95,7 @@ def _try(ctx: Context, cand: Candidate, rules: Sequence[FoldRule]) -> Refused | 
                 check_range(ctx, fold)
             except Refused as r:
                 return r
-            ctx.commit(cand.nodes, cand.inputs, fold)
+            ctx.commit(*rule.removes(ctx, match), fold)
             logger.debug("fold %s -> %s (%s, %s)", cand.unit.name, [u.layer for u in fold.updates],
                          fold.pattern, rule.name)  # fmt: skip
         return refused
@@ -110,10 +110,12 @@ def _keep(ctx: Context, cand: Candidate, why: dict[str, Refused]) -> None:
         ctx.plan.silent.append(Keep(cand.unit, last.code, last.reason, (cand.s, cand.t, cand.axis)))
         return
     # the forward attempt's code only when it names what blocks a fold that could exist
-    fail = back or fwd or Refused("no_rule", f"no rule of the table matches {cand.unit.name}")
+    fail = back or fwd or cand.refused or Refused("no_rule", f"no rule of the table matches {cand.unit.name}")
     fail = back if fwd is None or (back is not None and fwd.code in _GENERIC_FORWARD) else fwd
     reason = fail.reason
     if back is not None and fwd is not None and back.reason != fail.reason:
         reason = f"{back.reason}; as a forward fold: {fail.reason}"
     logger.debug("keep %s: %s", cand.unit.name, reason)
-    ctx.plan.kept.append(Keep(cand.unit, fail.code, reason, (cand.s, cand.t, cand.axis)))
+    ctx.plan.kept.append(
+        Keep(cand.unit, fail.code, reason, None if cand.s is None else (cand.s, cand.t, cand.axis))
+    )

@@ -7,6 +7,7 @@ and a reason. :meth:`Plan.values` replays the folds into new parameter values:
 
     output side (backward fold):  W' = s * W (along output channels),  b' = s * b + t
     input side (forward fold):    W'[:, i] = W[:, i] * s_i,             b' = b + sum_i W[:, i] * t_i
+    replace (a constant weight):  W' = value (what the graph computed from W alone), b' = b
 
 Folds into one layer compose in plan order, in float64, and are cast back to the parameter dtype
 once. Nothing here reads a graph: the records are what the planner hands to apply, replan, the
@@ -58,7 +59,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class LayerUpdate:
-    """A per-channel affine map folded into one layer, on its output or input side."""
+    """A per-channel affine map folded into one layer, on its output or input side; or, on side
+    ``replace``, the layer's weight replaced by ``value`` (then ``scale`` is 1 and ``shift`` 0)."""
 
     layer: str  # node name of the layer op
     module: str  # owning module path of the layer op
@@ -68,9 +70,10 @@ class LayerUpdate:
     bias: str | None  # FQN, None when the layer has no bias yet
     groups: int
     in_out: bool  # a matmul weight (in, out) rather than (out, in)
-    side: str  # "output" (backward fold) or "input" (forward fold)
+    side: str  # "output" (backward fold), "input" (forward fold) or "replace"
     scale: torch.Tensor  # float64, one per output (input) channel
     shift: torch.Tensor
+    value: torch.Tensor | None = field(default=None, compare=False)  # float64, side "replace"
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,9 @@ class Plan:
                 continue
             w = weight.detach().to(torch.float64)
             for u in updates:
+                if u.side == "replace":
+                    w = u.value.to(w.device)
+                    continue
                 s, t = u.scale.to(w.device), u.shift.to(w.device)
                 w = w.t() if u.in_out else w  # (out, in) for the fold math
                 if u.side == "output":
@@ -163,9 +169,9 @@ class Plan:
                 else:
                     w, b = scale_input(w, b, s, t, groups=u.groups)
                 w = w.t() if u.in_out else w
-            w, b = w.to(weight.dtype), b.to(weight.dtype)
-            yield fqn, w
-            yield bias_name, b
+            yield fqn, w.to(weight.dtype)
+            if b is not None:  # a replaced weight alone makes no bias
+                yield bias_name, b.to(weight.dtype)
             del w, b
 
 

@@ -132,6 +132,9 @@ class TorchView:
         return self.capture.canonical(path)
 
     def describe(self, node: Any) -> str:
+        fqn = self.capture.state_of(node)
+        if fqn is not None:
+            return f"{self.capture.kind.get(node.name, 'constant')} {fqn}"
         return describe(node)
 
     def op_name(self, node: fx.Node) -> str:

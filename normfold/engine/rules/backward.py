@@ -25,7 +25,7 @@ import torch
 from normfold.engine.channels import pull_back
 from normfold.engine.context import Candidate, Context, Refused
 from normfold.engine.records import Fold, LayerUpdate
-from normfold.engine.rules.base import norm_tag
+from normfold.engine.rules.base import NormRule, norm_tag
 from normfold.engine.rules.checks import check_layer, check_positive
 from normfold.engine.rules.walks import BackTrace, trace_back
 
@@ -37,7 +37,7 @@ class BackMatch:
     updates: list[LayerUpdate] = field(default_factory=list)  # filled by check
 
 
-class _Backward:
+class _Backward(NormRule):
     """The shared check and plan of the three backward shapes (they differ in what they match and
     in who gets the shift)."""
 
@@ -46,6 +46,8 @@ class _Backward:
     merge: ClassVar[str | None]
 
     def match(self, ctx: Context, cand: Candidate) -> BackMatch | None:
+        if cand.s is None:  # no map on data (a constant)
+            return None
         trace = trace_back(ctx, cand)
         return BackMatch(cand, trace) if trace.merge_kind == self.merge else None
 

@@ -10,7 +10,9 @@ every norm :class:`~normfold.engine.context.Candidate`, in table order
 * ``check(ctx, match)``: every precondition of an exact fold; returns ``None`` or the
   :class:`~normfold.engine.context.Refused` (a code and a reason), never a bare ``False``.
   Proving the channel correspondence computes the per-layer maps; they are kept on the match;
-* ``plan(ctx, match)``: the :class:`~normfold.engine.records.Fold` record (pure data).
+* ``plan(ctx, match)``: the :class:`~normfold.engine.records.Fold` record (pure data);
+* ``removes(ctx, match)``: the nodes the fold takes out of the graph and the node each stands for
+  from then on (later walks see through them); by default the norm's own ops and their inputs.
 
 ``direction`` says when the planner tries the rule: ``backward`` rules (into the layers before the
 norm) on the norms in graph order, ``forward`` rules (into the layers after it) on the norms still
@@ -24,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 from normfold.engine.context import Candidate, Context, Refused
 from normfold.engine.records import Fold
+from normfold.engine.view import Node
 
 
 class FoldRule(Protocol):
@@ -35,6 +38,15 @@ class FoldRule(Protocol):
     def check(self, ctx: Context, match: Any) -> Refused | None: ...
 
     def plan(self, ctx: Context, match: Any) -> Fold: ...
+
+    def removes(self, ctx: Context, match: Any) -> tuple[list[Node], list[Node]]: ...
+
+
+class NormRule:
+    """The default of :meth:`FoldRule.removes`: the norm's ops go, each standing for its input."""
+
+    def removes(self, ctx: Context, match: Any) -> tuple[list[Node], list[Node]]:
+        return match.cand.nodes, match.cand.inputs
 
 
 def norm_tag(cand: Candidate) -> str:

@@ -18,7 +18,7 @@ from typing import ClassVar
 from normfold.engine.channels import push_forward
 from normfold.engine.context import Candidate, Context, Refused
 from normfold.engine.records import Fold, LayerUpdate
-from normfold.engine.rules.base import norm_tag
+from normfold.engine.rules.base import NormRule, norm_tag
 from normfold.engine.rules.checks import check_layer, check_positive
 from normfold.engine.rules.walks import ForwardTrace, trace_forward
 
@@ -30,11 +30,13 @@ class ForwardMatch:
     updates: list[LayerUpdate] = field(default_factory=list)  # filled by check
 
 
-class NormThenLayers:
+class NormThenLayers(NormRule):
     name: ClassVar[str] = "norm-layer"
     direction: ClassVar[str] = "forward"
 
-    def match(self, ctx: Context, cand: Candidate) -> ForwardMatch:
+    def match(self, ctx: Context, cand: Candidate) -> ForwardMatch | None:
+        if cand.s is None:  # no map on data (a constant)
+            return None
         return ForwardMatch(cand, trace_forward(ctx, cand))
 
     def check(self, ctx: Context, m: ForwardMatch) -> Refused | None:

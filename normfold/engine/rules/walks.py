@@ -75,7 +75,7 @@ def _sources(ctx: Context, node: Node, user: Node, trace: BackTrace, role: str) 
     users = ctx.users(node)
     if users != [user] or sum(ctx.resolve(a) is node for a in view.operands(user)) > 1:
         raise Refused("multiple_users", f"{view.describe(node)} output has {len(users)} users")
-    layer = view.layer(node)
+    layer = ctx.layer(node)
     if layer is not None:
         return [Branch(layer)]
     through = view.through(node)
@@ -106,7 +106,7 @@ def _sinks(ctx: Context, node: Node, path: list[Node], name: str) -> list[Branch
     view = ctx.view
     found = []
     for user in ctx.users(node):
-        layer = view.layer_reading(user)
+        layer = ctx.layer(user, reading=True)
         if layer is not None and ctx.resolve(layer.input) is node:
             found.append(Branch(layer, path))
             continue
