@@ -34,7 +34,7 @@ from normfold.models import resnet
 from torch import nn
 
 import normfold
-from normfold.swap import swap_norms
+from normfold.transforms.swap import swap_norms
 
 CLASSES, SIZE = 4, 16
 SHIFT = (2.0, 0.3)  # domain B: brightness, contrast (domain A: 0, 1)

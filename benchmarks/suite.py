@@ -61,7 +61,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
-from normfold.graph import CaptureOptions, dynamic_shapes, quiet_exporter
+from normfold.engine.capture import CaptureOptions, dynamic_shapes, quiet_exporter
 
 ROOT = Path(__file__).resolve().parents[1]
 

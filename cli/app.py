@@ -118,7 +118,7 @@ class _Terminated(SystemExit):
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    from normfold.files import defer_signal
+    from normfold.io.files import defer_signal
 
     if defer_signal(signum):  # a commit is moving files into place: it re-raises the signal after
         return

@@ -39,7 +39,7 @@ from normfold.cli.options import (
 )  # fmt: skip
 from normfold.cli.progress import progress
 
-from normfold.files import MODEL_FORMATS
+from normfold.io.files import MODEL_FORMATS
 
 FOLD_EXAMPLES = """Examples:
 

@@ -36,7 +36,7 @@ from normfold.cli.options import (
 )  # fmt: skip
 from normfold.cli.progress import progress
 
-from normfold.files import ANY_FORMATS, STATE_FORMATS
+from normfold.io.files import ANY_FORMATS, STATE_FORMATS
 
 RECALIBRATE_EXAMPLES = """Examples:
 

@@ -26,7 +26,7 @@ from normfold.errors import UsageError
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
 
 if TYPE_CHECKING:
-    from normfold.parity import ParityRule
+    from normfold.check.parity import ParityRule
 
 #: ``--input-dtype`` choices: generated inputs are floating (integer ones need real values:
 #: token ids below a vocabulary size, class labels... pass them with --inputs)
@@ -144,7 +144,7 @@ def shown(text: str, limit: int = 60) -> str:
 
 def load_options(arch: str | None, model_args: str | None, trust: bool) -> LoadOptions:
     """``--model``, ``--model-args`` (JSON, checked) and ``--trust``."""
-    from normfold.limits import parse_model_args
+    from normfold.io.limits import parse_model_args
 
     return LoadOptions(model=arch, model_args=parse_model_args(model_args), trust=trust)
 
@@ -172,7 +172,7 @@ class GivenInputs:
 def given_inputs(shapes: Sequence[str] | None, dtype: str | None, file: Path | None) -> GivenInputs:
     """The inputs' options, checked: one source of inputs, well-formed shapes within the size
     limit, a floating dtype."""
-    from normfold.limits import check_size
+    from normfold.io.limits import check_size
 
     if file is not None and shapes:
         raise UsageError("pass either --inputs or --input-shape, not both")
@@ -295,7 +295,7 @@ class RuleOptions:
     value_range: tuple[float, float]
 
     def rule(self) -> ParityRule:
-        from normfold.parity import ParityRule
+        from normfold.check.parity import ParityRule
 
         return ParityRule(
             rtol=self.rtol, atol=self.atol, noise_factor=self.noise_factor, value_range=self.value_range

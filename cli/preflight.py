@@ -1,7 +1,7 @@
 """Checks decided from what is on disk, before torch is imported (a usage or file error comes
 back in a fraction of a second instead of after a 5-20 s import).
 
-* the output files' rule (:func:`normfold.files.check_outputs`: suffix, folder, not a directory,
+* the output files' rule (:func:`normfold.io.files.check_outputs`: suffix, folder, not a directory,
   not a link, not an input, no overwrite without ``--force``);
 * the model source: a factory spec whose top-level package exists (installed or in the working
   directory: a typo is answered at once), or a regular file whose first bytes or zip entries do
@@ -13,8 +13,8 @@ back in a fraction of a second instead of after a 5-20 s import).
   export imports it anyway) and ``--providers`` installed in onnxruntime (~0.6 s).
 
 The byte checks (a regular file, the kind from its first bytes or zip entries, the zip bomb
-check) are the loader's own (:mod:`normfold.sniff`, torch-free, as ``import normfold`` is: its
-public API is imported lazily): the loader (:mod:`normfold.load`, :mod:`normfold.tensor_files`)
+check) are the loader's own (:mod:`normfold.io.sniff`, torch-free, as ``import normfold`` is: its
+public API is imported lazily): the loader (:mod:`normfold.io.load`, :mod:`normfold.io.tensor_files`)
 runs them again with the same messages. Everything else (unpickling, shapes, the model's forward)
 is the library's.
 """
@@ -30,11 +30,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from normfold.errors import LoadError, UsageError
+from normfold.io.sniff import check_regular_file, sniff
 from normfold.options import ExportOptions, LoadOptions, WriteOptions
-from normfold.sniff import check_regular_file, sniff
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-#: the torch.onnx (dynamo) exporter's own opsets start here (normfold.export.MIN_OPSET)
+#: the torch.onnx (dynamo) exporter's own opsets start here (normfold.io.export.MIN_OPSET)
 MIN_OPSET = 18
 _SAFE_ALTERNATIVE = (
     "save the weights instead with torch.save(model.state_dict(), 'weights.pt') and pass the "
@@ -53,7 +53,7 @@ def check(
     export: ExportOptions | None = None,
 ) -> None:
     """Every check of the module docstring, outputs first (as the library orders them)."""
-    from normfold.files import check_outputs
+    from normfold.io.files import check_outputs
 
     files = {k: v for k, v in (tensor_files or {}).items() if v is not None}
     outputs = {"out": out, "report": write.report, "save_inputs": write.save_inputs}
@@ -104,7 +104,7 @@ def check_source(source: str, load: LoadOptions) -> None:
 
 def _check_factory_module(spec: str) -> None:
     """The top-level package of a factory spec exists, installed or in the working directory
-    (where :func:`normfold.load.resolve_factory` also looks), found without importing anything."""
+    (where :func:`normfold.io.load.resolve_factory` also looks), found without importing anything."""
     module_name = spec.partition(":")[0]
     top = module_name.partition(".")[0]
     if top in sys.modules or importlib.util.find_spec(top) is not None:

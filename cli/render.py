@@ -138,7 +138,7 @@ def error_stats(run: FoldRun) -> None:
     """Polygraphy-style statistics per output (the input set where it came closest to failing):
     mean/median/p99/max absolute and relative error, and the smallest tolerances that pass."""
     try:
-        from normfold.errstats import worst_per_output
+        from normfold.check.errstats import worst_per_output
     except ImportError:  # an older library: no statistics to show
         return
     rows = []

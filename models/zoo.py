@@ -9,7 +9,7 @@ Factories are keyword-only, seeded and side-effect free: the same ``seed`` gives
 ``state_dict`` and the caller's global RNG state is left untouched. Their names match the
 :data:`ZOO` registry, so ``"normfold.models:<name>"`` works as a factory spec, and
 :func:`example_inputs` gives seeded inputs of each entry's ``input_shape``. Importing this module
-registers every factory's input shapes (:func:`normfold.factory.register_input_shapes`), so a
+registers every factory's input shapes (:func:`normfold.io.factory.register_input_shapes`), so a
 spec without inputs runs on them.
 
 The models live by concern: plain CNNs and MLPs (:mod:`~normfold.models.cnns`), norms whose place
@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from normfold.factory import register_input_shapes
+from normfold.io.factory import register_input_shapes
 
 from .calibration import (
     CALIBRATION_BATCH,
@@ -365,6 +365,6 @@ def spec_of(factory: Callable[..., nn.Module]) -> ZooModel | None:
     return next((m for m in ZOO.values() if m.factory is factory), None)
 
 
-# a spec "normfold.models:<name>" given without inputs runs on the entry's shapes (normfold.factory)
+# a spec "normfold.models:<name>" given without inputs runs on the entry's shapes (normfold.io.factory)
 for _entry in ZOO.values():
     register_input_shapes(_entry.factory, _entry.input_shapes)

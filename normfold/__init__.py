@@ -1,8 +1,11 @@
 """normfold: fold eval-mode BatchNorm into neighbouring Conv/ConvTranspose/Linear layers.
 
-One engine on the ``torch.export`` graph: capture (:mod:`normfold.graph`), plan
-(:mod:`normfold.plan`, patterns in :mod:`normfold.rules`), apply to the module and the exported
-program (:mod:`normfold.apply`); :func:`fold` runs the three.
+One engine on the ``torch.export`` graph (:mod:`normfold.engine`): capture
+(:mod:`normfold.engine.capture`), plan (:mod:`normfold.engine.plan`, patterns in
+:mod:`normfold.engine.rules` over the op tables of :mod:`normfold.engine.aten`), apply to the module
+and the exported program (:mod:`normfold.engine.apply`); :func:`fold` runs the three. The other
+sub-packages: :mod:`normfold.transforms` (drop-bias, recalibrate, swap), :mod:`normfold.check`
+(parity) and :mod:`normfold.io` (files in and out).
 
 The public API is imported lazily (PEP 562) so that ``import normfold`` and the CLI's
 ``--help``/``--version`` never pay for importing torch.
@@ -40,30 +43,30 @@ _LAZY = {
     "Merged": "normfold.folding",
     "NotMerged": "normfold.folding",
     "reparameterize": "normfold.folding",
-    "MergedBranch": "normfold.reparam",
-    "Uncaptured": "normfold.parts",
-    "verify": "normfold.reference",
-    "ParityRule": "normfold.parity",
-    "ParityReport": "normfold.parity",
-    "OutputParity": "normfold.parity",
-    "Tolerance": "normfold.parity",
-    "DEFAULT_TOLERANCES": "normfold.parity",
-    "compare": "normfold.parity",
-    "run_model": "normfold.reference",
-    "load_model": "normfold.load",
-    "load_inputs": "normfold.load",
-    "LoadedModel": "normfold.load",
-    "export_model": "normfold.export",
-    "export_onnx": "normfold.export",
-    "ExportResult": "normfold.export",
+    "MergedBranch": "normfold.engine.reparam",
+    "Uncaptured": "normfold.engine.parts",
+    "verify": "normfold.check.reference",
+    "ParityRule": "normfold.check.parity",
+    "ParityReport": "normfold.check.parity",
+    "OutputParity": "normfold.check.parity",
+    "Tolerance": "normfold.check.parity",
+    "DEFAULT_TOLERANCES": "normfold.check.parity",
+    "compare": "normfold.check.parity",
+    "run_model": "normfold.check.reference",
+    "load_model": "normfold.io.load",
+    "load_inputs": "normfold.io.load",
+    "LoadedModel": "normfold.io.load",
+    "export_model": "normfold.io.export",
+    "export_onnx": "normfold.io.export",
+    "ExportResult": "normfold.io.export",
     "fold_and_export": "normfold.pipeline",
-    "recalibrate": "normfold.calibration",
-    "drop_redundant_biases": "normfold.bias",
-    "swap_norms": "normfold.swap",
-    "SwapResult": "normfold.swap",
-    "FrozenBatchNorm": "normfold.swap",
-    "BiasResult": "normfold.bias",
-    "RecalibrateResult": "normfold.calibration",
+    "recalibrate": "normfold.transforms.calibration",
+    "drop_redundant_biases": "normfold.transforms.bias",
+    "swap_norms": "normfold.transforms.swap",
+    "SwapResult": "normfold.transforms.swap",
+    "FrozenBatchNorm": "normfold.transforms.swap",
+    "BiasResult": "normfold.transforms.bias",
+    "RecalibrateResult": "normfold.transforms.calibration",
     "inspect": "normfold.pipeline",
     "FoldRun": "normfold.runs",
     "InputSpec": "normfold.options",
@@ -75,18 +78,12 @@ _LAZY = {
     "recalibrate_and_write": "normfold.pipeline",
     "drop_bias_and_write": "normfold.pipeline",
     "swap_and_write": "normfold.pipeline",
-    "save_folded": "normfold.roundtrip",
-    "load_folded": "normfold.roundtrip",
+    "save_folded": "normfold.io.roundtrip",
+    "load_folded": "normfold.io.roundtrip",
 }
 
 if TYPE_CHECKING:
-    from normfold.bias import BiasResult, drop_redundant_biases
-    from normfold.calibration import RecalibrateResult, recalibrate
-    from normfold.export import ExportResult, export_model, export_onnx
-    from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
-    from normfold.load import LoadedModel, load_inputs, load_model
-    from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
-    from normfold.parity import (
+    from normfold.check.parity import (
         DEFAULT_TOLERANCES,
         OutputParity,
         ParityReport,
@@ -94,7 +91,14 @@ if TYPE_CHECKING:
         Tolerance,
         compare,
     )
-    from normfold.parts import Uncaptured
+    from normfold.check.reference import run_model, verify
+    from normfold.engine.parts import Uncaptured
+    from normfold.engine.reparam import MergedBranch
+    from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
+    from normfold.io.export import ExportResult, export_model, export_onnx
+    from normfold.io.load import LoadedModel, load_inputs, load_model
+    from normfold.io.roundtrip import load_folded, save_folded
+    from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.pipeline import (
         drop_bias_and_write,
         fold_and_export,
@@ -102,11 +106,10 @@ if TYPE_CHECKING:
         recalibrate_and_write,
         swap_and_write,
     )
-    from normfold.reference import run_model, verify
-    from normfold.reparam import MergedBranch
-    from normfold.roundtrip import load_folded, save_folded
     from normfold.runs import FoldRun, WriteRun
-    from normfold.swap import FrozenBatchNorm, SwapResult, swap_norms
+    from normfold.transforms.bias import BiasResult, drop_redundant_biases
+    from normfold.transforms.calibration import RecalibrateResult, recalibrate
+    from normfold.transforms.swap import FrozenBatchNorm, SwapResult, swap_norms
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ Transforms, and the record each one's codes are carried in:
 
 =============  ==============================================================================
 ``fold``       :func:`normfold.fold` (the planner, the measured gate): ``Skipped.code``
-``capture``    :func:`normfold.fold` on a model captured in parts (:mod:`normfold.parts`):
+``capture``    :func:`normfold.fold` on a model captured in parts (:mod:`normfold.engine.parts`):
                ``Skipped.code`` too
 ``merge``      reparameterization (``fold(..., reparameterize=True)``): ``NotMerged.code``
 ``drop_bias``  :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
@@ -76,7 +76,7 @@ def _code(name: str, meaning: str, transforms: Transform | tuple[Transform, ...]
 
 # Grouped by the transform that gives a code first; each table lists its own codes first.
 _ALL = (
-    # --- fold: the planner (normfold.plan / normfold.engine) -----------------------------------
+    # --- fold: the planner (normfold.engine) ---------------------------------------------------
     _code(
         "batch_statistics",
         "no running statistics (`track_running_stats=False`) or training mode",
@@ -218,13 +218,13 @@ _ALL = (
         ("fold", "calibrate"),
         calibrate="no batch-norm op ran with its statistics on the data",
     ),
-    # --- capture in parts (normfold.parts) -----------------------------------------------------
+    # --- capture in parts (normfold.engine.parts) ----------------------------------------------
     _code(
         "no_export",
         "(models captured in parts) a fold that exists only in an export, and there is no whole-model export",
         "capture",
     ),
-    # --- merge (normfold.reparam): the geometry of the branches --------------------------------
+    # --- merge (normfold.engine.reparam): the geometry of the branches -------------------------
     _code("reparam_stride", "the branches' strides differ (a 1-tap branch needs stride 1)", "merge"),
     _code("reparam_dilation", "the branches' dilations differ", "merge"),
     _code("reparam_groups", "the branches' groups differ", "merge"),
@@ -259,7 +259,7 @@ _ALL = (
         "the model",
         "merge",
     ),
-    # --- drop_bias (normfold.bias) -------------------------------------------------------------
+    # --- drop_bias (normfold.transforms.bias) --------------------------------------------------
     _code(
         "export_only",
         "the engine folds the norm in the export only (functional `F.batch_norm`, hooks, a norm also "
@@ -294,7 +294,7 @@ _ALL = (
         "one norm module called at several places: one running mean, several biases",
         "drop_bias",
     ),
-    # --- swap (normfold.swap) ------------------------------------------------------------------
+    # --- swap (normfold.transforms.swap) -------------------------------------------------------
     _code(
         "uninitialized",
         "the BatchNorm has uninitialized (lazy) parameters: run the model once first",
@@ -315,7 +315,7 @@ _ALL = (
         'never called on `example_inputs` (`to="batch"`): its input rank (BatchNorm1d/2d/3d) is unknown',
         "swap",
     ),
-    # --- calibrate (normfold.calibration) ------------------------------------------------------
+    # --- calibrate (normfold.transforms.calibration) -------------------------------------------
     _code(
         "multiple_calls",
         "its op runs several times in one forward (a module called at several places, e.g. "

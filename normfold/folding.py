@@ -1,23 +1,23 @@
 """``fold``: capture the model once, plan every fold, apply the plan to the module and the export.
 
-1. **Capture** (:mod:`normfold.graph`): ``torch.export`` (non-strict) on the model in eval mode;
+1. **Capture** (:mod:`normfold.engine.capture`): ``torch.export`` (non-strict) on the model in eval mode;
    every batch-norm op that runs is in the graph, whether a module, a subclass or functional code
    wrote it.
-2. **Plan** (:mod:`normfold.plan`, pure data): backward folds into the layer before a norm
+2. **Plan** (:mod:`normfold.engine.plan`, pure data): backward folds into the layer before a norm
    (through commuting ops, concats and adds), forward folds into the layers after it, and a
    stable code and reason for every norm op that stays.
-3. **Apply** (:mod:`normfold.apply`): new parameter values by name (float64 math, cast back once)
+3. **Apply** (:mod:`normfold.engine.apply`): new parameter values by name (float64 math, cast back once)
    to the user's own module, where the norm can be removed from it, and to the exported program,
    which is what ``.onnx``/``.pt2`` outputs are written from.
 4. **Post-condition**: planning the folded program again finds nothing to fold
    (:attr:`FoldResult.replan_folds` is 0).
 
-A model ``torch.export`` cannot capture as a whole is folded in parts (:mod:`normfold.parts`):
+A model ``torch.export`` cannot capture as a whole is folded in parts (:mod:`normfold.engine.parts`):
 the largest submodules that capture, with every module that did not listed in
 :attr:`FoldResult.uncaptured`.
 
-:func:`~normfold.analysis.analyse` stops after step 2 (``inspect``): it changes nothing. The
-records of the result are in :mod:`normfold.fold_records`; the argument checks every transform
+:func:`~normfold.engine.analysis.analyse` stops after step 2 (``inspect``): it changes nothing. The
+records of the result are in :mod:`normfold.engine.fold_records`; the argument checks every transform
 shares (the working copy, the example inputs, the capture options) in :mod:`normfold.prepare`.
 """
 
@@ -30,19 +30,19 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from normfold.analysis import Analysis, analyse, folded_record, plan_merges_into, weight_elements
-from normfold.costs import program_macs
+from normfold.engine.analysis import Analysis, analyse, folded_record, plan_merges_into, weight_elements
+from normfold.engine.capture import Capture, CaptureOptions, op_counts
+from normfold.engine.costs import program_macs
+from normfold.engine.fold_records import Folded, FoldResult, Merged, NotMerged, Skipped, Uncaptured
+from normfold.engine.gate import CODE as CANCELLATION
+from normfold.engine.gate import at_risk, judge, overflow_risk
+from normfold.engine.parts import fold_parts
+from normfold.engine.plan import plan
+from normfold.engine.postcheck import check_artifacts_agree, check_replan
+from normfold.engine.reparam import plan_merges
+from normfold.engine.replan import MAX_ROUNDS, Drift, apply_round
 from normfold.errors import TraceError
-from normfold.fold_records import Folded, FoldResult, Merged, NotMerged, Skipped, Uncaptured
-from normfold.gate import CODE as CANCELLATION
-from normfold.gate import at_risk, judge, overflow_risk
-from normfold.graph import Capture, CaptureOptions, op_counts
-from normfold.parts import fold_parts
-from normfold.plan import plan
-from normfold.postcheck import check_artifacts_agree, check_replan
 from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_materialized, working_copy
-from normfold.reparam import plan_merges
-from normfold.replan import MAX_ROUNDS, Drift, apply_round
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def fold(
     ``{input index: {axis: name}}``), which ONNX/``.pt2`` export writes.
 
     ``reparameterize``: also merge parallel conv / norm / identity / avg-pool branches of one
-    tensor, summed (RepVGG, MobileOne, ACNet blocks), into one conv (:mod:`normfold.reparam`);
+    tensor, summed (RepVGG, MobileOne, ACNet blocks), into one conv (:mod:`normfold.engine.reparam`);
     :attr:`FoldResult.merged` lists them and :attr:`FoldResult.not_merged` the sums that stay. On
     by default, as in :func:`normfold.fold_and_export` and ``normfold fold``; ``False`` leaves the
     branches as they are (e.g. to keep training the multi-branch model).
@@ -106,8 +106,8 @@ def _fold(
     judged: bool = False,
 ) -> FoldResult:
     """:func:`fold` keeping ``keep``; folds at risk of cancellation are judged by the float64 rule
-    (:mod:`normfold.gate`) unless ``judged``, and kept when they fail it; the post-conditions of
-    :mod:`normfold.postcheck` hold for what is returned."""
+    (:mod:`normfold.engine.gate`) unless ``judged``, and kept when they fail it; the post-conditions of
+    :mod:`normfold.engine.postcheck` hold for what is returned."""
     target = working_copy(model, "fold", inplace=inplace)
     try:
         analysis = analyse(target, inputs, options, reparameterize=reparameterize, keep=keep)
@@ -149,7 +149,7 @@ def _settle(
     keep: Mapping[str, tuple[str, str]],
 ) -> list[str]:
     """Plan the folded program again; after a round that merged blocks (a merge makes new
-    neighbours: :mod:`normfold.replan`), apply what it finds, until a plan finds nothing or after
+    neighbours: :mod:`normfold.engine.replan`), apply what it finds, until a plan finds nothing or after
     ``MAX_ROUNDS`` rounds. :attr:`FoldResult.replan_folds` counts what the last plan found: a
     fold found after a round without merges is a fold the planner missed, reported, not hidden.
     Returns what the last plan found, one line each (empty: the fixpoint)."""
@@ -188,7 +188,7 @@ def reparameterize(
     """Merge every RepVGG-style block (parallel conv / BatchNorm / identity / avg-pool branches
     of one tensor, summed) into one conv, folding the BatchNorms first: :func:`fold` with
     ``reparameterize=True``. The user's module gets the merged conv under the name of the
-    branch with the largest kernel and :class:`~normfold.reparam.MergedBranch` (adds 0) under
+    branch with the largest kernel and :class:`~normfold.engine.reparam.MergedBranch` (adds 0) under
     the other branches' names, where every branch is a module of its own; otherwise the block
     is merged in :attr:`FoldResult.program` only (``Merged.where == "export"``, with a note)."""
     return fold(model, example_inputs, inplace=inplace, dynamic_batch=dynamic_batch,

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from normfold.check.reference import InputSet, random_inputs, run_model
+from normfold.engine.capture import CaptureOptions, axis_names
 from normfold.errors import TraceError, UsageError
-from normfold.graph import CaptureOptions, axis_names
-from normfold.limits import MAX_INPUT_ELEMENTS, check_size, input_limit_rule
-from normfold.load import LoadedModel, load_inputs
+from normfold.io.limits import MAX_INPUT_ELEMENTS, check_size, input_limit_rule
+from normfold.io.load import LoadedModel, load_inputs
 from normfold.options import InputSpec
-from normfold.reference import InputSet, random_inputs, run_model
 
 
 def axes_by_index(

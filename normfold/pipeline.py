@@ -23,20 +23,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfold.calibration import recalibrate
+from normfold.check.parity import ParityRule
+from normfold.check.reference import check, make_reference, parity_sets, run_model
 from normfold.errors import NotFoldedError, ParityError, printable
-from normfold.export import check_options, save_sets
-from normfold.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 from normfold.folding import FoldResult, capture_options
 from normfold.folding import fold as fold_model
 from normfold.inputs import axes_by_index, example_inputs, resized_sets, widen_batch, widening_explained
-from normfold.load import load_batches
+from normfold.io.export import check_options, save_sets
+from normfold.io.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
+from normfold.io.load import load_batches
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
-from normfold.parity import ParityRule
-from normfold.reference import check, make_reference, parity_sets, run_model
 from normfold.report import StepHook
 from normfold.runs import FoldRun, LayerRow, WriteRun, layer_rows
 from normfold.session import Session, Source, session
+from normfold.transforms.calibration import recalibrate
 
 __all__ = [
     "ExportOptions",
@@ -114,9 +114,9 @@ def fold_and_export(
 
     ``inputs``: the example inputs (a tensor, one tensor per input of the forward, or an
     :class:`InputSpec`). Parity (PyTorch, then the written file) is judged by ``rule`` (default
-    :class:`~normfold.ParityRule`) on the input sets of :func:`normfold.reference.parity_sets`,
+    :class:`~normfold.ParityRule`) on the input sets of :func:`normfold.check.reference.parity_sets`,
     against a float64 run of the original (recalibrated first with ``FoldOptions.calibrate``).
-    ``out`` and ``write``'s files follow the rule of :mod:`normfold.files`: checked before any
+    ``out`` and ``write``'s files follow the rule of :mod:`normfold.io.files`: checked before any
     work, committed together at the end; a failed run commits only its report and saved inputs.
     Raises :class:`~normfold.errors.ParityError` when the folded model differs from the original,
     :class:`~normfold.errors.ExportError` when export or its check fails,
@@ -197,7 +197,7 @@ def recalibrate_and_write(
     on_step: StepHook | None = None,
 ) -> WriteRun:
     """Load ``source``, recalibrate its BatchNorm statistics on the batches in ``data`` (see
-    :func:`normfold.load.load_batches`), write the state dict to ``out``
+    :func:`normfold.io.load.load_batches`), write the state dict to ``out``
     (``.pt``/``.pth``/``.safetensors``; it loads into the same architecture)."""
     _, load, _, _, write = _defaults(None, load, None, None, write)
     options = _asked(source, data=data, out=out, load=load, write=write)
@@ -227,7 +227,7 @@ def drop_bias_and_write(
     on_step: StepHook | None = None,
 ) -> WriteRun:
     """:func:`transform_and_write` with :func:`normfold.drop_redundant_biases` (outputs unchanged)."""
-    from normfold.bias import drop_redundant_biases
+    from normfold.transforms.bias import drop_redundant_biases
 
     def transform(model: nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
         return drop_redundant_biases(model, x, inplace=True)
@@ -251,7 +251,7 @@ def swap_and_write(
 ) -> WriteRun:
     """:func:`transform_and_write` with :func:`normfold.swap_norms` (``to``: ``group``, ``layer``,
     ``frozen`` or ``batch``; ``num_groups``/``group_size`` for GroupNorm)."""
-    from normfold.swap import swap_norms
+    from normfold.transforms.swap import swap_norms
 
     def transform(model: nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
         return swap_norms(

@@ -1,8 +1,8 @@
 """What every transform does first with the caller's arguments: check the model, take the copy it
 changes, and turn the example inputs and the dynamic-shape arguments into what a capture needs.
 
-Shared by :func:`normfold.fold` and the training transforms (:mod:`normfold.bias`,
-:mod:`normfold.calibration`, :mod:`normfold.swap`), so none of them imports the fold
+Shared by :func:`normfold.fold` and the training transforms (:mod:`normfold.transforms.bias`,
+:mod:`normfold.transforms.calibration`, :mod:`normfold.transforms.swap`), so none of them imports the fold
 orchestrator for its helpers. Nothing here captures, plans or runs a model.
 
 * :func:`working_copy`: the model itself with ``inplace=True``, else ``copy.deepcopy(model)``.
@@ -10,7 +10,7 @@ orchestrator for its helpers. Nothing here captures, plans or runs a model.
   changes its input in place never changes the caller's tensors).
 * :func:`check_materialized`: refuse weights without values (meta tensors, lazy modules).
 * :func:`capture_options`: ``dynamic_batch`` and ``dynamic_axes`` (``{input index: {axis: name}}``)
-  as :class:`~normfold.graph.CaptureOptions`, each axis checked against the inputs' shapes.
+  as :class:`~normfold.engine.capture.CaptureOptions`, each axis checked against the inputs' shapes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from normfold.engine.capture import CaptureOptions
 from normfold.errors import UsageError
-from normfold.graph import CaptureOptions
 
 __all__ = ["ExampleInputs", "as_inputs", "capture_options", "check_materialized", "working_copy"]
 

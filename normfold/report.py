@@ -1,10 +1,10 @@
 """Report helpers: step timings, library versions and JSON writing for the ``report`` file.
 
 The report's content is built by :meth:`normfold.pipeline.FoldRun.to_dict` (plus, for a fold,
-``rebuilt_modules``: the modules rebuilt to lose a norm op, :mod:`normfold.rebuild`); this module
+``rebuilt_modules``: the modules rebuilt to lose a norm op, :mod:`normfold.engine.rebuild`); this module
 times the steps, wraps it in the envelope every report shares (:class:`RunRecord`: schema version,
 status, the failing step and message of a failed run, options, seed, start time, versions) and
-writes the JSON (made atomic by :mod:`normfold.files`).
+writes the JSON (made atomic by :mod:`normfold.io.files`).
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ class RunRecord:
 
 def rebuilt_in(run: Any) -> dict[str, str] | None:
     """Module path -> what it runs, for the modules of a fold run's model that were rebuilt to
-    lose a norm op their ``forward`` ran (:func:`normfold.rebuild.rebuilt_modules`); None for a
+    lose a norm op their ``forward`` ran (:func:`normfold.engine.rebuild.rebuilt_modules`); None for a
     run without a folded model."""
     model = getattr(getattr(run, "fold", None), "model", None)
     if model is None or not hasattr(model, "named_modules"):
         return None
-    from normfold.rebuild import rebuilt_modules  # torch: only once a run has a model
+    from normfold.engine.rebuild import rebuilt_modules  # torch: only once a run has a model
 
     return rebuilt_modules(model)
 
@@ -151,7 +151,7 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` (a staged path of :class:`normfold.files.OutputSet`,
+    """Write ``data`` as JSON to ``path`` (a staged path of :class:`normfold.io.files.OutputSet`,
     which makes it atomic). The text is made first, so invalid data (NaN) writes nothing."""
     path = Path(path)
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"

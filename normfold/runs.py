@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normfold.calibration import RecalibrateResult
-from normfold.export import ExportResult
+from normfold.check.parity import ParityReport
 from normfold.folding import FoldResult
-from normfold.parity import ParityReport
+from normfold.io.export import ExportResult
+from normfold.transforms.calibration import RecalibrateResult
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The one skeleton every command runs: load -> transform -> verify -> export -> write.
 
-A :class:`Session` holds a run's output set (:class:`~normfold.files.OutputSet`: destinations
+A :class:`Session` holds a run's output set (:class:`~normfold.io.files.OutputSet`: destinations
 checked before any work, everything staged, committed as one set at the end) and its record
 (:class:`~normfold.report.RunRecord`: options, step timings, the failing step of a failed run).
 :func:`session` opens one; the entry points of :mod:`normfold.pipeline` differ only in their
@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from normfold.check.parity import ParityRule
+from normfold.check.reference import Reference
+from normfold.engine.capture import CaptureOptions
 from normfold.errors import UsageError, first_line
-from normfold.export import ExportResult, commit_export, stage_export, stage_state_dict
-from normfold.files import OutputSet
-from normfold.graph import CaptureOptions
-from normfold.load import LoadedModel, load_model
+from normfold.io.export import ExportResult, commit_export, stage_export, stage_state_dict
+from normfold.io.files import OutputSet
+from normfold.io.load import LoadedModel, load_model
 from normfold.options import ExportOptions, LoadOptions, WriteOptions
-from normfold.parity import ParityRule
-from normfold.reference import Reference
 from normfold.report import RunRecord, StepHook, StepTimer, write_json
 
 logger = logging.getLogger(__name__)

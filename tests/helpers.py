@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfold.reference import _ProgramModule
+from normfold.check.reference import _ProgramModule
 
 if TYPE_CHECKING:
     from typer.testing import Result

@@ -10,9 +10,9 @@ from torch import nn
 from torch.export.graph_signature import InputKind
 
 import normfold
-from normfold.apply import eager_plan
-from normfold.graph import CaptureOptions, capture
-from normfold.plan import plan
+from normfold.engine.apply import eager_plan
+from normfold.engine.capture import CaptureOptions, capture
+from normfold.engine.plan import plan
 
 
 def _x(shape, seed=0):

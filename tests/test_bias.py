@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from helpers import Pair, randomize_bn, state_bytes
 from torch import nn
 
-from normfold.bias import BiasResult, DroppedBias, KeptBias, drop_redundant_biases
+from normfold.engine.capture import CaptureOptions, capture
+from normfold.engine.plan import plan
 from normfold.errors import UsageError
-from normfold.graph import CaptureOptions, capture
-from normfold.plan import plan
+from normfold.transforms.bias import BiasResult, DroppedBias, KeptBias, drop_redundant_biases
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-from normfold.calibration import NotRecalibrated, recalibrate
 from normfold.errors import TraceError, UsageError
+from normfold.transforms.calibration import NotRecalibrated, recalibrate
 
 
 def _batches(n=4, shape=(8, 3, 6, 6), seed=0):

@@ -889,7 +889,7 @@ def test_debug_prints_the_traceback_of_a_failure(tmp_path: Path) -> None:
 
 
 def test_exporter_errors_are_cleaned_and_name_the_op() -> None:
-    from normfold.export import _exporter_failure
+    from normfold.io.export import _exporter_failure
 
     class Eig(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,7 @@ def test_preflight_and_the_loader_agree_on_every_file_kind(
     through exactly what the loader reads on. The loader is stopped where its byte checks end."""
     from normfold.cli.preflight import check_source, check_tensor_file
 
-    from normfold import load, tensor_files
+    from normfold.io import load, tensor_files
     from normfold.options import LoadOptions
 
     _files(tmp_path)
@@ -261,12 +261,12 @@ def test_cli_words(api: str, cli: str) -> None:
 def _message_strings() -> list[tuple[str, str]]:
     """Every string literal (f-string parts too) inside a ``raise`` in the library."""
     found = []
-    for path in sorted(NORMFOLD.glob("*.py")):
+    for path in sorted(NORMFOLD.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Raise) and node.exc is not None:
                 for sub in ast.walk(node.exc):
                     if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-                        found.append((f"{path.name}:{sub.lineno}", sub.value))
+                        found.append((f"{path.relative_to(NORMFOLD)}:{sub.lineno}", sub.value))
     return found
 
 

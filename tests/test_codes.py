@@ -29,25 +29,23 @@ PACKAGE = ROOT / "normfold"
 README = ROOT / "README.md"
 REGENERATE = "python -m normfold.codes --markdown {table}"
 
-#: which transforms' records carry the codes a module gives; None: the module's records are
-#: internal (replan's ``Keep("export_only")`` marks a fold held out of the eager module: never shown)
+#: which transforms' records carry the codes a module gives, by dotted module name; None: the
+#: module's records are internal (replan's ``Keep("export_only")`` marks a fold held out of the eager
+#: module: never shown); any other module of ``normfold.engine`` gives the planner's codes
 _PLANNER = frozenset({"fold", "merge", "drop_bias"})  # passed on by merges and drop-bias
 _EMITTERS: dict[str, frozenset[str] | None] = {
-    "plan": _PLANNER,
-    "rules": _PLANNER,
-    "graph": _PLANNER,
-    "replan": None,
-    "gate": frozenset({"fold"}),
-    "folding": frozenset({"fold"}),
-    "analysis": frozenset({"fold"}),
-    "parts": frozenset({"capture"}),
-    "reparam": frozenset({"merge"}),
-    "reparam_values": frozenset({"merge"}),
-    "reparam_eager": frozenset({"merge"}),
-    "bias": frozenset({"drop_bias"}),
-    "swap": frozenset({"swap"}),
-    "calibration": frozenset({"calibrate"}),
-    "calibration_capture": frozenset({"calibrate"}),
+    "normfold.engine.replan": None,
+    "normfold.engine.gate": frozenset({"fold"}),
+    "normfold.folding": frozenset({"fold"}),
+    "normfold.engine.analysis": frozenset({"fold"}),
+    "normfold.engine.parts": frozenset({"capture"}),
+    "normfold.engine.reparam": frozenset({"merge"}),
+    "normfold.engine.reparam_values": frozenset({"merge"}),
+    "normfold.engine.reparam_eager": frozenset({"merge"}),
+    "normfold.transforms.bias": frozenset({"drop_bias"}),
+    "normfold.transforms.swap": frozenset({"swap"}),
+    "normfold.transforms.calibration": frozenset({"calibrate"}),
+    "normfold.transforms.calibration_capture": frozenset({"calibrate"}),
 }
 
 
@@ -299,8 +297,8 @@ def test_every_code_a_record_is_compared_with_is_registered(trees: dict[str, ast
 def test_each_code_is_registered_for_the_transform_that_gives_it(trees: dict[str, ast.Module]) -> None:
     wrong, unplaced = [], set()
     for code, mod, line, how in given(trees):
-        parts = mod.split(".")
-        expected = _PLANNER if "engine" in parts else _EMITTERS.get(parts[-1], frozenset())
+        planner = _PLANNER if mod.startswith("normfold.engine.") else frozenset()
+        expected = _EMITTERS.get(mod, planner)
         if expected == frozenset():
             unplaced.add(mod)
         elif expected is not None and code in CODES and not expected & set(CODES[code].transforms):
@@ -314,8 +312,8 @@ def test_each_code_is_registered_for_the_transform_that_gives_it(trees: dict[str
 
 
 def test_calibration_codes_agree_with_the_registry() -> None:
-    """:data:`normfold.calibration.CODES`, the calibration's own list, names the same codes."""
-    from normfold import calibration
+    """:data:`normfold.transforms.calibration.CODES`, the calibration's own list, names the same codes."""
+    from normfold.transforms import calibration
 
     assert set(calibration.CODES) == codes.names("calibrate")
 

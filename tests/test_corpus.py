@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
 from normfold import inputs as inputs_mod
-from normfold import load as load_mod
 from normfold.errors import LoadError, UsageError
-from normfold.limits import MAX_INPUT_ELEMENTS, MAX_MODEL_ARGS_DEPTH, parse_model_args
-from normfold.load import ZIP_MIN_ALLOWANCE, load_batches, load_inputs, load_model
+from normfold.io import load as load_mod
+from normfold.io.limits import MAX_INPUT_ELEMENTS, MAX_MODEL_ARGS_DEPTH, parse_model_args
+from normfold.io.load import ZIP_MIN_ALLOWANCE, load_batches, load_inputs, load_model
 from normfold.options import InputSpec
 
 RESNET = "normfold.models:resnet"
@@ -220,7 +220,7 @@ def test_library_shapes_are_checked_before_allocating(monkeypatch: pytest.Monkey
     def no_alloc(*args: object, **kwargs: object) -> None:
         raise AssertionError("allocated before the check")
 
-    monkeypatch.setattr("normfold.reference.torch.randn", no_alloc)
+    monkeypatch.setattr("normfold.check.reference.torch.randn", no_alloc)
     with pytest.raises(
         UsageError, match=r"\(1, 3, 100000, 100000\): 30,000,000,000 input elements in total, over"
     ):

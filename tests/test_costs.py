@@ -9,7 +9,7 @@ from torch import nn
 from torch.export import Dim
 
 import normfold
-from normfold.costs import program_macs
+from normfold.engine.costs import program_macs
 
 
 @pytest.mark.parametrize(

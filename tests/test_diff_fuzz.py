@@ -15,7 +15,7 @@ c. the input model (state_dict bytes, every module's training flag), the inputs 
    are unchanged.
 
 **The truth** judges a candidate on verify's own input sets (the given inputs, its seeded normal
-and uniform[0, 255] sets from :func:`normfold.reference.parity_sets`; a set on which the original
+and uniform[0, 255] sets from :func:`normfold.check.reference.parity_sets`; a set on which the original
 is not finite is left out, as verify does), per output and per slice ``c`` along every axis (a
 channel, a sample, a row, ...; verify too judges slices), with ``exact`` a float64 copy of the
 original run on float64 inputs, ``own_c`` the original's own error against it, ``pert_c`` the
@@ -83,7 +83,7 @@ from hypothesis import seed as hypothesis_seed
 from torch import nn
 
 import normfold
-from normfold.reference import parity_sets
+from normfold.check.reference import parity_sets
 
 EXAMPLES = int(os.environ.get("NORMFOLD_DIFF_EXAMPLES", "100"))
 SEED = os.environ.get("NORMFOLD_DIFF_SEED")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normfold.engine import planner
+from normfold.engine.capture import CaptureOptions, capture
 from normfold.engine.context import Candidate, Context, Refused
 from normfold.engine.norms import candidates
 from normfold.engine.rules import (
@@ -19,7 +20,6 @@ from normfold.engine.rules import (
     SumThenNorm,
 )
 from normfold.engine.torch_view import TorchView
-from normfold.graph import CaptureOptions, capture
 
 
 def _bn(c: int, seed: int, *, negative: bool = False) -> nn.BatchNorm2d:

@@ -1,4 +1,4 @@
-"""Error statistics per output (normfold.errstats) on hand-made outputs whose errors are known,
+"""Error statistics per output (normfold.check.errstats) on hand-made outputs whose errors are known,
 and the smallest tolerances they report: the rule passes at them and fails just below."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from normfold.parity import ParityRule, compare
+from normfold.check.parity import ParityRule, compare
 
 EXACT = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
 ERRORS = torch.tensor([0.1, -0.2, 0.0, 0.8], dtype=torch.float64)
@@ -72,7 +72,7 @@ def test_the_json_report_holds_each_outputs_closest_call() -> None:
                    rule=rule, inputs="near")  # fmt: skip
     far = compare((EXACT + OWN, EXACT), (EXACT, EXACT + 0.1), exact_outputs=(EXACT, EXACT), rule=rule,
                   inputs="far")  # fmt: skip
-    from normfold.parity import ParityReport
+    from normfold.check.parity import ParityReport
 
     report = ParityReport(outputs=near.outputs + far.outputs)
     data = json.loads(json.dumps(report.to_dict()))

@@ -13,11 +13,11 @@ from normfold.models import ZOO, example_inputs
 from torch import nn
 
 import normfold
-import normfold.export as export_mod
+import normfold.io.export as export_mod
+from normfold.check.parity import ParityRule
+from normfold.check.reference import Reference, make_reference, parity_sets
 from normfold.errors import ExportError, UsageError
-from normfold.export import ExportOptions, export_model, export_onnx, run_onnx, write_state_dict
-from normfold.parity import ParityRule
-from normfold.reference import Reference, make_reference, parity_sets
+from normfold.io.export import ExportOptions, export_model, export_onnx, run_onnx, write_state_dict
 
 RULE = ParityRule()
 

@@ -1,4 +1,4 @@
-"""Factories that register their own example input shapes (normfold.factory): the zoo does so,
+"""Factories that register their own example input shapes (normfold.io.factory): the zoo does so,
 so the library finds a zoo model's shapes without importing the zoo."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from normfold.errors import UsageError
-from normfold.factory import input_shapes_of, register_input_shapes
-from normfold.load import load_model
+from normfold.io.factory import input_shapes_of, register_input_shapes
+from normfold.io.load import load_model
 
 SOURCE = """
 import torch
-from normfold.factory import register_input_shapes
+from normfold.io.factory import register_input_shapes
 
 def registered(width=5):
     return torch.nn.Sequential(torch.nn.Linear(width, 3), torch.nn.BatchNorm1d(3))

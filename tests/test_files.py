@@ -1,4 +1,4 @@
-"""The one rule for every file normfold writes (normfold/files.py), in the library and the CLI,
+"""The one rule for every file normfold writes (normfold/io/files.py), in the library and the CLI,
 and a kill loop: the CLI killed with SIGKILL and SIGTERM at random moments never leaves a partial
 output, a stray temporary file or a changed input.
 
@@ -29,9 +29,9 @@ from normfold.cli.app import app
 from normfold.models import resnet
 from typer.testing import CliRunner
 
-import normfold.files as files_mod
+import normfold.io.files as files_mod
 from normfold.errors import ExportError, UsageError
-from normfold.files import OutputSet, clean_stale
+from normfold.io.files import OutputSet, clean_stale
 
 RESNET = "normfold.models:resnet"
 KILL_RUNS = int(os.environ.get("NORMFOLD_KILL_RUNS", "6"))
@@ -499,7 +499,7 @@ def test_cli_report_failure_writes_no_model(tmp_path: Path, monkeypatch: pytest.
 def test_cli_replaces_with_force_and_removes_the_old_external_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import normfold.export as export_mod
+    import normfold.io.export as export_mod
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(export_mod, "_ONNX_MAX_PROTO", 1)  # every export takes the external-data path
@@ -521,7 +521,7 @@ def test_cli_force_removes_only_data_normfold_provably_wrote_and_nothing_uses(
     data which a copy of the model (backup.onnx) still uses. --force removes none of them."""
     from onnx.external_data_helper import _get_all_tensors
 
-    import normfold.export as export_mod
+    import normfold.io.export as export_mod
 
     monkeypatch.chdir(tmp_path)
     weights = _weights(tmp_path)
@@ -588,7 +588,7 @@ def test_kill_loop_leaves_old_or_complete_outputs_and_no_stray_files(tmp_path: P
     digest = _sha(weights)
     env = {**os.environ, "TMPDIR": str(tmp)}
     # the 2 GB external-data threshold lowered to 1 byte, so the set has three files
-    cli = [sys.executable, "-c", "import normfold.export as e; e._ONNX_MAX_PROTO = 1; "
+    cli = [sys.executable, "-c", "import normfold.io.export as e; e._ONNX_MAX_PROTO = 1; "
            "from normfold.cli.app import main; main()"]  # fmt: skip
     args = ["fold", "w.pt", "--model", RESNET, "--out", "o.onnx", "--report", "r.json", "--force", "-q"]
     rng = random.Random(8)

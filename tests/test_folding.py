@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
+from normfold.engine.rebuild import Remainder
 from normfold.errors import TraceError, UsageError
-from normfold.rebuild import Remainder
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -140,7 +140,7 @@ def test_bn_subclass_with_activation_folds_and_keeps_the_activation():
     )
     assert result.skipped == [] and result.replan_folds == 0
     bn = result.model.norm
-    # its activation stays, its norm op is gone (normfold.rebuild): it runs what the export runs
+    # its activation stays, its norm op is gone (normfold.engine.rebuild): it runs what the export runs
     assert isinstance(bn, Remainder) and bn.recipe.original == "BNAct"
     assert [s.op for s in bn.recipe.steps] == ["relu.default"] and not list(bn.state_dict())
     probe = torch.randn(5, 4, 3, 3) * 100
@@ -680,14 +680,14 @@ def test_mixed_shared_conv_second_call_site_is_untouched():
 
 
 def test_package_functions_stay_callable_after_submodule_imports():
+    import normfold.check.parity
     import normfold.folding
-    import normfold.parity
 
     assert callable(normfold.fold) and callable(normfold.verify)
 
 
 def test_recalibrate_stays_callable_after_its_submodule_import():
-    import normfold.calibration
+    import normfold.transforms.calibration
 
     assert callable(normfold.recalibrate)
 

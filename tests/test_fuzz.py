@@ -4,7 +4,7 @@
 For every generated model, ``test_fold_fuzz`` (:func:`check_fold`) checks:
 
 1. parity: ``verify(model, result.model, inputs)`` and ``verify(model, exported(result.program),
-   inputs)`` (so both follow the one parity rule of :mod:`normfold.parity`) on standard normal,
+   inputs)`` (so both follow the one parity rule of :mod:`normfold.check.parity`) on standard normal,
    U(0, 255) and N(0, 1) * 100 inputs (verify adds its own generated sets); an input set on which
    the *original* overflows or outputs only zeros is not compared, and a check that ``verify``
    reports as undecidable (``ParityReport.decided`` False: it failed, saying the original cannot

@@ -50,7 +50,7 @@ def test_fuzz_examples_do_not_depend_on_the_modules_imported_before(
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         importlib.import_module("nf_history_constants")  # a local module: new constants for Hypothesis
-        for name in ("normfold.pipeline", "normfold.export"):  # what the ONNX export imported
+        for name in ("normfold.pipeline", "normfold.io.export"):  # what the ONNX export imported
             importlib.import_module(name)
         after = _drawn(40)
     finally:  # gone before any other test's Hypothesis reads sys.modules

@@ -1,4 +1,4 @@
-"""The measured gate for folds that cancel (normfold.gate): the float64 rule decides."""
+"""The measured gate for folds that cancel (normfold.engine.gate): the float64 rule decides."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from fuzz_models import ActBatchNorm1d
 from torch import nn
 
 import normfold
+from normfold.engine.gate import CODE, at_risk, judge
 from normfold.folding import analyse
-from normfold.gate import CODE, at_risk, judge
 
 
 def _planned(model: nn.Module, x: torch.Tensor) -> tuple:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normfold.graph import CaptureOptions, Constants, bind, capture, set_arg, shape
-from normfold.plan import plan
+from normfold.engine.capture import CaptureOptions, Constants, bind, capture, set_arg, shape
+from normfold.engine.plan import plan
 
 
 def test_capture_has_a_dynamic_batch_and_maps_names():

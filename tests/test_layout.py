@@ -12,7 +12,7 @@
   the package itself.
 * **The library does not import the zoo.** No module of ``normfold`` (the CLI and the zoo aside)
   imports ``normfold.models``: a factory registers its own default input shapes
-  (:mod:`normfold.factory`).
+  (:mod:`normfold.io.factory`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ PENDING: set[str] = set()
 PENDING_CYCLES = [
     # merges planned in reparam, applied by apply/apply_program/replan, which import the merges back
     frozenset(
-        f"normfold.{name}"
+        f"normfold.engine.{name}"
         for name in ("apply", "apply_program", "reparam", "reparam_eager", "reparam_values", "replan")
     ),
-    # the capture (graph) and the module paths it resolves (modpaths) import each other
-    frozenset({"normfold.graph", "normfold.modpaths"}),
+    # the capture and the module paths it resolves (modpaths) import each other
+    frozenset({"normfold.engine.capture", "normfold.engine.modpaths"}),
 ]
 
 
@@ -216,7 +216,7 @@ def test_the_guards_see_what_they_guard() -> None:
     assert len(graph) > 40
     targets = {(e.target, e.kind) for e in graph["normfold.pipeline"]}
     assert ("normfold.options", "module level") in targets
-    assert ("normfold.swap", "in a function") in targets
+    assert ("normfold.transforms.swap", "in a function") in targets
     assert any(e.target == "normfold.models.zoo" for e in graph["normfold.models"])
 
 

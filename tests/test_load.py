@@ -1,4 +1,4 @@
-"""Tests for normfold.load: factory specs, weights files, refused formats and unsafe pickles."""
+"""Tests for normfold.io.load: factory specs, weights files, refused formats and unsafe pickles."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from normfold.errors import LoadError, UsageError
-from normfold.limits import parse_model_args
-from normfold.load import LoadedModel, load_inputs, load_model
+from normfold.io.limits import parse_model_args
+from normfold.io.load import LoadedModel, load_inputs, load_model
 
 RESNET = "normfold.models:resnet"
 SAFE_ALTERNATIVE = "torch.save(model.state_dict()"
@@ -453,7 +453,7 @@ def test_load_inputs_missing_and_unreadable(tmp_path: Path) -> None:
 def test_factory_import_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
     import sys
 
-    from normfold.load import resolve_factory
+    from normfold.io.load import resolve_factory
 
     (tmp_path / "nf_pathcheck_factory.py").write_text("def build():\n    return 1\n")
     monkeypatch.chdir(tmp_path)
@@ -546,7 +546,7 @@ def test_fp16_weights_are_inspected_in_fp16_with_the_note(tmp_path: Path) -> Non
 
 
 def test_safetensors_header_length_that_looks_like_onnx_is_not_onnx(tmp_path: Path) -> None:
-    from normfold.load import _sniff
+    from normfold.io.load import _sniff
 
     onnx_like = tmp_path / "w.safetensors"
     header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
@@ -558,7 +558,7 @@ def test_safetensors_header_length_that_looks_like_onnx_is_not_onnx(tmp_path: Pa
 
 
 def test_pickled_top_level_is_read_without_unpickling(tmp_path: Path) -> None:
-    from normfold.load import _pickled_top_level
+    from normfold.io.load import _pickled_top_level
 
     marker = tmp_path / "code_ran"
     module_class = f"{ResNet.__module__}.{ResNet.__qualname__}"  # normfold.models.cnns.ResNet

@@ -103,7 +103,7 @@ def test_torch_export(built: tuple[str, nn.Module]) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = example_inputs(name)
     program = torch.export.export(model, inputs, strict=False)
-    batch = torch.export.Dim("batch", min=1, max=2**20)  # as normfold.export does by default
+    batch = torch.export.Dim("batch", min=1, max=2**20)  # as normfold.io.export does by default
     shapes = tuple({0: batch} for _ in inputs)
     dynamic = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
     with torch.no_grad():

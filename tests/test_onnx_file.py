@@ -16,7 +16,7 @@ from torch import nn
 
 import normfold
 from normfold.errors import ExportError, UsageError
-from normfold.export import ExportOptions, export_onnx, run_onnx
+from normfold.io.export import ExportOptions, export_onnx, run_onnx
 
 
 class TwoInTwoOut(nn.Module):
@@ -278,11 +278,11 @@ def test_a_session_that_falls_back_from_the_provider_asked_for_is_an_error(tmp_p
 def test_library_messages_name_no_cli_flag():
     """The export modules speak the API's words (``static_batch=True``, ``out=``); the CLI
     translates them."""
-    import normfold.export
-    import normfold.onnx_file
-    import normfold.onnx_run
+    import normfold.io.export
+    import normfold.io.onnx_file
+    import normfold.io.onnx_run
 
-    for module in (normfold.export, normfold.onnx_file, normfold.onnx_run):
+    for module in (normfold.io.export, normfold.io.onnx_file, normfold.io.onnx_run):
         source = Path(module.__file__).read_text()
         assert re.findall(r"--[a-z][a-z-]+", source) == [], module.__name__
 

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normfold
-from normfold.errors import TraceError, UsageError
-from normfold.parity import (
+from normfold.check.parity import (
     DEFAULT_TOLERANCES,
     OutputParity,
     ParityReport,
     Tolerance,
 )
-from normfold.reference import verify
+from normfold.check.reference import verify
+from normfold.errors import TraceError, UsageError
 
 FP32 = DEFAULT_TOLERANCES[torch.float32]
 
@@ -484,11 +484,11 @@ def test_to_dict_is_json() -> None:
 
 
 def test_never_prints(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="normfold.parity"):
+    with caplog.at_level(logging.DEBUG, logger="normfold.check.parity"):
         verify(_mlp(), _mlp(), torch.ones(1, 8))
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-    assert any(r.name == "normfold.parity" for r in caplog.records)
+    assert any(r.name == "normfold.check.parity" for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- property

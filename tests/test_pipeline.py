@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from normfold.check.parity import ParityRule
 from normfold.errors import ParityError, UsageError
-from normfold.parity import ParityRule
 from normfold.pipeline import ExportOptions, InputSpec, WriteOptions, fold_and_export, inspect
 
 
@@ -112,7 +112,7 @@ def test_a_failed_export_check_names_its_step_in_the_report(tmp_path, monkeypatc
     report of the failed run names the step, ``check (onnxruntime)``, not null."""
     import json
 
-    import normfold.export as export_mod
+    import normfold.io.export as export_mod
     from normfold.errors import ExportError
 
     real = export_mod.run_onnx

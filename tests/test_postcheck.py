@@ -1,4 +1,4 @@
-"""fold()'s post-condition (normfold.postcheck) and verify() judging every artifact of a result."""
+"""fold()'s post-condition (normfold.engine.postcheck) and verify() judging every artifact of a result."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from helpers import randomize_bn
 from torch import nn
 
 import normfold
+from normfold.engine.postcheck import check_artifacts_agree, check_replan
 from normfold.errors import ConsistencyError
-from normfold.postcheck import check_artifacts_agree, check_replan
 
 
 def _net(seed: int) -> nn.Module:

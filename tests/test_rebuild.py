@@ -14,11 +14,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
-from normfold.apply import eager_plan
-from normfold.graph import Capture, CaptureOptions, Constants, capture
-from normfold.plan import plan
-from normfold.rebuild import CallIndex, Recipe, Remainder, Step, rebuilt_modules, recipe
-from normfold.roundtrip import load_folded, save_folded
+from normfold.engine.apply import eager_plan
+from normfold.engine.capture import Capture, CaptureOptions, Constants, capture
+from normfold.engine.plan import plan
+from normfold.engine.rebuild import CallIndex, Recipe, Remainder, Step, rebuilt_modules, recipe
+from normfold.io.roundtrip import load_folded, save_folded
 
 BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default}
 

@@ -13,11 +13,11 @@ from helpers import randomize_bn
 from torch import nn
 
 import normfold
+from normfold.check.exact import perturb
+from normfold.check.parity import ParityRule, compare
+from normfold.check.reference import check, make_reference, parity_sets, random_inputs, verify
 from normfold.errors import UsageError
-from normfold.exact import perturb
-from normfold.limits import MAX_INPUT_ELEMENTS
-from normfold.parity import ParityRule, compare
-from normfold.reference import check, make_reference, parity_sets, random_inputs, verify
+from normfold.io.limits import MAX_INPUT_ELEMENTS
 
 X = (torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(0)),)
 

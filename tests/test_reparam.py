@@ -1,4 +1,4 @@
-"""Structural reparameterization (normfold/reparam.py): parallel branches summed into one conv."""
+"""Structural reparameterization (normfold/engine/reparam.py): parallel branches summed into one conv."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
-from normfold.export import export_onnx
-from normfold.reparam import MergedBranch
+from normfold.engine.reparam import MergedBranch
+from normfold.io.export import export_onnx
 
 
 def _ops(program: torch.export.ExportedProgram, names: tuple[str, ...]) -> int:

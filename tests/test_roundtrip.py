@@ -11,7 +11,7 @@ from torch import nn
 
 import normfold
 from normfold.errors import LoadError
-from normfold.roundtrip import load_folded, save_folded
+from normfold.io.roundtrip import load_folded, save_folded
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

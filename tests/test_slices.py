@@ -1,4 +1,4 @@
-"""The parity rule per scale band of slices, and checks that cannot decide (normfold.slices)."""
+"""The parity rule per scale band of slices, and checks that cannot decide (normfold.check.slices)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import normfold
-from normfold.parity import ParityRule, compare
+from normfold.check.parity import ParityRule, compare
 
 
 def _detections(seed: int = 0) -> torch.Tensor:

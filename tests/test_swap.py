@@ -13,7 +13,7 @@ from helpers import randomize_bn, state_bytes
 from torch import nn
 
 from normfold.errors import UsageError
-from normfold.swap import (
+from normfold.transforms.swap import (
     ChannelsLayerNorm,
     FrozenBatchNorm,
     NotSwapped,

@@ -14,9 +14,9 @@ import torch
 from helpers import randomize_bn
 from torch import nn
 
-from normfold.parity import ParityRule
-from normfold.reference import check, make_reference, parity_sets, run_model
-from normfold.workers import run_all
+from normfold.check.parity import ParityRule
+from normfold.check.reference import check, make_reference, parity_sets, run_model
+from normfold.check.workers import run_all
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from normfold.affine import bn_affine
+from normfold.engine.affine import bn_affine
 from normfold.engine.context import Candidate, Refused
 from normfold.engine.records import Unit
 from normfold.engine.view import GraphView, Node

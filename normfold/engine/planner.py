@@ -10,7 +10,7 @@ code and reason of the rule that refused (the backward reason first; the forward
 names what blocks a fold that could exist).
 
 Pure: reads the view, changes nothing. ``keep``: norms (by :attr:`Unit.name`) decided elsewhere to
-stay, with their ``(code, reason)`` (the measured gate of :mod:`normfold.gate`).
+stay, with their ``(code, reason)`` (the measured gate of :mod:`normfold.engine.gate`).
 """
 
 from __future__ import annotations

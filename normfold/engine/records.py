@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from normfold.affine import scale_input, scale_output
+from normfold.engine.affine import scale_input, scale_output
 
 
 class Values(Protocol):

@@ -1,9 +1,9 @@
 """The graph view over a ``torch.export`` capture (ATen ops, read by schema name).
 
-Implements :class:`normfold.engine.view.GraphView` on a :class:`normfold.graph.Capture`: the op
+Implements :class:`normfold.engine.view.GraphView` on a :class:`normfold.engine.capture.Capture`: the op
 tables (layers, ops a per-channel map passes through, merges, norms, affine ops, activations) are
-:mod:`normfold.rules`; :class:`normfold.graph.Constants` and the name maps are built once per view,
-and one view serves every rule, the planner and the merges of one capture.
+:mod:`normfold.engine.aten`; :class:`normfold.engine.capture.Constants` and the name maps are built
+once per view, and one view serves every rule, the planner and the merges of one capture.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from normfold import rules
+from normfold.engine import aten as op_tables
+from normfold.engine.capture import Capture, Constants, bind, concrete, op_name, owner, shape, tensor_meta
 from normfold.engine.view import AffineStep, BatchNormRef, LayerRef, ThroughRef
-from normfold.graph import Capture, Constants, bind, concrete, op_name, owner, shape, tensor_meta
 
 aten = torch.ops.aten
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
@@ -70,14 +70,14 @@ class TorchView:
     # --- what a node is ---------------------------------------------------------------------------
 
     def layer(self, node: fx.Node) -> LayerRef | None:
-        return rules.read_layer(node)
+        return op_tables.read_layer(node)
 
     def layer_reading(self, node: fx.Node) -> LayerRef | None:
-        return rules.layer_reading(node)
+        return op_tables.layer_reading(node)
 
     def through(self, node: fx.Node) -> ThroughRef | None:
-        rule = rules.through_of(node)
-        first = rules.through_input(node) if rule is not None else None
+        rule = op_tables.through_of(node)
+        first = op_tables.through_input(node) if rule is not None else None
         if (
             rule is None
             or first is None
@@ -88,10 +88,10 @@ class TorchView:
         return ThroughRef(rule.name, rule.kind, first, rule.check(bind(node)))
 
     def merge_kind(self, node: fx.Node) -> str | None:
-        return rules.MERGES.get(node.target) if node.op == "call_function" else None
+        return op_tables.MERGES.get(node.target) if node.op == "call_function" else None
 
     def batch_norm(self, node: fx.Node) -> BatchNormRef | None:
-        if node.op != "call_function" or node.target not in rules.BATCH_NORMS:
+        if node.op != "call_function" or node.target not in op_tables.BATCH_NORMS:
             return None
         a = bind(node)
         return BatchNormRef(
@@ -101,7 +101,7 @@ class TorchView:
 
     def affine_step(self, node: fx.Node) -> AffineStep | None:
         found = affine_operand(node, self.consts)
-        if found is None or rules.read_layer(node) is not None:
+        if found is None or op_tables.read_layer(node) is not None:
             return None
         op, c, x, _ = found
         alpha = float(bind(node).get("alpha", 1)) if op in ("add", "sub", "rsub") else 1.0
@@ -141,12 +141,12 @@ class TorchView:
         return op_name(node)
 
     def is_activation(self, node: fx.Node) -> bool:
-        return op_name(node) in rules.ACTIVATIONS
+        return op_name(node) in op_tables.ACTIVATIONS
 
     # --- channel ids ------------------------------------------------------------------------------
 
     def reduced_dims(self, node: fx.Node, rank: int) -> tuple[int, ...] | None:
-        if node.target not in rules.REDUCTIONS:
+        if node.target not in op_tables.REDUCTIONS:
             return None
         dims = bind(node)["dim"]
         return tuple(int(d) for d in ([dims] if isinstance(dims, int) else (dims or range(rank))))
@@ -178,7 +178,7 @@ class TorchView:
 
 def _shape_only(user: fx.Node, node: fx.Node) -> bool:
     """``user`` reads only the shape of ``node`` (``reshape_as(y, node)``): not a use of its values."""
-    roles = rules.SHAPE_ONLY.get(user.target) if user.op == "call_function" else None
+    roles = op_tables.SHAPE_ONLY.get(user.target) if user.op == "call_function" else None
     if roles is None:
         return False
     args = bind(user)
@@ -194,7 +194,7 @@ def _flat_args(node: fx.Node) -> list[Any]:
 
 def affine_operand(node: fx.Node, consts: Constants) -> tuple[str, torch.Tensor, fx.Node, str] | None:
     """``(op, constant, x, x's argument name)`` when ``node`` is ``x (op) constant``."""
-    op = rules.AFFINE_OPS.get(node.target) if node.op == "call_function" else None
+    op = op_tables.AFFINE_OPS.get(node.target) if node.op == "call_function" else None
     if op is None or consts.is_const.get(node, False):
         return None
     args = bind(node)
@@ -227,7 +227,7 @@ def affine_operand(node: fx.Node, consts: Constants) -> tuple[str, torch.Tensor,
 
 def input_arg(node: fx.Node, consts: Constants) -> str:
     """Name of the argument a norm op transforms (``input`` for batch_norm)."""
-    if node.target in rules.BATCH_NORMS:
+    if node.target in op_tables.BATCH_NORMS:
         return "input"
     found = affine_operand(node, consts)
     if found is None:

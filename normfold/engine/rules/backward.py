@@ -12,7 +12,7 @@ the norm is channel ``r(c)`` of the layer, :mod:`normfold.engine.channels`):
   every producer gets ``s``, only the first gets ``t``.
 
 Every layer's weight (and bias) must be a parameter read by that op alone, of the output's dtype;
-a scale crossing a max must be positive (:mod:`normfold.signs`).
+a scale crossing a max must be positive (:mod:`normfold.engine.signs`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from normfold import signs
+from normfold.engine import signs
 from normfold.engine.context import Context, Refused
 from normfold.engine.records import Fold
 from normfold.engine.view import GraphView, LayerRef, Node
@@ -44,7 +44,7 @@ def check_layer(view: GraphView, layer: LayerRef, change: str) -> None:
 
 
 def check_positive(view: GraphView, name: str, path: list[Node], scale: torch.Tensor) -> None:
-    """``max(s*x + t) = s*max(x) + t`` only for ``s > 0`` (:mod:`normfold.signs`): ``scale`` is what
+    """``max(s*x + t) = s*max(x) + t`` only for ``s > 0`` (:mod:`normfold.engine.signs`): ``scale`` is what
     the fold writes, a scalar map's value included."""
     found = signs.blocking(view, path, scale)
     if found is not None:

@@ -1,0 +1,150 @@
+"""A measured gate for folds that cancel: the float64 judge decides whether they are exact.
+
+A BatchNorm whose running mean lies many standard deviations from zero computes a difference of
+two large numbers: ``z = s * (y - m) + beta`` with ``y ~ m``, ``rho = |m| / sqrt(var + eps)``
+stds away. Folded into the layer before (``W' = s W``, ``b' = s (b - m) + beta``) or after
+(``b' = b + W t``), the same cancellation happens inside the layer, and the new values ``b'``
+and ``W'`` are rounded once more, each by about ``u * rho`` in units of the output's std (``u``:
+the dtype's unit roundoff). The original's own error is of that order too, so the fold is usually
+within the parity rule's factor of it, but not always: the float32 fold of a ``Linear`` into a BN
+with ``running_mean ~ 1e3`` and ``running_var ~ 10`` whose output feeds a batch-statistics norm
+can be 5-30x the original's own error. No rule on the statistics alone can tell those apart, so
+the parity rule itself decides:
+
+* a hand-written affine map ``y = s x + t`` has no statistics: its ``|t / s|`` (its shift in units
+  of its input) is at risk above 256;
+* a fold is *at risk* when ``rho > R(dtype)`` (``R``: 16 for float32, 8 for float16, 4 for
+  bfloat16, 1e4 for float64: on 60 seeds of the ``Linear -> BN(mean ~1e3, var 10) -> batch-
+  statistics BN -> Linear`` model, a threshold of 256 still left 2 folds that fail the rule, 16
+  none; the check costs one ``verify`` inside ``fold()``, only for plans with a fold at risk, with
+  the noise taken as the original's own error alone in float32/float64,
+  ``ParityRule(perturbations=0)``, and the full rule in float16/bfloat16, where the parameter
+  rounding a fold applies is itself the dominant noise);
+* in float16 and bfloat16, a fold whose scale is above 1 is at risk of **overflow**: it moves the
+  norm's scale before ops the original ran unscaled (a sum over many positions, a mean that
+  cancels), whose intermediate values can then leave the dtype's range where the original's stay
+  inside it (diff fuzz seed 424242 #2997: a Linear whose output is averaged, then normalized with
+  ``1 / sqrt(var + eps) ~ 22``: the folded Linear overflows float16 before the mean); such folds
+  are kept with code ``overflow`` when the result fails;
+* when a plan has folds at risk, ``fold()`` judges its result (module and program) against the
+  original by :func:`normfold.verify` on the example inputs; if it fails (and the check could
+  decide), the folds at risk are kept with code ``cancellation`` and the model is folded again
+  without them. A fold at risk that passes stays folded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from normfold.engine.capture import Capture
+from normfold.engine.plan import Plan
+
+if TYPE_CHECKING:
+    from normfold.engine.fold_records import FoldResult
+
+__all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "overflow_risk"]
+
+CODE = "cancellation"
+OVERFLOW = "overflow"
+#: dtypes whose range a fold's scale above 1 can push an intermediate value out of
+_NARROW = (torch.float16, torch.bfloat16)
+
+#: the largest mean-to-std ratio a fold takes without a measured check, per statistics dtype
+_RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
+#: the same for a hand-written affine map, whose ``|t / s|`` is in units of its input, not of a std
+_AFFINE_RISK = 256.0
+
+
+def at_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
+    """Norm name -> ``rho`` (module docstring) of every planned BatchNorm fold at risk."""
+    risky: dict[str, float] = {}
+    tiny = torch.finfo(torch.float64).tiny
+    for fold in the_plan.folds:
+        unit = fold.unit
+        mean_fqn, var_fqn = unit.stats.get("running_mean"), unit.stats.get("running_var")
+        if unit.kind == "batch_norm" and mean_fqn and var_fqn:
+            mean, var = capture.value(mean_fqn), capture.value(var_fqn)
+            std = var.detach().double().clamp_min(tiny).sqrt()
+            rho = float((mean.detach().double().abs() / std).max()) if mean.numel() else 0.0
+            limit = _RISK.get(mean.dtype, 16.0)
+        elif unit.kind == "affine" and not fold.identity and fold.updates:
+            # a hand-written map y = s x + t knows no std: |t / s| is its shift in units of its
+            # input, so only a shift far beyond any input scale (a mean of 1e3 under a variance of
+            # 1e-11) is measured; (x - 128) / 64 on image bytes is not
+            rho = max(float((u.shift.abs() / u.scale.abs().clamp_min(tiny)).max()) for u in fold.updates)
+            limit = _AFFINE_RISK
+        else:
+            continue
+        if rho > limit and math.isfinite(rho):
+            risky[unit.name] = max(rho, risky.get(unit.name, 0.0))
+    return risky
+
+
+def overflow_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
+    """Norm name -> largest ``|scale|`` of every fold into a float16/bfloat16 layer that scales up."""
+    risky: dict[str, float] = {}
+    for fold in the_plan.folds:
+        for u in fold.updates:
+            if capture.value(u.weight).dtype not in _NARROW or not u.scale.numel():
+                continue
+            largest = float(u.scale.abs().max())
+            if largest > 1.0 and math.isfinite(largest):
+                risky[fold.unit.name] = max(largest, risky.get(fold.unit.name, 0.0))
+    return risky
+
+
+def judge(
+    original: nn.Module,
+    result: FoldResult,
+    inputs: Sequence[torch.Tensor],
+    risky: Mapping[str, float],
+    overflow: Mapping[str, float] | None = None,
+) -> dict[str, tuple[str, str]]:
+    """The folds at risk to keep (norm -> ``(code, reason)``): all of them when the folded result
+    fails the parity rule against ``original`` on ``inputs`` (and its input sets); none when it
+    passes or the check cannot decide."""
+    from normfold.check.parity import ParityRule
+    from normfold.check.reference import verify  # the checker only when a plan has folds at risk
+
+    # In float32/float64, judged against the original's own error alone: a fold at risk is exact
+    # when it stays within the rule's factor of the rounding the original itself shows
+    # (clarification of item 7); the perturbed runs carry a fresh sample of that rounding each,
+    # which in a cancelling model can be 10x the original's own and would admit folds 5-8x beyond
+    # it. In float16/bfloat16 the parameter rounding a fold applies is itself the dominant noise
+    # (a rounded weight moves values across a ReLU kink: fuzz seed 1001), which only the
+    # perturbed runs measure, so the full rule judges.
+    narrow = dtype_name(result) in ("float16", "bfloat16")
+    rule = ParityRule() if narrow else ParityRule(perturbations=0)
+    report = verify(original, result, tuple(inputs), rule=rule)
+    if report.passed or not report.decided:
+        return {}
+    failure = report.failures()[0]
+    kept = {
+        name: (
+            OVERFLOW,
+            f"its scale (up to {scale:.3g}) folded into a {dtype_name(result)} layer moved the outputs "
+            f"beyond the parity rule ({failure}): values the original computes unscaled leave the dtype's "
+            "range",
+        )
+        for name, scale in (overflow or {}).items()
+    }
+    kept |= {
+        name: (
+            CODE,
+            f"its mean is {rho:.3g} standard deviations (or input units) from zero, so the folded layer "
+            f"cancels two large numbers and its rounded new values moved the outputs beyond the parity rule "
+            f"({failure}); the original computes the difference in its own op",
+        )
+        for name, rho in risky.items()
+    }
+    return kept
+
+
+def dtype_name(result: FoldResult) -> str:
+    dtype = next((p.dtype for p in result.model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
