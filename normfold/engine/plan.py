@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import fx
-
 from normfold.engine import planner
-from normfold.engine.capture import Capture, Constants, bind
+from normfold.engine.capture import Capture
 from normfold.engine.context import Refused
 from normfold.engine.records import Fold, Keep, LayerUpdate, Plan, RowBlocks, Unit, new_bias_name
-from normfold.engine.torch_view import TorchView, describe, input_arg
+from normfold.engine.torch_view import TorchView, describe
 
 __all__ = [
-    "Fold", "Keep", "LayerUpdate", "Plan", "Refused", "RowBlocks", "Unit", "chain_input", "describe",
-    "input_arg", "new_bias_name", "plan",
+    "Fold", "Keep", "LayerUpdate", "Plan", "Refused", "RowBlocks", "Unit", "describe", "new_bias_name",
+    "plan",
 ]  # fmt: skip
 
 
@@ -35,7 +33,3 @@ def plan(
     measured gate of :mod:`normfold.engine.gate`). ``view``: the capture's view when the caller has one."""
     return planner.plan(view or TorchView.of(capture), capture, keep)
 
-
-def chain_input(node: fx.Node, consts: Constants) -> fx.Node:
-    """The non-constant tensor a norm op transforms."""
-    return bind(node)[input_arg(node, consts)]
