@@ -22,6 +22,7 @@ import pytest
 import normfold
 from normfold import codes
 from normfold.codes import CODES, TABLES, Code, lookup, markdown
+from normfold.codes.__main__ import _main as codes_main
 from normfold.errors import UnknownCodeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,18 +274,18 @@ def test_every_code_the_package_gives_is_registered(trees: dict[str, ast.Module]
         if row[0] not in CODES:
             missing.setdefault(row[0], []).append(row)
     assert not missing, (
-        "codes given but not in normfold/codes.py: "
+        "codes given but not in normfold/codes/: "
         + "; ".join(f"{code!r} at {_where(found)}" for code, found in sorted(missing.items()))
         + (
-            ". Add each to normfold/codes.py (_ALL: name, one-line meaning, transforms), then put its "
-            "table into README.md: " + REGENERATE.format(table="TABLE")
+            ". Add each to normfold/codes/ (fold.py or transforms.py: name, one-line meaning, "
+            "transforms), then put its table into README.md: " + REGENERATE.format(table="TABLE")
         )
     )
 
 
 def test_every_registered_code_is_given_somewhere(trees: dict[str, ast.Module]) -> None:
     dead = sorted(set(CODES) - {c for c, *_ in given(trees)})
-    assert not dead, f"registered in normfold/codes.py but given nowhere in the package: {dead}"
+    assert not dead, f"registered in normfold/codes/ but given nowhere in the package: {dead}"
 
 
 def test_every_code_a_record_is_compared_with_is_registered(trees: dict[str, ast.Module]) -> None:
@@ -360,9 +361,9 @@ def test_a_table_lists_its_own_codes_first_and_escapes_pipes() -> None:
 
 
 def test_the_command_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    assert codes._main(["--markdown", "swap"]) == 0
+    assert codes_main(["--markdown", "swap"]) == 0
     assert capsys.readouterr().out == f"<!-- table of codes: swap -->\n{markdown('swap')}\n\n"
-    assert codes._main(["--markdown", "nope"]) == 2
+    assert codes_main(["--markdown", "nope"]) == 2
     assert "usage: python -m normfold.codes --markdown" in capsys.readouterr().err
 
 
@@ -418,7 +419,7 @@ def test_readme_shows_each_table_of_codes_as_the_registry_renders_it() -> None:
         if not problems:
             problems.append(f"{where} differs in its header, order or last rows")
     assert not problems, "; ".join(problems) + (
-        ". Regenerate the table from normfold/codes.py and paste it over README's: "
+        ". Regenerate the table from normfold/codes/ and paste it over README's: "
         + REGENERATE.format(table=" | ".join(TABLES))
     )
 
