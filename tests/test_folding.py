@@ -649,7 +649,7 @@ def _neutral(bn: nn.Module) -> bool:
 def test_every_zoo_model_folds_with_parity(name):
     model = ZOO[name].factory()
     x = example_inputs(name)
-    result = normfold.fold(model, x, reparameterize=False)  # the merges: tests/test_reparam.py
+    result = normfold.fold(model, x, reparameterize=False)  # the merges: tests/engine/test_reparam.py
     kept = ZOO_KEPT.get(name, {})
     assert {s.norm: s.code for s in result.skipped} == kept
     assert {f.norm for f in result.folded if f.where == "export"} == ZOO_EXPORT_ONLY.get(name, set())

@@ -27,7 +27,7 @@ The registry is split by concern: :mod:`.base` (what a code is), :mod:`.fold` (t
 capture's codes), :mod:`.transforms` (merge, drop-bias, swap, calibration), :mod:`.registry`
 (:data:`CODES`, :func:`lookup`), :mod:`.tables` (README's tables). README's tables of codes are
 :func:`markdown` of each table in :data:`TABLES`;
-``tests/test_codes.py`` checks that README shows exactly them, and that every code the package
+``tests/codes/test_codes.py`` checks that README shows exactly them, and that every code the package
 passes to a record is here and every code here is given somewhere. Regenerate a table with
 ``python -m normfold.codes --markdown [TABLE]``.
 """

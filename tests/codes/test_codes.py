@@ -25,7 +25,7 @@ from normfold.codes import CODES, TABLES, Code, lookup, markdown
 from normfold.codes.__main__ import _main as codes_main
 from normfold.errors import UnknownCodeError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "normfold"
 README = ROOT / "README.md"
 REGENERATE = "python -m normfold.codes --markdown {table}"
@@ -306,7 +306,7 @@ def test_each_code_is_registered_for_the_transform_that_gives_it(trees: dict[str
             wrong.append(f"{code!r} at {mod.replace('.', '/')}.py:{line} ({how}): registered for "
                          f"{CODES[code].transforms}, given by {sorted(expected)}")  # fmt: skip
     assert not unplaced, (
-        f"modules {sorted(unplaced)} give codes: add them to _EMITTERS in tests/test_codes.py with the "
+        f"modules {sorted(unplaced)} give codes: add them to _EMITTERS in tests/codes/test_codes.py with the "
         "transforms whose records carry their codes"
     )
     assert not wrong, "; ".join(wrong)
