@@ -93,7 +93,7 @@ if TYPE_CHECKING:
     )
     from normfold.check.reference import run_model, verify
     from normfold.engine.parts import Uncaptured
-    from normfold.engine.reparam import MergedBranch
+    from normfold.engine.reparam_eager import MergedBranch
     from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
     from normfold.io.export import ExportResult, export_model, export_onnx
     from normfold.io.load import LoadedModel, load_inputs, load_model
