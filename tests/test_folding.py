@@ -602,7 +602,12 @@ def test_model_that_cannot_be_captured_is_folded_in_its_largest_captured_parts()
     x = _input((2, 3, 8, 8))
     result = normfold.fold(model, x)
     assert result.program is None
-    assert [u.module for u in result.uncaptured] == ["Untraceable", "gate", "block"]
+    assert [(u.module, u.code) for u in result.uncaptured] == [
+        ("Untraceable", "not_captured"),
+        ("gate", "not_captured"),
+        ("block", "called_outside"),
+    ]
+    assert all(isinstance(u, normfold.Kept) and u.subject == u.module for u in result.uncaptured)
     assert result.uncaptured[0].reason.startswith("torch.export could not capture Untraceable")
     assert result.uncaptured[2].reason == "block.0 is also called from outside block"
     assert [(f.norm, f.into, f.pattern) for f in result.folded] == [

@@ -35,9 +35,11 @@ passes to a record is here and every code here is given somewhere. Regenerate a 
 from __future__ import annotations
 
 from normfold.codes.base import TRANSFORMS, Code, Transform
+from normfold.codes.kept import Kept
 from normfold.codes.registry import CODES, lookup, names
 from normfold.codes.tables import TABLES, Table, codes_of, markdown
 
 __all__ = [
-    "CODES", "TABLES", "TRANSFORMS", "Code", "Table", "Transform", "codes_of", "lookup", "markdown", "names",
+    "CODES", "TABLES", "TRANSFORMS", "Code", "Kept", "Table", "Transform", "codes_of", "lookup", "markdown",
+    "names",
 ]  # fmt: skip

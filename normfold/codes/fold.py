@@ -153,6 +153,17 @@ FOLD_CODES: tuple[Code, ...] = (
     ),
     # --- capture in parts (normfold.engine.parts) ----------------------------------------------
     _code(
+        "not_captured",
+        "(models captured in parts) `torch.export` could not capture the module: its error",
+        "capture",
+    ),
+    _code(
+        "called_outside",
+        "(models captured in parts) a module inside it is also called from outside it: captured "
+        "alone, it would lose that call",
+        "capture",
+    ),
+    _code(
         "no_export",
         "(models captured in parts) a fold that exists only in an export, and there is no whole-model export",
         "capture",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from normfold.codes.kept import Kept
 from normfold.engine.capture import bind, shape
 from normfold.engine.context import Refused
 from normfold.engine.records import Unit
@@ -77,7 +78,7 @@ class Merge:
 
 
 @dataclass(frozen=True)
-class Unmerged:
+class Unmerged(Kept):
     """A sum of branches of one tensor that stays, with a stable code and a reason."""
 
     adds: tuple[str, ...]

@@ -13,6 +13,9 @@ the first element of each pair they return or put in a dict. A code passed on fr
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
+import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 
 import normfold
 from normfold import codes
-from normfold.codes import CODES, TABLES, Code, lookup, markdown
+from normfold.codes import CODES, TABLES, Code, Kept, lookup, markdown
 from normfold.codes.__main__ import _main as codes_main
 from normfold.errors import UnknownCodeError
 
@@ -365,6 +368,28 @@ def test_the_command_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out == f"<!-- table of codes: swap -->\n{markdown('swap')}\n\n"
     assert codes_main(["--markdown", "nope"]) == 2
     assert "usage: python -m normfold.codes --markdown" in capsys.readouterr().err
+
+
+def test_every_record_of_a_thing_kept_is_one_type() -> None:
+    """Every dataclass of the package that carries a ``code`` (always) and a ``reason`` is a
+    :class:`normfold.Kept`, whose ``subject`` names a field of it (or is its own property)."""
+    records = []
+    for info in pkgutil.walk_packages(normfold.__path__, "normfold."):
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if isinstance(cls, type) and cls.__module__ == info.name and dataclasses.is_dataclass(cls):
+                types = {f.name: f.type for f in dataclasses.fields(cls)}
+                names = set(types)
+                if types.get("code") == "str" and "reason" in types:  # a row that may have one: not a record
+                    records.append(cls)
+                    assert issubclass(cls, Kept), f"{info.name}.{cls.__name__} is not a normfold.Kept"
+                    assert cls.subject_field in names or cls.subject is not Kept.subject, cls
+    assert {c.__name__ for c in records} >= {
+        "Skipped", "NotMerged", "Uncaptured", "KeptBias", "NotSwapped", "NotRecalibrated", "Keep", "Unmerged",
+    }  # fmt: skip
+    exported = {n for n in normfold.__all__ if isinstance(getattr(normfold, n), type)}
+    public = {c.__name__ for c in records} - {"Keep", "Unmerged"}  # the plan's own, inside the engine
+    assert public <= exported, f"kept records not exported from normfold: {sorted(public - exported)}"
 
 
 # --- README -----------------------------------------------------------------------------------
