@@ -135,6 +135,8 @@ class _Eager:
             layer = self.modules.get(u.module)
             if layer is not None and (layer._forward_hooks or layer._forward_pre_hooks):
                 return f"{u.module} has forward hooks that would see its changed output"
+            if u.side == "replace":  # a new weight, no shift: nothing to add a bias for
+                continue
             if u.bias is None and self.by_name[u.layer].target in _BARE_MATMULS:
                 where = u.module or "forward"
                 return f"the matmul x @ {u.weight} in {where} has no bias to receive the norm's shift"
@@ -174,6 +176,8 @@ class _Eager:
         ``(None, why not)``."""
         unit = fold.unit
         path = unit.module
+        if fold.pattern == "weight_std":
+            return self._stored_weight(path, removed)
         if unit.kind == "batch_norm":
             stats = unit.stats.get("running_mean") or ""
             path = stats.rpartition(".")[0] if "." in stats else ""
@@ -205,6 +209,18 @@ class _Eager:
         if unit.kind == "batch_norm" and self._neutralizable(module, path, unit.nodes[0]):
             return path, "neutral"
         return None, f"{path} ({type(module).__name__}) runs other ops that must stay"
+
+    def _stored_weight(self, path: str, removed: set[str]) -> tuple[str | None, str]:
+        """A layer whose ``forward`` computes its weight from parameters (weight standardization):
+        rebuilt to run its remaining ops on the stored weight, ``conv(x, self.weight, ...)``."""
+        module = self.modules.get(path) if path else None
+        if module is None:
+            return None, "the weight is computed in forward code, not by a module that can be rebuilt"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+            return None, f"{path} has forward hooks that would be lost"
+        if self._rebuildable(path, module, removed):
+            return path, "rebuild"
+        return None, f"{path} ({type(module).__name__}) cannot be rebuilt: {self.recipes[path]}"
 
     def _rebuildable(self, path: str, module: nn.Module, removed: set[str]) -> bool:
         """The module's calls, once ``removed`` are gone, are a chain :class:`Remainder` runs,

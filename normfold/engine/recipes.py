@@ -23,6 +23,12 @@ __all__ = ["CallIndex", "recipe"]
 
 #: arguments an op schema types ``SymInt`` (sizes: a view's, a slice's bounds)
 _SIZED = re.compile(r"SymInt(?:\[\d*\])?\??\s+(\w+)")
+#: ``SymInt`` arguments of a layer op that are its geometry (the module's own attributes), never a
+#: size read off the input: a rebuilt weight-standardized conv keeps calling ``conv2d``
+_GEOMETRY = frozenset({"stride", "padding", "dilation", "groups", "output_padding"})
+_LAYER_OPS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+)
 
 
 class CallIndex:
@@ -238,19 +244,22 @@ def _op_step(
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return f"{path} runs {node.name} ({target}), not an ATen op"
     sized = _SIZED.findall(str(target._schema))
+    if target._schema.name.removeprefix("aten::") in _LAYER_OPS:
+        sized = [a for a in sized if a not in _GEOMETRY]
     if sized:  # sizes the capture read off this input (a view's): another input needs others
         return f"{path} runs {node.name}, whose {sized[0]} the capture may have fixed to this input"
 
     def arg(a: Any) -> Any:
         if isinstance(a, fx.Node):
+            a = resolve(a)  # a removed op's output is what it stood for (a stored weight, say)
             fqn = capture.state_of(a)
             if fqn is not None:
                 prefix, _, attr = fqn.rpartition(".")
                 full = f"{capture.canonical(prefix)}.{attr}" if prefix else fqn
                 if full in own:
                     return {ATTR: own[full]}
-            if resolve(a) in known:
-                return {VALUE: known[resolve(a)]}
+            if a in known:
+                return {VALUE: known[a]}
             raise ValueError(f"{path} feeds {node.name} with {a.name}")
         if isinstance(a, (list, tuple)):
             return [arg(v) for v in a]

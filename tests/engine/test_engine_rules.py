@@ -3,6 +3,8 @@ and reason), and the values it plans (float64, against the BatchNorm formula).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -334,16 +336,39 @@ def test_constant_weight_computes_a_standardized_weight_once(gain: bool) -> None
     assert [f.pattern for f in plan.folds] == ["weight_std", "conv-bn"] and plan.kept == []
 
 
-def test_constant_weight_is_applied_exactly_in_the_export() -> None:
+def test_constant_weight_is_applied_exactly_in_the_module_and_the_export() -> None:
     import normfold
+    from normfold.engine.rebuild import Remainder, rebuilt_modules
 
     model = Seq(StdConv(3, 6, gain=True), _bn(6, 8)).eval()
     x = torch.randn(2, 3, 8, 8)
     result = normfold.fold(model, x)
-    assert [f.pattern for f in result.folded] == ["weight_std", "conv-bn"]
+    assert [(f.pattern, f.where) for f in result.folded] == [("weight_std", "both"), ("conv-bn", "both")]
     ops = {str(n.target) for n in result.program.graph.nodes if n.op == "call_function"}
     assert ops == {"aten.conv2d.default"}
+    # eager = export: the conv is rebuilt to call conv2d on its stored (standardized, folded) weight,
+    # under its own path and parameter names, and no batch norm runs in the module either
+    assert isinstance(result.model.body[0], Remainder) and isinstance(result.model.body[1], nn.Identity)
+    assert rebuilt_modules(result.model) == {"body.0": "StdConv rebuilt, runs: aten.conv2d.default"}
+    # the gain is inside the stored weight now: the rebuilt module, like the program, drops it
+    assert {n for n, _ in result.model.named_parameters()} == {"body.0.weight", "body.0.bias"}
+    with torch.autograd.profiler.profile() as prof:
+        result.model(x)
+    assert not [e.name for e in prof.function_events if "batch_norm" in e.name]
     normfold.verify(model, result, x)  # both artifacts against the original, per element
+
+
+def test_a_rebuilt_standardized_conv_saves_and_loads_back(tmp_path: Path) -> None:
+    import normfold
+
+    torch.manual_seed(0)
+    model = Seq(StdConv(3, 6, gain=True), _bn(6, 8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = normfold.fold(model, x)
+    normfold.save_folded(result.model, tmp_path / "folded.safetensors")
+    torch.manual_seed(1)  # a fresh instance: other weights, other statistics
+    fresh = normfold.load_folded(Seq(StdConv(3, 6, gain=True), _bn(6, 9)), tmp_path / "folded.safetensors")
+    assert torch.equal(fresh(x), result.model(x))
 
 
 def test_constant_weight_refuses_a_weight_read_elsewhere() -> None:
