@@ -230,24 +230,24 @@ def parity_onnx(
     *, given: bool = False,
 ) -> ParityReport:  # fmt: skip
     """The folded model against the original in onnxruntime, on every input set (module docstring)."""
-    from normfold.check.onnx_exact import exact_run
+    from normfold.check.onnx_exact import exact_run, perturbed_runs
 
     names = list(feeds)
     dtypes = {k: v.dtype for k, v in feeds.items()}
     sets = parity_sets([feeds[k] for k in names], rule, given=given)
     ref, cand = _session(original), _session(folded)
+    out_names = [o.name for o in ref.get_outputs()]
     outputs, problems, notes = [], [], []
     for s in sets:
-        feed = {k: t.to(dtypes[k]).numpy() for k, t in zip(names, s.inputs, strict=True)}
-        out_names = [o.name for o in ref.get_outputs()]
-        r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(None, feed)), strict=True))
+        typed = {k: t.to(dtypes[k]) for k, t in zip(names, s.inputs, strict=True)}
+        feed = {k: t.numpy() for k, t in typed.items()}
+        r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(out_names, feed)), strict=True))
         c = dict(zip(out_names, (torch.from_numpy(a) for a in cand.run(out_names, feed)), strict=True))
-        exact, why = exact_run(
-            original, {k: t.to(torch.float64) for k, t in zip(names, s.inputs, strict=True)}
-        )
+        exact, why = exact_run(original, typed)
+        perturbed = [] if exact is None else perturbed_runs(original, typed, rule.perturbations)
         if why is not None and why not in notes:
             notes.append(why)
-        compared, found = compare_outputs(r, c, exact, rule, s.name)
+        compared, found = compare_outputs(r, c, exact, rule, s.name, perturbed)
         outputs.extend(compared)
         problems.extend(p for p in found if p not in problems)
     return report_of(outputs, problems, tuple(notes))

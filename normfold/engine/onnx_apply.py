@@ -58,14 +58,28 @@ def split_shared(model: ir.Model) -> dict[str, str]:
 
 
 def rejoin_unchanged(model: ir.Model, copies: Mapping[str, str], changed: set[str]) -> None:
+    """Layers whose copy of a shared initializer no fold changed read one initializer again, under
+    the original name (a folded layer's own copy takes a copy's name where the original was
+    folded)."""
     graph = model.graph
+    groups: dict[str, list[str]] = {}
     for name, original in copies.items():
-        if name in changed or name not in graph.initializers:
+        groups.setdefault(original, [original]).append(name)
+    for original, members in groups.items():
+        unchanged = [m for m in members if m not in changed and m in graph.initializers]
+        if not unchanged:
             continue
-        copy = graph.initializers[name]
-        for use in list(copy.uses()):
-            use.node.replace_input_with(use.idx, graph.initializers[original])
-        graph.initializers.pop(name)
+        holder = graph.initializers[unchanged[0]]
+        for name in unchanged[1:]:
+            for use in list(graph.initializers[name].uses()):
+                use.node.replace_input_with(use.idx, holder)
+            graph.initializers.pop(name)
+        if holder.name != original:  # the original was folded: the shared value takes its name back
+            folded = graph.initializers.pop(original)
+            graph.initializers.pop(holder.name)
+            folded.name, holder.name = holder.name, original
+            graph.register_initializer(folded)
+            graph.register_initializer(holder)
 
 
 def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], names: set[str]) -> None:
@@ -86,7 +100,7 @@ def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], name
     producers = [
         v.producer() for n in dropped for v in n.inputs if v is not None and v.producer() is not None
     ]
-    graph.remove(dropped, safe=False)
+    graph.remove(dropped, safe=True)  # detached from their inputs: unused statistics show as such
     for fold in plan.folds:
         for u in fold.updates:
             node = view.by_name[u.layer]
@@ -101,6 +115,7 @@ def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], name
         handle = view.by_name.get(name)
         if isinstance(handle, ir.Value) and handle.const_value is not None:
             handle.const_value = ops.to_ir_tensor(value, name)
+            handle.shape = ir.Shape(handle.const_value.shape)  # a Gemm's C may become one value per column
         elif isinstance(handle, ir.Node):  # a Constant node
             handle.attributes.pop("value_float", None)
             handle.attributes.pop("value_floats", None)
