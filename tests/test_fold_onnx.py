@@ -172,3 +172,20 @@ def test_written_by_the_file_rules(tmp_path) -> None:
     with pytest.raises(UsageError, match="input of this run"):
         normfold.fold_onnx(src, src, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx", "model.onnx"]
+
+
+def test_float16_model_and_given_inputs() -> None:
+    model = rows.conv_bn_relu()
+    for init in model.graph.initializer:
+        init.CopyFrom(nh.from_array(nh.to_array(init).astype(np.float16), init.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)).half()
+    result = normfold.fold_onnx(model, inputs=[x])
+    assert _count(result.model, "BatchNormalization") == 0
+    assert all(i.data_type == onnx.TensorProto.FLOAT16 for i in result.model.graph.initializer)
+    assert [o.inputs for o in result.parity.outputs] == ["given", "normal", "uniform[0,255]"]
+    assert {o.dtype for o in result.parity.outputs} == {"float16"}
+    assert result.parity.passed and result.parity.notes == ()
+    with pytest.raises(UsageError, match="the graph takes"):
+        normfold.fold_onnx(model, inputs={"image": x})
