@@ -95,6 +95,7 @@ def fold_onnx(
     try:
         feeds = _example_inputs(original, inputs, input_shapes)
         shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
+        _run_shapes(original, feeds, shapes)
         model = ir.serde.deserialize_model(copy.deepcopy(original))
         copies = split_shared(model)
         view = OnnxView(model, shapes, types)
@@ -199,6 +200,26 @@ def _concrete_shapes(
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             found[info.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
     return found, types
+
+
+def _run_shapes(
+    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Shapes inference left unknown (a reshape to a shape computed from ``Shape(x)``), from one
+    float32 run of the original on the example inputs, where normfold's interpreter runs it."""
+    from normfold.check.onnx_exact import Unsupported, run_graph
+
+    known = set(shapes)
+    if all(o in known for n in model.graph.node for o in n.output if o):
+        return
+    found: dict[str, tuple[int, ...]] = {}
+    try:
+        with torch.no_grad():
+            run_graph(model, feeds, torch.float32, shapes=found)
+    except Unsupported:
+        return
+    for name, shape in found.items():
+        shapes.setdefault(name, shape)
 
 
 def _ops(model: onnx.ModelProto) -> dict[str, int]:

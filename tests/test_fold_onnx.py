@@ -189,3 +189,35 @@ def test_float16_model_and_given_inputs() -> None:
     assert result.parity.passed and result.parity.notes == ()
     with pytest.raises(UsageError, match="the graph takes"):
         normfold.fold_onnx(model, inputs={"image": x})
+
+
+def test_dynamo_style_graph_computed_bias_and_reshape_from_shape() -> None:
+    """As torch.onnx's dynamo exporter writes with its optimizer off: a conv's zero bias computed
+    as Expand(CastLike(0, x), Shape(W)[:1]), a flatten as Reshape(x, Concat(Shape(x)[:1], [-1]))."""
+    b = rows.Builder(60)
+    w = b.weight("conv.weight", (8, 3, 3, 3))
+    b.nodes.append(onnx.helper.make_node("Shape", [w], ["w_out"], start=0, end=1))
+    b.nodes.append(onnx.helper.make_node("Constant", [], ["zero"], value=nh.from_array(np.float32(0.0))))
+    b.node("CastLike", ["zero", "x"], "zero_like")
+    bias = b.node("Expand", ["zero_like", "w_out"], "conv_bias")
+    relu = b.node("Relu", [b.bn(b.node("Conv", ["x", w, bias], "conv", pads=[1, 1, 1, 1]), 8, "bn")], "relu")
+    gap = b.node("GlobalAveragePool", [relu], "gap")
+    b.nodes.append(onnx.helper.make_node("Shape", ["x"], ["n"], start=0, end=1))
+    b.nodes.append(onnx.helper.make_node("Constant", [], ["minus_one"], value_ints=[-1]))
+    b.node("Concat", ["n", "minus_one"], "flat_shape", axis=0)
+    flat = b.node("Reshape", [gap, "flat_shape"], "flat")
+    fc = b.node(
+        "Gemm", [flat, b.weight("fc.weight", (10, 8)), b.init("fc.bias", np.zeros(10))], "fc", transB=1
+    )
+    b.bn(fc, 10, "y")
+    original = b.model([("x", ["N", 3, 8, 8])], [("y", ["N", 10])])
+    result = normfold.fold_onnx(original)
+    assert _count(result.model, "BatchNormalization") == 0
+    assert [f.pattern for f in result.folded] == ["conv-bn", "linear-bn"]
+    assert {"CastLike", "Expand"}.isdisjoint(n.op_type for n in result.model.graph.node)
+    assert result.parity.passed and result.parity.notes == ()
+    from normfold.onnx_fold import _session
+
+    x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)  # another batch size
+    got, want = _session(result.model).run(None, {"x": x})[0], _session(original).run(None, {"x": x})[0]
+    assert got.shape == (5, 10) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()

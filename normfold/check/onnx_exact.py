@@ -141,9 +141,20 @@ def _concat(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> li
 
 
 def _constant(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
-    if "value" not in a:
-        raise Unsupported("Constant without a tensor value")
-    return [torch.from_numpy(np.array(numpy_helper.to_array(a["value"])))]
+    if "value" in a:
+        return [torch.from_numpy(np.array(numpy_helper.to_array(a["value"])))]
+    kinds = {"value_float": torch.float32, "value_floats": torch.float32, "value_int": torch.int64}
+    for key, dtype in {**kinds, "value_ints": torch.int64}.items():
+        if key in a:
+            return [torch.tensor(a[key], dtype=dtype)]
+    raise Unsupported("Constant without a tensor, float or int value")
+
+
+def _cast(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
+    to = onnx.helper.tensor_dtype_to_np_dtype(a["to"])
+    if np.issubdtype(to, np.floating):  # floating values stay in the run's dtype
+        return [x[0] if x[0].is_floating_point() else x[0].to(torch.float64)]
+    return [x[0].to(torch.from_numpy(np.zeros(0, dtype=to)).dtype)]
 
 
 def _reduce_mean(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
@@ -186,7 +197,14 @@ OPS: dict[str, _Op] = {
     "GlobalAveragePool": lambda node, x, a, _: [x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True)],
     "GlobalMaxPool": lambda node, x, a, _: [x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True)],
     "ReduceMean": _reduce_mean,
-    "Shape": lambda node, x, a, _: [torch.tensor(x[0].shape, dtype=torch.int64)],
+    "Shape": lambda node, x, a, _: [
+        torch.tensor(x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64)
+    ],
+    "Expand": lambda node, x, a, _: [
+        x[0] * torch.ones(tuple(int(d) for d in x[1].tolist()), dtype=x[0].dtype)
+    ],
+    "CastLike": lambda node, x, a, _: [x[0].to(x[1].dtype)],
+    "Cast": _cast,
 }
 
 
@@ -195,9 +213,11 @@ def run_graph(
     feeds: Mapping[str, torch.Tensor],
     dtype: torch.dtype = torch.float64,
     perturb_seed: int | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The graph's outputs by name, every floating tensor computed in ``dtype``; with
-    ``perturb_seed``, floating initializers perturbed by one rounding of their own dtype first."""
+    ``perturb_seed``, floating initializers perturbed by one rounding of their own dtype first;
+    ``shapes``: filled with every value's shape on the way."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     gen = torch.Generator().manual_seed(perturb_seed) if perturb_seed is not None else None
@@ -216,7 +236,11 @@ def run_graph(
             raise Unsupported(f"op {node.op_type}")
         outs = fn(node, [env[i] for i in node.input], _attrs(node), opset)
         for name, value in zip(node.output, outs, strict=False):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value = value.to(dtype)  # every floating value in the run's dtype
             env[name] = value
+            if shapes is not None and isinstance(value, torch.Tensor):
+                shapes[name] = tuple(value.shape)
     return {o.name: env[o.name] for o in graph.output}
 
 

@@ -116,10 +116,13 @@ def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], name
         if isinstance(handle, ir.Value) and handle.const_value is not None:
             handle.const_value = ops.to_ir_tensor(value, name)
             handle.shape = ir.Shape(handle.const_value.shape)  # a Gemm's C may become one value per column
-        elif isinstance(handle, ir.Node):  # a Constant node
-            handle.attributes.pop("value_float", None)
-            handle.attributes.pop("value_floats", None)
-            handle.attributes["value"] = ir.AttrTensor("value", ops.to_ir_tensor(value, name))
+        elif isinstance(handle, ir.Node):  # a Constant node or a computed constant: now an initializer
+            old = handle.outputs[0]
+            old.name = f"{name}__computed"
+            init = _initializer(name, value)
+            graph.register_initializer(init)
+            old.replace_all_uses_with(init)
+            producers.append(handle)
     _drop_dead(graph, producers)
     for name in used_before:
         init = graph.initializers.get(name)

@@ -109,6 +109,12 @@ def evaluate(node: ir.Node, operands: list[torch.Tensor | None]) -> torch.Tensor
         if not attr(node, "allowzero", 0):
             shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return x.reshape(shape)
+    if op == "Shape":  # of a constant: its stored shape
+        dims = list(x.shape)[int(attr(node, "start", 0)) : attr(node, "end", None)]
+        return torch.tensor(dims, dtype=torch.int64)
+    if op == "Expand" and len(operands) == 2:
+        shape = torch.broadcast_shapes(tuple(x.shape), tuple(int(d) for d in operands[1].tolist()))
+        return torch.broadcast_to(x, shape).clone()
     if op in ("Unsqueeze", "Squeeze"):
         axes = _axes(node, operands, 1)
         if op == "Squeeze":

@@ -230,8 +230,7 @@ class OnnxView:
         if (
             not self.shape(x)
             or not self.shape(node)
-            or (len(self.values_of(node)) > 1
-            and self._used_extra(node))
+            or (len(self.values_of(node)) > 1 and self._used_extra(node))
         ):
             return None
         kind = "layout" if op in ops.LAYOUT else "mean" if op in ops.MEAN else "max"
@@ -249,9 +248,7 @@ class OnnxView:
         auto = ops.attr(node, "auto_pad", "NOTSET")
         padded = any(int(p) for p in ops.attr(node, "pads") or ()) or auto not in ("NOTSET", "VALID")
         if op == "AveragePool" and ops.attr(node, "count_include_pad", 0) and padded:
-            return (
-                    "avg pooling counts zero padding in its divisor, which scales the norm's shift at borders"
-                )
+            return "avg pooling counts zero padding in its divisor, which scales the norm's shift at borders"
         if op == "Slice" and any(self.constant(self.handle(v)) is None for v in node.inputs[1:] if v):
             return "a Slice with computed bounds"
         return None
@@ -320,6 +317,11 @@ class OnnxView:
             return t.double() if t.is_floating_point() else t
         if len(node.outputs) != 1 or any(v is not None and v.graph is not self.graph for v in node.inputs):
             return None
+        if self._op(node) == "CastLike" and len(node.inputs) == 2:  # reads only the type of its 2nd input
+            x, like = self.constant(self.handle(node.inputs[0])), self.dtype(self.handle(node.inputs[1]))
+            if x is None or like is None:
+                return None
+            return x.double() if like.is_floating_point and x.is_floating_point() else x.to(like)
         return ops.evaluate(
             node, [self.constant(self.handle(v)) if v is not None else None for v in node.inputs]
         )
@@ -330,7 +332,7 @@ class OnnxView:
     def state_name(self, node: Handle) -> str | None:
         if isinstance(node, ir.Value):
             return node.name if node.const_value is not None and not node.is_graph_input() else None
-        if self._op(node) == "Constant":
+        if isinstance(node, ir.Node) and self.is_constant(node):  # a Constant, or computed from constants
             return self.name(node)
         return None
 
@@ -424,8 +426,8 @@ class OnnxValues:
         handle = self.view.by_name[fqn]
         if isinstance(handle, ir.Value):
             stored = ops.as_tensor(handle.const_value)
-        else:  # a Constant node
-            stored = ops.evaluate(handle, []).to(ops.torch_dtype(handle.outputs[0].dtype))
+        else:  # a Constant node, or one computing a value from constants (cast once from float64)
+            stored = self.view.constant(handle).to(self.view.dtype(handle))
         factor, n = self._scaled.get(fqn, (1.0, None))
         if factor == 1.0 and n is None:
             return stored
