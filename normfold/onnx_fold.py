@@ -264,7 +264,7 @@ def parity_onnx(
         feed = {k: t.numpy() for k, t in typed.items()}
         r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(out_names, feed)), strict=True))
         c = dict(zip(out_names, (torch.from_numpy(a) for a in cand.run(out_names, feed)), strict=True))
-        exact, why = exact_run(original, typed)
+        exact, why = exact_run(original, typed, rule.exact_limit_bytes)
         perturbed = [] if exact is None else perturbed_runs(original, typed, rule.perturbations)
         if why is not None and why not in notes:
             notes.append(why)

@@ -215,9 +215,36 @@ def test_dynamo_style_graph_computed_bias_and_reshape_from_shape() -> None:
     assert _count(result.model, "BatchNormalization") == 0
     assert [f.pattern for f in result.folded] == ["conv-bn", "linear-bn"]
     assert {"CastLike", "Expand"}.isdisjoint(n.op_type for n in result.model.graph.node)
+    names = [i.name for i in result.model.graph.initializer]
+    assert names.count("conv.weight") == 1 and not any("__" in n for n in names)  # Shape(W) is no share
     assert result.parity.passed and result.parity.notes == ()
     from normfold.onnx_fold import _session
 
     x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)  # another batch size
     got, want = _session(result.model).run(None, {"x": x})[0], _session(original).run(None, {"x": x})[0]
     assert got.shape == (5, 10) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_model_metadata_and_untouched_parts_are_kept() -> None:
+    model = rows.conv_bn_relu()
+    model.producer_version = "1.2.3"
+    model.doc_string = "a model"
+    onnx.helper.set_model_props(model, {"author": "someone", "license": "MIT"})
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    model.graph.value_info.append(
+        onnx.helper.make_tensor_value_info("conv", onnx.TensorProto.FLOAT, ["N", 8, 8, 8])
+    )
+    result = normfold.fold_onnx(model)
+    out = result.model
+    assert (out.producer_name, out.producer_version, out.doc_string) == ("normfold-tests", "1.2.3", "a model")
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "someone", "license": "MIT"}
+    assert {(o.domain, o.version) for o in out.opset_import} == {("", 17), ("com.example", 1)}
+    assert out.ir_version == model.ir_version
+    assert _count(out, "BatchNormalization") == 0
+
+
+def test_exact_reference_beyond_the_memory_limit_says_so() -> None:
+    result = normfold.fold_onnx(rows.conv_bn_relu(), rule=ParityRule(exact_limit_bytes=100))
+    assert result.parity.passed
+    assert any("exceeds the rule's exact_limit_bytes" in n for n in result.parity.notes)
+    assert all(o.noise != o.noise for o in result.parity.outputs)  # no noise measured: NaN, floor alone

@@ -244,8 +244,18 @@ def run_graph(
     return {o.name: env[o.name] for o in graph.output}
 
 
-def exact_run(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> tuple[Any, str | None]:
-    """``(outputs by name in float64, None)``, or ``(None, why)`` when the graph cannot run here."""
+def exact_run(
+    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], limit_bytes: int | None = None
+) -> tuple[Any, str | None]:
+    """``(outputs by name in float64, None)``, or ``(None, why)`` when the graph cannot run here or
+    its float64 copy would exceed ``limit_bytes`` (the rule's ``exact_limit_bytes``)."""
+    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
+    if limit_bytes is not None and size > limit_bytes:
+        return None, (
+            f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
+            "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
+            "floor alone"
+        )
     try:
         with torch.no_grad():
             return run_graph(model, feeds), None

@@ -39,7 +39,7 @@ def split_shared(model: ir.Model) -> dict[str, str]:
     taken = {v.name for n in graph.all_nodes() for v in (*n.inputs, *n.outputs) if v is not None}
     taken |= set(graph.initializers)
     for init in list(graph.initializers.values()):
-        uses = list(init.uses())
+        uses = [u for u in init.uses() if u.node.op_type not in ops.SHAPE_ONLY]  # a shape read is no use
         if len(uses) < 2 or init.is_graph_input() or init.is_graph_output():
             continue
         for use in uses[1:]:
