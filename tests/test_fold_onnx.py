@@ -248,3 +248,19 @@ def test_exact_reference_beyond_the_memory_limit_says_so() -> None:
     assert result.parity.passed
     assert any("exceeds the rule's exact_limit_bytes" in n for n in result.parity.notes)
     assert all(o.noise != o.noise for o in result.parity.outputs)  # no noise measured: NaN, floor alone
+
+
+def test_linear_on_tokens_through_a_transposed_weight() -> None:
+    """LeViT as the TorchScript exporter writes it: MatMul(x, Transpose(W)) on (B, T, K), flattened
+    to (B*T, N) for BatchNorm1d and back: the weight (out, in) keeps its name and layout."""
+    b = rows.Builder(61)
+    w = b.weight("qkv.linear.weight", (12, 16))
+    mm = b.node("MatMul", ["x", b.node("Transpose", [w], "w_t", perm=[1, 0])], "mm")
+    flat = b.node("Reshape", [mm, b.init_i64("flat_shape", [-1, 12])], "flat")
+    b.node("Reshape", [b.bn(flat, 12, "bn"), b.init_i64("back_shape", [2, -1, 12])], "y")
+    result = normfold.fold_onnx(b.model([("x", [2, 5, 16])], [("y", [2, 5, 12])]))
+    assert _count(result.model, "BatchNormalization") == 0
+    assert _count(result.model, "Transpose") == 1
+    weight = next(i for i in result.model.graph.initializer if i.name == "qkv.linear.weight")
+    assert tuple(weight.dims) == (12, 16)
+    assert result.parity.passed and result.parity.notes == ()

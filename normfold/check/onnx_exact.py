@@ -163,7 +163,63 @@ def _reduce_mean(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) 
     return [x[0].mean(dim=dims, keepdim=bool(a.get("keepdims", 1)))]
 
 
+def _gather(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
+    axis = a.get("axis", 0) % x[0].dim()
+    idx = x[1].long()
+    idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
+    out = x[0].index_select(axis, idx.reshape(-1))
+    return [out.reshape((*x[0].shape[:axis], *idx.shape, *x[0].shape[axis + 1 :]))]
+
+
+def _slice(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
+    starts, ends = x[1].tolist(), x[2].tolist()
+    axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+    steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index: list[slice] = [slice(None)] * x[0].dim()
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+        index[ax % x[0].dim()] = slice(int(st), int(en), int(sp))
+    if any(sp < 0 for sp in steps):
+        raise Unsupported("Slice with a negative step")
+    return [x[0][tuple(index)]]
+
+
+def _reduce(fn: Callable[..., Any]) -> _Op:
+    def run(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
+        axes = _axes(x, a)
+        dims = list(range(x[0].dim())) if not axes else [d % x[0].dim() for d in axes]
+        return [fn(x[0], dims, bool(a.get("keepdims", 1)))]
+
+    return run
+
+
+def _split(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
+    axis = a.get("axis", 0)
+    sizes = a.get("split") or (x[1].tolist() if len(x) > 1 and x[1] is not None else None)
+    n = len(node.output)
+    if sizes is None:
+        sizes = [-(-x[0].shape[axis] // n)] * n
+        sizes[-1] = x[0].shape[axis] - sum(sizes[:-1])
+    return list(torch.split(x[0], [int(v) for v in sizes], dim=axis))
+
+
 OPS: dict[str, _Op] = {
+    "HardSwish": _elementwise(F.hardswish),
+    "HardSigmoid": lambda node, x, a, _: [(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5)).clamp(0, 1)],
+    "Softmax": lambda node, x, a, _: [torch.softmax(x[0], a.get("axis", -1))],
+    "Erf": _elementwise(torch.erf),
+    "Exp": _elementwise(torch.exp),
+    "Log": _elementwise(torch.log),
+    "Abs": _elementwise(torch.abs),
+    "Pow": _elementwise(torch.pow),
+    "Min": _elementwise(torch.minimum),
+    "Max": _elementwise(torch.maximum),
+    "Where": _elementwise(torch.where),
+    "Equal": _elementwise(torch.eq),
+    "Gather": _gather,
+    "Slice": _slice,
+    "Split": _split,
+    "ReduceSum": _reduce(lambda t, d, k: t.sum(d, keepdim=k)),
+    "ReduceMax": _reduce(lambda t, d, k: t.amax(d, keepdim=k)),
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batch_norm,

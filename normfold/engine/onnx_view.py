@@ -199,12 +199,19 @@ class OnnxView:
         return LayerRef(node, "linear", self.handle(node.inputs[0]), w, bias, 1, 0, False, in_out)
 
     def _matmul(self, node: ir.Node) -> LayerRef | None:
+        """``x @ W`` with ``W`` a 2-D parameter ``(in, out)``, or ``Transpose(W)`` of one ``(out, in)``
+        (``via``: the transpose, as the TorchScript exporter writes ``nn.Linear`` on 3-D inputs)."""
         x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-        if w is None or self.state_name(self.handle(w)) is None or len(self.shape(self.handle(w))) != 2:
+        if w is None or len(self.shape(self.handle(x))) < 2:
             return None
-        if len(self.shape(self.handle(x))) < 2:
+        w, in_out, via = self.handle(w), True, None
+        if self._op(w) == "Transpose" and list(ops.attr(w, "perm") or [1, 0]) == [1, 0]:
+            source = self.handle(w.inputs[0])
+            if self.state_name(source) is not None and len(self.shape(source)) == 2:
+                w, in_out, via = source, False, w
+        if self.state_name(w) is None or len(self.shape(w)) != 2:
             return None
-        return LayerRef(node, "linear", self.handle(x), self.handle(w), None, 1, 0, False, True)
+        return LayerRef(node, "linear", self.handle(x), w, None, 1, 0, False, in_out, via)
 
     def _matmul_add(self, node: ir.Node) -> LayerRef | None:
         """``MatMul(x, W) + b``: the Add is the layer's output."""
@@ -217,7 +224,8 @@ class OnnxView:
                 continue
             if self.shape(node) != self.shape(mm):
                 continue
-            return LayerRef(node, "linear", inner.input, inner.weight, b, 1, 0, False, True, None, mm)
+            w, in_out, via = inner.weight, inner.in_out, inner.via
+            return LayerRef(node, "linear", inner.input, w, b, 1, 0, False, in_out, via, mm)
         return None
 
     def through(self, node: Handle) -> ThroughRef | None:
