@@ -9,7 +9,7 @@
   initializers (a ``Constant`` node's tensor where the weight was one). A layer without a bias gets
   one: a third input for ``Conv``/``ConvTranspose``/``Gemm``, an ``Add`` after a bare ``MatMul``.
   A changed ``Gemm`` gets ``alpha = beta = 1``: its values were read as ``alpha * B``/``beta * C``
-  (:class:`normfold.engine.onnx_view.OnnxValues`).
+  (:class:`normfold.engine.onnx_values.OnnxValues`).
 * Nodes the bypass left without any use go, and initializers that became unused (a
   BatchNormalization's statistics, an old weight) leave the graph; nothing else is touched.
 * Shared weights: :func:`split_shared` gives each layer reading a shared initializer its own copy
