@@ -125,7 +125,10 @@ def fold_onnx(
         if not result.parity.passed:
             raise ParityError(result.parity.verdict())
         if files is not None:
-            onnx.save(folded, files.staged("out"))
+            try:
+                onnx.save(folded, files.staged("out"))
+            except (OSError, ValueError) as e:  # no space; a model over protobuf's 2 GB
+                raise ExportError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
             files.commit()
             result.out = Path(out)
         return result
