@@ -131,3 +131,18 @@ def test_decomposed_batch_norm_with_computed_statistics_folds() -> None:
     assert [f.pattern for f in result.folded] == ["conv-affine"]
     assert {i.name for i in result.model.graph.initializer} == {"conv.weight", "conv.bias"}
     assert result.parity.passed and result.parity.notes == ()
+
+
+def test_conv_auto_pad_and_gemm_transposed_input() -> None:
+    b = rows.Builder(56)
+    same = b.node("Conv", ["x", b.weight("same.w", (4, 3, 3, 3))], "same", auto_pad="SAME_UPPER")
+    valid = b.node("Conv", [same, b.weight("valid.w", (4, 4, 3, 3))], "valid", auto_pad="VALID")
+    one = b.node("Conv", [valid, b.weight("one.w", (4, 4, 1, 1))], "one", auto_pad="SAME_LOWER")
+    flat = b.node("Flatten", [one], "flat", axis=2)  # (N * 4, 36)
+    b.node("Gemm", [flat, b.weight("g.w", (4, 5))], "y", transA=1)  # (36, 4) @ (4, 5)
+    view = _view(b.model([("x", [1, 3, 8, 8])], [("y", [36, 5])]))
+    padded = {n: view.layer(_node(view, n)).zero_padding for n in ("same", "valid", "one")}
+    assert padded == {"same": True, "valid": False, "one": False}
+    gemm = _node(view, "y")
+    assert view.layer(gemm) is not None  # its output's channels are its columns: a backward fold is fine
+    assert view.layer_reading(gemm) is None  # its input is read transposed: no forward fold into it
