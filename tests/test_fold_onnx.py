@@ -286,3 +286,20 @@ def test_norms_inside_an_if_body_are_left_and_said() -> None:
         "(subgraphs are not folded yet)"
     )
     assert not result.folded and result.parity.passed
+
+
+def test_statistics_fed_as_graph_inputs_are_kept_with_a_code() -> None:
+    b = rows.Builder(64)
+    c = b.conv("x", 3, 4, "conv")
+    rng = b.rng
+    stats = [b.init("bn.weight", rng.uniform(0.5, 1.5, 4)), b.init("bn.bias", rng.normal(0, 0.3, 4)), "mean",
+             b.init("bn.running_var", rng.uniform(0.3, 2, 4))]  # fmt: skip
+    b.node("BatchNormalization", [c, *stats], "y")
+    model = b.model([("x", ["N", 3, 8, 8]), ("mean", [4])], [("y", ["N", 4, 8, 8])])
+    result = normfold.fold_onnx(model, inputs={"x": torch.randn(2, 3, 8, 8), "mean": torch.randn(4)})
+    (kept,) = result.skipped
+    assert (kept.code, kept.reason) == (
+        "not_constant",
+        "y running_mean is computed from the input, not a buffer",
+    )
+    assert _count(result.model, "BatchNormalization") == 1 and result.parity.passed
