@@ -300,6 +300,6 @@ def test_statistics_fed_as_graph_inputs_are_kept_with_a_code() -> None:
     (kept,) = result.skipped
     assert (kept.code, kept.reason) == (
         "not_constant",
-        "y running_mean is computed from the input, not a buffer",
+        "y_batchnormalization running_mean is computed from the input, not a buffer",
     )
     assert _count(result.model, "BatchNormalization") == 1 and result.parity.passed
