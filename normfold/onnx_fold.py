@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,19 @@ class OnnxFoldResult:
     ops_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, with the keys of :meth:`FoldResult.to_dict` where they mean the same."""
+        return {
+            "model_type": "onnx",
+            "out": None if self.out is None else str(self.out),
+            "folded": [asdict(f) for f in self.folded],
+            "skipped": [asdict(s) for s in self.skipped],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
+            "notes": list(self.notes),
+            "parity": None if self.parity is None else self.parity.to_dict(),
+        }
 
 
 def fold_onnx(

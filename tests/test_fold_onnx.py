@@ -4,6 +4,7 @@ train-mode BNs, Gemm's alpha/beta, shared weights, and parity against the origin
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -165,6 +166,9 @@ def test_written_by_the_file_rules(tmp_path) -> None:
     out = tmp_path / "folded.onnx"
     result = normfold.fold_onnx(src, out)
     assert result.out == out
+    report = json.loads(json.dumps(result.to_dict()))
+    assert report["folded"][0]["pattern"] == "conv-bn" and report["parity"]["passed"] is True
+    assert report["ops_after"] == {"Conv": 1, "Relu": 1} and report["out"] == str(out)
     written = onnx.load(str(out))
     assert _count(written, "BatchNormalization") == 0
     with pytest.raises(UsageError, match="already exists"):
