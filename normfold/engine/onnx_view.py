@@ -391,7 +391,10 @@ class OnnxView:
             v = node.inputs[i] if i < len(node.inputs) else None
             return None if v is None else self.constant(self.handle(v))
 
-        return ops.step_ids(node, operand_ids, ids, self.shape(node), constant)
+        try:
+            return ops.step_ids(node, operand_ids, ids, self.shape(node), constant)
+        except (RuntimeError, ValueError, IndexError, TypeError):  # a shape unknown or not as inferred
+            return torch.full(self.shape(node), 0.5, dtype=torch.float64)  # no channel: channel_mixing
 
 
 def _numel(shape: tuple[int, ...]) -> int:
