@@ -37,6 +37,8 @@ from normfold.errors import (
 # public name -> submodule that defines it
 _LAZY = {
     "fold": "normfold.folding",
+    "fold_onnx": "normfold.onnx_fold",
+    "OnnxFoldResult": "normfold.onnx_fold",
     "FoldResult": "normfold.folding",
     "Folded": "normfold.folding",
     "Skipped": "normfold.folding",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
     from normfold.io.export import ExportResult, export_model, export_onnx
     from normfold.io.load import LoadedModel, load_inputs, load_model
     from normfold.io.roundtrip import load_folded, save_folded
+    from normfold.onnx_fold import OnnxFoldResult, fold_onnx
     from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.pipeline import (
         drop_bias_and_write,
@@ -155,6 +158,7 @@ __all__ = [
     "NotMerged",
     "NotRecalibrated",
     "NotSwapped",
+    "OnnxFoldResult",
     "OutputParity",
     "ParityError",
     "ParityReport",
@@ -177,6 +181,7 @@ __all__ = [
     "export_onnx",
     "fold",
     "fold_and_export",
+    "fold_onnx",
     "inspect",
     "load_folded",
     "load_inputs",

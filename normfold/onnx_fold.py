@@ -1,0 +1,309 @@
+"""``fold_onnx``: fold the norms of an existing ``.onnx`` file; no PyTorch model needed.
+
+1. **Load** the file (or a ``ModelProto``) into ``onnx_ir``; make every input dim concrete (the
+   example inputs' sizes: given ``inputs``, ``input_shapes``, or :data:`DEFAULT_DIM` for a symbolic
+   dim) and run ONNX shape inference for the shapes the rules read (the written model keeps its
+   symbolic dims).
+2. **Plan** with the engine's planner and rule table over :class:`~normfold.engine.onnx_view.OnnxView`
+   (the same rules as the PyTorch path); initializers several layers share are split first, one
+   copy per layer, and joined again where no fold changed them.
+3. **Apply** (:mod:`normfold.engine.onnx_apply`) and check the result with ``onnx.checker``
+   (``full_check``: types and shapes too).
+4. **Parity** in onnxruntime (CPU, graph optimizations off for both, which would otherwise refold a
+   BatchNormalization and hide a wrong fold) of the folded model against the ORIGINAL, per element,
+   by the project's rule (:mod:`normfold.check.parity`) on the seeded input sets of
+   :func:`~normfold.check.input_sets.parity_sets` (standard normal, uniform over the rule's value
+   range; plus the caller's inputs). The exact reference is the float64 run of the original
+   graph where :mod:`normfold.check.onnx_exact` can run every op of it; otherwise the original's
+   own run is the reference and the floor alone applies (``parity.notes`` says so).
+5. **Write** ``out`` by normfold's file rules (:mod:`normfold.io.files`: staged, never partial, no
+   overwrite without ``force``, never over the input), only once parity passed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from normfold.check.input_sets import parity_sets
+from normfold.check.parity import compare_outputs, report_of
+from normfold.check.parity_report import ParityReport
+from normfold.check.parity_rule import ParityRule
+from normfold.engine import planner
+from normfold.engine.fold_records import Folded, Skipped
+from normfold.engine.onnx_apply import apply_plan, rejoin_unchanged, split_shared
+from normfold.engine.onnx_values import OnnxValues
+from normfold.engine.onnx_view import OnnxView
+from normfold.engine.records import Plan
+from normfold.errors import ExportError, LoadError, ParityError, UsageError, first_line
+from normfold.io.files import OutputSet
+
+__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx"]
+
+#: the size a symbolic input dim takes in the example inputs when none is given
+DEFAULT_DIM = 2
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+}
+
+
+@dataclass
+class OnnxFoldResult:
+    """What :func:`fold_onnx` produced: the folded model, one record per norm (the PyTorch path's
+    :class:`~normfold.engine.fold_records.Folded`/:class:`~normfold.engine.fold_records.Skipped`),
+    the parity report against the original, and op counts before and after."""
+
+    model: onnx.ModelProto
+    folded: list[Folded] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    parity: ParityReport | None = None
+    out: Path | None = None
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    plan: Plan | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, with the keys of :meth:`FoldResult.to_dict` where they mean the same."""
+        return {
+            "model_type": "onnx",
+            "out": None if self.out is None else str(self.out),
+            "folded": [asdict(f) for f in self.folded],
+            "skipped": [asdict(s) for s in self.skipped],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
+            "notes": list(self.notes),
+            "parity": None if self.parity is None else self.parity.to_dict(),
+        }
+
+
+def fold_onnx(
+    source: str | Path | onnx.ModelProto,
+    out: str | Path | None = None,
+    *,
+    inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rule: ParityRule | None = None,
+    force: bool = False,
+) -> OnnxFoldResult:
+    """Fold every norm of an ONNX model that folds exactly (module docstring); write ``out`` if
+    given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
+    input name -> shape for generated inputs. Raises ParityError (nothing written) when the folded
+    model does not match the original."""
+    rule = rule if rule is not None else ParityRule()
+    original, path = _load(source)
+    files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
+    try:
+        feeds = _example_inputs(original, inputs, input_shapes)
+        shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
+        _run_shapes(original, feeds, shapes)
+        model = ir.serde.deserialize_model(copy.deepcopy(original))
+        copies = split_shared(model)
+        view = OnnxView(model, shapes, types)
+        values = OnnxValues(view)
+        plan = planner.plan(view, values)
+        new = plan.values(values)
+        apply_plan(view, plan, new, values.names)
+        rejoin_unchanged(model, copies, set(new))
+        folded = ir.serde.serialize_model(model)
+        try:
+            onnx.checker.check_model(folded, full_check=True)
+        except Exception as e:
+            raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
+        result = OnnxFoldResult(folded, plan=plan, ops_before=_ops(original), ops_after=_ops(folded))
+        result.folded = [_folded(view, f) for f in plan.folds if not f.identity]
+        result.skipped = [Skipped(k.unit.name, k.unit.module_type, k.code, k.reason, k.unit.nodes[0])
+                          for k in plan.kept]  # fmt: skip
+        nested = _subgraph_norms(original.graph)
+        if nested:
+            result.notes.append(
+                f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies are left as they are "
+                "(subgraphs are not folded yet)"
+            )
+        result.parity = parity_onnx(original, folded, feeds, rule, given=inputs is not None)
+        result.notes.extend(result.parity.notes)
+        if not result.parity.passed:
+            raise ParityError(result.parity.verdict())
+        if files is not None:
+            try:
+                onnx.save(folded, files.staged("out"))
+            except (OSError, ValueError) as e:  # no space; a model over protobuf's 2 GB
+                raise ExportError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
+            files.commit()
+            result.out = Path(out)
+        return result
+    finally:
+        if files is not None:
+            files.close()
+
+
+def _load(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    if isinstance(source, onnx.ModelProto):
+        return source, None
+    if not isinstance(source, (str, Path)):
+        raise UsageError(f"fold_onnx() expects a path or an onnx.ModelProto, got {type(source).__name__}")
+    path = Path(source)
+    try:
+        return onnx.load(str(path)), path
+    except Exception as e:
+        raise LoadError(f"cannot read {path} as ONNX: {first_line(e)}") from e
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds (initializers listed as inputs, IR < 4, are not)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _example_inputs(
+    model: onnx.ModelProto,
+    given: Sequence[Any] | Mapping[str, Any] | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> dict[str, torch.Tensor]:
+    specs = graph_inputs(model)
+    if given is not None:
+        items = (
+            given if isinstance(given, Mapping) else dict(zip([s.name for s in specs], given, strict=False))
+        )
+        if set(items) != {s.name for s in specs}:
+            raise UsageError(f"inputs= gives {sorted(items)}, the graph takes {[s.name for s in specs]}")
+        return {k: torch.as_tensor(np.asarray(v)) for k, v in items.items()}
+    gen = torch.Generator().manual_seed(0)
+    feeds = {}
+    for spec in specs:
+        t = spec.type.tensor_type
+        dtype = _NP.get(t.elem_type)
+        if dtype is None:
+            kind = onnx.TensorProto.DataType.Name(t.elem_type)
+            raise UsageError(f"input {spec.name}: cannot generate {kind} values; give inputs=")
+        dims = list((shapes or {}).get(spec.name) or [d.dim_value if d.HasField("dim_value") else DEFAULT_DIM
+                                                       for d in t.shape.dim])  # fmt: skip
+        x = torch.randn(dims, generator=gen, dtype=torch.float64)
+        feeds[spec.name] = torch.from_numpy(x.numpy().astype(dtype))
+    return feeds
+
+
+def _concrete_shapes(
+    model: onnx.ModelProto, sizes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Every value's shape with the inputs at ``sizes``, and its element type (ONNX shape
+    inference, data propagation on)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for spec in fixed.graph.input:
+        if spec.name in sizes:
+            shape = spec.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in sizes[spec.name]:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception as e:
+        raise LoadError(f"ONNX shape inference failed on the model: {first_line(e)}") from e
+    found: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
+    g = inferred.graph
+    for info in [*g.value_info, *g.input, *g.output]:
+        tt = info.type.tensor_type
+        if tt.elem_type:
+            types[info.name] = int(tt.elem_type)
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            found[info.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    return found, types
+
+
+def _run_shapes(
+    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Shapes inference left unknown (a reshape to a shape computed from ``Shape(x)``), from one
+    float32 run of the original on the example inputs, where normfold's interpreter runs it."""
+    from normfold.check.onnx_exact import Unsupported, run_graph
+
+    known = set(shapes)
+    if all(o in known for n in model.graph.node for o in n.output if o):
+        return
+    found: dict[str, tuple[int, ...]] = {}
+    try:
+        with torch.no_grad():
+            run_graph(model, feeds, torch.float32, shapes=found)
+    except Unsupported:
+        return
+    for name, shape in found.items():
+        shapes.setdefault(name, shape)
+
+
+def _subgraph_norms(graph: onnx.GraphProto, depth: int = 0) -> int:
+    """BatchNormalization nodes in the bodies of ``graph``'s control-flow nodes, at any depth."""
+    found = 0
+    for node in graph.node:
+        if depth and node.op_type == "BatchNormalization":
+            found += 1
+        for a in node.attribute:
+            for body in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                found += _subgraph_norms(body, depth + 1)
+    return found
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def _folded(view: OnnxView, fold: Any) -> Folded:
+    into = ", ".join(dict.fromkeys(u.module for u in fold.updates))
+    kinds = ", ".join(dict.fromkeys(u.module_type for u in fold.updates))
+    unit = fold.unit
+    return Folded(unit.name, unit.module_type, into, kinds, fold.pattern, "onnx", unit.nodes[0], fold.through)
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot open the model: {first_line(e)}") from e
+
+
+def parity_onnx(
+    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], rule: ParityRule,
+    *, given: bool = False,
+) -> ParityReport:  # fmt: skip
+    """The folded model against the original in onnxruntime, on every input set (module docstring)."""
+    from normfold.check.onnx_exact import exact_run, perturbed_runs
+
+    names = list(feeds)
+    dtypes = {k: v.dtype for k, v in feeds.items()}
+    sets = parity_sets([feeds[k] for k in names], rule, given=given)
+    ref, cand = _session(original), _session(folded)
+    out_names = [o.name for o in ref.get_outputs()]
+    outputs, problems, notes = [], [], []
+    for s in sets:
+        typed = {k: t.to(dtypes[k]) for k, t in zip(names, s.inputs, strict=True)}
+        feed = {k: t.numpy() for k, t in typed.items()}
+        r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(out_names, feed)), strict=True))
+        c = dict(zip(out_names, (torch.from_numpy(a) for a in cand.run(out_names, feed)), strict=True))
+        exact, why = exact_run(original, typed, rule.exact_limit_bytes)
+        perturbed = [] if exact is None else perturbed_runs(original, typed, rule.perturbations)
+        if why is not None and why not in notes:
+            notes.append(why)
+        compared, found = compare_outputs(r, c, exact, rule, s.name, perturbed)
+        outputs.extend(compared)
+        problems.extend(p for p in found if p not in problems)
+    return report_of(outputs, problems, tuple(notes))
