@@ -39,6 +39,15 @@ Profiles, by environment variable:
 
     NORMFOLD_FUZZ_EXAMPLES=10000 NORMFOLD_FUZZ_SEED=$RANDOM .venv/bin/python -m pytest -s tests/test_fuzz.py
 
+* ``NORMFOLD_FUZZ_CHUNK``: with a seed, chunk ``k`` of a campaign on it: ``NORMFOLD_FUZZ_EXAMPLES``
+  examples (``N``), numbered ``k*N`` to ``(k+1)*N - 1``, drawn by hypothesis from the seed
+  ``SEED * 1000 + k``. Hypothesis cannot resume a run, and a 10,000-example run takes hours on a
+  loaded 2-core machine, so a campaign on one seed runs as chunks (10 of 1,000) that each end with
+  their own verdict, in one session or several::
+
+    NORMFOLD_FUZZ_EXAMPLES=1000 NORMFOLD_FUZZ_SEED=934055385 NORMFOLD_FUZZ_CHUNK=3 \\
+        .venv/bin/python -m pytest -s tests/test_fuzz.py -k test_fold_fuzz
+
 ``-s`` prints the counts (examples run, examples with parity compared, biases dropped); they are
 also recorded as junit properties (``record_property``). Torch runs single-threaded during the
 fuzz tests (restored after): tiny models gain nothing from intra-op threads.
@@ -94,6 +103,17 @@ logger = logging.getLogger(__name__)
 MAX_EXAMPLES = int(os.environ.get("NORMFOLD_FUZZ_EXAMPLES", "150"))
 BIAS_EXAMPLES = int(os.environ.get("NORMFOLD_FUZZ_BIAS_EXAMPLES", str(MAX_EXAMPLES)))
 SEED = os.environ.get("NORMFOLD_FUZZ_SEED")
+CHUNK = os.environ.get("NORMFOLD_FUZZ_CHUNK")
+if CHUNK is not None and SEED is None:
+    raise RuntimeError("NORMFOLD_FUZZ_CHUNK numbers a chunk of a seeded campaign: set NORMFOLD_FUZZ_SEED too")
+#: the seed hypothesis draws from (None: the derandomized default run), how messages name the
+#: run, and the environment that reruns it
+HYPOTHESIS_SEED: int | None = None
+RUN, AGAIN = "none (derandomized default run)", ""
+if SEED is not None:
+    HYPOTHESIS_SEED = int(SEED) * 1000 + int(CHUNK) if CHUNK is not None else int(SEED)
+    RUN = SEED if CHUNK is None else f"{SEED}, chunk {CHUNK}"
+    AGAIN = f"NORMFOLD_FUZZ_SEED={SEED} " + (f"NORMFOLD_FUZZ_CHUNK={CHUNK} " if CHUNK is not None else "")
 
 #: (input kind, batch, seed): the fold's example inputs are the first entry's
 #: (a batch of 4+: a batch-statistics norm on 2 samples turns a channel where both nearly agree
@@ -326,7 +346,7 @@ def _fuzz_settings(examples: int) -> Callable[[Callable[..., None]], Callable[..
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )(test)
-        configured = configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+        configured = configured if HYPOTHESIS_SEED is None else hypothesis_seed(HYPOTHESIS_SEED)(configured)
 
         @functools.wraps(configured)
         def run() -> None:
@@ -375,12 +395,12 @@ def spec_source(value: Any) -> str:
 
 def rebuild_command(test: str, spec: ModelSpec) -> str:
     """How to rebuild a failing example: the seed, the spec and two one-line commands."""
-    again = f"NORMFOLD_FUZZ_SEED={SEED} " if SEED is not None else ""
     recheck = "recheck_fold" if test == "test_fold_fuzz" else "recheck_drop"
+    examples = f"NORMFOLD_FUZZ_EXAMPLES={MAX_EXAMPLES if test == 'test_fold_fuzz' else BIAS_EXAMPLES} "
     return (
-        f"fuzz seed: {SEED if SEED is not None else 'none (derandomized default run)'}\n"
+        f"fuzz seed: {RUN}\n"
         f"spec: {spec!r}\n"
-        f"rerun the fuzz test: {again}.venv/bin/python -m pytest tests/test_fuzz.py -k {test}\n"
+        f"rerun the fuzz test: {AGAIN}{examples}.venv/bin/python -m pytest tests/test_fuzz.py -k {test}\n"
         f"rebuild this example alone: cd tests && ../.venv/bin/python -c "
         f'"from fuzz_models import *; from test_fuzz import {recheck}; {recheck}({spec_source(spec)})"'
     )
@@ -415,7 +435,7 @@ def test_fold_fuzz(record_property: Callable[[str, object], None]) -> None:
     record_property("fuzz_examples_compared", compared)
     message = (
         f"normfold fold fuzz: {ran} examples, {compared} with parity compared, {undecided} undecidable "
-        f"({_UNDECIDED[0]} checks) (seed {SEED or '-'})"
+        f"({_UNDECIDED[0]} checks) (seed {RUN})"
     )
     logger.info(message)
     print(message)
@@ -459,7 +479,7 @@ def test_drop_redundant_biases_fuzz(record_property: Callable[[str, object], Non
     record_property("fuzz_biases_dropped", dropped)
     message = (
         f"normfold drop fuzz: {ran} examples, {compared} with parity compared, {dropped} biases dropped "
-        f"(seed {SEED or '-'})"
+        f"(seed {RUN})"
     )
     logger.info(message)
     print(message)
