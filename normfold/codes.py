@@ -7,15 +7,17 @@ code never changes its meaning and a new one is added here first.
 
 Transforms, and the record each one's codes are carried in:
 
-=============  ==============================================================================
-``fold``       :func:`normfold.fold` (the planner, the measured gate): ``Skipped.code``
-``capture``    :func:`normfold.fold` on a model captured in parts (:mod:`normfold.engine.parts`):
-               ``Skipped.code`` too
-``merge``      reparameterization (``fold(..., reparameterize=True)``): ``NotMerged.code``
-``drop_bias``  :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
-``swap``       :func:`normfold.swap_norms`: ``NotSwapped.code``
-``calibrate``  :func:`normfold.recalibrate`: ``NotRecalibrated.code``
-=============  ==============================================================================
+===============  ==============================================================================
+``fold``         :func:`normfold.fold` (the planner, the measured gate): ``Skipped.code``
+``capture``      :func:`normfold.fold` on a model captured in parts (:mod:`normfold.engine.parts`):
+                 ``Skipped.code`` too
+``merge``        reparameterization (``fold(..., reparameterize=True)``): ``NotMerged.code``
+``drop_bias``    :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
+``swap``         :func:`normfold.swap_norms`: ``NotSwapped.code``
+``calibrate``    :func:`normfold.recalibrate`: ``NotRecalibrated.code``
+``norm_affine``  :func:`normfold.fold_norm_affine`: ``NormKept.code`` (``NormFolded.code`` for a
+                 shift that stays)
+===============  ==============================================================================
 
 A code may be given by several transforms (``batch_statistics``: fold, drop-bias, recalibration);
 :attr:`Code.meaning` is its general meaning and :meth:`Code.meaning_in` the wording of one
@@ -42,8 +44,9 @@ from normfold.errors import UnknownCodeError
 
 __all__ = ["CODES", "TABLES", "TRANSFORMS", "Code", "Table", "codes_of", "lookup", "markdown", "names"]
 
-Transform = Literal["fold", "capture", "merge", "drop_bias", "swap", "calibrate"]
-TRANSFORMS: tuple[Transform, ...] = ("fold", "capture", "merge", "drop_bias", "swap", "calibrate")
+Transform = Literal["fold", "capture", "merge", "drop_bias", "swap", "calibrate", "norm_affine"]
+TRANSFORMS: tuple[Transform, ...] = ("fold", "capture", "merge", "drop_bias", "swap", "calibrate",
+                                     "norm_affine")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ _ALL = (
         "not_constant",
         "the norm's statistics or affine parameters are computed from the input in `forward`, not "
         "buffers or parameters",
-        "fold",
+        ("fold", "norm_affine"),
     ),
     _code("unbatched", "the norm's input has fewer than two axes: no channel axis", "fold"),
     _code(
@@ -147,19 +150,20 @@ _ALL = (
     _code(
         "weight_not_parameter",
         "the layer's weight is computed in `forward` (weight standardization, parametrizations)",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a branch's conv weight or bias is computed in `forward`",
     ),
     _code(
         "dtype",
         "the layer's weight is not floating point, or not the dtype of the layer's output",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a branch's conv weight is not floating point, or not the dtype of its output",
     ),
     _code(
         "wrong_axis",
         "the norm's channel axis is not the layer's (`Linear` on `(N, L, C)` -> `BatchNorm1d(L)`)",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
+        norm_affine="a Linear reads the norm's output along another axis than the one its scale varies along",
         merge="a branch's kept scale varies along another axis than the channel axis",
     ),
     _code("channel_mixing", "channels mix on the way between the layer and the norm", "fold"),
@@ -187,7 +191,8 @@ _ALL = (
     _code(
         "not_per_channel",
         "hand-written constants vary along other axes than the channel axis",
-        "fold",
+        ("fold", "norm_affine"),
+        norm_affine="the norm normalizes over several axes (`normalized_shape` of rank > 1)",
     ),
     _code(
         "overflow",
@@ -257,7 +262,8 @@ _ALL = (
         "model_output",
         "a scale on a branch stays: it folds into no layer before it, and its output is returned by "
         "the model",
-        "merge",
+        ("merge", "norm_affine"),
+        norm_affine="the norm's output is returned by the model (T5's final encoder norm)",
     ),
     # --- drop_bias (normfold.transforms.bias) --------------------------------------------------
     _code(
@@ -292,7 +298,8 @@ _ALL = (
     _code(
         "shared_norm",
         "one norm module called at several places: one running mean, several biases",
-        "drop_bias",
+        ("drop_bias", "norm_affine"),
+        norm_affine="the norm's scale or shift is also read elsewhere (a norm called twice, a shared weight)",
     ),
     # --- swap (normfold.transforms.swap) -------------------------------------------------------
     _code(
@@ -324,6 +331,23 @@ _ALL = (
         "calibrate",
     ),
     _code("no_values", "its op's input has no values (a zero-size axis)", "calibrate"),
+    # --- norm_affine (normfold.engine.norm_affine): LayerNorm / RMSNorm affine into Linear layers --
+    *(_code(name, meaning, "norm_affine") for name, meaning in {
+        "residual_user": "the norm's output is also added to another tensor (a post-norm block's "
+        "residual): a Linear alone cannot absorb its scale",
+        "rope_after_norm": "the norm's output is rotated (a rotary embedding after a qk-norm: a product "
+        "with cos/sin and a half-swap) before any Linear",
+        "nonlinear_consumer": "the norm's output feeds an op that is not a Linear over its normalized axis "
+        "(an activation, a product with another tensor, a conv)",
+        "tied_weight": "a consumer Linear's weight (or bias) is also read elsewhere or registered under "
+        "another name (a tied LM head): scaling it would change the other reader",
+        "new_bias_needed": "a consumer Linear has no bias for the norm's shift (`new_biases=True` adds one "
+        "to an `nn.Linear`): the scale folds, the shift stays in the norm as `beta / gamma` (the whole "
+        "norm stays where its scale has a zero or is all 1)",
+        "no_affine": "the norm has no scale or shift (or scale 1 and shift 0): nothing to fold",
+        "affine_not_parameter": "the norm's scale or shift is computed from parameters in a way normfold "
+        "cannot write back (only a parameter read through casts and `+ c`)",
+    }.items()),
 )
 
 #: name -> :class:`Code`, every code normfold gives
@@ -357,6 +381,7 @@ TABLES: Mapping[str, Table] = MappingProxyType({
     ),
     "swap": Table("swap", ("swap",)),
     "calibrate": Table("calibrate", ("calibrate",), header=("code", "left unchanged because")),
+    "norm_affine": Table("norm_affine", ("norm_affine",), header=("code", "kept (or shift kept) because")),
 })  # fmt: skip
 
 

@@ -46,6 +46,9 @@ _EMITTERS: dict[str, frozenset[str] | None] = {
     "normfold.transforms.swap": frozenset({"swap"}),
     "normfold.transforms.calibration": frozenset({"calibrate"}),
     "normfold.transforms.calibration_capture": frozenset({"calibrate"}),
+    "normfold.engine.norm_affine.torch_norms": frozenset({"norm_affine"}),
+    "normfold.engine.norm_affine.walk": frozenset({"norm_affine"}),
+    "normfold.engine.norm_affine.planner": frozenset({"norm_affine"}),
 }
 
 

@@ -214,7 +214,7 @@ class TorchNormView(TorchView):
         offset, ops, cur = 0.0, [], node
         while isinstance(cur, fx.Node):
             if self.is_parameter(cur):
-                return AffineParam(self.state_name(cur), offset, node, tuple(reversed(ops)))
+                return AffineParam(self.state_name(cur), offset, cur, tuple(reversed(ops)))
             nxt = self.cast_input(cur)
             if nxt is None and cur.target in _ADD and len(cur.args) == 2 and bind(cur).get("alpha", 1) == 1:
                 a, b = cur.args

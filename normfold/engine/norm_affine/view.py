@@ -23,12 +23,12 @@ from normfold.engine.view import GraphView, Node
 
 @dataclass(frozen=True)
 class AffineParam:
-    """``gamma`` or ``beta`` as ``offset + p``: ``p`` the parameter named ``fqn``, ``nodes`` the
-    ops computing the expression from it (casts, ``+ offset``); ``node`` the graph's value of it."""
+    """``gamma`` or ``beta`` as ``offset + p``: ``p`` the parameter named ``fqn`` (graph node
+    ``source``), ``nodes`` the ops computing the expression from it (casts, ``+ offset``)."""
 
     fqn: str
     offset: float
-    node: Node
+    source: Node
     nodes: tuple[Node, ...] = ()
 
 

@@ -1,0 +1,196 @@
+"""The norm-affine planner: one decision per norm found by pattern, as data (:class:`NormPlan`).
+
+:class:`NormIntoLinears` is the rule (``match`` / ``check`` / ``plan``, as the BatchNorm rules of
+:mod:`normfold.engine.rules`): it matches when every reader of the norm's output is a Linear over
+its channel axis (:mod:`.walk`), checks that each consumer's weight (and bias) is a parameter only
+that layer reads and that the norm's own scale and shift belong to it alone, and plans the fold.
+Every other norm is a :class:`NormKeep` with a stable code (:mod:`normfold.codes`).
+
+The facts of the eager module the graph does not hold come in as data (:class:`ModuleFacts`):
+other names of a tensor (a tied LM head whose embedding is not called is still tied) and the
+Linear modules that can take a new bias. Pure: reads the view, changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from normfold.engine.context import Refused
+from normfold.engine.norm_affine.records import (
+    Consumer,
+    NormFold,
+    NormKeep,
+    NormPlan,
+    NormRecord,
+    scale_of,
+    shift_of,
+)
+from normfold.engine.norm_affine.view import AffineNorm, AffineParam, NormView
+from normfold.engine.norm_affine.walk import Reached, blocking_code, input_channels, walk
+from normfold.engine.view import Node
+
+Value = Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What the eager module knows and the graph does not: ``aliases`` (FQN -> the other names
+    of the same tensor), ``bias_slots`` (weight FQN of an ``nn.Linear`` without bias -> the name
+    its new bias takes), and whether to give them one (``new_biases``)."""
+
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    bias_slots: Mapping[str, str] = field(default_factory=dict)
+    new_biases: bool = False
+
+
+@dataclass(frozen=True)
+class Match:
+    norm: AffineNorm
+    record: NormRecord
+    reached: tuple[Reached, ...]
+
+
+class NormIntoLinears:
+    """``gamma * n + beta -> Linear(s)``: the scale (and shift) into every consumer."""
+
+    name = "norm-linear"
+
+    def match(self, view: NormView, norm: AffineNorm, record: NormRecord, value: Value) -> Match:
+        if norm.refused is not None:
+            raise Refused(*norm.refused)
+        if _identity(record, value):
+            what = "no scale or shift" if norm.weight is None and norm.bias is None else "scale 1 and shift 0"
+            where = view.describe(norm.output)
+            raise Refused("no_affine", f"the norm at {where} has {what}: nothing to fold")
+        reached, blockers = walk(view, norm)
+        if blockers:
+            raise blocking_code(view, norm, blockers)
+        return Match(norm, record, tuple(reached))
+
+    def check(self, view: NormView, match: Match, facts: ModuleFacts) -> Refused | None:
+        own = {*match.norm.nodes}
+        for param in (match.norm.weight, match.norm.bias):
+            if param is not None:
+                refused = _own_param(view, param, own | set(param.nodes), facts)
+                if refused is not None:
+                    return refused
+        for r in match.reached:
+            refused = _consumer_check(view, r, facts)
+            if refused is not None:
+                return refused
+        return None
+
+    def plan(self, view: NormView, match: Match, facts: ModuleFacts, value: Value) -> NormFold:
+        """``value(fqn)``: a parameter's current tensor (where the shift goes depends on it).
+        Refused when the shift must stay in the norm and cannot (no scale, or a zero in it)."""
+        consumers = [_consumer(view, r) for r in match.reached]
+        record, shift_kept = match.record, None
+        beta = shift_of(record, value)
+        if beta is not None and bool((beta == 0).all()):
+            beta = None  # nothing to move
+        missing = [c for c in consumers if c.bias is None]
+        if beta is not None and missing:
+            slots = facts.bias_slots if facts.new_biases else {}
+            if all(c.weight in slots for c in missing):
+                consumers = [c if c.bias else _with_new_bias(c, slots[c.weight]) for c in consumers]
+            else:
+                names = ", ".join(c.module or c.layer for c in missing if c.weight not in slots)
+                hint = ("pass new_biases=True to give nn.Linear layers one" if not facts.new_biases
+                        else "only an nn.Linear module can be given a new bias")  # fmt: skip
+                reason = f"{names} has no bias to take the shift of {record.name} ({hint})"
+                gamma = scale_of(record, value)
+                if record.weight is None or bool((gamma == 0).any()) or bool((gamma == 1).all()):
+                    why = "its scale has zeros" if bool((gamma == 0).any()) else "it has no scale to move"
+                    why = f"{reason}, and {why}: the shift cannot stay as beta / gamma"
+                    raise Refused("new_bias_needed", why)
+                shift_kept = ("new_bias_needed", f"{reason}: the shift stays in the norm as beta / gamma")
+        return NormFold(record, tuple(consumers), shift_kept)
+
+
+def _identity(record: NormRecord, value: Value) -> bool:
+    """Scale 1 and no shift (or 0): a norm already parameter-free."""
+    beta = shift_of(record, value)
+    return bool((scale_of(record, value) == 1).all()) and (beta is None or bool((beta == 0).all()))
+
+
+def _with_new_bias(c: Consumer, name: str) -> Consumer:
+    return Consumer(c.layer, c.module, c.weight, None, c.in_out, c.channels, c.through, name)
+
+
+def _own_param(view: NormView, param: AffineParam, own: set[Node], facts: ModuleFacts) -> Refused | None:
+    """The norm's scale or shift parameter is read by the norm alone, under one name."""
+    others = [u for u in view.users(param.source) if u not in own]
+    if others or param.fqn in facts.aliases:
+        also = ", ".join(view.describe(u) for u in others) or ", ".join(facts.aliases[param.fqn])
+        return Refused("shared_norm", f"{param.fqn} is also read by {also}: a norm called at several places "
+                       "(or a weight shared) cannot be made parameter-free for one of them")  # fmt: skip
+    return None
+
+
+def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused | None:
+    layer = r.layer
+    name = view.describe(layer.node)
+    for role, node in (("weight", layer.weight), ("bias", layer.bias)):
+        if node is None:
+            continue
+        fqn = view.state_name(node)
+        if fqn is None or not view.is_parameter(node):
+            why = f"the {role} of {name} is computed in forward, not a parameter"
+            return Refused("weight_not_parameter", why)
+        dtype = view.dtype(node)
+        if dtype is None or not dtype.is_floating_point:
+            return Refused("dtype", f"the {role} {fqn} of {name} is not floating point ({dtype})")
+        first = layer.via if (role == "weight" and layer.via is not None) else (layer.inner or layer.node)
+        readers = [u for u in view.users(node) if u is not first]
+        if role == "weight" and layer.via is not None:
+            readers += [u for u in view.users(layer.via) if u is not (layer.inner or layer.node)]
+        if readers or fqn in facts.aliases:
+            also = ", ".join(view.describe(u) for u in readers) or ", ".join(facts.aliases[fqn])
+            return Refused("tied_weight", f"the {role} {fqn} of {name} is also read by {also} (a tied or "
+                           "shared weight): scaling it would change that reader too")  # fmt: skip
+    try:
+        input_channels(view, r)
+    except Refused as e:
+        return e
+    return None
+
+
+def _consumer(view: NormView, r: Reached) -> Consumer:
+    layer = r.layer
+    _, module, _ = view.owner(layer.node)
+    bias = view.state_name(layer.bias) if layer.bias is not None else None
+    return Consumer(view.name(layer.node), view.canonical(module), view.state_name(layer.weight), bias,
+                    layer.in_out, input_channels(view, r), r.through)  # fmt: skip
+
+
+def records(view: NormView, norms: list[AffineNorm]) -> list[NormRecord]:
+    """One :class:`NormRecord` per norm; a module run at several places names each call by its op."""
+    modules = [view.canonical(view.owner(n.nodes[0])[1]) for n in norms]
+    out = []
+    for norm, module in zip(norms, modules, strict=True):
+        first = view.name(norm.nodes[0])
+        name = module if module and modules.count(module) == 1 else f"{module or 'forward'}:{first}"
+        w, b = norm.weight, norm.bias
+        out.append(NormRecord(name, norm.kind, norm.pattern, module, view.owner(norm.nodes[0])[2],
+                              tuple(view.name(n) for n in norm.nodes), w.fqn if w else None,
+                              w.offset if w else 0.0, b.fqn if b else None, norm.channels))  # fmt: skip
+    return out
+
+
+def plan(view: NormView, facts: ModuleFacts, value: Value) -> NormPlan:
+    """Decide every norm of the viewed graph; ``value(fqn)``: a parameter's current tensor."""
+    rule, result = NormIntoLinears(), NormPlan()
+    norms = view.affine_norms()
+    for norm, record in zip(norms, records(view, norms), strict=True):
+        try:
+            match = rule.match(view, norm, record, value)
+            refused = rule.check(view, match, facts)
+            if refused is not None:
+                raise refused
+            result.folds.append(rule.plan(view, match, facts, value))
+        except Refused as r:
+            result.kept.append(NormKeep(record, r.code, r.reason))
+    return result
