@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -36,7 +37,9 @@ def _wide(arg: Any) -> Any:
 def widened(program: ExportedProgram) -> nn.Module:
     """A module computing ``program`` in float64 (module docstring); its floating inputs must be
     float64 too."""
-    module: fx.GraphModule = copy.deepcopy(program.module())
+    with warnings.catch_warnings():  # torch's own deprecation inside copying a GraphModule
+        warnings.simplefilter("ignore", FutureWarning)
+        module: fx.GraphModule = copy.deepcopy(program.module())  # .to() below must not touch program
     for node in module.graph.nodes:
         if node.op == "call_function":
             node.args, node.kwargs = _wide(node.args), _wide(node.kwargs)

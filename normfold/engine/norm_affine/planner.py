@@ -147,6 +147,9 @@ def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused |
         readers = [u for u in view.users(node) if u is not first]
         if role == "weight" and layer.via is not None:
             readers += [u for u in view.users(layer.via) if u is not (layer.inner or layer.node)]
+        if readers and all(view.owner(u)[1] == view.owner(layer.node)[1] for u in readers):
+            why = f"{name} is called at several places: its {role} {fqn} would be scaled for every call"
+            return Refused("tied_weight", why)
         if readers or fqn in facts.aliases:
             also = ", ".join(view.describe(u) for u in readers) or ", ".join(facts.aliases[fqn])
             return Refused("tied_weight", f"the {role} {fqn} of {name} is also read by {also} (a tied or "

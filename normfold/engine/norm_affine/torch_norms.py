@@ -7,7 +7,7 @@ No module type or name is read; a norm is what its ops compute:
   ``bias`` arguments are the scale and shift;
 * hand-written arithmetic ending in ``a * rsqrt(V + eps)`` or ``a / sqrt(V + eps)`` with
   ``V = mean(a ** 2, -1, keepdim)`` (or ``mean(a * a)``): an RMSNorm; with ``a = x - mean(x, -1)``
-  (and ``V`` that mean of squares or ``var(x, -1, correction=0)``) a LayerNorm. Dtype casts may sit
+  (and ``V`` that mean of squares or the biased ``var(x, -1)``) a LayerNorm. Dtype casts may sit
   anywhere between (Hugging Face computes its norms in float32 and casts back). The affine tail
   follows, one op each while each value has one user: casts, ``* gamma`` (a constant varying along
   the last axis only) and ``+ beta``.
@@ -133,8 +133,9 @@ class TorchNormView(TorchView):
                     if centred is not None:
                         return centred[0], {var, sq, *centred[1]}
                     return a, {var, sq}
-        if var.target is aten.var.correction and self._last_axis_keepdim(var, last):
-            if bind(var).get("correction") in (0, 0.0):
+        if var.target in (aten.var.correction, aten.var.dim) and self._last_axis_keepdim(var, last):
+            args = bind(var)
+            if args.get("correction") in (0, 0.0) or args.get("unbiased") is False:
                 centred = self._centred(a, last)
                 if centred is not None and _same(var.args[0], centred[0], self):
                     return centred[0], {var, *centred[1]}
