@@ -207,3 +207,43 @@ class QKNorm(nn.Module):
             emb = torch.cat([pos[:, None] * inv[None, :]] * 2, dim=-1)[None, :, None, :]
             q = q * emb.cos() + _rotate_half(q) * emb.sin()
         return x + self.o(q.reshape(b, n, D))
+
+
+class DenseMoE(nn.Module):
+    """A router Linear and a batch of experts as 3-d parameters (``bmm`` over every expert, weighted
+    by the router): one norm, two kinds of consumer. ``transposed``: experts stored ``(E, out, in)``
+    and read as ``w.transpose(1, 2)``."""
+
+    def __init__(self, experts: int = 3, transposed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(19)
+        self.norm = HFRMSNorm(D, 20)
+        self.router = nn.Linear(D, experts, bias=False)
+        shape = (experts, 2 * D, D) if transposed else (experts, D, 2 * D)
+        self.w_in = nn.Parameter(torch.randn(*shape) * 0.2)
+        self.w_out = nn.Parameter(torch.randn(experts, 2 * D, D) * 0.2)
+        self.transposed = transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, n, _ = h.shape
+        e = self.w_out.shape[0]
+        tokens = h.reshape(1, b * n, D).expand(e, b * n, D)
+        w_in = self.w_in.transpose(1, 2) if self.transposed else self.w_in
+        y = torch.bmm(F.silu(torch.bmm(tokens, w_in)), self.w_out)  # (E, T, D)
+        probs = torch.softmax(self.router(h).reshape(b * n, e), dim=-1)
+        return x + (y * probs.t()[..., None]).sum(0).reshape(b, n, D)
+
+
+class TransposedHead(nn.Module):
+    """A head written as ``h @ W.T`` with ``W`` an ``(out, in)`` parameter, after a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.ln = layer_norm(D, 24)
+        self.weight = nn.Parameter(torch.randn(5, D) * 0.3)
+        self.bias = nn.Parameter(torch.randn(5) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x) @ self.weight.T + self.bias

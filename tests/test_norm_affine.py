@@ -18,6 +18,7 @@ from norm_blocks import (
     HD,
     HEADS,
     D,
+    DenseMoE,
     FusedQKV,
     HFRMSNorm,
     LNIntoBiasFree,
@@ -27,6 +28,7 @@ from norm_blocks import (
     QKNorm,
     RMSGatedMLP,
     TiedHead,
+    TransposedHead,
     layer_norm,
 )
 from torch import nn
@@ -127,6 +129,26 @@ def test_per_head_norm_merged_into_a_linear_repeats_its_scale_over_heads() -> No
     g = _wide(model.q_norm.weight).repeat(HEADS)  # o's input j reads head channel j % HD
     assert torch.equal(result.model.o.weight, (_wide(model.o.weight) * g).float())
     assert g.shape == (HEADS * HD,)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_moe_router_and_batched_experts_take_one_scale(transposed: bool) -> None:
+    model = DenseMoE(transposed=transposed).eval()
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("norm", ("w_in", "router.weight"))]
+    g = _wide(model.norm.weight)
+    scale = g[None, None, :] if transposed else g[None, :, None]  # the experts' input axis
+    assert torch.equal(result.model.w_in, (_wide(model.w_in) * scale).float())
+    assert torch.equal(result.model.w_out, model.w_out)
+
+
+def test_x_at_w_transposed_head_with_its_bias() -> None:
+    model = TransposedHead().eval()
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("ln", ("weight",))]
+    w, b = _wide(model.weight), _wide(model.ln.bias)
+    assert torch.equal(result.model.weight, (w * _wide(model.ln.weight)).float())
+    assert torch.equal(result.model.bias, (_wide(model.bias) + w @ b).float())
 
 
 class _Builtins(nn.Module):

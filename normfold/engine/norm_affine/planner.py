@@ -86,7 +86,8 @@ class NormIntoLinears:
     def plan(self, view: NormView, match: Match, facts: ModuleFacts, value: Value) -> NormFold:
         """``value(fqn)``: a parameter's current tensor (where the shift goes depends on it).
         Refused when the shift must stay in the norm and cannot (no scale, or a zero in it)."""
-        consumers = [_consumer(view, r) for r in match.reached]
+        order = {view.name(n): i for i, n in enumerate(view.nodes())}
+        consumers = sorted((_consumer(view, r) for r in match.reached), key=lambda c: order[c.layer])
         record, shift_kept = match.record, None
         beta = shift_of(record, value)
         if beta is not None and bool((beta == 0).all()):
@@ -117,7 +118,7 @@ def _identity(record: NormRecord, value: Value) -> bool:
 
 
 def _with_new_bias(c: Consumer, name: str) -> Consumer:
-    return Consumer(c.layer, c.module, c.weight, None, c.in_out, c.channels, c.through, name)
+    return Consumer(c.layer, c.module, c.weight, None, c.in_axis, c.channels, c.through, name)
 
 
 def _own_param(view: NormView, param: AffineParam, own: set[Node], facts: ModuleFacts) -> Refused | None:
@@ -143,7 +144,7 @@ def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused |
         dtype = view.dtype(node)
         if dtype is None or not dtype.is_floating_point:
             return Refused("dtype", f"the {role} {fqn} of {name} is not floating point ({dtype})")
-        first = layer.via if (role == "weight" and layer.via is not None) else (layer.inner or layer.node)
+        first = (layer.via or layer.inner or layer.node) if role == "weight" else layer.node
         readers = [u for u in view.users(node) if u is not first]
         if role == "weight" and layer.via is not None:
             readers += [u for u in view.users(layer.via) if u is not (layer.inner or layer.node)]
@@ -165,8 +166,10 @@ def _consumer(view: NormView, r: Reached) -> Consumer:
     layer = r.layer
     _, module, _ = view.owner(layer.node)
     bias = view.state_name(layer.bias) if layer.bias is not None else None
+    rank = len(view.shape(layer.weight))
+    in_axis = rank - 2 if layer.in_out else rank - 1  # (.., in, out) or (.., out, in)
     return Consumer(view.name(layer.node), view.canonical(module), view.state_name(layer.weight), bias,
-                    layer.in_out, input_channels(view, r), r.through)  # fmt: skip
+                    in_axis, input_channels(view, r), r.through)  # fmt: skip
 
 
 def records(view: NormView, norms: list[AffineNorm]) -> list[NormRecord]:

@@ -6,7 +6,8 @@ consumer) or a :class:`NormKeep` (a stable code of :mod:`normfold.codes` and a r
 casts each to its parameter's dtype once (:mod:`.apply`). With ``g = offset + w`` the norm's
 scale and ``c[j]`` the norm channel a consumer's input ``j`` reads:
 
-    W'[:, j] = W[:, j] * g[c[j]]                (``(in, out)`` weights: row ``j``)
+    W'[:, j] = W[:, j] * g[c[j]]                (``(in, out)`` weights: row ``j``; a batch of
+                                                 expert matrices: along its input axis)
     b'       = b + W @ beta[c]                  (``b`` 0 for a new bias)
     w'       = 1 - offset                       (the norm's scale becomes 1)
     beta'    = 0, or beta / g where the shift stays in the norm (``NormFold.shift_kept``)
@@ -48,7 +49,9 @@ class Consumer:
     module: str
     weight: str
     bias: str | None
-    in_out: bool  # an ``(in, out)`` weight (``x @ W``, GPT-2's Conv1D)
+    #: the weight's axis of input features: 1 for ``(out, in)``, 0 for ``(in, out)`` (``x @ W``,
+    #: GPT-2's Conv1D), 1 or 2 for a batch of expert matrices ``(E, in, out)`` / ``(E, out, in)``
+    in_axis: int
     channels: tuple[int, ...]
     through: tuple[str, ...] = ()  # ops between the norm and the layer (views, casts)
     new_bias: str | None = None
@@ -107,10 +110,12 @@ def fold_values(fold: NormFold, value: Callable[[str], torch.Tensor]) -> dict[st
         wide = value(c.weight).detach().to("cpu", torch.float64)
         index = torch.tensor(c.channels, dtype=torch.long)
         g = gamma[index]
-        scaled = wide * (g[:, None] if c.in_out else g[None, :])
+        shape = [1] * wide.dim()
+        shape[c.in_axis] = -1
+        scaled = wide * g.reshape(shape)
         out[c.weight] = scaled
         if move_shift:
-            shift = (beta[index] @ wide) if c.in_out else (wide @ beta[index])
+            shift = (beta[index] @ wide) if c.in_axis == 0 else (wide @ beta[index])
             if c.bias is not None:
                 out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
             elif c.new_bias is not None:

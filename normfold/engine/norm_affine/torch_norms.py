@@ -28,6 +28,7 @@ from torch import fx
 from normfold.engine.capture import Capture, bind, tensor_meta
 from normfold.engine.norm_affine.view import AffineNorm, AffineParam
 from normfold.engine.torch_view import TorchView
+from normfold.engine.view import LayerRef
 
 aten = torch.ops.aten
 CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
@@ -50,6 +51,29 @@ class TorchNormView(TorchView):
             return None
         first = node.args[0] if node.args else None
         return first if isinstance(first, fx.Node) else None
+
+    def matmul_layer(self, node: fx.Node) -> LayerRef | None:
+        if node.op != "call_function" or node.target not in (aten.bmm.default, aten.matmul.default):
+            return None
+        x, w = node.args[0], node.args[1]
+        via = None
+        if isinstance(w, fx.Node) and w.target is aten.transpose.int:  # (E, out, in) read as (E, in, out)
+            if sorted(int(a) % 3 for a in w.args[1:]) == [1, 2]:
+                via, w = w, w.args[0]
+        elif isinstance(w, fx.Node) and w.target in (aten.numpy_T.default, aten.t.default):  # x @ W.T
+            via, w = w, w.args[0]
+        meta = tensor_meta(w) if isinstance(w, fx.Node) else None
+        if meta is None or not self.is_parameter(w) or not isinstance(x, fx.Node):
+            return None
+        if meta.dim() == 3:
+            return LayerRef(node, "batched_linear", x, w, None, 1, 0, False, via is None, via)
+        if meta.dim() != 2 or via is None or via.target is not aten.numpy_T.default:
+            return None  # a plain x @ W (or W.t()) is the rules' view's (layer_reading)
+        add = next(iter(node.users)) if len(node.users) == 1 else None
+        bias = _bias_of(add, node) if add is not None else None
+        if bias is not None and self.is_parameter(bias):
+            return LayerRef(add, "linear", x, w, bias, 1, 0, False, False, via, node)
+        return LayerRef(node, "linear", x, w, None, 1, 0, False, False, via)
 
     def affine_norms(self) -> list[AffineNorm]:
         found: list[AffineNorm] = []
@@ -232,6 +256,15 @@ class TorchNormView(TorchView):
             return ("not_constant", f"the {role} of the norm at {where} is computed from the input")
         return ("affine_not_parameter", f"the {role} of the norm at {where} is computed from parameters "
                 "in a way normfold cannot write back (only a parameter, read through casts and `+ c`)")
+
+
+def _bias_of(add: fx.Node, mm: fx.Node) -> fx.Node | None:
+    """The 1-d operand of ``mm + b``."""
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or bind(add).get("alpha", 1) != 1:
+        return None
+    other = add.args[1] if add.args[0] is mm else add.args[0]
+    meta = tensor_meta(other) if isinstance(other, fx.Node) else None
+    return other if meta is not None and meta.dim() == 1 else None
 
 
 def _scalar(value: Any) -> bool:

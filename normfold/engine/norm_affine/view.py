@@ -7,7 +7,9 @@
   as an :class:`AffineNorm`: its ops, the tensor ``y = gamma * n + beta`` it ends with, the channel
   axis ``gamma`` varies along, and ``gamma``/``beta`` as *parameter expressions*
   (``gamma = offset + w``, ``w`` a parameter by name) that a plan can write back;
-* :meth:`NormView.cast_input`: the input of a dtype cast (a cast moves no element).
+* :meth:`NormView.cast_input`: the input of a dtype cast (a cast moves no element);
+* :meth:`NormView.matmul_layer`: matmuls with a parameter the rules' view does not read as layers
+  (a batch of expert matrices in one ``bmm``/``matmul``; ``x @ W.T`` written with ``.T``).
 
 An IR adapter implements both next to its :class:`~normfold.engine.view.GraphView`
 (:class:`~normfold.engine.norm_affine.torch_norms.TorchNormView` for ``torch.export``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from normfold.engine.view import GraphView, Node
+from normfold.engine.view import GraphView, LayerRef, Node
 
 
 @dataclass(frozen=True)
@@ -62,4 +64,11 @@ class NormView(GraphView, Protocol):
 
     def cast_input(self, node: Node) -> Node | None:
         """The input of ``node`` when it is a dtype cast (any dtypes), else None."""
+        ...
+
+    def matmul_layer(self, node: Node) -> LayerRef | None:
+        """A matmul with a parameter that :meth:`GraphView.layer_reading` does not read: a batch of
+        Linears (MoE experts, kind ``batched_linear``, no bias): ``x @ W`` with ``W`` a 3-d parameter
+        ``(E, in, out)`` (``in_out``) or ``(E, out, in)`` read transposed (``via``); or ``x @ W.T``
+        written with ``.T`` (and ``+ b``: then the layer is the add, ``inner`` the matmul). Else None."""
         ...

@@ -7,8 +7,9 @@ channel ids (``c`` at every element of norm channel ``c``) through each op with
 :meth:`~normfold.engine.view.GraphView.step_ids`. It stops at:
 
 * a Linear (:meth:`~normfold.engine.view.GraphView.layer_reading` of kind ``linear``: ``linear``,
-  ``addmm``, ``x @ W`` with ``W`` or ``W.T`` a parameter, ``x @ W + b``) whose data input is the
-  walked tensor: a *consumer*, with the channel ids at its input;
+  ``addmm``, ``x @ W`` with ``W`` or ``W.T`` a parameter, ``x @ W + b``; or a batch of them,
+  :meth:`NormView.matmul_layer`) whose data input is the walked tensor: a *consumer*, with the
+  channel ids at its input;
 * anything else: a *blocker*, classified into the code a kept norm gets (:func:`blocking_code`).
 """
 
@@ -48,8 +49,8 @@ def walk(view: NormView, norm: AffineNorm) -> tuple[list[Reached], list[Node]]:
             if view.uses(user, node) != 1:
                 blockers.append(user)
                 continue
-            layer = None if view.is_output(user) else view.layer_reading(user)
-            if layer is not None and layer.kind == "linear" and layer.input is node:
+            layer = None if view.is_output(user) else (view.layer_reading(user) or view.matmul_layer(user))
+            if layer is not None and layer.kind in ("linear", "batched_linear") and layer.input is node:
                 reached.append(Reached(layer, ids, path))
                 continue
             moved = None if view.is_output(user) else _moved(view, user, node, ids)
