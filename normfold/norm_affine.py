@@ -53,7 +53,8 @@ class NormFolded:
     """A norm whose scale (and shift, unless ``code`` says it stays) moved into ``into``.
 
     ``into``: the consumer weights (FQNs); ``new_biases``: biases created for the shift;
-    ``code``/``reason``: set when the shift stays in the norm (``new_bias_needed``)."""
+    ``code``/``reason``: set when the shift stays in the norm (``new_bias_needed``); ``untied``:
+    consumer parameters that were shared (a tied LM head) and now are the consumer's own copy."""
 
     norm: str
     kind: str
@@ -63,6 +64,7 @@ class NormFolded:
     new_biases: tuple[str, ...] = ()
     code: str | None = None
     reason: str | None = None
+    untied: tuple[str, ...] = ()  # consumer weights given their own copy (``untie=True``)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class NormAffineResult:
     kept: list[NormKept] = field(default_factory=list)
     parity: ParityReport | None = None
     replan_folds: int = 0  # folds found when planning the folded model again (0 expected)
+    notes: list[str] = field(default_factory=list)  # what the caller must know (untied weights)
     plan: NormPlan = field(default_factory=NormPlan, repr=False)
     program: ExportedProgram | None = field(default=None, repr=False)  # the folded model, captured
 
@@ -96,6 +99,7 @@ class NormAffineResult:
             "kept": [asdict(k) for k in self.kept],
             "parity": self.parity.to_dict() if self.parity is not None else None,
             "replan_folds": self.replan_folds,
+            "notes": list(self.notes),
         }
 
 
@@ -105,6 +109,7 @@ def fold_norm_affine(
     *,
     inplace: bool = False,
     new_biases: bool = False,
+    untie: bool = False,
     dynamic_batch: bool = True,
     rule: ParityRule | None = None,
 ) -> NormAffineResult:
@@ -115,7 +120,11 @@ def fold_norm_affine(
     caller's model is left untouched unless ``inplace=True``; the returned model is in eval mode.
     ``new_biases``: give an ``nn.Linear`` without bias a new one where a LayerNorm's shift must go
     (a state-dict key the user's class may not load back: off by default, the shift then stays in
-    the norm as ``beta / gamma``, code ``new_bias_needed``). ``rule``: the parity rule of the proof.
+    the norm as ``beta / gamma``, code ``new_bias_needed``). ``untie``: a consumer weight shared with
+    another reader (a tied LM head and its embedding) becomes the consumer's own copy and folds
+    (``NormFolded.untied``; a Hugging Face ``config.tie_word_embeddings`` is set to False, since
+    ``tie_weights()`` on save or load would tie it back to the unscaled embedding); by default such
+    a norm stays (``tied_weight``). ``rule``: the parity rule of the proof.
     Raises :class:`~normfold.errors.ParityError` when the folded model does not pass it (nothing is
     changed then), :class:`~normfold.errors.TraceError` when the model cannot be captured.
     """
@@ -132,7 +141,7 @@ def fold_norm_affine(
     options = capture_options(inputs, dynamic_batch)
     cap = capture(original, inputs, options)
     view = TorchNormView.of(cap)
-    the_plan = plan(view, module_facts(original, new_biases), lambda fqn: tensor_of(original, fqn))
+    the_plan = plan(view, module_facts(original, new_biases, untie), lambda fqn: tensor_of(original, fqn))
     values = the_plan.values(lambda fqn: tensor_of(original, fqn))
     proved = copy.deepcopy(original)
     apply_plan(proved, the_plan, values)
@@ -146,15 +155,18 @@ def fold_norm_affine(
     else:
         target = proved
     result = NormAffineResult(target, *_records(the_plan), parity=report, plan=the_plan)
+    _untie_config(result)
     again = capture(proved, inputs, options)
-    replan = plan(TorchNormView.of(again), module_facts(proved, new_biases), lambda f: tensor_of(proved, f))
+    facts = module_facts(proved, new_biases, untie)
+    replan = plan(TorchNormView.of(again), facts, lambda f: tensor_of(proved, f))
     result.replan_folds, result.program = len(replan.folds), again.program
     logger.info("norm affine: folded %d norm(s), kept %d", len(result.folded), len(result.kept))
     return result
 
 
-def module_facts(model: nn.Module, new_biases: bool) -> ModuleFacts:
-    """:class:`ModuleFacts` of ``model``: tensors under several names, Linear modules without bias."""
+def module_facts(model: nn.Module, new_biases: bool, untie: bool = False) -> ModuleFacts:
+    """:class:`ModuleFacts` of ``model``: tensors under several names, Linear modules without bias,
+    the modules registering each parameter."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -166,7 +178,30 @@ def module_facts(model: nn.Module, new_biases: bool) -> ModuleFacts:
         for path, m in model.named_modules()
         if type(m).forward is nn.Linear.forward and isinstance(m, nn.Linear) and m.bias is None
     }
-    return ModuleFacts(aliases, slots, new_biases)
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    registered: dict[int, dict[str, str]] = {}
+    for path, m in model.named_modules():
+        for attr, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            if len(paths[id(m)]) == 1:  # a module at two paths is one object: no copy for one of them
+                registered.setdefault(id(p), {})[path] = attr
+    owners = {name: registered.get(i, {}) for i, group in names.items() for name in group}
+    return ModuleFacts(aliases, slots, new_biases, owners, untie)
+
+
+def _untie_config(result: NormAffineResult) -> None:
+    """A Hugging Face config would tie an untied head back on save or load: say it is untied."""
+    untied = [u for f in result.folded for u in f.untied]
+    if not untied:
+        return
+    config = getattr(result.model, "config", None)
+    if getattr(config, "tie_word_embeddings", None):
+        config.tie_word_embeddings = False
+        result.notes.append(f"untied {', '.join(untied)}: config.tie_word_embeddings set to False")
+    else:
+        result.notes.append(f"untied {', '.join(untied)}: each is now a parameter of its own; code that "
+                            "ties weights on load would tie it back to the unscaled original")  # fmt: skip
 
 
 def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
@@ -175,8 +210,9 @@ def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
         n = f.norm
         code, reason = f.shift_kept or (None, None)
         new = tuple(c.new_bias for c in f.consumers if c.new_bias is not None)
-        folded.append(NormFolded(n.name, n.kind, n.pattern, n.module_type,
-                                 tuple(c.weight for c in f.consumers), new, code, reason))  # fmt: skip
+        untied = tuple(u for c in f.consumers for u in c.untie)
+        into = tuple(c.weight for c in f.consumers)
+        folded.append(NormFolded(n.name, n.kind, n.pattern, n.module_type, into, new, code, reason, untied))
     kept = [NormKept(k.norm.name, k.norm.kind, k.norm.pattern, k.norm.module_type, k.code, k.reason)
             for k in the_plan.kept]  # fmt: skip
     return folded, kept

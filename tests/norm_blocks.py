@@ -247,3 +247,55 @@ class TransposedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(x) @ self.weight.T + self.bias
+
+
+class MiniLlama(nn.Module):
+    """Two Llama decoder layers (input norm -> q/k/v with rotary after the projections; post-attention
+    norm -> gate/up), a final norm and an LM head, tied to the embedding or not."""
+
+    def __init__(self, tied: bool, vocab: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(25)
+        self.embed = nn.Embedding(vocab, D)
+        self.layers = nn.ModuleList(_LlamaLayer(26 + i) for i in range(layers))
+        self.norm = HFRMSNorm(D, 40)
+        self.lm_head = nn.Linear(D, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(self.norm(h))
+
+
+class _LlamaLayer(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.input_layernorm = HFRMSNorm(D, seed)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.post_attention_layernorm = HFRMSNorm(D, seed + 100)
+        self.mlp = _LlamaMLP()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, HEADS, HD) for p in (self.q_proj, self.k_proj, self.v_proj))
+        pos = torch.arange(n, dtype=x.dtype, device=x.device)
+        inv = 1.0 / (10000 ** (torch.arange(0, HD, 2, dtype=x.dtype, device=x.device) / HD))
+        emb = torch.cat([pos[:, None] * inv[None, :]] * 2, dim=-1)[None, :, None, :]
+        q, k = (t * emb.cos() + _rotate_half(t) * emb.sin() for t in (q, k))
+        att = _attention(q.reshape(b, n, D), k.reshape(b, n, D), v.reshape(b, n, D))
+        h = h + self.o_proj(att)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _LlamaMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(D, 2 * D, bias=False), nn.Linear(D, 2 * D, bias=False)
+        self.down_proj = nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

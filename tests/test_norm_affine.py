@@ -22,6 +22,7 @@ from norm_blocks import (
     FusedQKV,
     HFRMSNorm,
     LNIntoBiasFree,
+    MiniLlama,
     NormAsOutput,
     PostLN,
     PreLNAttention,
@@ -227,7 +228,42 @@ def test_tied_lm_head_is_refused() -> None:
     k = _only_kept(_fold(model, torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(1))))
     assert (k.norm, k.code) == ("norm", "tied_weight")
     assert k.reason == ("the weight head.weight of head (linear) is also read by embed (embedding) (a tied "
-                        "or shared weight): scaling it would change that reader too")  # fmt: skip
+                        "or shared weight): scaling it would change that reader too (untie=True gives head "
+                        "its own copy)")  # fmt: skip
+
+
+def _llama_folds(result: normfold.NormAffineResult) -> list[tuple[str, tuple[str, ...]]]:
+    return [(f.norm, f.into) for f in result.folded]
+
+
+_LLAMA_LAYERS = [
+    (f"layers.{i}.{norm}", tuple(f"layers.{i}.{p}.weight" for p in into))
+    for i in range(2)
+    for norm, into in (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                       ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+]  # fmt: skip
+IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(2))
+
+
+def test_mini_llama_every_norm_folds_and_a_tied_head_waits_for_untie() -> None:
+    untied = _fold(MiniLlama(tied=False).eval(), IDS)
+    assert _llama_folds(untied) == [*_LLAMA_LAYERS, ("norm", ("lm_head.weight",))] and untied.kept == []
+    model = MiniLlama(tied=True).eval()
+    kept = _fold(model, IDS)
+    assert _llama_folds(kept) == _LLAMA_LAYERS
+    assert [(k.norm, k.code) for k in kept.kept] == [("norm", "tied_weight")]
+    model.config = type("Config", (), {"tie_word_embeddings": True})()  # as a Hugging Face model has
+    result = _fold(model, IDS, untie=True)
+    assert _llama_folds(result) == [*_LLAMA_LAYERS, ("norm", ("lm_head.weight",))]
+    assert result.folded[-1].untied == ("lm_head.weight",) and result.kept == []
+    folded = result.model
+    assert folded.lm_head.weight is not folded.embed.weight
+    assert torch.equal(folded.embed.weight, model.embed.weight)  # the embedding keeps the unscaled original
+    g = _wide(model.norm.weight)
+    assert torch.equal(folded.lm_head.weight, (_wide(model.embed.weight) * g).float())
+    assert folded.config.tie_word_embeddings is False and model.config.tie_word_embeddings is True
+    assert result.notes == ["untied lm_head.weight: config.tie_word_embeddings set to False"]
+    assert folded.state_dict().keys() == model.state_dict().keys()
 
 
 def test_norm_returned_by_the_model_is_kept() -> None:

@@ -4,7 +4,9 @@ Each value (:meth:`~normfold.engine.norm_affine.records.NormPlan.values`, float6
 parameter's dtype once and copied into the parameter of that name in place, so the
 module's class, module paths and state-dict keys stay; a new bias (``new_biases=True``) is a new
 ``nn.Parameter`` on an ``nn.Linear`` whose ``bias`` was None, which its ``forward`` then adds.
-The norm modules keep their parameters, set to the neutral scale and shift.
+The norm modules keep their parameters, set to the neutral scale and shift. A consumer weight
+shared with another reader and untied by the plan (``Consumer.untie``) first becomes a copy
+registered on the consumer alone, so the other reader keeps the unscaled original.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def apply_plan(model: nn.Module, plan: NormPlan, values: Mapping[str, torch.Tens
     """Write ``values`` (FQN -> tensor) into ``model``; the new biases of ``plan`` are created."""
     new = {c.new_bias for f in plan.folds for c in f.consumers if c.new_bias is not None}
     with torch.no_grad():
+        for name in (n for f in plan.folds for c in f.consumers for n in c.untie):
+            module, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module)
+            shared = getattr(owner, attr)  # the other reader keeps this one
+            setattr(owner, attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
         for fqn, value in values.items():
             if fqn in new:  # in its layer's dtype and device
                 module, _, attr = fqn.rpartition(".")

@@ -7,12 +7,15 @@ that layer reads and that the norm's own scale and shift belong to it alone, and
 Every other norm is a :class:`NormKeep` with a stable code (:mod:`normfold.codes`).
 
 The facts of the eager module the graph does not hold come in as data (:class:`ModuleFacts`):
-other names of a tensor (a tied LM head whose embedding is not called is still tied) and the
-Linear modules that can take a new bias. Pure: reads the view, changes nothing.
+other names of a tensor (a tied LM head whose embedding is not called is still tied), the
+Linear modules that can take a new bias, and the modules that register each parameter (with
+``untie``, a tied consumer weight gets its own copy under the consumer's name:
+:attr:`Consumer.untie`). Pure: reads the view, changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,6 +47,10 @@ class ModuleFacts:
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     bias_slots: Mapping[str, str] = field(default_factory=dict)
     new_biases: bool = False
+    #: parameter name (any of its names) -> {module path: attribute} of each module registering it
+    #: (modules registered at one path only): where ``untie`` can give a layer its own copy
+    owners: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    untie: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class NormIntoLinears:
         """``value(fqn)``: a parameter's current tensor (where the shift goes depends on it).
         Refused when the shift must stay in the norm and cannot (no scale, or a zero in it)."""
         order = {view.name(n): i for i, n in enumerate(view.nodes())}
-        consumers = sorted((_consumer(view, r) for r in match.reached), key=lambda c: order[c.layer])
+        consumers = sorted((_consumer(view, r, facts) for r in match.reached), key=lambda c: order[c.layer])
         record, shift_kept = match.record, None
         beta = shift_of(record, value)
         if beta is not None and bool((beta == 0).all()):
@@ -118,7 +125,7 @@ def _identity(record: NormRecord, value: Value) -> bool:
 
 
 def _with_new_bias(c: Consumer, name: str) -> Consumer:
-    return Consumer(c.layer, c.module, c.weight, None, c.in_axis, c.channels, c.through, name)
+    return dataclasses.replace(c, new_bias=name)
 
 
 def _own_param(view: NormView, param: AffineParam, own: set[Node], facts: ModuleFacts) -> Refused | None:
@@ -134,6 +141,7 @@ def _own_param(view: NormView, param: AffineParam, own: set[Node], facts: Module
 def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused | None:
     layer = r.layer
     name = view.describe(layer.node)
+    module = view.canonical(view.owner(layer.node)[1])
     for role, node in (("weight", layer.weight), ("bias", layer.bias)):
         if node is None:
             continue
@@ -144,17 +152,16 @@ def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused |
         dtype = view.dtype(node)
         if dtype is None or not dtype.is_floating_point:
             return Refused("dtype", f"the {role} {fqn} of {name} is not floating point ({dtype})")
-        first = (layer.via or layer.inner or layer.node) if role == "weight" else layer.node
-        readers = [u for u in view.users(node) if u is not first]
-        if role == "weight" and layer.via is not None:
-            readers += [u for u in view.users(layer.via) if u is not (layer.inner or layer.node)]
+        readers = _readers(view, r, role, node)
         if readers and all(view.owner(u)[1] == view.owner(layer.node)[1] for u in readers):
             why = f"{name} is called at several places: its {role} {fqn} would be scaled for every call"
             return Refused("tied_weight", why)
-        if readers or fqn in facts.aliases:
+        if (readers or fqn in facts.aliases) and not (facts.untie and _own_name(facts, fqn, module)):
             also = ", ".join(view.describe(u) for u in readers) or ", ".join(facts.aliases[fqn])
+            can = not facts.untie and _own_name(facts, fqn, module)
+            hint = f" (untie=True gives {module} its own copy)" if can else ""
             return Refused("tied_weight", f"the {role} {fqn} of {name} is also read by {also} (a tied or "
-                           "shared weight): scaling it would change that reader too")  # fmt: skip
+                           f"shared weight): scaling it would change that reader too{hint}")  # fmt: skip
     try:
         input_channels(view, r)
     except Refused as e:
@@ -162,14 +169,37 @@ def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused |
     return None
 
 
-def _consumer(view: NormView, r: Reached) -> Consumer:
+def _readers(view: NormView, r: Reached, role: str, node: Node) -> list[Node]:
+    """The ops other than ``r``'s layer reading its weight (or bias)."""
     layer = r.layer
-    _, module, _ = view.owner(layer.node)
-    bias = view.state_name(layer.bias) if layer.bias is not None else None
+    first = (layer.via or layer.inner or layer.node) if role == "weight" else layer.node
+    readers = [u for u in view.users(node) if u is not first]
+    if role == "weight" and layer.via is not None:
+        readers += [u for u in view.users(layer.via) if u is not (layer.inner or layer.node)]
+    return readers
+
+
+def _own_name(facts: ModuleFacts, fqn: str, module: str) -> str | None:
+    """``module.attr``: the name under which ``module`` itself registers the parameter ``fqn``."""
+    attr = facts.owners.get(fqn, {}).get(module)
+    return None if attr is None else f"{module}.{attr}" if module else attr
+
+
+def _consumer(view: NormView, r: Reached, facts: ModuleFacts) -> Consumer:
+    layer = r.layer
+    module = view.canonical(view.owner(layer.node)[1])
+    names, untie = {}, []
+    for role, node in (("weight", layer.weight), ("bias", layer.bias)):
+        fqn = view.state_name(node) if node is not None else None
+        own = _own_name(facts, fqn, module) if fqn is not None and facts.untie else None
+        if own is not None and (_readers(view, r, role, node) or fqn in facts.aliases):
+            fqn = own
+            untie.append(own)
+        names[role] = fqn
     rank = len(view.shape(layer.weight))
     in_axis = rank - 2 if layer.in_out else rank - 1  # (.., in, out) or (.., out, in)
-    return Consumer(view.name(layer.node), view.canonical(module), view.state_name(layer.weight), bias,
-                    in_axis, input_channels(view, r), r.through)  # fmt: skip
+    return Consumer(view.name(layer.node), module, names["weight"], names["bias"], in_axis,
+                    input_channels(view, r), r.through, untie=tuple(untie))  # fmt: skip
 
 
 def records(view: NormView, norms: list[AffineNorm]) -> list[NormRecord]:

@@ -55,6 +55,9 @@ class Consumer:
     channels: tuple[int, ...]
     through: tuple[str, ...] = ()  # ops between the norm and the layer (views, casts)
     new_bias: str | None = None
+    #: names (``module.attr``) re-registered as the layer's own copy before the fold (``untie``):
+    #: the weight (or bias) was shared with another reader, which keeps the original
+    untie: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
