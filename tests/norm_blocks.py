@@ -299,3 +299,37 @@ class _LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BertHead(nn.Module):
+    """BERT's MLM head: transform -> LayerNorm -> decoder tied to the word embeddings, whose bias
+    is also registered as ``predictions_bias`` (``cls.predictions.bias`` in Hugging Face)."""
+
+    def __init__(self, vocab: int = 24) -> None:
+        super().__init__()
+        torch.manual_seed(41)
+        self.word_embeddings = nn.Embedding(vocab, D)
+        self.transform = nn.Linear(D, D)
+        self.LayerNorm = layer_norm(D, 42)
+        self.decoder = nn.Linear(D, vocab)
+        self.decoder.weight = self.word_embeddings.weight
+        self.predictions_bias = self.decoder.bias
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(ids)
+        return self.decoder(self.LayerNorm(F.gelu(self.transform(h))))
+
+
+class ParallelBlock(nn.Module):
+    """GPT-J / Falcon parallel attention: one norm feeds attention and the MLP at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(43)
+        self.ln = layer_norm(D, 44)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.fc_in, self.fc_out = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return x + self.o(_attention(self.q(h), self.k(h), self.v(h))) + self.fc_out(F.gelu(self.fc_in(h)))

@@ -17,6 +17,7 @@ from norm_blocks import (
     GPT2MLP,
     HD,
     HEADS,
+    BertHead,
     D,
     DenseMoE,
     FusedQKV,
@@ -24,6 +25,7 @@ from norm_blocks import (
     LNIntoBiasFree,
     MiniLlama,
     NormAsOutput,
+    ParallelBlock,
     PostLN,
     PreLNAttention,
     QKNorm,
@@ -264,6 +266,32 @@ def test_mini_llama_every_norm_folds_and_a_tied_head_waits_for_untie() -> None:
     assert folded.config.tie_word_embeddings is False and model.config.tie_word_embeddings is True
     assert result.notes == ["untied lm_head.weight: config.tie_word_embeddings set to False"]
     assert folded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_bert_head_untied_weight_and_a_bias_under_two_names() -> None:
+    """The decoder weight is the embedding's (another op reads it: copied); its bias is also
+    ``predictions_bias``, read by no other op: changed in place, so both names hold the fold."""
+    model = BertHead().eval()
+    ids = IDS.remainder(24)
+    assert [k.code for k in _fold(model, ids).kept] == ["tied_weight"]
+    result = _fold(model, ids, untie=True)
+    (f,) = result.folded
+    assert (f.norm, f.into, f.untied) == ("LayerNorm", ("decoder.weight",), ("decoder.weight",))
+    folded = result.model
+    shift = _wide(model.word_embeddings.weight) @ _wide(model.LayerNorm.bias)
+    assert folded.decoder.bias is folded.predictions_bias  # still one tensor under both names
+    assert torch.equal(folded.predictions_bias, (_wide(model.decoder.bias) + shift).float())
+    assert torch.equal(folded.word_embeddings.weight, model.word_embeddings.weight)
+
+
+def test_parallel_attention_and_mlp_take_one_scale() -> None:
+    model = ParallelBlock().eval()
+    (f,) = _fold(model).folded
+    assert f.into == ("q.weight", "k.weight", "v.weight", "fc_in.weight") and f.code == "new_bias_needed"
+    g = _wide(model.ln.weight)
+    assert torch.equal(_fold(model).model.fc_in.weight, (_wide(model.fc_in.weight) * g).float())
+    both = _fold(model, new_biases=True).folded[0]
+    assert both.code is None and both.new_biases == ("q.bias", "k.bias", "v.bias")
 
 
 def test_norm_returned_by_the_model_is_kept() -> None:

@@ -9,8 +9,9 @@ Every other norm is a :class:`NormKeep` with a stable code (:mod:`normfold.codes
 The facts of the eager module the graph does not hold come in as data (:class:`ModuleFacts`):
 other names of a tensor (a tied LM head whose embedding is not called is still tied), the
 Linear modules that can take a new bias, and the modules that register each parameter (with
-``untie``, a tied consumer weight gets its own copy under the consumer's name:
-:attr:`Consumer.untie`). Pure: reads the view, changes nothing.
+``untie``, a consumer weight another op reads gets its own copy under the consumer's name,
+:attr:`Consumer.untie`; one that is only registered under other names is changed in place, so
+every name holds the folded value). Pure: reads the view, changes nothing.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def _consumer_check(view: NormView, r: Reached, facts: ModuleFacts) -> Refused |
         if (readers or fqn in facts.aliases) and not (facts.untie and _own_name(facts, fqn, module)):
             also = ", ".join(view.describe(u) for u in readers) or ", ".join(facts.aliases[fqn])
             can = not facts.untie and _own_name(facts, fqn, module)
-            hint = f" (untie=True gives {module} its own copy)" if can else ""
+            fix = f"gives {module} its own copy" if readers else "changes it under every name"
+            hint = f" (untie=True {fix})" if can else ""
             return Refused("tied_weight", f"the {role} {fqn} of {name} is also read by {also} (a tied or "
                            f"shared weight): scaling it would change that reader too{hint}")  # fmt: skip
     try:
@@ -192,9 +194,11 @@ def _consumer(view: NormView, r: Reached, facts: ModuleFacts) -> Consumer:
     for role, node in (("weight", layer.weight), ("bias", layer.bias)):
         fqn = view.state_name(node) if node is not None else None
         own = _own_name(facts, fqn, module) if fqn is not None and facts.untie else None
-        if own is not None and (_readers(view, r, role, node) or fqn in facts.aliases):
+        if own is not None and _readers(view, r, role, node):  # a copy for this layer alone
             fqn = own
             untie.append(own)
+        # a tensor under other names no op of the graph reads (BERT's ``cls.predictions.bias`` is
+        # ``decoder.bias``) is written in place: every name keeps holding the layer's value
         names[role] = fqn
     rank = len(view.shape(layer.weight))
     in_axis = rank - 2 if layer.in_out else rank - 1  # (.., in, out) or (.., out, in)
