@@ -305,7 +305,49 @@ def test_qk_norm_before_rotary_is_kept() -> None:
     k = _only_kept(_fold(QKNorm(rope=True).eval()))
     assert (k.norm, k.code) == ("q_norm", "rope_after_norm")
     assert k.reason == ("the output of the norm at q_norm (mul) is rotated before any Linear (a rotary "
-                        "embedding: mul (forward), neg (forward), cat (forward))")  # fmt: skip
+                        "embedding: mul (forward), neg (forward), cat (forward), add (forward))")  # fmt: skip
+
+
+class _Gated(nn.Module):
+    """A norm output times a gate before its Linear: ``out(norm(x) * silu(gate(x)))`` (Qwen3-Next's
+    gated norm), ``out(h * sigmoid(g(h)))`` (a gate computed from the norm output itself, as a router
+    weight), or ``out(h * h)`` (the scale squared: no fold). ``norm``: "rms" or "ln" (with a shift)."""
+
+    def __init__(self, form: str, norm: str = "rms") -> None:
+        super().__init__()
+        torch.manual_seed(50)
+        self.form = form
+        self.norm = HFRMSNorm(D, 51) if norm == "rms" else layer_norm(D, 51)
+        self.gate, self.out = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.form == "input":
+            return self.out(h * F.silu(self.gate(x)))
+        if self.form == "self":
+            return self.out(h * torch.sigmoid(self.gate(h)))
+        return self.out(h * h)
+
+
+def test_scale_passes_a_gate_multiply() -> None:
+    model = _Gated("input").eval()
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("norm", ("out.weight",))]
+    assert torch.equal(result.model.gate.weight, model.gate.weight)  # reads x, not the norm
+    both = _fold(_Gated("self").eval())
+    assert [(f.norm, f.into) for f in both.folded] == [("norm", ("gate.weight", "out.weight"))]
+
+
+def test_a_shift_or_a_squared_scale_does_not_pass_a_product() -> None:
+    k = _only_kept(_fold(_Gated("input", norm="ln").eval()))
+    assert (k.norm, k.code) == ("norm", "nonlinear_consumer")
+    assert k.reason == ("the output of the norm at norm (layer_norm) is multiplied by another tensor (mul "
+                        "(forward)) before its Linear layers: its scale could pass that product, its shift "
+                        "cannot")  # fmt: skip
+    k = _only_kept(_fold(_Gated("square").eval()))
+    assert (k.norm, k.code) == ("norm", "nonlinear_consumer")
+    assert k.reason == ("the output of the norm at norm (mul) feeds mul (forward), not a Linear over its "
+                        "normalized axis")  # fmt: skip
 
 
 class _NormThenGelu(nn.Module):

@@ -73,10 +73,16 @@ class NormIntoLinears:
             what = "no scale or shift" if norm.weight is None and norm.bias is None else "scale 1 and shift 0"
             where = view.describe(norm.output)
             raise Refused("no_affine", f"the norm at {where} has {what}: nothing to fold")
-        reached, blockers = walk(view, norm)
-        if blockers:
-            raise blocking_code(view, norm, blockers)
-        return Match(norm, record, tuple(reached))
+        found = walk(view, norm)
+        if found.blockers:
+            raise blocking_code(view, norm, found.blockers, found.products)
+        beta = shift_of(record, value)
+        if found.products and beta is not None and bool((beta != 0).any()):
+            names = ", ".join(dict.fromkeys(view.describe(p) for p in found.products))
+            raise Refused("nonlinear_consumer", f"the output of the norm at {view.describe(norm.output)} is "
+                          f"multiplied by another tensor ({names}) before its Linear layers: its scale "
+                          "could pass that product, its shift cannot")  # fmt: skip
+        return Match(norm, record, tuple(found.reached))
 
     def check(self, view: NormView, match: Match, facts: ModuleFacts) -> Refused | None:
         own = {*match.norm.nodes}

@@ -10,6 +10,9 @@ channel ids (``c`` at every element of norm channel ``c``) through each op with
   ``addmm``, ``x @ W`` with ``W`` or ``W.T`` a parameter, ``x @ W + b``; or a batch of them,
   :meth:`NormView.matmul_layer`) whose data input is the walked tensor: a *consumer*, with the
   channel ids at its input;
+* a product ``x * z`` or quotient ``x / z`` (``z`` anything, a gate or a router weight): the walk goes
+  on (the scale passes such an op, ``(g * n) * z = g * (n * z)``; a shift does not: the planner
+  refuses a norm with a shift whose walk passed one, :attr:`Walk.products`);
 * anything else: a *blocker*, classified into the code a kept norm gets (:func:`blocking_code`).
 """
 
@@ -33,32 +36,58 @@ class Reached:
     through: tuple[str, ...]
 
 
-def walk(view: NormView, norm: AffineNorm) -> tuple[list[Reached], list[Node]]:
-    """``(consumers, blockers)`` of ``norm`` (module docstring)."""
+@dataclass
+class Walk:
+    """What :func:`walk` found: the consumers, the blockers, and the products the scale passed
+    (``x * z``, ``x / z``: the scale, not the shift, moves through them)."""
+
+    reached: list[Reached]
+    blockers: list[Node]
+    products: list[Node]
+
+
+def walk(view: NormView, norm: AffineNorm) -> Walk:
+    """The consumers and blockers of ``norm`` (module docstring). A product with a tensor that
+    itself carries the norm's scale (``h * h``) is a blocker: its scale would be squared."""
     shape = view.shape(norm.output)
     axis = norm.axis % len(shape)
     view_shape = [1] * len(shape)
     view_shape[axis] = norm.channels
     ids = torch.arange(norm.channels, dtype=torch.float64).reshape(view_shape).expand(shape).clone()
     stack: list[tuple[Node, torch.Tensor, tuple[str, ...]]] = [(norm.output, ids, ())]
-    reached: list[Reached] = []
-    blockers: list[Node] = []
+    found = Walk([], [], [])
+    carried = {norm.output}
     while stack:
         node, ids, path = stack.pop()
         for user in view.users(node):
             if view.uses(user, node) != 1:
-                blockers.append(user)
+                found.blockers.append(user)
                 continue
             layer = None if view.is_output(user) else (view.layer_reading(user) or view.matmul_layer(user))
             if layer is not None and layer.kind in ("linear", "batched_linear") and layer.input is node:
-                reached.append(Reached(layer, ids, path))
+                found.reached.append(Reached(layer, ids, path))
                 continue
             moved = None if view.is_output(user) else _moved(view, user, node, ids)
+            if moved is None and _product(view, user, node):
+                moved = torch.broadcast_to(ids, view.shape(user)).clone()
+                found.products.append(user)
             if moved is None:
-                blockers.append(user)
-            else:
+                found.blockers.append(user)
+            elif user not in carried:
+                carried.add(user)
                 stack.append((user, moved, (*path, view.name(user))))
-    return reached, blockers
+            else:  # reached twice: two operands of one op carry the scale (``h * h``, ``h + h``)
+                found.blockers.append(user)
+    return found
+
+
+def _product(view: NormView, user: Node, node: Node) -> bool:
+    """``user`` is ``node * z`` or ``node / z`` (any ``z``, constant or not): a per-channel scale
+    on ``node`` passes it unchanged, ``(g * n) * z = g * (n * z)``."""
+    operands = view.operands(user)
+    if view.op_name(user) == "mul":
+        return True
+    return view.op_name(user) == "div" and bool(operands) and operands[0] is node
 
 
 def _moved(view: NormView, user: Node, node: Node, ids: torch.Tensor) -> torch.Tensor | None:
@@ -90,7 +119,7 @@ def input_channels(view: NormView, reached: Reached) -> tuple[int, ...]:
     return tuple(int(c) for c in first.tolist())
 
 
-def blocking_code(view: NormView, norm: AffineNorm, blockers: list[Node]) -> Refused:
+def blocking_code(view: NormView, norm: AffineNorm, blockers: list[Node], products: list[Node]) -> Refused:
     """The code and reason of a norm whose output reaches ``blockers``, not only Linear layers.
 
     ``model_output``: the model returns it; ``residual_user``: it is added to another tensor (the
@@ -102,13 +131,14 @@ def blocking_code(view: NormView, norm: AffineNorm, blockers: list[Node]) -> Ref
     if any(view.is_output(b) for b in blockers):
         return Refused("model_output", f"the output of the norm at {where} is returned by the model: "
                        "its scale and shift must stay")  # fmt: skip
+    ops = {view.op_name(b) for b in [*blockers, *products]}
+    if "mul" in ops and ops & {"neg", "cat", "stack"}:
+        ops_named = ", ".join(dict.fromkeys(view.describe(b) for b in [*products, *blockers]))
+        return Refused("rope_after_norm", f"the output of the norm at {where} is rotated before any "
+                       f"Linear (a rotary embedding: {ops_named})")  # fmt: skip
     if any(_sums(view, b) for b in blockers):
         return Refused("residual_user", f"the output of the norm at {where} is also added to another "
                        f"tensor (a residual: {names}): a Linear alone cannot absorb its scale")  # fmt: skip
-    ops = {view.op_name(b) for b in blockers}
-    if "mul" in ops and ops & {"neg", "cat", "stack"}:
-        return Refused("rope_after_norm", f"the output of the norm at {where} is rotated before any "
-                       f"Linear (a rotary embedding: {names})")  # fmt: skip
     return Refused("nonlinear_consumer", f"the output of the norm at {where} feeds {names}, not a Linear "
                    "over its normalized axis")  # fmt: skip
 
