@@ -15,8 +15,7 @@ Transforms, and the record each one's codes are carried in:
 ``drop_bias``    :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
 ``swap``         :func:`normfold.swap_norms`: ``NotSwapped.code``
 ``calibrate``    :func:`normfold.recalibrate`: ``NotRecalibrated.code``
-``norm_affine``  :func:`normfold.fold_norm_affine`: ``NormKept.code`` (``NormFolded.code`` for a
-                 shift that stays)
+``norm_affine``  :func:`normfold.fold_norm_affine`: ``NormKept.code``, ``NormFolded.code``
 ===============  ==============================================================================
 
 A code may be given by several transforms (``batch_statistics``: fold, drop-bias, recalibration);
@@ -200,8 +199,9 @@ _ALL = (
         "float16/bfloat16, a fold that scales up moves values the original computes unscaled (a sum, a "
         "mean that cancels) out of the dtype's range: such folds are judged by the parity rule inside "
         "`fold()` and kept when the result fails",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a merged kernel or bias does not fit the parameter dtype (fp16: beyond 65504)",
+        norm_affine="a folded weight or bias does not fit the model's dtype (fp16: beyond 65504)",
     ),
     _code(
         "cancellation",

@@ -21,8 +21,9 @@ one only with ``new_biases=True`` (``nn.Linear`` modules).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from normfold.check.parity_rule import ParityRule
 from normfold.check.widened_parity import widened_parity
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
-from normfold.engine.norm_affine.planner import ModuleFacts, plan
+from normfold.engine.norm_affine.planner import ModuleFacts, keep_overflowing, plan
 from normfold.engine.norm_affine.records import NormPlan
 from normfold.engine.norm_affine.torch_norms import TorchNormView
 from normfold.errors import ParityError, UsageError
@@ -141,8 +142,9 @@ def fold_norm_affine(
     options = capture_options(inputs, dynamic_batch)
     cap = capture(original, inputs, options)
     view = TorchNormView.of(cap)
-    the_plan = plan(view, module_facts(original, new_biases, untie), lambda fqn: tensor_of(original, fqn))
-    values = the_plan.values(lambda fqn: tensor_of(original, fqn))
+    dtype_of = functools.partial(_dtype_of, model)
+    the_plan = _plan(view, original, dtype_of, new_biases, untie)
+    values = the_plan.values(functools.partial(tensor_of, original))
     proved = copy.deepcopy(original)
     apply_plan(proved, the_plan, values)
     report = widened_parity(original, cap.program, proved, inputs, rule)
@@ -157,11 +159,27 @@ def fold_norm_affine(
     result = NormAffineResult(target, *_records(the_plan), parity=report, plan=the_plan)
     _untie_config(result)
     again = capture(proved, inputs, options)
-    facts = module_facts(proved, new_biases, untie)
-    replan = plan(TorchNormView.of(again), facts, lambda f: tensor_of(proved, f))
+    replan = _plan(TorchNormView.of(again), proved, dtype_of, new_biases, untie)
     result.replan_folds, result.program = len(replan.folds), again.program
     logger.info("norm affine: folded %d norm(s), kept %d", len(result.folded), len(result.kept))
     return result
+
+
+def _plan(
+    view: TorchNormView,
+    model: nn.Module,
+    dtype_of: Callable[[str], torch.dtype],
+    new_biases: bool,
+    untie: bool,
+) -> NormPlan:
+    """The plan of ``view`` with values read from ``model`` (float32 for a float16 model: the same
+    values), folds whose values overflow ``dtype_of`` (the caller's dtypes) kept."""
+    value = functools.partial(tensor_of, model)
+    return keep_overflowing(plan(view, module_facts(model, new_biases, untie), value), value, dtype_of)
+
+
+def _dtype_of(model: nn.Module, fqn: str) -> torch.dtype:
+    return tensor_of(model, fqn).dtype
 
 
 def module_facts(model: nn.Module, new_biases: bool, untie: bool = False) -> ModuleFacts:

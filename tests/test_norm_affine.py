@@ -453,3 +453,17 @@ def test_parity_failure_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPat
     with pytest.raises(normfold.ParityError, match=r"differs from the original model.*nothing was changed"):
         normfold.fold_norm_affine(model, X, inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fp16_fold_that_would_overflow_is_kept() -> None:
+    model = LNIntoBiasFree().eval()
+    with torch.no_grad():
+        model.proj.weight[0, 3] = 6e4  # fits float16 (max 65504) until the norm's scale 1.3 moves in
+        model.ln.weight[3] = 1.3
+    model = model.half()
+    result = _fold(model, X.half())
+    k = _only_kept(result)
+    assert (k.norm, k.code) == ("ln", "overflow")
+    # 6e4 * float16(1.3) = 77988.3
+    assert k.reason == "folding ln makes proj.weight (max |value| 77988.3, torch.float16) overflow"
+    assert torch.equal(result.model.proj.weight, model.proj.weight)

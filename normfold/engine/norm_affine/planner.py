@@ -29,6 +29,8 @@ from normfold.engine.norm_affine.records import (
     NormKeep,
     NormPlan,
     NormRecord,
+    fold_values,
+    overflowing,
     scale_of,
     shift_of,
 )
@@ -240,3 +242,16 @@ def plan(view: NormView, facts: ModuleFacts, value: Value) -> NormPlan:
         except Refused as r:
             result.kept.append(NormKeep(record, r.code, r.reason))
     return result
+
+
+def keep_overflowing(the_plan: NormPlan, value: Value, dtype_of: Callable[[str], torch.dtype]) -> NormPlan:
+    """``the_plan`` with every fold whose new values do not fit their parameter's dtype
+    (``dtype_of(fqn)``: the model's own, e.g. float16) kept instead, code ``overflow``."""
+    out = NormPlan(kept=list(the_plan.kept))
+    for fold in the_plan.folds:
+        bad = overflowing(fold, fold_values(fold, value), dtype_of)
+        if bad is None:
+            out.folds.append(fold)
+        else:
+            out.kept.append(NormKeep(fold.norm, "overflow", f"folding {fold.norm.name} makes {bad} overflow"))
+    return out

@@ -131,3 +131,17 @@ def fold_values(fold: NormFold, value: Callable[[str], torch.Tensor]) -> dict[st
         kept = torch.zeros(shape, dtype=torch.float64) if move_shift else (beta / gamma).reshape(shape)
         out[norm.bias] = kept
     return out
+
+
+def overflowing(
+    fold: NormFold, values: dict[str, torch.Tensor], dtype_of: Callable[[str], torch.dtype]
+) -> str | None:
+    """The first value of ``fold`` that is not finite once cast to its parameter's dtype
+    (``dtype_of(fqn)``), as ``"name (max |value|, dtype)"``; None when all fit."""
+    for c in fold.consumers:
+        for name in (c.weight, c.bias or c.new_bias):
+            wide = values.get(name) if name is not None else None
+            dtype = dtype_of(c.weight)  # a bias has its layer's dtype (a new one takes it)
+            if wide is not None and not bool(wide.to(dtype).isfinite().all()):
+                return f"{name} (max |value| {wide.abs().max().item():.6g}, {dtype})"
+    return None

@@ -238,7 +238,7 @@ class TorchNormView(TorchView):
         """``node`` as ``offset + p`` (a parameter read through casts and ``+ c``), else the refusal."""
         offset, ops, cur = 0.0, [], node
         while isinstance(cur, fx.Node):
-            if self.is_parameter(cur):
+            if self.is_parameter(cur) and (offset == 0 or role == "scale"):  # a shift is written as 0
                 return AffineParam(self.state_name(cur), offset, cur, tuple(reversed(ops)))
             nxt = self.cast_input(cur)
             if nxt is None and cur.target in _ADD and len(cur.args) == 2 and bind(cur).get("alpha", 1) == 1:
