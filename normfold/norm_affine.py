@@ -91,7 +91,9 @@ class NormAffineResult:
     replan_folds: int = 0  # folds found when planning the folded model again (0 expected)
     notes: list[str] = field(default_factory=list)  # what the caller must know (untied weights)
     plan: NormPlan = field(default_factory=NormPlan, repr=False)
-    program: ExportedProgram | None = field(default=None, repr=False)  # the folded model, captured
+    #: the folded model as captured for the re-plan (in float32 for a float16/bfloat16 model: the
+    #: model that was proved)
+    program: ExportedProgram | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

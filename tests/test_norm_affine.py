@@ -467,3 +467,10 @@ def test_fp16_fold_that_would_overflow_is_kept() -> None:
     # 6e4 * float16(1.3) = 77988.3
     assert k.reason == "folding ln makes proj.weight (max |value| 77988.3, torch.float16) overflow"
     assert torch.equal(result.model.proj.weight, model.proj.weight)
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(normfold.UsageError, match="fold_norm_affine\\(\\) expects a torch.nn.Module, got str"):
+        normfold.fold_norm_affine("model", X)  # type: ignore[arg-type]
+    with pytest.raises(normfold.UsageError, match="fold_norm_affine\\(\\) needs example_inputs"):
+        normfold.fold_norm_affine(PreLNAttention(), None)  # type: ignore[arg-type]

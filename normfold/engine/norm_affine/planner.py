@@ -102,8 +102,7 @@ class NormIntoLinears:
     def plan(self, view: NormView, match: Match, facts: ModuleFacts, value: Value) -> NormFold:
         """``value(fqn)``: a parameter's current tensor (where the shift goes depends on it).
         Refused when the shift must stay in the norm and cannot (no scale, or a zero in it)."""
-        order = {view.name(n): i for i, n in enumerate(view.nodes())}
-        consumers = sorted((_consumer(view, r, facts) for r in match.reached), key=lambda c: order[c.layer])
+        consumers = [_consumer(view, r, facts) for r in match.reached]
         record, shift_kept = match.record, None
         beta = shift_of(record, value)
         if beta is not None and bool((beta == 0).all()):
@@ -231,6 +230,7 @@ def records(view: NormView, norms: list[AffineNorm]) -> list[NormRecord]:
 def plan(view: NormView, facts: ModuleFacts, value: Value) -> NormPlan:
     """Decide every norm of the viewed graph; ``value(fqn)``: a parameter's current tensor."""
     rule, result = NormIntoLinears(), NormPlan()
+    order: dict[str, int] = {}
     norms = view.affine_norms()
     for norm, record in zip(norms, records(view, norms), strict=True):
         try:
@@ -238,7 +238,10 @@ def plan(view: NormView, facts: ModuleFacts, value: Value) -> NormPlan:
             refused = rule.check(view, match, facts)
             if refused is not None:
                 raise refused
-            result.folds.append(rule.plan(view, match, facts, value))
+            fold = rule.plan(view, match, facts, value)
+            order = order or {view.name(n): i for i, n in enumerate(view.nodes())}
+            ordered = tuple(sorted(fold.consumers, key=lambda c: order[c.layer]))  # in graph order
+            result.folds.append(dataclasses.replace(fold, consumers=ordered))
         except Refused as r:
             result.kept.append(NormKeep(record, r.code, r.reason))
     return result
