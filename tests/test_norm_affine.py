@@ -470,7 +470,32 @@ def test_fp16_fold_that_would_overflow_is_kept() -> None:
 
 
 def test_arguments_are_checked() -> None:
-    with pytest.raises(normfold.UsageError, match="fold_norm_affine\\(\\) expects a torch.nn.Module, got str"):
+    with pytest.raises(normfold.UsageError, match=r"fold_norm_affine\(\) expects a torch.nn.Module, got str"):
         normfold.fold_norm_affine("model", X)  # type: ignore[arg-type]
-    with pytest.raises(normfold.UsageError, match="fold_norm_affine\\(\\) needs example_inputs"):
+    with pytest.raises(normfold.UsageError, match=r"fold_norm_affine\(\) needs example_inputs"):
         normfold.fold_norm_affine(PreLNAttention(), None)  # type: ignore[arg-type]
+
+
+class _PlainNorms(nn.Module):
+    """A LayerNorm without affine parameters (nothing to fold) and one without a shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(60)
+        self.plain, self.scale_only = nn.LayerNorm(D, elementwise_affine=False), nn.LayerNorm(D, bias=False)
+        with torch.no_grad():
+            self.scale_only.weight.uniform_(0.3, 1.7)
+        self.a, self.b = nn.Linear(D, 4, bias=False), nn.Linear(D, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.plain(x)) + self.b(self.scale_only(x))
+
+
+def test_a_norm_without_affine_gets_a_record_and_a_scale_alone_folds() -> None:
+    model = _PlainNorms().eval()
+    result = _fold(model)
+    assert [(f.norm, f.into, f.code) for f in result.folded] == [("scale_only", ("b.weight",), None)]
+    assert [(k.norm, k.code, k.reason) for k in result.kept] == [
+        ("plain", "no_affine", "the norm at plain (layer_norm) has no scale or shift: nothing to fold")
+    ]
+    assert result.model.b.bias is None  # no shift: no bias needed
