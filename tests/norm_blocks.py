@@ -333,3 +333,20 @@ class ParallelBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln(x)
         return x + self.o(_attention(self.q(h), self.k(h), self.v(h))) + self.fc_out(F.gelu(self.fc_in(h)))
+
+
+class CohereLayerNorm(nn.Module):
+    """Cohere's hand-written LayerNorm: ``(h - mean)`` computed twice, float32 inside, no shift."""
+
+    def __init__(self, d: int, seed: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(_scale(d, torch.Generator().manual_seed(seed)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        mean = h.mean(-1, keepdim=True)
+        variance = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt(variance + self.eps)
+        return (self.weight.to(torch.float32) * h).to(dtype)

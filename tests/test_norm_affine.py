@@ -18,6 +18,7 @@ from norm_blocks import (
     HD,
     HEADS,
     BertHead,
+    CohereLayerNorm,
     D,
     DenseMoE,
     FusedQKV,
@@ -499,3 +500,20 @@ def test_a_norm_without_affine_gets_a_record_and_a_scale_alone_folds() -> None:
         ("plain", "no_affine", "the norm at plain (layer_norm) has no scale or shift: nothing to fold")
     ]
     assert result.model.b.bias is None  # no shift: no bias needed
+
+
+class _Cohere(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(61)
+        self.input_layernorm, self.q = CohereLayerNorm(D, 62), nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(self.input_layernorm(x))
+
+
+def test_cohere_layer_norm_with_its_centring_written_twice() -> None:
+    model = _Cohere().eval()
+    (f,) = _fold(model).folded
+    assert (f.norm, f.kind, f.pattern) == ("input_layernorm", "layer_norm", "hand-written")
+    assert f.into == ("q.weight",)

@@ -272,14 +272,19 @@ def _scalar(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any, view: TorchNormView) -> bool:
-    """``a`` and ``b`` are one tensor, up to dtype casts of one source."""
+    """``a`` and ``b`` are one tensor, up to dtype casts of one source, or one op on the same
+    operands computed twice (Cohere writes ``(h - mean)`` once for the variance, once to scale)."""
 
     def root(n: Any) -> Any:
         while isinstance(n, fx.Node) and view.cast_input(n) is not None:
             n = view.cast_input(n)
         return n
 
-    return a is b or (isinstance(a, fx.Node) and root(a) is root(b))
+    a, b = root(a), root(b)
+    if a is b:
+        return True
+    twice = isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.op == b.op == "call_function"
+    return twice and a.target == b.target and a.args == b.args and a.kwargs == b.kwargs
 
 
 def _other_operand(user: fx.Node, cur: fx.Node) -> Any:
