@@ -9,6 +9,7 @@ cast once; every refusal asserts its exact code and reason.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -85,6 +86,8 @@ def test_pre_ln_attention_scale_and_shift_move_into_q_k_v() -> None:
     assert isinstance(result.model.ln, nn.LayerNorm)  # class, paths and keys stay
     assert result.model.state_dict().keys() == model.state_dict().keys()
     assert normfold.verify(model, result.model, X).passed  # the library's own judge agrees
+    report = json.loads(json.dumps(result.to_dict()))
+    assert report["folded"][0]["into"] == ["q.weight", "k.weight", "v.weight"] and report["parity"]["passed"]
 
 
 def test_hand_written_rmsnorm_with_casts_into_gate_and_up() -> None:
