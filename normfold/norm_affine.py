@@ -95,6 +95,16 @@ class NormAffineResult:
     #: model that was proved)
     program: ExportedProgram | None = field(default=None, repr=False)
 
+    def norm_mappings(self) -> list[dict[str, Any]]:
+        """Each folded norm's module and the modules of the Linear layers it feeds, as llm-compressor's
+        ``NormMapping(norm=..., linears=[...])`` takes them (exact module names; a layer written in a
+        ``forward`` is named by its weight): normfold's discovery in place of a per-model table."""
+        out = []
+        for fold in self.plan.folds:
+            linears = dict.fromkeys(c.module or c.weight for c in fold.consumers)
+            out.append({"norm": fold.norm.module or fold.norm.name, "linears": list(linears)})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_type": type(self.model).__name__,

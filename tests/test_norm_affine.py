@@ -270,6 +270,13 @@ def test_mini_llama_every_norm_folds_and_a_tied_head_waits_for_untie() -> None:
     assert folded.config.tie_word_embeddings is False and model.config.tie_word_embeddings is True
     assert result.notes == ["untied lm_head.weight: config.tie_word_embeddings set to False"]
     assert folded.state_dict().keys() == model.state_dict().keys()
+    assert untied.norm_mappings()[:2] == [
+        {"norm": "layers.0.input_layernorm",
+         "linears": ["layers.0.q_proj", "layers.0.k_proj", "layers.0.v_proj"]},
+        {"norm": "layers.0.post_attention_layernorm",
+         "linears": ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]},
+    ]  # fmt: skip
+    assert untied.norm_mappings()[-1] == {"norm": "norm", "linears": ["lm_head"]}
 
 
 def test_bert_head_untied_weight_and_a_bias_under_two_names() -> None:
