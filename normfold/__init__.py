@@ -43,7 +43,7 @@ _LAZY = {
     "Merged": "normfold.folding",
     "NotMerged": "normfold.folding",
     "reparameterize": "normfold.folding",
-    "MergedBranch": "normfold.engine.reparam",
+    "MergedBranch": "normfold.engine.reparam_eager",
     "Uncaptured": "normfold.engine.parts",
     "verify": "normfold.check.reference",
     "ParityRule": "normfold.check.parity",
@@ -66,6 +66,10 @@ _LAZY = {
     "SwapResult": "normfold.transforms.swap",
     "FrozenBatchNorm": "normfold.transforms.swap",
     "BiasResult": "normfold.transforms.bias",
+    "KeptBias": "normfold.transforms.bias",
+    "NotSwapped": "normfold.transforms.swap",
+    "NotRecalibrated": "normfold.transforms.calibration",
+    "Kept": "normfold.codes.kept",
     "RecalibrateResult": "normfold.transforms.calibration",
     "inspect": "normfold.pipeline",
     "FoldRun": "normfold.runs",
@@ -96,8 +100,9 @@ if TYPE_CHECKING:
         compare,
     )
     from normfold.check.reference import run_model, verify
+    from normfold.codes.kept import Kept
     from normfold.engine.parts import Uncaptured
-    from normfold.engine.reparam import MergedBranch
+    from normfold.engine.reparam_eager import MergedBranch
     from normfold.folding import Folded, FoldResult, Merged, NotMerged, Skipped, fold, reparameterize
     from normfold.io.export import ExportResult, export_model, export_onnx
     from normfold.io.load import LoadedModel, load_inputs, load_model
@@ -112,9 +117,9 @@ if TYPE_CHECKING:
         swap_and_write,
     )
     from normfold.runs import FoldRun, WriteRun
-    from normfold.transforms.bias import BiasResult, drop_redundant_biases
-    from normfold.transforms.calibration import RecalibrateResult, recalibrate
-    from normfold.transforms.swap import FrozenBatchNorm, SwapResult, swap_norms
+    from normfold.transforms.bias import BiasResult, KeptBias, drop_redundant_biases
+    from normfold.transforms.calibration import NotRecalibrated, RecalibrateResult, recalibrate
+    from normfold.transforms.swap import FrozenBatchNorm, NotSwapped, SwapResult, swap_norms
 
 
 def __getattr__(name: str) -> Any:
@@ -143,6 +148,8 @@ __all__ = [
     "Folded",
     "FrozenBatchNorm",
     "InputSpec",
+    "Kept",
+    "KeptBias",
     "LoadError",
     "LoadOptions",
     "LoadedModel",
@@ -154,6 +161,8 @@ __all__ = [
     "NormfoldError",
     "NotFoldedError",
     "NotMerged",
+    "NotRecalibrated",
+    "NotSwapped",
     "OutputParity",
     "ParityError",
     "ParityReport",

@@ -37,7 +37,7 @@ from normfold.check.widened_parity import widened_parity
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
 from normfold.engine.norm_affine.planner import ModuleFacts, keep_overflowing, plan
-from normfold.engine.norm_affine.records import NormPlan
+from normfold.engine.norm_affine.records import NormKept, NormPlan
 from normfold.engine.norm_affine.torch_norms import TorchNormView
 from normfold.errors import ParityError, UsageError
 from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_materialized, working_copy
@@ -66,18 +66,6 @@ class NormFolded:
     code: str | None = None
     reason: str | None = None
     untied: tuple[str, ...] = ()  # consumer weights given their own copy (``untie=True``)
-
-
-@dataclass(frozen=True)
-class NormKept:
-    """A norm left as it is, with a stable code (:mod:`normfold.codes`) and a reason."""
-
-    norm: str
-    kind: str
-    pattern: str
-    norm_type: str
-    code: str
-    reason: str
 
 
 @dataclass
@@ -243,6 +231,4 @@ def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
         untied = tuple(u for c in f.consumers for u in c.untie)
         into = tuple(c.weight for c in f.consumers)
         folded.append(NormFolded(n.name, n.kind, n.pattern, n.module_type, into, new, code, reason, untied))
-    kept = [NormKept(k.norm.name, k.norm.kind, k.norm.pattern, k.norm.module_type, k.code, k.reason)
-            for k in the_plan.kept]  # fmt: skip
-    return folded, kept
+    return folded, list(the_plan.kept)

@@ -381,6 +381,7 @@ def _diff_fuzz(program: Program) -> None:
             )
 
 
+@pytest.mark.timeout(max(300, 5 * EXAMPLES))  # pyproject's per-test 300 s, scaled to a campaign
 def test_diff_fuzz(record_property: Callable[[str, object], None]) -> None:
     """(a)-(c) on ``NORMFOLD_DIFF_EXAMPLES`` random programs (deterministic by default)."""
     start, before = time.monotonic(), Counter(_SEEN)

@@ -602,7 +602,12 @@ def test_model_that_cannot_be_captured_is_folded_in_its_largest_captured_parts()
     x = _input((2, 3, 8, 8))
     result = normfold.fold(model, x)
     assert result.program is None
-    assert [u.module for u in result.uncaptured] == ["Untraceable", "gate", "block"]
+    assert [(u.module, u.code) for u in result.uncaptured] == [
+        ("Untraceable", "not_captured"),
+        ("gate", "not_captured"),
+        ("block", "called_outside"),
+    ]
+    assert all(isinstance(u, normfold.Kept) and u.subject == u.module for u in result.uncaptured)
     assert result.uncaptured[0].reason.startswith("torch.export could not capture Untraceable")
     assert result.uncaptured[2].reason == "block.0 is also called from outside block"
     assert [(f.norm, f.into, f.pattern) for f in result.folded] == [
@@ -649,7 +654,7 @@ def _neutral(bn: nn.Module) -> bool:
 def test_every_zoo_model_folds_with_parity(name):
     model = ZOO[name].factory()
     x = example_inputs(name)
-    result = normfold.fold(model, x, reparameterize=False)  # the merges: tests/test_reparam.py
+    result = normfold.fold(model, x, reparameterize=False)  # the merges: tests/engine/test_reparam.py
     kept = ZOO_KEPT.get(name, {})
     assert {s.norm: s.code for s in result.skipped} == kept
     assert {f.norm for f in result.folded if f.where == "export"} == ZOO_EXPORT_ONLY.get(name, set())

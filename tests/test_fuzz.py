@@ -403,6 +403,8 @@ def _fold_fuzz(spec: ModelSpec) -> None:
     _with_rebuild("test_fold_fuzz", spec, recheck_fold)
 
 
+#: the per-test timeout (pyproject's 300 s) scales with a campaign's examples (a few seconds each at most)
+@pytest.mark.timeout(max(300, 5 * MAX_EXAMPLES))
 def test_fold_fuzz(record_property: Callable[[str, object], None]) -> None:
     """The four properties on ``NORMFOLD_FUZZ_EXAMPLES`` random models (deterministic by default)."""
     before, before_compared, before_undecided = _EXAMPLES[0], _COMPARED[0], _UNDECIDED_EXAMPLES[0]
@@ -444,6 +446,7 @@ def _drop_fuzz(spec: ModelSpec) -> None:
     _DROP_DROPPED[0] += len(done[0].dropped)
 
 
+@pytest.mark.timeout(max(300, 5 * BIAS_EXAMPLES))
 def test_drop_redundant_biases_fuzz(record_property: Callable[[str, object], None]) -> None:
     """``drop_redundant_biases`` on ``NORMFOLD_FUZZ_BIAS_EXAMPLES`` random models: eval parity,
     train-mode equality, no mutation, no global state change, expected drops (:func:`check_drop`)."""

@@ -1,7 +1,7 @@
 """The fuzz's examples and normfold's decisions on them do not depend on what the process ran before.
 
 The drop fuzz's count of dropped biases was 26 of 150 default examples alone, 60 after one
-``fold_and_export`` to ONNX in the same process and 11 after ``tests/test_cli.py``. Cause: Hypothesis
+``fold_and_export`` to ONNX in the same process and 11 after ``tests/cli/test_cli.py``. Cause: Hypothesis
 draws some integers and floats from constants it reads from the source of every local module in
 ``sys.modules`` (normfold's, the CLI's, a model file a test imported), so each import changed the
 derandomized examples (the generated specs differed from the 5th example on; on the 18 specs drawn

@@ -23,11 +23,12 @@ from torch.export import ExportedProgram
 from torch.nn.modules.batchnorm import _NormBase
 
 from normfold.engine.apply import EagerPlan, eager_plan
+from normfold.engine.branches import Branch, Merge
 from normfold.engine.capture import Capture, CaptureOptions, capture, op_counts, owner
 from normfold.engine.costs import program_macs
 from normfold.engine.fold_records import Folded, FoldResult, Merged, NotMerged, Skipped
 from normfold.engine.plan import Fold, Plan, plan
-from normfold.engine.reparam import Branch, Merge, plan_merges
+from normfold.engine.reparam import plan_merges
 from normfold.engine.reparam_eager import EagerMerge, eager_merges
 from normfold.engine.replan import Drift
 from normfold.errors import UsageError

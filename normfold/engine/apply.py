@@ -42,7 +42,8 @@ from normfold.engine.apply_program import _BARE_MATMULS, apply_program
 from normfold.engine.capture import Capture, Constants, bind, ops_by_module, shape
 from normfold.engine.plan import Fold, Plan, RowBlocks
 from normfold.engine.probe import isolated_rng, probe_input
-from normfold.engine.rebuild import CallIndex, Recipe, Remainder, recipe
+from normfold.engine.rebuild import Recipe, Remainder
+from normfold.engine.recipes import CallIndex, recipe
 
 __all__ = ["LAYER_MODULES", "EagerPlan", "apply_module", "apply_program", "eager_plan", "write_in_place"]
 

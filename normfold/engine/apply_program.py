@@ -22,9 +22,9 @@ from torch.export.graph_signature import (
     TensorArgument,
 )
 
+from normfold.engine.branches import Merge
 from normfold.engine.capture import Capture, quiet_exporter, set_arg
 from normfold.engine.plan import Plan, new_bias_name
-from normfold.engine.reparam import Merge
 
 
 def apply_program(

@@ -5,7 +5,7 @@ sum of branches kept (:class:`NotMerged`), one per module ``torch.export`` could
 
 Pure data: building them (:mod:`normfold.engine.analysis`, :mod:`normfold.folding`,
 :mod:`normfold.engine.parts`) and reading them (the checks, the CLI) both import this module, so it
-imports nothing of normfold's.
+imports nothing of normfold's but the base of every kept record (:class:`normfold.codes.Kept`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ from typing import Any
 from torch import nn
 from torch.export import ExportedProgram
 
+from normfold.codes.kept import Kept
+
 __all__ = ["FoldResult", "Folded", "Merged", "NotMerged", "Skipped", "Uncaptured"]
 
 
 @dataclass(frozen=True)
-class Uncaptured:
-    """A module ``torch.export`` could not capture, and why."""
+class Uncaptured(Kept):
+    """A module ``torch.export`` could not capture (code ``not_captured``), or one that captured
+    alone would lose a call from outside it (``called_outside``), and why."""
 
     module: str
+    code: str
     reason: str
 
 
@@ -45,7 +49,7 @@ class Folded:
 
 
 @dataclass(frozen=True)
-class Skipped:
+class Skipped(Kept):
     """A norm op (or unused norm module) left in place, with a stable code and a readable reason."""
 
     norm: str
@@ -53,6 +57,7 @@ class Skipped:
     code: str
     reason: str
     node: str | None = None
+    subject_field = "norm"
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,14 @@ class Merged:
 
 
 @dataclass(frozen=True)
-class NotMerged:
+class NotMerged(Kept):
     """A sum of branches of one tensor that stays, with a stable code and a readable reason."""
 
     block: str
     code: str
     reason: str
     node: str
+    subject_field = "block"
 
 
 @dataclass

@@ -18,10 +18,20 @@ of the forward, as before).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from normfold.engine.capture import Capture
+from torch import fx
+
+
+class Capture(Protocol):
+    """What this module reads of a :class:`normfold.engine.capture.Capture` (which calls it, so it
+    cannot import it back)."""
+
+    aliases: Mapping[str, str]
+    graph: fx.Graph
+
+    def state_of(self, node: Any) -> str | None: ...
 
 _SLICE = re.compile(r"^slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)$")
 

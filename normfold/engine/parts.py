@@ -69,19 +69,22 @@ def fold_parts(
         first, calls = record_calls(model, inputs)
     except Exception as e:
         raise error from e  # the model does not even run: the capture error says why
-    result = FoldResult(model=model, uncaptured=[Uncaptured(type(model).__name__, str(error))])
+    whole = Uncaptured(type(model).__name__, "not_captured", str(error))
+    result = FoldResult(model=model, uncaptured=[whole])
     result.params_before = sum(p.numel() for p in model.parameters())
 
     def visit(path: str, module: nn.Module) -> None:
         if path and path in first and any(True for _ in module.parameters()):
             reason = _outside_calls(module, path, first[path], calls)
-            try:
-                if reason is not None:
-                    raise TraceError(reason)
-                part = analyse(module, first[path], options)
-            except TraceError as e:
-                result.uncaptured.append(Uncaptured(path, str(e)))
+            part = None
+            if reason is not None:  # its children may still be captured, one by one
+                result.uncaptured.append(Uncaptured(path, "called_outside", reason))
             else:
+                try:
+                    part = analyse(module, first[path], options)
+                except TraceError as e:
+                    result.uncaptured.append(Uncaptured(path, "not_captured", str(e)))
+            if part is not None:
                 apply_module(module, part.eager, part.plan.values(part.capture, part.eager.folds))
                 for f in part.result.folded:
                     named = _prefixed(f, path)

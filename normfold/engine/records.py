@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from normfold.codes.kept import Kept
 from normfold.engine.affine import scale_input, scale_output
 
 
@@ -94,12 +95,16 @@ class Fold:
 
 
 @dataclass(frozen=True)
-class Keep:
+class Keep(Kept):
     unit: Unit
     code: str
     reason: str
     #: the unit's per-channel map ``(s, t, channel axis)`` when it is one (float64), else None
     map: tuple[torch.Tensor, torch.Tensor, int | None] | None = field(default=None, compare=False)
+
+    @property
+    def subject(self) -> str:
+        return self.unit.name
 
 
 @dataclass

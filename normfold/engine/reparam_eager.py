@@ -30,20 +30,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import fx, nn
 
 from normfold.engine.capture import Capture, Constants, module_calls
-from normfold.engine.rebuild import CallIndex, Recipe, Remainder, recipe
+from normfold.engine.rebuild import Recipe, Remainder
+from normfold.engine.recipes import CallIndex, recipe
 
 if TYPE_CHECKING:
+    from normfold.engine.branches import Branch, Merge, Unmerged
     from normfold.engine.plan import Fold
-    from normfold.engine.reparam import Branch, Merge, Unmerged
-    from normfold.engine.replan import Drift
 
 _WEIGHTED = "the block subtracts or scales branches in forward code"
+
+
+class Differences(Protocol):
+    """Where the eager module and the program already differ (:class:`~normfold.engine.replan.Drift`)."""
+
+    weights: Mapping[str, str]  # layer weight FQN -> why it differs
+    modules: Mapping[str, str]  # module path -> the op the program lost
 
 
 class MergedBranch(nn.Module):
@@ -97,7 +104,7 @@ def eager_merges(
     *,
     eager_view: tuple[Sequence[Merge], Sequence[Unmerged]] | None = None,
     export_only: Sequence[Fold] = (),
-    drift: Drift | None = None,
+    drift: Differences | None = None,
 ) -> list[EagerMerge]:
     """For each merge: the modules to swap in ``model`` (conditions 1 and 3 of the module
     docstring), or why it applies to the export only. ``owned``: module path -> the ops it runs
@@ -159,7 +166,7 @@ class _Weighted:
         owned: Mapping[str, set[str]],
         modules: Mapping[str, nn.Module],
         by_name: Mapping[str, fx.Node],
-        drift: Drift | None,
+        drift: Differences | None,
     ) -> None:
         self.capture, self.owned, self.modules, self.by_name, self.drift = (
             capture,
@@ -247,7 +254,7 @@ def _export_only_reason(
     same: Sequence[Merge],
     stay: Sequence[Unmerged],
     export_only: Sequence[Fold],
-    drift: Drift | None,
+    drift: Differences | None,
 ) -> str | None:
     """Why the module cannot take ``m`` whatever its modules (None: it can)."""
     for b in m.branches:

@@ -26,7 +26,7 @@ from normfold.engine.context import Refused
 from normfold.engine.records import Fold, Plan, new_bias_name
 
 if TYPE_CHECKING:
-    from normfold.engine.reparam import Branch
+    from normfold.engine.branches import Branch
 
 
 class _Float64:

@@ -41,7 +41,7 @@ from normfold.engine.plan import Fold, Keep, Plan
 from normfold.engine.reparam_eager import apply_merges
 
 if TYPE_CHECKING:
-    from normfold.engine.reparam import Merge
+    from normfold.engine.branches import Merge
     from normfold.engine.reparam_eager import EagerMerge
 
 #: plan -> apply rounds after the first; each round removes ops, so a fixpoint comes fast (one

@@ -83,6 +83,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfold.codes.kept import Kept
 from normfold.engine import aten
 from normfold.engine.apply import LAYER_MODULES, EagerPlan, eager_plan
 from normfold.engine.capture import Capture, CaptureOptions, bind, capture, owner, shape
@@ -103,13 +104,14 @@ class DroppedBias:
 
 
 @dataclass(frozen=True)
-class KeptBias:
+class KeptBias(Kept):
     """A BatchNorm op whose input layer keeps its bias (or has none), with a stable code."""
 
     layer: str | None  # the layer whose output the norm reads, None when it reads no layer output
     norm: str
     code: str
     reason: str
+    subject_field = "norm"
 
 
 @dataclass

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfold.codes.kept import Kept
 from normfold.engine.capture import CaptureOptions, bind, capture
 from normfold.errors import NormfoldError, UsageError
 from normfold.prepare import check_materialized, working_copy
@@ -100,12 +101,13 @@ class Recalibrated:
 
 
 @dataclass(frozen=True)
-class NotRecalibrated:
+class NotRecalibrated(Kept):
     """A norm whose statistics were left unchanged, with a stable code and a readable reason."""
 
     norm: str
     code: str
     reason: str
+    subject_field = "norm"
 
     def __str__(self) -> str:
         return f"{self.code}: {self.reason}"

@@ -62,6 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normfold.check.model_run import run_model
+from normfold.codes.kept import Kept
 from normfold.errors import UsageError
 from normfold.prepare import as_inputs, working_copy
 from normfold.transforms.swap_drift import Drift, drift_of
@@ -122,7 +123,7 @@ class Swapped:
 
 
 @dataclass(frozen=True)
-class NotSwapped:
+class NotSwapped(Kept):
     """A BatchNorm module left in place, with a stable code and a readable reason."""
 
     module: str

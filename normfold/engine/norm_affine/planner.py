@@ -4,7 +4,7 @@
 :mod:`normfold.engine.rules`): it matches when every reader of the norm's output is a Linear over
 its channel axis (:mod:`.walk`), checks that each consumer's weight (and bias) is a parameter only
 that layer reads and that the norm's own scale and shift belong to it alone, and plans the fold.
-Every other norm is a :class:`NormKeep` with a stable code (:mod:`normfold.codes`).
+Every other norm is a :class:`NormKept` with a stable code (:mod:`normfold.codes`).
 
 The facts of the eager module the graph does not hold come in as data (:class:`ModuleFacts`):
 other names of a tensor (a tied LM head whose embedding is not called is still tied), the
@@ -26,7 +26,7 @@ from normfold.engine.context import Refused
 from normfold.engine.norm_affine.records import (
     Consumer,
     NormFold,
-    NormKeep,
+    NormKept,
     NormPlan,
     NormRecord,
     fold_values,
@@ -243,7 +243,7 @@ def plan(view: NormView, facts: ModuleFacts, value: Value) -> NormPlan:
             ordered = tuple(sorted(fold.consumers, key=lambda c: order[c.layer]))  # in graph order
             result.folds.append(dataclasses.replace(fold, consumers=ordered))
         except Refused as r:
-            result.kept.append(NormKeep(record, r.code, r.reason))
+            result.kept.append(NormKept.of(record, r.code, r.reason))
     return result
 
 
@@ -256,5 +256,6 @@ def keep_overflowing(the_plan: NormPlan, value: Value, dtype_of: Callable[[str],
         if bad is None:
             out.folds.append(fold)
         else:
-            out.kept.append(NormKeep(fold.norm, "overflow", f"folding {fold.norm.name} makes {bad} overflow"))
+            why = f"folding {fold.norm.name} makes {bad} overflow"
+            out.kept.append(NormKept.of(fold.norm, "overflow", why))
     return out

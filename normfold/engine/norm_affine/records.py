@@ -1,7 +1,8 @@
 """The norm-affine plan as data, and the new parameter values it implies.
 
 Per norm, a :class:`NormFold` (its scale, and its shift unless that stays, moved into every
-consumer) or a :class:`NormKeep` (a stable code of :mod:`normfold.codes` and a reason). Values
+consumer) or a :class:`NormKept` (a stable code of :mod:`normfold.codes` and a reason: the record
+:func:`normfold.fold_norm_affine` returns as it is). Values
 (:meth:`NormPlan.values`) are float64, computed from the current parameters; whoever writes them
 casts each to its parameter's dtype once (:mod:`.apply`). With ``g = offset + w`` the norm's
 scale and ``c[j]`` the norm channel a consumer's input ``j`` reads:
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from normfold.codes.kept import Kept
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,26 @@ class NormFold:
 
 
 @dataclass(frozen=True)
-class NormKeep:
-    norm: NormRecord
+class NormKept(Kept):
+    """A norm left as it is, with a stable code (:mod:`normfold.codes`) and a reason."""
+
+    norm: str
+    kind: str
+    pattern: str
+    norm_type: str
     code: str
     reason: str
+    subject_field = "norm"
+
+    @classmethod
+    def of(cls, norm: NormRecord, code: str, reason: str) -> NormKept:
+        return cls(norm.name, norm.kind, norm.pattern, norm.module_type, code, reason)
 
 
 @dataclass
 class NormPlan:
     folds: list[NormFold] = field(default_factory=list)
-    kept: list[NormKeep] = field(default_factory=list)
+    kept: list[NormKept] = field(default_factory=list)
 
     def values(self, value: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
         """New float64 values (on the CPU) by FQN (module docstring); ``value(fqn)``: the current

@@ -773,7 +773,7 @@ def test_exit_codes_are_one_table_in_help_docstring_and_readme() -> None:
     from normfold import errors
 
     table = cli.exit_codes_markdown()
-    assert table in (Path(__file__).parents[1] / "README.md").read_text()
+    assert table in (Path(__file__).parents[2] / "README.md").read_text()
     help_text = " ".join(ok("--help").stdout.split())  # rich wraps the paragraph
     for code, what, _ in cli.EXIT_CODES:
         assert f"{code} {what}" in help_text

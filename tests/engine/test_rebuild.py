@@ -17,7 +17,8 @@ import normfold
 from normfold.engine.apply import eager_plan
 from normfold.engine.capture import Capture, CaptureOptions, Constants, capture
 from normfold.engine.plan import plan
-from normfold.engine.rebuild import CallIndex, Recipe, Remainder, Step, rebuilt_modules, recipe
+from normfold.engine.rebuild import Recipe, Remainder, Step, rebuilt_modules
+from normfold.engine.recipes import CallIndex, recipe
 from normfold.io.roundtrip import load_folded, save_folded
 
 BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default}

@@ -13,6 +13,9 @@ the first element of each pair they return or put in a dict. A code passed on fr
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
+import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +24,11 @@ import pytest
 
 import normfold
 from normfold import codes
-from normfold.codes import CODES, TABLES, Code, lookup, markdown
+from normfold.codes import CODES, TABLES, Code, Kept, lookup, markdown
+from normfold.codes.__main__ import _main as codes_main
 from normfold.errors import UnknownCodeError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "normfold"
 README = ROOT / "README.md"
 REGENERATE = "python -m normfold.codes --markdown {table}"
@@ -276,18 +280,18 @@ def test_every_code_the_package_gives_is_registered(trees: dict[str, ast.Module]
         if row[0] not in CODES:
             missing.setdefault(row[0], []).append(row)
     assert not missing, (
-        "codes given but not in normfold/codes.py: "
+        "codes given but not in normfold/codes/: "
         + "; ".join(f"{code!r} at {_where(found)}" for code, found in sorted(missing.items()))
         + (
-            ". Add each to normfold/codes.py (_ALL: name, one-line meaning, transforms), then put its "
-            "table into README.md: " + REGENERATE.format(table="TABLE")
+            ". Add each to normfold/codes/ (fold.py or transforms.py: name, one-line meaning, "
+            "transforms), then put its table into README.md: " + REGENERATE.format(table="TABLE")
         )
     )
 
 
 def test_every_registered_code_is_given_somewhere(trees: dict[str, ast.Module]) -> None:
     dead = sorted(set(CODES) - {c for c, *_ in given(trees)})
-    assert not dead, f"registered in normfold/codes.py but given nowhere in the package: {dead}"
+    assert not dead, f"registered in normfold/codes/ but given nowhere in the package: {dead}"
 
 
 def test_every_code_a_record_is_compared_with_is_registered(trees: dict[str, ast.Module]) -> None:
@@ -308,7 +312,7 @@ def test_each_code_is_registered_for_the_transform_that_gives_it(trees: dict[str
             wrong.append(f"{code!r} at {mod.replace('.', '/')}.py:{line} ({how}): registered for "
                          f"{CODES[code].transforms}, given by {sorted(expected)}")  # fmt: skip
     assert not unplaced, (
-        f"modules {sorted(unplaced)} give codes: add them to _EMITTERS in tests/test_codes.py with the "
+        f"modules {sorted(unplaced)} give codes: add them to _EMITTERS in tests/codes/test_codes.py with the "
         "transforms whose records carry their codes"
     )
     assert not wrong, "; ".join(wrong)
@@ -363,10 +367,32 @@ def test_a_table_lists_its_own_codes_first_and_escapes_pipes() -> None:
 
 
 def test_the_command_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    assert codes._main(["--markdown", "swap"]) == 0
+    assert codes_main(["--markdown", "swap"]) == 0
     assert capsys.readouterr().out == f"<!-- table of codes: swap -->\n{markdown('swap')}\n\n"
-    assert codes._main(["--markdown", "nope"]) == 2
+    assert codes_main(["--markdown", "nope"]) == 2
     assert "usage: python -m normfold.codes --markdown" in capsys.readouterr().err
+
+
+def test_every_record_of_a_thing_kept_is_one_type() -> None:
+    """Every dataclass of the package that carries a ``code`` (always) and a ``reason`` is a
+    :class:`normfold.Kept`, whose ``subject`` names a field of it (or is its own property)."""
+    records = []
+    for info in pkgutil.walk_packages(normfold.__path__, "normfold."):
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if isinstance(cls, type) and cls.__module__ == info.name and dataclasses.is_dataclass(cls):
+                types = {f.name: f.type for f in dataclasses.fields(cls)}
+                names = set(types)
+                if types.get("code") == "str" and "reason" in types:  # a row that may have one: not a record
+                    records.append(cls)
+                    assert issubclass(cls, Kept), f"{info.name}.{cls.__name__} is not a normfold.Kept"
+                    assert cls.subject_field in names or cls.subject is not Kept.subject, cls
+    assert {c.__name__ for c in records} >= {
+        "Skipped", "NotMerged", "Uncaptured", "KeptBias", "NotSwapped", "NotRecalibrated", "Keep", "Unmerged",
+    }  # fmt: skip
+    exported = {n for n in normfold.__all__ if isinstance(getattr(normfold, n), type)}
+    public = {c.__name__ for c in records} - {"Keep", "Unmerged"}  # the plan's own, inside the engine
+    assert public <= exported, f"kept records not exported from normfold: {sorted(public - exported)}"
 
 
 # --- README -----------------------------------------------------------------------------------
@@ -421,7 +447,7 @@ def test_readme_shows_each_table_of_codes_as_the_registry_renders_it() -> None:
         if not problems:
             problems.append(f"{where} differs in its header, order or last rows")
     assert not problems, "; ".join(problems) + (
-        ". Regenerate the table from normfold/codes.py and paste it over README's: "
+        ". Regenerate the table from normfold/codes/ and paste it over README's: "
         + REGENERATE.format(table=" | ".join(TABLES))
     )
 

@@ -10,7 +10,7 @@ from helpers import bn_ops, exported, randomize_bn
 from torch import nn
 
 import normfold
-from normfold.engine.reparam import MergedBranch
+from normfold.engine.reparam_eager import MergedBranch
 
 # --- an export-only fold next to a merged block (item 2) ---------------------------------------------
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
-from normfold.engine.reparam import MergedBranch
+from normfold.engine.reparam_eager import MergedBranch
 from normfold.io.export import export_onnx
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from normfold import load_model
 from normfold.errors import NormfoldError
 
-NORMFOLD = Path(__file__).parents[1] / "normfold"
+NORMFOLD = Path(__file__).parents[2] / "normfold"
 MLP = "normfold.models:mlp"
 
 

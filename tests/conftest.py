@@ -1,0 +1,39 @@
+"""A last-resort watchdog for CI: a test stuck where Python cannot interrupt it ends the run.
+
+pyproject's ``timeout`` (pytest-timeout) fails a test that runs too long by a signal, which the
+interpreter handles only between bytecodes: a thread blocked in C++ while holding the GIL would
+never see it, and CI would sit at its own limit with nothing printed (it did once, at 72% of the
+suite). :mod:`faulthandler`'s watchdog is a C thread that needs no GIL: two minutes after the
+test's own timeout it prints every thread's Python stack and exits the process.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+from collections.abc import Iterator
+
+import pytest
+
+#: seconds after a test's own timeout (pyproject's, or its ``timeout`` marker's) before the exit
+GRACE = 120
+#: a copy of the terminal's stderr: while a test runs, pytest captures fd 2 into a file it would
+#: never show once the process exits
+_STDERR: list[int] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _STDERR.append(os.dup(2))  # capture is suspended while plugins configure
+
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout"))
+    if timeout > 0:
+        faulthandler.dump_traceback_later(timeout + GRACE, exit=True, file=_STDERR[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
