@@ -527,3 +527,14 @@ def test_cohere_layer_norm_with_its_centring_written_twice() -> None:
     (f,) = _fold(model).folded
     assert (f.norm, f.kind, f.pattern) == ("input_layernorm", "layer_norm", "hand-written")
     assert f.into == ("q.weight",)
+
+
+@pytest.mark.parametrize("block", [PreLNAttention, LNIntoBiasFree, RMSGatedMLP])
+def test_the_folded_state_dict_loads_into_the_users_own_class(block: type[nn.Module]) -> None:
+    """Same keys, same shapes: a fresh instance of the class loads the folded weights (strict) and
+    computes what the folded model computes (the shift kept in the norm needs no new key)."""
+    result = _fold(block().eval())
+    fresh = block().eval()
+    fresh.load_state_dict(result.model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), result.model(X))
