@@ -159,24 +159,27 @@ def test_x_at_w_transposed_head_with_its_bias() -> None:
 
 
 class _Builtins(nn.Module):
-    """``aten.rms_norm`` (nn.RMSNorm), GroupNorm over ``(N, C, L)`` moved to ``(N, L, C)``, a
-    hand-written LayerNorm with ``var``: three patterns, three Linears."""
+    """``aten.rms_norm`` (nn.RMSNorm), GroupNorm (one group, and four: the affine map is per channel
+    either way) over ``(N, C, L)`` moved to ``(N, L, C)``, a hand-written LayerNorm with ``var``."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(21)
         self.rms, self.gn, self.hand = nn.RMSNorm(D), nn.GroupNorm(1, D), layer_norm(D, 22)
+        self.gn4 = nn.GroupNorm(4, D)
         with torch.no_grad():
             self.rms.weight.uniform_(0.3, 1.7)
-            self.gn.weight.uniform_(0.3, 1.7)
-            self.gn.bias.normal_(0, 0.3)
-        self.a, self.b, self.c = nn.Linear(D, 4), nn.Linear(D, 4), nn.Linear(D, 4)
+            for gn in (self.gn, self.gn4):
+                gn.weight.uniform_(0.3, 1.7)
+                gn.bias.normal_(0, 0.3)
+        self.a, self.b, self.c, self.d = (nn.Linear(D, 4) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gn(x.transpose(1, 2)).transpose(1, 2)
         mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
         h = (x - mu) * torch.rsqrt(var + 1e-5) * self.hand.weight + self.hand.bias
-        return self.a(self.rms(x)) + self.b(g) + self.c(h)
+        g4 = self.gn4(x.transpose(1, 2)).transpose(1, 2)
+        return self.a(self.rms(x)) + self.b(g) + self.c(h) + self.d(g4)
 
 
 def test_builtin_rms_norm_group_norm_and_hand_written_layer_norm() -> None:
@@ -187,6 +190,7 @@ def test_builtin_rms_norm_group_norm_and_hand_written_layer_norm() -> None:
         ("rms", "rms_norm", "rms_norm", ("a.weight",)),
         ("gn", "group_norm", "group_norm", ("b.weight",)),
         ("forward:mean", "layer_norm", "hand-written", ("c.weight",)),
+        ("gn4", "group_norm", "group_norm", ("d.weight",)),
     }
     assert torch.equal(result.model.gn.bias, torch.zeros(D))
     assert torch.equal(result.model.hand.weight, torch.ones(D))
