@@ -18,6 +18,7 @@ channel ids (``c`` at every element of norm channel ``c``) through each op with
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from normfold.engine.context import Refused
 from normfold.engine.norm_affine.view import AffineNorm, NormView
 from normfold.engine.view import LayerRef, Node
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ def _moved(view: NormView, user: Node, node: Node, ids: torch.Tensor) -> torch.T
         return None
     if through.input is not node:
         return None
-    return view.step_ids(user, node, ids, lambda n: n)
+    try:
+        return view.step_ids(user, node, ids, lambda n: n)
+    except Exception:  # an op that cannot run on channel ids (float64, CPU) is no path to follow
+        logger.debug("cannot follow channel ids through %s", view.name(user), exc_info=True)
+        return None
 
 
 def input_channels(view: NormView, reached: Reached) -> tuple[int, ...]:
