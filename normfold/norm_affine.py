@@ -125,7 +125,9 @@ def fold_norm_affine(
     another reader (a tied LM head and its embedding) becomes the consumer's own copy and folds
     (``NormFolded.untied``; a Hugging Face ``config.tie_word_embeddings`` is set to False, since
     ``tie_weights()`` on save or load would tie it back to the unscaled embedding); by default such
-    a norm stays (``tied_weight``). ``rule``: the parity rule of the proof.
+    a norm stays (``tied_weight``). ``dynamic_batch``: capture with a dynamic batch axis, as
+    :func:`normfold.fold` does (:attr:`NormAffineResult.program`). ``rule``: the parity rule of the
+    proof (default :class:`~normfold.ParityRule`).
     Raises :class:`~normfold.errors.ParityError` when the folded model does not pass it (nothing is
     changed then), :class:`~normfold.errors.TraceError` when the model cannot be captured.
     """
