@@ -84,6 +84,10 @@ _LAZY = {
     "recalibrate_and_write": "normfold.pipeline",
     "drop_bias_and_write": "normfold.pipeline",
     "swap_and_write": "normfold.pipeline",
+    "fold_norm_affine": "normfold.norm_affine",
+    "NormAffineResult": "normfold.norm_affine",
+    "NormFolded": "normfold.norm_affine",
+    "NormKept": "normfold.norm_affine",
     "save_folded": "normfold.io.roundtrip",
     "load_folded": "normfold.io.roundtrip",
 }
@@ -105,6 +109,7 @@ if TYPE_CHECKING:
     from normfold.io.export import ExportResult, export_model, export_onnx
     from normfold.io.load import LoadedModel, load_inputs, load_model
     from normfold.io.roundtrip import load_folded, save_folded
+    from normfold.norm_affine import NormAffineResult, NormFolded, NormKept, fold_norm_affine
     from normfold.onnx_fold import OnnxFoldResult, fold_onnx
     from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.pipeline import (
@@ -153,6 +158,9 @@ __all__ = [
     "LoadedModel",
     "Merged",
     "MergedBranch",
+    "NormAffineResult",
+    "NormFolded",
+    "NormKept",
     "NormfoldError",
     "NotFoldedError",
     "NotMerged",
@@ -181,6 +189,7 @@ __all__ = [
     "export_onnx",
     "fold",
     "fold_and_export",
+    "fold_norm_affine",
     "fold_onnx",
     "inspect",
     "load_folded",

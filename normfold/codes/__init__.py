@@ -7,15 +7,16 @@ code never changes its meaning and a new one is added here first.
 
 Transforms, and the record each one's codes are carried in:
 
-=============  ==============================================================================
-``fold``       :func:`normfold.fold` (the planner, the measured gate): ``Skipped.code``
-``capture``    :func:`normfold.fold` on a model captured in parts (:mod:`normfold.engine.parts`):
-               ``Skipped.code`` too
-``merge``      reparameterization (``fold(..., reparameterize=True)``): ``NotMerged.code``
-``drop_bias``  :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
-``swap``       :func:`normfold.swap_norms`: ``NotSwapped.code``
-``calibrate``  :func:`normfold.recalibrate`: ``NotRecalibrated.code``
-=============  ==============================================================================
+===============  ==============================================================================
+``fold``         :func:`normfold.fold` (the planner, the measured gate): ``Skipped.code``
+``capture``      :func:`normfold.fold` on a model captured in parts (:mod:`normfold.engine.parts`):
+                 ``Skipped.code`` too
+``merge``        reparameterization (``fold(..., reparameterize=True)``): ``NotMerged.code``
+``drop_bias``    :func:`normfold.drop_redundant_biases`: ``KeptBias.code``
+``swap``         :func:`normfold.swap_norms`: ``NotSwapped.code``
+``calibrate``    :func:`normfold.recalibrate`: ``NotRecalibrated.code``
+``norm_affine``  :func:`normfold.fold_norm_affine`: ``NormKept.code``, ``NormFolded.code``
+===============  ==============================================================================
 
 A code may be given by several transforms (``batch_statistics``: fold, drop-bias, recalibration);
 :attr:`Code.meaning` is its general meaning and :meth:`Code.meaning_in` the wording of one
@@ -25,7 +26,8 @@ after a layer): the last row of their tables says so.
 
 The registry is split by concern: :mod:`.base` (what a code is), :mod:`.fold` (the fold's and the
 capture's codes), :mod:`.transforms` (merge, drop-bias, swap, calibration), :mod:`.registry`
-(:data:`CODES`, :func:`lookup`), :mod:`.tables` (README's tables). README's tables of codes are
+(:data:`CODES`, :func:`lookup`), :mod:`.tables` (README's tables), :mod:`.norm_affine` (the
+norm-affine fold's own codes). README's tables of codes are
 :func:`markdown` of each table in :data:`TABLES`;
 ``tests/codes/test_codes.py`` checks that README shows exactly them, and that every code the package
 passes to a record is here and every code here is given somewhere. Regenerate a table with

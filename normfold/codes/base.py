@@ -9,8 +9,9 @@ from typing import Literal, cast
 
 __all__ = ["TRANSFORMS", "Code", "Transform", "code"]
 
-Transform = Literal["fold", "capture", "merge", "drop_bias", "swap", "calibrate"]
-TRANSFORMS: tuple[Transform, ...] = ("fold", "capture", "merge", "drop_bias", "swap", "calibrate")
+Transform = Literal["fold", "capture", "merge", "drop_bias", "swap", "calibrate", "norm_affine"]
+TRANSFORMS: tuple[Transform, ...] = ("fold", "capture", "merge", "drop_bias", "swap", "calibrate",
+                                     "norm_affine")  # fmt: skip
 
 
 @dataclass(frozen=True)

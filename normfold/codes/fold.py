@@ -30,7 +30,7 @@ FOLD_CODES: tuple[Code, ...] = (
         "not_constant",
         "the norm's statistics or affine parameters are computed from the input in `forward`, not "
         "buffers or parameters",
-        "fold",
+        ("fold", "norm_affine"),
     ),
     _code("unbatched", "the norm's input has fewer than two axes: no channel axis", "fold"),
     _code(
@@ -80,20 +80,21 @@ FOLD_CODES: tuple[Code, ...] = (
     _code(
         "weight_not_parameter",
         "the layer's weight is computed in `forward` (weight standardization, parametrizations)",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a branch's conv weight or bias is computed in `forward`",
     ),
     _code(
         "dtype",
         "the layer's weight is not floating point, or not the dtype of the layer's output",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a branch's conv weight is not floating point, or not the dtype of its output",
     ),
     _code(
         "wrong_axis",
         "the norm's channel axis is not the layer's (`Linear` on `(N, L, C)` -> `BatchNorm1d(L)`)",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a branch's kept scale varies along another axis than the channel axis",
+        norm_affine="a Linear reads the norm's output along another axis than the one its scale varies along",
     ),
     _code("channel_mixing", "channels mix on the way between the layer and the norm", "fold"),
     _code(
@@ -120,7 +121,8 @@ FOLD_CODES: tuple[Code, ...] = (
     _code(
         "not_per_channel",
         "hand-written constants vary along other axes than the channel axis",
-        "fold",
+        ("fold", "norm_affine"),
+        norm_affine="the norm normalizes over several axes (`normalized_shape` of rank > 1)",
     ),
     _code(
         "overflow",
@@ -128,8 +130,9 @@ FOLD_CODES: tuple[Code, ...] = (
         "float16/bfloat16, a fold that scales up moves values the original computes unscaled (a sum, a "
         "mean that cancels) out of the dtype's range: such folds are judged by the parity rule inside "
         "`fold()` and kept when the result fails",
-        ("fold", "merge"),
+        ("fold", "merge", "norm_affine"),
         merge="a merged kernel or bias does not fit the parameter dtype (fp16: beyond 65504)",
+        norm_affine="a folded weight or bias does not fit the model's dtype (fp16: beyond 65504)",
     ),
     _code(
         "cancellation",

@@ -8,13 +8,14 @@ from types import MappingProxyType
 
 from normfold.codes.base import Code, Transform
 from normfold.codes.fold import FOLD_CODES
+from normfold.codes.norm_affine import NORM_AFFINE_CODES
 from normfold.codes.transforms import TRANSFORM_CODES
 from normfold.errors import UnknownCodeError
 
 __all__ = ["CODES", "lookup", "names"]
 
 # Grouped by the transform that gives a code first; each table lists its own codes first.
-_ALL = (*FOLD_CODES, *TRANSFORM_CODES)
+_ALL = (*FOLD_CODES, *TRANSFORM_CODES, *NORM_AFFINE_CODES)
 
 #: name -> :class:`Code`, every code normfold gives
 CODES: Mapping[str, Code] = MappingProxyType({c.name: c for c in _ALL})

@@ -38,6 +38,7 @@ TABLES: Mapping[str, Table] = MappingProxyType({
     ),
     "swap": Table("swap", ("swap",)),
     "calibrate": Table("calibrate", ("calibrate",), header=("code", "left unchanged because")),
+    "norm_affine": Table("norm_affine", ("norm_affine",), header=("code", "kept (or shift kept) because")),
 })  # fmt: skip
 
 

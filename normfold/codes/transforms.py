@@ -42,7 +42,8 @@ TRANSFORM_CODES: tuple[Code, ...] = (
         "model_output",
         "a scale on a branch stays: it folds into no layer before it, and its output is returned by "
         "the model",
-        "merge",
+        ("merge", "norm_affine"),
+        norm_affine="the norm's output is returned by the model (T5's final encoder norm)",
     ),
     # --- drop_bias (normfold.transforms.bias) --------------------------------------------------
     _code(
@@ -77,7 +78,8 @@ TRANSFORM_CODES: tuple[Code, ...] = (
     _code(
         "shared_norm",
         "one norm module called at several places: one running mean, several biases",
-        "drop_bias",
+        ("drop_bias", "norm_affine"),
+        norm_affine="the norm's scale or shift is also read elsewhere (a norm called twice, a shared weight)",
     ),
     # --- swap (normfold.transforms.swap) -------------------------------------------------------
     _code(

@@ -50,6 +50,9 @@ _EMITTERS: dict[str, frozenset[str] | None] = {
     "normfold.transforms.swap": frozenset({"swap"}),
     "normfold.transforms.calibration": frozenset({"calibrate"}),
     "normfold.transforms.calibration_capture": frozenset({"calibrate"}),
+    "normfold.engine.norm_affine.torch_norms": frozenset({"norm_affine"}),
+    "normfold.engine.norm_affine.walk": frozenset({"norm_affine"}),
+    "normfold.engine.norm_affine.planner": frozenset({"norm_affine"}),
 }
 
 
@@ -327,7 +330,7 @@ def test_calibration_codes_agree_with_the_registry() -> None:
 
 def test_lookup_finds_a_code_and_names_the_closest_for_a_typo() -> None:
     code = lookup("overflow")
-    assert code.name == "overflow" and set(code.transforms) == {"fold", "merge"}
+    assert code.name == "overflow" and set(code.transforms) == {"fold", "merge", "norm_affine"}
     assert code.meaning_in("merge") != code.meaning_in("fold")
     with pytest.raises(
         UnknownCodeError, match=r"'overflw' is not a code normfold gives .*did you mean overflow"

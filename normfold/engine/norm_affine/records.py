@@ -1,0 +1,160 @@
+"""The norm-affine plan as data, and the new parameter values it implies.
+
+Per norm, a :class:`NormFold` (its scale, and its shift unless that stays, moved into every
+consumer) or a :class:`NormKept` (a stable code of :mod:`normfold.codes` and a reason: the record
+:func:`normfold.fold_norm_affine` returns as it is). Values
+(:meth:`NormPlan.values`) are float64, computed from the current parameters; whoever writes them
+casts each to its parameter's dtype once (:mod:`.apply`). With ``g = offset + w`` the norm's
+scale and ``c[j]`` the norm channel a consumer's input ``j`` reads:
+
+    W'[:, j] = W[:, j] * g[c[j]]                (``(in, out)`` weights: row ``j``; a batch of
+                                                 expert matrices: along its input axis)
+    b'       = b + W @ beta[c]                  (``b`` 0 for a new bias)
+    w'       = 1 - offset                       (the norm's scale becomes 1)
+    beta'    = 0, or beta / g where the shift stays in the norm (``NormFold.shift_kept``)
+
+Nothing here reads a graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from normfold.codes.kept import Kept
+
+
+@dataclass(frozen=True)
+class NormRecord:
+    """One norm as reports name it: ``name`` (its module path, or ``forward:<op>`` for code in a
+    ``forward``), the module that ran it, and its scale / shift parameters (``offset + p``)."""
+
+    name: str
+    kind: str  # layer_norm, rms_norm, group_norm
+    pattern: str  # the op (layer_norm, rms_norm, group_norm) or "hand-written"
+    module: str
+    module_type: str
+    nodes: tuple[str, ...]
+    weight: str | None
+    weight_offset: float
+    bias: str | None
+    channels: int
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A Linear fed by the norm: ``channels[j]`` is the norm channel its input ``j`` reads; ``bias``
+    None when it has none (``new_bias``: the name a new one takes, else None)."""
+
+    layer: str  # node name of the layer op
+    module: str
+    weight: str
+    bias: str | None
+    #: the weight's axis of input features: 1 for ``(out, in)``, 0 for ``(in, out)`` (``x @ W``,
+    #: GPT-2's Conv1D), 1 or 2 for a batch of expert matrices ``(E, in, out)`` / ``(E, out, in)``
+    in_axis: int
+    channels: tuple[int, ...]
+    through: tuple[str, ...] = ()  # ops between the norm and the layer (views, casts)
+    new_bias: str | None = None
+    #: names (``module.attr``) re-registered as the layer's own copy before the fold (``untie``):
+    #: the weight (or bias) was shared with another reader, which keeps the original
+    untie: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NormFold:
+    norm: NormRecord
+    consumers: tuple[Consumer, ...]
+    #: ``(code, reason)`` when the shift stays in the norm (as ``beta / gamma``), else None
+    shift_kept: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class NormKept(Kept):
+    """A norm left as it is, with a stable code (:mod:`normfold.codes`) and a reason."""
+
+    norm: str
+    kind: str
+    pattern: str
+    norm_type: str
+    code: str
+    reason: str
+    subject_field = "norm"
+
+    @classmethod
+    def of(cls, norm: NormRecord, code: str, reason: str) -> NormKept:
+        return cls(norm.name, norm.kind, norm.pattern, norm.module_type, code, reason)
+
+
+@dataclass
+class NormPlan:
+    folds: list[NormFold] = field(default_factory=list)
+    kept: list[NormKept] = field(default_factory=list)
+
+    def values(self, value: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New float64 values (on the CPU) by FQN (module docstring); ``value(fqn)``: the current
+        tensor."""
+        out: dict[str, torch.Tensor] = {}
+        for fold in self.folds:
+            out.update(fold_values(fold, value))
+        return out
+
+
+def scale_of(norm: NormRecord, value: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The norm's scale ``offset + w`` per channel, float64."""
+    if norm.weight is None:
+        return torch.ones(norm.channels, dtype=torch.float64)
+    w = value(norm.weight).detach().to("cpu", torch.float64).reshape(-1)
+    return (w + norm.weight_offset).expand(norm.channels)
+
+
+def shift_of(norm: NormRecord, value: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+    if norm.bias is None:
+        return None
+    return value(norm.bias).detach().to("cpu", torch.float64).reshape(-1).expand(norm.channels)
+
+
+def fold_values(fold: NormFold, value: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The new values of one fold: every consumer's weight (and bias), the norm's scale and shift."""
+    norm = fold.norm
+    gamma, beta = scale_of(norm, value), shift_of(norm, value)
+    move_shift = beta is not None and fold.shift_kept is None
+    out: dict[str, torch.Tensor] = {}
+    for c in fold.consumers:
+        wide = value(c.weight).detach().to("cpu", torch.float64)
+        index = torch.tensor(c.channels, dtype=torch.long)
+        g = gamma[index]
+        shape = [1] * wide.dim()
+        shape[c.in_axis] = -1
+        scaled = wide * g.reshape(shape)
+        out[c.weight] = scaled
+        if move_shift:
+            shift = (beta[index] @ wide) if c.in_axis == 0 else (wide @ beta[index])
+            if c.bias is not None:
+                out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
+            elif c.new_bias is not None:
+                out[c.new_bias] = shift
+    if norm.weight is not None:
+        shape = value(norm.weight).shape
+        out[norm.weight] = torch.full(shape, 1.0 - norm.weight_offset, dtype=torch.float64)
+    if norm.bias is not None:
+        shape = value(norm.bias).shape
+        kept = torch.zeros(shape, dtype=torch.float64) if move_shift else (beta / gamma).reshape(shape)
+        out[norm.bias] = kept
+    return out
+
+
+def overflowing(
+    fold: NormFold, values: dict[str, torch.Tensor], dtype_of: Callable[[str], torch.dtype]
+) -> str | None:
+    """The first value of ``fold`` that is not finite once cast to its parameter's dtype
+    (``dtype_of(fqn)``), as ``"name (max |value|, dtype)"``; None when all fit."""
+    for c in fold.consumers:
+        for name in (c.weight, c.bias or c.new_bias):
+            wide = values.get(name) if name is not None else None
+            dtype = dtype_of(c.weight)  # a bias has its layer's dtype (a new one takes it)
+            if wide is not None and not bool(wide.to(dtype).isfinite().all()):
+                return f"{name} (max |value| {wide.abs().max().item():.6g}, {dtype})"
+    return None
