@@ -38,6 +38,10 @@ from normfold.errors import (
 _LAZY = {
     "fold": "normfold.folding",
     "fold_onnx": "normfold.onnx_fold",
+    "plan_onnx": "normfold.onnx_fold",
+    "fold_onnx_file": "normfold.onnx_pipeline",
+    "inspect_onnx": "normfold.onnx_pipeline",
+    "OnnxRun": "normfold.onnx_pipeline",
     "OnnxFoldResult": "normfold.onnx_fold",
     "FoldResult": "normfold.folding",
     "Folded": "normfold.folding",
@@ -105,7 +109,8 @@ if TYPE_CHECKING:
     from normfold.io.export import ExportResult, export_model, export_onnx
     from normfold.io.load import LoadedModel, load_inputs, load_model
     from normfold.io.roundtrip import load_folded, save_folded
-    from normfold.onnx_fold import OnnxFoldResult, fold_onnx
+    from normfold.onnx_fold import OnnxFoldResult, fold_onnx, plan_onnx
+    from normfold.onnx_pipeline import OnnxRun, fold_onnx_file, inspect_onnx
     from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.pipeline import (
         drop_bias_and_write,
@@ -159,6 +164,7 @@ __all__ = [
     "NotRecalibrated",
     "NotSwapped",
     "OnnxFoldResult",
+    "OnnxRun",
     "OutputParity",
     "ParityError",
     "ParityReport",
@@ -182,10 +188,13 @@ __all__ = [
     "fold",
     "fold_and_export",
     "fold_onnx",
+    "fold_onnx_file",
     "inspect",
+    "inspect_onnx",
     "load_folded",
     "load_inputs",
     "load_model",
+    "plan_onnx",
     "recalibrate",
     "recalibrate_and_write",
     "reparameterize",
