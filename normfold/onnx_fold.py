@@ -114,7 +114,9 @@ def fold_onnx(
         result.parity = parity_onnx(original, folded, planned.feeds, rule, given=inputs is not None)
         result.notes.extend(result.parity.notes)
         if not result.parity.passed:
-            raise ParityError(result.parity.verdict())
+            failed = ParityError(result.parity.verdict())
+            failed.result = result  # the records and the parity report, for a failed run's report
+            raise failed
         if files is not None:
             try:
                 onnx.save(folded, files.staged("out"))

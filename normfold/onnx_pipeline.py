@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold.check.parity import ParityReport, ParityRule
-from normfold.errors import ExportError, NotFoldedError, UsageError, printable
+from normfold.errors import ExportError, NotFoldedError, ParityError, UsageError, printable
 from normfold.io.export import ExportResult
 from normfold.io.onnx_file import describe, write_onnx
 from normfold.onnx_fold import OnnxFoldResult, fold_onnx, load_onnx, plan_onnx
@@ -126,7 +126,12 @@ def fold_onnx_file(
             with run.steps("require all"):
                 _require_all(plan_onnx(original, **given))
         with run.steps("fold and verify (onnxruntime)"):
-            result = fold_onnx(original, rule=rule, **given)
+            try:
+                result = fold_onnx(original, rule=rule, **given)
+            except ParityError as e:  # the failed run's report shows what was folded and how it compared
+                if getattr(e, "result", None) is not None:
+                    run.record.run = _run(source, original, e.result)
+                raise
         run.record.run = folded = _run(source, original, result)
         if out is not None:
             with run.steps("write"):

@@ -129,6 +129,20 @@ def test_require_all_exits_7_naming_the_norm_kept(model: Path, command: str) -> 
     assert (report["failure"]["step"], report["failure"]["exit_code"]) == ("require all", 7)
 
 
+def test_a_parity_failure_exits_5_writing_only_its_report(model: Path) -> None:
+    """No tolerance at all: the folded weights' own float32 rounding fails the rule, as any fold would."""
+    before = _files(model.parent)
+    args = ("--rtol", "0", "--atol", "0", "--noise-factor", "0", "--report", "r.json")
+    result = invoke("fold", "m.onnx", "--out", "f.onnx", *args)
+    assert result.exit_code == 5, result.output
+    assert result.stderr.startswith("error: the folded model differs from the original model: output['y']")
+    assert _files(model.parent) == sorted([*before, "r.json"])
+    report = json.loads((model.parent / "r.json").read_text())
+    assert (report["status"], report["failure"]["step"]) == ("failed", "fold and verify (onnxruntime)")
+    assert report["parity"]["onnxruntime"]["passed"] is False
+    assert [f["norm"] for f in report["folded"]] == ["bn1"]
+
+
 def test_existing_out_needs_force(model: Path) -> None:
     (model.parent / "f.onnx").write_bytes(b"precious")
     result = invoke("fold", "m.onnx", "--out", "f.onnx")
