@@ -1,7 +1,8 @@
 """``normfold fold`` and ``normfold inspect``: each groups its options into the library's option
 objects (:func:`normfold.cli.options.grouped`), checks what can be checked before torch loads,
-makes one library call (:func:`normfold.pipeline.fold_and_export`, :func:`normfold.pipeline.inspect`)
-and renders it."""
+makes one library call (:func:`normfold.pipeline.fold_and_export`, :func:`normfold.pipeline.inspect`;
+for an ONNX model, :func:`normfold.onnx_pipeline.fold_onnx_file`, :func:`normfold.onnx_pipeline.inspect_onnx`,
+refusing by name the options that need a PyTorch model) and renders it."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from normfold.cli.options import (
     StaticOpt,
     TrustOpt,
     grouped,
+    refuse_for_onnx,
 )  # fmt: skip
 from normfold.cli.progress import progress
 
@@ -52,6 +54,7 @@ FOLD_EXAMPLES = """Examples:
   normfold fold normfold.models:two_tower --input-shape image:1,3,24,24 --input-shape features:1,12 \\
       --dynamic image:2=height,3=width --input-names image,features --output-names logits --out two.onnx
   normfold fold normfold.models:resnet --out r.onnx --providers CUDAExecutionProvider,CPUExecutionProvider
+  normfold fold model.onnx --out folded.onnx --input-shape 1,3,224,224 --report folded.json
 """
 
 INSPECT_EXAMPLES = """Examples:
@@ -60,6 +63,7 @@ INSPECT_EXAMPLES = """Examples:
   normfold inspect normfold.models:mixed
   normfold inspect weights.safetensors --model mypkg.nets:build --input-shape image:1,3,64,64 --require-all
   normfold inspect normfold.models:repvgg --no-reparam --report repvgg.json
+  normfold inspect model.onnx --require-all
 """
 
 
@@ -90,22 +94,38 @@ def fold_cmd(
     save_inputs: SaveInputsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT."""
+    """Load -> fold -> verify in PyTorch -> export -> verify in onnxruntime -> write OUT.
+    An ONNX model (MODEL.onnx): load -> fold -> verify in onnxruntime against it -> write OUT."""
     started = time.perf_counter()
+    params = dict(locals())
     with guard():
-        opts = grouped(locals())
-        preflight.check(
-            model, out, load=opts.load, write=opts.write, export=opts.export,
-            formats={"out": MODEL_FORMATS, "save_inputs": (".pt",)},
-            tensor_files={"inputs": inputs, "data": calibrate},
-        )  # fmt: skip
-        with progress("fold", quiet=quiet) as on_step:
-            from normfold import pipeline
-
-            run = pipeline.fold_and_export(
-                model, out, inputs=opts.given.spec(), load=opts.load, folding=opts.folding,
-                rule=opts.rule.rule(), export=opts.export, write=opts.write, on_step=on_step,
+        opts = grouped(params)
+        if preflight.is_onnx(model):
+            refuse_for_onnx(params, model)
+            preflight.check(
+                model, out, write=opts.write, formats={"out": (".onnx",)}, tensor_files={"inputs": inputs},
+                onnx=True,
             )  # fmt: skip
+            with progress("fold", quiet=quiet) as on_step:
+                from normfold.onnx_pipeline import fold_onnx_file
+
+                run = fold_onnx_file(
+                    model, out, inputs=opts.given.spec(), folding=opts.folding, rule=opts.rule.rule(),
+                    write=opts.write, on_step=on_step,
+                )  # fmt: skip
+        else:
+            preflight.check(
+                model, out, load=opts.load, write=opts.write, export=opts.export,
+                formats={"out": MODEL_FORMATS, "save_inputs": (".pt",)},
+                tensor_files={"inputs": inputs, "data": calibrate},
+            )  # fmt: skip
+            with progress("fold", quiet=quiet) as on_step:
+                from normfold import pipeline
+
+                run = pipeline.fold_and_export(
+                    model, out, inputs=opts.given.spec(), load=opts.load, folding=opts.folding,
+                    rule=opts.rule.rule(), export=opts.export, write=opts.write, on_step=on_step,
+                )  # fmt: skip
         if not quiet:
             render.layers(run)
             render.parity(run)
@@ -131,19 +151,31 @@ def inspect_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Dry run: every norm layer, what it would fold into or why it stays (fold's own decisions,
-    on the same inputs). Writes no model."""
+    on the same inputs). Writes no model. MODEL may be an ONNX model (MODEL.onnx)."""
+    params = dict(locals())
     with guard():
-        opts = grouped(locals())
+        opts = grouped(params)
+        onnx = preflight.is_onnx(model)
+        if onnx:
+            refuse_for_onnx(params, model)
         preflight.check(
-            model, None, load=opts.load, write=opts.write, formats={}, tensor_files={"inputs": inputs}
-        )
+            model, None, load=opts.load, write=opts.write, formats={}, tensor_files={"inputs": inputs},
+            onnx=onnx,
+        )  # fmt: skip
         with progress("inspect", quiet=quiet) as on_step:
-            from normfold import pipeline
+            if onnx:
+                from normfold.onnx_pipeline import inspect_onnx
 
-            run = pipeline.inspect(
-                model, inputs=opts.given.spec(), load=opts.load, folding=opts.folding, export=opts.export,
-                write=opts.write, on_step=on_step,
-            )  # fmt: skip
+                run = inspect_onnx(
+                    model, inputs=opts.given.spec(), folding=opts.folding, write=opts.write, on_step=on_step
+                )
+            else:
+                from normfold import pipeline
+
+                run = pipeline.inspect(
+                    model, inputs=opts.given.spec(), load=opts.load, folding=opts.folding,
+                    export=opts.export, write=opts.write, on_step=on_step,
+                )  # fmt: skip
         if not quiet:
             render.layers(run)
             render.inspect_summary(run)

@@ -154,6 +154,7 @@ KEYWORD_FLAGS = {
     "input_names": "--input-names", "output_names": "--output-names", "providers": "--providers",
     "rtol": "--rtol", "atol": "--atol", "noise_factor": "--noise-factor", "value_range": "--value-range",
     "num_groups": "--num-groups", "group_size": "--group-size",
+    "input_shapes": "--input-shape", "inputs": "--inputs",  # fold_onnx's
 }  # fmt: skip
 #: The option objects' fields (``InputSpec.shapes``) and the CLI options that set them.
 FIELD_FLAGS = {

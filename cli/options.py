@@ -35,7 +35,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # loading -------------------------------------------------------------------------------------------
 ModelArg = Annotated[str, typer.Argument(
     help="A factory spec package.module:callable (e.g. normfold.models:resnet), a state_dict file "
-    "(.pt/.pth/.bin/.safetensors, needs --model), or a pickled nn.Module (needs --trust).",
+    "(.pt/.pth/.bin/.safetensors, needs --model), a pickled nn.Module (needs --trust), or an ONNX model "
+    "(fold and inspect: folded as a graph; no --model or --trust).",
     show_default=False, metavar="MODEL",
 )]  # fmt: skip
 ArchOpt = Annotated[str | None, typer.Option(
@@ -352,3 +353,33 @@ def grouped(params: Mapping[str, Any]) -> Grouped:
     )  # fmt: skip
     write = WriteOptions(report=p("report"), save_inputs=p("save_inputs"), force=p("force", False))
     return Grouped(load, given, rule, folding, export, write)
+
+
+#: ``fold``/``inspect`` options that mean nothing for an ONNX model (parameter -> flag, why):
+#: refused by name rather than ignored
+NOT_FOR_ONNX = {
+    "arch": ("--model", "the graph is its own architecture"),
+    "model_args": ("--model-args", "the graph is its own architecture"),
+    "trust": ("--trust", "an ONNX file is data, read without running code from it"),
+    "input_dtype": ("--input-dtype", "the graph declares its inputs' types"),
+    "static_batch": ("--static-batch", "the folded file keeps the original's input shapes"),
+    "dynamic": (
+        "--dynamic",
+        "the folded file keeps the original's input shapes; give sizes to symbolic dims with --input-shape",
+    ),
+    "opset": ("--opset", "the folded file keeps the original's opset imports"),
+    "input_names": ("--input-names", "the folded file keeps the original's input and output names"),
+    "output_names": ("--output-names", "the folded file keeps the original's input and output names"),
+    "providers": ("--providers", "parity is checked on onnxruntime's CPU provider only, for now"),
+    "calibrate": ("--calibrate", "recalibrating BatchNorm statistics needs the PyTorch model"),
+    "save_inputs": ("--save-inputs", "saving the parity inputs is not done for an ONNX model yet"),
+}
+
+
+def refuse_for_onnx(params: Mapping[str, Any], source: str) -> None:
+    """A command's parameters for an ONNX model: each option of :data:`NOT_FOR_ONNX` given is a
+    usage error naming it (a switch counts when on; ``--reparam`` is accepted: an ONNX graph has
+    no branch merges to make or skip)."""
+    for name, (flag, why) in NOT_FOR_ONNX.items():
+        if params.get(name) not in (None, False):
+            raise UsageError(f"{source} is an ONNX model: {flag} does not apply to it ({why})")

@@ -25,6 +25,7 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,19 +52,38 @@ def check(
     formats: Mapping[str, Sequence[str]],
     tensor_files: Mapping[str, Path | None] | None = None,
     export: ExportOptions | None = None,
+    onnx: bool = False,
 ) -> None:
-    """Every check of the module docstring, outputs first (as the library orders them)."""
+    """Every check of the module docstring, outputs first (as the library orders them); with
+    ``onnx``, ``source`` is an ONNX model (:func:`is_onnx`): a regular file, sniffed by the library."""
     from normfold.io.files import check_outputs
 
     files = {k: v for k, v in (tensor_files or {}).items() if v is not None}
     outputs = {"out": out, "report": write.report, "save_inputs": write.save_inputs}
     check_outputs(outputs, inputs=[source, *files.values()], force=write.force, formats=formats)
-    check_source(source, load or LoadOptions())
+    if onnx:
+        check_regular_file(Path(source), "ONNX file")
+    else:
+        check_source(source, load or LoadOptions())
     for what, path in files.items():
         check_tensor_file(path, what)
     if export is not None:
         check_opset(export.opset)
         check_providers(export.providers)
+
+
+def is_onnx(source: str) -> bool:
+    """The model argument names an ONNX model, which ``fold`` and ``inspect`` fold as a graph: a
+    ``.onnx`` name (the library tells a file that is not ONNX from its bytes), or a regular file
+    whose first bytes are an ONNX protobuf's, whatever its name."""
+    path = Path(source)
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+    return regular and sniff(path) == "onnx"
 
 
 def check_source(source: str, load: LoadOptions) -> None:

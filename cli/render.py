@@ -82,8 +82,11 @@ def layers(run: FoldRun) -> None:
 
 
 def _merges(run: FoldRun) -> None:
-    """Blocks of parallel branches: merged into one conv (where), or why they stay."""
-    f = run.fold
+    """Blocks of parallel branches: merged into one conv (where), or why they stay (a run of an
+    ONNX model has none: it has no ``fold``)."""
+    f = getattr(run, "fold", None)
+    if f is None:
+        return
     rows = [(m.block, " + ".join(m.branches), Text("merge", style="green"),
              m.into + (f"; {m.note}" if m.note else "")) for m in f.merged]  # fmt: skip
     rows += [(m.block, m.node, Text("keep", style="yellow"), f"{m.code}: {m.reason}") for m in f.not_merged]
@@ -93,20 +96,17 @@ def _merges(run: FoldRun) -> None:
 
 
 def inspect_summary(run: FoldRun) -> None:
-    f = run.fold
-    export_only = len(f.export_only)
+    s = run.summary()
+    export_only = s["folded_in_export_only"]
     line(
-        f"{len(f.folded)} of {len(f.folded) + len(f.skipped)} norm ops would fold"
+        f"{s['folded']} of {s['norms']} norm ops would fold"
         + (f" ({export_only} in the export only)" if export_only else "")
     )
 
 
 def _reports(run: FoldRun) -> dict[str, Any]:
-    """Parity reports by runtime: PyTorch's, then the written file's."""
-    reports = {"pytorch": run.parity} if run.parity is not None else {}
-    if run.export is not None:
-        reports.update(run.export.parity)
-    return reports
+    """Parity reports by runtime (PyTorch's, then the written file's; onnxruntime's for an ONNX model)."""
+    return run.parity_reports()
 
 
 def parity(run: FoldRun) -> None:
@@ -168,7 +168,9 @@ def written(run: FoldRun, elapsed: float | None = None) -> None:
     ops = [op for op in _SHOWN_OPS if any(op in c for c in columns.values())]
     rows = [(op, *(str(c.get(op, 0)) for c in columns.values())) for op in ops]
     if rows:
-        table("Ops before and after (ATen ops counted as the ONNX ops they become)", ("op", *columns), rows)
+        aten = summary.get("source_format") != "onnx"
+        how = " (ATen ops counted as the ONNX ops they become)" if aten else ""
+        table(f"Ops before and after{how}", ("op", *columns), rows)
     params = f"parameters {summary['params_before']:,} -> {summary['params_after']:,}"
     if e is not None and e.parameters is not None:
         params += f" (written file: {e.parameters:,} initializer elements)"
@@ -220,8 +222,8 @@ def result_line(run: FoldRun) -> str:
         parts.append(f"merged={s['blocks_merged']}/{s['blocks_merged'] + s['blocks_not_merged']}")
     if s["exporter_removed_batchnorms"] is not None:
         parts.append(f"exporter_removed_bn={s['exporter_removed_batchnorms']}")
-    if run.parity is not None:
-        runtimes = ["pytorch", *(run.export.parity if run.export is not None else ())]
+    runtimes = list(run.parity_reports())
+    if runtimes:
         parts.append(f"parity=pass({','.join(runtimes)})")
     parts.append(f"out={run.export.path}" if run.export is not None else "out=none")
     return " ".join(parts)

@@ -38,6 +38,10 @@ from normfold.errors import (
 _LAZY = {
     "fold": "normfold.folding",
     "fold_onnx": "normfold.onnx_fold",
+    "plan_onnx": "normfold.onnx_fold",
+    "fold_onnx_file": "normfold.onnx_pipeline",
+    "inspect_onnx": "normfold.onnx_pipeline",
+    "OnnxRun": "normfold.onnx_pipeline",
     "OnnxFoldResult": "normfold.onnx_fold",
     "FoldResult": "normfold.folding",
     "Folded": "normfold.folding",
@@ -110,7 +114,8 @@ if TYPE_CHECKING:
     from normfold.io.load import LoadedModel, load_inputs, load_model
     from normfold.io.roundtrip import load_folded, save_folded
     from normfold.norm_affine import NormAffineResult, NormFolded, NormKept, fold_norm_affine
-    from normfold.onnx_fold import OnnxFoldResult, fold_onnx
+    from normfold.onnx_fold import OnnxFoldResult, fold_onnx, plan_onnx
+    from normfold.onnx_pipeline import OnnxRun, fold_onnx_file, inspect_onnx
     from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
     from normfold.pipeline import (
         drop_bias_and_write,
@@ -167,6 +172,7 @@ __all__ = [
     "NotRecalibrated",
     "NotSwapped",
     "OnnxFoldResult",
+    "OnnxRun",
     "OutputParity",
     "ParityError",
     "ParityReport",
@@ -191,10 +197,13 @@ __all__ = [
     "fold_and_export",
     "fold_norm_affine",
     "fold_onnx",
+    "fold_onnx_file",
     "inspect",
+    "inspect_onnx",
     "load_folded",
     "load_inputs",
     "load_model",
+    "plan_onnx",
     "recalibrate",
     "recalibrate_and_write",
     "reparameterize",

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -46,19 +45,11 @@ from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
 from normfold.errors import ExportError, LoadError, ParityError, UsageError, first_line
 from normfold.io.files import OutputSet
+from normfold.io.sniff import check_regular_file, sniff
+from normfold.onnx_inputs import DEFAULT_DIM, Shapes
+from normfold.onnx_inputs import example_feeds as _example_inputs
 
-__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx"]
-
-#: the size a symbolic input dim takes in the example inputs when none is given
-DEFAULT_DIM = 2
-_NP = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-}
-
+__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "plan_onnx"]
 
 @dataclass
 class OnnxFoldResult:
@@ -74,6 +65,7 @@ class OnnxFoldResult:
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the example inputs
     plan: Plan | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +77,7 @@ class OnnxFoldResult:
             "skipped": [asdict(s) for s in self.skipped],
             "ops_before": dict(self.ops_before),
             "ops_after": dict(self.ops_after),
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "notes": list(self.notes),
             "parity": None if self.parity is None else self.parity.to_dict(),
         }
@@ -95,48 +88,35 @@ def fold_onnx(
     out: str | Path | None = None,
     *,
     inputs: Sequence[Any] | Mapping[str, Any] | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_shapes: Shapes | None = None,
     rule: ParityRule | None = None,
     force: bool = False,
 ) -> OnnxFoldResult:
     """Fold every norm of an ONNX model that folds exactly (module docstring); write ``out`` if
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
-    input name -> shape for generated inputs. Raises ParityError (nothing written) when the folded
-    model does not match the original."""
+    shapes for generated inputs (input name -> shape, or one shape per graph input in order).
+    Raises ParityError (nothing written) when the folded model does not match the original."""
     rule = rule if rule is not None else ParityRule()
-    original, path = _load(source)
+    original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
-        feeds = _example_inputs(original, inputs, input_shapes)
-        shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
-        _run_shapes(original, feeds, shapes)
-        model = ir.serde.deserialize_model(copy.deepcopy(original))
-        copies = split_shared(model)
-        view = OnnxView(model, shapes, types)
-        values = OnnxValues(view)
-        plan = planner.plan(view, values)
-        new = plan.values(values)
-        apply_plan(view, plan, new, values.names)
-        rejoin_unchanged(model, copies, set(new))
+        planned = _plan(original, inputs, input_shapes)
+        view, plan, model = planned.view, planned.plan, planned.model
+        new = plan.values(planned.values)
+        apply_plan(view, plan, new, planned.values.names)
+        rejoin_unchanged(model, planned.copies, set(new))
         folded = ir.serde.serialize_model(model)
         try:
             onnx.checker.check_model(folded, full_check=True)
         except Exception as e:
             raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
-        result = OnnxFoldResult(folded, plan=plan, ops_before=_ops(original), ops_after=_ops(folded))
-        result.folded = [_folded(view, f) for f in plan.folds if not f.identity]
-        result.skipped = [Skipped(k.unit.name, k.unit.module_type, k.code, k.reason, k.unit.nodes[0])
-                          for k in plan.kept]  # fmt: skip
-        nested = _subgraph_norms(original.graph)
-        if nested:
-            result.notes.append(
-                f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies are left as they are "
-                "(subgraphs are not folded yet)"
-            )
-        result.parity = parity_onnx(original, folded, feeds, rule, given=inputs is not None)
+        result = _result(original, folded, planned)
+        result.parity = parity_onnx(original, folded, planned.feeds, rule, given=inputs is not None)
         result.notes.extend(result.parity.notes)
         if not result.parity.passed:
-            raise ParityError(result.parity.verdict())
+            failed = ParityError(result.parity.verdict())
+            failed.result = result  # the records and the parity report, for a failed run's report
+            raise failed
         if files is not None:
             try:
                 onnx.save(folded, files.staged("out"))
@@ -150,50 +130,79 @@ def fold_onnx(
             files.close()
 
 
-def _load(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+def plan_onnx(
+    source: str | Path | onnx.ModelProto,
+    *,
+    inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    input_shapes: Shapes | None = None,
+) -> OnnxFoldResult:
+    """What :func:`fold_onnx` would fold and keep, decided by the same planner on the same example
+    inputs, with nothing applied, run or written: ``model`` is the original, ``parity`` None and
+    ``ops_after`` empty."""
+    original, _ = load_onnx(source)
+    return _result(original, None, _plan(original, inputs, input_shapes))
+
+
+@dataclass
+class _Planned:
+    """The steps up to the plan: example inputs, the IR model (shared initializers split), its view."""
+
+    feeds: dict[str, torch.Tensor]
+    model: ir.Model
+    copies: Any
+    view: OnnxView
+    values: OnnxValues
+    plan: Plan
+
+
+def _plan(
+    original: onnx.ModelProto, inputs: Sequence[Any] | Mapping[str, Any] | None, input_shapes: Shapes | None
+) -> _Planned:
+    feeds = _example_inputs(original, inputs, input_shapes)
+    shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
+    _run_shapes(original, feeds, shapes)
+    model = ir.serde.deserialize_model(copy.deepcopy(original))
+    copies = split_shared(model)
+    view = OnnxView(model, shapes, types)
+    values = OnnxValues(view)
+    return _Planned(feeds, model, copies, view, values, planner.plan(view, values))
+
+
+def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: _Planned) -> OnnxFoldResult:
+    """The records of ``planned``'s plan; ``folded`` None for a plan only."""
+    plan = planned.plan
+    result = OnnxFoldResult(
+        original if folded is None else folded, plan=plan, ops_before=_ops(original),
+        ops_after={} if folded is None else _ops(folded),
+        input_shapes={k: tuple(v.shape) for k, v in planned.feeds.items()},
+    )  # fmt: skip
+    result.folded = [_folded(planned.view, f) for f in plan.folds if not f.identity]
+    result.skipped = [Skipped(k.unit.name, k.unit.module_type, k.code, k.reason, k.unit.nodes[0])
+                      for k in plan.kept]  # fmt: skip
+    nested = _subgraph_norms(original.graph)
+    if nested:
+        result.notes.append(
+            f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies are left as they are "
+            "(subgraphs are not folded yet)"
+        )
+    return result
+
+
+def load_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    """A ``ModelProto`` as is, or a file: a regular file whose first bytes say ONNX
+    (:func:`normfold.io.sniff.sniff`, as every input is checked before it is parsed), then parsed."""
     if isinstance(source, onnx.ModelProto):
         return source, None
     if not isinstance(source, (str, Path)):
         raise UsageError(f"fold_onnx() expects a path or an onnx.ModelProto, got {type(source).__name__}")
     path = Path(source)
+    check_regular_file(path, "ONNX file")
+    if sniff(path) != "onnx":
+        raise LoadError(f"{path} is not an ONNX model: its first bytes are not those of an ONNX protobuf")
     try:
         return onnx.load(str(path)), path
     except Exception as e:
         raise LoadError(f"cannot read {path} as ONNX: {first_line(e)}") from e
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The inputs a caller feeds (initializers listed as inputs, IR < 4, are not)."""
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def _example_inputs(
-    model: onnx.ModelProto,
-    given: Sequence[Any] | Mapping[str, Any] | None,
-    shapes: Mapping[str, Sequence[int]] | None,
-) -> dict[str, torch.Tensor]:
-    specs = graph_inputs(model)
-    if given is not None:
-        items = (
-            given if isinstance(given, Mapping) else dict(zip([s.name for s in specs], given, strict=False))
-        )
-        if set(items) != {s.name for s in specs}:
-            raise UsageError(f"inputs= gives {sorted(items)}, the graph takes {[s.name for s in specs]}")
-        return {k: torch.as_tensor(np.asarray(v)) for k, v in items.items()}
-    gen = torch.Generator().manual_seed(0)
-    feeds = {}
-    for spec in specs:
-        t = spec.type.tensor_type
-        dtype = _NP.get(t.elem_type)
-        if dtype is None:
-            kind = onnx.TensorProto.DataType.Name(t.elem_type)
-            raise UsageError(f"input {spec.name}: cannot generate {kind} values; give inputs=")
-        dims = list((shapes or {}).get(spec.name) or [d.dim_value if d.HasField("dim_value") else DEFAULT_DIM
-                                                       for d in t.shape.dim])  # fmt: skip
-        x = torch.randn(dims, generator=gen, dtype=torch.float64)
-        feeds[spec.name] = torch.from_numpy(x.numpy().astype(dtype))
-    return feeds
 
 
 def _concrete_shapes(

@@ -70,6 +70,12 @@ class FoldRun:
             "exporter_removed_batchnorms": max(kept_bn - e.batchnorm_nodes, 0) if onnx_file else None,
         }
 
+    def parity_reports(self) -> dict[str, ParityReport]:
+        """Parity reports by runtime: PyTorch's, then the written file's (none for ``inspect``)."""
+        if self.parity is None:
+            return {}
+        return {"pytorch": self.parity, **(self.export.parity if self.export is not None else {})}
+
     def to_dict(self) -> dict[str, Any]:
         fold = {k: v for k, v in self.fold.to_dict().items() if k not in ("ops_before", "ops_after")}
         return {

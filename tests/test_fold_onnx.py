@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -307,3 +308,38 @@ def test_statistics_fed_as_graph_inputs_are_kept_with_a_code() -> None:
         "y_batchnormalization running_mean is computed from the input, not a buffer",
     )
     assert _count(result.model, "BatchNormalization") == 1 and result.parity.passed
+
+
+def test_plan_onnx_decides_as_fold_onnx_without_changing_anything() -> None:
+    original = rows.conv_bn_residual()
+    before = original.SerializeToString()
+    planned = normfold.plan_onnx(original)
+    assert original.SerializeToString() == before and planned.model is original
+    assert planned.parity is None and planned.ops_after == {}
+    folded = normfold.fold_onnx(rows.conv_bn_residual())
+    assert [(s.norm, s.code, s.reason) for s in planned.skipped] == [
+        (s.norm, s.code, s.reason) for s in folded.skipped
+    ]
+    assert normfold.plan_onnx(rows.conv_bn_relu()).folded == normfold.fold_onnx(rows.conv_bn_relu()).folded
+
+
+def test_input_shapes_by_order_or_name_checked_against_the_graph() -> None:
+    model = rows.conv_bn_relu()  # x: [N, 3, 8, 8]
+    assert normfold.plan_onnx(model, input_shapes=[(5, 3, 8, 8)]).input_shapes == {"x": (5, 3, 8, 8)}
+    assert normfold.plan_onnx(model, input_shapes={"x": (4, 3, 8, 8)}).input_shapes == {"x": (4, 3, 8, 8)}
+    with pytest.raises(UsageError, match=r"^input_shapes= names image; the graph's inputs are x$"):
+        normfold.plan_onnx(model, input_shapes={"image": (1, 3, 8, 8)})
+    with pytest.raises(UsageError, match=r"the graph declares x \[N, 3, 8, 8\]$"):
+        normfold.plan_onnx(model, input_shapes=[(1, 3, 8)])
+    with pytest.raises(UsageError, match=r"gives 2 shape\(s\); the graph takes 1 input\(s\): x$"):
+        normfold.plan_onnx(model, input_shapes=[(1, 3, 8, 8), (1, 3, 8, 8)])
+
+
+def test_a_file_is_sniffed_before_it_is_parsed(tmp_path: Path) -> None:
+    from normfold.errors import LoadError
+
+    (tmp_path / "w.onnx").write_text("name,value\n")
+    with pytest.raises(LoadError, match=r"w\.onnx is not an ONNX model: its first bytes are not those of an"):
+        normfold.fold_onnx(tmp_path / "w.onnx")
+    with pytest.raises(LoadError, match="not a file but a directory"):
+        normfold.plan_onnx(tmp_path)
