@@ -7,9 +7,10 @@ Layout (as onnxslim and polygraphy group theirs):
 * :mod:`normfold.cli.options`: the options as ``Annotated`` types, grouped by concern, and their
   parsing into the library's option objects; :mod:`normfold.cli.preflight`: what is decided
   from the disk before torch loads (files, formats, opset range, providers);
-* :mod:`normfold.cli.cmd_fold` (``fold``, ``inspect``) and :mod:`normfold.cli.cmd_write`
-  (``recalibrate``, ``drop-bias``, ``swap``): each command groups its options, makes one call
-  to :mod:`normfold.pipeline` and renders what comes back;
+* :mod:`normfold.cli.cmd_fold` (``fold``, ``inspect``), :mod:`normfold.cli.cmd_write`
+  (``recalibrate``, ``drop-bias``, ``swap``) and :mod:`normfold.cli.cmd_norms` (``fold-norms``):
+  each command groups its options, makes one call to :mod:`normfold.pipeline` and renders what
+  comes back;
 * :mod:`normfold.cli.render` (tables, the summary, the result line),
   :mod:`normfold.cli.progress` (phases and a spinner on stderr, on a terminal only),
   :mod:`normfold.cli.errors` (the one place errors become exit codes and one-line messages in
@@ -34,6 +35,7 @@ from typing import Annotated, Any
 
 import typer
 from normfold.cli.cmd_fold import FOLD_EXAMPLES, INSPECT_EXAMPLES, fold_cmd, inspect_cmd
+from normfold.cli.cmd_norms import FOLD_NORMS_EXAMPLES, fold_norms_cmd
 from normfold.cli.cmd_write import (
     DROP_BIAS_EXAMPLES,
     RECALIBRATE_EXAMPLES,
@@ -93,6 +95,7 @@ app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_cmd)
 app.command("recalibrate", epilog=RECALIBRATE_EXAMPLES)(recalibrate_cmd)
 app.command("drop-bias", epilog=DROP_BIAS_EXAMPLES)(drop_bias_cmd)
 app.command("swap", epilog=SWAP_EXAMPLES)(swap_cmd)
+app.command("fold-norms", epilog=FOLD_NORMS_EXAMPLES)(fold_norms_cmd)
 
 
 def _source_options(

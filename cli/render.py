@@ -279,6 +279,21 @@ def swapped(run: WriteRun, to: str) -> None:
     line(f"swapped {len(r.swapped)} norms to {to}; wrote {run.out}")
 
 
+def norms_folded(run: WriteRun) -> None:
+    notes(run.notes)
+    r = run.result
+    for f in r.folded:
+        changed = (("new bias", f.new_biases), ("untied", f.untied))
+        extra = "".join(f"; {what} {', '.join(names)}" for what, names in changed if names)
+        shift = f" ({f.code}: {f.reason})" if f.code else ""
+        line(f"folded {f.norm} ({f.norm_type}) into {', '.join(f.into)}{extra}{shift}")
+    for k in r.kept:
+        line(f"kept {k.norm}: {k.code}: {k.reason}")
+    line(f"proved against the loaded model: {'pass' if r.parity.passed else 'FAIL'}")
+    _export(run)
+    line(f"folded {len(r.folded)} norms, kept {len(r.kept)}; wrote {run.out}")
+
+
 def _export(run: WriteRun) -> None:
     """A ``.pt2``/``.onnx`` a write command exported: its file, inputs and outputs, its check."""
     e = run.export

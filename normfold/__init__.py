@@ -87,6 +87,7 @@ _LAZY = {
     "WriteRun": "normfold.runs",
     "recalibrate_and_write": "normfold.pipeline",
     "drop_bias_and_write": "normfold.pipeline",
+    "fold_norms_and_write": "normfold.pipeline",
     "swap_and_write": "normfold.pipeline",
     "fold_norm_affine": "normfold.norm_affine",
     "NormAffineResult": "normfold.norm_affine",
@@ -120,6 +121,7 @@ if TYPE_CHECKING:
     from normfold.pipeline import (
         drop_bias_and_write,
         fold_and_export,
+        fold_norms_and_write,
         inspect,
         recalibrate_and_write,
         swap_and_write,
@@ -196,6 +198,7 @@ __all__ = [
     "fold",
     "fold_and_export",
     "fold_norm_affine",
+    "fold_norms_and_write",
     "fold_onnx",
     "fold_onnx_file",
     "inspect",

@@ -49,6 +49,7 @@ __all__ = [
     "WriteRun",
     "drop_bias_and_write",
     "fold_and_export",
+    "fold_norms_and_write",
     "inspect",
     "recalibrate_and_write",
     "swap_and_write",
@@ -260,6 +261,29 @@ def swap_and_write(
 
     return transform_and_write(source, out, transform, inputs=inputs, load=load, export=export, write=write,
                                on_step=on_step, command="swap", needs_inputs=False)  # fmt: skip
+
+
+def fold_norms_and_write(
+    source: Source,
+    out: str | Path,
+    *,
+    new_biases: bool = False,
+    untie: bool = False,
+    inputs: Inputs = None,
+    load: LoadOptions | None = None,
+    export: ExportOptions | None = None,
+    write: WriteOptions | None = None,
+    on_step: StepHook | None = None,
+) -> WriteRun:
+    """:func:`transform_and_write` with :func:`normfold.fold_norm_affine` (LayerNorm/RMSNorm/GroupNorm
+    scale and shift into the Linear layers they feed; proved against the loaded model)."""
+    from normfold.norm_affine import fold_norm_affine
+
+    def transform(model: nn.Module, x: tuple[torch.Tensor, ...]) -> Any:
+        return fold_norm_affine(model, x, inplace=True, new_biases=new_biases, untie=untie)
+
+    return transform_and_write(source, out, transform, inputs=inputs, load=load, export=export, write=write,
+                               on_step=on_step, command="fold-norms")  # fmt: skip
 
 
 def transform_and_write(

@@ -28,7 +28,7 @@ from normfold.errors import UsageError
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
 
 RESNET, MLP = "normfold.models:resnet", "normfold.models:mlp"
-COMMANDS = ("fold", "inspect", "recalibrate", "drop-bias", "swap")
+COMMANDS = ("fold", "inspect", "recalibrate", "drop-bias", "swap", "fold-norms")
 
 
 def run_ort(path: Path, *xs: torch.Tensor) -> list[Any]:
@@ -61,7 +61,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, tuple[Any
 
     seen: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
     entry_points = ("fold_and_export", "inspect", "recalibrate_and_write", "drop_bias_and_write")
-    for name in (*entry_points, "swap_and_write"):
+    for name in (*entry_points, "swap_and_write", "fold_norms_and_write"):
 
         def record(*args: Any, _name: str = name, **kwargs: Any) -> None:
             seen.append((_name, args, kwargs))
@@ -111,6 +111,8 @@ def test_fold_groups_its_options_into_the_library_objects(
         (["swap", MLP, "--to", "group", "--out", "o.onnx", "--dynamic", "1=f", "--input-names", "x",
           "--providers", "CPUExecutionProvider"], "swap_and_write",
          ExportOptions(dynamic_axes={0: {1: "f"}}, input_names=("x",), providers=("CPUExecutionProvider",))),
+        (["fold-norms", MLP, "--out", "o.onnx", "--untie", "--opset", "18"], "fold_norms_and_write",
+         ExportOptions(opset=18)),
     ],
 )  # fmt: skip
 def test_every_command_makes_one_library_call(
@@ -145,6 +147,7 @@ _AXES = ["--static-batch", "--dynamic", "1=f"]
         (["recalibrate", MLP, "--data", "b.pt", "--out", "o.pt"], set()),
         (["drop-bias", MLP, "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
         (["swap", MLP, "--to", "group", "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
+        (["fold-norms", MLP, "--out", "o.onnx", *_INPUTS, *_AXES, *_EXPORT], {"inputs", "export"}),
     ],
 )  # fmt: skip
 def test_every_command_groups_the_options_it_shares_the_same_way(
