@@ -179,12 +179,9 @@ def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: 
     result.folded = [_folded(planned.view, f) for f in plan.folds if not f.identity]
     result.skipped = [Skipped(k.unit.name, k.unit.module_type, k.code, k.reason, k.unit.nodes[0])
                       for k in plan.kept]  # fmt: skip
-    nested = _subgraph_norms(original.graph)
-    if nested:
-        result.notes.append(
-            f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies are left as they are "
-            "(subgraphs are not folded yet)"
-        )
+    for where, name in _subgraph_norms(original.graph):  # kept, so --require-all sees them
+        reason = f"{name} is inside the body {where}: control-flow bodies are not folded yet"
+        result.skipped.append(Skipped(f"{where}/{name}", "BatchNormalization", "in_subgraph", reason, name))
     return result
 
 
@@ -254,15 +251,17 @@ def _run_shapes(
         shapes.setdefault(name, shape)
 
 
-def _subgraph_norms(graph: onnx.GraphProto, depth: int = 0) -> int:
-    """BatchNormalization nodes in the bodies of ``graph``'s control-flow nodes, at any depth."""
-    found = 0
-    for node in graph.node:
-        if depth and node.op_type == "BatchNormalization":
-            found += 1
+def _subgraph_norms(graph: onnx.GraphProto, where: str = "") -> list[tuple[str, str]]:
+    """``(body path, node name)`` of every BatchNormalization in the bodies of ``graph``'s
+    control-flow nodes, at any depth (a body path: ``<node>.<attribute>``, nested with ``/``)."""
+    found = []
+    for i, node in enumerate(graph.node):
+        if where and node.op_type == "BatchNormalization":
+            found.append((where, node.name or node.output[0]))
         for a in node.attribute:
             for body in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                found += _subgraph_norms(body, depth + 1)
+                inner = f"{node.name or f'{node.op_type}_{i}'}.{a.name}"
+                found += _subgraph_norms(body, f"{where}/{inner}" if where else inner)
     return found
 
 

@@ -271,7 +271,7 @@ def test_linear_on_tokens_through_a_transposed_weight() -> None:
     assert result.parity.passed and result.parity.notes == ()
 
 
-def test_norms_inside_an_if_body_are_left_and_said() -> None:
+def test_norms_inside_an_if_body_are_kept_with_a_code() -> None:
     def out(name: str) -> onnx.ValueInfoProto:
         return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 3, 4, 4])
 
@@ -286,10 +286,10 @@ def test_norms_inside_an_if_body_are_left_and_said() -> None:
     graph = onnx.helper.make_graph([node], "g", [cond, out("x")], [out("y")])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     result = normfold.fold_onnx(model, inputs=[np.array(True), np.ones((2, 3, 4, 4), np.float32)])
-    assert result.notes[0] == (
-        "1 BatchNormalization node(s) inside If/Loop/Scan bodies are left as they are "
-        "(subgraphs are not folded yet)"
-    )
+    (kept,) = result.skipped  # kept with a code, so require_all / --require-all sees it
+    assert (kept.norm, kept.code) == ("If_0.then_branch/then_out_batchnormalization", "in_subgraph")
+    body, NOT_YET = "If_0.then_branch", "control-flow bodies are not folded yet"
+    assert kept.reason == f"then_out_batchnormalization is inside the body {body}: {NOT_YET}"
     assert not result.folded and result.parity.passed
 
 

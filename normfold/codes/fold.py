@@ -146,6 +146,11 @@ FOLD_CODES: tuple[Code, ...] = (
         "norm: up to 30x the model's own error). The rest stay folded",
         "fold",
     ),
+    _code(
+        "in_subgraph",
+        "(ONNX in) a BatchNormalization inside an If/Loop/Scan body: control-flow bodies are not folded yet",
+        "fold",
+    ),
     # --- fold: norm modules without an op (normfold.folding) -----------------------------------
     _code("per_sample_statistics", "GroupNorm/LayerNorm/InstanceNorm: statistics of each sample", "fold"),
     _code(

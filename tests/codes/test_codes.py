@@ -43,6 +43,7 @@ _EMITTERS: dict[str, frozenset[str] | None] = {
     "normfold.folding": frozenset({"fold"}),
     "normfold.engine.analysis": frozenset({"fold"}),
     "normfold.engine.parts": frozenset({"capture"}),
+    "normfold.onnx_fold": frozenset({"fold"}),
     "normfold.engine.reparam": frozenset({"merge"}),
     "normfold.engine.reparam_values": frozenset({"merge"}),
     "normfold.engine.reparam_eager": frozenset({"merge"}),
@@ -423,7 +424,7 @@ def test_readme_shows_each_table_of_codes_as_the_registry_renders_it() -> None:
     problems = []
     for name in TABLES:
         expected = markdown(name)
-        if expected in text:
+        if any("\n".join(rows) == expected for _, rows in tables):  # the whole table, no row more
             continue
         rows = {
             c.name: line for c, line in zip(codes.codes_of(name), expected.splitlines()[2:], strict=False)
