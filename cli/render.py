@@ -303,4 +303,5 @@ def _export(run: WriteRun) -> None:
     line(f"exported {e.path} ({e.format}, {size(e.size_bytes)}{extra})")
     tensors(e)
     for runtime, rep in e.parity.items():
-        line(f"checked in {runtime}: {'pass' if rep.passed else 'FAIL'} ({len(rep.outputs)} comparisons)")
+        n = len(rep.outputs)
+        line(f"checked in {runtime}: {'pass' if rep.passed else 'FAIL'} ({n} comparison{'s' * (n != 1)})")
