@@ -30,7 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     marker = request.node.get_closest_marker("timeout")
-    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout"))
+    if marker and marker.args:
+        timeout = float(marker.args[0])
+    else:
+        try:
+            timeout = float(request.config.getini("timeout"))
+        except ValueError:  # pytest-timeout not installed (the test extra has it): no per-test limit
+            timeout = 0.0
     if timeout > 0:
         faulthandler.dump_traceback_later(timeout + GRACE, exit=True, file=_STDERR[0])
     try:
