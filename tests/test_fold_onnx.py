@@ -343,3 +343,44 @@ def test_a_file_is_sniffed_before_it_is_parsed(tmp_path: Path) -> None:
         normfold.fold_onnx(tmp_path / "w.onnx")
     with pytest.raises(LoadError, match="not a file but a directory"):
         normfold.plan_onnx(tmp_path)
+
+
+def _opset_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shape: list[int], opset: int,
+                 out_shape: list[int]) -> onnx.ModelProto:  # fmt: skip
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)
+    graph = onnx.helper.make_graph(nodes, "g", [x], [y], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+def test_an_opset_9_clip_reads_its_bounds_from_attributes() -> None:
+    """Conv -> BN -> Clip(0, 6) at opset 9 (ReLU6 as old exporters wrote it): the bounds are
+    attributes; the exact reference computes them (it crashed with a raw RuntimeError before)."""
+    rng = np.random.default_rng(5)
+    h = onnx.numpy_helper.from_array
+    inits = [
+        h(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+        h(rng.uniform(0.5, 1.5, 4).astype(np.float32), "g"), h(rng.normal(0, 0.3, 4).astype(np.float32), "b"),
+        h(rng.normal(0.5, 1, 4).astype(np.float32), "m"), h(rng.uniform(0.5, 2, 4).astype(np.float32), "v"),
+    ]  # fmt: skip
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        onnx.helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+        onnx.helper.make_node("Clip", ["n"], ["y"], name="relu6", min=0.0, max=6.0),
+    ]
+    result = normfold.fold_onnx(_opset_model(nodes, inits, [2, 3, 8, 8], 9, [2, 4, 6, 6]))
+    assert [f.norm for f in result.folded] == ["bn"] and result.skipped == []
+    assert result.parity.passed and result.parity.notes == ()  # judged against the float64 run
+
+
+def test_a_softmax_before_opset_13_is_the_exact_reference_onnx_defines() -> None:
+    """Before opset 13 Softmax normalizes the input read as 2-D from ``axis`` (default 1) on: the
+    float64 reference must compute that, not a softmax over the last axis."""
+    from normfold.check.onnx_exact import exact_run
+
+    model = _opset_model([onnx.helper.make_node("Softmax", ["x"], ["y"])], [], [2, 3, 4], 11, [2, 3, 4])
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(3))
+    exact, why = exact_run(model, {"x": x})
+    assert why is None
+    want = torch.softmax(x.double().reshape(2, 12), 1).reshape(2, 3, 4)
+    torch.testing.assert_close(exact["y"], want, rtol=1e-12, atol=1e-12)

@@ -484,6 +484,18 @@ def test_fp16_fold_that_would_overflow_is_kept() -> None:
     assert torch.equal(result.model.proj.weight, model.proj.weight)
 
 
+def test_fp16_shift_kept_in_the_norm_that_would_overflow_is_kept() -> None:
+    """With no bias slot the shift stays in the norm as beta / gamma: a tiny gamma makes that value
+    leave float16's range, which is checked like any folded value (it became inf before)."""
+    model = LNIntoBiasFree().eval()
+    with torch.no_grad():
+        model.ln.weight[3], model.ln.bias[3] = 1e-4, 10.0  # beta / gamma ~ 1e5 > 65504
+    model = model.half()
+    k = _only_kept(_fold(model, X.half()))
+    assert (k.norm, k.code) == ("ln", "overflow")
+    assert k.reason.startswith("folding ln makes ln.bias (max |value| 99983.") and "torch.float16" in k.reason
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(normfold.UsageError, match=r"fold_norm_affine\(\) expects a torch.nn.Module, got str"):
         normfold.fold_norm_affine("model", X)  # type: ignore[arg-type]

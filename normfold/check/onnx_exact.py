@@ -20,6 +20,7 @@ report says so (the floor alone then applies, against the original's own run).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+
+from normfold.errors import first_line
 
 _Op = Callable[[onnx.NodeProto, list[Any], dict[str, Any], int], list[Any]]
 
@@ -192,6 +195,22 @@ def _reduce(fn: Callable[..., Any]) -> _Op:
     return run
 
 
+def _softmax(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], opset: int) -> list[Any]:
+    if opset >= 13:
+        return [torch.softmax(x[0], a.get("axis", -1))]
+    # before opset 13: over the input read as 2-D, [prod(shape[:axis]), prod(shape[axis:])], axis 1
+    axis = a.get("axis", 1) % x[0].dim()
+    flat = x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
+    return [torch.softmax(flat, 1).reshape(x[0].shape)]
+
+
+def _clip(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], opset: int) -> list[Any]:
+    if opset < 11:  # bounds are attributes (default: none)
+        return [x[0].clamp(a.get("min", -math.inf), a.get("max", math.inf))]
+    lo, hi = (None if v is None else v.item() for v in [*x, None, None][1:3])
+    return [x[0].clamp(lo, hi)]
+
+
 def _split(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
     axis = a.get("axis", 0)
     sizes = a.get("split") or (x[1].tolist() if len(x) > 1 and x[1] is not None else None)
@@ -205,7 +224,7 @@ def _split(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> lis
 OPS: dict[str, _Op] = {
     "HardSwish": _elementwise(F.hardswish),
     "HardSigmoid": lambda node, x, a, _: [(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5)).clamp(0, 1)],
-    "Softmax": lambda node, x, a, _: [torch.softmax(x[0], a.get("axis", -1))],
+    "Softmax": _softmax,
     "Erf": _elementwise(torch.erf),
     "Exp": _elementwise(torch.exp),
     "Log": _elementwise(torch.log),
@@ -238,9 +257,7 @@ OPS: dict[str, _Op] = {
     "Identity": _elementwise(lambda t: t),
     "Dropout": lambda node, x, a, _: [x[0]],
     "LeakyRelu": lambda node, x, a, _: [F.leaky_relu(x[0], a.get("alpha", 0.01))],
-    "Clip": lambda node, x, a, _: [
-        x[0].clamp(*(None if v is None else v.item() for v in [*x, None, None][1:3]))
-    ],
+    "Clip": _clip,
     "Reshape": _reshape,
     "Flatten": lambda node, x, a, _: [x[0].reshape(int(np.prod(x[0].shape[: a.get("axis", 1)])), -1)],
     "Transpose": lambda node, x, a, _: [x[0].permute(*(a.get("perm") or range(x[0].dim() - 1, -1, -1)))],
@@ -290,7 +307,12 @@ def run_graph(
         fn = OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if fn is None:
             raise Unsupported(f"op {node.op_type}")
-        outs = fn(node, [env[i] for i in node.input], _attrs(node), opset)
+        try:
+            outs = fn(node, [env[i] for i in node.input], _attrs(node), opset)
+        except Unsupported:
+            raise
+        except Exception as e:  # a setting this table does not read: no exact run, rather than a crash
+            raise Unsupported(f"op {node.op_type} ({first_line(e)})") from e
         for name, value in zip(node.output, outs, strict=False):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value = value.to(dtype)  # every floating value in the run's dtype

@@ -151,10 +151,12 @@ def overflowing(
 ) -> str | None:
     """The first value of ``fold`` that is not finite once cast to its parameter's dtype
     (``dtype_of(fqn)``), as ``"name (max |value|, dtype)"``; None when all fit."""
-    for c in fold.consumers:
-        for name in (c.weight, c.bias or c.new_bias):
-            wide = values.get(name) if name is not None else None
-            dtype = dtype_of(c.weight)  # a bias has its layer's dtype (a new one takes it)
-            if wide is not None and not bool(wide.to(dtype).isfinite().all()):
-                return f"{name} (max |value| {wide.abs().max().item():.6g}, {dtype})"
+    checked = [(name, c.weight) for c in fold.consumers for name in (c.weight, c.bias or c.new_bias)]
+    if fold.norm.bias is not None:  # the shift kept in the norm, beta / gamma, is a new value too
+        checked.append((fold.norm.bias, fold.norm.bias))
+    for name, owner in checked:
+        wide = values.get(name) if name is not None else None
+        dtype = dtype_of(owner)  # a consumer's bias has its layer's dtype (a new one takes it)
+        if wide is not None and not bool(wide.to(dtype).isfinite().all()):
+            return f"{name} (max |value| {wide.abs().max().item():.6g}, {dtype})"
     return None
