@@ -124,7 +124,9 @@ def fold_norm_affine(
     the norm as ``beta / gamma``, code ``new_bias_needed``). ``untie``: a consumer weight shared with
     another reader (a tied LM head and its embedding) becomes the consumer's own copy and folds
     (``NormFolded.untied``; a Hugging Face ``config.tie_word_embeddings`` is set to False, since
-    ``tie_weights()`` on save or load would tie it back to the unscaled embedding); by default such
+    ``tie_weights()`` on save or load would tie it back to the unscaled embedding, and every other
+    tensor the model registers under several names becomes a copy per name, since such a config
+    no longer ties them on load and the checkpoint holds one of the names); by default such
     a norm stays (``tied_weight``). ``dynamic_batch``: capture with a dynamic batch axis, as
     :func:`normfold.fold` does (:attr:`NormAffineResult.program`). ``rule``: the parity rule of the
     proof (default :class:`~normfold.ParityRule`).
@@ -219,9 +221,34 @@ def _untie_config(result: NormAffineResult) -> None:
     if getattr(config, "tie_word_embeddings", None):
         config.tie_word_embeddings = False
         result.notes.append(f"untied {', '.join(untied)}: config.tie_word_embeddings set to False")
+        copied = _copy_shared(result.model)
+        if copied:
+            result.notes.append(f"{', '.join(copied)}: each a copy of its own now (a tensor shared under "
+                                "several names is saved under one, and an untied config no longer ties the "
+                                "others back on load)")  # fmt: skip
     else:
         result.notes.append(f"untied {', '.join(untied)}: each is now a parameter of its own; code that "
                             "ties weights on load would tie it back to the unscaled original")  # fmt: skip
+
+
+def _copy_shared(model: nn.Module) -> list[str]:
+    """Give every other module registering a parameter already registered elsewhere its own copy
+    (same value): with ``tie_word_embeddings`` False, Hugging Face's ``save_pretrained`` writes a
+    shared tensor under one of its names and ``from_pretrained`` re-ties none of its other names
+    (BERT's ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``: left at its init). The
+    names copied."""
+    first: dict[int, str] = {}
+    copied = []
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            for attr, p in list(module.named_parameters(recurse=False)):
+                name = f"{path}.{attr}" if path else attr
+                if id(p) not in first:
+                    first[id(p)] = name
+                    continue
+                setattr(module, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                copied.append(f"{name} (was {first[id(p)]})")
+    return copied
 
 
 def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:

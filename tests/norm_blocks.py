@@ -214,7 +214,7 @@ class DenseMoE(nn.Module):
     by the router): one norm, two kinds of consumer. ``transposed``: experts stored ``(E, out, in)``
     and read as ``w.transpose(1, 2)``."""
 
-    def __init__(self, experts: int = 3, transposed: bool = False) -> None:
+    def __init__(self, experts: int = 3, transposed: bool = False, repeat: bool = False) -> None:
         super().__init__()
         torch.manual_seed(19)
         self.norm = HFRMSNorm(D, 20)
@@ -222,17 +222,95 @@ class DenseMoE(nn.Module):
         shape = (experts, 2 * D, D) if transposed else (experts, D, 2 * D)
         self.w_in = nn.Parameter(torch.randn(*shape) * 0.2)
         self.w_out = nn.Parameter(torch.randn(experts, 2 * D, D) * 0.2)
-        self.transposed = transposed
+        self.transposed, self.repeat = transposed, repeat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, n, _ = h.shape
         e = self.w_out.shape[0]
-        tokens = h.reshape(1, b * n, D).expand(e, b * n, D)
+        if self.repeat:  # Llama 4 writes the copies for every expert with ``repeat``
+            tokens = h.reshape(b * n, D).repeat(e, 1).reshape(e, b * n, D)
+        else:
+            tokens = h.reshape(1, b * n, D).expand(e, b * n, D)
         w_in = self.w_in.transpose(1, 2) if self.transposed else self.w_in
         y = torch.bmm(F.silu(torch.bmm(tokens, w_in)), self.w_out)  # (E, T, D)
         probs = torch.softmax(self.router(h).reshape(b * n, e), dim=-1)
         return x + (y * probs.t()[..., None]).sum(0).reshape(b, n, D)
+
+
+@torch.library.custom_op("normfold_blocks::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x[s:e] @ w[g]`` for the rows ``s:e`` of group ``g`` (``offs``: cumulative row counts), as
+    ``torch._grouped_mm`` and Hugging Face's ``transformers::grouped_mm_fallback`` compute it."""
+    out, start = [], 0
+    for g, end in enumerate(offs.tolist()):
+        out.append(x[start:end] @ w[g])
+        start = end
+    return torch.cat(out)
+
+
+@grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("normfold_blocks::first_expert", mutates_args=())
+def first_expert(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Same schema as :func:`grouped_mm`, but ``sign(x) @ w[0]`` for every row: not a grouped matmul."""
+    return torch.sign(x) @ w[0]
+
+
+@first_expert.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+class DispatchedMoE(nn.Module):
+    """Hugging Face's MoE dispatch (transformers 5): a router Linear whose probabilities take the
+    hidden state's dtype (``type_as``), top-2 experts, the tokens gathered by expert (``h[token]``),
+    every expert in one grouped-matmul custom op over ``(E, out, in)`` weights read transposed, the
+    results weighted and added back per token. ``op``: the grouped matmul (or an op that is none)."""
+
+    def __init__(self, experts: int = 3, op: object = None) -> None:
+        super().__init__()
+        torch.manual_seed(29)
+        self.norm = HFRMSNorm(D, 30)
+        self.router = nn.Linear(D, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * D, D) * 0.2)
+        self.down = nn.Parameter(torch.randn(experts, D, D) * 0.2)
+        self.op = op or torch.ops.normfold_blocks.grouped_mm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.norm(x).reshape(-1, D)
+        probs = torch.softmax(self.router(h).float(), dim=-1).type_as(h)
+        weights, chosen = probs.topk(2)
+        experts, order = chosen.reshape(-1).sort()
+        token = order // 2
+        e = self.gate_up.shape[0]
+        offs = torch.cumsum(torch.histc(experts.float(), bins=e, min=0, max=e - 1), 0, dtype=torch.int32)
+        up = self.op(h[token], self.gate_up.transpose(-2, -1), offs)
+        gate, value = up.chunk(2, dim=-1)
+        y = self.op(F.silu(gate) * value, self.down.transpose(-2, -1), offs)
+        y = y * weights.reshape(-1)[order, None]
+        return x + torch.zeros_like(h).index_add(0, token, y).reshape(b, n, D)
+
+
+class CastRouter(nn.Module):
+    """DeepSeek-V3's router: ``F.linear(h.type(float32), self.weight.type(float32))`` (the weight read
+    through a cast), next to a plain Linear on the same norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(31)
+        self.norm = HFRMSNorm(D, 32)
+        self.weight = nn.Parameter(torch.randn(4, D) * 0.3)
+        self.up = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        logits = F.linear(h.type(torch.float32), self.weight.type(torch.float32))
+        return self.up(h) * torch.sigmoid(logits).sum(-1, keepdim=True)
 
 
 class TransposedHead(nn.Module):

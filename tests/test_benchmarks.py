@@ -46,3 +46,20 @@ def test_onnx_peers_refuses_an_existing_json_and_counts_only_data_path_norms(tmp
     model.graph.node.insert(0, h.make_node("Sqrt", ["bn.running_var"], ["s"]))  # a weight computed at load:
     model.graph.node.insert(1, h.make_node("Mul", ["s", "bn.weight"], ["w2"]))  # off the data path
     assert peers.counts(model)["affine"] == 0
+
+
+def test_norm_affine_refuses_an_existing_json_before_importing_transformers(tmp_path: Path) -> None:
+    import importlib.util
+
+    table = tmp_path / "norm_affine.json"
+    table.write_text("mine")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "norm_affine.py"), "--json", str(table)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and "exists; pass --force" in done.stderr, done.stderr
+    assert table.read_text() == "mine"
+    spec = importlib.util.spec_from_file_location("norm_affine_bench", ROOT / "benchmarks" / "norm_affine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # imports neither transformers nor torch at module level
+    assert len({model_type for model_type, _, _ in bench.ARCHS.values()}) >= 35  # the goal

@@ -19,9 +19,11 @@ from norm_blocks import (
     HD,
     HEADS,
     BertHead,
+    CastRouter,
     CohereLayerNorm,
     D,
     DenseMoE,
+    DispatchedMoE,
     FusedQKV,
     HFRMSNorm,
     LNIntoBiasFree,
@@ -147,6 +149,53 @@ def test_moe_router_and_batched_experts_take_one_scale(transposed: bool) -> None
     scale = g[None, None, :] if transposed else g[None, :, None]  # the experts' input axis
     assert torch.equal(result.model.w_in, (_wide(model.w_in) * scale).float())
     assert torch.equal(result.model.w_out, model.w_out)
+
+
+def test_llama4_repeat_of_the_tokens_for_every_expert_is_followed() -> None:
+    model = DenseMoE(repeat=True).eval()
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("norm", ("w_in", "router.weight"))]
+    g = _wide(model.norm.weight)
+    assert torch.equal(result.model.w_in, (_wide(model.w_in) * g[None, :, None]).float())
+
+
+def test_dispatched_moe_tokens_gathered_into_a_grouped_matmul_custom_op() -> None:
+    """The dispatch of transformers 5 MoE blocks: a row gather ``h[token]`` and a custom op told to be
+    a grouped matmul by what it computes (issue 22's benchmark: Mixtral, Qwen-MoE, gpt-oss, OLMoE kept
+    their norm before the experts); the router's ``type_as(h)`` reads only h's dtype."""
+    from normfold.engine.norm_affine.grouped_mm import is_grouped_mm
+
+    assert is_grouped_mm(torch.ops.normfold_blocks.grouped_mm.default)
+    assert not is_grouped_mm(torch.ops.normfold_blocks.first_expert.default)
+    assert not is_grouped_mm(torch.ops.aten.addmm.default) and not is_grouped_mm(torch.ops.aten.mm.default)
+    model = DispatchedMoE().eval()
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("norm", ("router.weight", "gate_up"))]
+    g = _wide(model.norm.weight)
+    assert torch.equal(result.model.gate_up, (_wide(model.gate_up) * g[None, None, :]).float())  # E, out, in
+    assert torch.equal(result.model.router.weight, (_wide(model.router.weight) * g).float())
+    assert torch.equal(result.model.down, model.down) and bool((result.model.norm.weight == 1).all())
+
+
+def test_a_custom_op_that_is_no_grouped_matmul_keeps_the_norm() -> None:
+    model = DispatchedMoE(op=torch.ops.normfold_blocks.first_expert).eval()
+    kept = _only_kept(_fold(model))
+    assert (kept.norm, kept.code) == ("norm", "nonlinear_consumer")
+    assert kept.reason.startswith("the output of the norm at norm (mul) feeds ")
+    assert "first_expert" in kept.reason and kept.reason.endswith("not a Linear over its normalized axis")
+
+
+def test_a_linear_reading_its_weight_through_a_cast_takes_the_scale() -> None:
+    """DeepSeek-V3's router reads ``self.weight.type(float32)``: kept as ``weight_not_parameter``
+    before (issue 22's benchmark); the parameter behind the cast is scaled."""
+    model = CastRouter().eval()
+    program = torch.export.export(model, (X,)).graph_module.graph
+    assert any(n.target is torch.ops.aten._to_copy.default or n.target is torch.ops.aten.to.dtype
+               for n in program.nodes if n.args and getattr(n.args[0], "name", "") == "p_weight")  # fmt: skip
+    result = _fold(model)
+    assert [(f.norm, f.into) for f in result.folded] == [("norm", ("weight", "up.weight"))]
+    g = _wide(model.norm.weight)
+    assert torch.equal(result.model.weight, (_wide(model.weight) * g).float())
 
 
 def test_x_at_w_transposed_head_with_its_bias() -> None:
@@ -297,6 +346,25 @@ def test_bert_head_untied_weight_and_a_bias_under_two_names() -> None:
     assert folded.decoder.bias is folded.predictions_bias  # still one tensor under both names
     assert torch.equal(folded.predictions_bias, (_wide(model.decoder.bias) + shift).float())
     assert torch.equal(folded.word_embeddings.weight, model.word_embeddings.weight)
+
+
+def test_untying_a_hugging_face_config_gives_a_bias_under_two_names_a_copy_per_name() -> None:
+    """With ``tie_word_embeddings`` False, ``save_pretrained`` writes a tensor shared under two names
+    under one, and ``from_pretrained`` ties neither back (issue 22's benchmark: BERT's reloaded
+    ``decoder.bias`` was left at its init, logits off by 0.07): each name gets its own storage."""
+    model = BertHead().eval()
+    model.config = type("Config", (), {"tie_word_embeddings": True})()
+    result = _fold(model, IDS.remainder(24), untie=True)
+    folded = result.model
+    shift = _wide(model.word_embeddings.weight) @ _wide(model.LayerNorm.bias)
+    want = (_wide(model.decoder.bias) + shift).float()
+    assert torch.equal(folded.predictions_bias, want) and torch.equal(folded.decoder.bias, want)
+    assert folded.decoder.bias.data_ptr() != folded.predictions_bias.data_ptr()  # both names are saved
+    assert folded.decoder.bias is folded.decoder._parameters["bias"]  # the layer reads its own
+    assert result.notes[1] == ("decoder.bias (was predictions_bias): each a copy of its own now (a tensor "
+                               "shared under several names is saved under one, and an untied config no "
+                               "longer ties the others back on load)")  # fmt: skip
+    assert model.decoder.bias is model.predictions_bias  # the caller's model untouched
 
 
 def test_parallel_attention_and_mlp_take_one_scale() -> None:

@@ -203,7 +203,7 @@ _LAYOUT = [
     aten.lift_fresh_copy.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
     aten.type_as.default, aten.movedim.int, aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec,
     aten.upsample_nearest3d.vec, aten.pixel_shuffle.default, aten.channel_shuffle.default,
-    aten.reshape_as.default, aten.view_as.default, aten.expand_as.default,
+    aten.reshape_as.default, aten.view_as.default, aten.expand_as.default, aten.repeat.default,
 ]  # fmt: skip
 _MEAN = [
     aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
@@ -236,6 +236,9 @@ SHAPE_ONLY: dict[Any, tuple[str, ...]] = {
     aten.sym_stride.int: ("self",),
     aten.sym_storage_offset.default: ("self",),
     aten._assert_tensor_metadata.default: ("a",),  # export's dtype/device check on .to()
+    aten.type_as.default: ("other",),  # only its dtype: ``probs.type_as(hidden)`` reads no value
+    **{op: ("self",) for op in (aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                                aten.full_like.default)},  # a new tensor of the same shape and dtype
 }
 
 #: reductions: exact only when every reduced element belongs to one channel (checked on channel ids)

@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from normfold.engine.capture import Capture, bind, tensor_meta
+from normfold.engine.norm_affine.grouped_mm import is_grouped_mm
 from normfold.engine.norm_affine.view import AffineNorm, AffineParam
 from normfold.engine.torch_view import TorchView
 from normfold.engine.view import LayerRef
@@ -52,8 +53,21 @@ class TorchNormView(TorchView):
         first = node.args[0] if node.args else None
         return first if isinstance(first, fx.Node) else None
 
+    def row_gather(self, node: fx.Node) -> fx.Node | None:
+        if node.op != "call_function" or node.target is not aten.index.Tensor:
+            return None
+        x, indices = node.args[0], node.args[1]
+        if not isinstance(x, fx.Node) or len(indices) >= len(self.shape(x)):
+            return None  # the last axis is indexed too
+        if self.shape(node)[-1] != self.shape(x)[-1]:
+            return None
+        return x
+
     def matmul_layer(self, node: fx.Node) -> LayerRef | None:
-        if node.op != "call_function" or node.target not in (aten.bmm.default, aten.matmul.default):
+        if node.op != "call_function":
+            return None
+        grouped = is_grouped_mm(node.target)
+        if not (grouped or node.target in (aten.bmm.default, aten.matmul.default)):
             return None
         x, w = node.args[0], node.args[1]
         via = None
@@ -64,6 +78,8 @@ class TorchNormView(TorchView):
             via, w = w, w.args[0]
         meta = tensor_meta(w) if isinstance(w, fx.Node) else None
         if meta is None or not self.is_parameter(w) or not isinstance(x, fx.Node):
+            return None
+        if grouped and (meta.dim() != 3 or len(self.shape(x)) != 2):
             return None
         if meta.dim() == 3:
             return LayerRef(node, "batched_linear", x, w, None, 1, 0, False, via is None, via)

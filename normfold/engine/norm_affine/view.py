@@ -66,9 +66,15 @@ class NormView(GraphView, Protocol):
         """The input of ``node`` when it is a dtype cast (any dtypes), else None."""
         ...
 
+    def row_gather(self, node: Node) -> Node | None:
+        """The input of ``node`` when it selects whole rows of it: ``x[idx]`` indexing leading axes
+        only (an MoE's dispatch of tokens to their experts), the last axis kept whole; else None."""
+        ...
+
     def matmul_layer(self, node: Node) -> LayerRef | None:
         """A matmul with a parameter that :meth:`GraphView.layer_reading` does not read: a batch of
         Linears (MoE experts, kind ``batched_linear``, no bias): ``x @ W`` with ``W`` a 3-d parameter
         ``(E, in, out)`` (``in_out``) or ``(E, out, in)`` read transposed (``via``); or ``x @ W.T``
-        written with ``.T`` (and ``+ b``: then the layer is the add, ``inner`` the matmul). Else None."""
+        written with ``.T`` (and ``+ b``: then the layer is the add, ``inner`` the matmul); or a grouped
+        matmul of ``(T, in)`` rows with such a ``W`` (:mod:`.grouped_mm`). Else None."""
         ...

@@ -2,13 +2,15 @@
 
 The walk follows each user of the norm's output through ops that only move elements (layout ops of
 :meth:`~normfold.engine.view.GraphView.through`: views, reshapes, transposes, head splits and merges,
-slices, eval-mode dropout; and dtype casts of :meth:`NormView.cast_input`), carrying a tensor of
+slices, eval-mode dropout; dtype casts of :meth:`NormView.cast_input`; gathers of whole rows,
+:meth:`NormView.row_gather`, where every row carries the same channels), carrying a tensor of
 channel ids (``c`` at every element of norm channel ``c``) through each op with
 :meth:`~normfold.engine.view.GraphView.step_ids`. It stops at:
 
 * a Linear (:meth:`~normfold.engine.view.GraphView.layer_reading` of kind ``linear``: ``linear``,
   ``addmm``, ``x @ W`` with ``W`` or ``W.T`` a parameter, ``x @ W + b``; or a batch of them,
-  :meth:`NormView.matmul_layer`) whose data input is the walked tensor: a *consumer*, with the
+  :meth:`NormView.matmul_layer`, MoE experts in one grouped matmul included) whose data input
+  is the walked tensor: a *consumer*, with the
   channel ids at its input;
 * a product ``x * z`` or quotient ``x / z`` (``z`` anything, a gate or a router weight): the walk goes
   on (the scale passes such an op, ``(g * n) * z = g * (n * z)``; a shift does not: the planner
@@ -18,6 +20,7 @@ channel ids (``c`` at every element of norm channel ``c``) through each op with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -67,6 +70,7 @@ def walk(view: NormView, norm: AffineNorm) -> Walk:
                 found.blockers.append(user)
                 continue
             layer = None if view.is_output(user) else (view.layer_reading(user) or view.matmul_layer(user))
+            layer = _weight_through_cast(view, layer)
             if layer is not None and layer.kind in ("linear", "batched_linear") and layer.input is node:
                 found.reached.append(Reached(layer, ids, path))
                 continue
@@ -84,6 +88,18 @@ def walk(view: NormView, norm: AffineNorm) -> Walk:
     return found
 
 
+def _weight_through_cast(view: NormView, layer: LayerRef | None) -> LayerRef | None:
+    """``layer`` with a weight read through a dtype cast (DeepSeek's router:
+    ``F.linear(h.float(), self.weight.float())``) seen as reading the parameter ``via`` the cast: the
+    fold scales the parameter, the cast then rounds the scaled value as it rounded the original."""
+    if layer is None or layer.via is not None:
+        return layer
+    source = view.cast_input(layer.weight)
+    if source is None or not view.is_parameter(source) or view.users(layer.weight) != [layer.node]:
+        return layer
+    return dataclasses.replace(layer, weight=source, via=layer.weight)
+
+
 def _product(view: NormView, user: Node, node: Node) -> bool:
     """``user`` is ``node * z`` or ``node / z`` (any ``z``, constant or not): a per-channel scale
     on ``node`` passes it unchanged, ``(g * n) * z = g * (n * z)``."""
@@ -97,6 +113,11 @@ def _moved(view: NormView, user: Node, node: Node, ids: torch.Tensor) -> torch.T
     """The channel ids after ``user`` when it only moves elements of ``node``, else None."""
     if view.cast_input(user) is node:
         return ids
+    if view.row_gather(user) is node:  # whole rows picked (an MoE's token dispatch): each keeps its ids
+        rows = ids.reshape(-1, ids.shape[-1])
+        if not bool((rows == rows[0]).all()):
+            return None  # the norm's channels vary along a gathered axis
+        return rows[0].expand(view.shape(user)).clone()
     through = view.through(user)
     if through is None or through.kind != "layout" or through.refused is not None:
         return None
