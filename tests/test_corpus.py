@@ -152,10 +152,8 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "text"),
-    [("torchscript", "is a TorchScript archive"), ("pt2", "is a torch.export program"),
-     ("onnx", "is an ONNX model")],
-)  # fmt: skip
+    ("fmt", "text"), [("torchscript", "is a TorchScript archive"), ("pt2", "is a torch.export program")]
+)
 @pytest.mark.parametrize("with_model", [False, True], ids=["alone", "with-model"])
 @pytest.mark.parametrize("trust", [False, True], ids=["", "trust"])
 def test_compiled_formats_are_named_and_refused(
@@ -166,6 +164,28 @@ def test_compiled_formats_are_named_and_refused(
     line = fails(invoke("fold", path, *extra, "--out", tmp_path / "x.onnx"), 3, text)
     assert "torch.save(model.state_dict()" in line  # the safe alternative
     fails(invoke("inspect", path, *extra), 3, text)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["drop-bias"], ["swap", "--to", "group"], ["fold-norms"]])
+def test_an_onnx_model_is_refused_by_the_commands_that_need_a_module(
+    foreign: dict[str, Path], tmp_path: Path, command: list[str]
+) -> None:
+    """fold and inspect take an ONNX model (tests/cli/test_cli_onnx.py); the commands that change
+    a PyTorch module refuse it, naming the format and the safe alternative, and write nothing."""
+    result = invoke(command[0], foreign["onnx"], *command[1:], "--out", tmp_path / "x.pt")
+    line = fails(result, 3, "is an ONNX model")
+    assert "torch.save(model.state_dict()" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["fold", "inspect"])
+def test_an_onnx_model_is_data_and_takes_no_trust(
+    foreign: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    out = ["--out", tmp_path / "x.onnx"] if command == "fold" else []
+    result = invoke(command, foreign["onnx"], "--trust", *out)
+    fails(result, 2, "is an ONNX model: --trust does not apply to it")
     assert list(tmp_path.iterdir()) == []
 
 
