@@ -6,8 +6,7 @@ layer and the norm, ...), and every such record is a :class:`Kept`: a stable :at
 :data:`normfold.codes.CODES`), a readable :attr:`reason` naming this model's modules and values,
 and the :attr:`subject` that stays. A script can treat them all alike::
 
-    for record in (*fold_result.skipped, *bias_result.kept, *swap_result.not_swapped):
-        print(record.subject, record.code, record.reason)
+    stays = {r.subject: (r.code, r.reason) for r in (*fold_result.skipped, *bias_result.kept)}
 """
 
 from __future__ import annotations
