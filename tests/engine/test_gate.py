@@ -10,7 +10,7 @@ from fuzz_models import ActBatchNorm1d
 from torch import nn
 
 import normfold
-from normfold.engine.gate import CODE, at_risk, judge
+from normfold.engine.gate import CODE, _judging_sets, at_risk, judge
 from normfold.folding import analyse
 
 
@@ -148,3 +148,39 @@ def test_a_float16_fold_whose_scale_overflows_a_value_the_original_computes_unsc
     with torch.no_grad():
         assert torch.isfinite(result.model(*built.inputs)).all()
     assert normfold.verify(built.model, result, built.inputs).passed
+
+
+class _FourRows(nn.Module):
+    """Runs at batch 4 only (a reshape to a fixed batch), as some exported heads do."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.reshape(4, 2))
+
+
+def test_judging_sets_add_one_batch_size_and_leave_other_inputs_alone() -> None:
+    """The gate judges on the example inputs and on a seeded normal set one larger along the batch
+    axis (fuzz seed 934055385 chunk 6: a fold within the rule at batch 4, beyond it at batch 5);
+    integer inputs and inputs without that batch are passed as they are."""
+    x, ids, table = torch.randn(4, 2, dtype=torch.float64), torch.arange(4), torch.randn(3, 5)
+    sets = _judging_sets((x, ids, table))
+    assert len(sets) == 2 and sets[0][0] is x
+    wider = sets[1]
+    assert wider[0].shape == (5, 2) and wider[0].dtype == torch.float64
+    assert wider[1] is ids and wider[2] is table
+    assert torch.equal(_judging_sets((x,))[1][0], wider[0])  # seeded: the same every call
+    assert len(_judging_sets((ids,))) == 1
+
+
+def test_a_model_that_runs_at_one_batch_size_is_judged_on_its_examples() -> None:
+    """The second batch size cannot run through a fixed reshape: its verify raises TraceError, the
+    gate skips that set and decides on the example inputs (a real change is still caught)."""
+    inner, x = _cancelling(9)
+    model = _FourRows(inner).eval()
+    result = normfold.fold(model, x)
+    assert judge(model, result, (x,), {"inner.1": 680.0}) == {}
+    result.program = normfold.fold(_FourRows(_cancelling(3)[0]).eval(), x).program
+    assert list(judge(model, result, (x,), {"inner.1": 680.0})) == ["inner.1"]
