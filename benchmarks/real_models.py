@@ -30,7 +30,8 @@ running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.2)), so that no fol
 exact and timm's zero-initialised last norm of a residual branch does not hide an error. The
 input is a seeded batch of 2 at 3x160x160, or at the size a model requires (``--size`` changes
 the default; models with a fixed input size keep theirs). A name in ``--models`` may carry a
-``tv/`` or ``timm/`` prefix; without one, torchvision is tried first.
+``tv/``, ``timm/``, ``seg/`` (torchvision segmentation) or ``det/`` (torchvision detection backbone
+with FPN, :data:`DETECTION`) prefix; without one, torchvision is tried first.
 
 Columns of the table (batch-norm ops are ATen nodes ``batch_norm`` or
 ``_native_batch_norm_legit_no_training`` of a ``torch.export.export(strict=False)`` graph):
@@ -49,8 +50,12 @@ Columns of the table (batch-norm ops are ATen nodes ``batch_norm`` or
   applies (against a float64 run, allowing the model's own noise; on the batch, standard normal
   and uniform 0..255 inputs): ``pass`` or ``FAIL`` (a refused fold, listed under "Worth a look").
   At most 2 means folding costs at most twice the float32 model's own rounding error.
-* ``fold s``, ``export s``, ``fx s``: wall time of one ``normfold.fold`` call, of
-  ``torch.export.export`` alone and of ``fuse`` alone, measured back to back on each model.
+* ``eager left``: batch-norm ops in an export of ``result.model``, the eager module ``fold``
+  returns (issue 20: equal to ``normfold left`` on every model).
+* ``fold s``, ``capture s``, ``fold / capture``: wall time of one ``normfold.fold`` call (its
+  default: reparameterization on) and of one ``torch.export.export`` with the same dynamic batch
+  axis (:func:`capture`), the faster of ``TIMING_ROUNDS`` interleaved rounds each, and their
+  ratio (the total row: median and p90); ``fx s``: ``fuse`` alone.
 * ``failure``: the exception ``normfold.fold`` raised (type and first line).
 
 After the table come the models with blocks of parallel branches (RepVGG, MobileOne, FastViT...):
@@ -94,6 +99,7 @@ from torch.fx.experimental.optimization import fuse
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
+from normfold.engine.capture import CaptureOptions, dynamic_shapes
 
 SEED = 0
 BATCH = 2
@@ -164,7 +170,22 @@ TIMM = [
     "efficientvit_m0",
 ]
 
-DEFAULT_MODELS = [f"tv/{n}" for n in TORCHVISION] + [f"timm/{n}" for n in TIMM]
+#: segmentation models (torchvision, random init, no backbone weights): their heads have BatchNorm too
+SEGMENTATION = ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"]
+
+#: detection backbones with their feature pyramid (torchvision's detection models, without the
+#: box heads, whose post-processing ``torch.export`` does not capture): ``NAME_fpn`` with
+#: ``nn.BatchNorm2d``; ``_frozen``: torchvision's default ``FrozenBatchNorm2d``, a hand-written
+#: ``x * scale + shift`` (no batch-norm op; its folds are counted under ``folded``)
+DETECTION = ["resnet50_fpn", "mobilenet_v3_large_fpn", "resnet18_fpn_frozen"]
+
+DEFAULT_MODELS = (
+    [f"tv/{n}" for n in TORCHVISION] + [f"timm/{n}" for n in TIMM]
+    + [f"seg/{n}" for n in SEGMENTATION] + [f"det/{n}" for n in DETECTION]
+)  # fmt: skip
+
+#: rounds of (capture, fold) timed back to back per model; the fastest of each counts
+TIMING_ROUNDS = 2
 
 #: ``--end-to-end`` models (fresh processes, each run takes seconds): one or two of each family
 END_TO_END_MODELS = [
@@ -185,13 +206,15 @@ COLUMNS = [
     "model",
     "BN before",
     "normfold left",
+    "eager left",
     "fx fuse left",
     "ONNX left",
     "ONNX after nf",
     "ratio",
     "verify",
     "fold s",
-    "export s",
+    "capture s",
+    "fold / capture",
     "fx s",
     "failure",
 ]
@@ -202,7 +225,7 @@ COLUMNS = [
 
 def resolve(name: str) -> str:
     """``tv/NAME`` or ``timm/NAME``; a bare name is torchvision's when it has one."""
-    if name.startswith(("tv/", "timm/")):
+    if name.startswith(("tv/", "timm/", "seg/", "det/")):
         return name
     return f"tv/{name}" if name in torchvision.models.list_models() else f"timm/{name}"
 
@@ -210,6 +233,11 @@ def resolve(name: str) -> str:
 def build(name: str, size: int) -> tuple[nn.Module, tuple[int, int, int]]:
     """The model (random init) and the input shape it runs on."""
     source, _, arch = name.partition("/")
+    if source == "seg":
+        model = torchvision.models.get_model(arch, weights=None, weights_backbone=None)
+        return _DictOutputs(model), (3, size, size)
+    if source == "det":
+        return detection_backbone(arch), (3, size, size)
     if source == "tv":
         model = torchvision.models.get_model(arch, weights=None, **TORCHVISION.get(arch, {}))
         side = TORCHVISION_SIZE.get(arch, size)
@@ -222,11 +250,49 @@ def build(name: str, size: int) -> tuple[nn.Module, tuple[int, int, int]]:
     return model, (3, side, side)
 
 
+class _DictOutputs(nn.Module):
+    """A segmentation model whose ``OrderedDict`` output becomes a tuple (what the ONNX exporter
+    and ``fx`` fuse take as graph outputs); the model keeps its module paths under ``model.``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x).values())
+
+
+def detection_backbone(arch: str) -> nn.Module:
+    """A torchvision detection backbone with its FPN (:data:`DETECTION`), outputs as a tuple."""
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d if arch.endswith("_frozen") else nn.BatchNorm2d
+    base = arch.removesuffix("_frozen").removesuffix("_fpn")
+    if base.startswith("resnet"):
+        model = resnet_fpn_backbone(backbone_name=base, weights=None, norm_layer=norm, trainable_layers=5)
+    else:
+        model = mobilenet_backbone(backbone_name=base, weights=None, fpn=True, norm_layer=norm,
+                                   trainable_layers=6)  # fmt: skip
+    return _DictOutputs(model)
+
+
 def randomize_batch_norms(model: nn.Module, generator: torch.Generator) -> int:
-    """Give every ``_BatchNorm`` random statistics and affine parameters; return how many there are."""
+    """Give every ``_BatchNorm`` (and torchvision ``FrozenBatchNorm2d``) random statistics and
+    affine parameters; return how many there are."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     count = 0
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                count += 1
+                n = module.weight.numel()
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+                continue
             if not isinstance(module, _BatchNorm):
                 continue
             count += 1
@@ -291,6 +357,18 @@ def count_bn(program: torch.export.ExportedProgram) -> int:
 
 def export(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
     return torch.export.export(model, (x,), strict=False)
+
+
+def capture(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    """One ``torch.export`` with the same dynamic shapes as ``normfold.fold``'s capture (a dynamic
+    batch axis; static where the model fixes its batch, as fold falls back), under ``no_grad``
+    like fold's: the like-for-like cost of one capture."""
+    dynamic = dynamic_shapes((x,), CaptureOptions())
+    with torch.no_grad():
+        try:
+            return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+        except Exception:
+            return torch.export.export(model, (x,), strict=False)
 
 
 def count_onnx_bn(model: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> int:
@@ -381,15 +459,22 @@ def measure(name: str, size: int, skip_onnx: bool) -> dict[str, Any]:
                 row["traceback"] = traceback.format_exc()
             return None
 
-    # timings, back to back on the same model
-    program, row["export_s"] = timed(export, model, x)
-    row["bn_before"] = count_bn(program)
-    del program
-    timing = step("fold", timed, normfold.fold, model, (x,))
-    result = None
-    if timing is not None:
-        result, row["fold_s"] = timing
+    # timings: (capture, fold) rounds back to back on the same model, the fastest of each
+    row["bn_before"] = count_bn(export(model, x))
+    captures, folds, result = [], [], None
+    for _ in range(TIMING_ROUNDS):
+        captures.append(timed(capture, model, x)[1])
+        timing = step("fold", timed, normfold.fold, model, (x,))
+        if timing is None:
+            break
+        result, fold_s = timing
+        folds.append(fold_s)
+    row["capture_s"] = min(captures)
+    if result is not None:
+        row["fold_s"] = min(folds)
+        row["fold_capture"] = row["fold_s"] / row["capture_s"]
         row["left"] = count_bn(result.program)
+        row["eager_left"] = step("eager", lambda: count_bn(export(result.model, x)))
         row["folded"] = len(result.folded)
         row["export_only"] = len(result.export_only)
         row["replan_folds"] = result.replan_folds
@@ -480,9 +565,9 @@ def cell(value: Any, digits: int = 2) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
     for r in rows:
-        values = [r["model"], r.get("bn_before"), r.get("left"), r.get("fx_left"), r.get("onnx_left"),
-                  r.get("onnx_nf_left"), r.get("ratio"), r.get("verify"), r.get("fold_s"), r.get("export_s"),
-                  r.get("fx_s"), r.get("failure", "")]  # fmt: skip
+        values = [r["model"], r.get("bn_before"), r.get("left"), r.get("eager_left"), r.get("fx_left"),
+                  r.get("onnx_left"), r.get("onnx_nf_left"), r.get("ratio"), r.get("verify"), r.get("fold_s"),
+                  r.get("capture_s"), r.get("fold_capture"), r.get("fx_s"), r.get("failure", "")]  # fmt: skip
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     lines.append("| " + " | ".join(cell(v) for v in totals(rows).values()) + " |")
     return "\n".join(lines)
@@ -498,18 +583,22 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return f"{cell(sum(numbers))} ({missing} n/a)" if missing else sum(numbers)
 
     ratios = [r["ratio"] for r in rows if isinstance(r.get("ratio"), float)]
+    costs = sorted(r["fold_capture"] for r in rows if isinstance(r.get("fold_capture"), float))
+    p90 = costs[min(len(costs) - 1, math.ceil(0.9 * len(costs)) - 1)] if costs else None
     failures = sum("failure" in r for r in rows)
     return {
         "model": f"**total ({len(rows)} models)**",
         "bn_before": total("bn_before"),
         "left": total("left"),
+        "eager_left": total("eager_left"),
         "fx_left": total("fx_left"),
         "onnx_left": total("onnx_left"),
         "onnx_nf_left": total("onnx_nf_left"),
         "ratio": max(ratios, default=None),
         "verify": f"{sum(r.get('verify') == 'pass' for r in rows)} pass",
         "fold_s": total("fold_s"),
-        "export_s": total("export_s"),
+        "capture_s": total("capture_s"),
+        "fold_capture": f"median {statistics.median(costs):.2f}, p90 {p90:.2f}" if costs else None,
         "fx_s": total("fx_s"),
         "failure": f"{failures} failure(s)",
     }
@@ -574,7 +663,11 @@ def checks_section(rows: list[dict[str, Any]]) -> str:
         if r.get("verify") == "FAIL":
             lines.append(f"- {r['model']}: verify refused the fold: {r['verify_failures'][0]}")
         if r.get("bn_before") == 0:
-            lines.append(f"- {r['model']}: has no batch-norm op")
+            folded = f" ({r['folded']} hand-written norm(s) folded)" if r.get("folded") else ""
+            lines.append(f"- {r['model']}: has no batch-norm op{folded}")
+        if isinstance(r.get("eager_left"), int) and r.get("eager_left") != r.get("left"):
+            lines.append(f"- {r['model']}: the eager module runs {r['eager_left']} batch-norm op(s), "
+                         f"the program {r['left']}")  # fmt: skip
         for key, message in r["errors"].items():
             if not key.startswith("fx"):
                 lines.append(f"- {r['model']}: {key} failed: {message}")

@@ -2,9 +2,10 @@
 
 A :class:`~normfold.folding.FoldResult` carries two folded artifacts written from one plan: the
 eager module and the exported program. Where every fold lands in both (``where="both"``) they
-compute the same arithmetic; where a fold or merge lands in the export only, the module keeps the
-original arithmetic for that part. Either way both approximate the original, so on the example
-inputs, per output leaf::
+compute the same arithmetic (one plan written twice: the program's folded parameters *are* the
+module's tensors, so ``fold()`` runs no check then); where a fold or merge lands in the export only,
+the module keeps the original arithmetic for that part. Either way both approximate the original,
+so on the example inputs, per output leaf::
 
     max|module - program| <= rel(dtype) * max|module|           (finite elements; the same
                                                                  non-finite positions)
