@@ -168,6 +168,13 @@ TIMM = [
     "mobilevit_xs",
     "efficientvit_b0",
     "efficientvit_m0",
+    # where the eager module once lagged the program (issue 20's clarification)
+    "darknet53",
+    "lcnet_050",
+    "botnet26t_256",
+    "regnety_008",
+    "regnetz_b16",
+    "repghostnet_050",
 ]
 
 #: segmentation models (torchvision, random init, no backbone weights): their heads have BatchNorm too
