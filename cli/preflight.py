@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from normfold.errors import LoadError, UsageError
-from normfold.io.sniff import check_regular_file, sniff
+from normfold.io.sniff import check_regular_file, refuse_compiled, sniff
 from normfold.options import ExportOptions, LoadOptions, WriteOptions
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -97,22 +97,7 @@ def check_source(source: str, load: LoadOptions) -> None:
         _check_factory_module(source)
         return
     check_regular_file(path, "file (and not a factory spec like package.module:callable)")
-    kind = sniff(path)
-    if kind == "torchscript":
-        raise LoadError(
-            f"{path} is a TorchScript archive: it is compiled code (loading it runs that code) with no "
-            f"module structure left to fold; {_SAFE_ALTERNATIVE}"
-        )
-    if kind == "exported program":
-        raise LoadError(
-            f"{path} is a torch.export program (.pt2): it is already lowered to aten operators with "
-            f"no module structure left to fold; {_SAFE_ALTERNATIVE}"
-        )
-    if kind == "onnx":
-        raise LoadError(
-            f"{path} is an ONNX model, not a readable torch.save file: an exported graph has no "
-            f"PyTorch module left to fold; {_SAFE_ALTERNATIVE}"
-        )
+    refuse_compiled(path, sniff(path), onnx_fold="`normfold fold`", alternative=_SAFE_ALTERNATIVE)
     if load.model is not None:
         _check_factory_module(load.model)
     if path.suffix == ".safetensors" and load.model is None:

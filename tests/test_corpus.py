@@ -176,6 +176,7 @@ def test_an_onnx_model_is_refused_by_the_commands_that_need_a_module(
     result = invoke(command[0], foreign["onnx"], *command[1:], "--out", tmp_path / "x.pt")
     line = fails(result, 3, "is an ONNX model")
     assert "torch.save(model.state_dict()" in line
+    assert "no PyTorch module for this transform to change" in line and "`normfold fold`" in line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -54,6 +54,7 @@ from normfold.io.sniff import (
     check_regular_file,
     looks_like_torch_save,
     read_head,
+    refuse_compiled,
     refuse_pickled_object_for_model,
     sniff,
 )
@@ -130,22 +131,7 @@ def load_model(
 
     path = Path(text)
     check_regular_file(path, "file (and not a factory spec like package.module:callable)")
-    kind = sniff(path)
-    if kind == "torchscript":
-        raise LoadError(
-            f"{path} is a TorchScript archive: it is compiled code (loading it runs that code) with no "
-            f"module structure left to fold; {_SAFE_ALTERNATIVE}"
-        )
-    if kind == "exported program":
-        raise LoadError(
-            f"{path} is a torch.export program (.pt2): it is already lowered to aten operators with "
-            f"no module structure left to fold; {_SAFE_ALTERNATIVE}"
-        )
-    if kind == "onnx":
-        raise LoadError(
-            f"{path} is an ONNX model, not a readable torch.save file: an exported graph has no "
-            f"PyTorch module left to fold; {_SAFE_ALTERNATIVE}"
-        )
+    refuse_compiled(path, sniff(path), onnx_fold="fold_onnx_file", alternative=_SAFE_ALTERNATIVE)
     if path.suffix == ".safetensors":
         return _with_architecture(_load_safetensors(path), path, model, model_args, "safetensors")
 

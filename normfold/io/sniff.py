@@ -34,6 +34,7 @@ __all__ = [
     "looks_like_torch_save",
     "pickled_top_level",
     "read_head",
+    "refuse_compiled",
     "refuse_pickled_object_for_model",
     "sniff",
 ]
@@ -187,3 +188,26 @@ def looks_like_torch_save(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
+
+
+def refuse_compiled(path: Path, kind: str, *, onnx_fold: str, alternative: str) -> None:
+    """Raise :class:`LoadError` for a file of a compiled or exported ``kind`` (TorchScript,
+    ``torch.export``, ONNX: :func:`sniff`) where a PyTorch module is needed; nothing for others.
+    The library and the CLI word the way out in their own terms: ``onnx_fold`` names what folds
+    an ONNX file, ``alternative`` the safe way to pass a module."""
+    if kind == "torchscript":
+        raise LoadError(
+            f"{path} is a TorchScript archive: it is compiled code (loading it runs that code) with no "
+            f"module structure left to fold; {alternative}"
+        )
+    if kind == "exported program":
+        raise LoadError(
+            f"{path} is a torch.export program (.pt2): it is already lowered to aten operators with "
+            f"no module structure left to fold; {alternative}"
+        )
+    if kind == "onnx":
+        raise LoadError(
+            f"{path} is an ONNX model, not a readable torch.save file: an exported graph has no "
+            f"PyTorch module for this transform to change (BatchNorm in an ONNX file folds with "
+            f"{onnx_fold}); {alternative}"
+        )

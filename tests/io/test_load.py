@@ -608,3 +608,20 @@ def test_trusted_pickle_finds_its_class_in_the_working_directory(
     assert type(loaded.model).__name__ == "Net" and type(loaded.model).__module__ == "wdnet"
     assert tmp_path / "wdnet.py" in loaded.code_files  # its code ran: an input of the run
     assert "wdnet" not in [Path(p).name for p in sys.path]  # importable for the load only
+
+
+def test_an_onnx_file_is_refused_in_the_apis_words(tmp_path: Path) -> None:
+    """load_model of an ONNX file (the path drop_redundant_biases/swap/fold_norm_affine load
+    through) refuses it with the API's words: what folds an ONNX file, and model= (never a flag)."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    path = tmp_path / "m.onnx"
+    save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), path)
+    with pytest.raises(LoadError) as caught:
+        load_model(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} is an ONNX model, not a readable torch.save file")
+    assert "no PyTorch module for this transform to change" in message and "fold_onnx_file" in message
+    assert "model=package.module:callable" in message and "--" not in message
