@@ -96,10 +96,12 @@ def exact_outputs(
     notes: list[str],
     run: Callable[[nn.Module, tuple[torch.Tensor, ...], str], Any],
     run_all: Callable[[list[Callable[[], Any]]], list[Any]],
+    exact_run: Callable[[tuple[torch.Tensor, ...]], Any] | None = None,
 ) -> tuple[list[Any] | None, list[list[Any]]]:
     """The float64 copy's outputs per set (None: no exact reference, ``notes`` say why), and per
     set the perturbed runs' outputs. ``run(model, inputs, role)`` runs one forward; ``run_all``
-    runs the tasks (:func:`normfold.check.workers.run_all`)."""
+    runs the tasks (:func:`normfold.check.workers.run_all`); ``exact_run(float64 inputs)``, when
+    given, is the exact reference instead of a float64 copy of ``model`` (no copy is made)."""
     tensors = floating(model)
     if tensors and all(t.dtype == torch.float64 for t in tensors):
         return None, []  # already float64: the original's outputs are the exact reference
@@ -111,11 +113,15 @@ def exact_outputs(
             "fixed tolerance alone"
         )
         return None, []
-    try:
-        wide = copy.deepcopy(model).to(torch.float64)
-    except Exception as e:
-        notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
-        return None, []
+    if exact_run is None:
+        try:
+            wide = copy.deepcopy(model).to(torch.float64)
+        except Exception as e:
+            notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
+            return None, []
+        def exact_run(x: tuple[torch.Tensor, ...]) -> Any:
+            return run(wide, x, _WIDE)
+
     count = rule.perturbations if tensors else 0
 
     local = threading.local()  # one perturbed copy per worker thread, perturbed anew per task
@@ -129,7 +135,7 @@ def exact_outputs(
         role = "perturbed copy of the original"
         return [run(noisy, _as(s.inputs, torch.float32) if low else s.inputs, role) for s in sets]
 
-    exact_tasks = [lambda s=s: _attempt(lambda: run(wide, as_float64(s.inputs), _WIDE)) for s in sets]
+    exact_tasks = [lambda s=s: _attempt(lambda: exact_run(as_float64(s.inputs))) for s in sets]
     pert_tasks = [lambda k=k: _attempt(lambda: perturbed(k)) for k in range(count)]
     results = run_all([*exact_tasks, *pert_tasks])
     exact, runs = results[: len(sets)], results[len(sets) :]

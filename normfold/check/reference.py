@@ -72,10 +72,16 @@ class Reference:
 
 
 def make_reference(
-    model: nn.Module, sets: Sequence[InputSet], rule: ParityRule, *, role: str = "original"
+    model: nn.Module,
+    sets: Sequence[InputSet],
+    rule: ParityRule,
+    *,
+    role: str = "original",
+    exact_run: Callable[[tuple[torch.Tensor, ...]], Any] | None = None,
 ) -> Reference:
     """Run the original ``model`` on every set, and its float64 and perturbed copies where the rule
-    allows (module docstring)."""
+    allows (module docstring); ``exact_run(float64 inputs)``, when given, is the float64 reference
+    in place of a float64 copy of ``model`` (a widened captured graph)."""
     sets, notes = list(sets), []
     cpu = _on_cpu(model, sets)
     runs = run_all([lambda s=s: run_model(model, s.inputs, role=role) for s in sets], cpu=cpu)
@@ -87,7 +93,8 @@ def make_reference(
     )
     sets, outputs = [s for s, _ in kept], [out for _, out in kept]
     exact, perturbed = exact_outputs(
-        model, sets, rule, notes, lambda m, x, r: run_model(m, x, role=r), lambda t: run_all(t, cpu=cpu)
+        model, sets, rule, notes, lambda m, x, r: run_model(m, x, role=r), lambda t: run_all(t, cpu=cpu),
+        exact_run,
     )
     for note in notes:
         logger.info("parity: %s", note)

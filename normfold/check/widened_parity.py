@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from normfold.check.exact import as_float64
 from normfold.check.input_sets import parity_sets
 from normfold.check.model_run import run_model
 from normfold.check.parity_report import ParityReport
@@ -38,14 +37,18 @@ def widened_parity(
     rule: ParityRule,
 ) -> ParityReport:
     """Judge ``candidate`` against ``original`` (captured as ``program``) on the rule's input sets."""
-    reference = make_reference(original, parity_sets(inputs, rule), rule)
+    sets = parity_sets(inputs, rule)
     try:
         wide = widened(program)
-        exact = [run_model(wide, as_float64(s.inputs), role=_ROLE) for s in reference.sets]
-    except Exception as e:  # the reference's own float64 run (or the floor) judges then
+    except Exception as e:  # the reference's own float64 copy (or the floor) judges then
+        reference = make_reference(original, sets, rule)
         reference.notes.append(f"no widened float64 graph ({first_line(e)}); a float64 copy of the module")
     else:
-        reference.exact = exact
-        reference.notes = [n for n in reference.notes if not n.startswith("no float64 reference")]
-        reference.notes.append("exact reference: the original's captured graph, widened to float64")
+        reference = make_reference(original, sets, rule, exact_run=lambda x: run_model(wide, x, role=_ROLE))
+        failed = next((n for n in reference.notes if n.startswith("no float64 reference (")), None)
+        if failed is not None:  # a widened op without a float64 kernel: a float64 copy judges
+            reference = make_reference(original, sets, rule)
+            reference.notes.append(f"no widened float64 run ({failed}); a float64 copy of the module")
+        elif reference.exact is not None:
+            reference.notes.append("exact reference: the original's captured graph, widened to float64")
     return check(reference, lambda x: run_model(candidate, x, role="folded"), rule)

@@ -362,3 +362,40 @@ def test_a_bfloat16_models_perturbed_runs_compute_in_float32() -> None:
     assert all(p.dtype == torch.float32 for runs in ref.perturbed for p in runs) and ref.perturbed[0]
     report = verify(built.model, normfold.fold(built.model, built.inputs, reparameterize=False), built.inputs)
     assert report.passed, report.failures()
+
+
+class _NoDouble(nn.Module):
+    """A float32 model with no float64 forward (its op refuses double inputs, as an op without a
+    float64 kernel does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            raise RuntimeError("no float64 kernel")
+        return self.lin(x) * 1.5
+
+
+def test_a_given_exact_run_is_the_reference_and_no_float64_copy_runs() -> None:
+    """make_reference(exact_run=...) (the widened captured graph of widened_parity) takes that run as
+    the float64 reference; the model's own float64 copy is not made or run (it would fail here)."""
+    torch.manual_seed(3)
+    model = _NoDouble().eval()
+    x = torch.randn(4, 3)
+    sets = parity_sets((x,), ParityRule())
+    calls: list[torch.dtype] = []
+
+    def exact_run(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        calls.append(inputs[0].dtype)
+        w, b = model.lin.weight.double(), model.lin.bias.double()
+        return (inputs[0] @ w.T + b) * 1.5
+
+    reference = make_reference(model, sets, ParityRule(), exact_run=exact_run)
+    assert calls == [torch.float64] * len(sets) and reference.exact is not None
+    assert not any(n.startswith("no float64 reference") for n in reference.notes)
+    assert torch.equal(reference.exact[0], exact_run((sets[0].inputs[0].double(),)))
+    assert check(reference, lambda inputs: model(*inputs), ParityRule()).passed
+    without = make_reference(model, sets, ParityRule())  # the copy's run fails: a note, no reference
+    assert without.exact is None and any("no float64 kernel" in n for n in without.notes)
