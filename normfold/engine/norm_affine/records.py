@@ -120,26 +120,53 @@ def fold_values(fold: NormFold, value: Callable[[str], torch.Tensor]) -> dict[st
     """The new values of one fold: every consumer's weight (and bias), the norm's scale and shift."""
     norm = fold.norm
     gamma, beta = scale_of(norm, value), shift_of(norm, value)
-    move_shift = beta is not None and fold.shift_kept is None
     out: dict[str, torch.Tensor] = {}
     for c in fold.consumers:
-        wide = value(c.weight).detach().to("cpu", torch.float64)
-        index = torch.tensor(c.channels, dtype=torch.long)
-        g = gamma[index]
-        shape = [1] * wide.dim()
-        shape[c.in_axis] = -1
-        scaled = wide * g.reshape(shape)
-        out[c.weight] = scaled
-        if move_shift:
-            shift = (beta[index] @ wide) if c.in_axis == 0 else (wide @ beta[index])
-            if c.bias is not None:
-                out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
-            elif c.new_bias is not None:
-                out[c.new_bias] = shift
+        out.update(consumer_values(fold, c, gamma, beta, value))
+    out.update(norm_values(fold, gamma, beta, value))
+    return out
+
+
+def consumer_values(
+    fold: NormFold,
+    c: Consumer,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | None,
+    value: Callable[[str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The new weight (and bias) of one consumer ``c`` of ``fold`` (``gamma``/``beta``: the norm's
+    :func:`scale_of` / :func:`shift_of`): the one place the math is written, so a fold applied to
+    one consumer at a time (a sharded checkpoint) gives the same bits as the whole fold."""
+    move_shift = beta is not None and fold.shift_kept is None
+    out: dict[str, torch.Tensor] = {}
+    wide = value(c.weight).detach().to("cpu", torch.float64)
+    index = torch.tensor(c.channels, dtype=torch.long)
+    g = gamma[index]
+    shape = [1] * wide.dim()
+    shape[c.in_axis] = -1
+    out[c.weight] = wide * g.reshape(shape)
+    if move_shift:
+        assert beta is not None
+        shift = (beta[index] @ wide) if c.in_axis == 0 else (wide @ beta[index])
+        if c.bias is not None:
+            out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
+        elif c.new_bias is not None:
+            out[c.new_bias] = shift
+    return out
+
+
+def norm_values(
+    fold: NormFold, gamma: torch.Tensor, beta: torch.Tensor | None, value: Callable[[str], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The norm's own new scale (neutral) and shift (0, or ``beta / gamma`` where it stays)."""
+    norm = fold.norm
+    move_shift = beta is not None and fold.shift_kept is None
+    out: dict[str, torch.Tensor] = {}
     if norm.weight is not None:
         shape = value(norm.weight).shape
         out[norm.weight] = torch.full(shape, 1.0 - norm.weight_offset, dtype=torch.float64)
     if norm.bias is not None:
+        assert beta is not None
         shape = value(norm.bias).shape
         kept = torch.zeros(shape, dtype=torch.float64) if move_shift else (beta / gamma).reshape(shape)
         out[norm.bias] = kept
