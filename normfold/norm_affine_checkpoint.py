@@ -34,7 +34,6 @@ float32, as in memory). Memory: one consumer weight at a time, about 5x its floa
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -55,15 +54,17 @@ from normfold.engine.norm_affine.records import (
     NormFold,
     NormKept,
     NormPlan,
-    consumer_values,
+    blocks,
+    consumer_shift,
+    consumer_weight,
     norm_values,
-    overflowing,
     scale_of,
     shift_of,
 )
 from normfold.engine.norm_affine.torch_norms import TorchNormView
 from normfold.errors import LoadError, ParityError, UsageError
 from normfold.io.fold_shards import ShardEdit, write_folded
+from normfold.io.heap import release
 from normfold.io.sharded import ShardedCheckpoint
 from normfold.norm_affine import NormFolded, _records, module_facts
 from normfold.prepare import ExampleInputs, as_inputs, capture_options, working_copy
@@ -238,28 +239,38 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
 
     def sides() -> Iterator[GroupSide]:
         for c in fold.consumers:
-            values = consumer_values(fold, c, gamma, beta, store.read)
-            bad = overflowing(dataclasses.replace(fold, consumers=(c,)), {**values, **small}, store.dtype_of)
-            if bad is not None:
-                raise _Overflow(bad)
             weight = store.read(c.weight)
+            dtype = store.dtype_of(c.weight)
+            folded = consumer_weight(c, gamma, weight, dtype)
+            if not _finite(folded):
+                raise _Overflow(f"{c.weight} (not finite in {dtype})")
             bias = store.read(c.bias) if c.bias is not None else None
             new_bias = c.bias or c.new_bias
-            folded_bias = values.get(new_bias) if new_bias is not None else None
-            if folded_bias is not None:
-                small[new_bias] = folded_bias
-                folded_bias = folded_bias.to(store.dtype_of(new_bias))
-            elif bias is not None:
-                folded_bias = bias
-            folded = values.pop(c.weight).to(weight.dtype)
+            folded_bias = bias
+            if beta is not None and fold.shift_kept is None and new_bias is not None:
+                shift = consumer_shift(c, beta, weight)
+                wide = bias.to(torch.float64) + shift if bias is not None else shift
+                folded_bias = wide.to(store.dtype_of(new_bias))
+                if not bool(folded_bias.isfinite().all()):
+                    top = wide.abs().max().item()
+                    raise _Overflow(f"{new_bias} (max |value| {top:.6g}, {folded_bias.dtype})")
+                small[new_bias] = wide
             yield GroupSide(c.weight, weight, bias, c.in_axis, c.channels, folded, folded_bias)
+            del weight, folded
+            release()
 
     report = prove_group(norm.kind, (w, norm.weight_offset, b), (fw, fb), sides, rule,
                          channels=norm.channels, label=norm.name)  # fmt: skip
     return report, small
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Every element finite, checked block by block (``isfinite`` of a whole bfloat16 weight
+    widens it to float32 first)."""
+    return all(bool(t[s].isfinite().all()) for s in blocks(t.shape))
+
+
 def _weight(fold: NormFold, c: Any, store: _Store) -> torch.Tensor:
-    """The folded weight of consumer ``c``, float64 (recomputed: the same function, the same bits)."""
-    gamma, beta = scale_of(fold.norm, store.read), shift_of(fold.norm, store.read)
-    return consumer_values(fold, c, gamma, beta, store.read)[c.weight]
+    """The folded weight of consumer ``c`` in its stored dtype (recomputed: the same function, the
+    same bits as the proved one)."""
+    return consumer_weight(c, scale_of(fold.norm, store.read), store.read(c.weight), store.dtype_of(c.weight))

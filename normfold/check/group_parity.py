@@ -28,6 +28,7 @@ import torch
 from normfold.check.parity import compare
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
+from normfold.io.heap import release
 
 __all__ = ["GroupSide", "prove_group"]
 
@@ -60,16 +61,38 @@ def normalized_rows(kind: str, channels: int, rows: int, seed: int) -> torch.Ten
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t.to(dtype) if t is not None else None
+
+
+def _wide(w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> tuple:
+    return _to(w, torch.float64), offset, _to(b, torch.float64)
+
+
+def _pert_norm(
+    w: torch.Tensor | None, b: torch.Tensor | None, gen: torch.Generator, dtype: torch.dtype
+) -> tuple:
+    return (_perturbed(w, gen, dtype) if w is not None else None,
+            _perturbed(b, gen, dtype) if b is not None else None)  # fmt: skip
+
+
 def _affine(n: torch.Tensor, w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> torch.Tensor:
     y = n * (w.reshape(-1) + offset) if w is not None else n
     return y + b.reshape(-1) if b is not None else y
 
 
+def _out_blocks(side: GroupSide) -> list[slice]:
+    """Blocks of the output features (about 4M weight elements each)."""
+    w = side.weight.movedim(side.in_axis, -1)
+    per = max(1, w.numel() // max(1, w.shape[-2]))
+    rows = max(1, (1 << 22) // per)
+    return [slice(i, min(i + rows, w.shape[-2])) for i in range(0, w.shape[-2], rows)]
+
+
 def _layer(y: torch.Tensor, side: GroupSide, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``y[:, channels]`` through the weight ``w`` read along ``in_axis`` (a batch of expert
-    matrices gives one output per expert)."""
-    x = y[:, list(side.channels)]
-    out = x @ w.movedim(side.in_axis, -1).transpose(-1, -2)
+    """``y[:, channels]`` through ``w`` (a block of output features of the weight, as
+    ``(..., out, in)``): a batch of expert matrices gives one output per expert."""
+    out = y[:, list(side.channels)] @ w.transpose(-1, -2)
     return out + b if b is not None else out
 
 
@@ -108,23 +131,32 @@ def prove_group(
         dtype = torch.float32 if side.weight.dtype in _LOW else side.weight.dtype
         n = n64.to(dtype)
         wn, bn = (t.to(dtype) if t is not None else None for t in (w, b))
-        y = _affine(n, wn, offset, bn)
-        key = side.name
-        sb = side.bias.to(dtype) if side.bias is not None else None
-        orig[key] = _layer(y, side, side.weight.to(dtype), sb)
-        w64, b64 = (t.double() if t is not None else None for t in (w, b))
-        sb64 = side.bias.double() if side.bias is not None else None
-        exact[key] = _layer(_affine(n.double(), w64, offset, b64), side, side.weight.double(), sb64)
-        for k, pert in enumerate(perts):
-            gen = torch.Generator().manual_seed(seed * 1000 + k)
-            pw, pb = (_perturbed(t, gen, dtype) if t is not None else None for t in (w, b))
-            pweight = _perturbed(side.weight, gen, dtype)
-            psb = _perturbed(side.bias, gen, dtype) if side.bias is not None else None
-            pert[key] = _layer(_affine(n, pw, offset, pb), side, pweight, psb)
-            del pweight
+        y, y64 = _affine(n, wn, offset, bn), _affine(n.double(), *_wide(w, offset, b))
         fwn, fbn = (t.to(dtype) if t is not None else None for t in (fw, fb))
-        fsb = side.folded_bias.to(dtype) if side.folded_bias is not None else None
-        cand[key] = _layer(_affine(n, fwn, offset, fbn), side, side.folded_weight.to(dtype), fsb)
+        y_cand = _affine(n, fwn, offset, fbn)
+        gens = [torch.Generator().manual_seed(seed * 1000 + k) for k in range(len(perts))]
+        y_pert = [_affine(n, pw, offset, pb) for pw, pb in (_pert_norm(w, b, gen, dtype) for gen in gens)]
+        weight = side.weight.movedim(side.in_axis, -1)
+        folded = side.folded_weight.movedim(side.in_axis, -1)
+        shape = (*weight.shape[:-2], rows, weight.shape[-2])
+        key = side.name
+        orig[key], cand[key] = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        exact[key] = torch.empty(shape, dtype=torch.float64)
+        for pert in perts:
+            pert[key] = torch.empty(shape, dtype=dtype)
+        for s in _out_blocks(side):
+            wb = weight[..., s, :]
+            sb = side.bias[..., s] if side.bias is not None else None
+            fsb = side.folded_bias[..., s] if side.folded_bias is not None else None
+            orig[key][..., s] = _layer(y, side, wb.to(dtype), _to(sb, dtype))
+            exact[key][..., s] = _layer(y64, side, wb.double(), _to(sb, torch.float64))
+            cand[key][..., s] = _layer(y_cand, side, folded[..., s, :].to(dtype), _to(fsb, dtype))
+            for k, gen in enumerate(gens):
+                pw = _perturbed(wb, gen, dtype)
+                pb = _perturbed(sb, gen, dtype) if sb is not None else None
+                perts[k][key][..., s] = _layer(y_pert[k], side, pw, pb)
+                del pw
+            release()
     return compare(orig, cand, exact_outputs=exact, perturbed_outputs=perts, rule=rule,
                    inputs=f"{rows} seeded normalized rows of {label}")  # fmt: skip
 

@@ -30,6 +30,7 @@ import torch
 
 from normfold.errors import UsageError
 from normfold.io.files import OutputSet
+from normfold.io.heap import release
 from normfold.io.safetensors_stream import Entry, StreamWriter
 from normfold.io.sharded import INDEX_NAME, ShardedCheckpoint
 
@@ -38,8 +39,8 @@ __all__ = ["ShardEdit", "write_folded"]
 
 @dataclass
 class ShardEdit:
-    """The changes: ``weights`` (name -> a function computing its float64 value when its turn
-    comes), ``small`` (name -> float64 value), the model's ``aliases`` (name -> its other names),
+    """The changes: ``weights`` (name -> a function computing its value, in its stored dtype, when
+    its turn comes), ``small`` (name -> float64 value), the model's ``aliases`` (name -> its other names),
     the ``untied`` names (a copy of their own), ``dtype_of`` (the stored dtype of a name)."""
 
     weights: Mapping[str, Callable[[], torch.Tensor]]
@@ -177,11 +178,13 @@ def _write_shard(
             if fqn is None:
                 writer.write_raw(name, ckpt.folder / shard, entries[name])
                 continue
-            wide = edit.weights[fqn]() if fqn in edit.weights else edit.small[fqn]
-            if tuple(wide.shape) != shape:
-                raise ValueError(f"{name}: the folded value has shape {tuple(wide.shape)}, stored {shape}")
-            writer.write(name, wide.to(dtype))
-            del wide
+            value = edit.weights[fqn]() if fqn in edit.weights else edit.small[fqn].to(dtype)
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(f"{name}: the folded value is {value.dtype} {tuple(value.shape)}, "
+                                 f"stored {dtype} {shape}")  # fmt: skip
+            writer.write(name, value)
+            del value
+            release()
     except BaseException:
         writer.abort()
         raise
