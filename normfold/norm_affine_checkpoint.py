@@ -34,6 +34,7 @@ float32, as in memory). Memory: one consumer weight at a time, about 5x its floa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -56,8 +57,10 @@ from normfold.engine.norm_affine.records import (
     NormPlan,
     blocks,
     consumer_shift,
+    consumer_values,
     consumer_weight,
     norm_values,
+    overflowing,
     scale_of,
     shift_of,
 )
@@ -242,8 +245,10 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
             weight = store.read(c.weight)
             dtype = store.dtype_of(c.weight)
             folded = consumer_weight(c, gamma, weight, dtype)
-            if not _finite(folded):
-                raise _Overflow(f"{c.weight} (not finite in {dtype})")
+            if not _finite(folded):  # the in-memory fold's wording (its values, this once)
+                one = dataclasses.replace(fold, consumers=(c,))
+                raise _Overflow(overflowing(one, consumer_values(fold, c, gamma, beta, store.read),
+                                            store.dtype_of) or c.weight)  # fmt: skip
             bias = store.read(c.bias) if c.bias is not None else None
             new_bias = c.bias or c.new_bias
             folded_bias = bias
@@ -261,6 +266,9 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
 
     report = prove_group(norm.kind, (w, norm.weight_offset, b), (fw, fb), sides, rule,
                          channels=norm.channels, label=norm.name)  # fmt: skip
+    bad = overflowing(dataclasses.replace(fold, consumers=()), small, store.dtype_of)
+    if bad is not None:  # the shift kept in the norm, beta / gamma
+        raise _Overflow(bad)
     return report, small
 
 
