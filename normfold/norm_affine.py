@@ -36,7 +36,7 @@ from normfold.check.parity_rule import ParityRule
 from normfold.check.widened_parity import widened_parity
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
-from normfold.engine.norm_affine.mapping import to_format
+from normfold.engine.norm_affine.mapping import FORMATS, to_format
 from normfold.engine.norm_affine.planner import ModuleFacts, keep_overflowing, plan
 from normfold.engine.norm_affine.records import NormKept, NormPlan
 from normfold.engine.norm_affine.torch_norms import TorchNormView
@@ -109,6 +109,7 @@ class NormAffineResult:
             "parity": self.parity.to_dict() if self.parity is not None else None,
             "replan_folds": self.replan_folds,
             "notes": list(self.notes),
+            "mappings": {name: self.mapping(name) for name in FORMATS},
         }
 
 

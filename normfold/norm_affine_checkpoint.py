@@ -49,7 +49,7 @@ from normfold.check.group_parity import GroupSide, prove_group
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.engine.capture import capture
-from normfold.engine.norm_affine.mapping import to_format
+from normfold.engine.norm_affine.mapping import FORMATS, to_format
 from normfold.engine.norm_affine.planner import ModuleFacts, plan
 from normfold.engine.norm_affine.records import (
     NormFold,
@@ -113,6 +113,7 @@ class NormAffineCheckpointResult:
             "proofs": {k: p.to_dict() for k, p in self.proofs.items()},
             "notes": list(self.notes),
             "parameter_bytes": self.parameter_bytes,
+            "mappings": {name: self.mapping(name) for name in FORMATS},
         }
 
 

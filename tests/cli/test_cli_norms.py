@@ -85,6 +85,10 @@ def test_folds_into_the_linears_and_writes_weights_the_class_loads(tmp_path: Pat
     assert torch.equal(state["norm.weight"], torch.ones(16))  # the norm is parameter-free
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "ok" and report["command"] == "fold-norms"
+    # the discovered map, in the forms other tools take (the tied head's norm stays: not listed)
+    assert report["mappings"]["aimet"] == [["norm", ["q", "k", "v"]]]
+    assert report["mappings"]["llm-compressor"] == [{"norm": "norm", "linears": ["q", "k", "v"]}]
+    assert report["mappings"]["autoround"][0]["balance_layers"] == ["^q$", "^k$", "^v$"]
 
 
 def test_untie_folds_the_tied_head_too(tmp_path: Path, factory: str) -> None:
