@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from llama_like import LlamaLike, realistic_, save_sharded
-from norm_blocks import GPT2MLP, D, LNIntoBiasFree
+from norm_blocks import GPT2MLP, BertHead, D, LNIntoBiasFree
 from safetensors import safe_open
 from torch import nn
 
@@ -227,3 +227,22 @@ def test_the_mapping_of_a_checkpoint_fold(tmp_path: Path) -> None:
         ("layers.0.post_attention_layernorm", ["layers.0.gate_proj", "layers.0.up_proj"]),
         ("norm", ["lm_head"]),
     ]
+
+
+def test_an_untied_bert_head_writes_every_name_of_its_shared_bias(tmp_path: Path) -> None:
+    """A checkpoint stores a tensor shared under two names once (``predictions_bias``, not
+    ``decoder.bias``); untying under a tied config writes both, each with the folded value, as the
+    in-memory fold's own copies (a Hugging Face load of an untied config ties neither back)."""
+    model = BertHead().eval()
+    ids = IDS.remainder(24)
+    src = _checkpoint(model, tmp_path / "in", drop=("decoder.weight", "decoder.bias"))
+    (src / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    result = normfold.fold_norm_affine_checkpoint(_meta(BertHead), ids, src, tmp_path / "out", untie=True)
+    memory_model = BertHead().eval()
+    memory_model.config = type("Config", (), {"tie_word_embeddings": True})()
+    memory = normfold.fold_norm_affine(memory_model, ids, untie=True)
+    written = _same_as_in_memory(result, memory, tmp_path / "out")
+    assert {"decoder.weight", "decoder.bias", "predictions_bias"} <= set(written)
+    assert torch.equal(written["decoder.bias"], memory.model.decoder.bias)
+    assert not torch.equal(written["decoder.bias"], model.decoder.bias)  # the folded value, not the old
+    assert any("decoder.bias" in n and "a copy of its own" in n for n in result.notes)

@@ -48,7 +48,9 @@ class ShardEdit:
     aliases: Mapping[str, tuple[str, ...]]
     untied: set[str]
     dtype_of: Callable[[str], torch.dtype]
-    copies: dict[str, str] = field(default_factory=dict)  # new name -> stored name copied raw
+    #: a name of a tied tensor the checkpoint lacks -> the stored name it copies (raw, or its
+    #: folded value when that one changes)
+    copies: dict[str, str] = field(default_factory=dict)
 
 
 def write_folded(
@@ -62,7 +64,9 @@ def write_folded(
     if config is not None:
         notes.append(f"untied {', '.join(sorted(edit.untied))}: config.json tie_word_embeddings set to false")
         for name, source in _missing_aliases(ckpt, edit, targets, new).items():
-            edit.copies[name] = source
+            edit.copies[name] = source  # its stored dtype and shape; its value the source's new one
+            if source in targets:
+                targets[name] = targets[source]
             new[name] = ckpt.where(source) or next(iter(ckpt.shards))
         if edit.copies:
             notes.append(f"{', '.join(sorted(edit.copies))}: each written as a copy of its own (an untied "
@@ -170,7 +174,7 @@ def _write_shard(
     writer = StreamWriter(staged, specs, ckpt.metadata[shard])
     try:
         for name, (dtype, shape) in specs.items():
-            if name in edit.copies:
+            if name in edit.copies and name not in targets:
                 source = edit.copies[name]
                 writer.write_raw(name, ckpt.folder / (ckpt.where(source) or ""), ckpt.entry(source))
                 continue
