@@ -7,6 +7,7 @@ parameter-free, so a ``.safetensors``/``.pt`` output loads into the user's own c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ from normfold.cli.options import (
     DtypeOpt,
     DynamicOpt,
     ForceOpt,
+    Grouped,
     InputNamesOpt,
     InputsOpt,
     ModelArg,
@@ -40,6 +42,7 @@ FOLD_NORMS_EXAMPLES = """Examples:
 
 \b
   normfold fold-norms weights.pt --model mypkg.nets:build --input-shape 2,16,64 --out folded.safetensors
+  normfold fold-norms ckpt_dir --model mypkg.nets:build --inputs ids.pt --out folded_dir
   normfold fold-norms weights.pt --model mypkg.nets:build --input-shape 2,16,64 --out m.onnx --untie
 """
 
@@ -78,7 +81,12 @@ def fold_norms_cmd(
 ) -> None:
     """Fold LayerNorm/RMSNorm/GroupNorm scales and shifts into the Linear layers they feed; write OUT."""
     with guard():
-        opts = grouped(locals())
+        params = dict(locals())
+        opts = grouped(params)
+        if Path(model).is_dir():  # a (sharded) safetensors checkpoint folder: folded shard by shard
+            given = [flag for flag, name in _EXPORT_ONLY.items() if params[name] not in (None, False)]
+            _checkpoint(model, out, opts, new_biases=new_biases, untie=untie, quiet=quiet, export_given=given)
+            return
         preflight.check(
             model, out, load=opts.load, write=opts.write, export=opts.export, formats={"out": ANY_FORMATS},
             tensor_files={"inputs": inputs},
@@ -92,3 +100,37 @@ def fold_norms_cmd(
             )  # fmt: skip
         if not quiet:
             render.norms_folded(run)
+
+
+#: options that only mean something for an export (``--out`` a file)
+_EXPORT_ONLY = {"--static-batch": "static_batch", "--dynamic": "dynamic", "--opset": "opset",
+                "--input-names": "input_names", "--output-names": "output_names",
+                "--providers": "providers"}  # fmt: skip
+
+
+def _checkpoint(
+    model: str,
+    out: Path,
+    opts: Grouped,
+    *,
+    new_biases: bool,
+    untie: bool,
+    quiet: bool,
+    export_given: list[str],
+) -> None:
+    """MODEL is a checkpoint folder (``model.safetensors`` or shards and their index): OUT is the
+    folder the folded checkpoint goes to (:func:`normfold.fold_norm_affine_checkpoint`)."""
+    from normfold.errors import UsageError
+
+    if export_given:
+        raise UsageError(f"{', '.join(export_given)}: only for an export; a checkpoint folder is written "
+                         "as a checkpoint folder")  # fmt: skip
+    with progress("fold-norms", quiet=quiet):
+        from normfold.norm_checkpoint_run import fold_norm_checkpoint_and_write
+
+        result = fold_norm_checkpoint_and_write(
+            model, out, new_biases=new_biases, untie=untie, inputs=opts.given.spec(), load=opts.load,
+            write=opts.write,
+        )  # fmt: skip
+    if not quiet:
+        render.checkpoint_folded(result)

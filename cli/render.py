@@ -294,6 +294,20 @@ def norms_folded(run: WriteRun) -> None:
     line(f"folded {len(r.folded)} norms, kept {len(r.kept)}; wrote {run.out}")
 
 
+def checkpoint_folded(r: Any) -> None:
+    """A checkpoint folder folded shard by shard (a ``NormAffineCheckpointResult``)."""
+    notes(r.notes)
+    for f in r.folded:
+        changed = (("new bias", f.new_biases), ("untied", f.untied))
+        extra = "".join(f"; {what} {', '.join(names)}" for what, names in changed if names)
+        shift = f" ({f.code}: {f.reason})" if f.code else ""
+        line(f"folded {f.norm} ({f.norm_type}) into {', '.join(f.into)}{extra}{shift}")
+    for k in r.kept:
+        line(f"kept {k.norm}: {k.code}: {k.reason}")
+    line(f"proved norm by norm (each with its consumers): {'pass' if r.passed else 'FAIL'} ({len(r.proofs)})")
+    line(f"folded {len(r.folded)} norms, kept {len(r.kept)}; wrote {len(r.files)} files into {r.out}")
+
+
 def _export(run: WriteRun) -> None:
     """A ``.pt2``/``.onnx`` a write command exported: its file, inputs and outputs, its check."""
     e = run.export

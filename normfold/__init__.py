@@ -93,6 +93,8 @@ _LAZY = {
     "NormAffineResult": "normfold.norm_affine",
     "NormFolded": "normfold.norm_affine",
     "NormKept": "normfold.norm_affine",
+    "fold_norm_affine_checkpoint": "normfold.norm_affine_checkpoint",
+    "NormAffineCheckpointResult": "normfold.norm_affine_checkpoint",
     "save_folded": "normfold.io.roundtrip",
     "load_folded": "normfold.io.roundtrip",
 }
@@ -115,6 +117,7 @@ if TYPE_CHECKING:
     from normfold.io.load import LoadedModel, load_inputs, load_model
     from normfold.io.roundtrip import load_folded, save_folded
     from normfold.norm_affine import NormAffineResult, NormFolded, NormKept, fold_norm_affine
+    from normfold.norm_affine_checkpoint import NormAffineCheckpointResult, fold_norm_affine_checkpoint
     from normfold.onnx_fold import OnnxFoldResult, fold_onnx, plan_onnx
     from normfold.onnx_pipeline import OnnxRun, fold_onnx_file, inspect_onnx
     from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
@@ -165,6 +168,7 @@ __all__ = [
     "LoadedModel",
     "Merged",
     "MergedBranch",
+    "NormAffineCheckpointResult",
     "NormAffineResult",
     "NormFolded",
     "NormKept",
@@ -198,6 +202,7 @@ __all__ = [
     "fold",
     "fold_and_export",
     "fold_norm_affine",
+    "fold_norm_affine_checkpoint",
     "fold_norms_and_write",
     "fold_onnx",
     "fold_onnx_file",

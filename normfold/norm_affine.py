@@ -36,6 +36,7 @@ from normfold.check.parity_rule import ParityRule
 from normfold.check.widened_parity import widened_parity
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
+from normfold.engine.norm_affine.mapping import FORMATS, to_format
 from normfold.engine.norm_affine.planner import ModuleFacts, keep_overflowing, plan
 from normfold.engine.norm_affine.records import NormKept, NormPlan
 from normfold.engine.norm_affine.torch_norms import TorchNormView
@@ -93,6 +94,13 @@ class NormAffineResult:
             out.append({"norm": fold.norm.module or fold.norm.name, "linears": list(linears)})
         return out
 
+    def mapping(self, format: str = "llm-compressor") -> list[Any]:
+        """The norm -> consumers map as ``format`` takes it: ``"llm-compressor"`` (``NormMapping``
+        fields), ``"aimet"`` (``RMSNORM_LINEAR_PAIRS`` pairs of names) or ``"autoround"``
+        (``AWQConfig(mappings=...)`` entries); plain data (:mod:`normfold.engine.norm_affine.mapping`
+        cites each tool's source)."""
+        return to_format(self.plan, format)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_type": type(self.model).__name__,
@@ -101,6 +109,7 @@ class NormAffineResult:
             "parity": self.parity.to_dict() if self.parity is not None else None,
             "replan_folds": self.replan_folds,
             "notes": list(self.notes),
+            "mappings": {name: self.mapping(name) for name in FORMATS},
         }
 
 

@@ -85,6 +85,10 @@ def test_folds_into_the_linears_and_writes_weights_the_class_loads(tmp_path: Pat
     assert torch.equal(state["norm.weight"], torch.ones(16))  # the norm is parameter-free
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "ok" and report["command"] == "fold-norms"
+    # the discovered map, in the forms other tools take (the tied head's norm stays: not listed)
+    assert report["mappings"]["aimet"] == [["norm", ["q", "k", "v"]]]
+    assert report["mappings"]["llm-compressor"] == [{"norm": "norm", "linears": ["q", "k", "v"]}]
+    assert report["mappings"]["autoround"][0]["balance_layers"] == ["^q$", "^k$", "^v$"]
 
 
 def test_untie_folds_the_tied_head_too(tmp_path: Path, factory: str) -> None:
@@ -108,3 +112,31 @@ def test_without_inputs_it_says_what_it_needs(tmp_path: Path, factory: str) -> N
     assert result.exit_code == 2
     assert "no input shape known" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_checkpoint_folder_is_folded_into_a_folder(tmp_path: Path, factory: str) -> None:
+    """MODEL a safetensors checkpoint folder: the architecture built on the meta device, the fold
+    written shard by shard (normfold.fold_norm_affine_checkpoint), the same weights as a file."""
+    from safetensors.torch import save_file
+
+    inputs = _tokens(tmp_path / "tokens.pt")
+    ok("fold-norms", factory, "--inputs", inputs, "--out", tmp_path / "file.safetensors")  # in memory
+    module = __import__(factory.split(":")[0])
+    original = module.build()
+    state = {k: v for k, v in original.state_dict().items() if k != "head.weight"}  # tied: one name
+    (tmp_path / "ckpt").mkdir()
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    args = ("--model", factory, "--inputs", inputs, "--report", "r.json")
+    lines = ok("fold-norms", tmp_path / "ckpt", *args, "--out", tmp_path / "out").stdout.splitlines()
+    assert any(ln.startswith("kept final: tied_weight: ") for ln in lines), lines
+    assert lines[-2] == "proved norm by norm (each with its consumers): pass (1)"
+    assert lines[-1] == f"folded 1 norms, kept 1; wrote 1 files into {tmp_path / 'out'}"
+    folded = load_file(tmp_path / "out" / "model.safetensors")
+    reference = load_file(tmp_path / "file.safetensors")
+    assert all(torch.equal(t, reference[k]) for k, t in folded.items())  # bit-equal to the in-memory fold
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "ok" and report["mappings"]["aimet"] == [["norm", ["q", "k", "v"]]]
+    refused = invoke("fold-norms", tmp_path / "ckpt", *args, "--out", tmp_path / "o2", "--opset", "18")
+    assert refused.exit_code == 2 and "--opset: only for an export" in refused.output
+    missing = invoke("fold-norms", tmp_path / "ckpt", "--inputs", inputs, "--out", tmp_path / "o3")
+    assert missing.exit_code == 2 and "give its architecture with --model" in missing.output

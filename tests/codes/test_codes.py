@@ -54,6 +54,7 @@ _EMITTERS: dict[str, frozenset[str] | None] = {
     "normfold.engine.norm_affine.torch_norms": frozenset({"norm_affine"}),
     "normfold.engine.norm_affine.walk": frozenset({"norm_affine"}),
     "normfold.engine.norm_affine.planner": frozenset({"norm_affine"}),
+    "normfold.norm_affine_checkpoint": frozenset({"norm_affine"}),
 }
 
 

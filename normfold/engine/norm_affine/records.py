@@ -120,26 +120,95 @@ def fold_values(fold: NormFold, value: Callable[[str], torch.Tensor]) -> dict[st
     """The new values of one fold: every consumer's weight (and bias), the norm's scale and shift."""
     norm = fold.norm
     gamma, beta = scale_of(norm, value), shift_of(norm, value)
-    move_shift = beta is not None and fold.shift_kept is None
     out: dict[str, torch.Tensor] = {}
     for c in fold.consumers:
-        wide = value(c.weight).detach().to("cpu", torch.float64)
-        index = torch.tensor(c.channels, dtype=torch.long)
-        g = gamma[index]
-        shape = [1] * wide.dim()
-        shape[c.in_axis] = -1
-        scaled = wide * g.reshape(shape)
-        out[c.weight] = scaled
-        if move_shift:
-            shift = (beta[index] @ wide) if c.in_axis == 0 else (wide @ beta[index])
-            if c.bias is not None:
-                out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
-            elif c.new_bias is not None:
-                out[c.new_bias] = shift
+        out.update(consumer_values(fold, c, gamma, beta, value))
+    out.update(norm_values(fold, gamma, beta, value))
+    return out
+
+
+def consumer_values(
+    fold: NormFold,
+    c: Consumer,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | None,
+    value: Callable[[str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The new weight (and bias) of one consumer ``c`` of ``fold`` (``gamma``/``beta``: the norm's
+    :func:`scale_of` / :func:`shift_of`), float64: the one place the math is written
+    (:func:`consumer_weight`, :func:`consumer_shift`), so a fold applied to one consumer at a time
+    (a sharded checkpoint) gives the same bits as the whole fold."""
+    move_shift = beta is not None and fold.shift_kept is None
+    stored = value(c.weight).detach().to("cpu")
+    out = {c.weight: consumer_weight(c, gamma, stored)}
+    if move_shift:
+        assert beta is not None
+        shift = consumer_shift(c, beta, stored)
+        if c.bias is not None:
+            out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
+        elif c.new_bias is not None:
+            out[c.new_bias] = shift
+    return out
+
+
+#: elements of one float64 block of a consumer weight (32 MB): the fold never holds a whole
+#: weight in float64, only the stored tensor and one block
+BLOCK = 1 << 22
+
+
+def blocks(shape: torch.Size | tuple[int, ...]) -> list[slice]:
+    """Fixed blocks of axis 0 of a tensor of ``shape`` (a function of the shape alone, so every
+    caller computes the same sums in the same order)."""
+    if not shape:
+        return [slice(None)]
+    per_row = 1
+    for n in shape[1:]:
+        per_row *= n
+    rows = max(1, BLOCK // max(1, per_row))
+    return [slice(i, min(i + rows, shape[0])) for i in range(0, shape[0], rows)] or [slice(0, 0)]
+
+
+def consumer_weight(
+    c: Consumer, gamma: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``W * gamma[c]`` along ``c.in_axis``, computed in float64 block by block and cast to
+    ``dtype`` once (elementwise: the blocks change no bit)."""
+    g = gamma[torch.tensor(c.channels, dtype=torch.long)]
+    shape = [1] * stored.dim()
+    shape[c.in_axis] = -1
+    g = g.reshape(shape)
+    out = torch.empty(stored.shape, dtype=dtype)
+    for s in blocks(stored.shape):
+        out[s] = (stored[s].to(torch.float64) * (g[s] if c.in_axis == 0 else g)).to(dtype)
+    return out
+
+
+def consumer_shift(c: Consumer, beta: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``W beta[c]`` (contracting ``c.in_axis``), float64, block by block along axis 0."""
+    b = beta[torch.tensor(c.channels, dtype=torch.long)]
+    if c.in_axis == 0:  # the blocks split the contracted axis: partial sums, in block order
+        total = None
+        for s in blocks(stored.shape):
+            part = stored[s].to(torch.float64).movedim(0, -1) @ b[s]
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+    parts = [stored[s].to(torch.float64).movedim(c.in_axis, -1) @ b for s in blocks(stored.shape)]
+    return torch.cat(parts)
+
+
+def norm_values(
+    fold: NormFold, gamma: torch.Tensor, beta: torch.Tensor | None, value: Callable[[str], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The norm's own new scale (neutral) and shift (0, or ``beta / gamma`` where it stays)."""
+    norm = fold.norm
+    move_shift = beta is not None and fold.shift_kept is None
+    out: dict[str, torch.Tensor] = {}
     if norm.weight is not None:
         shape = value(norm.weight).shape
         out[norm.weight] = torch.full(shape, 1.0 - norm.weight_offset, dtype=torch.float64)
     if norm.bias is not None:
+        assert beta is not None
         shape = value(norm.bias).shape
         kept = torch.zeros(shape, dtype=torch.float64) if move_shift else (beta / gamma).reshape(shape)
         out[norm.bias] = kept

@@ -1,0 +1,248 @@
+"""``normfold.fold_norm_affine_checkpoint``: the norm-affine fold of a sharded safetensors
+checkpoint, planned on a meta-device instance, written shard by shard. Every folded tensor must be
+bit-equal to the in-memory :func:`normfold.fold_norm_affine` on the same weights; the records and
+codes the same; the index right; the files safe (no overwrite, nothing partial)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from llama_like import LlamaLike, realistic_, save_sharded
+from norm_blocks import GPT2MLP, BertHead, D, LNIntoBiasFree
+from safetensors import safe_open
+from torch import nn
+
+import normfold
+import normfold.norm_affine_checkpoint as nac
+from normfold.errors import LoadError, ParityError, UsageError
+
+IDS = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+X = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+
+
+def _checkpoint(
+    model: nn.Module, folder: Path, shard_bytes: int = 12_000, drop: tuple[str, ...] = ()
+) -> Path:
+    state = {k: v for k, v in model.state_dict().items() if k not in drop}
+    save_sharded(state, folder, shard_bytes)
+    return folder
+
+
+def _meta(factory, *args, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return factory(*args, **kwargs)
+
+
+def _read_out(folder: Path) -> dict[str, torch.Tensor]:
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    else:
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    out = {}
+    for name, shard in weight_map.items():
+        with safe_open(folder / shard, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def _same_as_in_memory(result, memory, folder: Path) -> dict[str, torch.Tensor]:
+    written = _read_out(folder)
+    state = memory.model.state_dict()
+    assert set(written) <= set(state)
+    for name, t in written.items():
+        assert t.dtype == state[name].dtype and torch.equal(t, state[name]), name
+    assert [(f.norm, f.into, f.code, f.new_biases, f.untied) for f in result.folded] == [
+        (f.norm, f.into, f.code, f.new_biases, f.untied) for f in memory.folded]  # fmt: skip
+    records = [(k.norm, k.code, k.reason) for k in memory.kept]
+    assert [(k.norm, k.code, k.reason) for k in result.kept] == records
+    return written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sharded_llama_like_checkpoint_folds_bit_equal_to_the_in_memory_fold(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    model = realistic_(LlamaLike(), 1).eval().to(dtype)
+    src = _checkpoint(model, tmp_path / "in", shard_bytes=12_000 if dtype == torch.float32 else 6_000)
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) >= 3
+    result = normfold.fold_norm_affine_checkpoint(_meta(LlamaLike).to(dtype), IDS, src, tmp_path / "out")
+    memory = normfold.fold_norm_affine(model, IDS)
+    written = _same_as_in_memory(result, memory, tmp_path / "out")
+    assert len(result.folded) == 5 and result.passed and set(result.proofs) == {f.norm for f in result.folded}
+    assert not torch.equal(written["layers.0.q_proj.weight"], model.state_dict()["layers.0.q_proj.weight"])
+    # the same shards, each with its tensors in its input's order; the index names them
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == shards
+    for shard in shards:
+        with safe_open(src / shard, "pt") as a, safe_open(tmp_path / "out" / shard, "pt") as b:
+            assert list(a.keys()) == list(b.keys())
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    source = json.loads((src / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == source["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    assert {p.name for p in result.files} == {*shards, "model.safetensors.index.json"}
+    assert result.parameter_bytes == index["metadata"]["total_size"]
+
+
+def test_a_tied_head_is_refused_then_untied_with_its_config(tmp_path: Path) -> None:
+    model = realistic_(LlamaLike(tied=True), 2).eval()
+    src = _checkpoint(model, tmp_path / "in", drop=("lm_head.weight",))  # as save_pretrained writes it
+    (src / "config.json").write_text(json.dumps({"model_type": "x", "tie_word_embeddings": True}))
+    (src / "tokenizer.json").write_text("{}")
+    meta = _meta(LlamaLike, tied=True)
+    kept = normfold.fold_norm_affine_checkpoint(meta, IDS, src, tmp_path / "a")
+    _same_as_in_memory(kept, normfold.fold_norm_affine(model, IDS), tmp_path / "a")
+    assert [(k.norm, k.code) for k in kept.kept] == [("norm", "tied_weight")]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["tie_word_embeddings"] is True
+    untied = normfold.fold_norm_affine_checkpoint(meta, IDS, src, tmp_path / "b", untie=True)
+    written = _same_as_in_memory(untied, normfold.fold_norm_affine(model, IDS, untie=True), tmp_path / "b")
+    assert "lm_head.weight" in written and untied.folded[-1].untied == ("lm_head.weight",)
+    assert torch.equal(written["embed_tokens.weight"], model.embed_tokens.weight)  # never centred or scaled
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == "{}"
+    assert any("tie_word_embeddings set to false" in n for n in untied.notes)
+
+
+@pytest.mark.parametrize("new_biases", [False, True])
+def test_a_layer_norm_shift_stays_or_becomes_a_new_bias(tmp_path: Path, new_biases: bool) -> None:
+    model = LNIntoBiasFree().eval()
+    src = _checkpoint(model, tmp_path / "in", shard_bytes=10**9)  # one model.safetensors, no index
+    result = normfold.fold_norm_affine_checkpoint(_meta(LNIntoBiasFree), X, src, tmp_path / "out",
+                                                  new_biases=new_biases)  # fmt: skip
+    written = _same_as_in_memory(result, normfold.fold_norm_affine(model, X, new_biases=new_biases),
+                                 tmp_path / "out")  # fmt: skip
+    assert ("proj.bias" in written) is new_biases
+    assert result.folded[0].code == (None if new_biases else "new_bias_needed")
+    assert [p.name for p in result.files] == ["model.safetensors"]
+
+
+def test_gpt2_conv1d_in_out_weights(tmp_path: Path) -> None:
+    model = GPT2MLP().eval()
+    src = _checkpoint(model, tmp_path / "in", shard_bytes=2_000)
+    result = normfold.fold_norm_affine_checkpoint(_meta(GPT2MLP), X, src, tmp_path / "out")
+    _same_as_in_memory(result, normfold.fold_norm_affine(model, X), tmp_path / "out")
+    assert result.folded[0].into == ("c_fc.weight",)
+
+
+def test_a_float16_fold_that_would_overflow_is_kept_with_the_in_memory_reason(tmp_path: Path) -> None:
+    model = LNIntoBiasFree().eval()
+    with torch.no_grad():
+        model.proj.weight[0, 3] = 6e4
+        model.ln.weight[3] = 1.3
+    model = model.half()
+    src = _checkpoint(model, tmp_path / "in")
+    meta = _meta(LNIntoBiasFree).half()
+    result = normfold.fold_norm_affine_checkpoint(meta, X.half(), src, tmp_path / "out")
+    memory = normfold.fold_norm_affine(model, X.half())
+    _same_as_in_memory(result, memory, tmp_path / "out")
+    assert [(k.code, k.reason) for k in result.kept] == [
+        ("overflow", "folding ln makes proj.weight (max |value| 77988.3, torch.float16) overflow")
+    ]  # fmt: skip
+    assert torch.equal(_read_out(tmp_path / "out")["proj.weight"], model.proj.weight)
+
+
+def test_a_wrong_fold_fails_its_local_proof_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = realistic_(LlamaLike(), 3).eval()
+    src = _checkpoint(model, tmp_path / "in")
+    right = nac.consumer_weight
+
+    def wrong(c, gamma, stored, dtype=torch.float64):  # forgets the first channel
+        g = gamma.clone()
+        g[0] = 1.0
+        return right(c, g, stored, dtype)
+
+    monkeypatch.setattr(nac, "consumer_weight", wrong)
+    with pytest.raises(ParityError, match=r"layers\.0\.input_layernorm and its consumers.*nothing was"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_checkpoint_must_match_the_model(tmp_path: Path) -> None:
+    model = realistic_(LlamaLike(), 4).eval()
+    src = _checkpoint(model, tmp_path / "in", drop=("layers.1.down_proj.weight",))
+    with pytest.raises(LoadError, match=r"parameter layers\.1\.down_proj\.weight is not in the checkpoint"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, tmp_path / "in", tmp_path / "out")
+    with pytest.raises(LoadError, match=r"has shape \(48, 32\) in the model and \(96, 32\) in the"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, _checkpoint(
+            realistic_(LlamaLike(ff=96), 4), tmp_path / "wide"), tmp_path / "out2")  # fmt: skip
+    with pytest.raises(LoadError, match=r"has neither model\.safetensors\.index\.json nor"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, tmp_path, tmp_path / "out")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "model-00009-of-00009.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match=r"names model-00009-of-00009\.safetensors, which is not in"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_are_never_overwritten_and_never_left_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = realistic_(LlamaLike(), 5).eval()
+    src = _checkpoint(model, tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("mine")
+    with pytest.raises(UsageError, match="already exists; pass force=True"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, out)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors.index.json"]
+    assert (out / "model.safetensors.index.json").read_text() == "mine"
+    with pytest.raises(UsageError, match="is an input of this run"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, src, force=True)
+    # an error while the third tensor is written: nothing is placed, the new folder is removed
+    import normfold.io.fold_shards as fold_shards
+
+    calls = {"n": 0}
+    real = fold_shards.StreamWriter.write_raw
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(fold_shards.StreamWriter, "write_raw", failing)
+    with pytest.raises(OSError, match="No space left"):
+        normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    done = normfold.fold_norm_affine_checkpoint(_meta(LlamaLike), IDS, src, out, force=True)
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".normfold-")] and done.passed
+
+
+def test_the_mapping_of_a_checkpoint_fold(tmp_path: Path) -> None:
+    src = _checkpoint(realistic_(LlamaLike(layers=1), 6).eval(), tmp_path / "in")
+    result = normfold.fold_norm_affine_checkpoint(_meta(LlamaLike, layers=1), IDS, src, tmp_path / "out")
+    assert result.mapping("aimet") == [
+        ("layers.0.input_layernorm", ["layers.0.q_proj", "layers.0.k_proj", "layers.0.v_proj"]),
+        ("layers.0.post_attention_layernorm", ["layers.0.gate_proj", "layers.0.up_proj"]),
+        ("norm", ["lm_head"]),
+    ]
+
+
+def test_an_untied_bert_head_writes_every_name_of_its_shared_bias(tmp_path: Path) -> None:
+    """A checkpoint stores a tensor shared under two names once (``predictions_bias``, not
+    ``decoder.bias``); untying under a tied config writes both, each with the folded value, as the
+    in-memory fold's own copies (a Hugging Face load of an untied config ties neither back)."""
+    model = BertHead().eval()
+    ids = IDS.remainder(24)
+    src = _checkpoint(model, tmp_path / "in", drop=("decoder.weight", "decoder.bias"))
+    (src / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    result = normfold.fold_norm_affine_checkpoint(_meta(BertHead), ids, src, tmp_path / "out", untie=True)
+    memory_model = BertHead().eval()
+    memory_model.config = type("Config", (), {"tie_word_embeddings": True})()
+    memory = normfold.fold_norm_affine(memory_model, ids, untie=True)
+    written = _same_as_in_memory(result, memory, tmp_path / "out")
+    assert {"decoder.weight", "decoder.bias", "predictions_bias"} <= set(written)
+    assert torch.equal(written["decoder.bias"], memory.model.decoder.bias)
+    assert not torch.equal(written["decoder.bias"], model.decoder.bias)  # the folded value, not the old
+    assert any("decoder.bias" in n and "a copy of its own" in n for n in result.notes)
