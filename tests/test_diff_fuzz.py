@@ -48,6 +48,9 @@ Profiles, by environment variable:
 * ``NORMFOLD_DIFF_EXAMPLES``: programs (default 100, the CI run: about 30 s of CPU, 60-90 s on a
   loaded 2-core machine, single-threaded); a release runs 10000 from a fresh seed;
 * ``NORMFOLD_DIFF_SEED``: hypothesis seed instead of the default derandomized run;
+* ``NORMFOLD_DIFF_CHUNK``: with a seed, chunk ``k`` of a campaign on it (hypothesis cannot resume a
+  run): ``NORMFOLD_DIFF_EXAMPLES`` programs drawn from hypothesis seed ``1000 * SEED + k``, so ten
+  chunks of 1000 make a seed's 10,000 across sessions, each with its own verdict;
 * ``NORMFOLD_DIFF_DTYPES``: dtypes drawn (default ``float32,float64,float16,bfloat16``);
 * ``NORMFOLD_DIFF_COLLECT=file.jsonl``: campaign mode: each failing program is appended to the
   file (index, repr, problems) instead of stopping the run; the test fails at the end if any::
@@ -87,6 +90,15 @@ from normfold.check.reference import parity_sets
 
 EXAMPLES = int(os.environ.get("NORMFOLD_DIFF_EXAMPLES", "100"))
 SEED = os.environ.get("NORMFOLD_DIFF_SEED")
+CHUNK = os.environ.get("NORMFOLD_DIFF_CHUNK")
+if CHUNK is not None and SEED is None:
+    raise RuntimeError("NORMFOLD_DIFF_CHUNK numbers a chunk of a seeded campaign: set NORMFOLD_DIFF_SEED too")
+#: the hypothesis seed of this run, and how messages name it (and rerun it)
+HYPOTHESIS_SEED: int | None = None
+RUN = "the default derandomized run"
+if SEED is not None:
+    HYPOTHESIS_SEED = int(SEED) * 1000 + int(CHUNK) if CHUNK is not None else int(SEED)
+    RUN = f"NORMFOLD_DIFF_SEED={SEED}" + (f" NORMFOLD_DIFF_CHUNK={CHUNK}" if CHUNK is not None else "")
 DTYPES = tuple(os.environ.get("NORMFOLD_DIFF_DTYPES", "float32,float64,float16,bfloat16").split(","))
 COLLECT = os.environ.get("NORMFOLD_DIFF_COLLECT")
 FACTOR = 4.0  # the parity rule's noise factor
@@ -315,8 +327,8 @@ def _quoted(text: str) -> str:
 
 
 def _report(program: Program, problems: list[str]) -> str:
-    seed = f"NORMFOLD_DIFF_SEED={SEED}" if SEED else "the default derandomized run"
-    env = (f"NORMFOLD_DIFF_SEED={SEED} " if SEED else "") + f"NORMFOLD_DIFF_EXAMPLES={EXAMPLES} "
+    seed = RUN
+    env = (f"{RUN} " if SEED else "") + f"NORMFOLD_DIFF_EXAMPLES={EXAMPLES} "
     one_liner = f"from diff_programs import *; recheck({program!r})"
     return "\n".join([
         "differential fuzz failure:", *(f"  - {p}" for p in problems),
@@ -350,7 +362,7 @@ def _settings(test: Callable[..., None]) -> Callable[..., None]:
         report_multiple_bugs=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )(test)  # fmt: skip
-    configured = configured if SEED is None else hypothesis_seed(int(SEED))(configured)
+    configured = configured if HYPOTHESIS_SEED is None else hypothesis_seed(HYPOTHESIS_SEED)(configured)
 
     @functools.wraps(configured)
     def run() -> None:
@@ -389,7 +401,7 @@ def test_diff_fuzz(record_property: Callable[[str, object], None]) -> None:
     seen = _SEEN - before
     for key, value in seen.items():
         record_property(f"diff_{key}", value)
-    print(f"normfold diff fuzz: {dict(seen)} in {time.monotonic() - start:.0f}s (seed {SEED or '-'})")
+    print(f"normfold diff fuzz: {dict(seen)} in {time.monotonic() - start:.0f}s ({RUN})")
     assert not _FAILED, f"{len(_FAILED)} failing programs (in {COLLECT}); the first:\n{_FAILED[0]}"
     assert seen["examples"] >= EXAMPLES
     assert seen["judged"] >= 0.7 * seen["examples"]  # overflowing originals stay rare
