@@ -96,12 +96,13 @@ def exact_outputs(
     notes: list[str],
     run: Callable[[nn.Module, tuple[torch.Tensor, ...], str], Any],
     run_all: Callable[[list[Callable[[], Any]]], list[Any]],
-    exact_run: Callable[[tuple[torch.Tensor, ...]], Any] | None = None,
+    exact: Callable[[], Callable[[tuple[torch.Tensor, ...]], Any]] | None = None,
 ) -> tuple[list[Any] | None, list[list[Any]]]:
     """The float64 copy's outputs per set (None: no exact reference, ``notes`` say why), and per
     set the perturbed runs' outputs. ``run(model, inputs, role)`` runs one forward; ``run_all``
-    runs the tasks (:func:`normfold.check.workers.run_all`); ``exact_run(float64 inputs)``, when
-    given, is the exact reference instead of a float64 copy of ``model`` (no copy is made)."""
+    runs the tasks (:func:`normfold.check.workers.run_all`). ``exact()``, when given, builds the
+    exact reference's runner (``runner(float64 inputs)``, e.g. a widened captured graph) in place of
+    a float64 copy of ``model``; it is built only within ``rule.exact_limit_bytes``, as the copy."""
     tensors = floating(model)
     if tensors and all(t.dtype == torch.float64 for t in tensors):
         return None, []  # already float64: the original's outputs are the exact reference
@@ -113,15 +114,11 @@ def exact_outputs(
             "fixed tolerance alone"
         )
         return None, []
-    if exact_run is None:
-        try:
-            wide = copy.deepcopy(model).to(torch.float64)
-        except Exception as e:
-            notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
-            return None, []
-        def exact_run(x: tuple[torch.Tensor, ...]) -> Any:
-            return run(wide, x, _WIDE)
-
+    try:
+        exact_run = _float64_copy(model, run) if exact is None else exact()
+    except Exception as e:
+        notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
+        return None, []
     count = rule.perturbations if tensors else 0
 
     local = threading.local()  # one perturbed copy per worker thread, perturbed anew per task
@@ -148,6 +145,14 @@ def exact_outputs(
         notes.append(f"no perturbed run ({first_line(failed)}); the model's own error alone")
         runs = []
     return exact, [[r[i] for r in runs] for i in range(len(sets))]
+
+
+def _float64_copy(
+    model: nn.Module, run: Callable[[nn.Module, tuple[torch.Tensor, ...], str], Any]
+) -> Callable[[tuple[torch.Tensor, ...]], Any]:
+    """The default exact reference: a float64 copy of ``model``, run by ``run``."""
+    wide = copy.deepcopy(model).to(torch.float64)
+    return lambda x: run(wide, x, _WIDE)
 
 
 def _attempt(task: Callable[[], Any]) -> Any:

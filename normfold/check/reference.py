@@ -77,11 +77,11 @@ def make_reference(
     rule: ParityRule,
     *,
     role: str = "original",
-    exact_run: Callable[[tuple[torch.Tensor, ...]], Any] | None = None,
+    exact: Callable[[], Callable[[tuple[torch.Tensor, ...]], Any]] | None = None,
 ) -> Reference:
     """Run the original ``model`` on every set, and its float64 and perturbed copies where the rule
-    allows (module docstring); ``exact_run(float64 inputs)``, when given, is the float64 reference
-    in place of a float64 copy of ``model`` (a widened captured graph)."""
+    allows (module docstring); ``exact()``, when given, builds the float64 reference's runner in
+    place of a float64 copy of ``model`` (a widened captured graph: :mod:`normfold.check.exact`)."""
     sets, notes = list(sets), []
     cpu = _on_cpu(model, sets)
     runs = run_all([lambda s=s: run_model(model, s.inputs, role=role) for s in sets], cpu=cpu)
@@ -92,13 +92,13 @@ def make_reference(
         if all(s is not k for k, _ in kept)
     )
     sets, outputs = [s for s, _ in kept], [out for _, out in kept]
-    exact, perturbed = exact_outputs(
+    exact_out, perturbed = exact_outputs(
         model, sets, rule, notes, lambda m, x, r: run_model(m, x, role=r), lambda t: run_all(t, cpu=cpu),
-        exact_run,
+        exact,
     )
     for note in notes:
         logger.info("parity: %s", note)
-    return Reference(sets, outputs, exact, notes, perturbed, cpu)
+    return Reference(sets, outputs, exact_out, notes, perturbed, cpu)
 
 
 def _on_cpu(model: nn.Module, sets: Sequence[InputSet]) -> bool:

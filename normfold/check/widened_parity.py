@@ -10,7 +10,8 @@ stays, and a note says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,6 @@ from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.check.reference import check, make_reference
 from normfold.check.widen import widened
-from normfold.errors import first_line
 
 __all__ = ["widened_parity"]
 
@@ -38,17 +38,16 @@ def widened_parity(
 ) -> ParityReport:
     """Judge ``candidate`` against ``original`` (captured as ``program``) on the rule's input sets."""
     sets = parity_sets(inputs, rule)
-    try:
-        wide = widened(program)
-    except Exception as e:  # the reference's own float64 copy (or the floor) judges then
+
+    def exact() -> Callable[[tuple[torch.Tensor, ...]], Any]:
+        wide = widened(program)  # built only within the rule's exact_limit_bytes
+        return lambda x: run_model(wide, x, role=_ROLE)
+
+    reference = make_reference(original, sets, rule, exact=exact)
+    failed = next((n for n in reference.notes if n.startswith("no float64 reference (")), None)
+    if failed is not None:  # no widened graph, or a widened op without a float64 kernel: a copy judges
         reference = make_reference(original, sets, rule)
-        reference.notes.append(f"no widened float64 graph ({first_line(e)}); a float64 copy of the module")
-    else:
-        reference = make_reference(original, sets, rule, exact_run=lambda x: run_model(wide, x, role=_ROLE))
-        failed = next((n for n in reference.notes if n.startswith("no float64 reference (")), None)
-        if failed is not None:  # a widened op without a float64 kernel: a float64 copy judges
-            reference = make_reference(original, sets, rule)
-            reference.notes.append(f"no widened float64 run ({failed}); a float64 copy of the module")
-        elif reference.exact is not None:
-            reference.notes.append("exact reference: the original's captured graph, widened to float64")
+        reference.notes.append(f"no widened float64 reference ({failed}); a float64 copy of the module")
+    elif reference.exact is not None:
+        reference.notes.append("exact reference: the original's captured graph, widened to float64")
     return check(reference, lambda x: run_model(candidate, x, role="folded"), rule)

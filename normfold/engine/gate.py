@@ -124,10 +124,9 @@ def judge(
     rule = ParityRule() if narrow else ParityRule(perturbations=0)
     failure = None
     for i, judged in enumerate(_judging_sets(tuple(inputs))):
-        try:
-            report = verify(original, result, judged, rule=rule)
-        except TraceError:
-            continue  # the model does not run at the other batch size: the example inputs decide
+        if i and not _runs(original, judged):
+            continue  # the original does not run at the other batch size: the example inputs decide
+        report = verify(original, result, judged, rule=rule)  # a folded artifact that raises: raised
         if not report.passed and report.decided:
             failure = report.failures()[0] + (f", at batch size {judged[0].shape[0]}" if i else "")
             break
@@ -161,18 +160,36 @@ def _judging_sets(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, 
     draw: fuzz seed 934055385 chunk 6, a float32 ``Conv3d -> BN(mean ~30 std)`` before a
     batch-statistics norm, 0 of 20 normal draws beyond the rule at batch 4 and 8, 20 of 20 at
     batch 5 (4.8x the original's own error). A second batch size, judged like the first, catches
-    such folds; a model that runs at one batch size only is judged on its examples alone."""
+    such folds; a model that runs at one batch size only is judged on its examples alone. Every
+    tensor with the batch axis grows: floating ones with normal values, the others (ids, masks)
+    by repeating their first row."""
     sets = [inputs]
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
     if batch is None or not any(t.is_floating_point() for t in inputs):
         return sets
     gen = torch.Generator().manual_seed(0)
-    sets.append(tuple(
-        torch.randn((batch + 1, *t.shape[1:]), generator=gen, dtype=torch.float64).to(t.device, t.dtype)
-        if t.is_floating_point() and t.dim() and t.shape[0] == batch else t
-        for t in inputs
-    ))  # fmt: skip
+
+    def wider(t: torch.Tensor) -> torch.Tensor:
+        if not t.dim() or t.shape[0] != batch:
+            return t  # no batch axis
+        if t.is_floating_point():
+            drawn = torch.randn((batch + 1, *t.shape[1:]), generator=gen, dtype=torch.float64)
+            return drawn.to(t.device, t.dtype)
+        return torch.cat([t, t[:1]])  # ids, masks: one more row of valid values
+
+    sets.append(tuple(wider(t) for t in inputs))
     return sets
+
+
+def _runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``model`` runs on ``inputs`` (a model that fixes its batch size does not)."""
+    from normfold.check.model_run import run_model
+
+    try:
+        run_model(model, inputs, role="original")
+    except TraceError:
+        return False
+    return True
 
 
 def dtype_name(result: FoldResult) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import pytest
@@ -379,8 +380,9 @@ class _NoDouble(nn.Module):
 
 
 def test_a_given_exact_run_is_the_reference_and_no_float64_copy_runs() -> None:
-    """make_reference(exact_run=...) (the widened captured graph of widened_parity) takes that run as
-    the float64 reference; the model's own float64 copy is not made or run (it would fail here)."""
+    """make_reference(exact=...) (the widened captured graph of widened_parity) takes that runner as
+    the float64 reference; the model's own float64 copy is not made or run (it would fail here);
+    over the rule's exact_limit_bytes the runner is not even built."""
     torch.manual_seed(3)
     model = _NoDouble().eval()
     x = torch.randn(4, 3)
@@ -392,10 +394,17 @@ def test_a_given_exact_run_is_the_reference_and_no_float64_copy_runs() -> None:
         w, b = model.lin.weight.double(), model.lin.bias.double()
         return (inputs[0] @ w.T + b) * 1.5
 
-    reference = make_reference(model, sets, ParityRule(), exact_run=exact_run)
+    reference = make_reference(model, sets, ParityRule(), exact=lambda: exact_run)
     assert calls == [torch.float64] * len(sets) and reference.exact is not None
     assert not any(n.startswith("no float64 reference") for n in reference.notes)
     assert torch.equal(reference.exact[0], exact_run((sets[0].inputs[0].double(),)))
     assert check(reference, lambda inputs: model(*inputs), ParityRule()).passed
     without = make_reference(model, sets, ParityRule())  # the copy's run fails: a note, no reference
     assert without.exact is None and any("no float64 kernel" in n for n in without.notes)
+
+    def never() -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+        raise AssertionError("built over the limit")
+
+    small = ParityRule(exact_limit_bytes=8)
+    over = make_reference(model, sets, small, exact=never)
+    assert over.exact is None and any("over the limit" in n for n in over.notes)

@@ -164,13 +164,13 @@ class _FourRows(nn.Module):
 def test_judging_sets_add_one_batch_size_and_leave_other_inputs_alone() -> None:
     """The gate judges on the example inputs and on a seeded normal set one larger along the batch
     axis (fuzz seed 934055385 chunk 6: a fold within the rule at batch 4, beyond it at batch 5);
-    integer inputs and inputs without that batch are passed as they are."""
-    x, ids, table = torch.randn(4, 2, dtype=torch.float64), torch.arange(4), torch.randn(3, 5)
+    integer inputs with the batch axis grow by their first row, inputs without it stay."""
+    x, ids, table = torch.randn(4, 2, dtype=torch.float64), torch.arange(4) + 7, torch.randn(3, 5)
     sets = _judging_sets((x, ids, table))
     assert len(sets) == 2 and sets[0][0] is x
     wider = sets[1]
     assert wider[0].shape == (5, 2) and wider[0].dtype == torch.float64
-    assert wider[1] is ids and wider[2] is table
+    assert wider[1].tolist() == [7, 8, 9, 10, 7] and wider[2] is table
     assert torch.equal(_judging_sets((x,))[1][0], wider[0])  # seeded: the same every call
     assert len(_judging_sets((ids,))) == 1
 
@@ -184,3 +184,18 @@ def test_a_model_that_runs_at_one_batch_size_is_judged_on_its_examples() -> None
     assert judge(model, result, (x,), {"inner.1": 680.0}) == {}
     result.program = normfold.fold(_FourRows(_cancelling(3)[0]).eval(), x).program
     assert list(judge(model, result, (x,), {"inner.1": 680.0})) == ["inner.1"]
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a folded artifact that cannot run")
+
+
+def test_a_folded_artifact_that_raises_is_an_error_not_a_pass() -> None:
+    """Only the original failing at the second batch size skips that set; a folded module that
+    raises is not judged as passing: the gate raises (a check that decides nothing never passes)."""
+    model, x = _cancelling(9)
+    result = normfold.fold(model, x)
+    result.model = _Raises()
+    with pytest.raises(normfold.TraceError, match="a folded artifact that cannot run"):
+        judge(model, result, (x,), {"1": 680.0})
