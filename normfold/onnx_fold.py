@@ -33,8 +33,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from normfold.check.input_sets import parity_sets
-from normfold.check.parity import compare_outputs, report_of
+from normfold.check.onnx_parity import parity_onnx
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
@@ -44,12 +43,14 @@ from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
 from normfold.errors import ExportError, LoadError, ParityError, UsageError, first_line
+from normfold.io.export import commit_export, onnx_inline_limit
 from normfold.io.files import OutputSet
+from normfold.io.onnx_file import write_onnx
 from normfold.io.sniff import check_regular_file, sniff
 from normfold.onnx_inputs import DEFAULT_DIM, Shapes
 from normfold.onnx_inputs import example_feeds as _example_inputs
 
-__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "plan_onnx"]
+__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "parity_onnx", "plan_onnx"]
 
 @dataclass
 class OnnxFoldResult:
@@ -96,38 +97,55 @@ def fold_onnx(
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
     shapes for generated inputs (input name -> shape, or one shape per graph input in order).
     Raises ParityError (nothing written) when the folded model does not match the original."""
-    rule = rule if rule is not None else ParityRule()
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
-        planned = _plan(original, inputs, input_shapes)
-        view, plan, model = planned.view, planned.plan, planned.model
-        new = plan.values(planned.values)
-        apply_plan(view, plan, new, planned.values.names)
-        rejoin_unchanged(model, planned.copies, set(new))
-        folded = ir.serde.serialize_model(model)
-        try:
-            onnx.checker.check_model(folded, full_check=True)
-        except Exception as e:
-            raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
-        result = _result(original, folded, planned)
-        result.parity = parity_onnx(original, folded, planned.feeds, rule, given=inputs is not None)
-        result.notes.extend(result.parity.notes)
-        if not result.parity.passed:
-            failed = ParityError(result.parity.verdict())
-            failed.result = result  # the records and the parity report, for a failed run's report
-            raise failed
+        planned = prepare(original, inputs, input_shapes)
+        staged = files.staged("out") if files is not None else None
+        result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged)
         if files is not None:
-            try:
-                onnx.save(folded, files.staged("out"))
-            except (OSError, ValueError) as e:  # no space; a model over protobuf's 2 GB
-                raise ExportError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
-            files.commit()
-            result.out = Path(out)
+            commit_export(files)  # and the external data a replaced file of normfold's used, if unused now
+            result.out = Path(out) if out is not None else None
         return result
     finally:
         if files is not None:
             files.close()
+
+
+def fold_planned(
+    original: onnx.ModelProto, planned: Planned, rule: ParityRule | None = None, *, given: bool = False,
+    staged: Path | None = None,
+) -> OnnxFoldResult:  # fmt: skip
+    """Apply ``planned``'s plan (:func:`prepare`), check the folded model with ``onnx.checker``,
+    write it to ``staged`` when given (:func:`normfold.io.onnx_file.write_onnx`: checked as
+    written, weights over protobuf's 2 GB in a sibling external-data file; the caller commits it),
+    and prove parity against ``original`` on that file (in memory without ``staged``)."""
+    rule = rule if rule is not None else ParityRule()
+    view, plan, model = planned.view, planned.plan, planned.model
+    new = plan.values(planned.values)
+    apply_plan(view, plan, new, planned.values.names)
+    rejoin_unchanged(model, planned.copies, set(new))
+    candidate: onnx.ModelProto | Path
+    if staged is None:
+        folded = candidate = ir.serde.serialize_model(model)
+        try:
+            onnx.checker.check_model(folded, full_check=True)
+        except Exception as e:
+            raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
+    else:
+        try:
+            folded = write_onnx(model, staged, inline_limit=onnx_inline_limit())
+        except ValueError as e:  # a graph over protobuf's 2 GB even without its weights
+            raise ExportError(f"writing {staged.name} failed: {first_line(e)}; nothing was written") from e
+        candidate = staged
+    result = _result(original, folded, planned)
+    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given)
+    result.notes.extend(result.parity.notes)
+    if not result.parity.passed:
+        failed = ParityError(result.parity.verdict())
+        failed.result = result  # the records and the parity report, for a failed run's report
+        raise failed
+    return result
 
 
 def plan_onnx(
@@ -140,11 +158,11 @@ def plan_onnx(
     inputs, with nothing applied, run or written: ``model`` is the original, ``parity`` None and
     ``ops_after`` empty."""
     original, _ = load_onnx(source)
-    return _result(original, None, _plan(original, inputs, input_shapes))
+    return _result(original, None, prepare(original, inputs, input_shapes))
 
 
 @dataclass
-class _Planned:
+class Planned:
     """The steps up to the plan: example inputs, the IR model (shared initializers split), its view."""
 
     feeds: dict[str, torch.Tensor]
@@ -155,9 +173,11 @@ class _Planned:
     plan: Plan
 
 
-def _plan(
+def prepare(
     original: onnx.ModelProto, inputs: Sequence[Any] | Mapping[str, Any] | None, input_shapes: Shapes | None
-) -> _Planned:
+) -> Planned:
+    """Steps 1 and 2 (module docstring): the example inputs, the IR model and its plan; the
+    records of the plan are :func:`records`."""
     feeds = _example_inputs(original, inputs, input_shapes)
     shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
     _run_shapes(original, feeds, shapes)
@@ -165,10 +185,15 @@ def _plan(
     copies = split_shared(model)
     view = OnnxView(model, shapes, types)
     values = OnnxValues(view)
-    return _Planned(feeds, model, copies, view, values, planner.plan(view, values))
+    return Planned(feeds, model, copies, view, values, planner.plan(view, values))
 
 
-def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: _Planned) -> OnnxFoldResult:
+def records(original: onnx.ModelProto, planned: Planned) -> OnnxFoldResult:
+    """What :func:`plan_onnx` returns for ``planned``: the records of its plan, nothing applied."""
+    return _result(original, None, planned)
+
+
+def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: Planned) -> OnnxFoldResult:
     """The records of ``planned``'s plan; ``folded`` None for a plan only."""
     plan = planned.plan
     result = OnnxFoldResult(
@@ -274,44 +299,3 @@ def _folded(view: OnnxView, fold: Any) -> Folded:
     kinds = ", ".join(dict.fromkeys(u.module_type for u in fold.updates))
     unit = fold.unit
     return Folded(unit.name, unit.module_type, into, kinds, fold.pattern, "onnx", unit.nodes[0], fold.through)
-
-
-def _session(model: onnx.ModelProto) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"onnxruntime cannot open the model: {first_line(e)}") from e
-
-
-def parity_onnx(
-    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], rule: ParityRule,
-    *, given: bool = False,
-) -> ParityReport:  # fmt: skip
-    """The folded model against the original in onnxruntime, on every input set (module docstring)."""
-    from normfold.check.onnx_exact import exact_run, perturbed_runs
-
-    names = list(feeds)
-    dtypes = {k: v.dtype for k, v in feeds.items()}
-    sets = parity_sets([feeds[k] for k in names], rule, given=given)
-    ref, cand = _session(original), _session(folded)
-    out_names = [o.name for o in ref.get_outputs()]
-    outputs, problems, notes = [], [], []
-    for s in sets:
-        typed = {k: t.to(dtypes[k]) for k, t in zip(names, s.inputs, strict=True)}
-        feed = {k: t.numpy() for k, t in typed.items()}
-        r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(out_names, feed)), strict=True))
-        c = dict(zip(out_names, (torch.from_numpy(a) for a in cand.run(out_names, feed)), strict=True))
-        exact, why = exact_run(original, typed, rule.exact_limit_bytes)
-        perturbed = [] if exact is None else perturbed_runs(original, typed, rule.perturbations)
-        if why is not None and why not in notes:
-            notes.append(why)
-        compared, found = compare_outputs(r, c, exact, rule, s.name, perturbed)
-        outputs.extend(compared)
-        problems.extend(p for p in found if p not in problems)
-    return report_of(outputs, problems, tuple(notes))

@@ -1,0 +1,163 @@
+"""Parity of a folded ONNX model against the original, per element, by the project's rule
+(:mod:`normfold.check.parity`), on the seeded input sets of :func:`~normfold.check.input_sets.parity_sets`.
+
+Per input set, every run the rule needs:
+
+* ``orig`` and ``cand``: the original and the candidate in onnxruntime (CPU, graph optimizations
+  off for both: they would refold a BatchNormalization and hide a wrong fold), one session each,
+  opened once for all input sets (:func:`normfold.io.onnx_run.open_session`); the candidate from
+  the file as written when there is one;
+* ``exact``: the original in float64 in normfold's interpreter (:mod:`normfold.check.onnx_exact`:
+  onnxruntime's CPU provider has no float64 ``Conv``), its initializers read and widened once;
+* ``pert_k`` (``rule.perturbations`` runs): the original in float32 with every floating
+  initializer rounded from ``t * (1 + d)`` (:func:`~normfold.check.onnx_exact.perturbed_initializers`,
+  one draw per ``k`` for every input set). For a model whose floating initializers and inputs are
+  all float32 they run in the original's own onnxruntime session: it is opened from a copy that
+  also lists those initializers as graph inputs (ONNX IR >= 4: an initializer listed as an input is
+  a default the feed may override), so the unperturbed run feeds none of them and the perturbed
+  runs feed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
+  float32, or a graph onnxruntime cannot run with those inputs fed) the interpreter makes them.
+
+Without an exact run (an op the interpreter lacks, or a float64 copy over
+``rule.exact_limit_bytes``) there are no perturbed runs either: the floor alone applies against
+the original's own run, and the report's notes say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from normfold.check.input_sets import parity_sets
+from normfold.check.onnx_exact import exact_run, initializer_tensors, perturbed_initializers, run_graph
+from normfold.check.parity import compare_outputs, report_of
+from normfold.check.parity_report import ParityReport
+from normfold.check.parity_rule import ParityRule
+from normfold.errors import ExportError
+from normfold.io.onnx_run import Session, open_session
+
+__all__ = ["parity_onnx"]
+
+_Outputs = dict[str, torch.Tensor]
+
+
+def parity_onnx(
+    original: onnx.ModelProto,
+    candidate: onnx.ModelProto | str | Path,
+    feeds: Mapping[str, torch.Tensor],
+    rule: ParityRule,
+    *,
+    given: bool = False,
+) -> ParityReport:
+    """``candidate`` (a model, or the file written) against ``original`` on every input set
+    (module docstring). ``original`` holds its weights (external data loaded)."""
+    names = list(feeds)
+    sets = parity_sets([feeds[k] for k in names], rule, given=given)
+    typed = [{k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)} for s in sets]
+    perturb = _perturbable(original, feeds) and rule.perturbations > 0
+    ref, overridable = _original_session(original, perturb)
+    out_names = [o.name for o in ref.session.get_outputs()]
+    origs = [_run(ref, out_names, feed) for feed in typed]
+    exact, notes = _exact(original, typed, rule)
+    perturbed: list[list[_Outputs]] = [[] for _ in typed]
+    if exact is not None and rule.perturbations > 0:
+        perturbed = _perturbed(original, typed, rule.perturbations, ref if overridable else None, out_names)
+    del ref  # its weights are freed before the candidate's are read
+    written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
+    cand = open_session(written, name="the folded model")
+    outputs, problems = [], []
+    for i, (s, feed) in enumerate(zip(sets, typed, strict=True)):
+        c = _run(cand, out_names, feed)
+        compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule, s.name,
+                                          perturbed[i])  # fmt: skip
+        outputs.extend(compared)
+        problems.extend(p for p in found if p not in problems)
+    return report_of(outputs, problems, tuple(notes))
+
+
+def _perturbable(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> bool:
+    """Whether onnxruntime makes the perturbed runs: every floating initializer and input float32."""
+    tp = onnx.TensorProto
+    floating = {tp.FLOAT, tp.DOUBLE, tp.FLOAT16, tp.BFLOAT16}
+    inits = [t.data_type for t in model.graph.initializer if t.data_type in floating]
+    ins = [t.dtype for t in feeds.values() if t.is_floating_point()]
+    return all(t == tp.FLOAT for t in inits) and all(t == torch.float32 for t in ins)
+
+
+def _original_session(model: onnx.ModelProto, perturb: bool) -> tuple[Session, bool]:
+    """The original's session, and whether its floating initializers can be fed (module docstring)."""
+    if perturb:
+        floating = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        try:
+            session = open_session(_with_initializer_inputs(model, floating), name="the original model")
+        except ExportError:  # e.g. an op whose float input must be constant: the interpreter perturbs
+            pass
+        else:
+            fed = {i.name for i in session.session.get_overridable_initializers()}
+            if fed >= set(floating):
+                return session, True
+    return open_session(model.SerializeToString(), name="the original model"), False
+
+
+def _with_initializer_inputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """``model`` serialized with the initializers ``names`` also listed as graph inputs. The proto
+    is not copied (it may be large): the inputs are appended for the serialization and removed."""
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    wanted = set(names) - declared
+    added = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in graph.initializer if t.name in wanted]  # fmt: skip
+    graph.input.extend(added)
+    try:
+        return model.SerializeToString()
+    finally:
+        del graph.input[len(graph.input) - len(added) :]
+
+
+def _run(session: Session, out_names: list[str], feed: Mapping[str, Any]) -> _Outputs:
+    arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
+    try:
+        got = session.session.run(out_names, arrays)
+    except Exception as e:
+        raise ExportError(f"onnxruntime failed to run {session.name}: {str(e).splitlines()[0]}") from e
+    return {k: torch.from_numpy(np.asarray(a)) for k, a in zip(out_names, got, strict=True)}
+
+
+def _exact(
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], rule: ParityRule
+) -> tuple[list[_Outputs] | None, list[str]]:
+    """The float64 run of each input set, or None and why (module docstring)."""
+    limit = rule.exact_limit_bytes
+    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
+    wide = initializer_tensors(model, torch.float64) if limit is None or size <= limit else None
+    runs = []
+    for feed in typed:
+        run, why = exact_run(model, feed, limit, wide)
+        if run is None:
+            return None, [why] if why is not None else []
+        runs.append(run)
+    return runs, []
+
+
+def _perturbed(
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
+    out_names: list[str],
+) -> list[list[_Outputs]]:  # fmt: skip
+    """Per input set, the ``count`` perturbed runs: in ``session`` (the original's, its floating
+    initializers overridable), else in the interpreter in float32 (module docstring)."""
+    own = initializer_tensors(model)
+    runs: list[list[_Outputs]] = [[] for _ in typed]
+    with torch.no_grad():
+        for k in range(count):
+            noisy = perturbed_initializers(own, k)
+            for i, feed in enumerate(typed):
+                if session is not None:
+                    runs[i].append(_run(session, out_names, {**feed, **noisy}))
+                else:
+                    runs[i].append(run_graph(model, feed, torch.float32, initializers={**own, **noisy}))
+    return runs
