@@ -38,7 +38,7 @@ from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
 from normfold.engine.fold_records import Folded, Skipped
-from normfold.engine.onnx_apply import apply_plan, rejoin_unchanged, split_shared
+from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
@@ -100,7 +100,7 @@ def fold_onnx(
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
-        planned = prepare(original, inputs, input_shapes)
+        planned = prepare(original, inputs, input_shapes, path)
         staged = files.staged("out") if files is not None else None
         result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged)
         if files is not None:
@@ -122,14 +122,15 @@ def fold_planned(
     and prove parity against ``original`` on that file (in memory without ``staged``)."""
     rule = rule if rule is not None else ParityRule()
     view, plan, model = planned.view, planned.plan, planned.model
-    new = plan.values(planned.values)
+    new = folded_values(plan, planned.values)
     apply_plan(view, plan, new, planned.values.names)
     rejoin_unchanged(model, planned.copies, set(new))
-    candidate: onnx.ModelProto | Path
+    candidate: bytes | Path
     if staged is None:
-        folded = candidate = ir.serde.serialize_model(model)
+        folded = ir.serde.serialize_model(model)
         try:
-            onnx.checker.check_model(folded, full_check=True)
+            candidate = folded.SerializeToString()  # serialized once: for the checker and onnxruntime
+            onnx.checker.check_model(candidate, full_check=True)
         except Exception as e:
             raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
     else:
@@ -139,7 +140,10 @@ def fold_planned(
             raise ExportError(f"writing {staged.name} failed: {first_line(e)}; nothing was written") from e
         candidate = staged
     result = _result(original, folded, planned)
-    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given)
+    del new, model, view  # the folded weights live in the model now, or in the file written
+    if staged is not None:
+        _release(planned)
+    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given, source=planned.source)
     result.notes.extend(result.parity.notes)
     if not result.parity.passed:
         failed = ParityError(result.parity.verdict())
@@ -171,21 +175,38 @@ class Planned:
     view: OnnxView
     values: OnnxValues
     plan: Plan
+    source: Path | None = None  # the original's file: its external data lie beside it
 
 
 def prepare(
-    original: onnx.ModelProto, inputs: Sequence[Any] | Mapping[str, Any] | None, input_shapes: Shapes | None
+    original: onnx.ModelProto,
+    inputs: Sequence[Any] | Mapping[str, Any] | None,
+    input_shapes: Shapes | None,
+    source: Path | None = None,
 ) -> Planned:
     """Steps 1 and 2 (module docstring): the example inputs, the IR model and its plan; the
-    records of the plan are :func:`records`."""
+    records of the plan are :func:`records`. ``source``: the file ``original`` was read from
+    (:func:`load_onnx`), whose folder holds its external data."""
     feeds = _example_inputs(original, inputs, input_shapes)
     shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
-    _run_shapes(original, feeds, shapes)
+    _run_shapes(original, feeds, shapes, source)
+    # a copy: onnx_ir wraps the proto's tensors, and renaming a value renames its TensorProto
     model = ir.serde.deserialize_model(copy.deepcopy(original))
+    if source is not None:
+        ir.external_data.set_base_dir(model.graph, source.parent)
     copies = split_shared(model)
     view = OnnxView(model, shapes, types)
     values = OnnxValues(view)
-    return Planned(feeds, model, copies, view, values, planner.plan(view, values))
+    return Planned(feeds, model, copies, view, values, planner.plan(view, values), source)
+
+
+def _release(planned: Planned) -> None:
+    """Drop the IR model once written: its weights (the folded ones in memory, the others mapped
+    from the original's external data) are not needed by the parity runs, which read both files."""
+    for value in planned.model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+    planned.model = planned.view = planned.values = None  # type: ignore[assignment]
 
 
 def records(original: onnx.ModelProto, planned: Planned) -> OnnxFoldResult:
@@ -212,7 +233,8 @@ def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: 
 
 def load_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
     """A ``ModelProto`` as is, or a file: a regular file whose first bytes say ONNX
-    (:func:`normfold.io.sniff.sniff`, as every input is checked before it is parsed), then parsed."""
+    (:func:`normfold.io.sniff.sniff`, as every input is checked before it is parsed), then parsed,
+    its external data (a model over 2 GB) left in its files, next to ``path``."""
     if isinstance(source, onnx.ModelProto):
         return source, None
     if not isinstance(source, (str, Path)):
@@ -221,8 +243,8 @@ def load_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Pa
     check_regular_file(path, "ONNX file")
     if sniff(path) != "onnx":
         raise LoadError(f"{path} is not an ONNX model: its first bytes are not those of an ONNX protobuf")
-    try:
-        return onnx.load(str(path)), path
+    try:  # external data stays on disk: read lazily (onnx_ir, mmap) where a value is needed
+        return onnx.load(str(path), load_external_data=False), path
     except Exception as e:
         raise LoadError(f"cannot read {path} as ONNX: {first_line(e)}") from e
 
@@ -257,11 +279,12 @@ def _concrete_shapes(
 
 
 def _run_shapes(
-    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
-) -> None:
+    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+    source: Path | None,
+) -> None:  # fmt: skip
     """Shapes inference left unknown (a reshape to a shape computed from ``Shape(x)``), from one
     float32 run of the original on the example inputs, where normfold's interpreter runs it."""
-    from normfold.check.onnx_exact import Unsupported, run_graph
+    from normfold.check.onnx_exact import Unsupported, initializer_tensors, run_graph
 
     known = set(shapes)
     if all(o in known for n in model.graph.node for o in n.output if o):
@@ -269,7 +292,8 @@ def _run_shapes(
     found: dict[str, tuple[int, ...]] = {}
     try:
         with torch.no_grad():
-            run_graph(model, feeds, torch.float32, shapes=found)
+            tensors = initializer_tensors(model, base_dir=source.parent if source is not None else None)
+            run_graph(model, feeds, torch.float32, shapes=found, initializers=tensors)
     except Unsupported:
         return
     for name, shape in found.items():

@@ -120,7 +120,7 @@ def fold_onnx_file(
         with run.steps("load"):
             original, given = _load_source(source, spec)
         with run.steps("plan"):
-            planned = prepare(original, given.get("inputs"), given.get("input_shapes"))
+            planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source))
         if folding.require_all:
             with run.steps("require all"):
                 require_all(records(original, planned))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,12 +285,15 @@ OPS: dict[str, _Op] = {
 }
 
 
-def initializer_tensors(model: onnx.ModelProto, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def initializer_tensors(
+    model: onnx.ModelProto, dtype: torch.dtype | None = None, base_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
     """Every initializer of ``model``'s graph as a tensor, read once (the floating ones in
-    ``dtype`` when given), to be shared by every run of :func:`run_graph`."""
+    ``dtype`` when given; external data from ``base_dir``), to be shared by every run of
+    :func:`run_graph`."""
     found = {}
     for init in model.graph.initializer:
-        t = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        t = torch.from_numpy(np.array(numpy_helper.to_array(init, str(base_dir) if base_dir else "")))
         found[init.name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return found
 

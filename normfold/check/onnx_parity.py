@@ -48,25 +48,30 @@ _Outputs = dict[str, torch.Tensor]
 
 def parity_onnx(
     original: onnx.ModelProto,
-    candidate: onnx.ModelProto | str | Path,
+    candidate: onnx.ModelProto | bytes | str | Path,
     feeds: Mapping[str, torch.Tensor],
     rule: ParityRule,
     *,
     given: bool = False,
+    source: Path | None = None,
 ) -> ParityReport:
-    """``candidate`` (a model, or the file written) against ``original`` on every input set
-    (module docstring). ``original`` holds its weights (external data loaded)."""
+    """``candidate`` (a model, serialized or not, or the file written) against ``original`` on
+    every input set (module docstring). ``source``: the file ``original`` was read from, whose
+    folder holds its external data (``original`` may then hold only their locations)."""
     names = list(feeds)
     sets = parity_sets([feeds[k] for k in names], rule, given=given)
     typed = [{k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)} for s in sets]
     perturb = _perturbable(original, feeds) and rule.perturbations > 0
-    ref, overridable = _original_session(original, perturb)
+    base_dir = source.parent if source is not None else None
+    exact, notes = _exact(original, typed, rule, base_dir)
+    perturb = perturb and exact is not None
+    ref, overridable = _original_session(original, perturb, source)
     out_names = [o.name for o in ref.session.get_outputs()]
     origs = [_run(ref, out_names, feed) for feed in typed]
-    exact, notes = _exact(original, typed, rule)
     perturbed: list[list[_Outputs]] = [[] for _ in typed]
     if exact is not None and rule.perturbations > 0:
-        perturbed = _perturbed(original, typed, rule.perturbations, ref if overridable else None, out_names)
+        perturbed = _perturbed(original, typed, rule.perturbations, ref if overridable else None, out_names,
+                               base_dir)  # fmt: skip
     del ref  # its weights are freed before the candidate's are read
     written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
     cand = open_session(written, name="the folded model")
@@ -89,18 +94,23 @@ def _perturbable(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> b
     return all(t == tp.FLOAT for t in inits) and all(t == torch.float32 for t in ins)
 
 
-def _original_session(model: onnx.ModelProto, perturb: bool) -> tuple[Session, bool]:
-    """The original's session, and whether its floating initializers can be fed (module docstring)."""
+def _original_session(model: onnx.ModelProto, perturb: bool, source: Path | None) -> tuple[Session, bool]:
+    """The original's session, and whether its floating initializers can be fed (module docstring):
+    from its file when it has one and no initializer is to be fed."""
+    data_dir = source.parent if source is not None else None
     if perturb:
         floating = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
         try:
-            session = open_session(_with_initializer_inputs(model, floating), name="the original model")
+            session = open_session(_with_initializer_inputs(model, floating), name="the original model",
+                                   data_dir=data_dir)  # fmt: skip
         except ExportError:  # e.g. an op whose float input must be constant: the interpreter perturbs
             pass
         else:
             fed = {i.name for i in session.session.get_overridable_initializers()}
             if fed >= set(floating):
                 return session, True
+    if source is not None:
+        return open_session(source, name="the original model"), False
     return open_session(model.SerializeToString(), name="the original model"), False
 
 
@@ -129,12 +139,13 @@ def _run(session: Session, out_names: list[str], feed: Mapping[str, Any]) -> _Ou
 
 
 def _exact(
-    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], rule: ParityRule
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], rule: ParityRule, base_dir: Path | None
 ) -> tuple[list[_Outputs] | None, list[str]]:
     """The float64 run of each input set, or None and why (module docstring)."""
     limit = rule.exact_limit_bytes
     size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
-    wide = initializer_tensors(model, torch.float64) if limit is None or size <= limit else None
+    fits = limit is None or size <= limit
+    wide = initializer_tensors(model, torch.float64, base_dir) if fits else None
     runs = []
     for feed in typed:
         run, why = exact_run(model, feed, limit, wide)
@@ -146,11 +157,11 @@ def _exact(
 
 def _perturbed(
     model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
-    out_names: list[str],
+    out_names: list[str], base_dir: Path | None,
 ) -> list[list[_Outputs]]:  # fmt: skip
     """Per input set, the ``count`` perturbed runs: in ``session`` (the original's, its floating
     initializers overridable), else in the interpreter in float32 (module docstring)."""
-    own = initializer_tensors(model)
+    own = initializer_tensors(model, base_dir=base_dir)
     runs: list[list[_Outputs]] = [[] for _ in typed]
     with torch.no_grad():
         for k in range(count):

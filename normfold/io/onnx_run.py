@@ -66,11 +66,12 @@ class Session:
 
 
 def open_session(
-    model: str | Path | bytes, provider: str = "CPUExecutionProvider", *, name: str = ""
-) -> Session:
+    model: str | Path | bytes, provider: str = "CPUExecutionProvider", *, name: str = "",
+    data_dir: Path | None = None,
+) -> Session:  # fmt: skip
     """An onnxruntime session of ``model`` (a file, or a serialized model: ``name`` names it in
-    messages) on ``provider`` (module docstring). Every onnxruntime session normfold opens is
-    opened here."""
+    messages, ``data_dir`` holds the external data it names) on ``provider`` (module docstring).
+    Every onnxruntime session normfold opens is opened here."""
     import onnxruntime as ort
 
     shown = name or (Path(model).name if isinstance(model, (str, Path)) else "the model")
@@ -79,6 +80,9 @@ def open_session(
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    if data_dir is not None:  # a serialized model's external data: their folder
+        key = "session.model_external_initializers_file_folder_path"
+        options.add_session_config_entry(key, str(data_dir))
     try:
         source = model if isinstance(model, bytes) else str(model)
         session = ort.InferenceSession(source, options, providers=[provider])
