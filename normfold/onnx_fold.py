@@ -127,7 +127,7 @@ def fold_planned(
     rejoin_unchanged(model, planned.copies, set(new))
     candidate: bytes | Path
     if staged is None:
-        folded = ir.serde.serialize_model(model)
+        folded = ir.serde.serialize_model(ir.external_data.load_to_model(model))  # a whole ModelProto
         try:
             candidate = folded.SerializeToString()  # serialized once: for the checker and onnxruntime
             onnx.checker.check_model(candidate, full_check=True)
