@@ -1,25 +1,27 @@
 """``fold_onnx``: fold the norms of an existing ``.onnx`` file; no PyTorch model needed.
 
-1. **Load** the file (or a ``ModelProto``) into ``onnx_ir``; make every input dim concrete (the
-   example inputs' sizes: given ``inputs``, ``input_shapes``, or :data:`DEFAULT_DIM` for a symbolic
-   dim) and run ONNX shape inference for the shapes the rules read (the written model keeps its
-   symbolic dims).
+1. **Load** the file (or a ``ModelProto``) into ``onnx_ir``, its external data (a model over
+   2 GB) left on disk and mapped only where a value is read (each weight is unmapped once copied:
+   :func:`normfold.engine.onnx_ops.as_tensor`); make every input dim concrete (the example inputs'
+   sizes: given ``inputs``, ``input_shapes``, or :data:`DEFAULT_DIM` for a symbolic dim) and run
+   ONNX shape inference for the shapes the rules read (the written model keeps its symbolic dims).
 2. **Plan** with the engine's planner and rule table over :class:`~normfold.engine.onnx_view.OnnxView`
    (the same rules as the PyTorch path); initializers several layers share are split first, one
    copy per layer, and joined again where no fold changed them.
-3. **Apply** (:mod:`normfold.engine.onnx_apply`) and check the result with ``onnx.checker``
-   (``full_check``: types and shapes too).
-4. **Parity** in onnxruntime (CPU, graph optimizations off for both, which would otherwise refold a
-   BatchNormalization and hide a wrong fold) of the folded model against the ORIGINAL, per element,
-   by the project's rule (:mod:`normfold.check.parity`) on the seeded input sets of
-   :func:`~normfold.check.input_sets.parity_sets` (standard normal, uniform over the rule's value
-   range; plus the caller's inputs). The exact reference is the float64 run of the original
-   graph where :mod:`normfold.check.onnx_exact` can run every op of it; otherwise the original's
-   own run is the reference and the floor alone applies (``parity.notes`` says so).
-5. **Write** ``out`` by normfold's file rules (:mod:`normfold.io.files`: staged, never partial, no
+3. **Apply** (:mod:`normfold.engine.onnx_apply`): a weight folded on its output side is computed
+   only when the model is written (:func:`~normfold.engine.onnx_apply.folded_values`), so the
+   folded weights are never all in memory at once. Check the result with ``onnx.checker``
+   (``full_check``: types and shapes too); with ``out``, **write** it first into the run's
+   staging folder (:func:`normfold.io.onnx_file.write_onnx`: checked as written; weights over
+   protobuf's 2 GB in ``<out>.<hash>.data`` beside it).
+4. **Parity** (:mod:`normfold.check.onnx_parity`) of the folded model, the file as written when
+   there is one, against the ORIGINAL, per element, by the project's rule
+   (:mod:`normfold.check.parity`): both in onnxruntime with graph optimizations off, the exact
+   reference a float64 run of the original in normfold's interpreter, the perturbed runs in
+   onnxruntime.
+5. **Commit** ``out`` by normfold's file rules (:mod:`normfold.io.files`: staged, never partial, no
    overwrite without ``force``, never over the input), only once parity passed.
 """
-
 from __future__ import annotations
 
 import copy

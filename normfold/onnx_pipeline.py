@@ -9,11 +9,12 @@ the same records (one :class:`~normfold.runs.LayerRow` per norm) and the same
 ``FoldOptions.require_all`` rule (:class:`~normfold.errors.NotFoldedError` before any parity run,
 nothing but the report written).
 
-The work itself is :func:`normfold.onnx_fold.fold_onnx` (plan, apply, ``onnx.checker``, parity in
-onnxruntime against the original) and :func:`normfold.onnx_fold.plan_onnx` (the plan alone). The
-folded model is written like an exported one (:func:`normfold.io.onnx_file.write_onnx`: checked
-again as written, weights over protobuf's 2 GB in a sibling external-data file) and described in
-an :class:`~normfold.io.export.ExportResult`. Nothing here prints.
+The work itself is :mod:`normfold.onnx_fold`'s: :func:`~normfold.onnx_fold.prepare` (the plan,
+made once: ``require_all`` reads its records), then :func:`~normfold.onnx_fold.fold_planned`
+(apply, ``onnx.checker``, write into the run's staging folder like an exported model:
+:func:`normfold.io.onnx_file.write_onnx`, checked as written, weights over protobuf's 2 GB in a
+sibling external-data file; then parity in onnxruntime of that file against the original). The
+written file is described in an :class:`~normfold.io.export.ExportResult`. Nothing here prints.
 """
 
 from __future__ import annotations
