@@ -163,8 +163,8 @@ def plan_onnx(
     """What :func:`fold_onnx` would fold and keep, decided by the same planner on the same example
     inputs, with nothing applied, run or written: ``model`` is the original, ``parity`` None and
     ``ops_after`` empty."""
-    original, _ = load_onnx(source)
-    return _result(original, None, prepare(original, inputs, input_shapes))
+    original, path = load_onnx(source)
+    return _result(original, None, prepare(original, inputs, input_shapes, path))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from normfold.check.parity import ParityReport, ParityRule
 from normfold.errors import ParityError, UsageError
 from normfold.io.export import ExportResult, owned_files
 from normfold.io.onnx_file import describe
-from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, plan_onnx, prepare, records
+from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, prepare, records
 from normfold.options import FoldOptions, InputSpec, WriteOptions
 from normfold.pipeline import require_all
 from normfold.report import StepHook
@@ -156,8 +156,9 @@ def inspect_onnx(
                  on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
             original, given = _load_source(source, spec)
-        with run.steps("plan"):
-            result = plan_onnx(original, **given)
+        with run.steps("plan"):  # its external data read beside the file
+            result = records(original, prepare(original, given.get("inputs"), given.get("input_shapes"),
+                                               Path(source)))  # fmt: skip
         run.record.run = found = _run(source, original, result)
         if folding.require_all:
             with run.steps("require all"):

@@ -121,3 +121,14 @@ def test_require_all_plans_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(onnx_fold, "prepare", lambda *a, **k: pytest.fail("planned a second time"))
     run = normfold.fold_onnx_file(src, tmp_path / "f.onnx", folding=FoldOptions(require_all=True))
     assert calls == [1] and run.parity.passed and [f.norm for f in run.result.folded] == ["bn"]
+
+
+def test_inspect_and_plan_read_external_data_beside_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _external(tmp_path / "in")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    found = normfold.inspect_onnx(src)
+    assert [(f.norm, f.pattern) for f in found.result.folded] == [("bn", "linear-bn")]
+    assert [(f.norm, f.pattern) for f in normfold.plan_onnx(src).folded] == [("bn", "linear-bn")]
