@@ -106,3 +106,13 @@ def test_the_interpreter_reads_external_data_beside_the_model(tmp_path: Path) ->
     want = run_graph(original, _feeds())["y"]
     got = run_graph(lazy, _feeds(), initializers=initializer_tensors(lazy, base_dir=tmp_path))["y"]
     assert torch.equal(got, want)
+
+
+def test_the_original_with_external_data_is_perturbed_in_onnxruntime(tmp_path: Path) -> None:
+    """Its serialized copy (initializers listed as inputs) finds the data in the file's folder."""
+    onnx.save(rows.levit_matmul_reshape_bn(), tmp_path / "m.onnx", save_as_external_data=True,
+              location="m.onnx.data", size_threshold=256)  # fmt: skip
+    lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    session, overridable = onnx_parity._original_session(lazy, True, tmp_path / "m.onnx")
+    fed = {i.name for i in session.session.get_overridable_initializers()}
+    assert overridable and fed == {"qkv", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
