@@ -15,7 +15,9 @@ with ``torch.nn.functional`` in float64:
   the others.
 
 ``BatchNormalization`` is computed from its definition, ``(x - mean) / sqrt(var + eps) * scale + B``
-with the running statistics, for opsets 7 (``spatial=1``), 9, 14 and 15; one in training mode
+with the running statistics, as one pass ``x * a + c`` over the activations (``a = scale /
+sqrt(var + eps)``, ``c = B - mean * a``, per channel in the run's dtype), for opsets 7
+(``spatial=1``), 9, 14 and 15; one in training mode
 (``training_mode=1``, or the statistics outputs of opsets before 14) has no exact run here. A graph
 with an op outside :data:`OPS` has none either: :func:`exact_run` returns why, and the parity
 report says so (the floor alone then applies, against the original's own run).
@@ -87,7 +89,8 @@ def _batch_norm(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], opset: in
         raise Unsupported("BatchNormalization in training mode or with spatial=0")
     view = [1, -1] + [1] * (x[0].dim() - 2)
     s, b, mean, var = (t.reshape(view) for t in x[1:5])
-    return [(x[0] - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * s + b]
+    scale = s / torch.sqrt(var + a.get("epsilon", 1e-5))
+    return [torch.addcmul(b - mean * scale, x[0], scale)]
 
 
 def _gemm(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
