@@ -18,6 +18,10 @@ Per input set, every run the rule needs:
   runs feed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
   float32, or a graph onnxruntime cannot run with those inputs fed) the interpreter makes them.
 
+The runs of the original are independent: they run side by side
+(:func:`normfold.check.workers.run_all`: each on one thread, as many at once as torch may use
+threads; one after another under ``OMP_NUM_THREADS=1``).
+
 Without an exact run (an op the interpreter lacks, or a float64 copy over
 ``rule.exact_limit_bytes``) there are no perturbed runs either: the floor alone applies against
 the original's own run, and the report's notes say so.
@@ -25,7 +29,8 @@ the original's own run, and the report's notes say so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from normfold.check.onnx_exact import exact_run, initializer_tensors, perturbed_
 from normfold.check.parity import compare_outputs, report_of
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
+from normfold.check.workers import run_all
 from normfold.errors import ExportError
 from normfold.io.onnx_run import Session, open_session
 
@@ -61,17 +67,23 @@ def parity_onnx(
     names = list(feeds)
     sets = parity_sets([feeds[k] for k in names], rule, given=given)
     typed = [{k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)} for s in sets]
-    perturb = _perturbable(original, feeds) and rule.perturbations > 0
     base_dir = source.parent if source is not None else None
-    exact, notes = _exact(original, typed, rule, base_dir)
-    perturb = perturb and exact is not None
-    ref, overridable = _original_session(original, perturb, source)
+    wide, too_large = _wide(original, rule, base_dir)
+    count = rule.perturbations if wide is not None else 0
+    ref, overridable = _original_session(original, count > 0 and _perturbable(original, feeds), source)
     out_names = [o.name for o in ref.session.get_outputs()]
-    origs = [_run(ref, out_names, feed) for feed in typed]
-    perturbed: list[list[_Outputs]] = [[] for _ in typed]
-    if exact is not None and rule.perturbations > 0:
-        perturbed = _perturbed(original, typed, rule.perturbations, ref if overridable else None, out_names,
-                               base_dir)  # fmt: skip
+    n = len(typed)
+    tasks: list[Callable[[], Any]] = [partial(_run, ref, out_names, feed) for feed in typed]
+    if wide is not None:
+        tasks += [partial(exact_run, original, feed, None, wide) for feed in typed]
+    tasks += _perturbed_tasks(original, typed, count, ref if overridable else None, out_names, base_dir)
+    results = run_all(tasks)  # side by side where torch may use several threads (check.workers)
+    origs, exact, notes = results[:n], None, [too_large] if too_large else []
+    if wide is not None:
+        why = next((why for run, why in results[n : 2 * n] if run is None), None)
+        exact, notes = ([run for run, _ in results[n : 2 * n]], []) if why is None else (None, [why])
+    runs = results[2 * n :] if exact is not None else []
+    perturbed = [[r[i] for r in runs] for i in range(n)]
     del ref  # its weights are freed before the candidate's are read
     written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
     cand = open_session(written, name="the folded model")
@@ -138,37 +150,44 @@ def _run(session: Session, out_names: list[str], feed: Mapping[str, Any]) -> _Ou
     return {k: torch.from_numpy(np.asarray(a)) for k, a in zip(out_names, got, strict=True)}
 
 
-def _exact(
-    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], rule: ParityRule, base_dir: Path | None
-) -> tuple[list[_Outputs] | None, list[str]]:
-    """The float64 run of each input set, or None and why (module docstring)."""
+def _wide(model: onnx.ModelProto, rule: ParityRule, base_dir: Path | None) -> tuple[Any, str | None]:
+    """The initializers in float64 for the exact runs, or None and why (over the rule's limit)."""
     limit = rule.exact_limit_bytes
     size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
-    fits = limit is None or size <= limit
-    wide = initializer_tensors(model, torch.float64, base_dir) if fits else None
-    runs = []
-    for feed in typed:
-        run, why = exact_run(model, feed, limit, wide)
-        if run is None:
-            return None, [why] if why is not None else []
-        runs.append(run)
-    return runs, []
+    if limit is not None and size > limit:
+        return None, (
+            f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
+            "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
+            "floor alone"
+        )
+    return initializer_tensors(model, torch.float64, base_dir), None
+
+
+def _perturbed_tasks(
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
+    out_names: list[str], base_dir: Path | None,
+) -> list[Callable[[], list[_Outputs]]]:  # fmt: skip
+    """One task per perturbation ``k``: its runs of every input set, in ``session`` (the
+    original's, its floating initializers overridable), else in the interpreter in float32
+    (module docstring)."""
+    if not count:
+        return []
+    own = initializer_tensors(model, base_dir=base_dir)
+
+    def runs(k: int) -> list[_Outputs]:
+        noisy = perturbed_initializers(own, k)
+        if session is not None:
+            return [_run(session, out_names, {**feed, **noisy}) for feed in typed]
+        with torch.no_grad():
+            return [run_graph(model, feed, torch.float32, initializers={**own, **noisy}) for feed in typed]
+
+    return [partial(runs, k) for k in range(count)]
 
 
 def _perturbed(
     model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
     out_names: list[str], base_dir: Path | None,
 ) -> list[list[_Outputs]]:  # fmt: skip
-    """Per input set, the ``count`` perturbed runs: in ``session`` (the original's, its floating
-    initializers overridable), else in the interpreter in float32 (module docstring)."""
-    own = initializer_tensors(model, base_dir=base_dir)
-    runs: list[list[_Outputs]] = [[] for _ in typed]
-    with torch.no_grad():
-        for k in range(count):
-            noisy = perturbed_initializers(own, k)
-            for i, feed in enumerate(typed):
-                if session is not None:
-                    runs[i].append(_run(session, out_names, {**feed, **noisy}))
-                else:
-                    runs[i].append(run_graph(model, feed, torch.float32, initializers={**own, **noisy}))
-    return runs
+    """Per input set, the ``count`` perturbed runs (:func:`_perturbed_tasks`)."""
+    runs = run_all(_perturbed_tasks(model, typed, count, session, out_names, base_dir))
+    return [[r[i] for r in runs] for i in range(len(typed))]
