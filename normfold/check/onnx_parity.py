@@ -84,7 +84,7 @@ def parity_onnx(
         exact, notes = ([run for run, _ in results[n : 2 * n]], []) if why is None else (None, [why])
     runs = results[2 * n :] if exact is not None else []
     perturbed = [[r[i] for r in runs] for i in range(n)]
-    del ref  # its weights are freed before the candidate's are read
+    del ref, tasks  # the session (the tasks hold it too) and its weights freed before the candidate opens
     written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
     cand = open_session(written, name="the folded model")
     outputs, problems = [], []

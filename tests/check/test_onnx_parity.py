@@ -116,3 +116,25 @@ def test_the_original_with_external_data_is_perturbed_in_onnxruntime(tmp_path: P
     session, overridable = onnx_parity._original_session(lazy, True, tmp_path / "m.onnx")
     fed = {i.name for i in session.session.get_overridable_initializers()}
     assert overridable and fed == {"qkv", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
+
+
+def test_the_originals_session_is_freed_before_the_candidates_opens(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peak memory: the two sessions (each holding a model's weights) are never alive together."""
+    import gc
+    import weakref
+
+    real = onnx_parity.open_session
+    opened: list[weakref.ref] = []
+
+    def tracked(model, *args, **kwargs):
+        if kwargs.get("name") == "the folded model":
+            gc.collect()
+            assert opened and all(r() is None for r in opened), "the original's session is still alive"
+        session = real(model, *args, **kwargs)
+        opened.append(weakref.ref(session.session))
+        return session
+
+    monkeypatch.setattr(onnx_parity, "open_session", tracked)
+    assert normfold.fold_onnx(rows.conv_bn_relu()).parity.passed
