@@ -28,12 +28,18 @@ Two steps (``OMP_NUM_THREADS=1`` for both; about 5 minutes in all on 2 shared co
        .benchvenv/bin/python benchmarks/onnx_peers.py run --dir /tmp/onnx_peers \\
            --json benchmarks/onnx_peers_latest.json
 
-Tools: ``normfold`` (``normfold.fold_onnx``: plan, apply, ``onnx.checker``, and its own parity
-check in onnxruntime against a float64 run of the original, all inside the timing);
-``ort-basic``/``ort-all`` (an onnxruntime session at ``ORT_ENABLE_BASIC``/``ORT_ENABLE_ALL``
-writing its optimized model, ``SessionOptions.optimized_model_filepath``); ``onnxoptimizer``
-(``fuse_bn_into_conv``); ``onnxsim`` (``simplify``); ``onnxslim`` (``slim``); ``onnxscript``
-(``onnxscript.optimizer.optimize``).
+Tools: ``normfold`` (``normfold.fold_onnx(src, dst)``: plan, apply, ``onnx.checker``, write, and
+its own parity check in onnxruntime of the file written against a float64 run of the original,
+all inside the timing); ``ort-basic``/``ort-all`` (an onnxruntime session of ``src`` at
+``ORT_ENABLE_BASIC``/``ORT_ENABLE_ALL`` writing its optimized model to ``dst``,
+``SessionOptions.optimized_model_filepath``); ``onnxoptimizer`` (``fuse_bn_into_conv``);
+``onnxsim`` (``simplify``); ``onnxslim`` (``slim``); ``onnxscript``
+(``onnxscript.optimizer.optimize``), each of the last four as ``onnx.load(src)``, the tool,
+``onnx.save(dst)``.
+
+Wall time, the same way for every tool: file to file (``src`` read, ``dst`` written), every tool
+in this one process, each tool run once untimed before the table (imports and first-call setup
+paid there, by none of the cells); with ``--repeat N`` a cell's time is the median of N runs.
 
 Each cell: the norm ops left (BatchNormalization nodes, plus standalone per-channel affine ops:
 Mul/Div by, or Add/Sub of, a constant of more than one element, an Add/Sub after a MatMul/Gemm
@@ -130,35 +136,44 @@ def export(folder: Path) -> None:
 
 
 # --- 2. the tools -------------------------------------------------------------------------------
-def _ort(level: str) -> Callable[[Any, Path], Any]:
-    def run(model: Any, tmp: Path) -> Any:
-        import onnx
+# Each tool runs file to file in this one process: it reads ``src`` and writes ``dst``; its
+# imports were made before any timing (:func:`warm_up`), so every cell times the same thing.
+def _ort(level: str) -> Callable[[Path, Path], None]:
+    def run(src: Path, dst: Path) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        options.optimized_model_filepath = str(tmp / "ort.onnx")
+        options.optimized_model_filepath = str(dst)
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return onnx.load(str(tmp / "ort.onnx"))
+        ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
     return run
 
 
-def _normfold(model: Any, tmp: Path) -> Any:
+def _normfold(src: Path, dst: Path) -> None:
     import normfold
 
-    return normfold.fold_onnx(model).model
+    normfold.fold_onnx(src, dst)  # plan, apply, onnx.checker, write, parity on the file written
 
 
-def _onnxoptimizer(model: Any, tmp: Path) -> Any:
+def _python_tool(transform: Callable[[Any], Any]) -> Callable[[Path, Path], None]:
+    def run(src: Path, dst: Path) -> None:
+        import onnx
+
+        onnx.save(transform(onnx.load(str(src))), str(dst))
+
+    return run
+
+
+def _onnxoptimizer(model: Any) -> Any:
     import onnxoptimizer
 
     return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
 
 
-def _onnxsim(model: Any, tmp: Path) -> Any:
+def _onnxsim(model: Any) -> Any:
     import onnxsim
 
     simplified, ok = onnxsim.simplify(model)
@@ -167,27 +182,40 @@ def _onnxsim(model: Any, tmp: Path) -> Any:
     return simplified
 
 
-def _onnxslim(model: Any, tmp: Path) -> Any:
+def _onnxslim(model: Any) -> Any:
     import onnxslim
 
     return onnxslim.slim(model)
 
 
-def _onnxscript(model: Any, tmp: Path) -> Any:
+def _onnxscript(model: Any) -> Any:
     import onnxscript.optimizer
 
     return onnxscript.optimizer.optimize(model)
 
 
-TOOLS: dict[str, tuple[str | None, Callable[[Any, Path], Any]]] = {
+TOOLS: dict[str, tuple[str | None, Callable[[Path, Path], None]]] = {
     "normfold": ("normfold", _normfold),
     "ort-basic": ("onnxruntime", _ort("ORT_ENABLE_BASIC")),
     "ort-all": ("onnxruntime", _ort("ORT_ENABLE_ALL")),
-    "onnxoptimizer": ("onnxoptimizer", _onnxoptimizer),
-    "onnxsim": ("onnxsim", _onnxsim),
-    "onnxslim": ("onnxslim", _onnxslim),
-    "onnxscript": ("onnxscript", _onnxscript),
+    "onnxoptimizer": ("onnxoptimizer", _python_tool(_onnxoptimizer)),
+    "onnxsim": ("onnxsim", _python_tool(_onnxsim)),
+    "onnxslim": ("onnxslim", _python_tool(_onnxslim)),
+    "onnxscript": ("onnxscript", _python_tool(_onnxscript)),
 }
+
+
+def warm_up(tools: dict[str, Any], model: Any) -> None:
+    """Each tool once, untimed, so that no cell pays a tool's imports or first-call setup."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "warm.onnx"
+        onnx.save(model, str(src))
+        for tool, (_, run) in tools.items():
+            with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+                run(src, Path(tmp) / f"{tool}.onnx")
 
 
 # --- 3. counting and judging --------------------------------------------------------------------
@@ -244,7 +272,7 @@ class Judge:
         feeds = example_feeds(original, None, None)
         names = list(feeds)
         ref = _session(original)
-        self.out_names = [o.name for o in ref.get_outputs()]
+        self.out_names = [o.name for o in ref.get_outputs()]  # the same session runs every set
         self.sets = []
         for s in parity_sets([feeds[k] for k in names], self.rule, given=False):
             typed = {k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)}
@@ -275,13 +303,9 @@ class Judge:
 
 
 def _session(model: Any) -> Any:
-    import onnxruntime as ort
+    from normfold.io.onnx_run import open_session  # normfold's one way to open a session (optimizations off)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return open_session(model.SerializeToString()).session
 
 
 # --- 4. the run ---------------------------------------------------------------------------------
@@ -293,18 +317,27 @@ def _installed(package: str | None) -> bool:
     return True
 
 
-def measure(name: str, kind: str, original: Any, tools: dict[str, Any]) -> dict[str, Any]:
+def measure(name: str, kind: str, original: Any, tools: dict[str, Any], repeat: int = 1) -> dict[str, Any]:
+    import onnx
+
     before = counts(original)
     judge = Judge(original)
     row: dict[str, Any] = {"name": name, "kind": kind, "before": before, "tools": {}}
     for tool, (_, run) in tools.items():
         cell: dict[str, Any] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save(original, str(src))
             try:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    result = run(_copy(original), Path(tmp))
-                cell["seconds"] = round(time.perf_counter() - started, 3)
+                times = []
+                for _ in range(repeat):
+                    dst.unlink(missing_ok=True)
+                    started = time.perf_counter()
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                        run(src, dst)
+                    times.append(time.perf_counter() - started)
+                cell["seconds"] = round(statistics.median(times), 3)
+                result = onnx.load(str(dst))
                 after = counts(result)
                 added = max(after["conv"] - before["conv"], 0)  # a BN turned into a 1x1 conv
                 cell.update(after, left=after["bn"] + after["affine"] + added)
@@ -313,20 +346,12 @@ def measure(name: str, kind: str, original: Any, tools: dict[str, Any]) -> dict[
                     import normfold
 
                     started = time.perf_counter()
-                    normfold.plan_onnx(_copy(original))
+                    normfold.plan_onnx(src)
                     cell["plan_seconds"] = round(time.perf_counter() - started, 3)
             except Exception as e:  # a tool's failure is a cell, not the end of the table
                 cell.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         row["tools"][tool] = cell
     return row
-
-
-def _copy(model: Any) -> Any:
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 def _cell(c: dict[str, Any] | None) -> str:
@@ -392,7 +417,7 @@ def summarize(rows: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
     return out
 
 
-def run(folder: Path | None, out: Path | None) -> dict[str, Any]:
+def run(folder: Path | None, out: Path | None, repeat: int = 1) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     import onnx
     import onnx_rows
@@ -405,10 +430,11 @@ def run(folder: Path | None, out: Path | None) -> dict[str, Any]:
         sidecar = folder / "pytorch.json"
         pytorch = json.loads(sidecar.read_text()) if sidecar.exists() else {}
         cases += [(p.stem, "real", onnx.load(str(p))) for p in sorted(folder.glob("*.onnx"))]
+    warm_up(tools, onnx_rows.conv_bn_relu())
     rows = []
     for name, kind, model in cases:
         started = time.perf_counter()
-        row = measure(name, kind, model, tools)
+        row = measure(name, kind, model, tools, repeat)
         if name in pytorch:
             row["pytorch_left"] = pytorch[name]["pytorch_left"]
         rows.append(row)
@@ -430,7 +456,9 @@ def run(folder: Path | None, out: Path | None) -> dict[str, Any]:
         except PackageNotFoundError:
             versions[package] = "not installed"
     result = {"tools": list(tools), "skipped_tools": sorted(set(TOOLS) - set(tools)), "versions": versions,
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows,
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeat": repeat,
+              "timing": "file to file, every tool in this one process, imports warmed up first; median of "
+                        "`repeat` runs per cell", "rows": rows,
               "summary": summarize(rows, list(tools))}  # fmt: skip
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -447,13 +475,14 @@ def main() -> None:
     r.add_argument("--dir", type=Path, default=None, help="the exported files (none: the 19 rows only)")
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--force", action="store_true", help="replace an existing --json file")
+    r.add_argument("--repeat", type=int, default=1, help="runs per cell; its time is their median")
     args = parser.parse_args()
     if args.step == "export":
         export(args.dir)
         return
     if args.json is not None and args.json.exists() and not args.force:
         parser.error(f"{args.json} exists; pass --force to replace it")
-    run(args.dir, args.json)
+    run(args.dir, args.json, args.repeat)
 
 
 if __name__ == "__main__":

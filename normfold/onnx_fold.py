@@ -1,25 +1,27 @@
 """``fold_onnx``: fold the norms of an existing ``.onnx`` file; no PyTorch model needed.
 
-1. **Load** the file (or a ``ModelProto``) into ``onnx_ir``; make every input dim concrete (the
-   example inputs' sizes: given ``inputs``, ``input_shapes``, or :data:`DEFAULT_DIM` for a symbolic
-   dim) and run ONNX shape inference for the shapes the rules read (the written model keeps its
-   symbolic dims).
+1. **Load** the file (or a ``ModelProto``) into ``onnx_ir``, its external data (a model over
+   2 GB) left on disk and mapped only where a value is read (each weight is unmapped once copied:
+   :func:`normfold.engine.onnx_ops.as_tensor`); make every input dim concrete (the example inputs'
+   sizes: given ``inputs``, ``input_shapes``, or :data:`DEFAULT_DIM` for a symbolic dim) and run
+   ONNX shape inference for the shapes the rules read (the written model keeps its symbolic dims).
 2. **Plan** with the engine's planner and rule table over :class:`~normfold.engine.onnx_view.OnnxView`
    (the same rules as the PyTorch path); initializers several layers share are split first, one
    copy per layer, and joined again where no fold changed them.
-3. **Apply** (:mod:`normfold.engine.onnx_apply`) and check the result with ``onnx.checker``
-   (``full_check``: types and shapes too).
-4. **Parity** in onnxruntime (CPU, graph optimizations off for both, which would otherwise refold a
-   BatchNormalization and hide a wrong fold) of the folded model against the ORIGINAL, per element,
-   by the project's rule (:mod:`normfold.check.parity`) on the seeded input sets of
-   :func:`~normfold.check.input_sets.parity_sets` (standard normal, uniform over the rule's value
-   range; plus the caller's inputs). The exact reference is the float64 run of the original
-   graph where :mod:`normfold.check.onnx_exact` can run every op of it; otherwise the original's
-   own run is the reference and the floor alone applies (``parity.notes`` says so).
-5. **Write** ``out`` by normfold's file rules (:mod:`normfold.io.files`: staged, never partial, no
+3. **Apply** (:mod:`normfold.engine.onnx_apply`): a weight folded on its output side is computed
+   only when the model is written (:func:`~normfold.engine.onnx_apply.folded_values`), so the
+   folded weights are never all in memory at once. Check the result with ``onnx.checker``
+   (``full_check``: types and shapes too); with ``out``, **write** it first into the run's
+   staging folder (:func:`normfold.io.onnx_file.write_onnx`: checked as written; weights over
+   protobuf's 2 GB in ``<out>.<hash>.data`` beside it).
+4. **Parity** (:mod:`normfold.check.onnx_parity`) of the folded model, the file as written when
+   there is one, against the ORIGINAL, per element, by the project's rule
+   (:mod:`normfold.check.parity`): both in onnxruntime with graph optimizations off, the exact
+   reference a float64 run of the original in normfold's interpreter, the perturbed runs in
+   onnxruntime.
+5. **Commit** ``out`` by normfold's file rules (:mod:`normfold.io.files`: staged, never partial, no
    overwrite without ``force``, never over the input), only once parity passed.
 """
-
 from __future__ import annotations
 
 import copy
@@ -33,23 +35,24 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from normfold.check.input_sets import parity_sets
-from normfold.check.parity import compare_outputs, report_of
+from normfold.check.onnx_parity import parity_onnx
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
 from normfold.engine.fold_records import Folded, Skipped
-from normfold.engine.onnx_apply import apply_plan, rejoin_unchanged, split_shared
+from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
 from normfold.errors import ExportError, LoadError, ParityError, UsageError, first_line
+from normfold.io.export import commit_export, onnx_inline_limit
 from normfold.io.files import OutputSet
+from normfold.io.onnx_file import write_onnx
 from normfold.io.sniff import check_regular_file, sniff
 from normfold.onnx_inputs import DEFAULT_DIM, Shapes
 from normfold.onnx_inputs import example_feeds as _example_inputs
 
-__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "plan_onnx"]
+__all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "parity_onnx", "plan_onnx"]
 
 @dataclass
 class OnnxFoldResult:
@@ -96,38 +99,59 @@ def fold_onnx(
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
     shapes for generated inputs (input name -> shape, or one shape per graph input in order).
     Raises ParityError (nothing written) when the folded model does not match the original."""
-    rule = rule if rule is not None else ParityRule()
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
-        planned = _plan(original, inputs, input_shapes)
-        view, plan, model = planned.view, planned.plan, planned.model
-        new = plan.values(planned.values)
-        apply_plan(view, plan, new, planned.values.names)
-        rejoin_unchanged(model, planned.copies, set(new))
-        folded = ir.serde.serialize_model(model)
-        try:
-            onnx.checker.check_model(folded, full_check=True)
-        except Exception as e:
-            raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
-        result = _result(original, folded, planned)
-        result.parity = parity_onnx(original, folded, planned.feeds, rule, given=inputs is not None)
-        result.notes.extend(result.parity.notes)
-        if not result.parity.passed:
-            failed = ParityError(result.parity.verdict())
-            failed.result = result  # the records and the parity report, for a failed run's report
-            raise failed
+        planned = prepare(original, inputs, input_shapes, path)
+        staged = files.staged("out") if files is not None else None
+        result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged)
         if files is not None:
-            try:
-                onnx.save(folded, files.staged("out"))
-            except (OSError, ValueError) as e:  # no space; a model over protobuf's 2 GB
-                raise ExportError(f"writing {out} failed: {first_line(e)}; nothing was written") from e
-            files.commit()
-            result.out = Path(out)
+            commit_export(files)  # and the external data a replaced file of normfold's used, if unused now
+            result.out = Path(out) if out is not None else None
         return result
     finally:
         if files is not None:
             files.close()
+
+
+def fold_planned(
+    original: onnx.ModelProto, planned: Planned, rule: ParityRule | None = None, *, given: bool = False,
+    staged: Path | None = None,
+) -> OnnxFoldResult:  # fmt: skip
+    """Apply ``planned``'s plan (:func:`prepare`), check the folded model with ``onnx.checker``,
+    write it to ``staged`` when given (:func:`normfold.io.onnx_file.write_onnx`: checked as
+    written, weights over protobuf's 2 GB in a sibling external-data file; the caller commits it),
+    and prove parity against ``original`` on that file (in memory without ``staged``)."""
+    rule = rule if rule is not None else ParityRule()
+    view, plan, model = planned.view, planned.plan, planned.model
+    new = folded_values(plan, planned.values)
+    apply_plan(view, plan, new, planned.values.names)
+    rejoin_unchanged(model, planned.copies, set(new))
+    candidate: bytes | Path
+    if staged is None:
+        folded = ir.serde.serialize_model(ir.external_data.load_to_model(model))  # a whole ModelProto
+        try:
+            candidate = folded.SerializeToString()  # serialized once: for the checker and onnxruntime
+            onnx.checker.check_model(candidate, full_check=True)
+        except Exception as e:
+            raise ExportError(f"the folded model fails onnx.checker: {first_line(e)}") from e
+    else:
+        try:
+            folded = write_onnx(model, staged, inline_limit=onnx_inline_limit())
+        except ValueError as e:  # a graph over protobuf's 2 GB even without its weights
+            raise ExportError(f"writing {staged.name} failed: {first_line(e)}; nothing was written") from e
+        candidate = staged
+    result = _result(original, folded, planned)
+    del new, model, view  # the folded weights live in the model now, or in the file written
+    if staged is not None:
+        _release(planned)
+    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given, source=planned.source)
+    result.notes.extend(result.parity.notes)
+    if not result.parity.passed:
+        failed = ParityError(result.parity.verdict())
+        failed.result = result  # the records and the parity report, for a failed run's report
+        raise failed
+    return result
 
 
 def plan_onnx(
@@ -139,12 +163,12 @@ def plan_onnx(
     """What :func:`fold_onnx` would fold and keep, decided by the same planner on the same example
     inputs, with nothing applied, run or written: ``model`` is the original, ``parity`` None and
     ``ops_after`` empty."""
-    original, _ = load_onnx(source)
-    return _result(original, None, _plan(original, inputs, input_shapes))
+    original, path = load_onnx(source)
+    return _result(original, None, prepare(original, inputs, input_shapes, path))
 
 
 @dataclass
-class _Planned:
+class Planned:
     """The steps up to the plan: example inputs, the IR model (shared initializers split), its view."""
 
     feeds: dict[str, torch.Tensor]
@@ -153,22 +177,46 @@ class _Planned:
     view: OnnxView
     values: OnnxValues
     plan: Plan
+    source: Path | None = None  # the original's file: its external data lie beside it
 
 
-def _plan(
-    original: onnx.ModelProto, inputs: Sequence[Any] | Mapping[str, Any] | None, input_shapes: Shapes | None
-) -> _Planned:
+def prepare(
+    original: onnx.ModelProto,
+    inputs: Sequence[Any] | Mapping[str, Any] | None,
+    input_shapes: Shapes | None,
+    source: Path | None = None,
+) -> Planned:
+    """Steps 1 and 2 (module docstring): the example inputs, the IR model and its plan; the
+    records of the plan are :func:`records`. ``source``: the file ``original`` was read from
+    (:func:`load_onnx`), whose folder holds its external data."""
     feeds = _example_inputs(original, inputs, input_shapes)
     shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
-    _run_shapes(original, feeds, shapes)
+    _run_shapes(original, feeds, shapes, source)
+    # a copy: onnx_ir wraps the proto's tensors, and renaming a value renames its TensorProto
     model = ir.serde.deserialize_model(copy.deepcopy(original))
+    if source is not None:
+        ir.external_data.set_base_dir(model.graph, source.parent)
     copies = split_shared(model)
     view = OnnxView(model, shapes, types)
     values = OnnxValues(view)
-    return _Planned(feeds, model, copies, view, values, planner.plan(view, values))
+    return Planned(feeds, model, copies, view, values, planner.plan(view, values), source)
 
 
-def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: _Planned) -> OnnxFoldResult:
+def _release(planned: Planned) -> None:
+    """Drop the IR model once written: its weights (the folded ones in memory, the others mapped
+    from the original's external data) are not needed by the parity runs, which read both files."""
+    for value in planned.model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+    planned.model = planned.view = planned.values = None  # type: ignore[assignment]
+
+
+def records(original: onnx.ModelProto, planned: Planned) -> OnnxFoldResult:
+    """What :func:`plan_onnx` returns for ``planned``: the records of its plan, nothing applied."""
+    return _result(original, None, planned)
+
+
+def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: Planned) -> OnnxFoldResult:
     """The records of ``planned``'s plan; ``folded`` None for a plan only."""
     plan = planned.plan
     result = OnnxFoldResult(
@@ -187,7 +235,8 @@ def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: 
 
 def load_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
     """A ``ModelProto`` as is, or a file: a regular file whose first bytes say ONNX
-    (:func:`normfold.io.sniff.sniff`, as every input is checked before it is parsed), then parsed."""
+    (:func:`normfold.io.sniff.sniff`, as every input is checked before it is parsed), then parsed,
+    its external data (a model over 2 GB) left in its files, next to ``path``."""
     if isinstance(source, onnx.ModelProto):
         return source, None
     if not isinstance(source, (str, Path)):
@@ -196,8 +245,8 @@ def load_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Pa
     check_regular_file(path, "ONNX file")
     if sniff(path) != "onnx":
         raise LoadError(f"{path} is not an ONNX model: its first bytes are not those of an ONNX protobuf")
-    try:
-        return onnx.load(str(path)), path
+    try:  # external data stays on disk: read lazily (onnx_ir, mmap) where a value is needed
+        return onnx.load(str(path), load_external_data=False), path
     except Exception as e:
         raise LoadError(f"cannot read {path} as ONNX: {first_line(e)}") from e
 
@@ -232,11 +281,12 @@ def _concrete_shapes(
 
 
 def _run_shapes(
-    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
-) -> None:
+    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+    source: Path | None,
+) -> None:  # fmt: skip
     """Shapes inference left unknown (a reshape to a shape computed from ``Shape(x)``), from one
     float32 run of the original on the example inputs, where normfold's interpreter runs it."""
-    from normfold.check.onnx_exact import Unsupported, run_graph
+    from normfold.check.onnx_exact import Unsupported, initializer_tensors, run_graph
 
     known = set(shapes)
     if all(o in known for n in model.graph.node for o in n.output if o):
@@ -244,7 +294,8 @@ def _run_shapes(
     found: dict[str, tuple[int, ...]] = {}
     try:
         with torch.no_grad():
-            run_graph(model, feeds, torch.float32, shapes=found)
+            tensors = initializer_tensors(model, base_dir=source.parent if source is not None else None)
+            run_graph(model, feeds, torch.float32, shapes=found, initializers=tensors)
     except Unsupported:
         return
     for name, shape in found.items():
@@ -274,44 +325,3 @@ def _folded(view: OnnxView, fold: Any) -> Folded:
     kinds = ", ".join(dict.fromkeys(u.module_type for u in fold.updates))
     unit = fold.unit
     return Folded(unit.name, unit.module_type, into, kinds, fold.pattern, "onnx", unit.nodes[0], fold.through)
-
-
-def _session(model: onnx.ModelProto) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"onnxruntime cannot open the model: {first_line(e)}") from e
-
-
-def parity_onnx(
-    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], rule: ParityRule,
-    *, given: bool = False,
-) -> ParityReport:  # fmt: skip
-    """The folded model against the original in onnxruntime, on every input set (module docstring)."""
-    from normfold.check.onnx_exact import exact_run, perturbed_runs
-
-    names = list(feeds)
-    dtypes = {k: v.dtype for k, v in feeds.items()}
-    sets = parity_sets([feeds[k] for k in names], rule, given=given)
-    ref, cand = _session(original), _session(folded)
-    out_names = [o.name for o in ref.get_outputs()]
-    outputs, problems, notes = [], [], []
-    for s in sets:
-        typed = {k: t.to(dtypes[k]) for k, t in zip(names, s.inputs, strict=True)}
-        feed = {k: t.numpy() for k, t in typed.items()}
-        r = dict(zip(out_names, (torch.from_numpy(a) for a in ref.run(out_names, feed)), strict=True))
-        c = dict(zip(out_names, (torch.from_numpy(a) for a in cand.run(out_names, feed)), strict=True))
-        exact, why = exact_run(original, typed, rule.exact_limit_bytes)
-        perturbed = [] if exact is None else perturbed_runs(original, typed, rule.perturbations)
-        if why is not None and why not in notes:
-            notes.append(why)
-        compared, found = compare_outputs(r, c, exact, rule, s.name, perturbed)
-        outputs.extend(compared)
-        problems.extend(p for p in found if p not in problems)
-    return report_of(outputs, problems, tuple(notes))

@@ -9,11 +9,12 @@ the same records (one :class:`~normfold.runs.LayerRow` per norm) and the same
 ``FoldOptions.require_all`` rule (:class:`~normfold.errors.NotFoldedError` before any parity run,
 nothing but the report written).
 
-The work itself is :func:`normfold.onnx_fold.fold_onnx` (plan, apply, ``onnx.checker``, parity in
-onnxruntime against the original) and :func:`normfold.onnx_fold.plan_onnx` (the plan alone). The
-folded model is written like an exported one (:func:`normfold.io.onnx_file.write_onnx`: checked
-again as written, weights over protobuf's 2 GB in a sibling external-data file) and described in
-an :class:`~normfold.io.export.ExportResult`. Nothing here prints.
+The work itself is :mod:`normfold.onnx_fold`'s: :func:`~normfold.onnx_fold.prepare` (the plan,
+made once: ``require_all`` reads its records), then :func:`~normfold.onnx_fold.fold_planned`
+(apply, ``onnx.checker``, write into the run's staging folder like an exported model:
+:func:`normfold.io.onnx_file.write_onnx`, checked as written, weights over protobuf's 2 GB in a
+sibling external-data file; then parity in onnxruntime of that file against the original). The
+written file is described in an :class:`~normfold.io.export.ExportResult`. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -24,22 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 
 from normfold.check.parity import ParityReport, ParityRule
-from normfold.errors import ExportError, NotFoldedError, ParityError, UsageError, printable
-from normfold.io.export import ExportResult
-from normfold.io.onnx_file import describe, write_onnx
-from normfold.onnx_fold import OnnxFoldResult, fold_onnx, load_onnx, plan_onnx
+from normfold.errors import ParityError, UsageError
+from normfold.io.export import ExportResult, owned_files
+from normfold.io.onnx_file import describe
+from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, prepare, records
 from normfold.options import FoldOptions, InputSpec, WriteOptions
+from normfold.pipeline import require_all
 from normfold.report import StepHook
 from normfold.runs import LayerRow
 from normfold.session import Session, session
 
 __all__ = ["OnnxRun", "fold_onnx_file", "inspect_onnx"]
-
-_ONNX_MAX_PROTO = 2 * 1024**3  # weights of this size or more go to external data (as an export's)
-
 
 @dataclass
 class OnnxRun:
@@ -122,20 +120,22 @@ def fold_onnx_file(
                  on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
             original, given = _load_source(source, spec)
+        with run.steps("plan"):
+            planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source))
         if folding.require_all:
             with run.steps("require all"):
-                _require_all(plan_onnx(original, **given))
+                require_all(records(original, planned))
         with run.steps("fold and verify (onnxruntime)"):
-            try:
-                result = fold_onnx(original, rule=rule, **given)
+            staged = run.files.staged("out") if out is not None else None
+            try:  # written into the run's staging folder first: parity is proved on that file
+                result = fold_planned(original, planned, rule, given="inputs" in given, staged=staged)
             except ParityError as e:  # the failed run's report shows what was folded and how it compared
                 if getattr(e, "result", None) is not None:
                     run.record.run = _run(source, original, e.result)
                 raise
         run.record.run = folded = _run(source, original, result)
         if out is not None:
-            with run.steps("write"):
-                folded.export = _stage(run, result)
+            folded.export = _described(run, result)
         folded.timings = run.steps.timings
     return folded
 
@@ -156,12 +156,13 @@ def inspect_onnx(
                  on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
             original, given = _load_source(source, spec)
-        with run.steps("plan"):
-            result = plan_onnx(original, **given)
+        with run.steps("plan"):  # its external data read beside the file
+            result = records(original, prepare(original, given.get("inputs"), given.get("input_shapes"),
+                                               Path(source)))  # fmt: skip
         run.record.run = found = _run(source, original, result)
         if folding.require_all:
             with run.steps("require all"):
-                _require_all(result)
+                require_all(result)
         found.timings = run.steps.timings
     return found
 
@@ -206,38 +207,17 @@ def _run(source: str | Path, original: onnx.ModelProto, result: OnnxFoldResult) 
     return OnnxRun(str(source), result, rows, notes=notes, params_before=_parameters(original))
 
 
-def _stage(run: Session, result: OnnxFoldResult) -> ExportResult:
-    """Write the folded model into the run's staging folder (committed with the report) and
-    describe it as an export."""
+def _described(run: Session, result: OnnxFoldResult) -> ExportResult:
+    """The folded model, already written into the run's staging folder (committed with the
+    report), described as an export."""
     out = run.files.paths["out"]
-    staged = run.files.staged("out")
-    try:
-        proto = write_onnx(ir.serde.deserialize_model(result.model), staged, inline_limit=_ONNX_MAX_PROTO)
-    except ValueError as e:  # a graph over protobuf's 2 GB even without its weights
-        raise ExportError(f"writing {out} failed: {e}; nothing was written") from e
-    described = describe(proto)
+    described = describe(result.model)
     first = described["inputs"][0].shape if described["inputs"] else []
     written = ExportResult(out, "onnx", dynamic_batch=bool(first) and isinstance(first[0], str), **described)
     written.parity = {"onnxruntime": result.parity} if result.parity is not None else {}
-    owned = [f for f in staged.parent.iterdir() if f == staged or _is_data_of(f.name, out.name)]
-    written.files = [out.parent / f.name for f in sorted(owned, key=lambda f: f == staged)]
-    written.size_bytes = sum(f.stat().st_size for f in owned)
+    written.files, written.size_bytes = owned_files(run.files.staged("out"), out)
     return written
-
-
-def _is_data_of(name: str, model_name: str) -> bool:
-    return name.startswith(model_name + ".") and name.endswith(".data")
 
 
 def _parameters(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in model.graph.initializer)
-
-
-def _require_all(result: OnnxFoldResult) -> None:
-    if result.skipped:
-        kept = "".join(f"\n  {printable(f'{s.norm}: {s.code}: {s.reason}')}" for s in result.skipped)
-        raise NotFoldedError(
-            f"{len(result.skipped)} of {len(result.folded) + len(result.skipped)} norm ops stay, and every "
-            f"one was required to fold:{kept}"
-        )
-

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from normfold.report import StepHook
 from normfold.runs import FoldRun, LayerRow, WriteRun, layer_rows
 from normfold.session import Session, Source, session
 from normfold.transforms.calibration import recalibrate
+
+if TYPE_CHECKING:
+    from normfold.onnx_fold import OnnxFoldResult
 
 __all__ = [
     "ExportOptions",
@@ -93,7 +96,7 @@ def inspect(
         found.notes = [*loaded.notes, *result.notes]
         if folding.require_all:
             with run.steps("require all"):
-                _require_all(result)
+                require_all(result)
     return found
 
 
@@ -179,7 +182,7 @@ def _fold_and_verify(
     folded.notes = [*loaded.notes, *result.notes]
     if folding.require_all:
         with steps("require all"):
-            _require_all(result)
+            require_all(result)
     with steps("verify (pytorch)"):
         reference = make_reference(loaded.model, sets, rule)
         folded.parity = check(reference, lambda x: run_model(result.model, x, role="folded"), rule)
@@ -362,7 +365,8 @@ def _asked(source: Source, **options: Any) -> dict[str, Any]:
     return {"source": shown, **options}
 
 
-def _require_all(result: FoldResult) -> None:
+def require_all(result: FoldResult | OnnxFoldResult) -> None:
+    """``FoldOptions.require_all``: a NotFoldedError listing every norm that stays, if one does."""
     if result.skipped:
         # one line per norm: its names escaped, so the only line breaks are these
         kept = "".join(f"\n  {printable(f'{s.norm}: {s.code}: {s.reason}')}" for s in result.skipped)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -77,8 +78,6 @@ def test_batch_norm_opsets_fold_and_have_an_exact_reference(opset: int) -> None:
     exact, why = exact_run(original, feeds)
     assert why is None
     # the exact reference agrees with onnxruntime's float32 run of the original, BN included
-    from normfold.onnx_fold import _session
-
     ort = _session(original).run(None, {"x": feeds["x"].numpy()})[0]
     assert np.abs(exact["y"].numpy() - ort).max() < 1e-4 * np.abs(ort).max()
     result = normfold.fold_onnx(original)
@@ -223,8 +222,6 @@ def test_dynamo_style_graph_computed_bias_and_reshape_from_shape() -> None:
     names = [i.name for i in result.model.graph.initializer]
     assert names.count("conv.weight") == 1 and not any("__" in n for n in names)  # Shape(W) is no share
     assert result.parity.passed and result.parity.notes == ()
-    from normfold.onnx_fold import _session
-
     x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)  # another batch size
     got, want = _session(result.model).run(None, {"x": x})[0], _session(original).run(None, {"x": x})[0]
     assert got.shape == (5, 10) and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
@@ -384,3 +381,9 @@ def test_a_softmax_before_opset_13_is_the_exact_reference_onnx_defines() -> None
     assert why is None
     want = torch.softmax(x.double().reshape(2, 12), 1).reshape(2, 3, 4)
     torch.testing.assert_close(exact["y"], want, rtol=1e-12, atol=1e-12)
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    from normfold.io.onnx_run import open_session
+
+    return open_session(model.SerializeToString()).session

@@ -9,10 +9,15 @@ with ``torch.nn.functional`` in float64:
 * **perturbed runs** (``rule.perturbations``, as :mod:`normfold.check.exact` for the PyTorch
   path): the graph in float32 (a float16 model's too) with every floating initializer ``t``
   replaced by ``round(t * (1 + d))``, ``d`` uniform in ``(-u, u)`` (:func:`normfold.check.exact.perturb`'s
-  draw), which measure its sensitivity to the one rounding a fold applies.
+  draw), which measure its sensitivity to the one rounding a fold applies. A float32 model's
+  perturbed runs are made in onnxruntime instead (:mod:`normfold.check.onnx_parity`), fed the
+  same perturbed initializers (:func:`perturbed_initializers`); this interpreter makes them for
+  the others.
 
 ``BatchNormalization`` is computed from its definition, ``(x - mean) / sqrt(var + eps) * scale + B``
-with the running statistics, for opsets 7 (``spatial=1``), 9, 14 and 15; one in training mode
+with the running statistics, as one pass ``x * a + c`` over the activations (``a = scale /
+sqrt(var + eps)``, ``c = B - mean * a``, per channel in the run's dtype), for opsets 7
+(``spatial=1``), 9, 14 and 15; one in training mode
 (``training_mode=1``, or the statistics outputs of opsets before 14) has no exact run here. A graph
 with an op outside :data:`OPS` has none either: :func:`exact_run` returns why, and the parity
 report says so (the floor alone then applies, against the original's own run).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +89,8 @@ def _batch_norm(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], opset: in
         raise Unsupported("BatchNormalization in training mode or with spatial=0")
     view = [1, -1] + [1] * (x[0].dim() - 2)
     s, b, mean, var = (t.reshape(view) for t in x[1:5])
-    return [(x[0] - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * s + b]
+    scale = s / torch.sqrt(var + a.get("epsilon", 1e-5))
+    return [torch.addcmul(b - mean * scale, x[0], scale)]
 
 
 def _gemm(node: onnx.NodeProto, x: list[Any], a: dict[str, Any], _: int) -> list[Any]:
@@ -281,26 +288,57 @@ OPS: dict[str, _Op] = {
 }
 
 
+def initializer_tensors(
+    model: onnx.ModelProto, dtype: torch.dtype | None = None, base_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Every initializer of ``model``'s graph as a tensor, read once (the floating ones in
+    ``dtype`` when given; external data from ``base_dir``), to be shared by every run of
+    :func:`run_graph`."""
+    found = {}
+    for init in model.graph.initializer:
+        t = torch.from_numpy(np.array(numpy_helper.to_array(init, str(base_dir) if base_dir else "")))
+        found[init.name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return found
+
+
+def perturbed_initializers(tensors: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The floating tensors of ``tensors``, each ``t * (1 + d)`` rounded once to its own dtype,
+    ``d`` uniform in ``(-u, u)``, ``u`` the unit roundoff of that dtype, one seeded draw (the
+    draw of :func:`normfold.check.exact.perturb`: ``t + t * d`` in float32, float64 for float64
+    tensors, is ``t * (1 + d)`` to far below one rounding of ``t``'s dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    found = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+        d = torch.rand(t.shape, generator=gen, dtype=wide).mul_(2).sub_(1).mul_(torch.finfo(t.dtype).eps / 2)
+        exact = t.to(wide, copy=True)
+        found[name] = exact.addcmul_(exact, d).to(t.dtype)
+    return found
+
+
 def run_graph(
     model: onnx.ModelProto,
     feeds: Mapping[str, torch.Tensor],
     dtype: torch.dtype = torch.float64,
     perturb_seed: int | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    initializers: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The graph's outputs by name, every floating tensor computed in ``dtype``; with
-    ``perturb_seed``, floating initializers perturbed by one rounding of their own dtype first;
-    ``shapes``: filled with every value's shape on the way."""
+    ``perturb_seed``, floating initializers perturbed by one rounding of their own dtype first
+    (:func:`perturbed_initializers`); ``shapes``: filled with every value's shape on the way;
+    ``initializers``: the graph's initializers as tensors (:func:`initializer_tensors`), read
+    from the model when not given."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    gen = torch.Generator().manual_seed(perturb_seed) if perturb_seed is not None else None
+    tensors = dict(initializers) if initializers is not None else initializer_tensors(model)
+    if perturb_seed is not None:
+        tensors.update(perturbed_initializers(tensors, perturb_seed))
     env: dict[str, Any] = {"": None}
-    for init in graph.initializer:
-        t = torch.from_numpy(np.array(numpy_helper.to_array(init)))
-        if t.is_floating_point() and gen is not None:
-            d = torch.rand(t.shape, generator=gen, dtype=torch.float64).mul_(2).sub_(1)
-            t = (t.double() * (1 + d * torch.finfo(t.dtype).eps / 2)).to(t.dtype)
-        env[init.name] = t.to(dtype) if t.is_floating_point() else t
+    for name, t in tensors.items():
+        env[name] = t.to(dtype) if t.is_floating_point() else t
     for name, value in feeds.items():
         env[name] = value.to(dtype) if value.is_floating_point() else value
     for node in graph.node:
@@ -323,7 +361,10 @@ def run_graph(
 
 
 def exact_run(
-    model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], limit_bytes: int | None = None
+    model: onnx.ModelProto,
+    feeds: Mapping[str, torch.Tensor],
+    limit_bytes: int | None = None,
+    initializers: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Any, str | None]:
     """``(outputs by name in float64, None)``, or ``(None, why)`` when the graph cannot run here or
     its float64 copy would exceed ``limit_bytes`` (the rule's ``exact_limit_bytes``)."""
@@ -336,7 +377,7 @@ def exact_run(
         )
     try:
         with torch.no_grad():
-            return run_graph(model, feeds), None
+            return run_graph(model, feeds, initializers=initializers), None
     except Unsupported as e:
         return None, (
             f"no float64 reference ({e} is not computed by normfold's reference): the folded model is "

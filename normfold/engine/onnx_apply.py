@@ -19,14 +19,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import onnx_ir as ir
 import torch
 
 from normfold.engine import onnx_ops as ops
+from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
-from normfold.engine.records import Plan, new_bias_name
+from normfold.engine.records import Plan, RowBlocks, new_bias_name
 
 #: op type -> the input slots that hold a layer's parameters (weight, bias)
 _LAYER_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "Add": (0, 1)}
@@ -82,8 +83,38 @@ def rejoin_unchanged(model: ir.Model, copies: Mapping[str, str], changed: set[st
             graph.register_initializer(holder)
 
 
-def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], names: set[str]) -> None:
-    """Write ``plan`` into ``view``'s model (module docstring); ``values`` from :meth:`Plan.values`,
+def folded_values(plan: Plan, values: OnnxValues) -> dict[str, torch.Tensor | ir.LazyTensor]:
+    """:meth:`Plan.values`, except that a weight folded on its output side only (the usual case)
+    stays uncomputed: an ``ir.LazyTensor`` that reads the weight and scales it a block of rows at
+    a time when the model is serialized or written, so the folded weights of a model of several
+    GB are never all in memory at once (:meth:`Plan.iter_values` with ``lazy``)."""
+    found: dict[str, torch.Tensor | ir.LazyTensor] = {}
+    for fqn, value in plan.iter_values(values, lazy=True):
+        handle = values.view.by_name.get(fqn)  # None: a bias the fold creates
+        if not isinstance(value, RowBlocks):
+            found[fqn] = value
+        elif not isinstance(handle, ir.Value) or handle.const_value is None:  # a computed constant
+            found[fqn] = value.tensor()
+        else:
+            found[fqn] = _lazy(fqn, values.reader(fqn), value, handle.const_value)
+    return found
+
+
+def _lazy(
+    name: str, read: Callable[[], torch.Tensor], rows: RowBlocks, source: ir.TensorProtocol
+) -> ir.LazyTensor:
+    scale, in_out = rows.scale, rows.in_out  # not rows.weight: read again when written
+
+    def make() -> ir.TensorProtocol:
+        return ops.to_ir_tensor(RowBlocks(read(), scale, in_out).tensor(), name)
+
+    return ir.LazyTensor(make, dtype=source.dtype, shape=ir.Shape(source.shape), name=name)
+
+
+def apply_plan(
+    view: OnnxView, plan: Plan, values: Mapping[str, torch.Tensor | ir.LazyTensor], names: set[str]
+) -> None:
+    """Write ``plan`` into ``view``'s model (module docstring); ``values`` from :func:`folded_values`,
     ``names``: every name taken before (new biases are named as :meth:`Plan.values` named them)."""
     graph = view.graph
     used_before = {v.name for v in graph.initializers.values() if v.uses()}
@@ -114,7 +145,7 @@ def apply_plan(view: OnnxView, plan: Plan, values: dict[str, torch.Tensor], name
     for name, value in values.items():
         handle = view.by_name.get(name)
         if isinstance(handle, ir.Value) and handle.const_value is not None:
-            handle.const_value = ops.to_ir_tensor(value, name)
+            handle.const_value = value if isinstance(value, ir.LazyTensor) else ops.to_ir_tensor(value, name)
             handle.shape = ir.Shape(handle.const_value.shape)  # a Gemm's C may become one value per column
         elif isinstance(handle, ir.Node):  # a Constant node or a computed constant: now an initializer
             old = handle.outputs[0]

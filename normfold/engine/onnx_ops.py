@@ -15,6 +15,7 @@ BN statistics in (``Sqrt(var + eps)``, ``Reciprocal``, ``Mul``/``Div`` by ``gamm
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -58,10 +59,17 @@ def attr(node: ir.Node, name: str, default: object = None) -> object:
 
 
 def as_tensor(t: ir.TensorProtocol) -> torch.Tensor:
-    """An ONNX tensor as a torch tensor of its own dtype (bfloat16 through float32)."""
+    """An ONNX tensor as a torch tensor of its own dtype (bfloat16 through float32), a copy: a
+    weight mapped from external data is unmapped once copied, so reading every weight of a model
+    of several GB one after the other never keeps more than one of them resident."""
     if t.dtype == ir.DataType.BFLOAT16:
-        return torch.from_numpy(np.array(t.numpy(), dtype=np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.array(t.numpy()))
+        out = torch.from_numpy(np.array(t.numpy(), dtype=np.float32)).to(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.array(t.numpy()))
+    if isinstance(t, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still held elsewhere: stays mapped
+            t.release()
+    return out
 
 
 def to_ir_tensor(value: torch.Tensor, name: str) -> ir.TensorProtocol:
@@ -76,6 +84,23 @@ def _axes(node: ir.Node, operands: Sequence[torch.Tensor | None], index: int) ->
     if axes is None and len(operands) > index and operands[index] is not None:
         axes = operands[index].long().tolist()
     return None if axes is None else [int(a) for a in axes]
+
+
+def from_constants(graph: ir.Graph) -> set[ir.Value]:
+    """The values of ``graph`` computed from initializers and Constant nodes alone (no graph input
+    upstream), found from the structure without reading a weight: a value outside this set is
+    never evaluated, so its weights are not read (a model's weights may be gigabytes, mapped from
+    its external data)."""
+    found = {v for v in graph.initializers.values() if v.const_value is not None and not v.is_graph_input()}
+    for node in graph:  # topological order
+        if all(v is None or v in found for v in read_inputs(node)):
+            found.update(node.outputs)
+    return found
+
+
+def read_inputs(node: ir.Node) -> Sequence[ir.Value | None]:
+    """The inputs whose values ``node`` reads (a CastLike reads only the type of its second)."""
+    return node.inputs[:1] if node.op_type == "CastLike" else node.inputs
 
 
 def evaluate(node: ir.Node, operands: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -3,6 +3,8 @@ initializer name, and the names a new bias may not take."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx_ir as ir
 import torch
 
@@ -40,13 +42,29 @@ class OnnxValues:
                 self._scaled[view.name(view.handle(node.inputs[2]))] = (beta, view.shape(node)[1])
 
     def value(self, fqn: str) -> torch.Tensor:
+        return self.reader(fqn)()
+
+    def reader(self, fqn: str) -> Callable[[], torch.Tensor]:
+        """:meth:`value` as it reads now, to be read when called (after the model has changed):
+        the stored tensor is captured, its data read only then."""
         handle = self.view.by_name[fqn]
         if isinstance(handle, ir.Value):
-            stored = ops.as_tensor(handle.const_value)
+            source = handle.const_value
+
+            def stored() -> torch.Tensor:
+                return ops.as_tensor(source)
         else:  # a Constant node, or one computing a value from constants (cast once from float64)
-            stored = self.view.constant(handle).to(self.view.dtype(handle))
+            computed = self.view.constant(handle).to(self.view.dtype(handle))
+
+            def stored() -> torch.Tensor:
+                return computed
         factor, n = self._scaled.get(fqn, (1.0, None))
         if factor == 1.0 and n is None:
             return stored
-        out = stored.double() * factor
-        return (out.reshape(-1).expand(n).clone() if n is not None else out).to(stored.dtype)
+
+        def scaled() -> torch.Tensor:
+            t = stored()
+            out = t.double() * factor
+            return (out.reshape(-1).expand(n).clone() if n is not None else out).to(t.dtype)
+
+        return scaled

@@ -61,6 +61,7 @@ class OnnxView:
         for n in self.graph:
             self.by_name[self.name(n)] = n
         self._consts: dict[int, torch.Tensor | None] = {}
+        self._from_constants = ops.from_constants(self.graph)
 
     # --- structure --------------------------------------------------------------------------------
 
@@ -324,7 +325,8 @@ class OnnxView:
                 return None
             t = ops.as_tensor(node.const_value)
             return t.double() if t.is_floating_point() else t
-        if len(node.outputs) != 1 or any(v is not None and v.graph is not self.graph for v in node.inputs):
+        live = any(v is not None and v not in self._from_constants for v in ops.read_inputs(node))
+        if len(node.outputs) != 1 or live:  # an input (or outer graph) upstream: never read
             return None
         if self._op(node) == "CastLike" and len(node.inputs) == 2:  # reads only the type of its 2nd input
             x, like = self.constant(self.handle(node.inputs[0])), self.dtype(self.handle(node.inputs[1]))

@@ -247,9 +247,7 @@ def stage_export(
         with steps("check (torch.export.load)"):
             result.parity = _passed(_check_pt2(staged, reference, rule))
     result.path = out
-    owned = [f for f in staged.parent.iterdir() if f == staged or _is_data_of(f.name, out.name)]
-    result.files = [out.parent / f.name for f in sorted(owned, key=lambda f: f == staged)]
-    result.size_bytes = sum(f.stat().st_size for f in owned)
+    result.files, result.size_bytes = owned_files(staged, out)
     return result
 
 
@@ -286,7 +284,21 @@ def _is_data_of(name: str, model_name: str) -> bool:
     return name.startswith(model_name + ".") and name.endswith(".data")
 
 
-def commit_export(files: OutputSet, result: ExportResult) -> None:
+def onnx_inline_limit() -> int:
+    """Weights of this many bytes or more go to external data (protobuf's 2 GB limit)."""
+    return _ONNX_MAX_PROTO
+
+
+def owned_files(staged: Path, out: Path) -> tuple[list[Path], int]:
+    """The files of the ``.onnx`` staged at ``staged`` (it and its external data), as they will be
+    named beside ``out`` once committed (the model last), and their size in bytes."""
+    owned = [f for f in staged.parent.iterdir() if f == staged or _is_data_of(f.name, out.name)]
+    return [out.parent / f.name for f in sorted(owned, key=lambda f: f == staged)], sum(
+        f.stat().st_size for f in owned
+    )
+
+
+def commit_export(files: OutputSet, result: ExportResult | None = None) -> None:
     """Commit ``files`` (the export and whatever else the run staged); then remove the external
     data files the replaced ``.onnx`` used that the new one does not, only those normfold
     provably wrote and nothing else uses (:meth:`OutputSet.remove_replaced`)."""

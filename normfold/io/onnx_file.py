@@ -243,7 +243,7 @@ def write_onnx(model: ir.Model, path: Path, *, inline_limit: int) -> onnx.ModelP
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     try:
         if size < inline_limit:
-            proto = ir.serde.serialize_model(model)
+            proto = ir.serde.serialize_model(ir.external_data.load_to_model(model))  # weights read from disk
             try:
                 data = proto.SerializeToString()
             except ValueError:  # weights under the limit, but with the graph over protobuf's 2 GB

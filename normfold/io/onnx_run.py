@@ -65,25 +65,35 @@ class Session:
     provider: str
 
 
-def open_session(path: str | Path, provider: str) -> Session:
-    """An onnxruntime session of ``path`` on ``provider`` (module docstring)."""
+def open_session(
+    model: str | Path | bytes, provider: str = "CPUExecutionProvider", *, name: str = "",
+    data_dir: Path | None = None,
+) -> Session:  # fmt: skip
+    """An onnxruntime session of ``model`` (a file, or a serialized model: ``name`` names it in
+    messages, ``data_dir`` holds the external data it names) on ``provider`` (module docstring).
+    Every onnxruntime session normfold opens is opened here."""
     import onnxruntime as ort
 
+    shown = name or (Path(model).name if isinstance(model, (str, Path)) else "the model")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    if data_dir is not None:  # a serialized model's external data: their folder
+        key = "session.model_external_initializers_file_folder_path"
+        options.add_session_config_entry(key, str(data_dir))
     try:
-        session = ort.InferenceSession(str(path), options, providers=[provider])
+        source = model if isinstance(model, bytes) else str(model)
+        session = ort.InferenceSession(source, options, providers=[provider])
     except Exception as e:
-        raise _failure(Path(path).name, provider, e) from e
+        raise _failure(shown, provider, e) from e
     if provider not in session.get_providers():
         raise ExportError(
-            f"onnxruntime could not run {Path(path).name} on {provider} (it would run on "
+            f"onnxruntime could not run {shown} on {provider} (it would run on "
             f"{', '.join(session.get_providers())})"
         )
-    return Session(session, Path(path).name, provider)
+    return Session(session, shown, provider)
 
 
 def run_onnx(

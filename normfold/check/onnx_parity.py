@@ -1,0 +1,193 @@
+"""Parity of a folded ONNX model against the original, per element, by the project's rule
+(:mod:`normfold.check.parity`), on the seeded input sets of :func:`~normfold.check.input_sets.parity_sets`.
+
+Per input set, every run the rule needs:
+
+* ``orig`` and ``cand``: the original and the candidate in onnxruntime (CPU, graph optimizations
+  off for both: they would refold a BatchNormalization and hide a wrong fold), one session each,
+  opened once for all input sets (:func:`normfold.io.onnx_run.open_session`); the candidate from
+  the file as written when there is one;
+* ``exact``: the original in float64 in normfold's interpreter (:mod:`normfold.check.onnx_exact`:
+  onnxruntime's CPU provider has no float64 ``Conv``), its initializers read and widened once;
+* ``pert_k`` (``rule.perturbations`` runs): the original in float32 with every floating
+  initializer rounded from ``t * (1 + d)`` (:func:`~normfold.check.onnx_exact.perturbed_initializers`,
+  one draw per ``k`` for every input set). For a model whose floating initializers and inputs are
+  all float32 they run in the original's own onnxruntime session: it is opened from a copy that
+  also lists those initializers as graph inputs (ONNX IR >= 4: an initializer listed as an input is
+  a default the feed may override), so the unperturbed run feeds none of them and the perturbed
+  runs feed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
+  float32, or a graph onnxruntime cannot run with those inputs fed) the interpreter makes them.
+
+The runs of the original are independent: they run side by side
+(:func:`normfold.check.workers.run_all`: each on one thread, as many at once as torch may use
+threads; one after another under ``OMP_NUM_THREADS=1``).
+
+Without an exact run (an op the interpreter lacks, or a float64 copy over
+``rule.exact_limit_bytes``) there are no perturbed runs either: the floor alone applies against
+the original's own run, and the report's notes say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from normfold.check.input_sets import parity_sets
+from normfold.check.onnx_exact import exact_run, initializer_tensors, perturbed_initializers, run_graph
+from normfold.check.parity import compare_outputs, report_of
+from normfold.check.parity_report import ParityReport
+from normfold.check.parity_rule import ParityRule
+from normfold.check.workers import run_all
+from normfold.errors import ExportError
+from normfold.io.onnx_run import Session, open_session
+
+__all__ = ["parity_onnx"]
+
+_Outputs = dict[str, torch.Tensor]
+
+
+def parity_onnx(
+    original: onnx.ModelProto,
+    candidate: onnx.ModelProto | bytes | str | Path,
+    feeds: Mapping[str, torch.Tensor],
+    rule: ParityRule,
+    *,
+    given: bool = False,
+    source: Path | None = None,
+) -> ParityReport:
+    """``candidate`` (a model, serialized or not, or the file written) against ``original`` on
+    every input set (module docstring). ``source``: the file ``original`` was read from, whose
+    folder holds its external data (``original`` may then hold only their locations)."""
+    names = list(feeds)
+    sets = parity_sets([feeds[k] for k in names], rule, given=given)
+    typed = [{k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)} for s in sets]
+    base_dir = source.parent if source is not None else None
+    wide, too_large = _wide(original, rule, base_dir)
+    count = rule.perturbations if wide is not None else 0
+    ref, overridable = _original_session(original, count > 0 and _perturbable(original, feeds), source)
+    out_names = [o.name for o in ref.session.get_outputs()]
+    n = len(typed)
+    tasks: list[Callable[[], Any]] = [partial(_run, ref, out_names, feed) for feed in typed]
+    if wide is not None:
+        tasks += [partial(exact_run, original, feed, None, wide) for feed in typed]
+    tasks += _perturbed_tasks(original, typed, count, ref if overridable else None, out_names, base_dir)
+    results = run_all(tasks)  # side by side where torch may use several threads (check.workers)
+    origs, exact, notes = results[:n], None, [too_large] if too_large else []
+    if wide is not None:
+        why = next((why for run, why in results[n : 2 * n] if run is None), None)
+        exact, notes = ([run for run, _ in results[n : 2 * n]], []) if why is None else (None, [why])
+    runs = results[2 * n :] if exact is not None else []
+    perturbed = [[r[i] for r in runs] for i in range(n)]
+    del ref, tasks  # the session (the tasks hold it too) and its weights freed before the candidate opens
+    written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
+    cand = open_session(written, name="the folded model")
+    outputs, problems = [], []
+    for i, (s, feed) in enumerate(zip(sets, typed, strict=True)):
+        c = _run(cand, out_names, feed)
+        compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule, s.name,
+                                          perturbed[i])  # fmt: skip
+        outputs.extend(compared)
+        problems.extend(p for p in found if p not in problems)
+    return report_of(outputs, problems, tuple(notes))
+
+
+def _perturbable(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> bool:
+    """Whether onnxruntime makes the perturbed runs: every floating initializer and input float32."""
+    tp = onnx.TensorProto
+    floating = {tp.FLOAT, tp.DOUBLE, tp.FLOAT16, tp.BFLOAT16}
+    inits = [t.data_type for t in model.graph.initializer if t.data_type in floating]
+    ins = [t.dtype for t in feeds.values() if t.is_floating_point()]
+    return all(t == tp.FLOAT for t in inits) and all(t == torch.float32 for t in ins)
+
+
+def _original_session(model: onnx.ModelProto, perturb: bool, source: Path | None) -> tuple[Session, bool]:
+    """The original's session, and whether its floating initializers can be fed (module docstring):
+    from its file when it has one and no initializer is to be fed."""
+    data_dir = source.parent if source is not None else None
+    if perturb:
+        floating = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        try:
+            session = open_session(_with_initializer_inputs(model, floating), name="the original model",
+                                   data_dir=data_dir)  # fmt: skip
+        except ExportError:  # e.g. an op whose float input must be constant: the interpreter perturbs
+            pass
+        else:
+            fed = {i.name for i in session.session.get_overridable_initializers()}
+            if fed >= set(floating):
+                return session, True
+    if source is not None:
+        return open_session(source, name="the original model"), False
+    return open_session(model.SerializeToString(), name="the original model"), False
+
+
+def _with_initializer_inputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """``model`` serialized with the initializers ``names`` also listed as graph inputs. The proto
+    is not copied (it may be large): the inputs are appended for the serialization and removed."""
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    wanted = set(names) - declared
+    added = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in graph.initializer if t.name in wanted]  # fmt: skip
+    graph.input.extend(added)
+    try:
+        return model.SerializeToString()
+    finally:
+        del graph.input[len(graph.input) - len(added) :]
+
+
+def _run(session: Session, out_names: list[str], feed: Mapping[str, Any]) -> _Outputs:
+    arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
+    try:
+        got = session.session.run(out_names, arrays)
+    except Exception as e:
+        raise ExportError(f"onnxruntime failed to run {session.name}: {str(e).splitlines()[0]}") from e
+    return {k: torch.from_numpy(np.asarray(a)) for k, a in zip(out_names, got, strict=True)}
+
+
+def _wide(model: onnx.ModelProto, rule: ParityRule, base_dir: Path | None) -> tuple[Any, str | None]:
+    """The initializers in float64 for the exact runs, or None and why (over the rule's limit)."""
+    limit = rule.exact_limit_bytes
+    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
+    if limit is not None and size > limit:
+        return None, (
+            f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
+            "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
+            "floor alone"
+        )
+    return initializer_tensors(model, torch.float64, base_dir), None
+
+
+def _perturbed_tasks(
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
+    out_names: list[str], base_dir: Path | None,
+) -> list[Callable[[], list[_Outputs]]]:  # fmt: skip
+    """One task per perturbation ``k``: its runs of every input set, in ``session`` (the
+    original's, its floating initializers overridable), else in the interpreter in float32
+    (module docstring)."""
+    if not count:
+        return []
+    own = initializer_tensors(model, base_dir=base_dir)
+
+    def runs(k: int) -> list[_Outputs]:
+        noisy = perturbed_initializers(own, k)
+        if session is not None:
+            return [_run(session, out_names, {**feed, **noisy}) for feed in typed]
+        with torch.no_grad():
+            return [run_graph(model, feed, torch.float32, initializers={**own, **noisy}) for feed in typed]
+
+    return [partial(runs, k) for k in range(count)]
+
+
+def _perturbed(
+    model: onnx.ModelProto, typed: list[dict[str, torch.Tensor]], count: int, session: Session | None,
+    out_names: list[str], base_dir: Path | None,
+) -> list[list[_Outputs]]:  # fmt: skip
+    """Per input set, the ``count`` perturbed runs (:func:`_perturbed_tasks`)."""
+    runs = run_all(_perturbed_tasks(model, typed, count, session, out_names, base_dir))
+    return [[r[i] for r in runs] for i in range(len(typed))]
