@@ -38,7 +38,7 @@ from normfold.engine.gate import CODE as CANCELLATION
 from normfold.engine.gate import at_risk, judge, overflow_risk
 from normfold.engine.parts import fold_parts
 from normfold.engine.plan import plan
-from normfold.engine.postcheck import check_artifacts_agree, check_replan
+from normfold.engine.postcheck import check_artifacts_agree, check_replan, shares_tensors
 from normfold.engine.reparam import plan_merges
 from normfold.engine.replan import MAX_ROUNDS, Drift, apply_round
 from normfold.errors import TraceError
@@ -131,7 +131,7 @@ def _fold(
     check_replan(left)
     suspects = [f"{f.norm} into {f.into} ({f.pattern}, export only)" for f in result.export_only]
     suspects += [f"{m.block} into {m.into} (merge, {m.where})" for m in result.merged]
-    if suspects:  # without them both artifacts are one plan written twice, sharing every tensor
+    if suspects or not shares_tensors(target, result.program):  # else: one plan written twice alike
         check_artifacts_agree(target, result.program, inputs, suspects)
     result.ops_after = op_counts(result.program.graph)
     result.params_after = weight_elements(result.program)

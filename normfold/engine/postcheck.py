@@ -2,10 +2,10 @@
 
 A :class:`~normfold.folding.FoldResult` carries two folded artifacts written from one plan: the
 eager module and the exported program. Where every fold lands in both (``where="both"``) they
-compute the same arithmetic (one plan written twice: the program's folded parameters *are* the
-module's tensors, so ``fold()`` runs no check then); where a fold or merge lands in the export only,
-the module keeps the original arithmetic for that part. Either way both approximate the original,
-so on the example inputs, per output leaf::
+compute the same arithmetic (one plan written twice; when the program's parameters and buffers
+*are* the module's tensors, :func:`shares_tensors`, ``fold()`` runs no check); where a fold or
+merge lands in the export only, the module keeps the original arithmetic for that part. Either way
+both approximate the original, so on the example inputs, per output leaf::
 
     max|module - program| <= rel(dtype) * max|module|           (finite elements; the same
                                                                  non-finite positions)
@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 from normfold.engine.probe import isolated_rng
 from normfold.errors import ConsistencyError, printable
 
-__all__ = ["check_artifacts_agree", "check_replan"]
+__all__ = ["check_artifacts_agree", "check_replan", "shares_tensors"]
 
 #: the largest module-vs-program difference, relative to the output's scale, per dtype
 _RELATIVE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1}
@@ -74,6 +74,17 @@ def _disagreement(a: torch.Tensor, b: torch.Tensor) -> str | None:
     if diff > rel * scale:
         return f"max difference {diff:.3g} > {rel * scale:.3g} ({rel:g} x the output's scale {scale:.3g})"
     return None
+
+
+def shares_tensors(module: nn.Module, program: ExportedProgram) -> bool:
+    """Whether every parameter and buffer of ``program`` is the tensor ``module`` holds under the
+    same name (same storage and shape): the premise under which ``fold()`` skips the run of
+    :func:`check_artifacts_agree` for a plan that lands in both alike."""
+    mine = module.state_dict(keep_vars=True)
+    return all(
+        name in mine and t.shape == mine[name].shape and t.data_ptr() == mine[name].data_ptr()
+        for name, t in program.state_dict.items()
+    )
 
 
 def check_artifacts_agree(

@@ -8,7 +8,7 @@ from helpers import randomize_bn
 from torch import nn
 
 import normfold
-from normfold.engine.postcheck import check_artifacts_agree, check_replan
+from normfold.engine.postcheck import check_artifacts_agree, check_replan, shares_tensors
 from normfold.errors import ConsistencyError
 
 
@@ -138,3 +138,30 @@ def test_an_exact_export_only_fold_of_an_ill_conditioned_map_is_no_disagreement(
     built = build(program)
     result = normfold.fold(built.model, built.inputs)
     assert any(f.where == "export" for f in result.folded)
+
+
+def test_the_check_is_skipped_only_where_the_program_holds_the_modules_own_tensors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fold() skips the module-vs-program run only for a plan that lands in both alike whose
+    program reads the module's own tensors (shares_tensors); a program with a tensor of its own
+    is checked, and a disagreement raises."""
+    import normfold.folding as folding
+
+    model = _net(0)
+    result = normfold.fold(model, X)
+    assert shares_tensors(result.model, result.program)
+    other = normfold.fold(_net(3), X)
+    assert not shares_tensors(result.model, other.program)  # another model's tensors
+    copy_of_one = dict(result.program.state_dict)
+    name = next(iter(copy_of_one))
+    result.program.state_dict[name] = copy_of_one[name].clone()
+    assert not shares_tensors(result.model, result.program)  # one tensor of its own is enough
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(folding, "check_artifacts_agree", lambda m, p, x, s: calls.append(list(s)))
+    normfold.fold(model, X)
+    assert calls == []  # shared tensors, no export-only fold: not run
+    monkeypatch.setattr(folding, "shares_tensors", lambda m, p: False)
+    normfold.fold(model, X)
+    assert calls == [[]]  # a program with tensors of its own: run
