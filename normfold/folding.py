@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from normfold.engine.capture import Capture, CaptureOptions, op_counts
 from normfold.engine.costs import program_macs
 from normfold.engine.fold_records import Folded, FoldResult, Merged, NotMerged, Skipped, Uncaptured
 from normfold.engine.gate import CODE as CANCELLATION
-from normfold.engine.gate import at_risk, judge, overflow_risk
+from normfold.engine.gate import OVERFLOW, at_risk, judge, overflow_risk
 from normfold.engine.parts import fold_parts
 from normfold.engine.plan import plan
 from normfold.engine.postcheck import check_artifacts_agree, check_replan, shares_tensors
@@ -116,9 +116,9 @@ def _fold(
     risky = {} if judged else at_risk(analysis.capture, analysis.plan)
     overflow = {} if judged else overflow_risk(analysis.capture, analysis.plan)
     again = functools.partial(_fold, model, inputs, options, reparameterize=reparameterize, judged=True)
-    if risky and inplace:  # judged on a copy first: the caller's model is folded once, as decided
+    if (risky or overflow) and inplace:  # judged on a copy first: the caller's model is folded once
         trial = _fold(model, inputs, options, inplace=False, reparameterize=reparameterize, keep=keep)
-        kept = {s.norm: (s.code, s.reason) for s in trial.skipped if s.code == CANCELLATION}
+        kept = {s.norm: (s.code, s.reason) for s in trial.skipped if s.code in (CANCELLATION, OVERFLOW)}
         return again(inplace=True, keep={**keep, **kept})
     result = analysis.result
     drift = Drift()  # where the module and the program come to differ (export-only decisions)
@@ -127,6 +127,8 @@ def _fold(
                                  analysis.eager_merges, in_place=True)  # fmt: skip
     left = _settle(result, target, drift, reparameterize, merged=bool(analysis.merges), keep=keep)
     if (risky or overflow) and (kept := judge(model, result, inputs, risky, overflow)):
+        if len(kept) > 1:  # which of them fail the rule: one at a time
+            kept = _one_at_a_time(again, model, inputs, keep, kept, risky, overflow)
         return again(inplace=False, keep={**keep, **kept})
     check_replan(left)
     suspects = [f"{f.norm} into {f.into} ({f.pattern}, export only)" for f in result.export_only]
@@ -138,6 +140,34 @@ def _fold(
     result.macs_after = program_macs(result.program)
     logger.info("folded %d norm op(s), kept %d", len(result.folded), len(result.skipped))
     return result
+
+
+def _one_at_a_time(
+    again: Callable[..., FoldResult],
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    keep: Mapping[str, tuple[str, str]],
+    kept: Mapping[str, tuple[str, str]],
+    risky: Mapping[str, float],
+    overflow: Mapping[str, float],
+) -> dict[str, tuple[str, str]]:
+    """The folds at risk to keep when folding them all failed the rule: each is added in turn to
+    those already accepted and judged so (:func:`~normfold.engine.gate.judge`); it stays folded
+    when the result passes, else it is kept with the reason its own trial gave. One failing fold
+    no longer takes exact ones down with it (fuzz seed 647855096: a float16 fold that overflows
+    kept a cancelling one beside it that is exact alone)."""
+    accepted: list[str] = []
+    final: dict[str, tuple[str, str]] = {}
+    for name in kept:
+        others = {n: why for n, why in kept.items() if n != name and n not in accepted}
+        trial = again(inplace=False, keep={**keep, **others})
+        alone = judge(model, trial, inputs, {name: risky[name]} if name in risky else {},
+                      {name: overflow[name]} if name in overflow else {})  # fmt: skip
+        if name in alone:
+            final[name] = alone[name]
+        else:
+            accepted.append(name)
+    return final
 
 
 def _settle(

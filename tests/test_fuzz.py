@@ -68,6 +68,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fuzz_pins
 import pytest
 import torch
 from fuzz_models import (
@@ -79,7 +80,6 @@ from fuzz_models import (
     LinearNorm,
     LinearSpec,
     ModelSpec,
-    NormFanout,
     NormLinear,
     NormSpec,
     Residual,
@@ -98,7 +98,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normfold
-from normfold.check.parity import ParityRule
 from normfold.engine import gate
 from normfold.folding import _fold, capture_options
 
@@ -222,7 +221,8 @@ def check_fold(
             # an allowed refusal, never a guess: a folded value that does not fit the dtype (inf),
             # or a fold the gate measured beyond the parity rule, which must fail it when forced
             if "does not fit in" not in skipped[name].reason:
-                assert _forced_fold_fails(model, input_sets), f"refused, yet the forced fold passes. {where}"
+                forced_fails = _forced_fold_fails(model, input_sets, name, result)
+                assert forced_fails, f"refused, yet the forced fold passes. {where}"
             continue
         if e.status == "fold":
             assert name in folded and name not in skipped, f"not folded. {where}"
@@ -235,20 +235,31 @@ def check_fold(
     return result
 
 
-def _forced_fold_fails(model: nn.Module, input_sets: dict[str, tuple[torch.Tensor, ...]]) -> bool:
-    """Whether ``model`` folded with every fold at risk forced (the gate skipped) fails the rule
-    the gate judges by (the original's own error alone in float32, the full rule in a narrow
-    dtype) on an input set of the fuzz or of the gate: a refusal with code ``cancellation`` or
-    ``overflow`` must rest on such a failure."""
+def _forced_fold_fails(
+    model: nn.Module, input_sets: dict[str, tuple[torch.Tensor, ...]], name: str, result: normfold.FoldResult
+) -> bool:
+    """Whether ``model`` folded with norm ``name``'s fold forced (every other norm ``result`` kept
+    stays kept, the gate skipped) fails the rule the gate judges by (:func:`gate.judging_rule`) on
+    the fuzz's own input sets, the gate's (:func:`gate.judging_sets`) or a wider batch the fuzz
+    draws itself: a refusal with code ``cancellation`` or ``overflow`` must rest on a failure of
+    that norm's own fold, measured again here, never on another norm's or on the gate's word."""
     example = next(iter(input_sets.values()))
+    keep = {s.norm: (s.code, s.reason) for s in result.skipped if s.norm != name}
     options = capture_options(example, True, None)
-    forced = _fold(model, example, options, inplace=False, reparameterize=True, keep={}, judged=True)
-    rule = ParityRule() if gate.dtype_name(forced) in ("float16", "bfloat16") else ParityRule(perturbations=0)
-    for inputs in [*input_sets.values(), *gate._judging_sets(example)]:
+    forced = _fold(model, example, options, inplace=False, reparameterize=True, keep=keep, judged=True)
+    assert name in {f.norm for f in forced.folded}, f"{name} does not fold even when forced"
+    gen = torch.Generator().manual_seed(20261207)
+    wider = tuple(
+        torch.randn((t.shape[0] + 1, *t.shape[1:]), generator=gen, dtype=torch.float64).to(t.dtype)
+        if t.is_floating_point() else t
+        for t in example
+    )  # fmt: skip
+    rule = gate.judging_rule(forced)
+    for inputs in [*input_sets.values(), *gate.judging_sets(example)[1:], wider]:
         try:
             report = normfold.verify(model, forced, inputs, rule=rule)
         except normfold.TraceError:
-            continue
+            continue  # the model runs at its example batch only
         if not report.passed and report.decided:
             return True
     return False
@@ -765,89 +776,15 @@ def test_regression_fp16_fold_measured_beyond_the_rule() -> None:
     """Fuzz seed 647855096 (NORMFOLD_FUZZ_EXAMPLES=10000; a fuzz oracle gap, not a wrong result):
     a float16 ConvTranspose1d -> BN (running mean ~5e3 stds from zero) -> ConvTranspose1d -> BN:
     the folded layers leave float16's range where the original, which normalizes in its own op,
-    does not; the gate measured both folds beyond the parity rule and kept them (cancellation,
-    overflow). The generator expected only the static code overflow; it now accepts the gate's
-    measured refusals too, and the fuzzer asserts that the reason is that measurement."""
-    spec = ModelSpec(
-        in_shape=(
-            3,
-            3,
-        ),
-        dtype="float16",
-        mode="eval",
-        seed=0,
-        blocks=(
-            ConvNorm(
-                conv=ConvSpec(
-                    dims=1,
-                    cin=3,
-                    cout=6,
-                    kernel=1,
-                    stride=1,
-                    padding=0,
-                    dilation=1,
-                    groups=1,
-                    bias=False,
-                    padding_mode="zeros",
-                    transposed=True,
-                    output_padding=0,
-                    functional=False,
-                ),
-                norm=NormSpec(
-                    kind="module",
-                    affine=False,
-                    track=True,
-                    eps=1e-05,
-                    mean_scale=30.0,
-                    log_var=(
-                        -5.0,
-                        0.0,
-                    ),
-                    gamma="positive",
-                    beta_scale=0.0,
-                ),
-                through=None,
-                act=False,
-            ),
-            ConvNorm(
-                conv=ConvSpec(
-                    dims=1,
-                    cin=6,
-                    cout=6,
-                    kernel=3,
-                    stride=1,
-                    padding=0,
-                    dilation=1,
-                    groups=1,
-                    bias=False,
-                    padding_mode="zeros",
-                    transposed=True,
-                    output_padding=0,
-                    functional=False,
-                ),
-                norm=NormSpec(
-                    kind="module",
-                    affine=False,
-                    track=True,
-                    eps=1e-05,
-                    mean_scale=0.0,
-                    log_var=(
-                        -5.0,
-                        0.0,
-                    ),
-                    gamma="positive",
-                    beta_scale=0.0,
-                ),
-                through=None,
-                act=False,
-            ),
-        ),
-        outputs="last",
-    )
+    does not; the gate measured the folds beyond the parity rule. Judged together, both were kept
+    (cancellation, overflow); judged one at a time (the review of session 9: one failing fold
+    took an exact one down with it), the overflowing one stays and the cancelling one folds where
+    it is exact alone. The fuzzer forces each refused fold alone and asserts that it fails."""
+    spec = fuzz_pins.SEED_647855096
     result = recheck_fold(spec)
-    codes = {s.norm: s.code for s in result.skipped}
-    assert codes == {"blocks.0.norm.bn": "cancellation", "blocks.1.norm.bn": "overflow"}
-    assert all("beyond the parity rule" in s.reason for s in result.skipped)
+    overflowing = {s.norm: s for s in result.skipped}["blocks.1.norm.bn"]
+    assert overflowing.code == "overflow" and "beyond the parity rule" in overflowing.reason
+    _folded_or_measured(result, "blocks.0.norm.bn")  # judged alone: exact here, so folded
 
 
 def test_regression_cancelling_fold_beyond_the_rule_at_another_batch_size() -> None:
@@ -857,96 +794,8 @@ def test_regression_cancelling_fold_beyond_the_rule_at_another_batch_size() -> N
     original's own on every normal draw here. The gate now judges a second batch size too; the
     fuzzer's oracle (fold and pass on every set, or a refusal whose forced fold fails the rule)
     holds on any CPU."""
-    result = recheck_fold(
-        ModelSpec(
-            in_shape=(
-                1,
-                4,
-                3,
-                2,
-            ),
-            dtype="float32",
-            mode="eval",
-            seed=573,
-            blocks=(
-                ConvNorm(
-                    conv=ConvSpec(
-                        dims=3,
-                        cin=1,
-                        cout=16,
-                        kernel=1,
-                        stride=1,
-                        padding=0,
-                        dilation=1,
-                        groups=1,
-                        bias=True,
-                        padding_mode="zeros",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm=NormSpec(
-                        kind="module",
-                        affine=True,
-                        track=True,
-                        eps=1e-05,
-                        mean_scale=30.0,
-                        log_var=(
-                            -0.0,
-                            1.5,
-                        ),
-                        gamma="mixed",
-                        beta_scale=0.0,
-                    ),
-                    through="avgpool",
-                    act=False,
-                ),
-                Fork(
-                    branches=(
-                        (),
-                        (
-                            ConvNorm(
-                                conv=ConvSpec(
-                                    dims=3,
-                                    cin=16,
-                                    cout=1,
-                                    kernel=1,
-                                    stride=1,
-                                    padding=0,
-                                    dilation=1,
-                                    groups=1,
-                                    bias=True,
-                                    padding_mode="zeros",
-                                    transposed=False,
-                                    output_padding=0,
-                                    functional=False,
-                                ),
-                                norm=None,
-                                through=None,
-                                act=False,
-                            ),
-                        ),
-                        (),
-                    ),
-                    merge="cat",
-                    norm=NormSpec(
-                        kind="module",
-                        affine=False,
-                        track=False,
-                        eps=0.1,
-                        mean_scale=0.0,
-                        log_var=(
-                            0.0,
-                            0.0,
-                        ),
-                        gamma="positive",
-                        beta_scale=0.0,
-                    ),
-                ),
-            ),
-            outputs="last",
-        )
-    )
+    result = recheck_fold(fuzz_pins.SEED_934055385_CHUNK_6)
+    _folded_or_measured(result, "blocks.0.norm.bn")
     assert {s.norm: s.code for s in result.skipped}.get("blocks.1.norm.bn") == "batch_statistics"
 
 
@@ -956,212 +805,15 @@ def test_regression_float32_cancellation_refusal_is_measured() -> None:
     the fold beyond the parity rule and kept it (``cancellation``, clarification of item 7). The
     generator expected refusals in float16/bfloat16 only; it now accepts a measured refusal in
     any dtype, and the fuzzer forces the fold and asserts that it fails the rule."""
-    result = recheck_fold(
-        ModelSpec(
-            in_shape=(
-                1,
-                3,
-                2,
-            ),
-            dtype="float32",
-            mode="eval",
-            seed=356,
-            blocks=(
-                Residual(
-                    conv1=ConvSpec(
-                        dims=2,
-                        cin=1,
-                        cout=15,
-                        kernel=3,
-                        stride=1,
-                        padding=2,
-                        dilation=2,
-                        groups=1,
-                        bias=True,
-                        padding_mode="zeros",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm1=NormSpec(
-                        kind="module",
-                        affine=False,
-                        track=False,
-                        eps=0.1,
-                        mean_scale=0.0,
-                        log_var=(
-                            0.27,
-                            2.03,
-                        ),
-                        gamma="positive",
-                        beta_scale=0.0,
-                    ),
-                    conv2=ConvSpec(
-                        dims=2,
-                        cin=15,
-                        cout=1,
-                        kernel=1,
-                        stride=1,
-                        padding=0,
-                        dilation=1,
-                        groups=1,
-                        bias=False,
-                        padding_mode="zeros",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm2=NormSpec(
-                        kind="functional",
-                        affine=False,
-                        track=True,
-                        eps=1e-05,
-                        mean_scale=0.0,
-                        log_var=(
-                            1.54,
-                            2.99,
-                        ),
-                        gamma="positive",
-                        beta_scale=0.0,
-                    ),
-                ),
-                NormFanout(
-                    norm=NormSpec(
-                        kind="subclass",
-                        affine=False,
-                        track=True,
-                        eps=0.001,
-                        mean_scale=1000.0,
-                        log_var=(
-                            0.0,
-                            1.37,
-                        ),
-                        gamma="positive",
-                        beta_scale=0.5,
-                    ),
-                    a=ConvSpec(
-                        dims=2,
-                        cin=1,
-                        cout=8,
-                        kernel=1,
-                        stride=1,
-                        padding=0,
-                        dilation=2,
-                        groups=1,
-                        bias=False,
-                        padding_mode="replicate",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    b=ConvSpec(
-                        dims=2,
-                        cin=1,
-                        cout=8,
-                        kernel=3,
-                        stride=1,
-                        padding=2,
-                        dilation=2,
-                        groups=1,
-                        bias=False,
-                        padding_mode="zeros",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                ),
-                ConvNorm(
-                    conv=ConvSpec(
-                        dims=2,
-                        cin=8,
-                        cout=16,
-                        kernel=2,
-                        stride=2,
-                        padding=0,
-                        dilation=1,
-                        groups=8,
-                        bias=True,
-                        padding_mode="reflect",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm=NormSpec(
-                        kind="subclass",
-                        affine=True,
-                        track=True,
-                        eps=0.001,
-                        mean_scale=1000.0,
-                        log_var=(
-                            -0.08,
-                            1.87,
-                        ),
-                        gamma="mixed",
-                        beta_scale=0.0,
-                    ),
-                    through=None,
-                    act=False,
-                ),
-                Residual(
-                    conv1=ConvSpec(
-                        dims=2,
-                        cin=16,
-                        cout=2,
-                        kernel=3,
-                        stride=1,
-                        padding=2,
-                        dilation=2,
-                        groups=1,
-                        bias=False,
-                        padding_mode="replicate",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm1=NormSpec(
-                        kind="subclass",
-                        affine=True,
-                        track=True,
-                        eps=0.001,
-                        mean_scale=30.0,
-                        log_var=(
-                            -2.14,
-                            -0.0,
-                        ),
-                        gamma="negative",
-                        beta_scale=5.0,
-                    ),
-                    conv2=ConvSpec(
-                        dims=2,
-                        cin=2,
-                        cout=16,
-                        kernel=1,
-                        stride=1,
-                        padding=0,
-                        dilation=1,
-                        groups=2,
-                        bias=False,
-                        padding_mode="reflect",
-                        transposed=False,
-                        output_padding=0,
-                        functional=False,
-                    ),
-                    norm2=NormSpec(
-                        kind="module",
-                        affine=False,
-                        track=False,
-                        eps=0.1,
-                        mean_scale=0.0,
-                        log_var=(
-                            -1.38,
-                            0.33,
-                        ),
-                        gamma="negative",
-                        beta_scale=0.0,
-                    ),
-                ),
-            ),
-            outputs="last",
-        )
-    )
+    result = recheck_fold(fuzz_pins.SEED_934055385_CHUNK_7)
+    _folded_or_measured(result, "blocks.2.norm.bn")
     assert "blocks.0.norm2" in {f.norm for f in result.folded}
+
+
+def _folded_or_measured(result: normfold.FoldResult, name: str) -> None:
+    """``name`` folded (where this CPU's rounding keeps the fold within the rule), or kept with
+    code ``cancellation`` for a measured reason (recheck_fold has forced the fold and seen it fail)."""
+    if name in {f.norm for f in result.folded}:
+        return
+    kept = {s.norm: s for s in result.skipped}[name]
+    assert kept.code == "cancellation" and "beyond the parity rule" in kept.reason, kept

@@ -138,7 +138,7 @@ FOLD_CODES: tuple[Code, ...] = (
         "cancellation",
         "the norm's running mean lies many stds from zero (`|mean| / std` above 16 in fp32, 8 in fp16, "
         "4 in bf16), so the folded layer cancels two large numbers; `fold()` then judges its result by "
-        "the parity rule on the example inputs and on a normal set one larger along the batch axis, "
+        "the parity rule on the example inputs and on them one sample larger along the batch axis, "
         "with the original's own error alone as the noise in "
         "float32/float64 (`ParityRule(perturbations=0)`: a fold beyond the rule's factor of the "
         "rounding the original itself shows is not exact; in float16/bfloat16 the full rule, whose "

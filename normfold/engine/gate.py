@@ -30,7 +30,7 @@ the parity rule itself decides:
   original by :func:`normfold.verify` on the example inputs; if it fails (and the check could
   decide), the folds at risk are kept with code ``cancellation`` and the model is folded again
   without them. A fold at risk that passes stays folded. The check runs on the example inputs
-  and on a seeded normal set one larger along the batch axis (:func:`_judging_sets`).
+  and on the same inputs one sample larger along the batch axis (:func:`judging_sets`).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from normfold.engine.plan import Plan
 from normfold.errors import TraceError
 
 if TYPE_CHECKING:
+    from normfold.check.parity import ParityRule
     from normfold.engine.fold_records import FoldResult
 
-__all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "overflow_risk"]
+__all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "judging_rule", "judging_sets", "overflow_risk"]
 
 CODE = "cancellation"
 OVERFLOW = "overflow"
@@ -110,20 +111,11 @@ def judge(
     """The folds at risk to keep (norm -> ``(code, reason)``): all of them when the folded result
     fails the parity rule against ``original`` on ``inputs`` (and its input sets); none when it
     passes or the check cannot decide."""
-    from normfold.check.parity import ParityRule
     from normfold.check.reference import verify  # the checker only when a plan has folds at risk
 
-    # In float32/float64, judged against the original's own error alone: a fold at risk is exact
-    # when it stays within the rule's factor of the rounding the original itself shows
-    # (clarification of item 7); the perturbed runs carry a fresh sample of that rounding each,
-    # which in a cancelling model can be 10x the original's own and would admit folds 5-8x beyond
-    # it. In float16/bfloat16 the parameter rounding a fold applies is itself the dominant noise
-    # (a rounded weight moves values across a ReLU kink: fuzz seed 1001), which only the
-    # perturbed runs measure, so the full rule judges.
-    narrow = dtype_name(result) in ("float16", "bfloat16")
-    rule = ParityRule() if narrow else ParityRule(perturbations=0)
+    rule = judging_rule(result)
     failure = None
-    for i, judged in enumerate(_judging_sets(tuple(inputs))):
+    for i, judged in enumerate(judging_sets(tuple(inputs))):
         if i and not _runs(original, judged):
             continue  # the original does not run at the other batch size: the example inputs decide
         report = verify(original, result, judged, rule=rule)  # a folded artifact that raises: raised
@@ -153,16 +145,31 @@ def judge(
     return kept
 
 
-def _judging_sets(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
-    """The example inputs, then a seeded standard-normal set one larger along the batch axis.
+def judging_rule(result: FoldResult) -> ParityRule:
+    """The rule a fold at risk is judged by, for ``result``'s dtype."""
+    from normfold.check.parity import ParityRule
+
+    # In float32/float64, judged against the original's own error alone: a fold at risk is exact
+    # when it stays within the rule's factor of the rounding the original itself shows
+    # (clarification of item 7); the perturbed runs carry a fresh sample of that rounding each,
+    # which in a cancelling model can be 10x the original's own and would admit folds 5-8x beyond
+    # it. In float16/bfloat16 the parameter rounding a fold applies is itself the dominant noise
+    # (a rounded weight moves values across a ReLU kink: fuzz seed 1001), which only the
+    # perturbed runs measure, so the full rule judges.
+    narrow = dtype_name(result) in ("float16", "bfloat16")
+    return ParityRule() if narrow else ParityRule(perturbations=0)
+
+
+def judging_sets(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """The example inputs, then the same inputs one sample larger along the batch axis.
 
     A fold at risk can be within the rule at one batch size and beyond it at another, on every
     draw: fuzz seed 934055385 chunk 6, a float32 ``Conv3d -> BN(mean ~30 std)`` before a
     batch-statistics norm, 0 of 20 normal draws beyond the rule at batch 4 and 8, 20 of 20 at
     batch 5 (4.8x the original's own error). A second batch size, judged like the first, catches
     such folds; a model that runs at one batch size only is judged on its examples alone. Every
-    tensor with the batch axis grows: floating ones with normal values, the others (ids, masks)
-    by repeating their first row."""
+    tensor with the batch axis grows by one row: a floating one by the values of one of its rows
+    in a seeded shuffled order, the others (ids, masks) by their first row again."""
     sets = [inputs]
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
     if batch is None or not any(t.is_floating_point() for t in inputs):
@@ -172,10 +179,14 @@ def _judging_sets(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, 
     def wider(t: torch.Tensor) -> torch.Tensor:
         if not t.dim() or t.shape[0] != batch:
             return t  # no batch axis
-        if t.is_floating_point():
-            drawn = torch.randn((batch + 1, *t.shape[1:]), generator=gen, dtype=torch.float64)
-            return drawn.to(t.device, t.dtype)
-        return torch.cat([t, t[:1]])  # ids, masks: one more row of valid values
+        if not t.is_floating_point():
+            return torch.cat([t, t[:1]])  # ids, masks: one more row of valid values
+        # one more sample of the examples' own distribution (the values of one example row,
+        # shuffled): a normal draw would leave the range of inputs scaled to keep a float16
+        # model finite, and a given input set is judged even where the original overflows
+        row = t[int(torch.randint(batch, (1,), generator=gen))].reshape(-1)
+        extra = row[torch.randperm(row.numel(), generator=gen).to(row.device)].reshape(1, *t.shape[1:])
+        return torch.cat([t, extra])
 
     sets.append(tuple(wider(t) for t in inputs))
     return sets

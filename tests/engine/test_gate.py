@@ -10,7 +10,7 @@ from fuzz_models import ActBatchNorm1d
 from torch import nn
 
 import normfold
-from normfold.engine.gate import CODE, _judging_sets, at_risk, judge
+from normfold.engine.gate import CODE, at_risk, judge, judging_sets
 from normfold.folding import analyse
 
 
@@ -161,18 +161,23 @@ class _FourRows(nn.Module):
         return self.inner(x.reshape(4, 2))
 
 
-def test_judging_sets_add_one_batch_size_and_leave_other_inputs_alone() -> None:
-    """The gate judges on the example inputs and on a seeded normal set one larger along the batch
-    axis (fuzz seed 934055385 chunk 6: a fold within the rule at batch 4, beyond it at batch 5);
-    integer inputs with the batch axis grow by their first row, inputs without it stay."""
-    x, ids, table = torch.randn(4, 2, dtype=torch.float64), torch.arange(4) + 7, torch.randn(3, 5)
-    sets = _judging_sets((x, ids, table))
+def testjudging_sets_add_one_batch_size_and_leave_other_inputs_alone() -> None:
+    """The gate judges on the example inputs and on them one sample larger along the batch axis
+    (fuzz seed 934055385 chunk 6: a fold within the rule at batch 4, beyond it at batch 5): the
+    new floating row holds the values of an example row, shuffled (the examples' own range: a
+    float16 model's inputs scaled to stay finite stay so); integer inputs with the batch axis
+    grow by their first row, inputs without it stay."""
+    x = torch.randn(4, 6, dtype=torch.float64) * 1e-3 + 5
+    ids, table = torch.arange(4) + 7, torch.randn(3, 5)
+    sets = judging_sets((x, ids, table))
     assert len(sets) == 2 and sets[0][0] is x
     wider = sets[1]
-    assert wider[0].shape == (5, 2) and wider[0].dtype == torch.float64
+    assert wider[0].shape == (5, 6) and wider[0].dtype == torch.float64
+    assert torch.equal(wider[0][:4], x)
+    assert any(torch.equal(wider[0][4].sort().values, row.sort().values) for row in x)
     assert wider[1].tolist() == [7, 8, 9, 10, 7] and wider[2] is table
-    assert torch.equal(_judging_sets((x,))[1][0], wider[0])  # seeded: the same every call
-    assert len(_judging_sets((ids,))) == 1
+    assert torch.equal(judging_sets((x,))[1][0], wider[0])  # seeded: the same every call
+    assert len(judging_sets((ids,))) == 1
 
 
 def test_a_model_that_runs_at_one_batch_size_is_judged_on_its_examples() -> None:
@@ -199,3 +204,30 @@ def test_a_folded_artifact_that_raises_is_an_error_not_a_pass() -> None:
     result.model = _Raises()
     with pytest.raises(normfold.TraceError, match="a folded artifact that cannot run"):
         judge(model, result, (x,), {"1": 680.0})
+
+
+def test_folds_at_risk_are_judged_one_at_a_time_when_together_they_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When folding every fold at risk fails the rule, each is added in turn to those accepted
+    and judged so: a fold that fails alone stays (with its own trial's reason), one that passes
+    folds, so a failing fold does not take an exact one down with it."""
+    import normfold.folding as folding
+
+    trials: list[set[str]] = []
+
+    def again(*, inplace: bool, keep: dict[str, tuple[str, str]]) -> set[str]:
+        trials.append(set(keep))
+        return set(keep)  # stands for the trial's result: which norms it keeps
+
+    def judge_alone(model, trial, inputs, risky, overflow):
+        name = next(iter({**risky, **overflow}))
+        return {name: ("cancellation", f"{name} alone fails")} if name == "b" else {}
+
+    monkeypatch.setattr(folding, "judge", judge_alone)
+    kept = {n: ("cancellation", "together") for n in ("a", "b", "c")}
+    final = folding._one_at_a_time(again, nn.Identity(), (), {"x": ("k", "r")}, kept,
+                                   {"a": 20.0, "b": 30.0, "c": 40.0}, {})  # fmt: skip
+    assert final == {"b": ("cancellation", "b alone fails")}
+    # a alone (b, c kept); b with a accepted (c kept); c with a accepted (b kept)
+    assert trials == [{"x", "b", "c"}, {"x", "c"}, {"x", "b"}]
