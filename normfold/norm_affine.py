@@ -169,7 +169,7 @@ def fold_norm_affine(
         apply_plan(target, the_plan, values)
     else:
         target = proved
-    result = NormAffineResult(target, *_records(the_plan), parity=report, plan=the_plan)
+    result = NormAffineResult(target, *records_of(the_plan), parity=report, plan=the_plan)
     _untie_config(result)
     again = capture(proved, inputs, options)
     replan = _plan(TorchNormView.of(again), proved, dtype_of, new_biases, untie)
@@ -260,7 +260,8 @@ def _copy_shared(model: nn.Module) -> list[str]:
     return copied
 
 
-def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
+def records_of(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
+    """The records of a plan: one :class:`NormFolded` per fold, its kept norms as they are."""
     folded = []
     for f in the_plan.folds:
         n = f.norm

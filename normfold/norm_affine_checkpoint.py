@@ -11,24 +11,30 @@ safetensors checkpoint shard by shard, without ever loading the whole model.
    need the whole model several times over, so each folded norm is proved *locally*: its affine
    tail and every consumer, original against folded, on seeded normalized rows, by the parity rule.
    A fold whose new values do not fit the stored dtype stays (``overflow``), as in memory.
-3. **Write, shard by shard** (:mod:`normfold.io.fold_shards`): each consumer weight is read,
-   changed in float64 by the in-memory fold's own function
-   (:func:`~normfold.engine.norm_affine.records.consumer_values`) and cast to its stored dtype
-   once; every other tensor is copied as raw bytes. Output shards have the input's names and
-   tensor order (new tensors last in their shard), with the index; the folder's other files
-   (``config.json``, tokenizer files) are copied, ``config.json`` with ``tie_word_embeddings``
-   false where a tied head was untied. Files follow :mod:`normfold.io.files`: staged, committed
-   together (the index last), never over an existing file without ``force``.
+3. **Write, shard by shard**: a plan (:mod:`normfold.norm_checkpoint_plan`, pure data) says which
+   tensor goes under which name in which shard (raw bytes, or a folded value), what
+   ``config.json`` says (``tie_word_embeddings`` false whenever a tied head was untied), which
+   files are copied (``config.json``, tokenizer files; weight files the fold did not read are
+   skipped with a note); it is checked first (every parameter name of the model resolves in the
+   output, every folded value was proved). The writer (:mod:`normfold.io.fold_shards`) applies it:
+   each consumer weight is read, changed in float64 by the in-memory fold's own function
+   (:func:`~normfold.engine.norm_affine.records.consumer_values`), cast to its stored dtype once,
+   and written only when its SHA-256 is that of the value its proof ran on; every other tensor is
+   copied as raw bytes. Output shards have the input's names and tensor order (new tensors last in
+   their shard), with the index. Files follow :mod:`normfold.io.files`: the out folder checked
+   before any work, files staged, committed together (the index last), never over an existing
+   file without ``force``.
 
 **What is proved**: for every folded norm, that the folded (norm, consumers) group computes the
 original group's function on its normalized input, within the parity rule, with the exact values
-that are written (cast to the stored dtype); that the planner found these consumers as the only
-readers of the norm's output in the captured graph of the structure instance. **What is not**: the
-whole model's output (no forward runs on the real weights), that the structure instance computes
-what the checkpoint's model computes beyond its module paths and shapes (a wrong class with the
-same names would be planned wrongly: run :func:`normfold.fold_norm_affine` on a small config of the
-same class to check the plan end to end), and the final cast of a float16/bfloat16 fold (proved in
-float32, as in memory).
+that are written (cast to the stored dtype, float16/bfloat16 included: the candidate runs on the
+cast values, in float32, as in memory; the writer checks their digests); that the planner found
+these consumers as the only readers of the norm's output in the captured graph of the structure
+instance. **What is not**: the whole model's output (no forward runs on the real weights), nor
+that the structure instance computes what the checkpoint's model computes beyond its module paths
+and shapes (a wrong class with the same names would be planned wrongly: run
+:func:`normfold.fold_norm_affine` on a small config of the same class to check the plan end to
+end).
 
 **Memory**: one consumer weight at a time, held twice in its stored dtype (read, and folded),
 with the float64 math and the proof's float32/float64 runs done in blocks of 32 MB
@@ -42,7 +48,6 @@ parameter bytes, most of it the 131 MB LM head twice and the capture of the stru
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -73,10 +78,11 @@ from normfold.engine.norm_affine.records import (
 )
 from normfold.engine.norm_affine.torch_norms import TorchNormView
 from normfold.errors import LoadError, ParityError, UsageError
-from normfold.io.fold_shards import ShardEdit, write_folded
+from normfold.io.fold_shards import check_out_folder, digest, write_folded
 from normfold.io.heap import release
 from normfold.io.sharded import ShardedCheckpoint
-from normfold.norm_affine import NormFolded, _records, module_facts
+from normfold.norm_affine import NormFolded, module_facts, records_of
+from normfold.norm_checkpoint_plan import make_shard_plan, output_files
 from normfold.prepare import ExampleInputs, as_inputs, capture_options, working_copy
 
 logger = logging.getLogger(__name__)
@@ -153,6 +159,7 @@ def fold_norm_affine_checkpoint(
         raise UsageError(f"fold_norm_affine_checkpoint() expects a torch.nn.Module, got {got}")
     rule = ParityRule.of(rule)
     ckpt = ShardedCheckpoint.open(checkpoint)
+    check_out_folder(ckpt, Path(out), output_files(ckpt)[0], force=force)  # before any work
     structure = working_copy(model, "fold_norm_affine_checkpoint", inplace=False).eval()
     inputs = as_inputs(example_inputs, "fold_norm_affine_checkpoint")
     tensors = [*structure.parameters(), *structure.buffers()]
@@ -166,11 +173,11 @@ def fold_norm_affine_checkpoint(
     store.check_shapes(structure)
     cap = capture(structure, inputs, capture_options(inputs, True))
     the_plan = plan(TorchNormView.of(cap), facts, store.read)
-    kept, proofs, extra = list(the_plan.kept), {}, {}
+    kept, proofs, extra, digests = list(the_plan.kept), {}, {}, {}
     folds = []
     for fold in the_plan.folds:
         try:
-            proofs[fold.norm.name], small = _prove(fold, store, rule)
+            proofs[fold.norm.name], small, proved = _prove(fold, store, rule)
         except _Overflow as e:
             kept.append(NormKept.of(fold.norm, "overflow", f"folding {fold.norm.name} makes {e} overflow"))
             continue
@@ -179,18 +186,25 @@ def fold_norm_affine_checkpoint(
             raise ParityError(f"{verdict}; nothing was written")
         folds.append(fold)
         extra.update(small)
+        digests.update(proved)
     final = NormPlan(folds=folds, kept=kept)
-    folded, kept_records = _records(final)
+    folded, kept_records = records_of(final)
     result = NormAffineCheckpointResult(Path(out), folded=folded, kept=kept_records, proofs=proofs,
                                         parameter_bytes=ckpt.parameter_bytes(), plan=final)  # fmt: skip
-    edit = ShardEdit(
-        weights={c.weight: functools.partial(_weight, f, c, store) for f in folds for c in f.consumers},
-        small=extra,
-        aliases=facts.aliases,
-        untied={u for fold in folds for c in fold.consumers for u in c.untie},
-        dtype_of=store.dtype_of,
-    )  # fmt: skip
-    result.files, notes = write_folded(ckpt, Path(out), edit, force=force)
+    weights = {c.weight: (f, c) for f in folds for c in f.consumers}
+    specs = {n: _entry_spec(store, n) for n in weights}
+    specs.update({n: (store.dtype_of(n), tuple(t.shape)) for n, t in extra.items()})
+    untied = {u for fold in folds for c in fold.consumers for u in c.untie}
+    names = [n for n, _ in structure.named_parameters(remove_duplicate=False)]
+    shard_plan = make_shard_plan(ckpt, names, facts.aliases, untied, specs, digests)
+
+    def value(fqn: str, dtype: torch.dtype) -> torch.Tensor:
+        if fqn in weights:
+            return _weight(*weights[fqn], store)
+        return extra[fqn].to(dtype)
+
+    result.files = write_folded(ckpt, Path(out), shard_plan, value, force=force)
+    notes = list(shard_plan.notes)
     result.notes.extend(notes)
     logger.info("norm affine (checkpoint): folded %d norm(s), kept %d", len(folded), len(kept_records))
     return result
@@ -238,8 +252,11 @@ class _Store:
                                 "shapes")  # fmt: skip
 
 
-def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityReport, dict[str, torch.Tensor]]:
-    """The local proof of ``fold``, and its small new values (biases, the norm's own), float64."""
+def _prove(
+    fold: NormFold, store: _Store, rule: ParityRule
+) -> tuple[ParityReport, dict[str, torch.Tensor], dict[str, str]]:
+    """The local proof of ``fold``, its small new values (biases, the norm's own), float64, and
+    the digest of every value the proof ran on (as stored: what the writer must write)."""
     norm = fold.norm
     gamma, beta = scale_of(norm, store.read), shift_of(norm, store.read)
     small = norm_values(fold, gamma, beta, store.read)
@@ -247,6 +264,8 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
     b = store.read(norm.bias) if norm.bias is not None else None
     fw = small[norm.weight].to(w.dtype) if w is not None and norm.weight is not None else None
     fb = small[norm.bias].to(b.dtype) if b is not None and norm.bias is not None else None
+    pairs = ((norm.weight, fw), (norm.bias, fb))
+    proved = {n: digest(t) for n, t in pairs if n is not None and t is not None}
 
     def sides() -> Iterator[GroupSide]:
         for c in fold.consumers:
@@ -268,6 +287,8 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
                     top = wide.abs().max().item()
                     raise _Overflow(f"{new_bias} (max |value| {top:.6g}, {folded_bias.dtype})")
                 small[new_bias] = wide
+                proved[new_bias] = digest(folded_bias)
+            proved[c.weight] = digest(folded)
             yield GroupSide(c.weight, weight, bias, c.in_axis, c.channels, folded, folded_bias)
             del weight, folded
             release()
@@ -277,13 +298,18 @@ def _prove(fold: NormFold, store: _Store, rule: ParityRule) -> tuple[ParityRepor
     bad = overflowing(dataclasses.replace(fold, consumers=()), small, store.dtype_of)
     if bad is not None:  # the shift kept in the norm, beta / gamma
         raise _Overflow(bad)
-    return report, small
+    return report, small, proved
 
 
 def _finite(t: torch.Tensor) -> bool:
     """Every element finite, checked block by block (``isfinite`` of a whole bfloat16 weight
     widens it to float32 first)."""
     return all(bool(t[s].isfinite().all()) for s in blocks(t.shape))
+
+
+def _entry_spec(store: _Store, fqn: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    entry = store.ckpt.entry(store.stored_name(fqn) or fqn)
+    return entry.torch_dtype, entry.shape
 
 
 def _weight(fold: NormFold, c: Any, store: _Store) -> torch.Tensor:
