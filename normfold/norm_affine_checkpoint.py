@@ -236,7 +236,11 @@ class _Store:
         name = self.stored_name(fqn)
         if name is not None:
             return self.ckpt.entry(name).torch_dtype
-        weight = fqn.rpartition(".")[0] + ".weight"  # a new bias takes its layer's weight dtype
+        layer, _, attr = fqn.rpartition(".")
+        weight = f"{layer}.weight" if layer else "weight"  # a new bias takes its layer's weight dtype
+        if attr != "bias" or self.stored_name(weight) is None:
+            raise LoadError(f"{fqn} is not in the checkpoint {self.ckpt.folder} (under any of its names), "
+                            f"nor the weight {weight} of its layer")  # fmt: skip
         return self.dtype_of(weight)
 
     def check_shapes(self, model: nn.Module) -> None:
