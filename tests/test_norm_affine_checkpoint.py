@@ -387,3 +387,30 @@ def test_weight_files_the_fold_did_not_read_are_not_copied(tmp_path: Path) -> No
     assert ("not copied (weight files the fold did not read, which a loader could prefer to the folded "
             "ones): consolidated.safetensors, model.safetensors, pytorch_model.bin, "
             "pytorch_model.bin.index.json") in result.notes  # fmt: skip
+
+
+def test_missing_tensors_and_a_racing_out_folder_are_normfold_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from normfold.io import fold_shards
+    from normfold.io.sharded import ShardedCheckpoint
+
+    src = _checkpoint(LNIntoBiasFree().eval(), tmp_path / "in")
+    ckpt = ShardedCheckpoint.open(src)
+    for get in (ckpt.entry, ckpt.read):
+        with pytest.raises(LoadError, match=rf"^no shard of the checkpoint {src} holds the tensor proj"):
+            get("proj.bias")
+    store = nac._Store(ckpt, nac.module_facts(LNIntoBiasFree(), new_biases=True))
+    assert store.dtype_of("proj.bias") == torch.float32  # a new bias: its layer's weight dtype
+    with pytest.raises(LoadError, match=r"^bias is not in the checkpoint .* nor the weight weight of its "):
+        store.dtype_of("bias")  # a top-level name: no layer above it (no endless search)
+    out = tmp_path / "out"
+
+    def racing_mkdir(self, *args, **kwargs):
+        out.write_text("another process")
+        raise FileExistsError(17, "File exists")
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with pytest.raises(UsageError, match=rf"^out={out} appeared while normfold was writing, not as a "):
+        fold_shards._folder(out, create=True)
+    assert out.read_text() == "another process"
