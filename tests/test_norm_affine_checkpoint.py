@@ -414,3 +414,14 @@ def test_missing_tensors_and_a_racing_out_folder_are_normfold_errors(
     with pytest.raises(UsageError, match=rf"^out={out} appeared while normfold was writing, not as a "):
         fold_shards._folder(out, create=True)
     assert out.read_text() == "another process"
+
+
+def test_the_library_asks_for_the_architecture_in_its_own_words(tmp_path: Path) -> None:
+    from normfold.norm_checkpoint_run import fold_norm_checkpoint_and_write
+
+    src = _checkpoint(LNIntoBiasFree().eval(), tmp_path / "in")
+    with pytest.raises(UsageError) as e:
+        fold_norm_checkpoint_and_write(src, tmp_path / "out")
+    assert str(e.value) == (f"{src} is a checkpoint folder: give its architecture as LoadOptions(model="
+                            "'package.module:callable'), a factory built on the meta device, without weights")
+    assert "--" not in str(e.value)  # no CLI flag in a library message
