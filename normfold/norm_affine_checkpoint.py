@@ -12,18 +12,18 @@ safetensors checkpoint shard by shard, without ever loading the whole model.
    tail and every consumer, original against folded, on seeded normalized rows, by the parity rule.
    A fold whose new values do not fit the stored dtype stays (``overflow``), as in memory.
 3. **Write, shard by shard**: a plan (:mod:`normfold.norm_checkpoint_plan`, pure data) says which
-   tensor goes under which name in which shard (raw bytes, or a folded value), what
-   ``config.json`` says (``tie_word_embeddings`` false whenever a tied head was untied), which
-   files are copied (``config.json``, tokenizer files; weight files the fold did not read are
-   skipped with a note); it is checked first (every parameter name of the model resolves in the
-   output, every folded value was proved). The writer (:mod:`normfold.io.fold_shards`) applies it:
-   each consumer weight is read, changed in float64 by the in-memory fold's own function
-   (:func:`~normfold.engine.norm_affine.records.consumer_values`), cast to its stored dtype once,
-   and written only when its SHA-256 is that of the value its proof ran on; every other tensor is
-   copied as raw bytes. Output shards have the input's names and tensor order (new tensors last in
-   their shard), with the index. Files follow :mod:`normfold.io.files`: the out folder checked
-   before any work, files staged, committed together (the index last), never over an existing
-   file without ``force``.
+   tensor goes under which name in which shard (raw bytes, or a folded value), what ``config.json``
+   says (``tie_word_embeddings`` false whenever a tied head was untied), which files are copied
+   (``config.json``, tokenizer files; weight files the fold did not read are skipped with a note);
+   it is checked first (every parameter name of the model resolves in the output, every folded
+   value was proved). The writer (:mod:`normfold.io.fold_shards`) applies it: each consumer weight
+   is read, changed in float64 by the in-memory fold's own functions
+   (:func:`~normfold.engine.norm_affine.records.consumer_weight`, ``consumer_bias``), cast to its
+   stored dtype once, and written only when its SHA-256 is that of the value its proof ran on;
+   every other tensor is copied as raw bytes. Output shards have the input's names and tensor order
+   (new tensors last in their shard), with the index. Files follow :mod:`normfold.io.files`: the
+   out folder checked before any work, files staged, committed together (the index last), never
+   over an existing file without ``force``.
 
 **What is proved**: for every folded norm, that the folded (norm, consumers) group computes the
 original group's function on its normalized input, within the parity rule, with the exact values
@@ -68,10 +68,12 @@ from normfold.engine.norm_affine.records import (
     NormKept,
     NormPlan,
     blocks,
-    consumer_shift,
-    consumer_values,
+    consumer_bias,
     consumer_weight,
+    consumer_weight_max,
     norm_values,
+    overflow_reason,
+    overflow_value,
     overflowing,
     scale_of,
     shift_of,
@@ -179,7 +181,7 @@ def fold_norm_affine_checkpoint(
         try:
             proofs[fold.norm.name], small, proved = _prove(fold, store, rule)
         except _Overflow as e:
-            kept.append(NormKept.of(fold.norm, "overflow", f"folding {fold.norm.name} makes {e} overflow"))
+            kept.append(NormKept.of(fold.norm, "overflow", overflow_reason(fold.norm.name, str(e))))
             continue
         if not proofs[fold.norm.name].passed:
             verdict = proofs[fold.norm.name].verdict(f"the folded {fold.norm.name} and its consumers")
@@ -276,20 +278,16 @@ def _prove(
             weight = store.read(c.weight)
             dtype = store.dtype_of(c.weight)
             folded = consumer_weight(c, gamma, weight, dtype)
-            if not _finite(folded):  # the in-memory fold's wording (its values, this once)
-                one = dataclasses.replace(fold, consumers=(c,))
-                raise _Overflow(overflowing(one, consumer_values(fold, c, gamma, beta, store.read),
-                                            store.dtype_of) or c.weight)  # fmt: skip
+            if not _finite(folded):  # the in-memory fold's wording, its largest value block by block
+                raise _Overflow(overflow_value(c.weight, consumer_weight_max(c, gamma, weight), dtype))
             bias = store.read(c.bias) if c.bias is not None else None
             new_bias = c.bias or c.new_bias
             folded_bias = bias
             if beta is not None and fold.shift_kept is None and new_bias is not None:
-                shift = consumer_shift(c, beta, weight)
-                wide = bias.to(torch.float64) + shift if bias is not None else shift
+                wide = consumer_bias(c, beta, weight, bias)
                 folded_bias = wide.to(store.dtype_of(new_bias))
                 if not bool(folded_bias.isfinite().all()):
-                    top = wide.abs().max().item()
-                    raise _Overflow(f"{new_bias} (max |value| {top:.6g}, {folded_bias.dtype})")
+                    raise _Overflow(overflow_value(new_bias, wide.abs().max().item(), folded_bias.dtype))
                 small[new_bias] = wide
                 proved[new_bias] = digest(folded_bias)
             proved[c.weight] = digest(folded)

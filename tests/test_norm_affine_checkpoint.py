@@ -425,3 +425,48 @@ def test_the_library_asks_for_the_architecture_in_its_own_words(tmp_path: Path) 
     assert str(e.value) == (f"{src} is a checkpoint folder: give its architecture as LoadOptions(model="
                             "'package.module:callable'), a factory built on the meta device, without weights")
     assert "--" not in str(e.value)  # no CLI flag in a library message
+
+
+def test_an_overflowing_head_is_reported_without_its_whole_float64_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overflow reason's largest |value| is found block by block: while the final norm's fold
+    is proved, no float64 tensor as large as the LM head is made (blocks of one row here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import normfold.engine.norm_affine.records as records
+
+    model = realistic_(LlamaLike(layers=1), 12).eval()
+    with torch.no_grad():
+        model.lm_head.weight[5, 3] = 6e4
+        model.norm.weight[3] = 1.3
+    model = model.half()
+    src = _checkpoint(model, tmp_path / "in")
+    largest = {"float64": 0}
+
+    class Widest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    largest["float64"] = max(largest["float64"], t.numel())
+            return out
+
+    real = nac._prove
+
+    def watched(fold, store, rule):
+        if fold.norm.name != "norm":
+            return real(fold, store, rule)
+        with Widest():
+            return real(fold, store, rule)
+
+    monkeypatch.setattr(records, "BLOCK", 32)  # one row of the head per block
+    monkeypatch.setattr(nac, "_prove", watched)
+    meta = _meta(LlamaLike, layers=1).half()
+    result = normfold.fold_norm_affine_checkpoint(meta, IDS, src, tmp_path / "out")
+    memory = normfold.fold_norm_affine(model, IDS)
+    records_of = [(k.norm, k.code, k.reason) for k in result.kept]
+    assert records_of == [(k.norm, k.code, k.reason) for k in memory.kept]
+    assert records_of[-1] == ("norm", "overflow", "folding norm makes lm_head.weight (max |value| 77988.3, "
+                              "torch.float16) overflow")  # fmt: skip
+    assert 0 < largest["float64"] < model.lm_head.weight.numel()
