@@ -88,11 +88,7 @@ class NormAffineResult:
         """Each folded norm's module and the modules of the Linear layers it feeds, as llm-compressor's
         ``NormMapping(norm=..., linears=[...])`` takes them (exact module names; a layer written in a
         ``forward`` is named by its weight): normfold's discovery in place of a per-model table."""
-        out = []
-        for fold in self.plan.folds:
-            linears = dict.fromkeys(c.module or c.weight for c in fold.consumers)
-            out.append({"norm": fold.norm.module or fold.norm.name, "linears": list(linears)})
-        return out
+        return to_format(self.plan, "llm-compressor")
 
     def mapping(self, format: str = "llm-compressor") -> list[Any]:
         """The norm -> consumers map as ``format`` takes it: ``"llm-compressor"`` (``NormMapping``

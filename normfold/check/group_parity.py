@@ -11,8 +11,9 @@ and the folded group are run on the same ``n``:
 * **original** in the proving dtype (the stored dtype, float32 for float16/bfloat16: as
   :func:`normfold.fold_norm_affine` proves), **exact** in float64 from the same stored values,
   ``perturbations`` runs with every stored parameter of the group rounded from ``t * (1 + d)``
-  (:func:`normfold.check.exact.perturb`'s rule), and the **candidate**: the folded values as they
-  will be stored (cast to the stored dtype once), computed in the proving dtype.
+  (:func:`normfold.check.exact.perturbed_tensor`, :func:`~normfold.check.exact.perturb`'s rule),
+  and the **candidate**: the folded values as they will be stored (cast to the stored dtype once),
+  computed in the proving dtype.
 
 One consumer's weight is held at a time (in its stored dtype, the proving dtype and float64); its
 outputs (``rows x out``) are kept for the judgment, which runs over the whole group at once.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from normfold.check.exact import perturbed_tensor
 from normfold.check.parity import compare
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
@@ -72,8 +74,8 @@ def _wide(w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> tupl
 def _pert_norm(
     w: torch.Tensor | None, b: torch.Tensor | None, gen: torch.Generator, dtype: torch.dtype
 ) -> tuple:
-    return (_perturbed(w, gen, dtype) if w is not None else None,
-            _perturbed(b, gen, dtype) if b is not None else None)  # fmt: skip
+    return (perturbed_tensor(w, gen, dtype) if w is not None else None,
+            perturbed_tensor(b, gen, dtype) if b is not None else None)  # fmt: skip
 
 
 def _affine(n: torch.Tensor, w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> torch.Tensor:
@@ -94,16 +96,6 @@ def _layer(y: torch.Tensor, side: GroupSide, w: torch.Tensor, b: torch.Tensor | 
     ``(..., out, in)``): a batch of expert matrices gives one output per expert."""
     out = y[:, list(side.channels)] @ w.transpose(-1, -2)
     return out + b if b is not None else out
-
-
-def _perturbed(t: torch.Tensor, gen: torch.Generator, into: torch.dtype) -> torch.Tensor:
-    """``t * (1 + d)`` rounded to ``t``'s dtype, ``d`` uniform in ``(-u, u)`` (``u``: its unit
-    roundoff), held in ``into``."""
-    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
-    u = torch.finfo(t.dtype).eps / 2
-    d = torch.rand(t.shape, generator=gen, dtype=wide).mul_(2).sub_(1).mul_(u)
-    exact = t.to(wide, copy=True)
-    return exact.addcmul_(exact, d).to(t.dtype).to(into)
 
 
 def prove_group(
@@ -152,8 +144,8 @@ def prove_group(
             exact[key][..., s] = _layer(y64, side, wb.double(), _to(sb, torch.float64))
             cand[key][..., s] = _layer(y_cand, side, folded[..., s, :].to(dtype), _to(fsb, dtype))
             for k, gen in enumerate(gens):
-                pw = _perturbed(wb, gen, dtype)
-                pb = _perturbed(sb, gen, dtype) if sb is not None else None
+                pw = perturbed_tensor(wb, gen, dtype)
+                pb = perturbed_tensor(sb, gen, dtype) if sb is not None else None
                 perts[k][key][..., s] = _layer(y_pert[k], side, pw, pb)
                 del pw
             release()
