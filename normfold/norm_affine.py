@@ -34,6 +34,7 @@ from torch.export import ExportedProgram
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.check.widened_parity import widened_parity
+from normfold.dtypes import LOW_PRECISION
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
 from normfold.engine.norm_affine.mapping import FORMATS, to_format
@@ -46,8 +47,6 @@ from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_ma
 logger = logging.getLogger(__name__)
 
 __all__ = ["NormAffineResult", "NormFolded", "NormKept", "fold_norm_affine"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -143,11 +142,11 @@ def fold_norm_affine(
     check_materialized(model)
     rule = ParityRule.of(rule)
     inputs = as_inputs(example_inputs, "fold_norm_affine")
-    low = any(p.dtype in _LOW for p in [*model.parameters(), *model.buffers()])
+    low = any(p.dtype in LOW_PRECISION for p in [*model.parameters(), *model.buffers()])
     original = working_copy(model, "fold_norm_affine", inplace=False).eval()
     if low:  # folded and proved in float32; cast back once at the end
         original.float()
-        inputs = tuple(t.float() if t.dtype in _LOW else t for t in inputs)
+        inputs = tuple(t.float() if t.dtype in LOW_PRECISION else t for t in inputs)
     options = capture_options(inputs, dynamic_batch)
     cap = capture(original, inputs, options)
     view = TorchNormView.of(cap)

@@ -39,7 +39,7 @@ end).
 **Memory**: one consumer weight at a time, held twice in its stored dtype (read, and folded),
 with the float64 math and the proof's float32/float64 runs done in blocks of 32 MB
 (:data:`~normfold.engine.norm_affine.records.BLOCK`) and the heap's free pages handed back between
-blocks (:mod:`normfold.io.heap`); the small tensors of the folds (norm scales, new biases) are kept
+blocks (:mod:`normfold.heap`); the small tensors of the folds (norm scales, new biases) are kept
 from the proof to the write. Tensors copied unchanged move as raw bytes in 16 MB chunks. Measured
 (``benchmarks/norm_affine_shards.py``): a 4.37 GB bfloat16 checkpoint, peak RSS growth 0.11x its
 parameter bytes, most of it the 131 MB LM head twice and the capture of the structure.
@@ -60,6 +60,7 @@ from torch import nn
 from normfold.check.group_parity import GroupSide, prove_group
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
+from normfold.dtypes import LOW_PRECISION
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.mapping import FORMATS, to_format
 from normfold.engine.norm_affine.planner import ModuleFacts, plan
@@ -80,8 +81,8 @@ from normfold.engine.norm_affine.records import (
 )
 from normfold.engine.norm_affine.torch_norms import TorchNormView
 from normfold.errors import LoadError, ParityError, UsageError
+from normfold.heap import release
 from normfold.io.fold_shards import check_out_folder, digest, write_folded
-from normfold.io.heap import release
 from normfold.io.sharded import ShardedCheckpoint
 from normfold.norm_affine import NormFolded, module_facts, records_of
 from normfold.norm_checkpoint_plan import make_shard_plan, output_files
@@ -90,8 +91,6 @@ from normfold.prepare import ExampleInputs, as_inputs, capture_options, working_
 logger = logging.getLogger(__name__)
 
 __all__ = ["NormAffineCheckpointResult", "fold_norm_affine_checkpoint"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -165,9 +164,9 @@ def fold_norm_affine_checkpoint(
     structure = working_copy(model, "fold_norm_affine_checkpoint", inplace=False).eval()
     inputs = as_inputs(example_inputs, "fold_norm_affine_checkpoint")
     tensors = [*structure.parameters(), *structure.buffers()]
-    if any(t.dtype in _LOW for t in tensors):  # planned in float32, as in memory
+    if any(t.dtype in LOW_PRECISION for t in tensors):  # planned in float32, as in memory
         structure.float()
-        inputs = tuple(t.float() if t.dtype in _LOW else t for t in inputs)
+        inputs = tuple(t.float() if t.dtype in LOW_PRECISION else t for t in inputs)
     if any(t.is_meta for t in tensors):
         inputs = tuple(t.to("meta") for t in inputs)
     facts = module_facts(structure, new_biases, untie)

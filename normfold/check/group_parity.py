@@ -21,7 +21,7 @@ outputs (``rows x out``) are kept for the judgment, which runs over the whole gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +30,10 @@ from normfold.check.exact import perturbed_tensor
 from normfold.check.parity import compare
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
-from normfold.io.heap import release
+from normfold.dtypes import LOW_PRECISION
+from normfold.heap import release
 
 __all__ = ["GroupSide", "prove_group"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def prove_group(
     kind: str,
     norm: tuple[torch.Tensor | None, float, torch.Tensor | None],
     folded_norm: tuple[torch.Tensor | None, torch.Tensor | None],
-    sides: Callable[[], list[GroupSide]] | list[GroupSide],
+    sides: Callable[[], Iterable[GroupSide]] | Iterable[GroupSide],
     rule: ParityRule,
     *,
     channels: int,
@@ -112,15 +111,15 @@ def prove_group(
 ) -> ParityReport:
     """Judge the folded group against the original (module docstring). ``norm``: the stored
     ``(weight, offset, bias)`` (``gamma = offset + weight``); ``folded_norm``: the stored values
-    after the fold; ``sides``: the consumers, or a function giving them one at a time (a list
-    is materialized one element at a time when it is a generator's)."""
+    after the fold; ``sides``: the consumers, or a function returning them (a generator function
+    gives them one at a time: one consumer's weights held at once)."""
     w, offset, b = norm
     fw, fb = folded_norm
     n64 = normalized_rows(kind, channels, rows, seed)
     orig, exact, cand = {}, {}, {}
     perts: list[dict[str, torch.Tensor]] = [{} for _ in range(rule.perturbations)]
     for side in sides() if callable(sides) else sides:
-        dtype = torch.float32 if side.weight.dtype in _LOW else side.weight.dtype
+        dtype = torch.float32 if side.weight.dtype in LOW_PRECISION else side.weight.dtype
         n = n64.to(dtype)
         wn, bn = (t.to(dtype) if t is not None else None for t in (w, b))
         y, y64 = _affine(n, wn, offset, bn), _affine(n.double(), *_wide(w, offset, b))

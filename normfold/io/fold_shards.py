@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from normfold.errors import ConsistencyError, UsageError
+from normfold.heap import release
 from normfold.io.files import OutputSet, check_outputs
-from normfold.io.heap import release
 from normfold.io.safetensors_stream import StreamWriter
 from normfold.io.sharded import INDEX_NAME, ShardedCheckpoint
 
