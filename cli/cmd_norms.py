@@ -125,6 +125,9 @@ def _checkpoint(
     if export_given:
         raise UsageError(f"{', '.join(export_given)}: only for an export; a checkpoint folder is written "
                          "as a checkpoint folder")  # fmt: skip
+    if opts.load.model is None:  # the library says model=; the CLI names its own flag
+        raise UsageError(f"{model} is a checkpoint folder: give its architecture with --model "
+                         "package.module:callable (built on the meta device, without weights)")  # fmt: skip
     with progress("fold-norms", quiet=quiet):
         from normfold.norm_checkpoint_run import fold_norm_checkpoint_and_write
 

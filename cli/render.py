@@ -282,13 +282,7 @@ def swapped(run: WriteRun, to: str) -> None:
 def norms_folded(run: WriteRun) -> None:
     notes(run.notes)
     r = run.result
-    for f in r.folded:
-        changed = (("new bias", f.new_biases), ("untied", f.untied))
-        extra = "".join(f"; {what} {', '.join(names)}" for what, names in changed if names)
-        shift = f" ({f.code}: {f.reason})" if f.code else ""
-        line(f"folded {f.norm} ({f.norm_type}) into {', '.join(f.into)}{extra}{shift}")
-    for k in r.kept:
-        line(f"kept {k.norm}: {k.code}: {k.reason}")
+    _norm_records(r.folded, r.kept)
     line(f"proved against the loaded model: {'pass' if r.parity.passed else 'FAIL'}")
     _export(run)
     line(f"folded {len(r.folded)} norms, kept {len(r.kept)}; wrote {run.out}")
@@ -297,13 +291,7 @@ def norms_folded(run: WriteRun) -> None:
 def checkpoint_folded(r: Any) -> None:
     """A checkpoint folder folded shard by shard (a ``NormAffineCheckpointResult``)."""
     notes(r.notes)
-    for f in r.folded:
-        changed = (("new bias", f.new_biases), ("untied", f.untied))
-        extra = "".join(f"; {what} {', '.join(names)}" for what, names in changed if names)
-        shift = f" ({f.code}: {f.reason})" if f.code else ""
-        line(f"folded {f.norm} ({f.norm_type}) into {', '.join(f.into)}{extra}{shift}")
-    for k in r.kept:
-        line(f"kept {k.norm}: {k.code}: {k.reason}")
+    _norm_records(r.folded, r.kept)
     line(f"proved norm by norm (each with its consumers): {'pass' if r.passed else 'FAIL'} ({len(r.proofs)})")
     line(f"folded {len(r.folded)} norms, kept {len(r.kept)}; wrote {len(r.files)} files into {r.out}")
 
@@ -319,3 +307,14 @@ def _export(run: WriteRun) -> None:
     for runtime, rep in e.parity.items():
         n = len(rep.outputs)
         line(f"checked in {runtime}: {'pass' if rep.passed else 'FAIL'} ({n} comparison{'s' * (n != 1)})")
+
+
+def _norm_records(folded: Any, kept: Any) -> None:
+    """One line per folded norm (``NormFolded``) and per kept one (``NormKept``)."""
+    for f in folded:
+        changed = (("new bias", f.new_biases), ("untied", f.untied))
+        extra = "".join(f"; {what} {', '.join(names)}" for what, names in changed if names)
+        shift = f" ({f.code}: {f.reason})" if f.code else ""
+        line(f"folded {f.norm} ({f.norm_type}) into {', '.join(f.into)}{extra}{shift}")
+    for k in kept:
+        line(f"kept {k.norm}: {k.code}: {k.reason}")

@@ -34,6 +34,7 @@ from torch.export import ExportedProgram
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.check.widened_parity import widened_parity
+from normfold.dtypes import LOW_PRECISION
 from normfold.engine.capture import capture
 from normfold.engine.norm_affine.apply import apply_plan, tensor_of
 from normfold.engine.norm_affine.mapping import FORMATS, to_format
@@ -46,8 +47,6 @@ from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_ma
 logger = logging.getLogger(__name__)
 
 __all__ = ["NormAffineResult", "NormFolded", "NormKept", "fold_norm_affine"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,7 @@ class NormAffineResult:
         """Each folded norm's module and the modules of the Linear layers it feeds, as llm-compressor's
         ``NormMapping(norm=..., linears=[...])`` takes them (exact module names; a layer written in a
         ``forward`` is named by its weight): normfold's discovery in place of a per-model table."""
-        out = []
-        for fold in self.plan.folds:
-            linears = dict.fromkeys(c.module or c.weight for c in fold.consumers)
-            out.append({"norm": fold.norm.module or fold.norm.name, "linears": list(linears)})
-        return out
+        return to_format(self.plan, "llm-compressor")
 
     def mapping(self, format: str = "llm-compressor") -> list[Any]:
         """The norm -> consumers map as ``format`` takes it: ``"llm-compressor"`` (``NormMapping``
@@ -147,11 +142,11 @@ def fold_norm_affine(
     check_materialized(model)
     rule = ParityRule.of(rule)
     inputs = as_inputs(example_inputs, "fold_norm_affine")
-    low = any(p.dtype in _LOW for p in [*model.parameters(), *model.buffers()])
+    low = any(p.dtype in LOW_PRECISION for p in [*model.parameters(), *model.buffers()])
     original = working_copy(model, "fold_norm_affine", inplace=False).eval()
     if low:  # folded and proved in float32; cast back once at the end
         original.float()
-        inputs = tuple(t.float() if t.dtype in _LOW else t for t in inputs)
+        inputs = tuple(t.float() if t.dtype in LOW_PRECISION else t for t in inputs)
     options = capture_options(inputs, dynamic_batch)
     cap = capture(original, inputs, options)
     view = TorchNormView.of(cap)
@@ -169,7 +164,7 @@ def fold_norm_affine(
         apply_plan(target, the_plan, values)
     else:
         target = proved
-    result = NormAffineResult(target, *_records(the_plan), parity=report, plan=the_plan)
+    result = NormAffineResult(target, *records_of(the_plan), parity=report, plan=the_plan)
     _untie_config(result)
     again = capture(proved, inputs, options)
     replan = _plan(TorchNormView.of(again), proved, dtype_of, new_biases, untie)
@@ -260,7 +255,8 @@ def _copy_shared(model: nn.Module) -> list[str]:
     return copied
 
 
-def _records(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
+def records_of(the_plan: NormPlan) -> tuple[list[NormFolded], list[NormKept]]:
+    """The records of a plan: one :class:`NormFolded` per fold, its kept norms as they are."""
     folded = []
     for f in the_plan.folds:
         n = f.norm

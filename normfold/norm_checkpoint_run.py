@@ -1,13 +1,14 @@
-"""``normfold fold-norms CHECKPOINT_FOLDER --model package.module:callable --out OUT_FOLDER``: the
-norm-affine fold of a (sharded) safetensors checkpoint folder, one library call
-(:func:`normfold.fold_norm_affine_checkpoint`).
+""":func:`fold_norm_checkpoint_and_write`: the norm-affine fold of a (sharded) safetensors
+checkpoint folder into an out folder, with its report: one library call
+(:func:`normfold.fold_norm_affine_checkpoint`) behind ``normfold fold-norms CHECKPOINT_FOLDER``.
 
-The architecture comes from the factory spec, called under ``torch.device("meta")`` (no memory:
-its parameters have shapes and no values; the factory must not read or fill their values) and
-cast to the checkpoint's floating dtype; the example inputs from the usual :class:`InputSpec`
-(``--input-shape``, ``--inputs``, or the shapes the factory registers). The report (``--report``)
-is the result's ``to_dict`` (records, per-norm proofs, the norm -> consumers map in each format),
-written after the checkpoint is in place.
+The architecture comes from the factory spec ``LoadOptions.model`` (``"package.module:callable"``),
+called under ``torch.device("meta")`` (no memory: its parameters have shapes and no values; the
+factory must not read or fill their values) and cast to the checkpoint's floating dtype; the
+example inputs from the usual :class:`InputSpec` (given shapes or input files, or the shapes the
+factory registers). The report (``WriteOptions.report``) is the result's ``to_dict`` (records,
+per-norm proofs, the norm -> consumers map in each format), written after the checkpoint is in
+place.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def fold_norm_checkpoint_and_write(
     """Fold the checkpoint folder ``source`` into the folder ``out`` (module docstring)."""
     load, write, spec = load or LoadOptions(), write or WriteOptions(), inputs or InputSpec()
     if load.model is None:
-        raise UsageError(f"{source} is a checkpoint folder: give its architecture with --model "
-                         "package.module:callable (built on the meta device, without weights)")  # fmt: skip
+        raise UsageError(f"{source} is a checkpoint folder: give its architecture as LoadOptions(model="
+                         "'package.module:callable'), a factory built on the meta device, without "
+                         "weights")  # fmt: skip
     if write.report is not None:
         check_outputs({"report": write.report}, inputs=[source], force=write.force)
     ckpt = ShardedCheckpoint.open(source)

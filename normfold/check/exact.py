@@ -191,3 +191,14 @@ def as_plain(t: torch.Tensor) -> torch.Tensor:
     if t.layout != torch.strided:
         t = t.to_dense()
     return t
+
+
+def perturbed_tensor(t: torch.Tensor, gen: torch.Generator, into: torch.dtype) -> torch.Tensor:
+    """One tensor by :func:`perturb`'s rule: ``t * (1 + d)`` rounded to ``t``'s dtype, ``d``
+    uniform in ``(-u, u)`` (``u``: that dtype's unit roundoff) drawn from ``gen`` in float32
+    (float64 for a float64 tensor), then held in ``into`` (a new tensor; ``t`` is unchanged)."""
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    u = torch.finfo(t.dtype).eps / 2
+    d = torch.rand(t.shape, generator=gen, dtype=wide).mul_(2).sub_(1).mul_(u).to(t.device)
+    exact = t.to(wide, copy=True)
+    return exact.addcmul_(exact, d).to(t.dtype).to(into)

@@ -11,8 +11,9 @@ and the folded group are run on the same ``n``:
 * **original** in the proving dtype (the stored dtype, float32 for float16/bfloat16: as
   :func:`normfold.fold_norm_affine` proves), **exact** in float64 from the same stored values,
   ``perturbations`` runs with every stored parameter of the group rounded from ``t * (1 + d)``
-  (:func:`normfold.check.exact.perturb`'s rule), and the **candidate**: the folded values as they
-  will be stored (cast to the stored dtype once), computed in the proving dtype.
+  (:func:`normfold.check.exact.perturbed_tensor`, :func:`~normfold.check.exact.perturb`'s rule),
+  and the **candidate**: the folded values as they will be stored (cast to the stored dtype once),
+  computed in the proving dtype.
 
 One consumer's weight is held at a time (in its stored dtype, the proving dtype and float64); its
 outputs (``rows x out``) are kept for the judgment, which runs over the whole group at once.
@@ -20,19 +21,19 @@ outputs (``rows x out``) are kept for the judgment, which runs over the whole gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
+from normfold.check.exact import perturbed_tensor
 from normfold.check.parity import compare
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
-from normfold.io.heap import release
+from normfold.dtypes import LOW_PRECISION
+from normfold.heap import release
 
 __all__ = ["GroupSide", "prove_group"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ def _wide(w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> tupl
 def _pert_norm(
     w: torch.Tensor | None, b: torch.Tensor | None, gen: torch.Generator, dtype: torch.dtype
 ) -> tuple:
-    return (_perturbed(w, gen, dtype) if w is not None else None,
-            _perturbed(b, gen, dtype) if b is not None else None)  # fmt: skip
+    return (perturbed_tensor(w, gen, dtype) if w is not None else None,
+            perturbed_tensor(b, gen, dtype) if b is not None else None)  # fmt: skip
 
 
 def _affine(n: torch.Tensor, w: torch.Tensor | None, offset: float, b: torch.Tensor | None) -> torch.Tensor:
@@ -96,21 +97,11 @@ def _layer(y: torch.Tensor, side: GroupSide, w: torch.Tensor, b: torch.Tensor | 
     return out + b if b is not None else out
 
 
-def _perturbed(t: torch.Tensor, gen: torch.Generator, into: torch.dtype) -> torch.Tensor:
-    """``t * (1 + d)`` rounded to ``t``'s dtype, ``d`` uniform in ``(-u, u)`` (``u``: its unit
-    roundoff), held in ``into``."""
-    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
-    u = torch.finfo(t.dtype).eps / 2
-    d = torch.rand(t.shape, generator=gen, dtype=wide).mul_(2).sub_(1).mul_(u)
-    exact = t.to(wide, copy=True)
-    return exact.addcmul_(exact, d).to(t.dtype).to(into)
-
-
 def prove_group(
     kind: str,
     norm: tuple[torch.Tensor | None, float, torch.Tensor | None],
     folded_norm: tuple[torch.Tensor | None, torch.Tensor | None],
-    sides: Callable[[], list[GroupSide]] | list[GroupSide],
+    sides: Callable[[], Iterable[GroupSide]] | Iterable[GroupSide],
     rule: ParityRule,
     *,
     channels: int,
@@ -120,15 +111,15 @@ def prove_group(
 ) -> ParityReport:
     """Judge the folded group against the original (module docstring). ``norm``: the stored
     ``(weight, offset, bias)`` (``gamma = offset + weight``); ``folded_norm``: the stored values
-    after the fold; ``sides``: the consumers, or a function giving them one at a time (a list
-    is materialized one element at a time when it is a generator's)."""
+    after the fold; ``sides``: the consumers, or a function returning them (a generator function
+    gives them one at a time: one consumer's weights held at once)."""
     w, offset, b = norm
     fw, fb = folded_norm
     n64 = normalized_rows(kind, channels, rows, seed)
     orig, exact, cand = {}, {}, {}
     perts: list[dict[str, torch.Tensor]] = [{} for _ in range(rule.perturbations)]
     for side in sides() if callable(sides) else sides:
-        dtype = torch.float32 if side.weight.dtype in _LOW else side.weight.dtype
+        dtype = torch.float32 if side.weight.dtype in LOW_PRECISION else side.weight.dtype
         n = n64.to(dtype)
         wn, bn = (t.to(dtype) if t is not None else None for t in (w, b))
         y, y64 = _affine(n, wn, offset, bn), _affine(n.double(), *_wide(w, offset, b))
@@ -152,8 +143,8 @@ def prove_group(
             exact[key][..., s] = _layer(y64, side, wb.double(), _to(sb, torch.float64))
             cand[key][..., s] = _layer(y_cand, side, folded[..., s, :].to(dtype), _to(fsb, dtype))
             for k, gen in enumerate(gens):
-                pw = _perturbed(wb, gen, dtype)
-                pb = _perturbed(sb, gen, dtype) if sb is not None else None
+                pw = perturbed_tensor(wb, gen, dtype)
+                pb = perturbed_tensor(sb, gen, dtype) if sb is not None else None
                 perts[k][key][..., s] = _layer(y_pert[k], side, pw, pb)
                 del pw
             release()

@@ -1,96 +1,138 @@
-"""A checkpoint folder rewritten shard by shard with some tensors changed (the norm-affine fold
-of a sharded checkpoint, :mod:`normfold.norm_affine_checkpoint`).
+"""A checkpoint folder rewritten shard by shard as a :class:`ShardPlan` says (the norm-affine fold
+of a sharded checkpoint, :mod:`normfold.norm_affine_checkpoint`; the plan is made by
+:mod:`normfold.norm_checkpoint_plan`): this module decides nothing, it applies the plan.
 
-Each output shard has its input's name and its tensors in the input's order, each changed tensor
-computed when its turn comes (one at a time) and cast to its stored dtype once, every other copied
-as raw bytes; tensors the edit adds (a new bias, a head given its own copy) go last in the shard
-of the tensor they belong to. A changed value goes to every name the checkpoint stores the tensor
-under (a tied tensor is one tensor), except an untied copy, which is its own. The index file
-(``weight_map``, ``metadata.total_size``) is rewritten; the folder's other files are copied, a
-``config.json`` with ``tie_word_embeddings: true`` set to false when a weight was untied (a Hugging
-Face load would tie it back to the unscaled original), and then, as
-:func:`normfold.fold_norm_affine` does in memory, every name of a tied tensor the checkpoint lacks
-is written as a copy (such a config no longer ties them on load).
+Each output shard holds the plan's tensors in the plan's order, each either the raw bytes of a
+stored tensor (never decoded) or a folded value, computed when its turn comes (one at a time) in
+its stored dtype, checked against the plan's shape, dtype and the digest of the value its proof
+ran on (SHA-256 of its bytes) before it is written. The index file (``weight_map``,
+``metadata.total_size``) is rewritten; the plan's other files are copied, ``config.json`` with the
+plan's contents when it has some.
 
 Every file is written by the rules of :mod:`normfold.io.files`: staged beside its destination,
 committed only when all are written (shards and files first, the index last), never over an
-existing file without ``force``; an error leaves no output file.
+existing file without ``force``; an error leaves no output file. :func:`check_out_folder` runs the
+folder's checks before any work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from normfold.errors import UsageError
-from normfold.io.files import OutputSet
-from normfold.io.heap import release
-from normfold.io.safetensors_stream import Entry, StreamWriter
+from normfold.errors import ConsistencyError, UsageError
+from normfold.heap import release
+from normfold.io.files import OutputSet, check_outputs
+from normfold.io.safetensors_stream import StreamWriter
 from normfold.io.sharded import INDEX_NAME, ShardedCheckpoint
 
-__all__ = ["ShardEdit", "write_folded"]
+__all__ = ["FoldedValue", "OutTensor", "RawCopy", "ShardPlan", "check_out_folder", "digest", "write_folded"]
 
 
-@dataclass
-class ShardEdit:
-    """The changes: ``weights`` (name -> a function computing its value, in its stored dtype, when
-    its turn comes), ``small`` (name -> float64 value), the model's ``aliases`` (name -> its other names),
-    the ``untied`` names (a copy of their own), ``dtype_of`` (the stored dtype of a name)."""
+@dataclass(frozen=True)
+class RawCopy:
+    """The original bytes of the stored tensor ``name``."""
 
-    weights: Mapping[str, Callable[[], torch.Tensor]]
-    small: Mapping[str, torch.Tensor]
-    aliases: Mapping[str, tuple[str, ...]]
-    untied: set[str]
-    dtype_of: Callable[[str], torch.dtype]
-    #: a name of a tied tensor the checkpoint lacks -> the stored name it copies (raw, or its
-    #: folded value when that one changes)
-    copies: dict[str, str] = field(default_factory=dict)
+    name: str
+
+
+@dataclass(frozen=True)
+class FoldedValue:
+    """The fold's value of tensor ``fqn``."""
+
+    fqn: str
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output: its name, stored dtype and shape, and where its value comes from."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: RawCopy | FoldedValue
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the output holds: ``shards`` (output shard -> its tensors, in order; named as the
+    input's), the ``others`` files copied, ``config`` (the ``config.json`` written, or None: copied
+    as it is), ``digests`` (folded name -> SHA-256 of the proved value's bytes), ``notes``."""
+
+    shards: Mapping[str, tuple[OutTensor, ...]]
+    others: tuple[Path, ...]
+    config: dict | None
+    digests: Mapping[str, str]
+    notes: tuple[str, ...] = ()
+
+
+def digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (its dtype's, row-major)."""
+    return hashlib.sha256(_bytes(t)).hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _roles(ckpt: ShardedCheckpoint, out: Path, others: Iterable[Path]) -> dict[str, Path]:
+    roles = {f"shard{i}": out / s for i, s in enumerate(ckpt.shards)}
+    roles.update({f"file{i}": out / p.name for i, p in enumerate(others)})
+    if ckpt.index is not None:
+        roles["out"] = out / INDEX_NAME
+    else:
+        roles["out"] = roles.pop("shard0")
+    return roles
+
+
+def check_out_folder(ckpt: ShardedCheckpoint, out: Path, others: Iterable[Path], *, force: bool) -> None:
+    """The checks :func:`write_folded` makes on ``out`` and its files, made before any work: not a
+    link, a folder if it exists, its parent existing, not the checkpoint folder nor inside it, no
+    file it would write already there unless ``force``."""
+    _folder(out, create=False)
+    inside = os.path.realpath(out)
+    folder = os.path.realpath(ckpt.folder)
+    if inside == folder or inside.startswith(folder + os.sep):
+        raise UsageError(f"out={out} is the checkpoint folder {ckpt.folder} or inside it; choose another "
+                         "folder")  # fmt: skip
+    if not out.is_dir():
+        return  # nothing in it yet: no file to overwrite
+    others = list(others)
+    check_outputs(_roles(ckpt, out, others), inputs=[*ckpt.files(), *others], force=force)
 
 
 def write_folded(
-    ckpt: ShardedCheckpoint, out: Path, edit: ShardEdit, *, force: bool = False
-) -> tuple[list[Path], list[str]]:
-    """Write the edited checkpoint into folder ``out`` (module docstring); the files placed, and notes."""
-    targets, new, notes = _targets(ckpt, edit)
-    others = [p for p in sorted(ckpt.folder.iterdir()) if p.is_file() and p.name not in ckpt.shards
-              and p.name != INDEX_NAME and not p.name.startswith(".")]  # fmt: skip
-    config = _config(ckpt.folder, bool(edit.untied & set(new)))
-    if config is not None:
-        notes.append(f"untied {', '.join(sorted(edit.untied))}: config.json tie_word_embeddings set to false")
-        for name, source in _missing_aliases(ckpt, edit, targets, new).items():
-            edit.copies[name] = source  # its stored dtype and shape; its value the source's new one
-            if source in targets:
-                targets[name] = targets[source]
-            new[name] = ckpt.where(source) or next(iter(ckpt.shards))
-        if edit.copies:
-            notes.append(f"{', '.join(sorted(edit.copies))}: each written as a copy of its own (an untied "
-                         "config no longer ties them on load)")  # fmt: skip
-    created = _folder(out)
+    ckpt: ShardedCheckpoint,
+    out: Path,
+    plan: ShardPlan,
+    value: Callable[[str, torch.dtype], torch.Tensor],
+    *,
+    force: bool = False,
+) -> list[Path]:
+    """Write ``plan`` into folder ``out`` (module docstring); ``value(fqn, dtype)``: the folded
+    value of ``fqn`` in ``dtype``. The files placed."""
+    created = _folder(out, create=True)
     try:
-        roles = {f"shard{i}": out / s for i, s in enumerate(ckpt.shards)}
-        roles.update({f"file{i}": out / p.name for i, p in enumerate(others)})
-        if ckpt.index is not None:
-            roles["out"] = out / INDEX_NAME
-        else:
-            roles["out"] = roles.pop("shard0")
-        with OutputSet(roles, inputs=[*ckpt.files(), *others], force=force) as outputs:
+        roles = _roles(ckpt, out, plan.others)
+        with OutputSet(roles, inputs=[*ckpt.files(), *plan.others], force=force) as outputs:
             by_path = {p: r for r, p in outputs.paths.items()}
             sizes, weight_map = 0, {}
-            for shard, entries in ckpt.shards.items():
-                added = {n: _spec(ckpt, edit, n) for n, s in new.items() if s == shard}
+            for shard, tensors in plan.shards.items():
                 staged = outputs.staged(by_path[out / shard])
-                sizes += _write_shard(ckpt, shard, entries, added, targets, edit, staged)
-                weight_map.update(dict.fromkeys([*entries, *added], shard))
-            for p in others:
+                sizes += _write_shard(ckpt, shard, tensors, plan, value, staged)
+                weight_map.update(dict.fromkeys([t.name for t in tensors], shard))
+            for p in plan.others:
                 staged = outputs.staged(by_path[out / p.name])
-                if p.name == "config.json" and config is not None:
-                    staged.write_text(json.dumps(config, indent=2) + "\n")
+                if p.name == "config.json" and plan.config is not None:
+                    staged.write_text(json.dumps(plan.config, indent=2) + "\n")
                 else:
                     shutil.copyfile(p, staged)
             if ckpt.index is not None:
@@ -104,11 +146,12 @@ def write_folded(
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: this run created it and placed nothing
         raise
-    return written, notes
+    return written
 
 
-def _folder(out: Path) -> bool:
-    """Create ``out`` if missing (True); its parent must exist."""
+def _folder(out: Path, *, create: bool) -> bool:
+    """Check ``out`` (not a link; a folder if it exists; its parent exists); create it if missing
+    and ``create`` (True when created)."""
     if out.is_symlink():
         raise UsageError(f"out={out} is a symbolic link; normfold never writes through a link")
     if out.exists():
@@ -117,77 +160,46 @@ def _folder(out: Path) -> bool:
         return False
     if not out.parent.is_dir():
         raise UsageError(f"out={out}: folder {out.parent} does not exist")
-    out.mkdir()
+    if not create:
+        return False
+    try:
+        out.mkdir()
+    except FileExistsError:  # made by another process since the check: not ours to remove
+        if out.is_symlink() or not out.is_dir():
+            raise UsageError(f"out={out} appeared while normfold was writing, not as a folder") from None
+        return False
+    except OSError as e:
+        raise UsageError(f"out={out}: cannot create the folder: {e.strerror or e}") from e
     return True
-
-
-def _names(edit: ShardEdit, fqn: str) -> set[str]:
-    return {fqn} if fqn in edit.untied else {fqn, *edit.aliases.get(fqn, ())}
-
-
-def _targets(ckpt: ShardedCheckpoint, edit: ShardEdit) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """Stored name -> the changed name whose value it takes; new name -> its shard; notes."""
-    targets, new = {}, {}
-    for fqn in [*edit.weights, *edit.small]:
-        stored = [n for n in _names(edit, fqn) if ckpt.where(n) is not None]
-        for n in stored:
-            targets[n] = fqn
-        if not stored:
-            new[fqn] = _home(ckpt, edit, fqn)
-    return targets, new, []
-
-
-def _home(ckpt: ShardedCheckpoint, edit: ShardEdit, fqn: str) -> str:
-    """The shard a new tensor goes to: that of the tensor it copies, or of its layer's weight."""
-    for n in (fqn, *edit.aliases.get(fqn, ())):
-        if ckpt.where(n) is not None:
-            return ckpt.where(n) or ""
-    layer, _, attr = fqn.rpartition(".")
-    if attr != "weight" and layer:
-        return _home(ckpt, edit, f"{layer}.weight")
-    return list(ckpt.shards)[-1]
-
-
-def _spec(ckpt: ShardedCheckpoint, edit: ShardEdit, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-    if name in edit.copies:
-        entry = ckpt.entry(edit.copies[name])
-        return entry.torch_dtype, entry.shape
-    if name in edit.small:
-        return edit.dtype_of(name), tuple(edit.small[name].shape)
-    source = next(n for n in edit.aliases.get(name, ()) if ckpt.where(n) is not None)  # an untied copy
-    entry = ckpt.entry(source)
-    return entry.torch_dtype, entry.shape
 
 
 def _write_shard(
     ckpt: ShardedCheckpoint,
     shard: str,
-    entries: Mapping[str, Entry],
-    added: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-    targets: Mapping[str, str],
-    edit: ShardEdit,
+    tensors: tuple[OutTensor, ...],
+    plan: ShardPlan,
+    value: Callable[[str, torch.dtype], torch.Tensor],
     staged: Path,
 ) -> int:
     """One output shard; its tensor bytes."""
-    specs = {n: (e.torch_dtype, e.shape) for n, e in entries.items()}
-    specs.update(added)
-    writer = StreamWriter(staged, specs, ckpt.metadata[shard])
+    specs = {t.name: (t.dtype, t.shape) for t in tensors}
+    writer = StreamWriter(staged, specs, ckpt.metadata.get(shard, {}))
     try:
-        for name, (dtype, shape) in specs.items():
-            if name in edit.copies and name not in targets:
-                source = edit.copies[name]
-                writer.write_raw(name, ckpt.folder / (ckpt.where(source) or ""), ckpt.entry(source))
+        for t in tensors:
+            if isinstance(t.source, RawCopy):
+                where = ckpt.where(t.source.name) or ""
+                writer.write_raw(t.name, ckpt.folder / where, ckpt.entry(t.source.name))
                 continue
-            fqn = targets.get(name, name if name in added else None)
-            if fqn is None:
-                writer.write_raw(name, ckpt.folder / shard, entries[name])
-                continue
-            value = edit.weights[fqn]() if fqn in edit.weights else edit.small[fqn].to(dtype)
-            if tuple(value.shape) != shape or value.dtype != dtype:
-                raise ValueError(f"{name}: the folded value is {value.dtype} {tuple(value.shape)}, "
-                                 f"stored {dtype} {shape}")  # fmt: skip
-            writer.write(name, value)
-            del value
+            folded = value(t.source.fqn, t.dtype)
+            if tuple(folded.shape) != t.shape or folded.dtype != t.dtype:
+                raise ConsistencyError(f"{t.name}: the folded value of {t.source.fqn} is {folded.dtype} "
+                                       f"{tuple(folded.shape)}, stored {t.dtype} {t.shape}")  # fmt: skip
+            if digest(folded) != plan.digests.get(t.source.fqn):
+                raise ConsistencyError(f"{t.name}: the value about to be written is not the one the "
+                                       f"proof of {t.source.fqn} ran on (digests differ); no file was "
+                                       "placed")  # fmt: skip
+            writer.write(t.name, folded)
+            del folded
             release()
     except BaseException:
         writer.abort()
@@ -201,32 +213,3 @@ def _count(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _config(folder: Path, untied: bool) -> dict | None:
-    """The folder's ``config.json`` with ``tie_word_embeddings`` false, when a weight was untied
-    and it ties them; else None (copied as it is)."""
-    path = folder / "config.json"
-    if not untied or not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or not config.get("tie_word_embeddings", True):
-        return None
-    return {**config, "tie_word_embeddings": False}
-
-
-def _missing_aliases(
-    ckpt: ShardedCheckpoint, edit: ShardEdit, targets: Mapping[str, str], new: Mapping[str, str]
-) -> dict[str, str]:
-    """Names of a tied tensor the checkpoint does not store (nor the edit writes): name -> a stored one."""
-    out = {}
-    for name, others in edit.aliases.items():
-        if ckpt.where(name) is not None or name in new or name in targets:
-            continue
-        source = next((o for o in others if ckpt.where(o) is not None and o not in edit.untied), None)
-        if source is not None:
-            out[name] = source
-    return out

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from normfold.errors import LoadError
+from normfold.errors import ConsistencyError, LoadError
 
 __all__ = ["DTYPES", "Entry", "StreamWriter", "copy_bytes", "read_header", "read_tensor"]
 
@@ -76,7 +76,13 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
             total = os.fstat(f.fileno()).st_size
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise LoadError(f"cannot read the safetensors header of {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path} is not a safetensors file (its header is JSON {type(raw).__name__}, not an "
+                        "object)")  # fmt: skip
     meta = raw.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        kind = type(meta).__name__
+        raise LoadError(f"{path}: the header's __metadata__ is {kind}, not an object of strings")
     entries = {}
     for name, info in raw.items():
         try:
@@ -157,7 +163,7 @@ class StreamWriter:
     def _expect(self, name: str, size: int) -> None:
         if self._next >= len(self._order) or self._order[self._next] != (name, size):
             want = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise ValueError(f"{self.path}: got {name} ({size} bytes), expected {want}")
+            raise ConsistencyError(f"{self.path}: got {name} ({size} bytes), expected {want}")
         self._next += 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -177,7 +183,7 @@ class StreamWriter:
         try:
             if self._next != len(self._order):
                 missing = ", ".join(n for n, _ in self._order[self._next :])
-                raise ValueError(f"{self.path}: not written: {missing}")
+                raise ConsistencyError(f"{self.path}: not written: {missing}")
             self._file.flush()
             os.fsync(self._file.fileno())
         finally:

@@ -84,17 +84,16 @@ class ShardedCheckpoint:
         return None
 
     def entry(self, name: str) -> Entry:
+        """The entry of tensor ``name`` (:class:`~normfold.errors.LoadError` when no shard holds it)."""
         shard = self.where(name)
         if shard is None:
-            raise KeyError(name)
+            raise LoadError(f"no shard of the checkpoint {self.folder} holds the tensor {name}")
         return self.shards[shard][name]
 
     def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name``, read from its shard (KeyError when no shard holds it)."""
-        shard = self.where(name)
-        if shard is None:
-            raise KeyError(name)
-        return read_tensor(self.folder / shard, self.shards[shard][name])
+        """Tensor ``name``, read from its shard (:class:`~normfold.errors.LoadError` when none holds it)."""
+        entry = self.entry(name)
+        return read_tensor(self.folder / (self.where(name) or ""), entry)
 
     def files(self) -> list[Path]:
         """Every file of the checkpoint: the shards and the index."""

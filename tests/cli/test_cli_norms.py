@@ -133,6 +133,7 @@ def test_a_checkpoint_folder_is_folded_into_a_folder(tmp_path: Path, factory: st
     assert lines[-1] == f"folded 1 norms, kept 1; wrote 1 files into {tmp_path / 'out'}"
     folded = load_file(tmp_path / "out" / "model.safetensors")
     reference = load_file(tmp_path / "file.safetensors")
+    assert set(folded) == set(state) == set(reference) - {"head.weight"}  # the tied head: tied back on load
     assert all(torch.equal(t, reference[k]) for k, t in folded.items())  # bit-equal to the in-memory fold
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "ok" and report["mappings"]["aimet"] == [["norm", ["q", "k", "v"]]]

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from normfold.errors import LoadError
+from normfold.errors import ConsistencyError, LoadError
 from normfold.io.safetensors_stream import StreamWriter, read_header, read_tensor
 
 TENSORS = {
@@ -75,10 +75,10 @@ def test_raw_copies_of_a_safetensors_file_are_bit_exact(tmp_path: Path) -> None:
 def test_the_writer_refuses_a_stream_that_does_not_follow_its_header(tmp_path: Path) -> None:
     specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (3,))}
     writer = StreamWriter(tmp_path / "x.safetensors", specs, {})
-    with pytest.raises(ValueError, match=r"got b \(12 bytes\), expected \('a', 8\)"):
+    with pytest.raises(ConsistencyError, match=r"x\.safetensors: got b \(12 bytes\), expected \('a', 8\)$"):
         writer.write("b", torch.zeros(3))
     writer.write("a", torch.zeros(2))
-    with pytest.raises(ValueError, match=r"not written: b"):
+    with pytest.raises(ConsistencyError, match=r"x\.safetensors: not written: b$"):
         writer.close()
     with pytest.raises(FileExistsError):  # never over an existing file
         StreamWriter(tmp_path / "x.safetensors", specs, {})
@@ -92,4 +92,20 @@ def test_a_file_that_is_no_safetensors_is_a_load_error(tmp_path: Path) -> None:
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 8)  # 8 of its 16 bytes
     with pytest.raises(LoadError, match=r"w's bytes \[\d+, \d+\) do not fit its shape or the file"):
+        read_header(bad)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ([1, 2], r"is not a safetensors file \(its header is JSON list, not an object\)$"),
+        ({"__metadata__": ["pt"]}, r": the header.s __metadata__ is list, not an object of strings$"),
+        ({"w": "F32"}, r": the header entry of w is malformed \('F32'\)$"),
+    ],
+)
+def test_a_header_that_is_no_object_is_a_load_error(tmp_path: Path, header: object, reason: str) -> None:
+    bad = tmp_path / "bad.safetensors"
+    text = json.dumps(header).encode()
+    bad.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(LoadError, match=reason):
         read_header(bad)

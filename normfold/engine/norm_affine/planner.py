@@ -30,6 +30,7 @@ from normfold.engine.norm_affine.records import (
     NormPlan,
     NormRecord,
     fold_values,
+    overflow_reason,
     overflowing,
     scale_of,
     shift_of,
@@ -256,6 +257,5 @@ def keep_overflowing(the_plan: NormPlan, value: Value, dtype_of: Callable[[str],
         if bad is None:
             out.folds.append(fold)
         else:
-            why = f"folding {fold.norm.name} makes {bad} overflow"
-            out.kept.append(NormKept.of(fold.norm, "overflow", why))
+            out.kept.append(NormKept.of(fold.norm, "overflow", overflow_reason(fold.norm.name, bad)))
     return out

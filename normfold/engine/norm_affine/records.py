@@ -141,14 +141,20 @@ def consumer_values(
     move_shift = beta is not None and fold.shift_kept is None
     stored = value(c.weight).detach().to("cpu")
     out = {c.weight: consumer_weight(c, gamma, stored)}
-    if move_shift:
+    name = c.bias or c.new_bias
+    if move_shift and name is not None:
         assert beta is not None
-        shift = consumer_shift(c, beta, stored)
-        if c.bias is not None:
-            out[c.bias] = value(c.bias).detach().to("cpu", torch.float64) + shift
-        elif c.new_bias is not None:
-            out[c.new_bias] = shift
+        bias = value(c.bias).detach().to("cpu") if c.bias is not None else None
+        out[name] = consumer_bias(c, beta, stored, bias)
     return out
+
+
+def consumer_bias(
+    c: Consumer, beta: torch.Tensor, stored: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``b + W beta[c]`` in float64 (``bias`` None: a new bias, ``b`` = 0)."""
+    shift = consumer_shift(c, beta, stored)
+    return bias.to(torch.float64) + shift if bias is not None else shift
 
 
 #: elements of one float64 block of a consumer weight (32 MB): the fold never holds a whole
@@ -173,14 +179,28 @@ def consumer_weight(
 ) -> torch.Tensor:
     """``W * gamma[c]`` along ``c.in_axis``, computed in float64 block by block and cast to
     ``dtype`` once (elementwise: the blocks change no bit)."""
-    g = gamma[torch.tensor(c.channels, dtype=torch.long)]
-    shape = [1] * stored.dim()
-    shape[c.in_axis] = -1
-    g = g.reshape(shape)
+    g = _along(c, gamma, stored.dim())
     out = torch.empty(stored.shape, dtype=dtype)
     for s in blocks(stored.shape):
         out[s] = (stored[s].to(torch.float64) * (g[s] if c.in_axis == 0 else g)).to(dtype)
     return out
+
+
+def consumer_weight_max(c: Consumer, gamma: torch.Tensor, stored: torch.Tensor) -> float:
+    """The largest ``|W * gamma[c]|`` in float64, block by block (never the whole float64 weight)."""
+    g = _along(c, gamma, stored.dim())
+    top = 0.0
+    for s in blocks(stored.shape):
+        block = stored[s].to(torch.float64) * (g[s] if c.in_axis == 0 else g)
+        top = max(top, block.abs().max().item()) if block.numel() else top
+    return top
+
+
+def _along(c: Consumer, gamma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``gamma[c]`` shaped to multiply a weight of ``ndim`` axes along ``c.in_axis``."""
+    shape = [1] * ndim
+    shape[c.in_axis] = -1
+    return gamma[torch.tensor(c.channels, dtype=torch.long)].reshape(shape)
 
 
 def consumer_shift(c: Consumer, beta: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
@@ -227,5 +247,16 @@ def overflowing(
         wide = values.get(name) if name is not None else None
         dtype = dtype_of(owner)  # a consumer's bias has its layer's dtype (a new one takes it)
         if wide is not None and not bool(wide.to(dtype).isfinite().all()):
-            return f"{name} (max |value| {wide.abs().max().item():.6g}, {dtype})"
+            return overflow_value(name, wide.abs().max().item(), dtype)
     return None
+
+
+def overflow_value(name: str, top: float, dtype: torch.dtype) -> str:
+    """A value that overflows its dtype, as records name it: ``"name (max |value| top, dtype)"``."""
+    return f"{name} (max |value| {top:.6g}, {dtype})"
+
+
+def overflow_reason(norm: str, value: str) -> str:
+    """The reason of an ``overflow`` record: folding ``norm`` makes ``value`` (:func:`overflow_value`)
+    overflow."""
+    return f"folding {norm} makes {value} overflow"

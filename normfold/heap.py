@@ -7,6 +7,10 @@ space below a live allocation is kept: a loop over the blocks of large weights t
 resident set by hundreds of MB that nothing uses (measured on the sharded norm-affine fold: 1.3 GB
 over one 131 MB LM head). ``malloc_trim(0)`` releases every free page of every arena. Elsewhere
 (another C library) :func:`release` does nothing.
+
+Used by the sharded fold's writer (:mod:`normfold.io.fold_shards`) and its local proofs
+(:mod:`normfold.check.group_parity`) alike, so it belongs to neither layer and imports nothing of
+normfold (as :mod:`normfold.errors`).
 """
 
 from __future__ import annotations
