@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from normfold.dtypes import LOW_PRECISION
 from normfold.errors import first_line
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ def _as(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Ten
 #: dtypes whose own forward rounding would swamp a one-rounding parameter perturbation: their
 #: perturbed runs compute in float32 (differential fuzz seed 5: a bfloat16 norm of mean 30 under
 #: variance 1e-5, whose bfloat16 perturbed runs made a check the float64 truth decides undecidable)
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def perturb(copy_: nn.Module, model: nn.Module, seed: int) -> None:
@@ -122,7 +122,7 @@ def exact_outputs(
     count = rule.perturbations if tensors else 0
 
     local = threading.local()  # one perturbed copy per worker thread, perturbed anew per task
-    low = any(t.dtype in _LOW for t in tensors)
+    low = any(t.dtype in LOW_PRECISION for t in tensors)
 
     def perturbed(seed: int) -> list[Any]:
         noisy = getattr(local, "copy", None)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from normfold.dtypes import LOW_PRECISION
 from normfold.engine.capture import Capture
 from normfold.engine.plan import Plan
 from normfold.errors import TraceError
@@ -55,7 +56,7 @@ __all__ = ["CODE", "OVERFLOW", "at_risk", "judge", "judging_rule", "judging_sets
 CODE = "cancellation"
 OVERFLOW = "overflow"
 #: dtypes whose range a fold's scale above 1 can push an intermediate value out of
-_NARROW = (torch.float16, torch.bfloat16)
+_NARROW = LOW_PRECISION
 
 #: the largest mean-to-std ratio a fold takes without a measured check, per statistics dtype
 _RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
