@@ -180,6 +180,7 @@ _SWITCHES = ("force", "trust", "require_all", "static_batch", "reparameterize")
 API_TO_FLAG: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     # phrases first: they read better than a word-for-word swap
     (re.compile(r"\(leave InputSpec\.dtype out\)"), "(omit --input-dtype)"),
+    (re.compile(r"\bfold_onnx_file\b"), "`normfold fold`"),  # what folds an ONNX file, as a command
     (re.compile(r"\bleave (\w+)= out\b"), lambda m: f"drop {KEYWORD_FLAGS.get(m.group(1), m.group(0))}"),
     (re.compile(r"\bset (?:ExportOptions\.)?static_batch=True\b"), "pass --static-batch"),
     (re.compile(r"\bExportOptions\.dynamic_axes\[('\w+'|\d+)\]"), r"--dynamic \1"),

@@ -11,14 +11,15 @@ model's role and the input shapes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from normfold.check.workers import in_pool
 from normfold.engine.probe import isolated_rng
 from normfold.errors import TraceError, first_line
 
@@ -34,8 +35,12 @@ def run_model(model: nn.Module, inputs: Sequence[torch.Tensor], *, role: str = "
     input shapes) when the forward raises.
     """
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    # in a verification pool's worker the pool restores the CPU RNG state for all of them: its
+    # threads never touch it at once (normfold.check.workers)
+    pooled = in_pool() and torch.device(device).type == "cpu"
+    rng = contextlib.nullcontext() if pooled else isolated_rng(device)
     try:
-        with _evaluating(model), torch.no_grad(), isolated_rng(device):
+        with _evaluating(model), torch.no_grad(), rng:
             return model(*(t.clone() for t in inputs))
     except Exception as e:
         raise TraceError(
@@ -48,7 +53,7 @@ _running: dict[int, tuple[int, dict[nn.Module, bool]]] = {}  # id(model): (forwa
 _running_lock = threading.Lock()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode; its training flags restored when the last of the forwards running
     it at once (:mod:`normfold.check.workers`) ends: the first one in saves them, the last one out

@@ -12,8 +12,10 @@ instead of with the number of barriers.
 ``width`` defaults to the caller's ``torch.get_num_threads()``: a caller who asked torch for one
 thread (``OMP_NUM_THREADS=1``) gets every forward in its own thread, one after another. Each
 forward runs single-threaded either way, so the results do not depend on ``width``. The caller's
-thread count and global RNG state are restored afterwards (several forwards at once may
-interleave their own RNG isolation).
+thread count and global CPU RNG state are restored afterwards, once for the whole pool: a worker
+never saves or restores the global RNG state itself (two threads doing so at once deadlocked
+inside torch, ``get_rng_state`` against ``set_rng_state``: a CI run hung there for its whole
+limit, stop 26, and again under pytest-xdist in session 9).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["run_all", "single_threaded"]
+__all__ = ["in_pool", "run_all", "single_threaded"]
 
 T = TypeVar("T")
 
@@ -47,8 +49,18 @@ def single_threaded() -> Iterator[int]:
         torch.set_rng_state(rng)
 
 
+_worker = threading.local()  # ``pooled`` is True inside a pool's worker threads
+
+
+def in_pool() -> bool:
+    """Whether the calling thread is one of :func:`run_all`'s workers, whose caller restores the
+    global CPU RNG state once for all of them (:func:`single_threaded`)."""
+    return getattr(_worker, "pooled", False)
+
+
 def _one_thread(task: Callable[[], T]) -> T:
     torch.set_num_threads(1)  # OpenMP's thread count is per thread: set it in each worker too
+    _worker.pooled = True
     return task()
 
 

@@ -148,3 +148,36 @@ def test_an_interrupt_starts_no_further_task(two_threads) -> None:
     time.sleep(1.5)  # long enough for a worker to take another task, were any left to take
     assert 1 <= len(started) <= 2  # the two workers' first tasks only
     assert torch.get_num_threads() == 2
+
+
+class _Draws(nn.Module):
+    """A forward that draws from the global RNG (noise injected at inference)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand_like(x)
+
+
+def test_pool_workers_never_save_or_restore_the_global_rng_and_the_pool_restores_it(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads saving and restoring the global RNG state at once deadlocked inside torch
+    (get_rng_state against set_rng_state: a CI run hung for its whole limit). In a pool's workers
+    run_model leaves the RNG state alone; the pool restores it once for all of them, so a forward
+    that draws still leaves the caller's seeded stream as it was."""
+    touched: list[str] = []
+    real_fork = torch.random.fork_rng
+
+    def recording_fork(*args: object, **kwargs: object):
+        touched.append(threading.current_thread().name)
+        return real_fork(*args, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", recording_fork)
+    x = torch.randn(2, 3)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    outs = run_all([lambda: run_model(_Draws(), (x,)) for _ in range(4)], width=2)
+    assert torch.equal(torch.rand(4), expected)  # the caller's stream is as it was
+    assert len(outs) == 4 and not any(name.startswith("normfold-verify") for name in touched)
+    run_model(_Draws(), (x,))  # outside a pool, run_model isolates the RNG itself
+    assert touched and not touched[-1].startswith("normfold-verify")
