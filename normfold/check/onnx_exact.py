@@ -368,13 +368,9 @@ def exact_run(
 ) -> tuple[Any, str | None]:
     """``(outputs by name in float64, None)``, or ``(None, why)`` when the graph cannot run here or
     its float64 copy would exceed ``limit_bytes`` (the rule's ``exact_limit_bytes``)."""
-    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
-    if limit_bytes is not None and size > limit_bytes:
-        return None, (
-            f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
-            "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
-            "floor alone"
-        )
+    over = over_limit(model, limit_bytes)
+    if over is not None:
+        return None, over
     try:
         with torch.no_grad():
             return run_graph(model, feeds, initializers=initializers), None
@@ -389,3 +385,16 @@ def perturbed_runs(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], co
     """``count`` float32 runs with perturbed initializers (module docstring)."""
     with torch.no_grad():
         return [run_graph(model, feeds, torch.float32, perturb_seed=k) for k in range(count)]
+
+
+def over_limit(model: onnx.ModelProto, limit_bytes: int | None) -> str | None:
+    """Why a float64 copy of ``model``'s initializers would exceed ``limit_bytes`` (the rule's
+    ``exact_limit_bytes``), or None when it fits."""
+    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
+    if limit_bytes is None or size <= limit_bytes:
+        return None
+    return (
+        f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
+        "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
+        "floor alone"
+    )

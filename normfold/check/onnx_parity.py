@@ -39,7 +39,13 @@ import onnx
 import torch
 
 from normfold.check.input_sets import parity_sets
-from normfold.check.onnx_exact import exact_run, initializer_tensors, perturbed_initializers, run_graph
+from normfold.check.onnx_exact import (
+    exact_run,
+    initializer_tensors,
+    over_limit,
+    perturbed_initializers,
+    run_graph,
+)
 from normfold.check.parity import compare_outputs, report_of
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
@@ -152,14 +158,9 @@ def _run(session: Session, out_names: list[str], feed: Mapping[str, Any]) -> _Ou
 
 def _wide(model: onnx.ModelProto, rule: ParityRule, base_dir: Path | None) -> tuple[Any, str | None]:
     """The initializers in float64 for the exact runs, or None and why (over the rule's limit)."""
-    limit = rule.exact_limit_bytes
-    size = sum(8 * int(np.prod(i.dims)) for i in model.graph.initializer)
-    if limit is not None and size > limit:
-        return None, (
-            f"no float64 reference: a float64 copy of the weights ({size / 2**30:.1f} GiB) exceeds the "
-            "rule's exact_limit_bytes; the folded model is measured against the original's own run, by the "
-            "floor alone"
-        )
+    over = over_limit(model, rule.exact_limit_bytes)
+    if over is not None:
+        return None, over
     return initializer_tensors(model, torch.float64, base_dir), None
 
 
