@@ -20,6 +20,13 @@ branches per block, took 501 s while CI shared the cores)::
     /work/rmvenv/bin/python benchmarks/real_models.py --models resnet18,timm/levit_128s --skip-onnx
     /work/rmvenv/bin/python benchmarks/real_models.py --end-to-end 3   # about 15 minutes
 
+``--timing ROUNDS`` times only ``normfold.fold`` against one capture (the ``fold / capture``
+column), ROUNDS interleaved rounds a model after a warm-up fold, the fastest of each, the garbage
+of earlier calls collected before every timed call: about 15 minutes for the 66 models, short
+enough to make with nothing else running (``--json`` keeps the rows)::
+
+    cd benchmarks && /work/rmvenv/bin/python real_models.py --timing 3 --json real_models_timing_latest.json
+
 ``--end-to-end REPEATS`` times only ``normfold fold real_models:random_model --out x.onnx`` against
 a bare ``torch.onnx.export`` of the same model, each a fresh process (the suite's end-to-end rows,
 ``benchmarks/suite.py``), on twelve models of the list unless ``--models`` names others.
@@ -342,6 +349,42 @@ def end_to_end(names: list[str], size: int, repeats: int) -> str:
     return markdown_table(END_TO_END_HEADER, rows) + f"\n\nmedian ratio {statistics.median(ratios):.2f}"
 
 
+def timing(names: list[str], size: int, rounds: int, out: Path | None) -> str:
+    """Only the ``fold / capture`` column, ``rounds`` interleaved (capture, fold) rounds per model,
+    the fastest of each: a run short enough to make on a quiet machine (the full table takes hours)."""
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        generator = seed_everything(SEED)
+        model, shape = build(name, size)
+        randomize_batch_norms(model, generator)
+        x = torch.randn(BATCH, *shape, generator=generator)
+        row: dict[str, Any] = {"model": name, "input": [BATCH, *shape]}
+        try:
+            normfold.fold(model.eval(), (x,))  # warm: the first call of a model pays for its code paths
+            captures, folds = [], []
+            for _ in range(rounds):
+                captures.append(timed(capture, model, x)[1])
+                folds.append(timed(normfold.fold, model, (x,))[1])
+            row.update(capture_s=min(captures), fold_s=min(folds), fold_capture=min(folds) / min(captures))
+            print(f"{name}: {row['fold_capture']:.2f}", file=sys.stderr, flush=True)
+        except Exception as e:
+            row["failure"] = describe(e)
+        rows.append(row)
+        del model
+        gc.collect()
+        if out:
+            meta = {"normfold": engine_version(), "torch": torch.__version__, "size": size, "rounds": rounds}
+            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    ratios = sorted(r["fold_capture"] for r in rows if "fold_capture" in r)
+    lines = ["| model | capture s | fold s | fold / capture |", "|---|---|---|---|"]
+    for r in rows:
+        ratio = cell(r["fold_capture"]) if "fold_capture" in r else r.get("failure")
+        lines.append(f"| {r['model']} | {cell(r.get('capture_s'))} | {cell(r.get('fold_s'))} | {ratio} |")
+    p90 = ratios[min(len(ratios) - 1, math.ceil(0.9 * len(ratios)) - 1)] if ratios else float("nan")
+    summary = f"median {statistics.median(ratios):.2f}, p90 {p90:.2f} over {len(ratios)} models"
+    return "\n".join(lines) + "\n\n" + summary
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
@@ -442,6 +485,9 @@ def describe(e: BaseException) -> str:
 
 
 def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and its wall time; the garbage of earlier calls (a program and a model hold
+    reference cycles) is collected first, so no timing pays for the one before it."""
+    gc.collect()
     start = time.perf_counter()
     value = fn(*args)
     return value, time.perf_counter() - start
@@ -717,6 +763,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end-to-end", type=int, metavar="REPEATS",
                         help="only time `normfold fold --out x.onnx` vs a bare torch.onnx.export, "
                         f"REPEATS times (default models: {', '.join(END_TO_END_MODELS)})")  # fmt: skip
+    parser.add_argument("--timing", type=int, metavar="ROUNDS",
+                        help="only time fold against capture, ROUNDS interleaved rounds a model")  # fmt: skip
     args = parser.parse_args(argv)
     names = [resolve(n.strip()) for n in args.models.split(",")] if args.models else DEFAULT_MODELS
     if args.end_to_end:
@@ -725,6 +773,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with quiet():
         warm_up()
+    if args.timing:
+        with quiet():
+            text = timing(names, args.size, args.timing, args.json)
+        print(text)
+        return
     meta = {"normfold": engine_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "seed": SEED, "size": args.size}  # fmt: skip
     rows: list[dict[str, Any]] = []

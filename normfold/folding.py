@@ -42,7 +42,15 @@ from normfold.engine.postcheck import check_artifacts_agree, check_replan, share
 from normfold.engine.reparam import plan_merges
 from normfold.engine.replan import MAX_ROUNDS, Drift, apply_round
 from normfold.errors import TraceError
-from normfold.prepare import ExampleInputs, as_inputs, capture_options, check_materialized, working_copy
+from normfold.prepare import (
+    ExampleInputs,
+    as_inputs,
+    borrowing_copy,
+    capture_options,
+    check_materialized,
+    own_tensors,
+    working_copy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +116,13 @@ def _fold(
     """:func:`fold` keeping ``keep``; folds at risk of cancellation are judged by the float64 rule
     (:mod:`normfold.engine.gate`) unless ``judged``, and kept when they fail it; the post-conditions of
     :mod:`normfold.engine.postcheck` hold for what is returned."""
-    target = working_copy(model, "fold", inplace=inplace)
+    # not in place: the modules are copied now, the tensors the plan leaves unchanged after it
+    # (own_tensors), so a folded weight is never copied first
+    target, borrowed = (model, frozenset()) if inplace else borrowing_copy(model, "fold")
     try:
         analysis = analyse(target, inputs, options, reparameterize=reparameterize, keep=keep)
     except TraceError as e:
+        own_tensors(target, borrowed)  # the parts are run: their buffers must be their own
         return fold_parts(target.eval(), inputs, e, options)
     risky = {} if judged else at_risk(analysis.capture, analysis.plan)
     overflow = {} if judged else overflow_risk(analysis.capture, analysis.plan)
@@ -124,7 +135,8 @@ def _fold(
     drift = Drift()  # where the module and the program come to differ (export-only decisions)
     drift.record(analysis.capture, analysis.plan, analysis.eager, analysis.merges, analysis.eager_merges)
     result.program = apply_round(target, analysis.capture, analysis.plan, analysis.eager, analysis.merges,
-                                 analysis.eager_merges, in_place=True)  # fmt: skip
+                                 analysis.eager_merges, in_place=inplace)  # fmt: skip
+    own_tensors(target, borrowed, (result.program.state_dict, result.program.constants))
     left = _settle(result, target, drift, reparameterize, merged=bool(analysis.merges), keep=keep)
     if (risky or overflow) and (kept := judge(model, result, inputs, risky, overflow)):
         if len(kept) > 1:  # which of them fail the rule: one at a time

@@ -6,6 +6,10 @@ Shared by :func:`normfold.fold` and the training transforms (:mod:`normfold.tran
 orchestrator for its helpers. Nothing here captures, plans or runs a model.
 
 * :func:`working_copy`: the model itself with ``inplace=True``, else ``copy.deepcopy(model)``.
+* :func:`borrowing_copy` / :func:`own_tensors`: :func:`normfold.fold`'s working copy in two steps. The
+  modules are copied at once, the parameters and buffers only once the plan is applied, and then
+  only those it left unchanged (a folded weight gets a new tensor anyway: copying it first is wasted
+  time, the largest part of a fold's cost over its capture on a model with little else to do).
 * :func:`as_inputs`: a tensor or a sequence of tensors as a tuple of *clones* (a forward that
   changes its input in place never changes the caller's tensors).
 * :func:`check_materialized`: refuse weights without values (meta tensors, lazy modules).
@@ -24,7 +28,15 @@ from torch import nn
 from normfold.engine.capture import CaptureOptions
 from normfold.errors import UsageError
 
-__all__ = ["ExampleInputs", "as_inputs", "capture_options", "check_materialized", "working_copy"]
+__all__ = [
+    "ExampleInputs",
+    "as_inputs",
+    "borrowing_copy",
+    "capture_options",
+    "check_materialized",
+    "own_tensors",
+    "working_copy",
+]
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -41,6 +53,47 @@ def working_copy(model: nn.Module, caller: str, *, inplace: bool) -> nn.Module:
         raise UsageError(
             f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
         ) from e
+
+
+def borrowing_copy(model: nn.Module, caller: str) -> tuple[nn.Module, frozenset[int]]:
+    """A copy of ``model``'s modules that still holds ``model``'s own parameters and buffers (the
+    same tensor objects), and the ids of those tensors. Until :func:`own_tensors` has run, nothing
+    may change those tensors in place or run the copy's ``forward`` (which may update a buffer):
+    a capture (fake tensors) and a plan only read them, and applying a plan gives each changed
+    weight a new tensor."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    held = [t for _, t in named]
+    memo: dict[int, object] = {id(t): t for t in held}  # deepcopy's memo: these "copy" to themselves
+    try:
+        return copy.deepcopy(model, memo), frozenset(memo)
+    except Exception as e:
+        raise UsageError(
+            f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
+        ) from e
+
+
+def own_tensors(
+    module: nn.Module, borrowed: frozenset[int], states: Sequence[dict[str, torch.Tensor]] = ()
+) -> None:
+    """Give ``module`` its own copy of every tensor it still borrows (ids in ``borrowed``), and
+    point the entries of ``states`` (an exported program's ``state_dict`` and ``constants``) that
+    held a borrowed tensor at the same copy. One ``deepcopy`` of them all: a tensor under two
+    names stays one tensor, views of one storage stay views (as ``copy.deepcopy(model)`` keeps them)."""
+    slots = [
+        (m._parameters if name in m._parameters else m._buffers, name)
+        for m in module.modules()
+        for name, t in [*m._parameters.items(), *m._buffers.items()]
+        if t is not None and id(t) in borrowed
+    ]
+    slots += [(state, name) for state in states for name, t in state.items() if id(t) in borrowed]
+    if not slots:
+        return
+    originals = {id(d[name]): d[name] for d, name in slots}
+    copies = copy.deepcopy(originals)
+    for d, name in slots:
+        d[name] = copies[id(d[name])]
 
 
 def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:

@@ -57,10 +57,15 @@ def axis_ids(ids: torch.Tensor, axis: int, name: str, *, allow_missing: bool) ->
     rows = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
     if bool((rows != rows.round()).any()):
         raise Refused("channel_mixing", f"channels are mixed on the way to {name}")
-    present = rows >= 0
-    hi = torch.where(present, rows, torch.full_like(rows, -1.0)).amax(1)
-    lo = torch.where(present, rows, torch.full_like(rows, float("inf"))).amin(1)
-    has = present.any(1)
+    # ids are -1 (not from the layer) or a channel >= 0: the largest is the channel when there is
+    # one, and the smallest equals it unless the index holds two channels, or a channel and -1
+    lo, hi = torch.aminmax(rows, dim=1)
+    has = hi >= 0
+    partial = has & (lo < 0)  # part from the layer, part not (a cat along another axis)
+    if bool(partial.any()):
+        some = rows[partial]
+        lo = lo.clone()
+        lo[partial] = some.masked_fill(some < 0, float("inf")).amin(1)
     if bool((has & (hi != lo)).any()):
         raise Refused(
             "channel_mixing",
@@ -69,7 +74,7 @@ def axis_ids(ids: torch.Tensor, axis: int, name: str, *, allow_missing: bool) ->
         )
     if not allow_missing and not bool(has.all()):
         raise Refused("channel_mixing", f"some inputs of the layer after {name} do not come from it")
-    return torch.where(has, hi, torch.full_like(hi, -1.0)).long()
+    return hi.long()  # -1 where no channel of the layer is found
 
 
 def pull_back(

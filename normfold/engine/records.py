@@ -204,8 +204,10 @@ def _output_only(updates: list[LayerUpdate]) -> bool:
     return all(u.side == "output" and u.kind != "conv_transpose" for u in updates)
 
 
-#: float64 elements of a weight converted at once by :meth:`RowBlocks.blocks` (64 MB)
-_CHUNK = 2**23
+#: float64 elements of a weight converted at once by :meth:`RowBlocks.blocks` (2 MB): a block that
+#: stays in cache between its three passes (widen, scale, narrow) makes the fold's value math 2.4x
+#: faster than 64 MB blocks (an 18.9M-element conv weight, 2 cores: 0.047 s against 0.112 s)
+_CHUNK = 2**18
 
 
 @dataclass
@@ -238,6 +240,7 @@ class RowBlocks:
         rows = max(1, _CHUNK // max(1, w[0].numel()))
         for start in range(0, w.shape[0], rows):
             s = scale if self.in_out else scale[start : start + rows]
+            # never in place: a float64 weight's .to(float64) is the weight itself
             yield start, (w[start : start + rows].detach().to(torch.float64) * s).to(w.dtype)
 
     def write_into(self, out: torch.Tensor) -> None:

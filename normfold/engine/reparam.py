@@ -107,11 +107,11 @@ class _Merger:
             if node in seen or self._summands(node) is None:
                 continue
             adds, weighted, scales = self._tree(node)
-            seen.update(adds)
             leaves = [leaf for leaf, _ in weighted]
             source = self._source(leaves)
-            if source is None:
-                continue  # not branches of one tensor: no reparameterizable block
+            if source is None:  # not branches of one tensor: no reparameterizable block here, but
+                continue  # an inner sum may be one on its own (RepGhost's, inside a residual add)
+            seen.update(adds)
             module = self.capture.canonical(owner(node)[1])
             try:
                 merges.append(self._merge(adds, weighted, source, module, scales))

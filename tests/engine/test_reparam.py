@@ -413,3 +413,33 @@ def test_blocks_merge_in_every_spatial_rank(dims):
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     assert type(result.model[0].dense) is conv and isinstance(result.model[0].one, MergedBranch)
     _assert_parity(model, result, x)
+
+
+class _GhostLike(nn.Module):
+    """timm's RepGhost module without the ReLU after its primary conv, inside a residual add:
+    ``x1 = bn_p(conv_p(x))``, ``x2 = bn_c(dw(x1)) + bn_f(x1)``, ``out = x2 + bn_s(conv_s(x))``."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.cheap = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.fusion_bn = nn.BatchNorm2d(c)
+        self.shortcut = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary(x)
+        return self.cheap(x1) + self.fusion_bn(x1) + self.shortcut(x)
+
+
+def test_a_block_summed_into_a_residual_add_merges_on_its_own() -> None:
+    """The residual add's summands do not branch from one tensor, so the outer sum is no block;
+    its inner sum (RepGhost's ``cheap(x1) + fusion_bn(x1)``) is one, and used to be skipped with
+    it: repghostnet_050 kept 16 ``fusion_bn`` (``multiple_users``). It merges now, in both."""
+    model = _build(_GhostLike(), (4, 6, 8, 8))
+    x = torch.randn(2, 6, 8, 8)
+    result = normfold.reparameterize(model, x)
+    assert [(m.block, m.into, m.where) for m in result.merged] == [("forward", "cheap.0", "both")]
+    assert result.skipped == [] and result.not_merged == []
+    assert bn_ops(result.program) == 0 and bn_ops(torch.export.export(result.model, (x,))) == 0
+    assert isinstance(result.model.fusion_bn, MergedBranch)
+    _assert_parity(model, result, x)
