@@ -57,43 +57,52 @@ def working_copy(model: nn.Module, caller: str, *, inplace: bool) -> nn.Module:
 
 def borrowing_copy(model: nn.Module, caller: str) -> tuple[nn.Module, frozenset[int]]:
     """A copy of ``model``'s modules that still holds ``model``'s own parameters and buffers (the
-    same tensor objects), and the ids of those tensors. Until :func:`own_tensors` has run, nothing
-    may change those tensors in place or run the copy's ``forward`` (which may update a buffer):
-    a capture (fake tensors) and a plan only read them, and applying a plan gives each changed
-    weight a new tensor."""
+    same tensor objects), and the storages of those tensors (their ``data_ptr``). Until
+    :func:`own_tensors` has run, nothing may change those tensors in place or run the copy's
+    ``forward`` (which may update a buffer): a capture (fake tensors) and a plan only read them,
+    and applying a plan gives each changed weight a new tensor."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    held = [t for _, t in named]
-    memo: dict[int, object] = {id(t): t for t in held}  # deepcopy's memo: these "copy" to themselves
+    memo: dict[int, object] = {id(t): t for _, t in named}  # deepcopy's memo: these "copy" to themselves
     try:
-        return copy.deepcopy(model, memo), frozenset(memo)
+        copied = copy.deepcopy(model, memo)
     except Exception as e:
         raise UsageError(
             f"could not copy {type(model).__name__} (pass inplace=True to change it in place): {e}"
         ) from e
+    return copied, frozenset(p for _, t in named if (p := t.untyped_storage().data_ptr()))
 
 
 def own_tensors(
     module: nn.Module, borrowed: frozenset[int], states: Sequence[dict[str, torch.Tensor]] = ()
 ) -> None:
-    """Give ``module`` its own copy of every tensor it still borrows (ids in ``borrowed``), and
-    point the entries of ``states`` (an exported program's ``state_dict`` and ``constants``) that
-    held a borrowed tensor at the same copy. One ``deepcopy`` of them all: a tensor under two
-    names stays one tensor, views of one storage stay views (as ``copy.deepcopy(model)`` keeps them)."""
+    """Give ``module`` its own copy of every tensor that still uses a borrowed storage (a
+    ``data_ptr`` in ``borrowed``: the borrowed tensor itself, or a view of it, e.g. a float64
+    value that ``.to(torch.float64)`` returned as is), and point the entries of ``states`` (an
+    exported program's ``state_dict`` and ``constants``) that did at the same copy. One
+    ``deepcopy`` of them all: a tensor under two names stays one tensor, views of one storage stay
+    views (as ``copy.deepcopy(model)`` keeps them)."""
+
+    def borrowing(t: object) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in borrowed
+
     slots = [
         (m._parameters if name in m._parameters else m._buffers, name)
         for m in module.modules()
         for name, t in [*m._parameters.items(), *m._buffers.items()]
-        if t is not None and id(t) in borrowed
+        if borrowing(t)
     ]
-    slots += [(state, name) for state in states for name, t in state.items() if id(t) in borrowed]
+    slots += [(state, name) for state in states for name, t in state.items() if borrowing(t)]
     if not slots:
         return
     originals = {id(d[name]): d[name] for d, name in slots}
     copies = copy.deepcopy(originals)
     for d, name in slots:
         d[name] = copies[id(d[name])]
+    for m in module.modules():
+        if isinstance(m, nn.RNNBase):  # it also lists its weights in a plain list: rebuilt from the slots
+            m._init_flat_weights()
 
 
 def as_inputs(example_inputs: ExampleInputs | None, caller: str = "fold") -> tuple[torch.Tensor, ...]:

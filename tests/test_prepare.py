@@ -112,7 +112,7 @@ def test_borrowing_copy_shares_tensors_until_own_tensors_and_keeps_ties_and_view
     model.register_buffer("right", base[6:])  # two views of one storage
     copy, borrowed = borrowing_copy(model, "fold")
     assert copy is not model and copy.conv is not model.conv
-    assert copy.conv.weight is model.conv.weight and id(model.calls) in borrowed
+    assert copy.conv.weight is model.conv.weight and model.calls.untyped_storage().data_ptr() in borrowed
     state = dict(copy.state_dict(keep_vars=True))
     own_tensors(copy, borrowed, (state,))
     assert not _model_storages(model) & _model_storages(copy)
@@ -120,3 +120,43 @@ def test_borrowing_copy_shares_tensors_until_own_tensors_and_keeps_ties_and_view
     assert copy.left.untyped_storage().data_ptr() == copy.right.untyped_storage().data_ptr()
     assert state["conv.weight"] is copy.conv.weight and state["calls"] is copy.calls
     assert isinstance(copy.conv.weight, nn.Parameter) and copy.conv.weight.requires_grad
+
+
+class _StdConv(nn.Conv2d):
+    """A weight-standardized conv (timm's StdConv2d): its weight's batch norm is a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        w = torch.nn.functional.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        return torch.nn.functional.conv2d(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_a_float64_value_returned_as_is_is_no_shared_tensor() -> None:
+    """In float64 ``bias.to(torch.float64)`` is the caller's bias itself: the program held it
+    under a new Parameter object until own_tensors matched borrowed tensors by storage."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_StdConv(3, 6, 3), nn.ReLU()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    result = normfold.fold(model, x)
+    assert [(f.norm, f.pattern) for f in result.folded] == [("0", "weight_std")]
+    mine = _model_storages(model)
+    assert not mine & _model_storages(result.model) and not mine & _program_storages(result.program)
+
+
+def test_an_lstm_in_the_result_lists_its_own_weights() -> None:
+    """``nn.LSTM`` keeps its weights in a plain list as well as in its parameters."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8)
+            self.rnn = nn.LSTM(8, 5, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(self.bn(self.conv(x)).transpose(1, 2))[0]
+
+    torch.manual_seed(0)
+    model = randomize_bn(Tagger()).eval()
+    result = normfold.fold(model, torch.randn(2, 4, 7))
+    caller = {id(t) for t in model.rnn._flat_weights}
+    assert not caller & {id(t) for t in result.model.rnn._flat_weights}

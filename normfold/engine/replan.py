@@ -88,6 +88,8 @@ class Drift:
                 ]
             elif any(b.weight in self.weights for b in m.branches):
                 self.weights.setdefault(weight, "it took branches that differ in the module")
+            elif e.target != weight.rpartition(".")[0]:  # a branch module (conv + BN) became the conv
+                self.weights.setdefault(weight, f"the module holds the merged conv as {e.target}")
         by_name = {n.name: n for n in capture.graph.nodes}
         for name in gone:
             for _, path in module_calls(by_name[name]):

@@ -443,3 +443,27 @@ def test_a_block_summed_into_a_residual_add_merges_on_its_own() -> None:
     assert bn_ops(result.program) == 0 and bn_ops(torch.export.export(result.model, (x,))) == 0
     assert isinstance(result.model.fusion_bn, MergedBranch)
     _assert_parity(model, result, x)
+
+
+class _GhostThenNorm(_GhostLike):
+    """:class:`_GhostLike` with a BatchNorm after the residual add."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__(c)
+        self.post = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(super().forward(x))
+
+
+def test_a_fold_into_a_merged_branch_module_lands_in_the_export_only() -> None:
+    """The merge swaps the branch module ``cheap`` (conv + BN) for one conv in the module, while the
+    program keeps the name ``cheap.0.weight``; the next round's fold of ``post`` into that weight
+    raised ``AttributeError: Conv2d has no attribute '0'``. It lands in the export only, said so."""
+    model = _build(_GhostThenNorm(), (4, 6, 8, 8))
+    x = torch.randn(2, 6, 8, 8)
+    result = normfold.reparameterize(model, x)
+    assert [(m.into, m.where) for m in result.merged] == [("cheap.0", "both")]
+    post = next(f for f in result.folded if f.norm == "post")
+    assert post.where == "export" and bn_ops(result.program) == 0
+    _assert_parity(model, result, x)
