@@ -63,6 +63,7 @@ def borrowing_copy(model: nn.Module, caller: str) -> tuple[nn.Module, frozenset[
     and applying a plan gives each changed weight a new tensor."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"{caller}() expects a torch.nn.Module, got {type(model).__name__}")
+    check_materialized(model)  # a lazy parameter has no storage yet
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     memo: dict[int, object] = {id(t): t for _, t in named}  # deepcopy's memo: these "copy" to themselves
     try:
