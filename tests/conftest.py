@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 #: seconds after a test's own timeout (pyproject's, or its ``timeout`` marker's) before the exit
 GRACE = 120
@@ -25,6 +27,17 @@ _STDERR: list[int] = []
 def pytest_configure(config: pytest.Config) -> None:
     _STDERR.append(os.dup(2))  # capture is suspended while plugins configure
 
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state, whatever ran before it in its process: a
+    layer's default initialisation draws from it, so without this a test's weights depended on
+    the test order pytest-xdist chose (test_conv_bn_folds[conv_transpose-3-1-bias-noaffine-float16]
+    drew, at one order, an fp16 fold the gate rightly refuses: its scale up to 1.95 moved the
+    outputs beyond the parity rule)."""
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(autouse=True)
