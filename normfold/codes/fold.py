@@ -138,11 +138,13 @@ FOLD_CODES: tuple[Code, ...] = (
         "cancellation",
         "the norm's running mean lies many stds from zero (`|mean| / std` above 16 in fp32, 8 in fp16, "
         "4 in bf16), so the folded layer cancels two large numbers; `fold()` then judges its result by "
-        "the parity rule on the example inputs and on them one sample larger along the batch axis, "
-        "with the original's own error alone as the noise in "
-        "float32/float64 (`ParityRule(perturbations=0)`: a fold beyond the rule's factor of the "
-        "rounding the original itself shows is not exact; in float16/bfloat16 the full rule, whose "
-        "perturbed runs measure the parameter rounding a fold applies), and keeps such norms only when "
+        "the parity rule on the example inputs and on them one sample larger along the batch axis "
+        "(with `verify`'s normal and uniform 0..255 sets), with the original's own error alone as "
+        "the noise in float32/float64 (`ParityRule(perturbations=0)`: a fold beyond the rule's factor "
+        "of the rounding the original itself shows is not exact; in float16/bfloat16 the full rule, "
+        "whose perturbed runs measure the parameter rounding a fold applies), with half the rule's "
+        "noise factor as a margin (such a fold's error varies from one draw of inputs to the next: "
+        "one at the edge of the rule passes or fails by the draw), and keeps such norms only when "
         "the fold fails it (a float32 `Linear -> BN(mean ~1e3, var 10)` before a batch-statistics "
         "norm: up to 30x the model's own error). The rest stay folded",
         "fold",

@@ -30,11 +30,18 @@ the parity rule itself decides:
   original by :func:`normfold.verify` on the example inputs; if it fails (and the check could
   decide), the folds at risk are kept with code ``cancellation`` and the model is folded again
   without them. A fold at risk that passes stays folded. The check runs on the example inputs
-  and on the same inputs one sample larger along the batch axis (:func:`judging_sets`).
+  and on the same inputs one sample larger along the batch axis (:func:`judging_sets`), each
+  with ``verify``'s own normal and uniform sets;
+* the rule it judges by allows half the usual noise factor (``MARGIN``): a fold at risk's error
+  in units of the original's own varies from one draw of inputs to the next, so a fold within
+  the full factor on the gate's draws can be beyond it on the next (fuzz seed 934055385 chunk 9);
+  a fold the gate refuses is beyond that stricter rule on the inputs it was judged on, which the
+  fuzzer checks by forcing it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -62,6 +69,8 @@ _NARROW = LOW_PRECISION
 _RISK = {torch.float64: 1e4, torch.float32: 16.0, torch.float16: 8.0, torch.bfloat16: 4.0}
 #: the same for a hand-written affine map, whose ``|t / s|`` is in units of its input, not of a std
 _AFFINE_RISK = 256.0
+#: the share of the parity rule's noise factor a fold at risk may use (:func:`judging_rule`)
+MARGIN = 0.5
 
 
 def at_risk(capture: Capture, the_plan: Plan) -> dict[str, float]:
@@ -157,8 +166,14 @@ def judging_rule(result: FoldResult) -> ParityRule:
     # it. In float16/bfloat16 the parameter rounding a fold applies is itself the dominant noise
     # (a rounded weight moves values across a ReLU kink: fuzz seed 1001), which only the
     # perturbed runs measure, so the full rule judges.
+    # Either way with a margin (MARGIN of the rule's noise factor): the ratio of a fold at risk's
+    # error to the original's own varies from one draw of inputs to the next, so a fold judged at
+    # the edge of the rule on the gate's draws fails on the next draw by chance (fuzz seed
+    # 934055385 chunk 9: 0.6-1.1 of the allowance across draws of U(0, 255) inputs, 0 of 60
+    # normal draws beyond it, and the gate's two uniform draws within it).
     narrow = dtype_name(result) in ("float16", "bfloat16")
-    return ParityRule() if narrow else ParityRule(perturbations=0)
+    rule = ParityRule() if narrow else ParityRule(perturbations=0)
+    return dataclasses.replace(rule, noise_factor=rule.noise_factor * MARGIN)
 
 
 def judging_sets(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
