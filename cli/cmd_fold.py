@@ -21,6 +21,7 @@ from normfold.cli.options import (
     ForceOpt,
     InputNamesOpt,
     InputsOpt,
+    LowerOpt,
     ModelArg,
     NoiseOpt,
     OpsetOpt,
@@ -82,6 +83,7 @@ def fold_cmd(
     input_names: InputNamesOpt = None,
     output_names: OutputNamesOpt = None,
     providers: ProvidersOpt = None,
+    lower_kept: LowerOpt = None,
     force: ForceOpt = False,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
@@ -111,7 +113,7 @@ def fold_cmd(
 
                 run = fold_onnx_file(
                     model, out, inputs=opts.given.spec(), folding=opts.folding, rule=opts.rule.rule(),
-                    write=opts.write, on_step=on_step,
+                    export=opts.export, write=opts.write, on_step=on_step,
                 )  # fmt: skip
         else:
             preflight.check(

@@ -155,6 +155,7 @@ KEYWORD_FLAGS = {
     "rtol": "--rtol", "atol": "--atol", "noise_factor": "--noise-factor", "value_range": "--value-range",
     "num_groups": "--num-groups", "group_size": "--group-size",
     "input_shapes": "--input-shape", "inputs": "--inputs",  # fold_onnx's
+    "lower_kept": "--lower-kept",
 }  # fmt: skip
 #: The option objects' fields (``InputSpec.shapes``) and the CLI options that set them.
 FIELD_FLAGS = {
@@ -166,6 +167,7 @@ FIELD_FLAGS = {
     "ExportOptions.static_batch": "--static-batch", "ExportOptions.dynamic_axes": "--dynamic",
     "ExportOptions.opset": "--opset", "ExportOptions.input_names": "--input-names",
     "ExportOptions.output_names": "--output-names", "ExportOptions.providers": "--providers",
+    "ExportOptions.lower_kept": "--lower-kept",
     "WriteOptions.report": "--report", "WriteOptions.save_inputs": "--save-inputs",
     "WriteOptions.force": "--force",
     "ParityRule.rtol": "--rtol", "ParityRule.atol": "--atol", "ParityRule.noise_factor": "--noise-factor",

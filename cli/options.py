@@ -102,6 +102,11 @@ ProvidersOpt = Annotated[str | None, typer.Option(
     help="onnxruntime execution providers that check the written .onnx, each on its own (e.g. "
     "CUDAExecutionProvider,CPUExecutionProvider; default: CPUExecutionProvider).",
 )]  # fmt: skip
+LowerOpt = Annotated[str | None, typer.Option(
+    "--lower-kept", metavar="mul-add|conv",
+    help="Write every BatchNormalization left in the .onnx as Mul+Add (mul-add) or as a depthwise 1x1 "
+    "Conv (conv), for runtimes without it; checked with the rest of the file (default: as is).",
+)]  # fmt: skip
 
 # what a run does and writes ------------------------------------------------------------------------
 RequireOpt = Annotated[
@@ -272,6 +277,7 @@ def export_options(
     input_names: str | None = None,
     output_names: str | None = None,
     providers: str | None = None,
+    lower_kept: str | None = None,
 ) -> ExportOptions:
     """The export's options; the opset range and the providers installed are pre-flight's
     (:mod:`normfold.cli.preflight`: they need onnx / onnxruntime)."""
@@ -282,6 +288,7 @@ def export_options(
         input_names=parse_list("--input-names", input_names),
         output_names=parse_list("--output-names", output_names),
         providers=parse_list("--providers", providers),
+        lower_kept=lower_kept,
     )
 
 
@@ -350,6 +357,7 @@ def grouped(params: Mapping[str, Any]) -> Grouped:
     export = export_options(
         opset=p("opset"), static_batch=p("static_batch", False), dynamic=p("dynamic"),
         input_names=p("input_names"), output_names=p("output_names"), providers=p("providers"),
+        lower_kept=p("lower_kept"),
     )  # fmt: skip
     write = WriteOptions(report=p("report"), save_inputs=p("save_inputs"), force=p("force", False))
     return Grouped(load, given, rule, folding, export, write)

@@ -195,6 +195,11 @@ def written(run: FoldRun, elapsed: float | None = None) -> None:
             if removed else "; the ONNX exporter removed no BatchNormalization on its own"
         )  # fmt: skip
     line(f"{folded}; {kept}{exporter}")
+    if e is not None and e.lowered:
+        forms = ", ".join(sorted({low.into for low in e.lowered}))
+        left = f"{e.batchnorm_nodes} left (notes say why)" if e.batchnorm_nodes else "none left"
+        line(f"lowered {len(e.lowered)} kept BatchNormalization(s) to {forms}; {left} in the file")
+    notes(e.notes if e is not None else ())
     timings(run.timings, elapsed)
 
 

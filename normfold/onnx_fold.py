@@ -41,6 +41,7 @@ from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
 from normfold.engine.fold_records import Folded, Skipped
 from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
+from normfold.engine.onnx_lower import Lowered, check_form, lower_kept
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
@@ -70,6 +71,7 @@ class OnnxFoldResult:
     notes: list[str] = field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the example inputs
     plan: Plan | None = field(default=None, repr=False)
+    lowered: list[Lowered] = field(default_factory=list)  # kept BatchNormalizations written as other ops
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable, with the keys of :meth:`FoldResult.to_dict` where they mean the same."""
@@ -81,6 +83,7 @@ class OnnxFoldResult:
             "ops_before": dict(self.ops_before),
             "ops_after": dict(self.ops_after),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "lowered": [asdict(low) for low in self.lowered],
             "notes": list(self.notes),
             "parity": None if self.parity is None else self.parity.to_dict(),
         }
@@ -94,17 +97,22 @@ def fold_onnx(
     input_shapes: Shapes | None = None,
     rule: ParityRule | None = None,
     force: bool = False,
+    lower_kept: str | None = None,
 ) -> OnnxFoldResult:
     """Fold every norm of an ONNX model that folds exactly (module docstring); write ``out`` if
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
     shapes for generated inputs (input name -> shape, or one shape per graph input in order).
+    ``lower_kept``: ``"mul-add"`` or ``"conv"`` writes every BatchNormalization that stays as
+    those ops (:mod:`normfold.engine.onnx_lower`), for runtimes without it; checked with the rest.
     Raises ParityError (nothing written) when the folded model does not match the original."""
+    check_form(lower_kept)
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
         planned = prepare(original, inputs, input_shapes, path)
         staged = files.staged("out") if files is not None else None
-        result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged)
+        result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged,
+                              lower=lower_kept)  # fmt: skip
         if files is not None:
             commit_export(files)  # and the external data a replaced file of normfold's used, if unused now
             result.out = Path(out) if out is not None else None
@@ -116,9 +124,10 @@ def fold_onnx(
 
 def fold_planned(
     original: onnx.ModelProto, planned: Planned, rule: ParityRule | None = None, *, given: bool = False,
-    staged: Path | None = None,
+    staged: Path | None = None, lower: str | None = None,
 ) -> OnnxFoldResult:  # fmt: skip
-    """Apply ``planned``'s plan (:func:`prepare`), check the folded model with ``onnx.checker``,
+    """Apply ``planned``'s plan (:func:`prepare`), lower what stays when ``lower`` names a form
+    (:func:`~normfold.engine.onnx_lower.lower_kept`), check the folded model with ``onnx.checker``,
     write it to ``staged`` when given (:func:`normfold.io.onnx_file.write_onnx`: checked as
     written, weights over protobuf's 2 GB in a sibling external-data file; the caller commits it),
     and prove parity against ``original`` on that file (in memory without ``staged``)."""
@@ -127,6 +136,7 @@ def fold_planned(
     new = folded_values(plan, planned.values)
     apply_plan(view, plan, new, planned.values.names)
     rejoin_unchanged(model, planned.copies, set(new))
+    lowered, lower_notes = lower_kept(view, lower) if lower is not None else ([], [])
     candidate: bytes | Path
     if staged is None:
         folded = ir.serde.serialize_model(ir.external_data.load_to_model(model))  # a whole ModelProto
@@ -142,6 +152,8 @@ def fold_planned(
             raise ExportError(f"writing {staged.name} failed: {first_line(e)}; nothing was written") from e
         candidate = staged
     result = _result(original, folded, planned)
+    result.lowered = lowered
+    result.notes.extend(lower_notes)
     del new, model, view  # the folded weights live in the model now, or in the file written
     if staged is not None:
         _release(planned)

@@ -19,6 +19,7 @@ written file is described in an :class:`~normfold.io.export.ExportResult`. Nothi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from normfold.errors import ParityError, UsageError
 from normfold.io.export import ExportResult, owned_files
 from normfold.io.onnx_file import describe
 from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, prepare, records
-from normfold.options import FoldOptions, InputSpec, WriteOptions
+from normfold.options import ExportOptions, FoldOptions, InputSpec, WriteOptions
 from normfold.pipeline import require_all
 from normfold.report import StepHook
 from normfold.runs import LayerRow
@@ -105,17 +106,22 @@ def fold_onnx_file(
     inputs: InputSpec | None = None,
     folding: FoldOptions | None = None,
     rule: ParityRule | None = None,
+    export: ExportOptions | None = None,
     write: WriteOptions | None = None,
     on_step: StepHook | None = None,
 ) -> OnnxRun:
     """Fold the norms of the ONNX file ``source``, prove parity in onnxruntime against it, and
     write ``out`` (``.onnx``; None: write nothing but the report). ``inputs``: its shapes (by
-    graph input name, or one per graph input in order), a file of tensors, or tensors. Raises
+    graph input name, or one per graph input in order), a file of tensors, or tensors.
+    ``export``: only ``ExportOptions.lower_kept`` applies (the file keeps the original's opset,
+    names and shapes; the others are refused). Raises
     :class:`~normfold.errors.ParityError` (nothing but the report written) when the folded
     model differs, :class:`~normfold.errors.NotFoldedError` with ``FoldOptions.require_all``
     when a norm stays."""
     spec, folding, write = _checked(inputs, folding, write)
-    options = {"source": source, "out": out, "spec": spec, "folding": folding, "rule": rule, "write": write}
+    lower = _lower_kept(export)
+    options = {"source": source, "out": out, "spec": spec, "folding": folding, "rule": rule, "write": write,
+               "export": export}  # fmt: skip
     with session("fold", out, write, options=options, inputs=[source, spec.file], formats={"out": (".onnx",)},
                  on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
@@ -128,7 +134,8 @@ def fold_onnx_file(
         with run.steps("fold and verify (onnxruntime)"):
             staged = run.files.staged("out") if out is not None else None
             try:  # written into the run's staging folder first: parity is proved on that file
-                result = fold_planned(original, planned, rule, given="inputs" in given, staged=staged)
+                result = fold_planned(original, planned, rule, given="inputs" in given, staged=staged,
+                                      lower=lower)  # fmt: skip
             except ParityError as e:  # the failed run's report shows what was folded and how it compared
                 if getattr(e, "result", None) is not None:
                     run.record.run = _run(source, original, e.result)
@@ -184,6 +191,21 @@ def _checked(
     return spec, folding, write or WriteOptions()
 
 
+def _lower_kept(export: ExportOptions | None) -> str | None:
+    """``export.lower_kept``, checked; every other export option set is refused by name."""
+    from normfold.engine.onnx_lower import check_form
+
+    export = export or ExportOptions()
+    for f in dataclasses.fields(ExportOptions):
+        if f.name != "lower_kept" and getattr(export, f.name) != f.default:
+            raise UsageError(
+                f"ExportOptions.{f.name} does not apply to an ONNX model: the folded file keeps the "
+                "original's opset, names and shapes, and is checked on onnxruntime's CPU provider"
+            )
+    check_form(export.lower_kept)
+    return export.lower_kept
+
+
 def _load_source(source: str | Path, spec: InputSpec) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model (sniffed, then parsed) and :func:`fold_onnx`'s input arguments from ``spec``."""
     original, _ = load_onnx(source)
@@ -215,6 +237,7 @@ def _described(run: Session, result: OnnxFoldResult) -> ExportResult:
     first = described["inputs"][0].shape if described["inputs"] else []
     written = ExportResult(out, "onnx", dynamic_batch=bool(first) and isinstance(first[0], str), **described)
     written.parity = {"onnxruntime": result.parity} if result.parity is not None else {}
+    written.lowered = list(result.lowered)
     written.files, written.size_bytes = owned_files(run.files.staged("out"), out)
     return written
 

@@ -10,7 +10,7 @@ keyword per option:
 * :class:`FoldOptions`: what ``fold`` does beyond folding (merge branches, recalibrate first,
   require every norm to fold);
 * :class:`ExportOptions`: the exported graph (opset, dynamic axes, input/output names, the
-  onnxruntime providers that check it);
+  onnxruntime providers that check it, the form of the BatchNormalizations that stay);
 * :class:`WriteOptions`: the files besides ``out`` (the JSON report, the parity inputs) and
   whether existing files may be replaced.
 
@@ -83,7 +83,9 @@ class ExportOptions:
     forward argument name): {axis: name}}`` more axes kept dynamic (e.g. ``{0: {2: "height"}}``).
     ``input_names``/``output_names``: the ONNX graph's names (default: the forward's argument
     names; ``output``, ``output_1``, ...). ``providers``: the onnxruntime execution providers the
-    written file is checked with (default: the CPU one)."""
+    written file is checked with (default: the CPU one). ``lower_kept``: ``"mul-add"`` or ``"conv"``
+    writes every BatchNormalization left in an ``.onnx`` file as ``Mul`` + ``Add`` or as a depthwise
+    1x1 ``Conv``, for runtimes without that op (checked with the rest of the file; default: as is)."""
 
     opset: int | None = None
     static_batch: bool = False
@@ -91,6 +93,7 @@ class ExportOptions:
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None
     providers: Sequence[str] | None = None
+    lower_kept: str | None = None
 
 
 @dataclass(frozen=True)

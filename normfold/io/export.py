@@ -35,6 +35,8 @@ from torch.utils import _pytree as pytree
 from normfold.check.parity import ParityReport, ParityRule
 from normfold.check.reference import Reference, check, make_reference, parity_sets
 from normfold.engine.capture import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
+from normfold.engine.onnx_lower import Lowered, check_form, lower_kept
+from normfold.engine.onnx_view import OnnxView
 from normfold.errors import ExportError, NormfoldError, UsageError, first_line
 from normfold.io.files import OutputSet
 from normfold.io.onnx_file import (
@@ -90,6 +92,8 @@ class ExportResult:
     parameters: int | None = None  # elements of every ONNX initializer
     inputs: list[TensorInfo] = field(default_factory=list)  # the ONNX graph's inputs
     outputs: list[TensorInfo] = field(default_factory=list)
+    lowered: list[Lowered] = field(default_factory=list)  # BatchNormalizations written as other ops
+    notes: list[str] = field(default_factory=list)  # e.g. why a BatchNormalization was not lowered
 
     def to_dict(self, *, parity: bool = True) -> dict[str, Any]:
         """As JSON; ``parity=False`` leaves the parity reports out (a run's report has them once)."""
@@ -107,6 +111,8 @@ class ExportResult:
             "parameters": self.parameters,
             "inputs": [vars(t) for t in self.inputs],
             "outputs": [vars(t) for t in self.outputs],
+            "lowered": [vars(low) for low in self.lowered],
+            "notes": list(self.notes),
             **({"parity": {k: v.to_dict() for k, v in self.parity.items()}} if parity else {}),
         }
 
@@ -126,7 +132,9 @@ MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opsets; older ones go t
 
 
 def check_options(options: ExportOptions) -> None:
-    """What can be refused in ``options`` before any work: the opset, the names, the providers."""
+    """What can be refused in ``options`` before any work: the opset, the names, the providers, the
+    form of the norms that stay."""
+    check_form(options.lower_kept)
     check_opset(options.opset)
     check_names(options.input_names, options.output_names)
     check_providers(options.providers)
@@ -213,7 +221,7 @@ def stage_export(
         options = dataclasses.replace(options, opset=opset)
     check_options(options)
     out = files.paths["out"]
-    for name in ("input_names", "output_names", "providers"):  # a .pt2 has none: never ignored silently
+    for name in ("input_names", "output_names", "providers", "lower_kept"):  # none in a .pt2: never ignored
         if FORMATS[out.suffix] != "onnx" and getattr(options, name) is not None:
             raise UsageError(f"{name}={getattr(options, name)!r} applies to an .onnx file, not out={out}")
     steps = steps or StepTimer()
@@ -236,8 +244,11 @@ def stage_export(
             program = _dynamic_program(program or _export_program(model, inputs, capture), capture)
             onnx_model = to_onnx(program, inputs, options.opset)
             name_graph(onnx_model, axis_names(inputs, capture), *names)
+            lowered, notes = lower_kept(OnnxView(onnx_model, {}), options.lower_kept) if options.lower_kept \
+                else ([], [])  # fmt: skip
             proto = write_onnx(onnx_model, staged, inline_limit=_ONNX_MAX_PROTO)
             result = ExportResult(staged, "onnx", dynamic_batch=capture.dynamic_batch, **describe(proto))
+            result.lowered, result.notes = lowered, notes
         with steps("check (onnxruntime)"):  # a failed check fails inside its step (the report names it)
             result.parity = _passed(_check_onnx(staged, reference, rule, providers))
     else:

@@ -209,3 +209,27 @@ def test_an_input_shape_the_graph_cannot_take_is_a_usage_error(model: Path) -> N
         "error: --input-shape gives x the shape [2, 4, 8, 8]; the graph declares x [N, 3, 8, 8]\n"
     )
     assert not (model.parent / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(("form", "op"), [("mul-add", "Mul"), ("conv", "Conv")])
+def test_lower_kept_writes_no_batchnorm_left(model: Path, form: str, op: str) -> None:
+    result = ok("fold", "m.onnx", "--out", "f.onnx", "--lower-kept", form, "--report", "r.json")
+    out = model.parent / "f.onnx"
+    assert (_bn_count(model), _bn_count(out)) == (2, 0)  # bn1 folded, bn2 kept and lowered
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count(op) == [n.op_type for n in onnx.load(str(model)).graph.node].count(op) + 1
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    ref, got = _run(model, x), _run(out, x)
+    assert np.abs(got - ref).max() <= 1e-6 + 1e-5 * np.abs(ref).max()
+    into = "Mul+Add" if form == "mul-add" else "Conv"
+    assert f"lowered 1 kept BatchNormalization(s) to {into}; none left in the file" in result.stdout
+    report = json.loads((model.parent / "r.json").read_text())
+    assert report["lowered"] == [{"node": "bn2", "into": into}]
+    assert report["export"]["lowered"] == [{"node": "bn2", "into": into}]
+
+
+def test_an_unknown_lower_kept_form_is_a_usage_error_before_work(model: Path) -> None:
+    result = invoke("fold", "m.onnx", "--out", "f.onnx", "--lower-kept", "mul")
+    assert result.exit_code == 2, result.output
+    assert "--lower-kept must be 'mul-add' or 'conv', got 'mul'" in result.output
+    assert not (model.parent / "f.onnx").exists()

@@ -234,3 +234,36 @@ def test_weights_onnx_cannot_hold_or_run_are_refused_with_the_way_out(tmp_path):
     assert list(tmp_path.iterdir()) == []
     export_model(f64, (x.double(),), tmp_path / "m.pt2")  # the way out works
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+def _kept_bn_model() -> tuple[nn.Module, torch.Tensor]:
+    """Conv -> ReLU -> BN: the BN after the activation stays (``after_activation``)."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(6))
+    randomize_bn(model, seed=5)
+    return model.eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize(("form", "op"), [("mul-add", "Mul"), ("conv", "Conv")])
+def test_lower_kept_writes_the_kept_batch_norms_as_other_ops(tmp_path, form, op):
+    model, x = _kept_bn_model()
+    result = normfold.fold(model, x)
+    assert [s.code for s in result.skipped] == ["after_activation"]
+    out = tmp_path / "m.onnx"
+    written = export_onnx(result.model, (x,), out, original=model, program=result.program,
+                          options=ExportOptions(lower_kept=form))  # fmt: skip
+    graph = onnx.load(str(out)).graph
+    assert [n.op_type for n in graph.node].count("BatchNormalization") == 0
+    assert written.batchnorm_nodes == 0 and len(written.lowered) == 1
+    assert written.lowered[0].into == ("Mul+Add" if form == "mul-add" else "Conv")
+    assert [n.op_type for n in graph.node].count(op) == 1 + (op == "Conv")
+    assert written.parity and all(r.passed for r in written.parity.values())
+    assert written.to_dict()["lowered"] == [vars(written.lowered[0])]
+
+
+def test_lower_kept_is_refused_for_a_pt2_and_for_an_unknown_form(tmp_path):
+    model, x = _kept_bn_model()
+    with pytest.raises(UsageError, match=r"^lower_kept='conv' applies to an \.onnx file, not out="):
+        export_model(model, (x,), tmp_path / "m.pt2", options=ExportOptions(lower_kept="conv"))
+    with pytest.raises(UsageError, match=r"^lower_kept must be 'mul-add' or 'conv', got 'Mul'$"):
+        export_model(model, (x,), tmp_path / "m.onnx", options=ExportOptions(lower_kept="Mul"))
+    assert not list(tmp_path.iterdir())
