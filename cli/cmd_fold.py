@@ -105,8 +105,8 @@ def fold_cmd(
         if preflight.is_onnx(model):
             refuse_for_onnx(params, model)
             preflight.check(
-                model, out, write=opts.write, formats={"out": (".onnx",)}, tensor_files={"inputs": inputs},
-                onnx=True,
+                model, out, write=opts.write, formats={"out": (".onnx",), "save_inputs": (".pt",)},
+                tensor_files={"inputs": inputs}, onnx=True, export=opts.export,
             )  # fmt: skip
             with progress("fold", quiet=quiet) as on_step:
                 from normfold.onnx_pipeline import fold_onnx_file

@@ -380,7 +380,6 @@ NOT_FOR_ONNX = {
     "output_names": ("--output-names", "the folded file keeps the original's input and output names"),
     "providers": ("--providers", "parity is checked on onnxruntime's CPU provider only, for now"),
     "calibrate": ("--calibrate", "recalibrating BatchNorm statistics needs the PyTorch model"),
-    "save_inputs": ("--save-inputs", "saving the parity inputs is not done for an ONNX model yet"),
 }
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from normfold.errors import LoadError, UsageError
 from normfold.io.sniff import check_regular_file, refuse_compiled, sniff
-from normfold.options import ExportOptions, LoadOptions, WriteOptions
+from normfold.options import ExportOptions, LoadOptions, WriteOptions, check_lower_kept
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 #: the torch.onnx (dynamo) exporter's own opsets start here (normfold.io.export.MIN_OPSET)
@@ -68,6 +68,7 @@ def check(
     for what, path in files.items():
         check_tensor_file(path, what)
     if export is not None:
+        check_lower_kept(export.lower_kept)
         check_opset(export.opset)
         check_providers(export.providers)
 

@@ -41,7 +41,7 @@ from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
 from normfold.engine.fold_records import Folded, Skipped
 from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
-from normfold.engine.onnx_lower import Lowered, check_form, lower_kept
+from normfold.engine.onnx_lower import Lowered, lower_kept
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
@@ -52,6 +52,7 @@ from normfold.io.onnx_file import write_onnx
 from normfold.io.sniff import check_regular_file, sniff
 from normfold.onnx_inputs import DEFAULT_DIM, Shapes
 from normfold.onnx_inputs import example_feeds as _example_inputs
+from normfold.options import check_lower_kept
 
 __all__ = ["DEFAULT_DIM", "OnnxFoldResult", "fold_onnx", "load_onnx", "parity_onnx", "plan_onnx"]
 
@@ -105,7 +106,7 @@ def fold_onnx(
     ``lower_kept``: ``"mul-add"`` or ``"conv"`` writes every BatchNormalization that stays as
     those ops (:mod:`normfold.engine.onnx_lower`), for runtimes without it; checked with the rest.
     Raises ParityError (nothing written) when the folded model does not match the original."""
-    check_form(lower_kept)
+    check_lower_kept(lower_kept)
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:

@@ -27,12 +27,13 @@ from typing import Any
 
 import onnx
 
+from normfold.check.onnx_parity import onnx_sets
 from normfold.check.parity import ParityReport, ParityRule
 from normfold.errors import ParityError, UsageError
-from normfold.io.export import ExportResult, owned_files
+from normfold.io.export import ExportResult, owned_files, save_sets
 from normfold.io.onnx_file import describe
 from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, prepare, records
-from normfold.options import ExportOptions, FoldOptions, InputSpec, WriteOptions
+from normfold.options import ExportOptions, FoldOptions, InputSpec, WriteOptions, check_lower_kept
 from normfold.pipeline import require_all
 from normfold.report import StepHook
 from normfold.runs import LayerRow
@@ -122,12 +123,16 @@ def fold_onnx_file(
     lower = _lower_kept(export)
     options = {"source": source, "out": out, "spec": spec, "folding": folding, "rule": rule, "write": write,
                "export": export}  # fmt: skip
-    with session("fold", out, write, options=options, inputs=[source, spec.file], formats={"out": (".onnx",)},
+    formats = {"out": (".onnx",), "save_inputs": (".pt",)}
+    with session("fold", out, write, options=options, inputs=[source, spec.file], formats=formats,
                  on_step=on_step, seed=spec.seed) as run:  # fmt: skip
         with run.steps("load"):
             original, given = _load_source(source, spec)
         with run.steps("plan"):
             planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source))
+        if "save_inputs" in run.files.paths:  # before the check: a failed run's inputs reproduce it
+            sets = onnx_sets(planned.feeds, rule or ParityRule(), given="inputs" in given)
+            save_sets(run.files.staged("save_inputs"), sets)
         if folding.require_all:
             with run.steps("require all"):
                 require_all(records(original, planned))
@@ -193,8 +198,6 @@ def _checked(
 
 def _lower_kept(export: ExportOptions | None) -> str | None:
     """``export.lower_kept``, checked; every other export option set is refused by name."""
-    from normfold.engine.onnx_lower import check_form
-
     export = export or ExportOptions()
     for f in dataclasses.fields(ExportOptions):
         if f.name != "lower_kept" and getattr(export, f.name) != f.default:
@@ -202,7 +205,7 @@ def _lower_kept(export: ExportOptions | None) -> str | None:
                 f"ExportOptions.{f.name} does not apply to an ONNX model: the folded file keeps the "
                 "original's opset, names and shapes, and is checked on onnxruntime's CPU provider"
             )
-    check_form(export.lower_kept)
+    check_lower_kept(export.lower_kept)
     return export.lower_kept
 
 

@@ -96,6 +96,18 @@ class ExportOptions:
     lower_kept: str | None = None
 
 
+#: the forms ``ExportOptions.lower_kept`` takes (:mod:`normfold.engine.onnx_lower`)
+LOWER_FORMS = ("mul-add", "conv")
+
+
+def check_lower_kept(form: str | None) -> None:
+    """Refuse a ``lower_kept`` that names no form (torch-free: the CLI checks it before torch loads)."""
+    if form is not None and form not in LOWER_FORMS:
+        from normfold.errors import UsageError
+
+        raise UsageError(f"lower_kept must be {' or '.join(map(repr, LOWER_FORMS))}, got {form!r}")
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """The files a run writes besides ``out``, and whether existing ones may be replaced.

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import torch
 
-from normfold.check.input_sets import parity_sets
+from normfold.check.input_sets import InputSet, parity_sets
 from normfold.check.onnx_exact import (
     exact_run,
     initializer_tensors,
@@ -53,7 +53,7 @@ from normfold.check.workers import run_all
 from normfold.errors import ExportError
 from normfold.io.onnx_run import Session, open_session
 
-__all__ = ["parity_onnx"]
+__all__ = ["onnx_sets", "parity_onnx"]
 
 _Outputs = dict[str, torch.Tensor]
 
@@ -71,8 +71,8 @@ def parity_onnx(
     every input set (module docstring). ``source``: the file ``original`` was read from, whose
     folder holds its external data (``original`` may then hold only their locations)."""
     names = list(feeds)
-    sets = parity_sets([feeds[k] for k in names], rule, given=given)
-    typed = [{k: t.to(feeds[k].dtype) for k, t in zip(names, s.inputs, strict=True)} for s in sets]
+    sets = onnx_sets(feeds, rule, given=given)
+    typed = [dict(zip(names, s.inputs, strict=True)) for s in sets]
     base_dir = source.parent if source is not None else None
     wide, too_large = _wide(original, rule, base_dir)
     count = rule.perturbations if wide is not None else 0
@@ -101,6 +101,14 @@ def parity_onnx(
         outputs.extend(compared)
         problems.extend(p for p in found if p not in problems)
     return report_of(outputs, problems, tuple(notes))
+
+
+def onnx_sets(feeds: Mapping[str, torch.Tensor], rule: ParityRule, *, given: bool = False) -> list[InputSet]:
+    """The input sets :func:`parity_onnx` judges on (:func:`~normfold.check.input_sets.parity_sets`
+    of ``feeds``), each tensor in its graph input's dtype, in graph input order."""
+    sets = parity_sets(list(feeds.values()), rule, given=given)
+    dtypes = [t.dtype for t in feeds.values()]
+    return [InputSet(s.name, tuple(t.to(d) for t, d in zip(s.inputs, dtypes, strict=True))) for s in sets]
 
 
 def _perturbable(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> bool:

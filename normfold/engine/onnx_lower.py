@@ -30,12 +30,12 @@ import torch
 
 from normfold.engine import onnx_ops as ops
 from normfold.engine.onnx_view import OnnxView
-from normfold.errors import UsageError
+from normfold.options import LOWER_FORMS, check_lower_kept
 
-__all__ = ["FORMS", "Lowered", "check_form", "lower_kept"]
+__all__ = ["FORMS", "Lowered", "lower_kept"]
 
-#: the forms ``lower_kept`` takes, and the op(s) each writes
-FORMS = {"mul-add": "Mul+Add", "conv": "Conv"}
+#: the forms ``lower_kept`` takes (:data:`normfold.options.LOWER_FORMS`), and the op(s) each writes
+FORMS = dict(zip(LOWER_FORMS, ("Mul+Add", "Conv"), strict=True))
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,10 @@ class Lowered:
     into: str
 
 
-def check_form(form: str | None) -> None:
-    """Refuse a ``lower_kept`` that names no form (before any work)."""
-    if form is not None and form not in FORMS:
-        raise UsageError(f"lower_kept must be {' or '.join(map(repr, FORMS))}, got {form!r}")
-
-
 def lower_kept(view: OnnxView, form: str) -> tuple[list[Lowered], list[str]]:
     """Replace every BatchNormalization left in ``view``'s main graph by ``form`` (module
     docstring). Returns the nodes lowered and one note per node left as it is."""
-    check_form(form)
+    check_lower_kept(form)
     graph, lowered, notes = view.graph, [], []
     taken = {n.name for n in graph.all_nodes() if n.name} | set(graph.initializers)
     taken |= {v.name for n in graph.all_nodes() for v in (*n.inputs, *n.outputs) if v is not None and v.name}

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 from normfold.check.parity import ParityReport, ParityRule
 from normfold.check.reference import Reference, check, make_reference, parity_sets
 from normfold.engine.capture import CaptureOptions, axis_names, dynamic_shapes, quiet_exporter, static_axes
-from normfold.engine.onnx_lower import Lowered, check_form, lower_kept
+from normfold.engine.onnx_lower import Lowered, lower_kept
 from normfold.engine.onnx_view import OnnxView
 from normfold.errors import ExportError, NormfoldError, UsageError, first_line
 from normfold.io.files import OutputSet
@@ -52,7 +52,7 @@ from normfold.io.onnx_file import (
 from normfold.io.onnx_file import exporter_failure as _exporter_failure  # noqa: F401  (tests read it here)
 from normfold.io.onnx_run import check_providers, open_session, run_onnx, runtime_name
 from normfold.io.state_files import save_sets, stage_state_dict, write_state_dict, write_via_memory
-from normfold.options import ExportOptions
+from normfold.options import ExportOptions, check_lower_kept
 from normfold.prepare import capture_options
 from normfold.report import StepTimer
 
@@ -134,7 +134,7 @@ MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opsets; older ones go t
 def check_options(options: ExportOptions) -> None:
     """What can be refused in ``options`` before any work: the opset, the names, the providers, the
     form of the norms that stay."""
-    check_form(options.lower_kept)
+    check_lower_kept(options.lower_kept)
     check_opset(options.opset)
     check_names(options.input_names, options.output_names)
     check_providers(options.providers)

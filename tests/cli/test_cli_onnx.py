@@ -177,6 +177,10 @@ REFUSED = [
      "m.onnx is an ONNX model: --calibrate does not apply to it (recalibrating BatchNorm statistics needs "
      "the PyTorch model)"),
     (["fold", "m.onnx", "--out", "o.pt2"], 2, "--out o.pt2: unknown format .pt2; use .onnx"),
+    (["fold", "m.onnx", "--out", "o.onnx", "--lower-kept", "mul"], 2,
+     "--lower-kept must be 'mul-add' or 'conv', got 'mul'"),
+    (["fold", "m.onnx", "--out", "o.onnx", "--save-inputs", "s.npz"], 2,
+     "--save-inputs s.npz: unknown format .npz; use .pt"),
     (["fold", "absent.onnx", "--out", "o.onnx"], 3, "absent.onnx: no such ONNX file"),
     (["inspect", "a_folder.onnx"], 3, "a_folder.onnx: not a file but a directory; pass a regular file"),
 ]  # fmt: skip
@@ -228,8 +232,18 @@ def test_lower_kept_writes_no_batchnorm_left(model: Path, form: str, op: str) ->
     assert report["export"]["lowered"] == [{"node": "bn2", "into": into}]
 
 
-def test_an_unknown_lower_kept_form_is_a_usage_error_before_work(model: Path) -> None:
-    result = invoke("fold", "m.onnx", "--out", "f.onnx", "--lower-kept", "mul")
-    assert result.exit_code == 2, result.output
-    assert "--lower-kept must be 'mul-add' or 'conv', got 'mul'" in result.output
-    assert not (model.parent / "f.onnx").exists()
+def test_save_inputs_writes_the_parity_sets_also_when_parity_fails(model: Path) -> None:
+    ok("fold", "m.onnx", "--out", "f.onnx", "--save-inputs", "s.pt")
+    sets = torch.load(model.parent / "s.pt", weights_only=True)
+    assert list(sets) == ["normal", "uniform[0,255]"]
+    assert [t.shape for t in sets["normal"]] == [(2, 3, 8, 8)]  # the symbolic batch at its default, 2
+    assert sets["uniform[0,255]"][0].dtype == torch.float32 and float(sets["uniform[0,255]"][0].min()) >= 0
+    x = sets["normal"][0].numpy()
+    ref = _run(model, x)
+    assert np.abs(_run(model.parent / "f.onnx", x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+    zero = ("--rtol", "0", "--atol", "0", "--noise-factor", "0")  # any fold's own rounding fails
+    failed = invoke("fold", "m.onnx", "--out", "g.onnx", "--save-inputs", "t.pt", *zero)
+    assert failed.exit_code == 5, failed.output
+    assert not (model.parent / "g.onnx").exists()
+    assert list(torch.load(model.parent / "t.pt", weights_only=True)) == ["normal", "uniform[0,255]"]
