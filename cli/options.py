@@ -378,7 +378,6 @@ NOT_FOR_ONNX = {
     "opset": ("--opset", "the folded file keeps the original's opset imports"),
     "input_names": ("--input-names", "the folded file keeps the original's input and output names"),
     "output_names": ("--output-names", "the folded file keeps the original's input and output names"),
-    "providers": ("--providers", "parity is checked on onnxruntime's CPU provider only, for now"),
     "calibrate": ("--calibrate", "recalibrating BatchNorm statistics needs the PyTorch model"),
 }
 

@@ -49,6 +49,7 @@ from normfold.errors import ExportError, LoadError, ParityError, UsageError, fir
 from normfold.io.export import commit_export, onnx_inline_limit
 from normfold.io.files import OutputSet
 from normfold.io.onnx_file import write_onnx
+from normfold.io.onnx_run import DEFAULT_PROVIDERS, check_providers
 from normfold.io.sniff import check_regular_file, sniff
 from normfold.onnx_inputs import DEFAULT_DIM, Shapes
 from normfold.onnx_inputs import example_feeds as _example_inputs
@@ -99,21 +100,25 @@ def fold_onnx(
     rule: ParityRule | None = None,
     force: bool = False,
     lower_kept: str | None = None,
+    providers: Sequence[str] | None = None,
 ) -> OnnxFoldResult:
     """Fold every norm of an ONNX model that folds exactly (module docstring); write ``out`` if
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
     shapes for generated inputs (input name -> shape, or one shape per graph input in order).
     ``lower_kept``: ``"mul-add"`` or ``"conv"`` writes every BatchNormalization that stays as
     those ops (:mod:`normfold.engine.onnx_lower`), for runtimes without it; checked with the rest.
-    Raises ParityError (nothing written) when the folded model does not match the original."""
+    ``providers``: the onnxruntime execution providers the folded model is checked on, each against
+    the original (default: the CPU one). Raises ParityError (nothing written) when the folded
+    model does not match the original."""
     check_lower_kept(lower_kept)
+    providers = check_providers(providers)
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
         planned = prepare(original, inputs, input_shapes, path)
         staged = files.staged("out") if files is not None else None
         result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged,
-                              lower=lower_kept)  # fmt: skip
+                              lower=lower_kept, providers=providers)  # fmt: skip
         if files is not None:
             commit_export(files)  # and the external data a replaced file of normfold's used, if unused now
             result.out = Path(out) if out is not None else None
@@ -125,13 +130,14 @@ def fold_onnx(
 
 def fold_planned(
     original: onnx.ModelProto, planned: Planned, rule: ParityRule | None = None, *, given: bool = False,
-    staged: Path | None = None, lower: str | None = None,
+    staged: Path | None = None, lower: str | None = None, providers: Sequence[str] = DEFAULT_PROVIDERS,
 ) -> OnnxFoldResult:  # fmt: skip
     """Apply ``planned``'s plan (:func:`prepare`), lower what stays when ``lower`` names a form
     (:func:`~normfold.engine.onnx_lower.lower_kept`), check the folded model with ``onnx.checker``,
     write it to ``staged`` when given (:func:`normfold.io.onnx_file.write_onnx`: checked as
     written, weights over protobuf's 2 GB in a sibling external-data file; the caller commits it),
-    and prove parity against ``original`` on that file (in memory without ``staged``)."""
+    and prove parity against ``original`` on that file (in memory without ``staged``), on each of
+    ``providers``."""
     rule = rule if rule is not None else ParityRule()
     view, plan, model = planned.view, planned.plan, planned.model
     new = folded_values(plan, planned.values)
@@ -158,7 +164,8 @@ def fold_planned(
     del new, model, view  # the folded weights live in the model now, or in the file written
     if staged is not None:
         _release(planned)
-    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given, source=planned.source)
+    result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given, source=planned.source,
+                                providers=providers)  # fmt: skip
     result.notes.extend(result.parity.notes)
     if not result.parity.passed:
         failed = ParityError(result.parity.verdict())

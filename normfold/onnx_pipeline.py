@@ -32,6 +32,7 @@ from normfold.check.parity import ParityReport, ParityRule
 from normfold.errors import ParityError, UsageError
 from normfold.io.export import ExportResult, owned_files, save_sets
 from normfold.io.onnx_file import describe
+from normfold.io.onnx_run import check_providers
 from normfold.onnx_fold import OnnxFoldResult, fold_planned, load_onnx, prepare, records
 from normfold.options import ExportOptions, FoldOptions, InputSpec, WriteOptions, check_lower_kept
 from normfold.pipeline import require_all
@@ -114,13 +115,13 @@ def fold_onnx_file(
     """Fold the norms of the ONNX file ``source``, prove parity in onnxruntime against it, and
     write ``out`` (``.onnx``; None: write nothing but the report). ``inputs``: its shapes (by
     graph input name, or one per graph input in order), a file of tensors, or tensors.
-    ``export``: only ``ExportOptions.lower_kept`` applies (the file keeps the original's opset,
-    names and shapes; the others are refused). Raises
+    ``export``: only ``ExportOptions.lower_kept`` and ``providers`` apply (the file keeps the
+    original's opset, names and shapes; the others are refused). Raises
     :class:`~normfold.errors.ParityError` (nothing but the report written) when the folded
     model differs, :class:`~normfold.errors.NotFoldedError` with ``FoldOptions.require_all``
     when a norm stays."""
     spec, folding, write = _checked(inputs, folding, write)
-    lower = _lower_kept(export)
+    export = _onnx_export(export)
     options = {"source": source, "out": out, "spec": spec, "folding": folding, "rule": rule, "write": write,
                "export": export}  # fmt: skip
     formats = {"out": (".onnx",), "save_inputs": (".pt",)}
@@ -140,7 +141,7 @@ def fold_onnx_file(
             staged = run.files.staged("out") if out is not None else None
             try:  # written into the run's staging folder first: parity is proved on that file
                 result = fold_planned(original, planned, rule, given="inputs" in given, staged=staged,
-                                      lower=lower)  # fmt: skip
+                                      lower=export.lower_kept, providers=check_providers(export.providers))
             except ParityError as e:  # the failed run's report shows what was folded and how it compared
                 if getattr(e, "result", None) is not None:
                     run.record.run = _run(source, original, e.result)
@@ -196,17 +197,19 @@ def _checked(
     return spec, folding, write or WriteOptions()
 
 
-def _lower_kept(export: ExportOptions | None) -> str | None:
-    """``export.lower_kept``, checked; every other export option set is refused by name."""
+def _onnx_export(export: ExportOptions | None) -> ExportOptions:
+    """``export`` checked for an ONNX model: ``lower_kept`` and ``providers`` apply, every other
+    option set is refused by name."""
     export = export or ExportOptions()
     for f in dataclasses.fields(ExportOptions):
-        if f.name != "lower_kept" and getattr(export, f.name) != f.default:
+        if f.name not in ("lower_kept", "providers") and getattr(export, f.name) != f.default:
             raise UsageError(
                 f"ExportOptions.{f.name} does not apply to an ONNX model: the folded file keeps the "
-                "original's opset, names and shapes, and is checked on onnxruntime's CPU provider"
+                "original's opset, names and input shapes"
             )
     check_lower_kept(export.lower_kept)
-    return export.lower_kept
+    check_providers(export.providers)
+    return export
 
 
 def _load_source(source: str | Path, spec: InputSpec) -> tuple[onnx.ModelProto, dict[str, Any]]:

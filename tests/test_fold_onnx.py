@@ -387,3 +387,21 @@ def _session(model: onnx.ModelProto) -> Any:
     from normfold.io.onnx_run import open_session
 
     return open_session(model.SerializeToString()).session
+
+
+def test_the_folded_model_is_checked_on_each_provider_asked_for() -> None:
+    """Each provider runs the folded model against the one reference (the original on the CPU
+    provider and in float64); with two, each output is named after its provider. The Azure
+    provider of the stock onnxruntime wheel runs a local graph on the CPU kernels: a second
+    provider every CI machine has."""
+    original = rows.conv_bn_relu()
+    result = normfold.fold_onnx(original, providers=["CPUExecutionProvider", "AzureExecutionProvider"])
+    assert result.parity.passed
+    names = [(o.name, o.inputs) for o in result.parity.outputs]
+    assert names == [(f"onnxruntime-{p}: output['y']", s) for p in ("cpu", "azure")
+                     for s in ("normal", "uniform[0,255]")]  # fmt: skip
+    one = normfold.fold_onnx(original, providers=["CPUExecutionProvider"])
+    assert [o.name for o in one.parity.outputs] == ["output['y']", "output['y']"]
+    refused = r"^providers=\['CUDAExecutionProvider'\]: 'CUDAExecutionProvider' is not installed in "
+    with pytest.raises(UsageError, match=refused):
+        normfold.fold_onnx(original, providers=["CUDAExecutionProvider"])

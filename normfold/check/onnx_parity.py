@@ -29,7 +29,8 @@ the original's own run, and the report's notes say so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.check.workers import run_all
 from normfold.errors import ExportError
-from normfold.io.onnx_run import Session, open_session
+from normfold.io.onnx_run import DEFAULT_PROVIDERS, Session, open_session, runtime_name
 
 __all__ = ["onnx_sets", "parity_onnx"]
 
@@ -66,10 +67,14 @@ def parity_onnx(
     *,
     given: bool = False,
     source: Path | None = None,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
 ) -> ParityReport:
     """``candidate`` (a model, serialized or not, or the file written) against ``original`` on
     every input set (module docstring). ``source``: the file ``original`` was read from, whose
-    folder holds its external data (``original`` may then hold only their locations)."""
+    folder holds its external data (``original`` may then hold only their locations).
+    ``providers``: the candidate runs on each (one session each; the reference runs stay on the
+    CPU provider and normfold's interpreter); with more than one, each output is named after its
+    provider (``onnxruntime-cuda: y``) and the report passes only when every provider's does."""
     names = list(feeds)
     sets = onnx_sets(feeds, rule, given=given)
     typed = [dict(zip(names, s.inputs, strict=True)) for s in sets]
@@ -92,14 +97,17 @@ def parity_onnx(
     perturbed = [[r[i] for r in runs] for i in range(n)]
     del ref, tasks  # the session (the tasks hold it too) and its weights freed before the candidate opens
     written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
-    cand = open_session(written, name="the folded model")
     outputs, problems = [], []
-    for i, (s, feed) in enumerate(zip(sets, typed, strict=True)):
-        c = _run(cand, out_names, feed)
-        compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule, s.name,
-                                          perturbed[i])  # fmt: skip
-        outputs.extend(compared)
-        problems.extend(p for p in found if p not in problems)
+    for provider in providers:
+        cand = open_session(written, provider, name="the folded model")
+        label = f"{runtime_name(provider)}: " if len(providers) > 1 else ""
+        for i, (s, feed) in enumerate(zip(sets, typed, strict=True)):
+            c = _run(cand, out_names, feed)
+            compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule, s.name,
+                                              perturbed[i])  # fmt: skip
+            outputs.extend(dataclasses.replace(o, name=label + o.name) for o in compared)
+            problems.extend(label + p for p in found if label + p not in problems)
+        del cand
     return report_of(outputs, problems, tuple(notes))
 
 

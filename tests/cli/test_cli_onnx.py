@@ -247,3 +247,12 @@ def test_save_inputs_writes_the_parity_sets_also_when_parity_fails(model: Path) 
     assert failed.exit_code == 5, failed.output
     assert not (model.parent / "g.onnx").exists()
     assert list(torch.load(model.parent / "t.pt", weights_only=True)) == ["normal", "uniform[0,255]"]
+
+
+def test_providers_check_the_folded_file_on_each(model: Path) -> None:
+    ok("fold", "m.onnx", "--out", "f.onnx", "--providers", "CPUExecutionProvider,AzureExecutionProvider",
+       "--report", "r.json")  # fmt: skip
+    report = json.loads((model.parent / "r.json").read_text())
+    outputs = report["parity"]["onnxruntime"]["outputs"]
+    assert sorted({o["name"].split(":")[0] for o in outputs}) == ["onnxruntime-azure", "onnxruntime-cpu"]
+    assert report["parity"]["onnxruntime"]["passed"] is True
