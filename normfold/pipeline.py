@@ -29,7 +29,7 @@ from normfold.errors import NotFoldedError, ParityError, printable
 from normfold.folding import FoldResult, capture_options
 from normfold.folding import fold as fold_model
 from normfold.inputs import axes_by_index, example_inputs, resized_sets, widen_batch, widening_explained
-from normfold.io.export import check_options, save_sets
+from normfold.io.export import check_for_out, check_options, save_sets
 from normfold.io.files import ANY_FORMATS, MODEL_FORMATS, STATE_FORMATS
 from normfold.io.load import load_batches
 from normfold.options import ExportOptions, FoldOptions, InputSpec, LoadOptions, WriteOptions
@@ -128,6 +128,7 @@ def fold_and_export(
     """
     spec, load, folding, export, write = _defaults(inputs, load, folding, export, write)
     check_options(export)
+    check_for_out(export, out)  # before any work, as the file rules are
     rule = ParityRule.of(rule)
     options = _asked(source, out=out, spec=spec, load=load, folding=folding, rule=rule, export=export,
                      write=write)  # fmt: skip

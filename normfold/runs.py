@@ -67,7 +67,9 @@ class FoldRun:
             "ops_original": f.ops_before,
             "ops_folded": f.ops_after,
             "ops_written": e.op_counts if onnx_file else None,
-            "exporter_removed_batchnorms": max(kept_bn - e.batchnorm_nodes, 0) if onnx_file else None,
+            # a BatchNormalization lowered by lower_kept is gone too, by normfold's hand
+            "exporter_removed_batchnorms": max(kept_bn - e.batchnorm_nodes - len(e.lowered), 0)
+            if onnx_file else None,
         }
 
     def parity_reports(self) -> dict[str, ParityReport]:

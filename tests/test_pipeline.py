@@ -222,3 +222,40 @@ def test_swap_to_a_state_dict_needs_no_input_shape(tmp_path) -> None:
     assert [s.to_type for s in run.result.swapped] == ["GroupNorm"]
     state = torch.load(tmp_path / "g.pt", weights_only=True)
     assert state["1.weight"].shape == (8,)
+
+
+def _kept_after_relu() -> torch.nn.Module:
+    """Conv -> ReLU -> BN (kept: ``after_activation``), realistic statistics."""
+    from helpers import randomize_bn
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(6))
+    return randomize_bn(model, seed=3).eval()
+
+
+def test_lower_kept_counts_as_normfolds_not_the_exporters(tmp_path):
+    """Review of 805555c: a lowered BatchNormalization was counted as one the exporter removed."""
+    run = fold_and_export(_kept_after_relu(), tmp_path / "m.onnx", inputs=torch.randn(2, 3, 8, 8),
+                          export=ExportOptions(lower_kept="mul-add"))  # fmt: skip
+    assert [s.code for s in run.fold.skipped] == ["after_activation"]
+    assert run.export.batchnorm_nodes == 0 and [low.into for low in run.export.lowered] == ["Mul+Add"]
+    assert run.summary()["exporter_removed_batchnorms"] == 0
+    assert all(r.passed for r in run.export.parity.values())
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("m.pt2", r"^lower_kept='conv' applies to an \.onnx file, not out=.*m\.pt2$"),
+        (None, r"^lower_kept='conv' applies to the \.onnx file written, and no out= was given$"),
+    ],
+)
+def test_onnx_only_options_are_refused_before_any_work(tmp_path, out, message):
+    steps = []
+    with pytest.raises(UsageError, match=message):
+        fold_and_export(
+            _kept_after_relu(), tmp_path / out if out else None, inputs=torch.randn(2, 3, 8, 8),
+            export=ExportOptions(lower_kept="conv"), write=WriteOptions(report=tmp_path / "r.json"),
+            on_step=lambda *a: steps.append(a),
+        )  # fmt: skip
+    assert steps == [] and list(tmp_path.iterdir()) == []

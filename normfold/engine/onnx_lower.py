@@ -23,6 +23,7 @@ model's parity against the original (the caller's) covers the lowered nodes like
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -61,20 +62,49 @@ def lower_kept(view: OnnxView, form: str) -> tuple[list[Lowered], list[str]]:
             notes.append(f"kept BatchNormalization {name} not lowered: {found}")
             continue
         s, t = found
-        x = view.handle(node.inputs[0])
-        declared = node.inputs[0].shape  # a rank, where the view's shapes lack it (a symbolic dim)
-        rank, dtype = len(view.shape(x) or (declared if declared is not None else ())), view.dtype(x)
+        rank, dtype = _rank_and_dtype(view, node.inputs[0])
         why = _unsuited(form, rank, dtype, s, t)
         if why:
             notes.append(f"kept BatchNormalization {name} not lowered: {why}")
             continue
-        stale = [v for v in node.inputs[1:] if v is not None and v.name in graph.initializers]
-        _replace(graph, node, form, rank, s.to(dtype), t.to(dtype), taken)
+        stale = [v for v in node.inputs[1:] if v is not None]
+        _replace(graph, node, form, rank, s.to(dtype), t.to(dtype), taken, listed=view.model.ir_version < 4)
         lowered.append(Lowered(name, FORMS[form]))
-        for v in stale:  # the statistics no other node reads
-            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
-                graph.initializers.pop(v.name, None)
+        for v in stale:  # the statistics no other node reads: initializers, or Constant nodes
+            if v.uses() or v.is_graph_output() or v.is_graph_input():
+                continue
+            if v.name in graph.initializers:
+                graph.initializers.pop(v.name)
+            elif v.producer() is not None and v.producer().op_type == "Constant":
+                graph.remove(v.producer(), safe=True)
+    for inner in _bodies(graph):
+        notes.append(f"kept BatchNormalization {inner} not lowered: it is inside a control-flow body, "
+                     "which are not lowered yet")  # fmt: skip
     return lowered, notes
+
+
+def _rank_and_dtype(view: OnnxView, x: ir.Value) -> tuple[int, torch.dtype | None]:
+    """The rank and dtype of the value ``x`` itself (not of its producer's first output), from
+    shape inference, else as declared (a rank survives a symbolic dim)."""
+    shape = view.shapes.get(x.name or "") or (tuple(x.shape) if x.shape is not None else ())
+    dtype = x.dtype
+    if dtype is None and x.name in view.types:
+        dtype = ir.DataType(view.types[x.name])
+    return len(shape), ops.torch_dtype(dtype)
+
+
+def _bodies(graph: ir.Graph) -> list[str]:
+    """The node name of every BatchNormalization in a control-flow body of ``graph``, at any depth
+    (the kept records name each with its body path: ``in_subgraph``)."""
+    found = []
+    for node in graph:
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])  # fmt: skip
+            for body in bodies:
+                found += [n.name or n.outputs[0].name for n in body if n.op_type == "BatchNormalization"]
+                found += _bodies(body)
+    return found
 
 
 def _map(view: OnnxView, node: ir.Node) -> tuple[torch.Tensor, torch.Tensor] | str:
@@ -102,28 +132,34 @@ def _unsuited(
         return "its input's rank is unknown"
     if form == "conv" and not 3 <= rank <= 5:
         return f"a Conv needs an input of rank 3 to 5, not {rank} (lower_kept='mul-add' takes any rank)"
+    if form == "conv" and dtype not in (torch.float32, torch.float16):
+        return (f"onnxruntime's CPU provider has no {str(dtype).removeprefix('torch.')} Conv "
+                "(lower_kept='mul-add' takes it)")  # fmt: skip
     if not bool(torch.isfinite(torch.cat([s, t]).to(dtype)).all()):
         return f"its scale or shift does not fit in {str(dtype).removeprefix('torch.')}"
     return None
 
 
 def _replace(
-    graph: ir.Graph, node: ir.Node, form: str, rank: int, s: torch.Tensor, t: torch.Tensor, taken: set[str]
-) -> None:
-    """``node`` replaced by ``form``'s op(s), its output value (name, users, graph output) kept."""
+    graph: ir.Graph, node: ir.Node, form: str, rank: int, s: torch.Tensor, t: torch.Tensor, taken: set[str],
+    *, listed: bool,
+) -> None:  # fmt: skip
+    """``node`` replaced by ``form``'s op(s), its output value (name, users, graph output) kept;
+    ``listed``: the new constants are graph inputs too (ONNX IR 3 requires it of initializers)."""
+    init = functools.partial(_initializer, graph, taken=taken, listed=listed)
     base = node.outputs[0].name
     channels = s.numel()
     if form == "mul-add":
         shape = (channels, *([1] * (rank - 2)))
-        scale = _initializer(graph, f"{base}_scale", s.reshape(shape), taken)
-        shift = _initializer(graph, f"{base}_shift", t.reshape(shape), taken)
+        scale = init(f"{base}_scale", s.reshape(shape))
+        shift = init(f"{base}_shift", t.reshape(shape))
         mul = ir.Node("", "Mul", [node.inputs[0], scale], name=_fresh(f"{base}_mul", taken))
         new = [mul, ir.Node("", "Add", [mul.outputs[0], shift], name=_fresh(f"{base}_add", taken))]
         mul.outputs[0].name = _fresh(f"{base}_scaled", taken)
         mul.outputs[0].type, mul.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
     else:
-        weight = _initializer(graph, f"{base}_weight", s.reshape(channels, 1, *([1] * (rank - 2))), taken)
-        bias = _initializer(graph, f"{base}_bias", t, taken)
+        weight = init(f"{base}_weight", s.reshape(channels, 1, *([1] * (rank - 2))))
+        bias = init(f"{base}_bias", t)
         attrs = [ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * (rank - 2))]
         new = [ir.Node("", "Conv", [node.inputs[0], weight, bias], attributes=attrs,
                        name=_fresh(f"{base}_conv", taken))]  # fmt: skip
@@ -136,12 +172,16 @@ def _replace(
     graph.remove(node, safe=True)
 
 
-def _initializer(graph: ir.Graph, name: str, value: torch.Tensor, taken: set[str]) -> ir.Value:
+def _initializer(
+    graph: ir.Graph, name: str, value: torch.Tensor, *, taken: set[str], listed: bool
+) -> ir.Value:
     name = _fresh(name, taken)
     tensor = ops.to_ir_tensor(value.contiguous(), name)
     shape, kind = ir.Shape(tensor.shape), ir.TensorType(tensor.dtype)
     init = ir.Value(name=name, shape=shape, type=kind, const_value=tensor)
     graph.register_initializer(init)
+    if listed:
+        graph.inputs.append(init)
     return init
 
 

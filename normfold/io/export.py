@@ -131,6 +131,17 @@ def check_opset(opset: int | None) -> None:
 MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opsets; older ones go through a converter
 
 
+def check_for_out(options: ExportOptions, out: str | Path | None) -> None:
+    """Refuse the options that only an ``.onnx`` file takes (its names, the providers that check it,
+    the form of the norms that stay) for another ``out``, or for none: never ignored silently."""
+    for name in ("input_names", "output_names", "providers", "lower_kept"):
+        value = getattr(options, name)
+        if value is not None and out is None:
+            raise UsageError(f"{name}={value!r} applies to the .onnx file written, and no out= was given")
+        if value is not None and FORMATS.get(Path(out).suffix, "onnx") != "onnx":  # unknown: the file rules
+            raise UsageError(f"{name}={value!r} applies to an .onnx file, not out={out}")
+
+
 def check_options(options: ExportOptions) -> None:
     """What can be refused in ``options`` before any work: the opset, the names, the providers, the
     form of the norms that stay."""
@@ -221,9 +232,7 @@ def stage_export(
         options = dataclasses.replace(options, opset=opset)
     check_options(options)
     out = files.paths["out"]
-    for name in ("input_names", "output_names", "providers", "lower_kept"):  # none in a .pt2: never ignored
-        if FORMATS[out.suffix] != "onnx" and getattr(options, name) is not None:
-            raise UsageError(f"{name}={getattr(options, name)!r} applies to an .onnx file, not out={out}")
+    check_for_out(options, out)
     steps = steps or StepTimer()
     rule = rule or ParityRule()
     inputs = tuple(example_inputs)

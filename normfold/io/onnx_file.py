@@ -307,6 +307,18 @@ def _check(run: Any) -> None:
 # --- 4. describe --------------------------------------------------------------------------------
 
 
+def _batchnorms(graph: onnx.GraphProto) -> int:
+    """BatchNormalization nodes of ``graph`` and of the bodies of its control-flow nodes."""
+    import onnx
+
+    count = 0
+    for node in graph.node:
+        count += node.op_type == "BatchNormalization"
+        for a in node.attribute:
+            count += sum(_batchnorms(g) for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs))
+    return count
+
+
 def describe(proto: onnx.ModelProto) -> dict[str, Any]:
     """What the written graph holds, as :class:`normfold.io.export.ExportResult` fields."""
     import onnx
@@ -325,7 +337,7 @@ def describe(proto: onnx.ModelProto) -> dict[str, Any]:
         "ir_version": proto.ir_version,
         "producer": f"{proto.producer_name} {proto.producer_version}".strip() or None,
         "op_counts": counts,
-        "batchnorm_nodes": counts.get("BatchNormalization", 0),
+        "batchnorm_nodes": _batchnorms(graph),  # control-flow bodies included
         "parameters": sum(math.prod(t.dims) for t in graph.initializer),
         "inputs": [info(v) for v in graph.input if v.name not in initializers],
         "outputs": [info(v) for v in graph.output],

@@ -99,3 +99,115 @@ def test_a_folded_norm_is_not_lowered_twice_and_default_lowers_nothing() -> None
 def test_an_unknown_form_is_refused_before_any_work(tmp_path) -> None:
     with pytest.raises(UsageError, match=r"^lower_kept must be 'mul-add' or 'conv', got 'mul'$"):
         normfold.fold_onnx(tmp_path / "missing.onnx", lower_kept="mul")
+
+
+def _model(nodes, inits, inputs, outputs, *, opset: int = 15, ir_version: int = 8) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _stats(rng: np.random.Generator, c: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    drawn = {"g": rng.uniform(0.5, 2, c), "b": rng.normal(0, 1, c), "m": rng.normal(0, 1, c),
+             "v": rng.uniform(0.5, 2, c)}  # fmt: skip
+    return {k: v.astype(dtype) for k, v in drawn.items()}
+
+
+def test_rank_and_dtype_are_the_read_values_not_the_producers_first_output() -> None:
+    """Review of 805555c: a BN reading an LSTM's ``Y_h`` (rank 3) took the rank of ``Y`` (rank 4)
+    and wrote constants of the wrong shape (onnx.checker failed the fold)."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    s, b, i, hidden = 3, 2, 5, 6
+    inits = [nh.from_array(rng.normal(0, 0.3, (1, 4 * hidden, n)).astype(np.float32), k)
+             for k, n in (("W", i), ("R", hidden))]  # fmt: skip
+    inits += [nh.from_array(v, k) for k, v in _stats(rng, b).items()]
+    nodes = [h.make_node("LSTM", ["x", "W", "R"], ["Y", "Y_h"], hidden_size=hidden, name="lstm"),
+             h.make_node("BatchNormalization", ["Y_h", "g", "b", "m", "v"], ["bn"], name="bn"),
+             h.make_node("Relu", ["bn"], ["y"]), h.make_node("Relu", ["Y"], ["y0"])]  # fmt: skip
+    model = _model(nodes, inits, [h.make_tensor_value_info("x", TP.FLOAT, [s, b, i])],
+                   [h.make_tensor_value_info("y", TP.FLOAT, [1, b, hidden]),
+                    h.make_tensor_value_info("y0", TP.FLOAT, [s, 1, b, hidden])])  # fmt: skip
+    shapes = {
+        "mul-add": {"bn_scale": (2, 1), "bn_shift": (2, 1)},
+        "conv": {"bn_weight": (2, 1, 1), "bn_bias": (2,)},
+    }
+    for form, expected in shapes.items():
+        result = normfold.fold_onnx(model, lower_kept=form)
+        assert result.lowered == [Lowered("bn", FORMS[form])] and result.parity.passed
+        inits = result.model.graph.initializer
+        assert {t.name: nh.to_array(t).shape for t in inits if t.name.startswith("bn_")} == expected
+
+
+def test_ir3_constant_node_statistics_are_lowered_and_removed() -> None:
+    """Review of 805555c: in ONNX IR 3 an initializer must be a graph input too (onnx.checker
+    refused the lowered file); statistics from Constant nodes left those nodes behind."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    stats = _stats(np.random.default_rng(1), 4)
+    nodes = [h.make_node("Constant", [], [k], value=nh.from_array(v, k)) for k, v in stats.items()]
+    nodes += [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["bn"], name="bn"),
+              h.make_node("Relu", ["bn"], ["y"])]  # fmt: skip
+    io = ([h.make_tensor_value_info("x", TP.FLOAT, ["N", 4, 5, 5])],
+          [h.make_tensor_value_info("y", TP.FLOAT, ["N", 4, 5, 5])])  # fmt: skip
+    model = _model(nodes, [], *io, opset=8, ir_version=3)
+    for form in FORMS:
+        result = normfold.fold_onnx(model, lower_kept=form)
+        assert result.lowered == [Lowered("bn", FORMS[form])] and result.parity.passed
+        onnx.checker.check_model(result.model, full_check=True)
+        assert _ops(result.model)["Constant"] == 0
+        inits = {t.name for t in result.model.graph.initializer}
+        assert inits <= {i.name for i in result.model.graph.input}  # IR 3: every initializer listed
+
+
+def test_float64_is_lowered_to_mul_add_only() -> None:
+    """Review of 805555c: onnxruntime's CPU provider has no float64 Conv, so the conv form made the
+    whole fold fail; it now leaves the node, with a note naming the form that takes it."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    stats = _stats(np.random.default_rng(2), 4, np.float64)
+    nodes = [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["bn"], name="bn"),
+             h.make_node("Relu", ["bn"], ["y"])]  # fmt: skip
+    io = ([h.make_tensor_value_info("x", TP.DOUBLE, ["N", 4, 5])],
+          [h.make_tensor_value_info("y", TP.DOUBLE, ["N", 4, 5])])  # fmt: skip
+    model = _model(nodes, [nh.from_array(v, k) for k, v in stats.items()], *io)
+    kept = normfold.fold_onnx(model, lower_kept="conv")
+    assert kept.lowered == [] and kept.parity.passed
+    assert "kept BatchNormalization bn not lowered: onnxruntime's CPU provider has no float64 Conv " \
+           "(lower_kept='mul-add' takes it)" in kept.notes  # fmt: skip
+    lowered = normfold.fold_onnx(model, lower_kept="mul-add")
+    assert lowered.lowered == [Lowered("bn", "Mul+Add")] and lowered.parity.passed
+
+
+def test_a_batch_norm_in_a_control_flow_body_stays_with_a_note_and_is_counted() -> None:
+    """Review of 805555c: a BN inside an If body was neither lowered nor noted, and the written
+    file's count (main graph only) said none was left."""
+    from normfold.io.onnx_file import describe
+
+    def out(name: str) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 3, 4, 4])
+
+    inner = rows.Builder(64)
+    inner.bn("x", 3, "then_out")
+    then = onnx.helper.make_graph(inner.nodes, "then", [], [out("then_out")], inner.inits)
+    other = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["else_out"])], "else", [],
+                                   [out("else_out")])  # fmt: skip
+    cond = onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+    outer = rows.Builder(65)
+    outer.node("Relu", [outer.bn("x", 3, "bn")], "z")
+    node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
+    graph = onnx.helper.make_graph([*outer.nodes, node], "g", [cond, out("x")], [out("y"), out("z")],
+                                   outer.inits)  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    result = normfold.fold_onnx(model, inputs=[np.array(True), np.ones((2, 3, 4, 4), np.float32)],
+                                lower_kept="mul-add")  # fmt: skip
+    assert result.lowered == [Lowered("bn", "Mul+Add")] and result.parity.passed
+    assert "kept BatchNormalization then_out_batchnormalization not lowered: it is inside a control-flow " \
+           "body, which are not lowered yet" in result.notes  # fmt: skip
+    assert describe(result.model)["batchnorm_nodes"] == 1
