@@ -129,7 +129,7 @@ FOLD_CODES: tuple[Code, ...] = (
         "a folded (or merged) value does not fit the parameter dtype (fp16: beyond 65504), or, in "
         "float16/bfloat16, a fold that scales up moves values the original computes unscaled (a sum, a "
         "mean that cancels) out of the dtype's range: such folds are judged by the parity rule inside "
-        "`fold()` and kept when the result fails",
+        "`fold()`, with half its noise factor as a margin, and kept when the result fails",
         ("fold", "merge", "norm_affine"),
         merge="a merged kernel or bias does not fit the parameter dtype (fp16: beyond 65504)",
         norm_affine="a folded weight or bias does not fit the model's dtype (fp16: beyond 65504)",

@@ -18,8 +18,9 @@ the parity rule itself decides:
   statistics BN -> Linear`` model, a threshold of 256 still left 2 folds that fail the rule, 16
   none; the check costs one ``verify`` inside ``fold()``, only for plans with a fold at risk, with
   the noise taken as the original's own error alone in float32/float64,
-  ``ParityRule(perturbations=0)``, and the full rule in float16/bfloat16, where the parameter
-  rounding a fold applies is itself the dominant noise);
+  ``ParityRule(perturbations=0)``, and with the perturbed runs in float16/bfloat16, where the
+  parameter rounding a fold applies is itself the dominant noise; either way with the margin
+  below);
 * in float16 and bfloat16, a fold whose scale is above 1 is at risk of **overflow**: it moves the
   norm's scale before ops the original ran unscaled (a sum over many positions, a mean that
   cancels), whose intermediate values can then leave the dtype's range where the original's stay
@@ -138,8 +139,8 @@ def judge(
         name: (
             OVERFLOW,
             f"its scale (up to {scale:.3g}) folded into a {dtype_name(result)} layer moved the outputs "
-            f"beyond the parity rule ({failure}): values the original computes unscaled leave the dtype's "
-            "range",
+            "beyond the margin a fold at risk must keep, half the parity rule's noise allowance "
+            f"({failure}): values the original computes unscaled leave the dtype's range",
         )
         for name, scale in (overflow or {}).items()
     }
@@ -147,8 +148,9 @@ def judge(
         name: (
             CODE,
             f"its mean is {rho:.3g} standard deviations (or input units) from zero, so the folded layer "
-            f"cancels two large numbers and its rounded new values moved the outputs beyond the parity rule "
-            f"({failure}); the original computes the difference in its own op",
+            "cancels two large numbers and its rounded new values moved the outputs beyond the margin a "
+            f"fold at risk must keep, half the parity rule's noise allowance ({failure}); the original "
+            "computes the difference in its own op",
         )
         for name, rho in risky.items()
     }
