@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from normfold.check.workers import single_threaded
 from normfold.engine.analysis import Analysis, analyse, folded_record, plan_merges_into, weight_elements
 from normfold.engine.capture import Capture, CaptureOptions, op_counts
 from normfold.engine.costs import program_macs
@@ -100,7 +101,12 @@ def fold(
     """
     inputs = as_inputs(example_inputs)
     options = capture_options(inputs, dynamic_batch, dynamic_axes)
-    return _fold(model, inputs, options, inplace=inplace, reparameterize=reparameterize, keep={})
+    # on one intra-op thread: the fold's tensor math is small or memory-bound (two threads barely
+    # speed it up on an idle machine), while beside a process holding one of two cores every op
+    # waits at the barrier for the preempted thread (resnet50 beside three busy processes: the
+    # apply step 2.3 s on two threads, 0.13 s on one; :mod:`normfold.check.workers`)
+    with single_threaded():
+        return _fold(model, inputs, options, inplace=inplace, reparameterize=reparameterize, keep={})
 
 
 def _fold(

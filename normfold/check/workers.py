@@ -35,16 +35,23 @@ T = TypeVar("T")
 _lock = threading.Lock()  # torch.set_num_threads is process-wide: one verification pool at a time
 
 
+_caller = threading.local()  # ``threads``: the count outside the outermost single_threaded()
+
+
 @contextmanager
 def single_threaded() -> Iterator[int]:
-    """One intra-op thread in the calling thread; yields the caller's count, restored on exit
-    (with the global CPU RNG state)."""
+    """One intra-op thread in the calling thread; yields the caller's count (inside another
+    ``single_threaded``, the outermost caller's: a pool inside ``fold()`` is as wide as the
+    caller's torch), restored on exit (with the global CPU RNG state)."""
     threads = torch.get_num_threads()
+    outer = getattr(_caller, "threads", None)
     rng = torch.get_rng_state()
     torch.set_num_threads(1)
+    _caller.threads = outer if outer is not None else threads
     try:
-        yield threads
+        yield _caller.threads
     finally:
+        _caller.threads = outer
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
 

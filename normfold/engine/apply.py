@@ -29,8 +29,9 @@ can report it.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,12 +39,14 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normfold.check.workers import run_all
 from normfold.engine.apply_program import _BARE_MATMULS, apply_program
 from normfold.engine.capture import Capture, Constants, bind, ops_by_module, shape
 from normfold.engine.plan import Fold, Plan, RowBlocks
 from normfold.engine.probe import isolated_rng, probe_input
 from normfold.engine.rebuild import Recipe, Remainder
 from normfold.engine.recipes import CallIndex, recipe
+from normfold.engine.records import materialize
 
 __all__ = ["LAYER_MODULES", "EagerPlan", "apply_module", "apply_program", "eager_plan", "write_in_place"]
 
@@ -337,6 +340,8 @@ def write_in_place(
     FQN -> the tensor now holding the value, for :func:`apply_module` and the program."""
     shared = _shared_storage(model)
     out: dict[str, torch.Tensor] = {}
+    writes: list[Callable[[], None]] = []  # side by side, one weight each (records.materialize)
+    lazy: dict[str, RowBlocks] = {}
     for fqn, value in values:
         prefix, _, name = fqn.rpartition(".")
         current = getattr(model.get_submodule(prefix), name, None)
@@ -348,14 +353,17 @@ def write_in_place(
         )
         if fits and current.untyped_storage().data_ptr() not in shared:
             if isinstance(value, RowBlocks):
-                value.write_into(current)  # a block of rows at a time, straight into place
+                writes.append(functools.partial(value.write_into, current))  # a block of rows at a time
             else:
                 with torch.no_grad():
                     current.copy_(value)
             out[fqn] = current.detach()
+        elif isinstance(value, RowBlocks):
+            lazy[fqn] = value
         else:
-            out[fqn] = value.tensor() if isinstance(value, RowBlocks) else value
-    return out
+            out[fqn] = value
+    run_all(writes)
+    return {**out, **materialize(lazy)}
 
 
 def _shared_storage(model: nn.Module) -> set[int]:

@@ -123,8 +123,9 @@ class Plan:
 
         Folds touching one layer compose in plan order, in float64, and are cast back once. A
         bias created by a fold is named by :func:`new_bias_name` and takes the weight's dtype.
+        The weights folded on their output side are computed side by side (:func:`materialize`).
         """
-        return dict(self.iter_values(capture, folds))
+        return materialize(dict(self.iter_values(capture, folds, lazy=True)))
 
     def overflow(self, capture: Values, folds: list[Fold]) -> tuple[str, torch.dtype] | None:
         """The first new value after ``folds`` that is not finite in its dtype (its FQN and that
@@ -179,6 +180,18 @@ class Plan:
             if b is not None:  # a replaced weight alone makes no bias
                 yield bias_name, b.to(weight.dtype)
             del w, b
+
+
+def materialize(values: dict[str, torch.Tensor | RowBlocks]) -> dict[str, torch.Tensor]:
+    """``values`` with every :class:`RowBlocks` computed, one weight per task, each on one intra-op
+    thread, as many at once as torch may use threads (:func:`normfold.check.workers.run_all`): as
+    fast as two threads per op on an idle machine, and a preempted thread delays only its own
+    weight where another process holds a core (one op per barrier would wait for it every time)."""
+    from normfold.check.workers import run_all
+
+    lazy = [k for k, v in values.items() if isinstance(v, RowBlocks)]
+    done = run_all([values[k].tensor for k in lazy])  # type: ignore[union-attr]
+    return {**values, **dict(zip(lazy, done, strict=True))}  # type: ignore[dict-item]
 
 
 def _fits(rows: RowBlocks) -> bool:

@@ -181,3 +181,39 @@ def test_pool_workers_never_save_or_restore_the_global_rng_and_the_pool_restores
     assert len(outs) == 4 and not any(name.startswith("normfold-verify") for name in touched)
     run_model(_Draws(), (x,))  # outside a pool, run_model isolates the RNG itself
     assert touched and not touched[-1].startswith("normfold-verify")
+
+
+def test_a_pool_inside_single_threaded_code_is_as_wide_as_the_outermost_caller(two_threads) -> None:
+    """``fold()`` runs on one intra-op thread (``single_threaded``) and computes its folded weights
+    in a pool: the pool takes the caller's two threads, not the one ``fold`` set."""
+    from normfold.check.workers import single_threaded
+
+    barrier = threading.Barrier(2, timeout=30)
+    with single_threaded() as outer:
+        assert (outer, torch.get_num_threads()) == (2, 1)
+        with single_threaded() as inner:
+            assert inner == 2
+            names = run_all([lambda: (barrier.wait(), threading.current_thread().name)[1] for _ in range(2)])
+        assert len(set(names)) == 2 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with single_threaded() as again:  # nothing of the earlier calls left behind
+        assert again == 2
+
+
+def test_fold_runs_on_one_intra_op_thread_and_restores_the_callers_count(two_threads, monkeypatch) -> None:
+    import normfold
+    import normfold.folding as folding
+
+    seen = []
+    original = folding._fold
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(folding, "_fold", spy)
+    model = _net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = normfold.fold(model, x)
+    assert seen == [1] and torch.get_num_threads() == 2
+    assert normfold.verify(model, result, x).passed
