@@ -7,13 +7,14 @@ once. The copy is made only when its size is at most the rule's ``exact_limit_by
 computed. When it is too large, or the model cannot run in float64 (it casts internally, or an op
 lacks a float64 kernel), a note says so and the fixed floor alone applies.
 
-**Perturbed runs** (``rule.perturbations``, default 4, all made up front: there is no second
-round). Run ``k`` is a copy of the original *in its own dtype* (float32 for a float16/bfloat16
-model, whose own forward rounding would swamp the perturbation, as in a float64 run: a float32
-forward costs no more than theirs on CPU) whose every floating parameter and
-buffer ``t`` is replaced by ``round(t * (1 + d))``, ``d`` uniform in ``(-u, u)`` (``u`` the unit
-roundoff of ``t``'s dtype, seeded by ``k``; ``round`` to nearest in that dtype, so about a third of
-the entries move by one ulp): the rounding a fold applies to its new parameters. Its distance from
+**Perturbed runs** (``rule.perturbations``, default 4, a fixed count, all made at once when a
+candidate first needs them: :func:`normfold.check.reference.check`). Run ``k`` is a copy of the
+original *in its own dtype* (float32 for a float16/bfloat16 model, whose own forward rounding would
+swamp the perturbation, as in a float64 run: a float32 forward costs no more than theirs on CPU)
+whose every floating parameter and buffer ``t`` is replaced by ``round(t * (1 + d))``, ``d`` uniform
+in ``(-u, u)`` (``u`` the unit roundoff of ``t``'s dtype, seeded by ``k``; ``round`` to nearest in
+that dtype, so about a third of the entries move by one ulp): the rounding a fold applies to its
+new parameters. Its distance from
 the exact run, ``|pert_k - exact|``, holds both that parameter sensitivity and the forward's own
 rounding (a fresh sample of it, the kind of error the original's own run shows once), so it is
 a noise estimate at least of the order of either alone, for the price of a forward in the
@@ -97,15 +98,16 @@ def exact_outputs(
     run: Callable[[nn.Module, tuple[torch.Tensor, ...], str], Any],
     run_all: Callable[[list[Callable[[], Any]]], list[Any]],
     exact: Callable[[], Callable[[tuple[torch.Tensor, ...]], Any]] | None = None,
-) -> tuple[list[Any] | None, list[list[Any]]]:
-    """The float64 copy's outputs per set (None: no exact reference, ``notes`` say why), and per
-    set the perturbed runs' outputs. ``run(model, inputs, role)`` runs one forward; ``run_all``
-    runs the tasks (:func:`normfold.check.workers.run_all`). ``exact()``, when given, builds the
-    exact reference's runner (``runner(float64 inputs)``, e.g. a widened captured graph) in place of
-    a float64 copy of ``model``; it is built only within ``rule.exact_limit_bytes``, as the copy."""
+) -> tuple[list[Any] | None, Callable[[], list[list[Any]]]]:
+    """The float64 copy's outputs per set (None: no exact reference, ``notes`` say why), and a
+    function that makes, when first called, per set the perturbed runs' outputs (a failure of theirs
+    noted in ``notes``). ``run(model, inputs, role)`` runs one forward; ``run_all`` runs the tasks
+    (:func:`normfold.check.workers.run_all`). ``exact()``, when given, builds the exact reference's
+    runner (``runner(float64 inputs)``, e.g. a widened captured graph) in place of a float64 copy
+    of ``model``; it is built only within ``rule.exact_limit_bytes``, as the copy."""
     tensors = floating(model)
     if tensors and all(t.dtype == torch.float64 for t in tensors):
-        return None, []  # already float64: the original's outputs are the exact reference
+        return None, _no_runs  # already float64: the original's outputs are the exact reference
     size = sum(t.numel() for t in tensors) * 8
     if size > rule.exact_limit_bytes:
         notes.append(
@@ -113,12 +115,12 @@ def exact_outputs(
             f"of {rule.exact_limit_bytes:,} ({rule.exact_limit_bytes / 2**30:.1f} GiB); judged by the "
             "fixed tolerance alone"
         )
-        return None, []
+        return None, _no_runs
     try:
         exact_run = _float64_copy(model, run) if exact is None else exact()
     except Exception as e:
         notes.append(f"no float64 reference ({first_line(e)}); judged by the fixed tolerance alone")
-        return None, []
+        return None, _no_runs
     count = rule.perturbations if tensors else 0
 
     local = threading.local()  # one perturbed copy per worker thread, perturbed anew per task
@@ -133,18 +135,25 @@ def exact_outputs(
         return [run(noisy, _as(s.inputs, torch.float32) if low else s.inputs, role) for s in sets]
 
     exact_tasks = [lambda s=s: _attempt(lambda: exact_run(as_float64(s.inputs))) for s in sets]
-    pert_tasks = [lambda k=k: _attempt(lambda: perturbed(k)) for k in range(count)]
-    results = run_all([*exact_tasks, *pert_tasks])
-    exact, runs = results[: len(sets)], results[len(sets) :]
-    failed = next((r for r in exact if isinstance(r, Exception)), None)
+    found = run_all(exact_tasks)
+    failed = next((r for r in found if isinstance(r, Exception)), None)
     if failed is not None:  # a model that casts internally, or an op without a float64 kernel
         notes.append(f"no float64 reference ({first_line(failed)}); judged by the fixed tolerance alone")
-        return None, []
-    failed = next((r for r in runs if isinstance(r, Exception)), None)
-    if failed is not None:  # e.g. a buffer used as an exact constant: its own noise alone then
-        notes.append(f"no perturbed run ({first_line(failed)}); the model's own error alone")
-        runs = []
-    return exact, [[r[i] for r in runs] for i in range(len(sets))]
+        return None, _no_runs
+
+    def perturbed_runs() -> list[list[Any]]:
+        runs = run_all([lambda k=k: _attempt(lambda: perturbed(k)) for k in range(count)])
+        failed = next((r for r in runs if isinstance(r, Exception)), None)
+        if failed is not None:  # e.g. a buffer used as an exact constant: its own noise alone then
+            notes.append(f"no perturbed run ({first_line(failed)}); the model's own error alone")
+            runs = []
+        return [[r[i] for r in runs] for i in range(len(sets))]
+
+    return found, perturbed_runs
+
+
+def _no_runs() -> list[list[Any]]:
+    return []
 
 
 def _float64_copy(

@@ -9,10 +9,12 @@ Per input set, every run the rule needs:
   the file as written when there is one;
 * ``exact``: the original in float64 in normfold's interpreter (:mod:`normfold.check.onnx_exact`:
   onnxruntime's CPU provider has no float64 ``Conv``), its initializers read and widened once;
-* ``pert_k`` (``rule.perturbations`` runs): the original in float32 with every floating
-  initializer rounded from ``t * (1 + d)`` (:func:`~normfold.check.onnx_exact.perturbed_initializers`,
-  one draw per ``k`` for every input set). For a model whose floating initializers and inputs are
-  all float32 they run in the original's own onnxruntime session: it is opened from a copy that
+* ``pert_k`` (``rule.perturbations`` runs, made only when the candidate is not within the rule by
+  the original's own error alone, as :func:`normfold.check.reference.check` does): the original in
+  float32 with every floating initializer rounded from ``t * (1 + d)``
+  (:func:`~normfold.check.onnx_exact.perturbed_initializers`, one draw per ``k`` for every input
+  set). For a model whose floating initializers and inputs are all float32 they run in the
+  original's own onnxruntime session (opened again for them): it is opened from a copy that
   also lists those initializers as graph inputs (ONNX IR >= 4: an initializer listed as an input is
   a default the feed may override), so the unperturbed run feeds none of them and the perturbed
   runs feed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
@@ -81,34 +83,44 @@ def parity_onnx(
     base_dir = source.parent if source is not None else None
     wide, too_large = _wide(original, rule, base_dir)
     count = rule.perturbations if wide is not None else 0
-    ref, overridable = _original_session(original, count > 0 and _perturbable(original, feeds), source)
+    perturb = count > 0 and _perturbable(original, feeds)
+    ref, overridable = _original_session(original, perturb, source)
     out_names = [o.name for o in ref.session.get_outputs()]
     n = len(typed)
     tasks: list[Callable[[], Any]] = [partial(_run, ref, out_names, feed) for feed in typed]
     if wide is not None:
         tasks += [partial(exact_run, original, feed, None, wide) for feed in typed]
-    tasks += _perturbed_tasks(original, typed, count, ref if overridable else None, out_names, base_dir)
     results = run_all(tasks)  # side by side where torch may use several threads (check.workers)
     origs, exact, notes = results[:n], None, [too_large] if too_large else []
     if wide is not None:
         why = next((why for run, why in results[n : 2 * n] if run is None), None)
         exact, notes = ([run for run, _ in results[n : 2 * n]], []) if why is None else (None, [why])
-    runs = results[2 * n :] if exact is not None else []
-    perturbed = [[r[i] for r in runs] for i in range(n)]
     del ref, tasks  # the session (the tasks hold it too) and its weights freed before the candidate opens
     written = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
-    outputs, problems = [], []
+    candidates = {}
     for provider in providers:
         cand = open_session(written, provider, name="the folded model")
-        label = f"{runtime_name(provider)}: " if len(providers) > 1 else ""
-        for i, (s, feed) in enumerate(zip(sets, typed, strict=True)):
-            c = _run(cand, out_names, feed)
-            compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule, s.name,
-                                              perturbed[i])  # fmt: skip
-            outputs.extend(dataclasses.replace(o, name=label + o.name) for o in compared)
-            problems.extend(label + p for p in found if label + p not in problems)
+        candidates[provider] = [_run(cand, out_names, feed) for feed in typed]
         del cand
-    return report_of(outputs, problems, tuple(notes))
+
+    def judged(perturbed: list[list[_Outputs]]) -> ParityReport:
+        outputs, problems = [], []
+        for provider, runs in candidates.items():
+            label = f"{runtime_name(provider)}: " if len(providers) > 1 else ""
+            for i, (s, c) in enumerate(zip(sets, runs, strict=True)):
+                compared, found = compare_outputs(origs[i], c, None if exact is None else exact[i], rule,
+                                                  s.name, perturbed[i] if perturbed else ())  # fmt: skip
+                outputs.extend(dataclasses.replace(o, name=label + o.name) for o in compared)
+                problems.extend(label + p for p in found if label + p not in problems)
+        return report_of(outputs, problems, tuple(notes))
+
+    # the perturbed runs only where the candidate needs them (as check.reference.check): within the
+    # rule by the original's own error alone (and decided by it), it passes with them too
+    own = judged([])
+    if exact is None or not count or (own.passed and own.decided):
+        return own
+    ref, overridable = _original_session(original, perturb, source)  # opened again: freed above
+    return judged(_perturbed(original, typed, count, ref if overridable else None, out_names, base_dir))
 
 
 def onnx_sets(feeds: Mapping[str, torch.Tensor], rule: ParityRule, *, given: bool = False) -> list[InputSet]:

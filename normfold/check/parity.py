@@ -24,11 +24,11 @@ The first term is the fixed per-dtype floor (:mod:`normfold.check.parity_rule`, 
 real models; a real change such as one BN channel shifted by a tenth of its std is far outside it).
 
 ``pert_k`` are runs of the original *in its own dtype* (float32 for float16/bfloat16) with every
-floating parameter and buffer rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``:
-the unit roundoff of that tensor's dtype, one seeded draw per run, ``perturbations`` runs (default
-4) made up front: no second round; :mod:`normfold.check.exact`). A fold rounds its new parameters once,
-which is exactly such a perturbation, and each run adds a fresh sample of the forward's own
-rounding (in float32 and float64 models); the original's
+floating parameter and buffer rounded from ``t * (1 + d)``, ``d`` uniform in ``(-u, u)`` (``u``: the
+unit roundoff of that tensor's dtype, one seeded draw per run, ``perturbations`` runs (default 4), a
+fixed count made once, where a candidate needs them; :mod:`normfold.check.exact`). A fold rounds its
+new parameters once, which is exactly such a perturbation, and each run adds a fresh sample of the
+forward's own rounding (in float32 and float64 models); the original's
 own error alone is one sample, which on a few output elements after a cancellation can be ten
 times below its usual size, and near ReLU kinks most perturbations change nothing while a few
 change a lot (both seen in the fuzz tests), so a correct fold would fail by chance. Without an

@@ -96,7 +96,8 @@ class ParityRule:
     ``exact_limit_bytes`` caps the float64 copy of the model the exact reference needs; above it
     the floor alone applies (and the report says so). ``perturbations`` is the number of runs in
     the model's dtype with rounding-sized parameter perturbations that measure its noise, per input
-    set (:mod:`normfold.check.exact`; a fixed count, no second round; 0: its own rounding error alone).
+    set (:mod:`normfold.check.exact`; a fixed count, made when a candidate needs them; 0: its own rounding
+    error alone).
     """
 
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: DEFAULT_TOLERANCES)

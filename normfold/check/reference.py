@@ -8,12 +8,14 @@ which the *original* model's output is not finite (it overflows, e.g. fp16 on 0.
 nothing but the overflow and is dropped, with a note.
 
 **Exact reference** (:func:`make_reference`, :mod:`normfold.check.exact`). Per input set: one run of
-the original in its own dtype, one float64 run of a copy of it, and ``rule.perturbations``
-(default 4) runs in its own dtype with its parameters perturbed by one rounding, which measure
-its sensitivity to rounding (:mod:`normfold.check.parity`); a fixed count, made up front, so a failing
-candidate is never judged twice. A model that already computes in float64 is its own exact
-reference. Every forward (:func:`~normfold.check.model_run.run_model`) runs on one intra-op thread,
-independent forwards side by side (:mod:`normfold.check.workers`), so a busy core delays the check by
+the original in its own dtype, one float64 run of a copy of it, and ``rule.perturbations`` (default
+4) runs in its own dtype with its parameters perturbed by one rounding, which measure its
+sensitivity to rounding (:mod:`normfold.check.parity`); a fixed count, made once, when a candidate
+first needs them (:func:`check`: a candidate within the rule by the original's own error alone
+passes with them too, so they are not made for it). A model that already computes in float64 is its
+own exact reference. Every forward (:func:`~normfold.check.model_run.run_model`) runs on one
+intra-op thread, independent forwards side by side (:mod:`normfold.check.workers`), so a busy core
+delays the check by
 its share only.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,14 +64,25 @@ __all__ = [  # input sets and model runs keep their import path here
 class Reference:
     """The original model's outputs on each input set: in its own dtype, and in float64 (``exact``,
     one tree per set, or None when there is no exact reference; ``notes`` say why); ``perturbed``
-    holds, per set, the runs with perturbed parameters (:mod:`normfold.check.exact`)."""
+    holds, per set, the runs with perturbed parameters (:mod:`normfold.check.exact`), made by
+    ``make_perturbed`` the first time a candidate needs them (:func:`check`)."""
 
     sets: list[InputSet]
     outputs: list[Any]
     exact: list[Any] | None
     notes: list[str] = field(default_factory=list)
-    perturbed: list[list[Any]] = field(default_factory=list)
+    make_perturbed: Callable[[], list[list[Any]]] | None = field(default=None, repr=False)
     cpu: bool = True  # False: the original lives on an accelerator (its forwards run one at a time)
+    _perturbed: list[list[Any]] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def perturbed(self) -> list[list[Any]]:
+        """Per set, the perturbed runs (made once, on first use; empty without them)."""
+        with self._lock:
+            if self._perturbed is None:
+                self._perturbed = self.make_perturbed() if self.make_perturbed is not None else []
+            return self._perturbed
 
 
 def make_reference(
@@ -118,19 +132,31 @@ def check(
     reference: Reference, run: Callable[[tuple[torch.Tensor, ...]], Any], rule: ParityRule
 ) -> ParityReport:
     """Run a candidate (``run(inputs) -> outputs``) on every input set of ``reference`` and judge
-    it, once. The sets run side by side, each on one intra-op thread (:mod:`normfold.check.workers`):
-    ``run`` may be called from several threads at once."""
+    it. The sets run side by side, each on one intra-op thread (:mod:`normfold.check.workers`):
+    ``run`` may be called from several threads at once.
+
+    The perturbed runs are made only for a candidate that needs them: one within the rule by the
+    original's own error alone (and decided by it) passes the rule with any perturbed runs too,
+    since they only add noise, so it is judged by its own error alone and the perturbed runs are
+    not made; any other candidate is judged by the whole rule, perturbed runs included."""
     candidates = run_all([lambda s=s: run(s.inputs) for s in reference.sets], cpu=reference.cpu)
+    if reference.exact is not None and reference._perturbed is None and rule.perturbations:
+        own = _judge(reference, candidates, rule, perturbed=False)
+        if own.passed and own.decided:
+            return own
     return _judge(reference, candidates, rule)
 
 
-def _judge(reference: Reference, candidates: list[Any], rule: ParityRule) -> ParityReport:
+def _judge(
+    reference: Reference, candidates: list[Any], rule: ParityRule, *, perturbed: bool = True
+) -> ParityReport:
     outputs: list[OutputParity] = []
     problems: list[str] = []
+    runs = reference.perturbed if perturbed else []
     for i, (s, candidate) in enumerate(zip(reference.sets, candidates, strict=True)):
         exact = reference.exact[i] if reference.exact is not None else None
-        perturbed = reference.perturbed[i] if reference.perturbed else ()
-        compared, found = compare_outputs(reference.outputs[i], candidate, exact, rule, s.name, perturbed)
+        perturbed_i = runs[i] if runs else ()
+        compared, found = compare_outputs(reference.outputs[i], candidate, exact, rule, s.name, perturbed_i)
         outputs.extend(compared)
         problems.extend(p for p in found if p not in problems)  # structural: the same on every set
     constant = _input_independent(reference)

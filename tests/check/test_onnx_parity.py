@@ -138,3 +138,31 @@ def test_the_originals_session_is_freed_before_the_candidates_opens(
 
     monkeypatch.setattr(onnx_parity, "open_session", tracked)
     assert normfold.fold_onnx(rows.conv_bn_relu()).parity.passed
+
+
+def test_perturbed_runs_are_made_only_for_a_candidate_not_within_the_rule_by_own_error(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``check.reference.check``: an exact fold passes by the original's own error alone, and
+    the perturbed runs only add noise, so they are not made for it; a wrong candidate is judged by
+    the whole rule, perturbed runs included (the original's session opened again for them)."""
+    made: list[int] = []
+    real = onnx_parity._perturbed
+
+    def counted(model, typed, count, session, *args):
+        made.append(count)
+        assert session is not None  # run in the original's own session, reopened
+        return real(model, typed, count, session, *args)
+
+    monkeypatch.setattr(onnx_parity, "_perturbed", counted)
+    original = rows.conv_bn_relu()
+    result = normfold.fold_onnx(original)
+    assert result.parity.passed and made == []
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(result.model)
+    bias = next(i for i in wrong.graph.initializer if i.name.endswith("bias"))
+    value = nh.to_array(bias).copy()
+    value[3] += 0.1  # one channel shifted by a tenth of a typical std
+    bias.CopyFrom(nh.from_array(value, bias.name))
+    report = onnx_parity.parity_onnx(original, wrong, _feeds(), normfold.ParityRule())
+    assert not report.passed and made == [4]

@@ -152,17 +152,27 @@ class Counting(nn.Module):
         return self.lin(x)
 
 
-def test_the_cost_is_one_float64_run_per_set_plus_a_fixed_number_in_the_models_dtype() -> None:
+def test_one_float64_run_per_set_and_perturbed_runs_only_for_a_candidate_that_needs_them() -> None:
+    """The original and its float64 copy run once per set up front; the perturbed runs (a fixed
+    count) are made once, for the first candidate not within the rule by the original's own error
+    alone: a candidate within it passes with any perturbed runs too (they only add noise)."""
     torch.manual_seed(0)
     model, rule = Counting(), ParityRule(perturbations=3)
     Counting.calls = []
     ref = make_reference(model, parity_sets((torch.randn(2, 3),), rule), rule)
     assert len(ref.sets) == 3
-    assert Counting.calls.count(torch.float64) == 3  # one float64 run per set
-    assert Counting.calls.count(torch.float32) == 3 * (1 + 3)  # the original and 3 perturbed, per set
+    assert Counting.calls == [torch.float32] * 3 + [torch.float64] * 3  # the original, then float64
     Counting.calls = []
+    twin = copy.deepcopy(model.lin)  # the same computation, not counted
+    within = check(ref, lambda x: twin(*x), rule)
+    assert within.passed and within.decided and Counting.calls == []  # no perturbed run made
+    assert ref._perturbed is None
     assert not check(ref, lambda x: torch.zeros(2, 3), rule).passed
-    assert Counting.calls == []  # a failing check runs nothing more of the original
+    assert Counting.calls == [torch.float32] * 9  # 3 perturbed copies, each run on the 3 sets
+    assert [len(runs) for runs in ref.perturbed] == [3, 3, 3]
+    Counting.calls = []
+    assert not check(ref, lambda x: torch.zeros(2, 3) + 1, rule).passed
+    assert Counting.calls == []  # made once: a second failing candidate runs nothing more
 
 
 def test_value_range_sets_the_uniform_inputs() -> None:
