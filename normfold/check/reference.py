@@ -140,7 +140,7 @@ def check(
     since they only add noise, so it is judged by its own error alone and the perturbed runs are
     not made; any other candidate is judged by the whole rule, perturbed runs included."""
     candidates = run_all([lambda s=s: run(s.inputs) for s in reference.sets], cpu=reference.cpu)
-    if reference.exact is not None and reference._perturbed is None and rule.perturbations:
+    if reference.exact is not None and rule.perturbations:  # whether or not another candidate made them
         own = _judge(reference, candidates, rule, perturbed=False)
         if own.passed and own.decided:
             return own

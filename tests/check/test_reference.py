@@ -418,3 +418,26 @@ def test_a_given_exact_run_is_the_reference_and_no_float64_copy_runs() -> None:
     small = ParityRule(exact_limit_bytes=8)
     over = make_reference(model, sets, small, exact=never)
     assert over.exact is None and any("over the limit" in n for n in over.notes)
+
+
+def test_a_candidates_verdict_does_not_depend_on_an_earlier_candidate() -> None:
+    """Review of 782e403: judging by the own error first happened only until some candidate had
+    made the perturbed runs, so the same candidate passed alone and failed after a worse one."""
+    from normfold.check.input_sets import InputSet
+    from normfold.check.reference import Reference
+
+    gen = torch.Generator().manual_seed(0)
+    exact = torch.randn(64, generator=gen, dtype=torch.float64)
+    orig = (exact + 1e-7 * torch.randn(64, generator=gen, dtype=torch.float64)).float()
+    pert = (exact + 1.0).float()  # an ill-conditioned original: its perturbed run is far off
+    sets = [InputSet("a", (torch.zeros(1),))]
+    rule = ParityRule()
+
+    def reference() -> Reference:
+        return Reference(sets, [orig], [exact], [], lambda: [[pert]])
+
+    alone = check(reference(), lambda x: orig.clone(), rule)
+    shared = reference()
+    assert not check(shared, lambda x: (exact + 0.05).float(), rule).passed  # made the perturbed runs
+    after = check(shared, lambda x: orig.clone(), rule)
+    assert alone.passed and after.passed and after.decided

@@ -217,3 +217,63 @@ def test_fold_runs_on_one_intra_op_thread_and_restores_the_callers_count(two_thr
     result = normfold.fold(model, x)
     assert seen == [1] and torch.get_num_threads() == 2
     assert normfold.verify(model, result, x).passed
+
+
+def test_overlapping_single_threaded_sections_restore_the_callers_count(two_threads) -> None:
+    """Review of fda406f: fold() in two threads at once (A enters, B enters, A leaves, B leaves)
+    left the process on one thread; sections now take turns (B waits for A)."""
+    from normfold.check.workers import single_threaded
+
+    a_in, order = threading.Event(), []
+
+    def first() -> None:
+        with single_threaded() as n:
+            order.append(("A", n))
+            a_in.set()
+            time.sleep(0.2)  # B tries to enter meanwhile
+
+    def second() -> None:
+        a_in.wait()
+        with single_threaded() as n:
+            order.append(("B", n))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert order == [("A", 2), ("B", 2)] and torch.get_num_threads() == 2
+
+
+def test_a_fold_inside_a_checks_task_runs_its_pool_inline(two_threads) -> None:
+    """Review of fda406f: fold() run as a candidate inside check()'s pool waited forever for the
+    pool's lock (its folded weights are computed in a pool of their own); a worker now runs a
+    nested pool's tasks itself, and leaves the process state to its pool's caller."""
+    import faulthandler
+
+    import normfold
+
+    model = _net().eval()
+    sets = parity_sets((torch.randn(2, 3, 8, 8),), ParityRule())
+    ref = make_reference(model, sets, ParityRule())
+    faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the test, not the run
+    try:
+        report = check(ref, lambda x: normfold.fold(model, x).model(*x), ParityRule())
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert report.passed and torch.get_num_threads() == 2
+
+
+def test_fold_in_place_under_inference_mode(two_threads) -> None:
+    """Review of fda406f: the folded weights written in pool workers lost the caller's inference
+    mode, and an in-place write into an inference tensor was refused."""
+    import normfold
+
+    with torch.inference_mode():
+        model = _net().eval()
+        x = torch.randn(2, 3, 8, 8)
+        expected = model(x)
+        result = normfold.fold(model, x, inplace=True)
+        got = result.model(x)
+    assert result.model is model and len(result.folded) == 2
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
