@@ -276,8 +276,7 @@ def _concrete_shapes(
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Every value's shape with the inputs at ``sizes``, and its element type (ONNX shape
     inference, data propagation on)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    fixed = _skeleton(model)
     for spec in fixed.graph.input:
         if spec.name in sizes:
             shape = spec.type.tensor_type.shape
@@ -298,6 +297,31 @@ def _concrete_shapes(
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             found[info.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
     return found, types
+
+
+#: an initializer of more bytes keeps only its name, type and dims in :func:`_skeleton`: shape
+#: constants (a Reshape's target, a Slice's bounds) are far smaller and keep their values
+_SKELETON_LIMIT = 4096
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference: its graph with every initializer over
+    :data:`_SKELETON_LIMIT` bytes reduced to its name, type and dims. ``infer_shapes`` serializes
+    the model it is given and parses the result back: with the weights, that is two copies of the
+    file (most of the planning time on a 40 MB model); shapes never depend on a weight's values."""
+    out = onnx.ModelProto(ir_version=model.ir_version)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    graph, skeleton = model.graph, out.graph
+    skeleton.name = graph.name
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(skeleton, field_name).extend(getattr(graph, field_name))
+    for tensor in graph.initializer:
+        if tensor.ByteSize() <= _SKELETON_LIMIT:
+            skeleton.initializer.append(tensor)
+        else:
+            skeleton.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    return out
 
 
 def _run_shapes(

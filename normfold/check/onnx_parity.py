@@ -13,11 +13,11 @@ Per input set, every run the rule needs:
   the original's own error alone, as :func:`normfold.check.reference.check` does): the original in
   float32 with every floating initializer rounded from ``t * (1 + d)``
   (:func:`~normfold.check.onnx_exact.perturbed_initializers`, one draw per ``k`` for every input
-  set). For a model whose floating initializers and inputs are all float32 they run in the
-  original's own onnxruntime session (opened again for them): it is opened from a copy that
-  also lists those initializers as graph inputs (ONNX IR >= 4: an initializer listed as an input is
-  a default the feed may override), so the unperturbed run feeds none of them and the perturbed
-  runs feed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
+  set). For a model whose floating initializers and inputs are all float32 they run in an
+  onnxruntime session of the original opened for them (``orig`` runs in one opened from its file,
+  as it is: serializing a copy costs as much as a run on a large model): a copy that also lists
+  those initializers as graph inputs (ONNX IR >= 4: an initializer listed as an input is a default
+  the feed may override), fed all of them. Otherwise (a float16 model, whose perturbed runs the rule makes in
   float32, or a graph onnxruntime cannot run with those inputs fed) the interpreter makes them.
 
 The runs of the original are independent: they run side by side
@@ -83,8 +83,7 @@ def parity_onnx(
     base_dir = source.parent if source is not None else None
     wide, too_large = _wide(original, rule, base_dir)
     count = rule.perturbations if wide is not None else 0
-    perturb = count > 0 and _perturbable(original, feeds)
-    ref, overridable = _original_session(original, perturb, source)
+    ref, _ = _original_session(original, False, source)  # fed its initializers only for perturbed runs
     out_names = [o.name for o in ref.session.get_outputs()]
     n = len(typed)
     tasks: list[Callable[[], Any]] = [partial(_run, ref, out_names, feed) for feed in typed]
@@ -119,6 +118,7 @@ def parity_onnx(
     own = judged([])
     if exact is None or not count or (own.passed and own.decided):
         return own
+    perturb = _perturbable(original, feeds)
     ref, overridable = _original_session(original, perturb, source)  # opened again: freed above
     return judged(_perturbed(original, typed, count, ref if overridable else None, out_names, base_dir))
 

@@ -154,10 +154,18 @@ def test_perturbed_runs_are_made_only_for_a_candidate_not_within_the_rule_by_own
         assert session is not None  # run in the original's own session, reopened
         return real(model, typed, count, session, *args)
 
+    fed: list[int] = []  # sessions of a copy whose initializers can be fed: for perturbed runs only
+    real_inputs = onnx_parity._with_initializer_inputs
+
+    def serialized(model, names):
+        fed.append(len(names))
+        return real_inputs(model, names)
+
     monkeypatch.setattr(onnx_parity, "_perturbed", counted)
+    monkeypatch.setattr(onnx_parity, "_with_initializer_inputs", serialized)
     original = rows.conv_bn_relu()
     result = normfold.fold_onnx(original)
-    assert result.parity.passed and made == []
+    assert result.parity.passed and made == [] and fed == []
     wrong = onnx.ModelProto()
     wrong.CopyFrom(result.model)
     bias = next(i for i in wrong.graph.initializer if i.name.endswith("bias"))
@@ -165,4 +173,4 @@ def test_perturbed_runs_are_made_only_for_a_candidate_not_within_the_rule_by_own
     value[3] += 0.1  # one channel shifted by a tenth of a typical std
     bias.CopyFrom(nh.from_array(value, bias.name))
     report = onnx_parity.parity_onnx(original, wrong, _feeds(), normfold.ParityRule())
-    assert not report.passed and made == [4]
+    assert not report.passed and made == [4] and fed == [len(original.graph.initializer)]
