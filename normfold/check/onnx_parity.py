@@ -53,7 +53,7 @@ from normfold.check.parity import compare_outputs, report_of
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.check.workers import run_all
-from normfold.errors import ExportError
+from normfold.errors import ExportError, first_line
 from normfold.io.onnx_run import DEFAULT_PROVIDERS, Session, open_session, runtime_name
 
 __all__ = ["onnx_sets", "parity_onnx"]
@@ -83,7 +83,7 @@ def parity_onnx(
     base_dir = source.parent if source is not None else None
     wide, too_large = _wide(original, rule, base_dir)
     count = rule.perturbations if wide is not None else 0
-    ref, _ = _original_session(original, False, source)  # fed its initializers only for perturbed runs
+    ref = _session(original, source)  # fed its initializers only for perturbed runs (_fed_session)
     out_names = [o.name for o in ref.session.get_outputs()]
     n = len(typed)
     tasks: list[Callable[[], Any]] = [partial(_run, ref, out_names, feed) for feed in typed]
@@ -118,9 +118,12 @@ def parity_onnx(
     own = judged([])
     if exact is None or not count or (own.passed and own.decided):
         return own
-    perturb = _perturbable(original, feeds)
-    ref, overridable = _original_session(original, perturb, source)  # opened again: freed above
-    return judged(_perturbed(original, typed, count, ref if overridable else None, out_names, base_dir))
+    fed = _fed_session(original, source) if _perturbable(original, feeds) else None  # ref was freed above
+    try:
+        return judged(_perturbed(original, typed, count, fed, out_names, base_dir))
+    except Exception as e:  # as check.exact: the original's own error alone then, and said so
+        notes.append(f"no perturbed run ({first_line(e)}); the model's own error alone")
+        return judged([])
 
 
 def onnx_sets(feeds: Mapping[str, torch.Tensor], rule: ParityRule, *, given: bool = False) -> list[InputSet]:
@@ -140,24 +143,26 @@ def _perturbable(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor]) -> b
     return all(t == tp.FLOAT for t in inits) and all(t == torch.float32 for t in ins)
 
 
-def _original_session(model: onnx.ModelProto, perturb: bool, source: Path | None) -> tuple[Session, bool]:
-    """The original's session, and whether its floating initializers can be fed (module docstring):
-    from its file when it has one and no initializer is to be fed."""
-    data_dir = source.parent if source is not None else None
-    if perturb:
-        floating = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
-        try:
-            session = open_session(_with_initializer_inputs(model, floating), name="the original model",
-                                   data_dir=data_dir)  # fmt: skip
-        except ExportError:  # e.g. an op whose float input must be constant: the interpreter perturbs
-            pass
-        else:
-            fed = {i.name for i in session.session.get_overridable_initializers()}
-            if fed >= set(floating):
-                return session, True
+def _session(model: onnx.ModelProto, source: Path | None) -> Session:
+    """The original's session, from its file when it has one."""
     if source is not None:
-        return open_session(source, name="the original model"), False
-    return open_session(model.SerializeToString(), name="the original model"), False
+        return open_session(source, name="the original model")
+    return open_session(model.SerializeToString(), name="the original model")
+
+
+def _fed_session(model: onnx.ModelProto, source: Path | None) -> Session | None:
+    """A session of the original whose floating initializers can all be fed (module docstring),
+    or None where onnxruntime cannot open one (an op whose float input must be constant): the
+    interpreter then makes the perturbed runs."""
+    floating = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    data_dir = source.parent if source is not None else None
+    try:
+        session = open_session(_with_initializer_inputs(model, floating), name="the original model",
+                               data_dir=data_dir)  # fmt: skip
+    except ExportError:
+        return None
+    fed = {i.name for i in session.session.get_overridable_initializers()}
+    return session if fed >= set(floating) else None
 
 
 def _with_initializer_inputs(model: onnx.ModelProto, names: list[str]) -> bytes:

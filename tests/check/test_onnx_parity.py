@@ -27,8 +27,8 @@ def test_perturbed_runs_in_onnxruntime_are_the_interpreters_perturbed_runs() -> 
     rounding), and not the unperturbed run (the feed is not silently ignored)."""
     original = rows.conv_bn_relu()
     feeds = _feeds()
-    session, overridable = onnx_parity._original_session(original, True, None)
-    assert overridable
+    session = onnx_parity._fed_session(original, None)
+    assert session is not None
     names = [o.name for o in session.session.get_outputs()]
     plain = onnx_parity._run(session, names, feeds)["y"]
     (ort_runs,) = onnx_parity._perturbed(original, [feeds], 2, session, names, None)
@@ -61,8 +61,48 @@ def test_a_float16_model_is_perturbed_by_the_interpreter_in_float32() -> None:
     weight.CopyFrom(nh.from_array(nh.to_array(weight).astype(np.float16), weight.name))
     assert onnx_parity._perturbable(original, _feeds())
     assert not onnx_parity._perturbable(half, _feeds())
-    session, overridable = onnx_parity._original_session(original, False, None)
-    assert not overridable and not session.session.get_overridable_initializers()
+    session = onnx_parity._session(original, None)
+    assert not session.session.get_overridable_initializers()  # the plain session feeds none
+
+
+def test_a_float16_models_perturbed_runs_open_no_session_and_a_failure_of_theirs_is_noted(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong candidate of a float16 model: its perturbed runs are the interpreter's, so no
+    session of the original is opened again for them; a perturbed run that raises leaves the
+    original's own error alone as the rule's noise, and the report says so (as the PyTorch path)."""
+    half = onnx.ModelProto()
+    half.CopyFrom(rows.conv_bn_relu())
+    for t in half.graph.initializer:
+        t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    for v in [*half.graph.input, *half.graph.output]:
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(half)
+    bias = next(t for t in wrong.graph.initializer if t.name == "conv.bias")
+    value = nh.to_array(bias).copy()
+    value[3] += 0.5
+    bias.CopyFrom(nh.from_array(value, bias.name))
+    feeds = {"x": _feeds()["x"].half()}
+    opened: list[str] = []
+    real_open = onnx_parity.open_session
+
+    def counted(model, *args, **kwargs):
+        opened.append(kwargs.get("name", ""))
+        return real_open(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_parity, "open_session", counted)
+    report = onnx_parity.parity_onnx(half, wrong, feeds, normfold.ParityRule())
+    assert not report.passed and opened == ["the original model", "the folded model"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no float32 kernel for this op")
+
+    monkeypatch.setattr(onnx_parity, "_perturbed", broken)
+    report = onnx_parity.parity_onnx(half, wrong, feeds, normfold.ParityRule())
+    assert not report.passed
+    why = "no perturbed run (RuntimeError: no float32 kernel for this op); the model's own error alone"
+    assert report.notes == (why,)
 
 
 def test_the_folded_file_as_written_is_what_parity_judges(
@@ -113,9 +153,10 @@ def test_the_original_with_external_data_is_perturbed_in_onnxruntime(tmp_path: P
     onnx.save(rows.levit_matmul_reshape_bn(), tmp_path / "m.onnx", save_as_external_data=True,
               location="m.onnx.data", size_threshold=256)  # fmt: skip
     lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
-    session, overridable = onnx_parity._original_session(lazy, True, tmp_path / "m.onnx")
+    session = onnx_parity._fed_session(lazy, tmp_path / "m.onnx")
+    assert session is not None
     fed = {i.name for i in session.session.get_overridable_initializers()}
-    assert overridable and fed == {"qkv", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
+    assert fed == {"qkv", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
 
 
 def test_the_originals_session_is_freed_before_the_candidates_opens(
