@@ -147,8 +147,9 @@ def fold_onnx_file(
                     run.record.run = _run(source, original, e.result)
                 raise
         run.record.run = folded = _run(source, original, result)
-        if out is not None:
+        if out is not None:  # the lowering's notes go with the file, as on the PyTorch path
             folded.export = _described(run, result)
+            folded.notes = [n for n in folded.notes if n not in folded.export.notes]
         folded.timings = run.steps.timings
     return folded
 
@@ -244,6 +245,8 @@ def _described(run: Session, result: OnnxFoldResult) -> ExportResult:
     written = ExportResult(out, "onnx", dynamic_batch=bool(first) and isinstance(first[0], str), **described)
     written.parity = {"onnxruntime": result.parity} if result.parity is not None else {}
     written.lowered = list(result.lowered)
+    shown = result.parity.notes if result.parity is not None else ()
+    written.notes = [n for n in result.notes if n not in shown]  # the rest are the lowering's (fold_planned)
     written.files, written.size_bytes = owned_files(run.files.staged("out"), out)
     return written
 

@@ -132,3 +132,23 @@ def test_inspect_and_plan_read_external_data_beside_the_file(
     found = normfold.inspect_onnx(src)
     assert [(f.norm, f.pattern) for f in found.result.folded] == [("bn", "linear-bn")]
     assert [(f.norm, f.pattern) for f in normfold.plan_onnx(src).folded] == [("bn", "linear-bn")]
+
+
+def test_a_node_the_lowering_leaves_is_noted_with_the_file_written(tmp_path: Path) -> None:
+    """As on the PyTorch path: the lowering's notes are the export's (``report["export"]["notes"]``),
+    not repeated in the run's; without a file written they stay the run's."""
+    from normfold.options import ExportOptions
+
+    b = rows.Builder(62)
+    b.bn(b.conv("x", 3, 8, "conv"), 8, "bn", training_mode=1)
+    b.nodes[-1].output.extend(["bn_mean", "bn_var"])
+    b.node("Relu", ["bn"], "y")
+    src = tmp_path / "m.onnx"
+    onnx.save(b.model([("x", ["N", 3, 8, 8])], [("y", ["N", 8, 8, 8])], opset=15), src)
+    note = ("kept BatchNormalization bn not lowered: it runs in training mode (batch statistics), which no "
+            "constant map reproduces")  # fmt: skip
+    run = normfold.fold_onnx_file(src, tmp_path / "f.onnx", export=ExportOptions(lower_kept="mul-add"))
+    assert run.export is not None and run.export.notes == [note]
+    assert note not in run.notes and run.to_dict()["export"]["notes"] == [note]
+    plain = normfold.fold_onnx_file(src, None, export=ExportOptions(lower_kept="mul-add"))
+    assert plain.export is None and note in plain.notes
