@@ -82,8 +82,7 @@ def layers(run: FoldRun) -> None:
 
 
 def _merges(run: FoldRun) -> None:
-    """Blocks of parallel branches: merged into one conv (where), or why they stay (a run of an
-    ONNX model has none: it has no ``fold``)."""
+    """Blocks of parallel branches: merged into one conv (where), or why they stay."""
     f = getattr(run, "fold", None)
     if f is None:
         return

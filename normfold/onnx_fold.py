@@ -39,9 +39,11 @@ from normfold.check.onnx_parity import parity_onnx
 from normfold.check.parity_report import ParityReport
 from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
-from normfold.engine.fold_records import Folded, Skipped
+from normfold.engine.branches import Merge, Unmerged
+from normfold.engine.fold_records import Folded, Merged, NotMerged, Skipped
 from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
 from normfold.engine.onnx_lower import Lowered, lower_kept
+from normfold.engine.onnx_merge import apply_merges, merge_records, plan_merges
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
 from normfold.engine.records import Plan
@@ -74,6 +76,8 @@ class OnnxFoldResult:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the example inputs
     plan: Plan | None = field(default=None, repr=False)
     lowered: list[Lowered] = field(default_factory=list)  # kept BatchNormalizations written as other ops
+    merged: list[Merged] = field(default_factory=list)  # blocks of parallel branches made one Conv
+    not_merged: list[NotMerged] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable, with the keys of :meth:`FoldResult.to_dict` where they mean the same."""
@@ -86,6 +90,8 @@ class OnnxFoldResult:
             "ops_after": dict(self.ops_after),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "lowered": [asdict(low) for low in self.lowered],
+            "merged": [asdict(m) for m in self.merged],
+            "not_merged": [asdict(m) for m in self.not_merged],
             "notes": list(self.notes),
             "parity": None if self.parity is None else self.parity.to_dict(),
         }
@@ -101,6 +107,7 @@ def fold_onnx(
     force: bool = False,
     lower_kept: str | None = None,
     providers: Sequence[str] | None = None,
+    reparameterize: bool = True,
 ) -> OnnxFoldResult:
     """Fold every norm of an ONNX model that folds exactly (module docstring); write ``out`` if
     given. ``inputs``: example inputs (in graph input order, or by input name); ``input_shapes``:
@@ -108,14 +115,15 @@ def fold_onnx(
     ``lower_kept``: ``"mul-add"`` or ``"conv"`` writes every BatchNormalization that stays as
     those ops (:mod:`normfold.engine.onnx_lower`), for runtimes without it; checked with the rest.
     ``providers``: the onnxruntime execution providers the folded model is checked on, each against
-    the original (default: the CPU one). Raises ParityError (nothing written) when the folded
-    model does not match the original."""
+    the original (default: the CPU one). ``reparameterize``: merge parallel conv branches of one
+    tensor, summed, into one Conv (:mod:`normfold.engine.onnx_merge`). Raises ParityError
+    (nothing written) when the folded model does not match the original."""
     check_lower_kept(lower_kept)
     providers = check_providers(providers)
     original, path = load_onnx(source)
     files = OutputSet({"out": out}, inputs=[path], force=force, formats={"out": (".onnx",)}) if out else None
     try:
-        planned = prepare(original, inputs, input_shapes, path)
+        planned = prepare(original, inputs, input_shapes, path, reparameterize=reparameterize)
         staged = files.staged("out") if files is not None else None
         result = fold_planned(original, planned, rule, given=inputs is not None, staged=staged,
                               lower=lower_kept, providers=providers)  # fmt: skip
@@ -142,6 +150,7 @@ def fold_planned(
     view, plan, model = planned.view, planned.plan, planned.model
     new = folded_values(plan, planned.values)
     apply_plan(view, plan, new, planned.values.names)
+    apply_merges(view, planned.merges)
     rejoin_unchanged(model, planned.copies, set(new))
     lowered, lower_notes = lower_kept(view, lower) if lower is not None else ([], [])
     candidate: bytes | Path
@@ -179,12 +188,14 @@ def plan_onnx(
     *,
     inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     input_shapes: Shapes | None = None,
+    reparameterize: bool = True,
 ) -> OnnxFoldResult:
     """What :func:`fold_onnx` would fold and keep, decided by the same planner on the same example
     inputs, with nothing applied, run or written: ``model`` is the original, ``parity`` None and
     ``ops_after`` empty."""
     original, path = load_onnx(source)
-    return _result(original, None, prepare(original, inputs, input_shapes, path))
+    planned = prepare(original, inputs, input_shapes, path, reparameterize=reparameterize)
+    return _result(original, None, planned)
 
 
 @dataclass
@@ -198,6 +209,8 @@ class Planned:
     values: OnnxValues
     plan: Plan
     source: Path | None = None  # the original's file: its external data lie beside it
+    merges: list[Merge] = field(default_factory=list)
+    unmerged: list[Unmerged] = field(default_factory=list)
 
 
 def prepare(
@@ -205,10 +218,13 @@ def prepare(
     inputs: Sequence[Any] | Mapping[str, Any] | None,
     input_shapes: Shapes | None,
     source: Path | None = None,
+    *,
+    reparameterize: bool = True,
 ) -> Planned:
     """Steps 1 and 2 (module docstring): the example inputs, the IR model and its plan; the
     records of the plan are :func:`records`. ``source``: the file ``original`` was read from
-    (:func:`load_onnx`), whose folder holds its external data."""
+    (:func:`load_onnx`), whose folder holds its external data; ``reparameterize``: the blocks of
+    parallel branches are planned too (:func:`~normfold.engine.onnx_merge.plan_merges`)."""
     feeds = _example_inputs(original, inputs, input_shapes)
     shapes, types = _concrete_shapes(original, {k: tuple(v.shape) for k, v in feeds.items()})
     _run_shapes(original, feeds, shapes, source)
@@ -219,7 +235,9 @@ def prepare(
     copies = split_shared(model)
     view = OnnxView(model, shapes, types)
     values = OnnxValues(view)
-    return Planned(feeds, model, copies, view, values, planner.plan(view, values), source)
+    plan = planner.plan(view, values)
+    merges, unmerged = plan_merges(view, values, plan) if reparameterize else ([], [])
+    return Planned(feeds, model, copies, view, values, plan, source, merges, unmerged)
 
 
 def _release(planned: Planned) -> None:
@@ -250,6 +268,10 @@ def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: 
     for where, name in _subgraph_norms(original.graph):  # kept, so --require-all sees them
         reason = f"{name} is inside the body {where}: control-flow bodies are not folded yet"
         result.skipped.append(Skipped(f"{where}/{name}", "BatchNormalization", "in_subgraph", reason, name))
+    result.merged, result.not_merged, taken = merge_records(planned.merges, planned.unmerged)
+    result.folded += taken
+    gone = {f.node for f in taken}
+    result.skipped = [s for s in result.skipped if s.node not in gone]
     return result
 
 

@@ -58,6 +58,11 @@ class OnnxRun:
     params_before: int = 0  # initializer elements of the original graph
 
     @property
+    def fold(self) -> OnnxFoldResult:
+        """The records, under :class:`~normfold.runs.FoldRun`'s name (``merged``, ``not_merged``)."""
+        return self.result
+
+    @property
     def parity(self) -> ParityReport | None:
         """The folded model against the original, in onnxruntime (None for ``inspect``)."""
         return self.result.parity
@@ -66,7 +71,7 @@ class OnnxRun:
         return {"onnxruntime": self.parity} if self.parity is not None else {}
 
     def summary(self) -> dict[str, Any]:
-        """:meth:`FoldRun.summary`'s keys; an ONNX graph has no branch merges, MACs or exporter."""
+        """:meth:`FoldRun.summary`'s keys; an ONNX graph has no MACs or exporter here."""
         r = self.result
         after = None if self.parity is None else _parameters(r.model)
         return {
@@ -75,8 +80,8 @@ class OnnxRun:
             "folded": len(r.folded),
             "folded_in_export_only": 0,
             "kept": len(r.skipped),
-            "blocks_merged": 0,
-            "blocks_not_merged": 0,
+            "blocks_merged": len(r.merged),
+            "blocks_not_merged": len(r.not_merged),
             "params_before": self.params_before,
             "params_after": after,
             "macs_before": None,
@@ -130,7 +135,8 @@ def fold_onnx_file(
         with run.steps("load"):
             original, given = _load_source(source, spec)
         with run.steps("plan"):
-            planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source))
+            planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source),
+                              reparameterize=folding.reparameterize)  # fmt: skip
         if "save_inputs" in run.files.paths:  # before the check: a failed run's inputs reproduce it
             sets = onnx_sets(planned.feeds, rule or ParityRule(), given="inputs" in given)
             save_sets(run.files.staged("save_inputs"), sets)
@@ -171,8 +177,9 @@ def inspect_onnx(
         with run.steps("load"):
             original, given = _load_source(source, spec)
         with run.steps("plan"):  # its external data read beside the file
-            result = records(original, prepare(original, given.get("inputs"), given.get("input_shapes"),
-                                               Path(source)))  # fmt: skip
+            planned = prepare(original, given.get("inputs"), given.get("input_shapes"), Path(source),
+                              reparameterize=folding.reparameterize)  # fmt: skip
+            result = records(original, planned)
         run.record.run = found = _run(source, original, result)
         if folding.require_all:
             with run.steps("require all"):

@@ -2,7 +2,8 @@
 statistics: gamma in 0.5..1.5, beta ~ N(0, 0.3), mean ~ N(0, 0.5), var in 0.3..2).
 
 ``ROWS``: name -> builder of the 16 exactly foldable patterns; ``REFUSALS``: name -> (builder,
-code) of the three that must stay. Each builder returns a checked ``ModelProto``.
+code) of the three that must stay. Each builder returns a checked ``ModelProto``; :func:`repvgg_block`
+builds a block of parallel branches for the merges (``normfold.engine.onnx_merge``).
 """
 
 from __future__ import annotations
@@ -200,6 +201,20 @@ def input_bn_relu() -> onnx.ModelProto:
     b = Builder(19)
     b.node("Relu", [b.bn("x", 4, "bn")], "y")
     return b.model([("x", ["N", 4, 8, 8])], [("y", ["N", 4, 8, 8])])
+
+
+def repvgg_block(
+    seed: int = 70, *, identity: bool = True, k1: int = 1, pads1: list[int] | None = None
+) -> onnx.ModelProto:
+    """relu(bn_a(conv3x3(x)) + bn_b(conv k1 x k1(x)) [+ bn_id(x)]), 8 channels, as a RepVGG block."""
+    b = Builder(seed)
+    a = b.bn(b.conv("x", 8, 8, "conv_a", k=3), 8, "bn_a")
+    c = b.bn(b.conv("x", 8, 8, "conv_b", k=k1, pads=pads1 or [0, 0, 0, 0]), 8, "bn_b")
+    s = b.node("Add", [a, c], "sum_ab")
+    if identity:
+        s = b.node("Add", [s, b.bn("x", 8, "bn_id")], "sum")
+    b.node("Relu", [s], "y")
+    return b.model([("x", ["N", 8, 6, 6])], [("y", ["N", 8, 6, 6])])
 
 
 def _init_i64(self: Builder, name: str, value: list[int]) -> str:

@@ -431,3 +431,17 @@ def test_shapes_are_inferred_from_the_graph_without_the_weights_bytes() -> None:
     result = normfold.fold_onnx(model)
     assert [f.into_type for f in result.folded] == ["Conv"] and not result.skipped and result.parity.passed
     assert _count(result.model, "BatchNormalization") == 0
+
+
+def test_a_layer_without_bias_taking_two_folds_gets_one_new_bias() -> None:
+    """BN -> Conv 1x1 (no bias) -> BN, as MobileOne's stem: both norms fold into the conv; the
+    applier added the conv's new bias once per fold and failed on the second (timm mobileone_s0)."""
+    b = rows.Builder(44)
+    pre = b.bn("x", 4, "pre")
+    b.node("Conv", [pre, b.weight("conv.weight", (6, 4, 1, 1))], "conv", pads=[0, 0, 0, 0])
+    b.node("Relu", [b.bn("conv", 6, "post")], "y")
+    result = normfold.fold_onnx(b.model([("x", ["N", 4, 5, 5])], [("y", ["N", 6, 5, 5])]))
+    assert sorted(f.pattern for f in result.folded) == ["bn-conv", "conv-bn"]
+    assert result.parity.passed and _count(result.model, "BatchNormalization") == 0
+    (conv,) = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert len(conv.input) == 3 and conv.input[2] == "conv.weight_folded_bias"

@@ -126,18 +126,20 @@ def apply_plan(
         while x.name in becomes:
             x = becomes[x.name]
         out = nodes[-1].outputs[0]
-        becomes[out.name] = _bypass(graph, out, x)
+        becomes[out.name] = bypass(graph, out, x)
         dropped.extend(nodes)
     producers = [
         v.producer() for n in dropped for v in n.inputs if v is not None and v.producer() is not None
     ]
     graph.remove(dropped, safe=True)  # detached from their inputs: unused statistics show as such
+    biased: set[str] = set()  # layers given a new bias: one, for all the folds into them (Plan.values)
     for fold in plan.folds:
         for u in fold.updates:
             node = view.by_name[u.layer]
-            if u.bias is None and u.side != "replace":
+            if u.bias is None and u.side != "replace" and u.layer not in biased:
+                biased.add(u.layer)
                 name = new_bias_name(_Names(names), u.weight)
-                _add_bias(graph, node, _initializer(name, values[name]))
+                add_bias(graph, node, initializer(name, values[name]))
             if node.op_type == "Gemm":
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
                 if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -150,12 +152,27 @@ def apply_plan(
         elif isinstance(handle, ir.Node):  # a Constant node or a computed constant: now an initializer
             old = handle.outputs[0]
             old.name = f"{name}__computed"
-            init = _initializer(name, value)
+            init = initializer(name, value)
             graph.register_initializer(init)
             old.replace_all_uses_with(init)
             producers.append(handle)
     _drop_dead(graph, producers)
-    for name in used_before:
+    _drop_initializers(graph, used_before)
+
+
+def drop_unused(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove ``nodes`` (no reader left outside them), then the constant computations and the
+    initializers that only they read."""
+    inputs = [v for n in nodes for v in n.inputs if v is not None]
+    producers = [v.producer() for v in inputs if v.producer() is not None and v.producer() not in nodes]
+    graph.remove(nodes, safe=True)
+    _drop_dead(graph, producers)  # type: ignore[arg-type]
+    _drop_initializers(graph, {v.name for v in inputs if v.is_initializer() and v.name})
+
+
+def _drop_initializers(graph: ir.Graph, names: set[str]) -> None:
+    """The initializers of ``names`` that nothing reads any more go (a graph input or output stays)."""
+    for name in names:
         init = graph.initializers.get(name)
         if init is not None and not init.uses() and not init.is_graph_output() and not init.is_graph_input():
             graph.initializers.pop(name)
@@ -169,14 +186,14 @@ class _Names:
         raise KeyError(fqn)
 
 
-def _initializer(name: str, value: torch.Tensor) -> ir.Value:
+def initializer(name: str, value: torch.Tensor) -> ir.Value:
     tensor = ops.to_ir_tensor(value, name)
     return ir.Value(
         name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )
 
 
-def _bypass(graph: ir.Graph, out: ir.Value, x: ir.Value) -> ir.Value:
+def bypass(graph: ir.Graph, out: ir.Value, x: ir.Value) -> ir.Value:
     """Users of ``out`` read ``x`` instead; a graph output keeps ``out``'s name. Returns the value
     that now stands for ``out``."""
     if not out.is_graph_output():
@@ -199,7 +216,7 @@ def _bypass(graph: ir.Graph, out: ir.Value, x: ir.Value) -> ir.Value:
     return ident.outputs[0]
 
 
-def _add_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value) -> None:
+def add_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value) -> None:
     graph.register_initializer(bias)
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         node.resize_inputs(3)

@@ -256,3 +256,17 @@ def test_providers_check_the_folded_file_on_each(model: Path) -> None:
     outputs = report["parity"]["onnxruntime"]["outputs"]
     assert sorted({o["name"].split(":")[0] for o in outputs}) == ["onnxruntime-azure", "onnxruntime-cpu"]
     assert report["parity"]["onnxruntime"]["passed"] is True
+
+
+def test_parallel_branches_are_merged_unless_no_reparam(model: Path) -> None:
+    onnx.save(rows.repvgg_block(), model.parent / "rep.onnx")
+    result = ok("fold", "rep.onnx", "--out", "f.onnx", "--report", "r.json")
+    assert "Parallel branches (reparameterization)" in result.stdout
+    assert "merged=1/1" in result.stdout.splitlines()[-1]
+    ops = [n.op_type for n in onnx.load(str(model.parent / "f.onnx")).graph.node]
+    assert sorted(ops) == ["Conv", "Relu"]
+    report = json.loads((model.parent / "r.json").read_text())
+    assert report["summary"]["blocks_merged"] == 1 and report["merged"][0]["into"] == "conv_a"
+    plain = ok("fold", "rep.onnx", "--out", "g.onnx", "--no-reparam")
+    assert "merged=" not in plain.stdout.splitlines()[-1]
+    assert _bn_count(model.parent / "g.onnx") == 1  # the identity branch's norm stays

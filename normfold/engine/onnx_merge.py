@@ -1,0 +1,262 @@
+"""Structural reparameterization of an ONNX graph: parallel branches of one tensor, summed, become
+one ``Conv``.
+
+The math and its preconditions are :mod:`normfold.engine.reparam`'s: branch ``i`` centred in the
+largest kernel reads the same windows exactly when ``p_i = P - d * (K - k_i) / 2`` on every axis
+(:func:`~normfold.engine.branches.check_geometry`), and the block is one conv with
+
+    W = sum_i c_i * centre(W_i),    b = sum_i c_i * b_i
+
+(``c_i``: ``-1`` for a subtracted branch), computed in float64 from the original's values and the
+fold plan's maps and rounded once (:func:`~normfold.engine.reparam_values.merged_values`). This
+module finds the blocks of an ONNX graph and writes them:
+
+* **a block**: a tree of ``Add``/``Sub`` nodes, every operand of the output's shape (no
+  broadcasting), whose summands, seen through the norms the plan folds, are ``Conv`` outputs of one
+  tensor ``x`` (symmetric ``pads``, no ``auto_pad``), ``x`` itself, or a norm the plan keeps on
+  ``x`` (a BatchNormalization or a per-channel ``Mul``/``Add`` chain: a 1-tap kernel ``s_c`` at
+  channel ``c``'s own input, bias ``t``);
+* **written** after the plan's folds (:func:`~normfold.engine.onnx_apply.apply_plan`): the conv
+  with the largest kernel takes ``W`` and ``b`` (a new bias input where it has none), the sum's
+  users read it (a graph output keeps its name), and the other branches' nodes and the sum's go,
+  with the initializers only they read.
+
+Average-pool branches and per-channel scales of a sub-sum (FastViT's RepMixer) are merged on the
+PyTorch path only; here such a sum is no block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import onnx_ir as ir
+import torch
+
+from normfold.engine import onnx_ops as ops
+from normfold.engine.branches import Branch, Merge, Unmerged, check_geometry, merge_target, per_channel
+from normfold.engine.context import Refused
+from normfold.engine.fold_records import Folded, Merged, NotMerged
+from normfold.engine.onnx_apply import add_bias, bypass, drop_unused, initializer
+from normfold.engine.onnx_view import OnnxView
+from normfold.engine.records import Keep, Plan, Values, new_bias_name
+from normfold.engine.reparam_values import merged_values
+from normfold.engine.rules.checks import check_layer
+
+__all__ = ["apply_merges", "plan_merges"]
+
+_SIGN = {"Add": 1.0, "Sub": -1.0}
+_ONE = torch.tensor(1.0, dtype=torch.float64)
+
+
+def plan_merges(view: OnnxView, values: Values, plan: Plan) -> tuple[list[Merge], list[Unmerged]]:
+    """Every block of ``view``'s graph whose branches sum into one conv once ``plan``'s folds apply,
+    with its values; and the sums of branches of one tensor that stay, each with a code."""
+    return _Merger(view, values, plan).run()
+
+
+class _Merger:
+    def __init__(self, view: OnnxView, values: Values, plan: Plan) -> None:
+        self.view, self.values, self.plan = view, values, plan
+        by_name = view.by_name
+        # every op of a folded unit stands for the unit's input
+        self.removed = {by_name[n]: by_name[f.unit.input] for f in plan.folds for n in f.unit.nodes}
+        self.kept: dict[object, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
+
+    def resolve(self, node: object) -> object:
+        while node in self.removed:
+            node = self.removed[node]
+        return node
+
+    def users(self, node: object) -> list[object]:
+        """Users seen through folded ops."""
+        out: list[object] = []
+        for u in self.view.users(node):
+            out.extend(self.users(u) if u in self.removed else [u])
+        return out
+
+    def run(self) -> tuple[list[Merge], list[Unmerged]]:
+        merges: list[Merge] = []
+        unmerged: list[Unmerged] = []
+        seen: set[object] = set()
+        for node in reversed(list(self.view.nodes())):
+            if node in seen or self._summands(node) is None:
+                continue
+            adds, weighted = self._tree(node)
+            source = self._source([leaf for leaf, _ in weighted])
+            if source is None:  # not branches of one tensor; an inner sum may be a block on its own
+                continue
+            seen.update(adds)
+            try:
+                merges.append(self._merge(adds, weighted, source))
+            except Refused as fail:
+                unmerged.append(Unmerged(tuple(self.view.name(a) for a in adds), "", fail.code, fail.reason))
+        return merges[::-1], unmerged[::-1]
+
+    # --- the sum and its branches -------------------------------------------------------------------
+
+    def _summands(self, node: object) -> list[tuple[object, float]] | None:
+        """The operands an ``Add``/``Sub`` node sums, with their signs; None for any other node
+        (or one that broadcasts, or adds a constant: a bias, no branch)."""
+        if not isinstance(node, ir.Node) or node.domain not in ("", "ai.onnx") or node.op_type not in _SIGN:
+            return None
+        operands = self.view.operands(node)
+        if len(operands) != 2 or any(self.view.is_constant(o) for o in operands):
+            return None
+        out = self.view.shape(node)
+        if not out or any(self.view.shape(o) != out for o in operands):
+            return None
+        return [(operands[0], 1.0), (operands[1], _SIGN[node.op_type])]
+
+    def _tree(self, root: object, coeff: torch.Tensor | None = None) -> tuple[list[object], list[tuple]]:
+        """The sum's nodes (the root first, then each inner sum only the outer one uses) and its
+        summands with their factors (None: 1), seen through folded ops."""
+        ops_, leaves = [root], []
+        for arg, sign in self._summands(root) or []:
+            factor = coeff if sign == 1 else -(_ONE if coeff is None else coeff)
+            leaf = self.resolve(arg)
+            if self._summands(leaf) is not None and self.users(leaf) == [root]:
+                inner_ops, inner_leaves = self._tree(leaf, factor)
+                ops_ += inner_ops
+                leaves += inner_leaves
+            else:
+                leaves.append((leaf, factor))
+        return ops_, leaves
+
+    def _conv(self, node: object) -> object | None:
+        layer = self.view.layer(node)
+        return layer if layer is not None and layer.kind == "conv" and node.op_type == "Conv" else None
+
+    def _source(self, leaves: list[object]) -> object | None:
+        """The one tensor every summand branches from (at least one a conv of it), or None."""
+        conv_inputs = {leaf: self.resolve(layer.input) for leaf in leaves if (layer := self._conv(leaf))}
+        # a summand other convs read is the identity branch, even when it is a conv output itself
+        sources = {x for leaf, x in conv_inputs.items() if leaf not in conv_inputs.values()}
+        if len(leaves) < 2 or len(sources) != 1:
+            return None
+        (source,) = sources
+        others = [leaf for leaf in leaves if leaf is not source and conv_inputs.get(leaf) is not source]
+        return source if all(self._norm_input(leaf) is source for leaf in others) else None
+
+    def _norm_input(self, leaf: object) -> object | None:
+        """What a kept norm summand reads (seen through folded ops); None for any other op."""
+        keep = self.kept.get(leaf)
+        if keep is None:
+            return None
+        return self.resolve(self.view.handle(self.view.norm_input(self.view.by_name[keep.unit.nodes[0]])))
+
+    # --- one block ----------------------------------------------------------------------------------
+
+    def _merge(self, adds: list[object], weighted: list[tuple], source: object) -> Merge:
+        leaves = [leaf for leaf, _ in weighted]
+        if len(set(leaves)) != len(leaves):
+            where = self.view.describe(adds[0])
+            raise Refused("repeated_branch", f"the same branch is added twice in the sum at {where}")
+        y_shape, x_shape = self.view.shape(adds[0]), self.view.shape(source)
+        nd = len(x_shape) - 2
+        branches = [
+            dataclasses.replace(self._branch(leaf, source, adds, nd), coeff=per_channel(c, y_shape[1]))
+            for leaf, c in weighted
+        ]
+        target = merge_target([b for b in branches if b.kind == "conv"], branches)
+        check_geometry(target, branches, tuple(x_shape), tuple(y_shape))
+        bias = target.bias or new_bias_name(self.values, target.weight or "")
+        folds = self.plan.folds
+        new = merged_values(self.values, self.plan, folds, branches, target, bias)  # type: ignore[arg-type]
+        return Merge(tuple(self.view.name(a) for a in adds), "", target, tuple(branches), bias,
+                     target.bias is None, (), new)  # fmt: skip
+
+    def _branch(self, leaf: object, source: object, adds: list[object], nd: int) -> Branch:
+        one = (1,) * nd
+        if leaf is source:
+            return Branch("identity", (), one, one, (0,) * nd, None)
+        outside = [u for u in self.users(leaf) if u not in adds]
+        if outside:
+            what, other = self.view.describe(leaf), self.view.describe(outside[0])
+            raise Refused("multiple_users", f"{what} output is also used outside the sum, by {other}")
+        layer = self._conv(leaf)
+        if layer is not None:
+            return self._conv_branch(layer)
+        keep = self.kept[leaf]
+        if keep.map is None:
+            raise Refused(keep.code, f"{keep.unit.name} is no per-channel map: {keep.reason}")
+        s, t, axis = keep.map
+        channels = self.view.shape(leaf)[1]
+        if axis not in (None, 1, -(nd + 1)):
+            raise Refused("wrong_axis", f"{keep.unit.name} scales axis {axis}, not the channel axis 1")
+        scale, shift = s.reshape(-1).expand(channels).clone(), t.reshape(-1).expand(channels).clone()
+        return Branch("norm", keep.unit.nodes, one, one, (0,) * nd, None, scale=scale, shift=shift,
+                      unit=keep.unit)  # fmt: skip
+
+    def _conv_branch(self, layer: object) -> Branch:
+        view, node = self.view, layer.node
+        what = view.describe(node)
+        check_layer(view, layer, "merging its block")
+        kernel = tuple(view.shape(layer.weight)[2:])
+        nd = len(kernel)
+        if ops.attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise Refused("reparam_padding", f"{what} pads by auto_pad: its windows depend on the input size")
+        pads = tuple(int(p) for p in ops.attr(node, "pads", [0] * 2 * nd))
+        if pads[:nd] != pads[nd:]:
+            raise Refused("reparam_padding",
+                          f"{what} pads {list(pads)}: not the same on both sides of an axis")  # fmt: skip
+        nodes, out = [view.name(node)], node
+        while len(users := view.users(out)) == 1 and users[0] in self.removed:
+            out = users[0]
+            nodes.append(view.name(out))  # its folded norms: part of the branch, gone with it
+        strides = tuple(int(s) for s in ops.attr(node, "strides", [1] * nd))
+        dilations = tuple(int(d) for d in ops.attr(node, "dilations", [1] * nd))
+        return Branch(
+            "conv", tuple(nodes), kernel, strides, pads[:nd], dilations, int(ops.attr(node, "group", 1)),
+            layer=view.name(node), weight=view.state_name(layer.weight),
+            bias=view.state_name(layer.bias) if layer.bias is not None else None,
+        )  # fmt: skip
+
+
+def apply_merges(view: OnnxView, merges: Sequence[Merge]) -> None:
+    """Write ``merges`` (:func:`plan_merges`) into ``view``'s graph, after the plan's folds
+    (module docstring). ``view`` indexes the graph as it was planned: its handles still name the
+    nodes the folds left."""
+    graph = view.graph
+    for m in merges:
+        target = view.by_name[m.target.layer]
+        weight = target.inputs[1]
+        weight.const_value = ops.to_ir_tensor(m.values[m.target.weight or ""], weight.name)
+        if len(target.inputs) > 2 and target.inputs[2] is not None:  # its own, or one a fold gave it
+            target.inputs[2].const_value = ops.to_ir_tensor(m.values[m.bias], target.inputs[2].name)
+        else:
+            add_bias(graph, target, initializer(m.bias, m.values[m.bias]))
+        root = view.by_name[m.adds[0]]
+        bypass(graph, root.outputs[0], target.outputs[0])
+        gone = [view.by_name[n] for n in m.adds]
+        for b in m.branches:
+            if b is not m.target:
+                gone += [view.by_name[n] for n in b.nodes if view.by_name[n].graph is graph]
+        drop_unused(graph, gone)
+
+
+def merge_records(
+    merges: Sequence[Merge], unmerged: Sequence[Unmerged]
+) -> tuple[list[Merged], list[NotMerged], list[Folded]]:
+    """The report's records: each block merged (named by its last sum), each that stays with its
+    code, and each kept norm a merge takes away, reported folded into the block's conv."""
+    merged, taken = [], []
+    for m in merges:
+        into = m.target.layer or ""
+        for b in m.branches:
+            if b.unit is not None:
+                unit = b.unit
+                pattern = "reparam-bn" if unit.kind == "batch_norm" else "reparam-affine"
+                taken.append(Folded(unit.name, unit.module_type, into, "Conv", pattern, "onnx",
+                                    unit.nodes[0]))  # fmt: skip
+        labels = tuple(_label(b) for b in m.branches)
+        merged.append(Merged(m.adds[0], into, labels, "onnx", m.adds[0]))
+    kept = [NotMerged(u.adds[0], u.code, u.reason, u.adds[0]) for u in unmerged]
+    return merged, kept, taken
+
+
+def _label(branch: Branch) -> str:
+    if branch.kind == "identity":
+        return "identity"
+    owner = branch.layer if branch.kind == "conv" else branch.unit.name if branch.unit is not None else ""
+    return f"{owner} ({branch.label()})"
