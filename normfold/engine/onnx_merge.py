@@ -21,8 +21,10 @@ module finds the blocks of an ONNX graph and writes them:
   users read it (a graph output keeps its name), and the other branches' nodes and the sum's go,
   with the initializers only they read.
 
-Average-pool branches and per-channel scales of a sub-sum (FastViT's RepMixer) are merged on the
-PyTorch path only; here such a sum is no block.
+A per-channel scale (a kept ``Mul`` by a constant, no shift) of a sub-sum that only the outer sum
+reads weights that sub-sum's branches (FastViT's RepMixer ``x + g * (mixer(x) - norm(x))``) and
+goes with the merge. Average-pool branches are merged on the PyTorch path only: here such a sum is
+no block.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from normfold.engine.context import Refused
 from normfold.engine.fold_records import Folded, Merged, NotMerged
 from normfold.engine.onnx_apply import add_bias, bypass, drop_unused, initializer
 from normfold.engine.onnx_view import OnnxView
-from normfold.engine.records import Keep, Plan, Values, new_bias_name
+from normfold.engine.records import Keep, Plan, Unit, Values, new_bias_name
 from normfold.engine.reparam_values import merged_values
 from normfold.engine.rules.checks import check_layer
 
@@ -82,13 +84,13 @@ class _Merger:
         for node in reversed(list(self.view.nodes())):
             if node in seen or self._summands(node) is None:
                 continue
-            adds, weighted = self._tree(node)
+            adds, weighted, scales = self._tree(node)
             source = self._source([leaf for leaf, _ in weighted])
             if source is None:  # not branches of one tensor; an inner sum may be a block on its own
                 continue
             seen.update(adds)
             try:
-                merges.append(self._merge(adds, weighted, source))
+                merges.append(self._merge(adds, weighted, source, scales))
             except Refused as fail:
                 unmerged.append(Unmerged(tuple(self.view.name(a) for a in adds), "", fail.code, fail.reason))
         return merges[::-1], unmerged[::-1]
@@ -108,20 +110,66 @@ class _Merger:
             return None
         return [(operands[0], 1.0), (operands[1], _SIGN[node.op_type])]
 
-    def _tree(self, root: object, coeff: torch.Tensor | None = None) -> tuple[list[object], list[tuple]]:
-        """The sum's nodes (the root first, then each inner sum only the outer one uses) and its
-        summands with their factors (None: 1), seen through folded ops."""
-        ops_, leaves = [root], []
+    def _tree(
+        self, root: object, coeff: torch.Tensor | None = None
+    ) -> tuple[list[object], list[tuple], list[Unit]]:
+        """The sum's nodes (the root first, then each inner sum or per-channel scale of a sum that
+        only the outer one uses), its summands with their factors (None: 1), and the scales taken
+        away; seen through folded ops."""
+        ops_, leaves, scales = [root], [], []
         for arg, sign in self._summands(root) or []:
             factor = coeff if sign == 1 else -(_ONE if coeff is None else coeff)
             leaf = self.resolve(arg)
+            if self.users(leaf) == [root]:
+                while (zero := self._plus_zero(leaf)) is not None:  # later hops: checked in _plus_zero
+                    keep, leaf = zero
+                    ops_ += [self.view.by_name[n] for n in reversed(keep.unit.nodes)]
+                    scales.append(keep.unit)
             if self._summands(leaf) is not None and self.users(leaf) == [root]:
-                inner_ops, inner_leaves = self._tree(leaf, factor)
-                ops_ += inner_ops
-                leaves += inner_leaves
+                inner = self._tree(leaf, factor)
+            elif (scaled := self._scaled_sum(leaf, root)) is not None:
+                keep, inner_root, scale = scaled
+                inner = self._tree(inner_root, scale if factor is None else factor * scale)
+                ops_ += [self.view.by_name[n] for n in reversed(keep.unit.nodes)]
+                scales.append(keep.unit)
             else:
                 leaves.append((leaf, factor))
-        return ops_, leaves
+                continue
+            ops_ += inner[0]
+            leaves += inner[1]
+            scales += inner[2]
+        return ops_, leaves, scales
+
+    def _plus_zero(self, leaf: object) -> tuple[Keep, object] | None:
+        """``(kept map, what it reads)`` when ``leaf`` is a kept map that changes nothing (``y + 0``:
+        timm's literal 0 for a missing branch, exported as an ``Add`` of a zero constant) on a
+        tensor only it reads: seen through, and gone with the merge."""
+        keep = self.kept.get(leaf)
+        if keep is None or keep.map is None or keep.unit.kind != "affine":
+            return None
+        s, t, _ = keep.map
+        first = self.view.by_name[keep.unit.nodes[0]]
+        inner = self.resolve(self.view.handle(self.view.norm_input(first)))
+        if not (bool((s == 1).all()) and bool((t == 0).all())) or self.users(inner) != [first]:
+            return None
+        return keep, inner
+
+    def _scaled_sum(self, leaf: object, user: object) -> tuple[Keep, object, torch.Tensor] | None:
+        """``(kept scale, the sum it scales, the scale per channel)`` when ``leaf`` is a kept
+        per-channel scale (no shift, on the channel axis) of a sum only it reads, and ``user``
+        alone reads ``leaf`` (FastViT's ``x + g * (mixer(x) - norm(x))``)."""
+        keep = self.kept.get(leaf)
+        if keep is None or keep.map is None or self.users(leaf) != [user]:
+            return None
+        s, t, axis = keep.map
+        first = self.view.by_name[keep.unit.nodes[0]]
+        inner = self.resolve(self.view.handle(self.view.norm_input(first)))
+        rank = len(self.view.shape(leaf))
+        if bool((t != 0).any()) or axis not in (None, 1, 1 - rank) or self._summands(inner) is None:
+            return None
+        if self.users(inner) != [first]:
+            return None
+        return keep, inner, s.reshape(-1).to(torch.float64)
 
     def _conv(self, node: object) -> object | None:
         layer = self.view.layer(node)
@@ -147,7 +195,7 @@ class _Merger:
 
     # --- one block ----------------------------------------------------------------------------------
 
-    def _merge(self, adds: list[object], weighted: list[tuple], source: object) -> Merge:
+    def _merge(self, adds: list[object], weighted: list[tuple], source: object, scales: list[Unit]) -> Merge:
         leaves = [leaf for leaf, _ in weighted]
         if len(set(leaves)) != len(leaves):
             where = self.view.describe(adds[0])
@@ -164,7 +212,7 @@ class _Merger:
         folds = self.plan.folds
         new = merged_values(self.values, self.plan, folds, branches, target, bias)  # type: ignore[arg-type]
         return Merge(tuple(self.view.name(a) for a in adds), "", target, tuple(branches), bias,
-                     target.bias is None, (), new)  # fmt: skip
+                     target.bias is None, tuple(scales), new)  # fmt: skip
 
     def _branch(self, leaf: object, source: object, adds: list[object], nd: int) -> Branch:
         one = (1,) * nd
@@ -243,12 +291,9 @@ def merge_records(
     merged, taken = [], []
     for m in merges:
         into = m.target.layer or ""
-        for b in m.branches:
-            if b.unit is not None:
-                unit = b.unit
-                pattern = "reparam-bn" if unit.kind == "batch_norm" else "reparam-affine"
-                taken.append(Folded(unit.name, unit.module_type, into, "Conv", pattern, "onnx",
-                                    unit.nodes[0]))  # fmt: skip
+        for unit in [*(b.unit for b in m.branches if b.unit is not None), *m.scales]:
+            pattern = "reparam-bn" if unit.kind == "batch_norm" else "reparam-affine"
+            taken.append(Folded(unit.name, unit.module_type, into, "Conv", pattern, "onnx", unit.nodes[0]))
         labels = tuple(_label(b) for b in m.branches)
         merged.append(Merged(m.adds[0], into, labels, "onnx", m.adds[0]))
     kept = [NotMerged(u.adds[0], u.code, u.reason, u.adds[0]) for u in unmerged]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 import onnx_rows as rows
 
@@ -84,3 +85,23 @@ def test_a_branch_read_outside_the_sum_stays_with_its_code() -> None:
     (kept,) = result.not_merged
     assert kept.code == "multiple_users"
     assert kept.reason == "conv_b_conv (Conv) output is also used outside the sum, by z_relu (Relu)"
+
+
+def test_a_layer_scaled_difference_and_a_plus_zero_branch_merge() -> None:
+    """FastViT's RepMixer ``x + g * (conv(x) - bn(x))`` (g per channel: the difference's branches
+    weighted by g), and timm's missing branch as a literal 0 (``(bn(x) + 0) + conv(x)``): each one
+    Conv, the scale and the ``+ 0`` reported folded into it."""
+    b = rows.Builder(75)
+    mixer = b.bn(b.conv("x", 6, 6, "mix", k=3, group=6), 6, "bn_mix")
+    diff = b.node("Sub", [mixer, b.bn("x", 6, "norm")], "diff")
+    g = b.init("g", b.rng.uniform(0.5, 1.5, (6, 1, 1)))
+    h = b.node("Add", ["x", b.node("Mul", [diff, g], "scaled")], "h")
+    zero = b.node("Add", [b.bn(h, 6, "bn_id"), b.init("zero", np.zeros(()))], "plus_zero")
+    b.node("Add", [zero, b.bn(b.conv(h, 6, 6, "conv", k=3), 6, "bn_conv")], "y")
+    result = normfold.fold_onnx(b.model([("x", ["N", 6, 5, 5])], [("y", ["N", 6, 5, 5])]))
+    assert result.parity.passed and result.parity.decided
+    assert _ops(result.model) == Counter({"Conv": 2})
+    assert [m.node for m in result.merged] == ["h", "y"]
+    patterns = {f.norm: f.pattern for f in result.folded}
+    assert patterns["scaled_mul:scaled"] == patterns["plus_zero_add:plus_zero"] == "reparam-affine"
+    assert patterns["norm"] == patterns["bn_id"] == "reparam-bn" and not result.skipped
