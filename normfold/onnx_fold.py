@@ -151,7 +151,8 @@ def fold_planned(
     new = folded_values(plan, planned.values)
     apply_plan(view, plan, new, planned.values.names)
     apply_merges(view, planned.merges)
-    rejoin_unchanged(model, planned.copies, set(new))
+    merged = {n for m in planned.merges for n in (m.target.weight, m.bias)}
+    rejoin_unchanged(model, planned.copies, set(new) | merged)
     lowered, lower_notes = lower_kept(view, lower) if lower is not None else ([], [])
     candidate: bytes | Path
     if staged is None:

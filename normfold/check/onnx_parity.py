@@ -120,10 +120,11 @@ def parity_onnx(
         return own
     fed = _fed_session(original, source) if _perturbable(original, feeds) else None  # ref was freed above
     try:
-        return judged(_perturbed(original, typed, count, fed, out_names, base_dir))
+        perturbed = _perturbed(original, typed, count, fed, out_names, base_dir)
     except Exception as e:  # as check.exact: the original's own error alone then, and said so
         notes.append(f"no perturbed run ({first_line(e)}); the model's own error alone")
         return judged([])
+    return judged(perturbed)
 
 
 def onnx_sets(feeds: Mapping[str, torch.Tensor], rule: ParityRule, *, given: bool = False) -> list[InputSet]:

@@ -59,9 +59,9 @@ def split_shared(model: ir.Model) -> dict[str, str]:
 
 
 def rejoin_unchanged(model: ir.Model, copies: Mapping[str, str], changed: set[str]) -> None:
-    """Layers whose copy of a shared initializer no fold changed read one initializer again, under
-    the original name (a folded layer's own copy takes a copy's name where the original was
-    folded)."""
+    """Layers whose copy of a shared initializer no fold or merge changed read one initializer
+    again, under the original name (a changed layer's own copy takes a copy's name where the
+    original was changed; where a merge removed the original's reader, a copy takes its name)."""
     graph = model.graph
     groups: dict[str, list[str]] = {}
     for name, original in copies.items():
@@ -75,7 +75,11 @@ def rejoin_unchanged(model: ir.Model, copies: Mapping[str, str], changed: set[st
             for use in list(graph.initializers[name].uses()):
                 use.node.replace_input_with(use.idx, holder)
             graph.initializers.pop(name)
-        if holder.name != original:  # the original was folded: the shared value takes its name back
+        if holder.name != original and original not in graph.initializers:  # its reader merged away
+            graph.initializers.pop(holder.name)
+            holder.name = original
+            graph.register_initializer(holder)
+        elif holder.name != original:  # the original was folded: the shared value takes its name back
             folded = graph.initializers.pop(original)
             graph.initializers.pop(holder.name)
             folded.name, holder.name = holder.name, original
@@ -160,13 +164,13 @@ def apply_plan(
     _drop_initializers(graph, used_before)
 
 
-def drop_unused(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+def drop_unused(graph: ir.Graph, nodes: list[ir.Node], dead: list[ir.Node] = ()) -> None:  # type: ignore[assignment]
     """Remove ``nodes`` (no reader left outside them), then the constant computations and the
-    initializers that only they read."""
+    initializers that only they read (``dead``: more producers that may have lost their readers)."""
     inputs = [v for n in nodes for v in n.inputs if v is not None]
     producers = [v.producer() for v in inputs if v.producer() is not None and v.producer() not in nodes]
     graph.remove(nodes, safe=True)
-    _drop_dead(graph, producers)  # type: ignore[arg-type]
+    _drop_dead(graph, [*producers, *dead])  # type: ignore[list-item]
     _drop_initializers(graph, {v.name for v in inputs if v.is_initializer() and v.name})
 
 

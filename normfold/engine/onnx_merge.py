@@ -183,14 +183,24 @@ class _Merger:
         if len(leaves) < 2 or len(sources) != 1:
             return None
         (source,) = sources
+        # handles are nodes: the outputs of a Split are one handle, but different tensors
+        if (isinstance(source, ir.Node) and len(source.outputs) > 1) or len(self.view.shape(source)) < 3:
+            return None
         others = [leaf for leaf in leaves if leaf is not source and conv_inputs.get(leaf) is not source]
         return source if all(self._norm_input(leaf) is source for leaf in others) else None
 
     def _norm_input(self, leaf: object) -> object | None:
-        """What a kept norm summand reads (seen through folded ops); None for any other op."""
+        """What a kept norm summand reads (seen through folded ops; for a norm kept on a conv's
+        output, that conv's input: the block is found, and :meth:`_branch` says why it stays);
+        None for any other op."""
         keep = self.kept.get(leaf)
         if keep is None:
             return None
+        read = self._kept_input(keep)
+        layer = self._conv(read)
+        return self.resolve(layer.input) if layer is not None else read
+
+    def _kept_input(self, keep: Keep) -> object:
         return self.resolve(self.view.handle(self.view.norm_input(self.view.by_name[keep.unit.nodes[0]])))
 
     # --- one block ----------------------------------------------------------------------------------
@@ -226,6 +236,8 @@ class _Merger:
         if layer is not None:
             return self._conv_branch(layer)
         keep = self.kept[leaf]
+        if self._kept_input(keep) is not source:  # a norm kept on a conv's output
+            raise Refused(keep.code, f"{keep.unit.name} stays on its conv branch: {keep.reason}")
         if keep.map is None:
             raise Refused(keep.code, f"{keep.unit.name} is no per-channel map: {keep.reason}")
         s, t, axis = keep.map
@@ -268,19 +280,38 @@ def apply_merges(view: OnnxView, merges: Sequence[Merge]) -> None:
     graph = view.graph
     for m in merges:
         target = view.by_name[m.target.layer]
-        weight = target.inputs[1]
-        weight.const_value = ops.to_ir_tensor(m.values[m.target.weight or ""], weight.name)
+        dead = _write(graph, target, 1, m.target.weight or "", m.values[m.target.weight or ""])
         if len(target.inputs) > 2 and target.inputs[2] is not None:  # its own, or one a fold gave it
-            target.inputs[2].const_value = ops.to_ir_tensor(m.values[m.bias], target.inputs[2].name)
+            dead += _write(graph, target, 2, m.bias, m.values[m.bias])
         else:
             add_bias(graph, target, initializer(m.bias, m.values[m.bias]))
-        root = view.by_name[m.adds[0]]
-        bypass(graph, root.outputs[0], target.outputs[0])
+        out = bypass(graph, view.by_name[m.adds[0]].outputs[0], target.outputs[0])
         gone = [view.by_name[n] for n in m.adds]
         for b in m.branches:
             if b is not m.target:
                 gone += [view.by_name[n] for n in b.nodes if view.by_name[n].graph is graph]
-        drop_unused(graph, gone)
+        for node in gone:  # what else reads them reads only their shape, which is the sum's
+            for v in node.outputs:
+                for use in list(v.uses()):
+                    if use.node not in gone:
+                        use.node.replace_input_with(use.idx, out)
+        drop_unused(graph, gone, dead)
+
+
+def _write(graph: ir.Graph, node: ir.Node, index: int, name: str, value: torch.Tensor) -> list[ir.Node]:
+    """``node``'s input ``index`` takes ``value``: written into its initializer, or, read from a
+    ``Constant`` or a computation (a cast), a new initializer ``name`` (the old value renamed);
+    returns the producer left without that reader."""
+    current = node.inputs[index]
+    if current.is_initializer():
+        current.const_value = ops.to_ir_tensor(value, current.name)
+        return []
+    if current.name == name:
+        current.name = f"{name}__computed"
+    node.replace_input_with(index, new := initializer(name, value))
+    graph.register_initializer(new)
+    producer = current.producer()
+    return [producer] if producer is not None else []
 
 
 def merge_records(

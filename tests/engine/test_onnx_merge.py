@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_rows as rows
+from onnx import numpy_helper as nh
 
 import normfold
 
@@ -105,3 +106,87 @@ def test_a_layer_scaled_difference_and_a_plus_zero_branch_merge() -> None:
     patterns = {f.norm: f.pattern for f in result.folded}
     assert patterns["scaled_mul:scaled"] == patterns["plus_zero_add:plus_zero"] == "reparam-affine"
     assert patterns["norm"] == patterns["bn_id"] == "reparam-bn" and not result.skipped
+
+
+X, Y = [("x", ["N", 4, 5, 5])], [("y", ["N", 4, 5, 5])]
+
+
+def test_outputs_of_one_split_are_different_tensors() -> None:
+    """``conv(s1) + s0`` and ``conv_a(s0) + conv_b(s1)``: a Split's outputs are one node but not
+    one tensor; merging them computed ``conv(s1) + s1`` (parity caught it and nothing folded)."""
+    for two_convs in (False, True):
+        b = rows.Builder(41)
+        split = onnx.helper.make_node("Split", ["x"], ["s0", "s1"], name="split", axis=1, num_outputs=2)
+        b.nodes.append(split)
+        other = b.bn(b.conv("s0", 4, 4, "conv_a", k=1, pads=[0] * 4), 4, "bn_a") if two_convs else "s0"
+        b.node("Add", [b.bn(b.conv("s1", 4, 4, "conv", k=3), 4, "bn"), other], "y")
+        result = normfold.fold_onnx(b.model([("x", ["N", 8, 5, 5])], Y, opset=18))
+        assert result.parity.passed and not result.merged and not result.not_merged
+        assert _ops(result.model)["BatchNormalization"] == 0
+
+
+def test_weights_and_biases_shared_with_a_layer_outside_the_block() -> None:
+    """A branch or the target sharing its weight or bias with a conv elsewhere: the merged values
+    are the target's own, the other conv keeps the shared one (a KeyError when the dropped branch
+    held the original name; the merged weight joined back to its sharer, wrong outputs)."""
+    for case in ("branch", "target", "bias"):
+        b = rows.Builder(1)
+        w = b.weight("shared.weight", (4, 4, 1, 1) if case == "branch" else (4, 4, 3, 3))
+        kw = {"weight": w} if case == "target" else {}
+        a = b.conv("x", 4, 4, "conv_a", k=3, **kw)
+        c = b.conv("x", 4, 4, "conv_b", k=1, pads=[0] * 4, **({"weight": w} if case == "branch" else {}))
+        if case == "bias":
+            b.nodes[0].input[2] = "conv_b.bias"  # conv_a reads conv_b's bias; z below reads it too
+        b.node("Add", [a, c], "y")
+        zw = w if case != "bias" else b.weight("z.weight", (4, 4, 1, 1))
+        k = 3 if case == "target" else 1
+        b.node("Conv", ["x", zw, "conv_b.bias"], "z", pads=[k // 2] * 4)
+        result = normfold.fold_onnx(b.model(X, [*Y, ("z", ["N", 4, 5, 5])]))
+        assert result.parity.passed and [m.into for m in result.merged] == ["conv_a"]
+
+
+def test_a_target_whose_weight_or_bias_is_a_constant_node_takes_the_merged_values() -> None:
+    """A weight from a ``Constant`` node, or computed by a ``Cast``, no fold to make it an
+    initializer: the merged values were written nowhere and the branches dropped anyway."""
+    for how in ("constant", "cast", "bias"):
+        b = rows.Builder(5)
+        w = b.rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+        if how == "constant":
+            const = onnx.helper.make_node("Constant", [], ["wconst"], value=nh.from_array(w, "wconst"))
+            b.nodes.append(const)
+            a = b.conv("x", 4, 4, "conv_a", k=3, weight="wconst")
+        elif how == "cast":
+            b.inits.append(nh.from_array(w.astype(np.float16), "w16"))
+            w32 = b.node("Cast", ["w16"], "w32", to=onnx.TensorProto.FLOAT)
+            a = b.conv("x", 4, 4, "conv_a", k=3, weight=w32)
+        else:
+            a = b.conv("x", 4, 4, "conv_a", k=3)
+            bias = nh.from_array(b.rng.normal(0, 0.1, 4).astype(np.float32), "bconst")
+            b.nodes.insert(0, onnx.helper.make_node("Constant", [], ["bconst"], value=bias))
+            b.nodes[1].input[2] = "bconst"
+        b.node("Add", [a, b.conv("x", 4, 4, "conv_b", k=1, pads=[0] * 4)], "y")
+        result = normfold.fold_onnx(b.model(X, Y))
+        assert result.parity.passed and len(result.merged) == 1
+        assert _ops(result.model) == Counter({"Conv": 1})  # the Constant / Cast went with the old value
+
+
+def test_a_branch_whose_shape_is_read_and_a_norm_kept_on_a_conv_branch() -> None:
+    """A ``Shape`` of a branch (a shape read is no use) reads the merged conv: it crashed the
+    apply; a norm kept on a conv's output leaves the block with that norm's code, as on the
+    PyTorch path (the block was silently no block)."""
+    b = rows.Builder(50)
+    a = b.bn(b.conv("x", 4, 4, "conv_a", k=3), 4, "bn_a")
+    c = b.bn(b.conv("x", 4, 4, "conv_b", k=1, pads=[0] * 4), 4, "bn_b")
+    s = b.node("Add", [a, c], "s")
+    b.node("Reshape", [s, b.node("Shape", [c], "shp")], "y")
+    result = normfold.fold_onnx(b.model(X, Y))
+    assert result.parity.passed and len(result.merged) == 1 and _ops(result.model)["Conv"] == 1
+
+    b = rows.Builder(23)
+    a = b.bn(b.conv("x", 4, 4, "ca", k=3), 4, "bna")
+    cb = b.conv("x", 4, 4, "cb", k=1, pads=[0] * 4)
+    b.node("Add", [a, b.bn(cb, 4, "bnb")], "y")
+    b.node("Relu", [cb], "z")
+    result = normfold.fold_onnx(b.model(X, [*Y, ("z", ["N", 4, 5, 5])]))
+    (kept,) = result.not_merged
+    assert kept.code == "multiple_users" and kept.reason.startswith("bnb stays on its conv branch: ")
