@@ -18,7 +18,8 @@ from helpers import invoke, invoke_fresh, ok
 
 def _two_norms() -> onnx.ModelProto:
     """conv1 -> bn1 -> relu -> conv2 -> bn2, whose conv output also feeds the residual Add: bn1
-    folds, bn2 stays (``multiple_users``)."""
+    folds, bn2 stays (``multiple_users``), and so does the sum ``bn2(conv2(r)) + conv2(r)`` as a block
+    (bn2 stays on its conv branch: merged=0/1, as on the PyTorch path)."""
     b = rows.Builder(21)
     r = b.node("Relu", [b.bn(b.conv("x", 3, 6, "conv1"), 6, "bn1")], "r")
     c2 = b.conv(r, 6, 6, "conv2")
@@ -61,7 +62,7 @@ def test_fold_writes_fewer_batchnorms_matching_the_original(model: Path) -> None
     assert "bn1 | BatchNormalization | fold | conv1_conv (conv-bn)" in lines
     assert "bn2 | BatchNormalization | keep | multiple_users: conv2_conv (Conv) output has 2 users" in lines
     assert "normfold folded 1 of 2 norm ops; 1 kept (reasons above)" in lines
-    assert lines[-1] == "normfold: ok folded=1/2 kept=1 parity=pass(onnxruntime) out=f.onnx"
+    assert lines[-1] == "normfold: ok folded=1/2 kept=1 merged=0/1 parity=pass(onnxruntime) out=f.onnx"
     assert result.stderr == ""
 
 
@@ -104,7 +105,7 @@ def test_inspect_writes_nothing_but_its_report(model: Path) -> None:
     lines = result.stdout.splitlines()
     assert "bn1 | BatchNormalization | fold | conv1_conv (conv-bn)" in lines
     assert "1 of 2 norm ops would fold" in lines
-    assert lines[-1] == "normfold: ok folded=1/2 kept=1 out=none"
+    assert lines[-1] == "normfold: ok folded=1/2 kept=1 merged=0/1 out=none"
     ok("inspect", "m.onnx", "--report", "r.json")
     assert _files(model.parent) == sorted([*before, "r.json"])
     report = json.loads((model.parent / "r.json").read_text())
