@@ -16,7 +16,7 @@ TRANSFORM_CODES: tuple[Code, ...] = (
     _code(
         "reparam_padding",
         "centred in the largest kernel, a branch would read other inputs (`p_i != P - d(K - k_i)/2`), "
-        "or an avg pool leaves its padding out of the divisor",
+        "an avg pool leaves its padding out of the divisor, or (ONNX) a Conv pads unevenly or by `auto_pad`",
         "merge",
     ),
     _code("reparam_pool", "an avg pool uses `ceil_mode` or `divisor_override`: no fixed kernel", "merge"),
