@@ -43,9 +43,10 @@ def split_shared(model: ir.Model) -> dict[str, str]:
         uses = [u for u in init.uses() if u.node.op_type not in ops.SHAPE_ONLY]  # a shape read is no use
         if len(uses) < 2 or init.is_graph_input() or init.is_graph_output():
             continue
-        for use in uses[1:]:
-            if use.node.graph is not graph or use.idx not in _LAYER_SLOTS.get(use.node.op_type, ()):
-                continue
+        slots = [u for u in uses if u.node.graph is graph and u.idx in _LAYER_SLOTS.get(u.node.op_type, ())]
+        # the first reader keeps the original unless it is a layer another kind of reader shares
+        # it with (a zero bias deduplicated with a BN's zero beta): then every layer takes a copy
+        for use in slots[1:] if len(slots) == len(uses) else slots:
             k = 1
             while f"{init.name}__{k}" in taken:
                 k += 1
@@ -170,7 +171,7 @@ def drop_unused(graph: ir.Graph, nodes: list[ir.Node], dead: list[ir.Node] = ())
     inputs = [v for n in nodes for v in n.inputs if v is not None]
     producers = [v.producer() for v in inputs if v.producer() is not None and v.producer() not in nodes]
     graph.remove(nodes, safe=True)
-    _drop_dead(graph, [*producers, *dead])  # type: ignore[list-item]
+    inputs += _drop_dead(graph, [*producers, *dead])  # type: ignore[list-item]
     _drop_initializers(graph, {v.name for v in inputs if v.is_initializer() and v.name})
 
 
@@ -246,12 +247,16 @@ def add_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value) -> None:
         new.name = f"{out.name}_biased"
 
 
-def _drop_dead(graph: ir.Graph, stack: list[ir.Node]) -> None:
+def _drop_dead(graph: ir.Graph, stack: list[ir.Node]) -> list[ir.Value]:
     """Remove the nodes (``stack``: the removed nodes' producers) whose outputs nothing reads any
-    more (constant computations of the statistics), and their producers in turn."""
+    more (constant computations of the statistics), and their producers in turn; returns what
+    the removed nodes read."""
+    read = []
     while stack:
         node = stack.pop()
         if node.graph is not graph or any(v.uses() or v.is_graph_output() for v in node.outputs):
             continue
         stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+        read += [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
+    return read

@@ -63,6 +63,9 @@ class _Merger:
         by_name = view.by_name
         # every op of a folded unit stands for the unit's input
         self.removed = {by_name[n]: by_name[f.unit.input] for f in plan.folds for n in f.unit.nodes}
+        self.removed_value = {  # the same, by the value the unit reads
+            by_name[n]: view.norm_input(by_name[f.unit.nodes[0]]) for f in plan.folds for n in f.unit.nodes
+        }
         self.kept: dict[object, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
 
     def resolve(self, node: object) -> object:
@@ -183,21 +186,40 @@ class _Merger:
         if len(leaves) < 2 or len(sources) != 1:
             return None
         (source,) = sources
-        # handles are nodes: the outputs of a Split are one handle, but different tensors
-        if (isinstance(source, ir.Node) and len(source.outputs) > 1) or len(self.view.shape(source)) < 3:
+        if len(self.view.shape(source)) < 3:
             return None
         others = [leaf for leaf in leaves if leaf is not source and conv_inputs.get(leaf) is not source]
-        return source if all(self._norm_input(leaf) is source for leaf in others) else None
+        if not all(self._norm_input(leaf, source) is source for leaf in others):
+            return None
+        return source if self._one_tensor(source, leaves) else None
 
-    def _norm_input(self, leaf: object) -> object | None:
-        """What a kept norm summand reads (seen through folded ops; for a norm kept on a conv's
-        output, that conv's input: the block is found, and :meth:`_branch` says why it stays);
-        None for any other op."""
+    def _one_tensor(self, source: object, leaves: list[object]) -> bool:
+        """Handles are nodes, and the outputs of a Split one handle but different tensors: of a
+        node with several outputs, every branch must read the same one (a bare identity branch,
+        whose value the sum reads, is no block there)."""
+        if not isinstance(source, ir.Node) or len(source.outputs) == 1:
+            return True
+        if source in leaves:
+            return False
+        read = set()
+        for leaf in leaves:
+            layer = self._conv(leaf)
+            first = layer.node if layer is not None else self.view.by_name[self.kept[leaf].unit.nodes[0]]
+            value = layer.node.inputs[0] if layer is not None else self.view.norm_input(first)
+            while (producer := value.producer()) in self.removed_value:
+                value = self.removed_value[producer]
+            read.add(id(value))
+        return len(read) == 1
+
+    def _norm_input(self, leaf: object, source: object) -> object | None:
+        """What a kept norm summand reads (seen through folded ops; for a norm kept on the output
+        of a conv other than ``source``, that conv's input: the block is found, and
+        :meth:`_branch` says why it stays); None for any other op."""
         keep = self.kept.get(leaf)
         if keep is None:
             return None
         read = self._kept_input(keep)
-        layer = self._conv(read)
+        layer = self._conv(read) if read is not source else None
         return self.resolve(layer.input) if layer is not None else read
 
     def _kept_input(self, keep: Keep) -> object:

@@ -190,3 +190,66 @@ def test_a_branch_whose_shape_is_read_and_a_norm_kept_on_a_conv_branch() -> None
     result = normfold.fold_onnx(b.model(X, [*Y, ("z", ["N", 4, 5, 5])]))
     (kept,) = result.not_merged
     assert kept.code == "multiple_users" and kept.reason.startswith("bnb stays on its conv branch: ")
+
+
+def _unused(model: onnx.ModelProto) -> list[str]:
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return [t.name for t in model.graph.initializer if t.name not in read]
+
+
+def test_a_block_on_one_split_output_and_a_block_on_a_conv_output_merge() -> None:
+    """A RepVGG block on one chunk of a Split (every branch reads that same output), and one whose
+    input is a conv's output with a norm kept on it: both merge (the fixes for Split outputs and
+    kept norms on conv branches had made them no block)."""
+    b = rows.Builder(41)
+    b.nodes.append(onnx.helper.make_node("Split", ["x"], ["s0", "s1"], name="split", axis=1, num_outputs=2))
+    s = b.node("Add", [b.bn(b.conv("s1", 4, 4, "conv_a", k=3), 4, "bn_a"),
+                       b.bn(b.conv("s1", 4, 4, "conv_b", k=1, pads=[0] * 4), 4, "bn_b")], "s")  # fmt: skip
+    b.node("Concat", ["s0", b.node("Add", [s, b.bn("s1", 4, "bn_id")], "t")], "y", axis=1)
+    result = normfold.fold_onnx(b.model([("x", ["N", 8, 5, 5])], [("y", ["N", 8, 5, 5])], opset=18))
+    assert result.parity.passed and [m.node for m in result.merged] == ["t"]
+    assert _ops(result.model)["BatchNormalization"] == 0 and _ops(result.model)["Conv"] == 1
+
+    b = rows.Builder(42)
+    c0 = b.conv("x", 4, 4, "conv0", k=3)
+    s = b.node("Add", [b.bn(b.conv(c0, 4, 4, "conv_a", k=3), 4, "bn_a"),
+                       b.bn(b.conv(c0, 4, 4, "conv_b", k=1, pads=[0] * 4), 4, "bn_b")], "s")  # fmt: skip
+    b.node("Add", [s, b.bn(c0, 4, "bn_id")], "y")
+    result = normfold.fold_onnx(b.model(X, Y))
+    assert result.parity.passed and [m.node for m in result.merged] == ["y"]
+    assert _ops(result.model) == Counter({"Conv": 2})
+
+
+def test_weights_read_through_an_identity_or_cast_leave_no_initializer_unused() -> None:
+    for where in ("branch", "target"):
+        b = rows.Builder(5)
+        raw = b.weight("w_raw", (4, 4, 1, 1) if where == "branch" else (4, 4, 3, 3))
+        w = b.node("Identity", [raw], "onnx::Conv_7")
+        a = b.conv("x", 4, 4, "conv_a", k=3, **({"weight": w} if where == "target" else {}))
+        c = b.conv("x", 4, 4, "conv_b", k=1, pads=[0] * 4, **({"weight": w} if where == "branch" else {}))
+        b.node("Add", [a, c], "y")
+        result = normfold.fold_onnx(b.model(X, Y))
+        assert result.parity.passed and len(result.merged) == 1
+        assert _unused(result.model) == [] and "w_raw" not in {t.name for t in result.model.graph.initializer}
+
+
+def test_a_zero_bias_deduplicated_with_a_norms_beta_is_copied_for_the_conv() -> None:
+    """An exporter's one zero initializer as conv_b's bias and bn_id's beta: the conv takes its
+    own copy whichever node reads it first (first the conv: ``shared_producer``, no fold, no merge)."""
+    for conv_first in (True, False):
+        b = rows.Builder(3)
+        b.init("Z", np.zeros(4))
+        if not conv_first:
+            idn = b.bn("x", 4, "bn_id")
+            b.nodes[-1].input[2] = "Z"
+        a = b.bn(b.conv("x", 4, 4, "conv_a", k=3), 4, "bn_a")
+        c = b.conv("x", 4, 4, "conv_b", k=1, pads=[0] * 4)
+        b.nodes[-1].input[2] = "Z"
+        c = b.bn(c, 4, "bn_b")
+        if conv_first:
+            idn = b.bn("x", 4, "bn_id")
+            b.nodes[-1].input[2] = "Z"
+        b.node("Add", [b.node("Add", [a, c], "s"), idn], "y")
+        result = normfold.fold_onnx(b.model(X, Y))
+        assert result.parity.passed and [m.node for m in result.merged] == ["y"]
+        assert _ops(result.model) == Counter({"Conv": 1}) and not result.skipped
