@@ -408,7 +408,7 @@ def test_the_folded_model_is_checked_on_each_provider_asked_for() -> None:
 
 
 def test_shapes_are_inferred_from_the_graph_without_the_weights_bytes() -> None:
-    from normfold.onnx_fold import _SKELETON_LIMIT, _concrete_shapes, _skeleton
+    from normfold.engine.onnx_shapes import _SKELETON_LIMIT, concrete_shapes, skeleton
 
     b = rows.Builder(43)
     c = b.conv("x", 16, 64, "conv", k=3, pads=[0, 0, 0, 0])  # 3x3 -> 1x1: one feature per channel
@@ -418,14 +418,14 @@ def test_shapes_are_inferred_from_the_graph_without_the_weights_bytes() -> None:
     weight = next(t for t in model.graph.initializer if t.name == "conv.weight")
     assert weight.ByteSize() > _SKELETON_LIMIT  # the case under test: a weight reduced to its dims
 
-    skeleton = _skeleton(model)
-    stub = next(t for t in skeleton.graph.initializer if t.name == "conv.weight")
+    bare = skeleton(model)
+    stub = next(t for t in bare.graph.initializer if t.name == "conv.weight")
     assert list(stub.dims) == [64, 16, 3, 3] and not stub.raw_data and not stub.float_data
-    kept = next(t for t in skeleton.graph.initializer if t.name == "flat_shape")
+    kept = next(t for t in bare.graph.initializer if t.name == "flat_shape")
     assert kept == next(t for t in model.graph.initializer if t.name == "flat_shape")
     assert len(model.graph.initializer[0].raw_data) > 0  # the model itself is untouched
 
-    shapes, types = _concrete_shapes(model, {"x": (5, 16, 3, 3)})
+    shapes, types = concrete_shapes(model, {"x": (5, 16, 3, 3)})
     assert shapes["conv"] == (5, 64, 1, 1) and shapes["flat"] == (5, 64) and shapes["y"] == (5, 64)
     assert types["flat"] == onnx.TensorProto.FLOAT
     result = normfold.fold_onnx(model)

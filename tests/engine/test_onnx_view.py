@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import normfold
+from normfold.engine.onnx_shapes import concrete_shapes
 from normfold.engine.onnx_view import OUTPUT, OnnxView
-from normfold.onnx_fold import _concrete_shapes, _example_inputs
+from normfold.onnx_fold import _example_inputs
 
 
 def _view(model: onnx.ModelProto) -> OnnxView:
     feeds = _example_inputs(model, None, None)
-    shapes, types = _concrete_shapes(model, {k: tuple(v.shape) for k, v in feeds.items()})
+    shapes, types = concrete_shapes(model, {k: tuple(v.shape) for k, v in feeds.items()})
     return OnnxView(ir.serde.deserialize_model(model), shapes, types)
 
 
