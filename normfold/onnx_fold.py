@@ -41,13 +41,14 @@ from normfold.check.parity_rule import ParityRule
 from normfold.engine import planner
 from normfold.engine.branches import Merge, Unmerged
 from normfold.engine.fold_records import Folded, Merged, NotMerged, Skipped
-from normfold.engine.onnx_apply import apply_plan, folded_values, rejoin_unchanged, split_shared
+from normfold.engine.onnx_apply import rejoin_unchanged, split_shared
 from normfold.engine.onnx_lower import Lowered, lower_kept
-from normfold.engine.onnx_merge import apply_merges, merge_records, plan_merges
+from normfold.engine.onnx_merge import merge_records, plan_merges
+from normfold.engine.onnx_rounds import apply_rounds
 from normfold.engine.onnx_shapes import concrete_shapes, run_shapes
 from normfold.engine.onnx_values import OnnxValues
 from normfold.engine.onnx_view import OnnxView
-from normfold.engine.records import Plan
+from normfold.engine.records import Keep, Plan
 from normfold.errors import ExportError, LoadError, ParityError, UsageError, first_line
 from normfold.io.export import commit_export, onnx_inline_limit
 from normfold.io.files import OutputSet
@@ -148,12 +149,12 @@ def fold_planned(
     and prove parity against ``original`` on that file (in memory without ``staged``), on each of
     ``providers``."""
     rule = rule if rule is not None else ParityRule()
-    view, plan, model = planned.view, planned.plan, planned.model
-    new = folded_values(plan, planned.values)
-    apply_plan(view, plan, new, planned.values.names)
-    apply_merges(view, planned.merges)
-    merged = {n for m in planned.merges for n in (m.target.weight, m.bias)}
-    rejoin_unchanged(model, planned.copies, set(new) | merged)
+    model = planned.model
+    applied = apply_rounds(planned.view, planned.values, planned.plan, planned.merges,
+                           reparameterize=planned.reparameterize)  # fmt: skip
+    view = planned.view = applied.view  # of the graph as written
+    planned.later, planned.final_kept = applied.later, applied.kept
+    rejoin_unchanged(model, planned.copies, applied.changed)
     lowered, lower_notes = lower_kept(view, lower) if lower is not None else ([], [])
     candidate: bytes | Path
     if staged is None:
@@ -172,7 +173,7 @@ def fold_planned(
     result = _result(original, folded, planned)
     result.lowered = lowered
     result.notes.extend(lower_notes)
-    del new, model, view  # the folded weights live in the model now, or in the file written
+    del applied, model, view  # the folded weights live in the model now, or in the file written
     if staged is not None:
         _release(planned)
     result.parity = parity_onnx(original, candidate, planned.feeds, rule, given=given, source=planned.source,
@@ -213,6 +214,11 @@ class Planned:
     source: Path | None = None  # the original's file: its external data lie beside it
     merges: list[Merge] = field(default_factory=list)
     unmerged: list[Unmerged] = field(default_factory=list)
+    reparameterize: bool = True
+    #: written by fold_planned: the rounds after the first (:mod:`normfold.engine.onnx_rounds`),
+    #: and the last round's keeps (None: one round)
+    later: list[tuple[Plan, list[Merge]]] = field(default_factory=list)
+    final_kept: list[Keep] | None = None
 
 
 def prepare(
@@ -239,7 +245,7 @@ def prepare(
     values = OnnxValues(view)
     plan = planner.plan(view, values)
     merges, unmerged = plan_merges(view, values, plan) if reparameterize else ([], [])
-    return Planned(feeds, model, copies, view, values, plan, source, merges, unmerged)
+    return Planned(feeds, model, copies, view, values, plan, source, merges, unmerged, reparameterize)
 
 
 def _release(planned: Planned) -> None:
@@ -265,15 +271,21 @@ def _result(original: onnx.ModelProto, folded: onnx.ModelProto | None, planned: 
         input_shapes={k: tuple(v.shape) for k, v in planned.feeds.items()},
     )  # fmt: skip
     result.folded = [_folded(planned.view, f) for f in plan.folds if not f.identity]
-    result.skipped = [Skipped(k.unit.name, k.unit.module_type, k.code, k.reason, k.unit.nodes[0])
-                      for k in plan.kept]  # fmt: skip
+    result.skipped = [_skipped(k) for k in plan.kept]
     for where, name in _subgraph_norms(original.graph):  # kept, so --require-all sees them
         reason = f"{name} is inside the body {where}: control-flow bodies are not folded yet"
         result.skipped.append(Skipped(f"{where}/{name}", "BatchNormalization", "in_subgraph", reason, name))
     result.merged, result.not_merged, taken = merge_records(planned.merges, planned.unmerged)
     result.folded += taken
-    gone = {f.node for f in taken}
-    result.skipped = [s for s in result.skipped if s.node not in gone]
+    for later, merges in planned.later:  # the rounds after merges
+        result.folded += [_folded(planned.view, f) for f in later.folds if not f.identity]
+        merged, _, taken = merge_records(merges, [])
+        result.merged += merged
+        result.folded += taken
+    gone = {f.node for f in result.folded}
+    final = {k.unit.nodes[0]: k for k in planned.final_kept or ()}  # the last round's reasons
+    result.skipped = [_skipped(final[s.node]) if s.node in final else s
+                      for s in result.skipped if s.node not in gone]  # fmt: skip
     return result
 
 
@@ -311,6 +323,11 @@ def _subgraph_norms(graph: onnx.GraphProto, where: str = "") -> list[tuple[str, 
 
 def _ops(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def _skipped(keep: Keep) -> Skipped:
+    unit = keep.unit
+    return Skipped(unit.name, unit.module_type, keep.code, keep.reason, unit.nodes[0])
 
 
 def _folded(view: OnnxView, fold: Any) -> Folded:

@@ -253,3 +253,22 @@ def test_a_zero_bias_deduplicated_with_a_norms_beta_is_copied_for_the_conv() -> 
         result = normfold.fold_onnx(b.model(X, Y))
         assert result.parity.passed and [m.node for m in result.merged] == ["y"]
         assert _ops(result.model) == Counter({"Conv": 1}) and not result.skipped
+
+
+def test_a_norm_after_a_merged_block_folds_into_its_conv() -> None:
+    """``bn(bn_a(conv_a(x)) + x)``: once the block is one conv, the norm after its sum follows a
+    conv, and the next round folds it (as the PyTorch path plans its folded program again); it
+    was kept with the stale reason of the first round (its input a model input). Folding the
+    written model again finds nothing."""
+    b = rows.Builder(60)
+    a = b.bn(b.conv("x", 4, 4, "conv_a", k=3), 4, "bn_a")
+    b.bn(b.node("Add", [a, "x"], "s"), 4, "y")
+    result = normfold.fold_onnx(b.model(X, Y))
+    assert result.parity.passed and _ops(result.model) == Counter({"Conv": 1})
+    assert [m.node for m in result.merged] == ["s"] and not result.skipped
+    assert {(f.norm, f.pattern) for f in result.folded} == {("bn_a", "conv-bn"), ("y", "conv-bn")}
+    again = normfold.fold_onnx(result.model)
+    assert not again.folded and not again.merged and not again.skipped
+    plain = normfold.fold_onnx(b.model(X, Y), reparameterize=False)
+    (kept,) = plain.skipped
+    assert (kept.norm, kept.code) == ("y", "after_input")  # without the merge: the sum reads x too
