@@ -13,9 +13,10 @@ module finds the blocks of an ONNX graph and writes them:
 
 * **a block**: a tree of ``Add``/``Sub`` nodes, every operand of the output's shape (no
   broadcasting), whose summands, seen through the norms the plan folds, are ``Conv`` outputs of one
-  tensor ``x`` (symmetric ``pads``, no ``auto_pad``), ``x`` itself, or a norm the plan keeps on
-  ``x`` (a BatchNormalization or a per-channel ``Mul``/``Add`` chain: a 1-tap kernel ``s_c`` at
-  channel ``c``'s own input, bias ``t``);
+  tensor ``x`` (padded alike on both sides of an axis: by ``pads``, or by ``auto_pad`` SAME at
+  stride 1, ``d (k - 1) / 2`` a side), ``x`` itself, or a norm the plan keeps on ``x`` (a
+  BatchNormalization or a per-channel ``Mul``/``Add`` chain: a 1-tap kernel ``s_c`` at channel
+  ``c``'s own input, bias ``t``);
 * **written** after the plan's folds (:func:`~normfold.engine.onnx_apply.apply_plan`): the conv
   with the largest kernel takes ``W`` and ``b`` (a new bias input where it has none), the sum's
   users read it (a graph output keeps its name), and the other branches' nodes and the sum's go,
@@ -276,9 +277,19 @@ class _Merger:
         check_layer(view, layer, "merging its block")
         kernel = tuple(view.shape(layer.weight)[2:])
         nd = len(kernel)
-        if ops.attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise Refused("reparam_padding", f"{what} pads by auto_pad: its windows depend on the input size")
-        pads = tuple(int(p) for p in ops.attr(node, "pads", [0] * 2 * nd))
+        strides = tuple(int(s) for s in ops.attr(node, "strides", [1] * nd))
+        dilations = tuple(int(d) for d in ops.attr(node, "dilations", [1] * nd))
+        auto = ops.attr(node, "auto_pad", "NOTSET")
+        if auto in ("SAME_UPPER", "SAME_LOWER") and all(s == 1 for s in strides):
+            # at stride 1 SAME pads d (k - 1) in all, split evenly when that is even
+            pads = tuple(d * (k - 1) // 2 for d, k in zip(dilations, kernel, strict=True)) * 2
+            if any(d * (k - 1) % 2 for d, k in zip(dilations, kernel, strict=True)):
+                raise Refused("reparam_padding", f"{what} pads by {auto} an odd amount: unevenly")
+        elif auto not in ("NOTSET", "VALID"):
+            why = f"{what} pads by {auto} at a stride: its padding depends on the input size"
+            raise Refused("reparam_padding", why)
+        else:
+            pads = tuple(int(p) for p in ops.attr(node, "pads", [0] * 2 * nd))
         if pads[:nd] != pads[nd:]:
             raise Refused("reparam_padding",
                           f"{what} pads {list(pads)}: not the same on both sides of an axis")  # fmt: skip
@@ -286,8 +297,6 @@ class _Merger:
         while len(users := view.users(out)) == 1 and users[0] in self.removed:
             out = users[0]
             nodes.append(view.name(out))  # its folded norms: part of the branch, gone with it
-        strides = tuple(int(s) for s in ops.attr(node, "strides", [1] * nd))
-        dilations = tuple(int(d) for d in ops.attr(node, "dilations", [1] * nd))
         return Branch(
             "conv", tuple(nodes), kernel, strides, pads[:nd], dilations, int(ops.attr(node, "group", 1)),
             layer=view.name(node), weight=view.state_name(layer.weight),

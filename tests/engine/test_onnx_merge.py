@@ -272,3 +272,21 @@ def test_a_norm_after_a_merged_block_folds_into_its_conv() -> None:
     plain = normfold.fold_onnx(b.model(X, Y), reparameterize=False)
     (kept,) = plain.skipped
     assert (kept.norm, kept.code) == ("y", "after_input")  # without the merge: the sum reads x too
+
+
+def test_same_auto_padding_at_stride_one_merges_and_at_a_stride_stays() -> None:
+    """tf2onnx-style ``auto_pad=SAME_UPPER``: at stride 1 a 3x3 and a 1x1 pad 1 and 0 a side, the
+    same windows centred; at stride 2 the padding depends on the input size."""
+    for stride, merged in ((1, True), (2, False)):
+        b = rows.Builder(61)
+        w3, w1 = b.weight("w3", (4, 4, 3, 3)), b.weight("w1", (4, 4, 1, 1))
+        a = b.bn(b.node("Conv", ["x", w3], "ca", auto_pad="SAME_UPPER", strides=[stride] * 2), 4, "bna")
+        c = b.bn(b.node("Conv", ["x", w1], "cb", auto_pad="SAME_UPPER", strides=[stride] * 2), 4, "bnb")
+        b.node("Add", [a, c], "y")
+        side = 5 if stride == 1 else 3
+        result = normfold.fold_onnx(b.model([("x", ["N", 4, 5, 5])], [("y", ["N", 4, side, side])]))
+        assert result.parity.passed and bool(result.merged) == merged
+        if not merged:
+            (kept,) = result.not_merged
+            why = "ca_conv (Conv) pads by SAME_UPPER at a stride: its padding depends on the input size"
+            assert (kept.code, kept.reason) == ("reparam_padding", why)
