@@ -62,11 +62,11 @@ class _Merger:
     def __init__(self, view: OnnxView, values: Values, plan: Plan) -> None:
         self.view, self.values, self.plan = view, values, plan
         by_name = view.by_name
-        # every op of a folded unit stands for the unit's input
-        self.removed = {by_name[n]: by_name[f.unit.input] for f in plan.folds for n in f.unit.nodes}
-        self.removed_value = {  # the same, by the value the unit reads
+        # every op of a folded unit stands for the value the unit reads (removed: its handle)
+        self.removed_value = {
             by_name[n]: view.norm_input(by_name[f.unit.nodes[0]]) for f in plan.folds for n in f.unit.nodes
         }
+        self.removed = {node: view.handle(value) for node, value in self.removed_value.items()}
         self.kept: dict[object, Keep] = {by_name[k.unit.nodes[-1]]: k for k in [*plan.kept, *plan.silent]}
 
     def resolve(self, node: object) -> object:
